@@ -1,0 +1,44 @@
+"""Shared fixtures: compose ``conf/train.yaml`` for tests, offline, into a temporary directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, overrides: list[str], output_name: str = "run") -> DictConfig:
+    """The config ``python train.py <overrides>`` would build, writing under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train.yaml", overrides=overrides, return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(tmp_path / "logs" / cfg.task_name / "runs" / output_name)
+        cfg.extras.print_config = False
+        del cfg.hydra
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    def _compose(overrides: list[str], output_name: str = "run") -> DictConfig:
+        return compose_train(tmp_path, overrides, output_name)
+
+    return _compose

@@ -1,0 +1,81 @@
+"""Train any model of this project: ``python train.py experiment=vae`` (see README's cookbook).
+
+Hydra composes ``conf/train.yaml``; this script instantiates the datamodule, model, callbacks, loggers
+and Trainer, fits (optionally resuming with ``ckpt_path=<file>`` or ``ckpt_path=last``), tests when
+asked, and returns ``optimized_metric`` for Hydra sweeps (``-m``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.utils.config_tree import print_config_tree
+from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from ldm.utils.logging import get_logger
+from ldm.utils.runs import configure_wandb_mode, resolve_ckpt_path
+
+log = get_logger(__name__)
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit (and optionally test) the configured model. Returns (metrics, objects)."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("extras", {}).get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.extras.matmul_precision)
+    configure_wandb_mode()
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+
+    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info(f"Instantiating model <{cfg.model._target_}>")
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.get("train", True):
+        if ckpt_path:
+            log.info(f"Resuming from {ckpt_path}")
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = dict(trainer.callback_metrics)
+
+    if cfg.get("test", False):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(trainer.callback_metrics)
+
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath and not trainer.fast_dev_run:
+        log.info(f"Checkpoints in {checkpoint.dirpath} (best: {checkpoint.best_model_path or 'n/a'})")
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def metric_value(metrics: dict, name: str | None) -> float | None:
+    """The value Hydra sweepers optimise; a clear error when the name is wrong."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+    return float(metrics[name])
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    if cfg.get("extras", {}).get("print_config", True):
+        print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
+    metrics, _ = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
