@@ -1,0 +1,440 @@
+"""The embedded procedural dataset: one coloured shape on a plain coloured background.
+
+Every image is computed on the fly from ``np.random.default_rng([seed, split, stream, i])``,
+so item ``i`` is always the same picture, nothing is downloaded, and workers need no state.
+Captions read "a red circle on a blue background" ("an" before vowels: "an orange star").
+
+Two hold-out mechanisms give later stages something measurable to do:
+
+* ``holdout_concepts`` (words such as ``"star"`` or ``"purple"``): every combination that uses a
+  held-out word as foreground colour, shape or background is kept out of ``train``/``val``; the
+  ``concept`` split holds exactly those combinations (the fine-tuning data).
+* ``heldout_combo_fraction``: a seeded subset of the remaining (colour, shape, background)
+  combinations never appears in training; the ``heldout`` split yields only those, so prompt
+  fidelity can be measured on prompts the model has never seen.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "SPLITS",
+    "Layout",
+    "ShapesDataModule",
+    "ShapesDataset",
+    "all_combos",
+    "caption_for",
+    "parse_caption",
+    "render",
+    "sample_layout",
+    "shape_alpha",
+    "split_combos",
+]
+
+# Saturated, far-apart colours (min pairwise RGB distance ~90) so they survive a blurry decoder.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 25, 30),
+    "green": (30, 175, 45),
+    "blue": (35, 65, 225),
+    "yellow": (245, 225, 30),
+    "orange": (245, 135, 20),
+    "purple": (125, 40, 175),
+    "cyan": (35, 215, 230),
+    "magenta": (235, 45, 200),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "star")
+SPLITS: tuple[str, ...] = ("train", "val", "heldout", "concept")
+_SPLIT_CODE = {name: code for code, name in enumerate(SPLITS)}
+
+SUPERSAMPLE = 4  # 4x4 samples per pixel, box-filtered: clean anti-aliased edges
+MIN_RESOLUTION = 16
+SIZE_RANGE = (0.45, 0.75)  # shape box side as a fraction of the image side
+MARGIN = 0.06  # minimum gap between shape box and image border, fraction of the side
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def caption_for(color: str, shape: str, background: str) -> str:
+    """``caption_for("red", "circle", "blue") -> "a red circle on a blue background"``."""
+    return f"{_article(color)} {color} {shape} on {_article(background)} {background} background"
+
+
+_CAPTION_RE = re.compile(r"^\s*an?\s+(\w+)\s+(\w+)\s+on\s+an?\s+(\w+)\s+background\s*\.?\s*$", re.IGNORECASE)
+
+
+def parse_caption(caption: str) -> tuple[str, str, str] | None:
+    """Inverse of :func:`caption_for` (accepts "a"/"an" either way); None if not a shapes caption."""
+    match = _CAPTION_RE.match(caption)
+    if match is None:
+        return None
+    color, shape, background = (word.lower() for word in match.groups())
+    if color not in COLORS or shape not in SHAPES or background not in COLORS:
+        return None
+    return color, shape, background
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: every shape is defined inside the unit box [0, 1]^2 and touches all four sides.
+
+
+def _star_polygon(points: int = 5, inner_ratio: float = 0.47) -> list[tuple[float, float]]:
+    verts = []
+    for k in range(2 * points):
+        radius = 1.0 if k % 2 == 0 else inner_ratio
+        angle = -math.pi / 2 + k * math.pi / points  # first point straight up
+        verts.append((radius * math.cos(angle), radius * math.sin(angle)))
+    xs, ys = zip(*verts)
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    return [((x - x0) / (x1 - x0), (y - y0) / (y1 - y0)) for x, y in verts]
+
+
+_ARM = 0.34  # cross arm width, fraction of the box
+_a, _b = 0.5 - _ARM / 2, 0.5 + _ARM / 2
+_POLYGONS: dict[str, list[tuple[float, float]]] = {
+    "square": [(0, 0), (1, 0), (1, 1), (0, 1)],
+    "triangle": [(0.5, 0), (1, 1), (0, 1)],
+    "diamond": [(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)],
+    "cross": [
+        (_a, 0),
+        (_b, 0),
+        (_b, _a),
+        (1, _a),
+        (1, _b),
+        (_b, _b),
+        (_b, 1),
+        (_a, 1),
+        (_a, _b),
+        (0, _b),
+        (0, _a),
+        (_a, _a),
+    ],
+    "star": _star_polygon(),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the shape's box sits, in continuous pixel coordinates (image spans [0, W] x [0, H])."""
+
+    x0: float
+    y0: float
+    width: float
+    height: float
+
+
+def sample_layout(resolution: int, rng: np.random.Generator) -> Layout:
+    """Box side 45-75% of the image, jittered so it stays at least ``MARGIN`` inside the border."""
+    side = rng.uniform(*SIZE_RANGE) * resolution
+    margin = MARGIN * resolution
+    free = max(resolution - side - 2 * margin, 0.0)
+    x0 = margin + rng.uniform(0, free)
+    y0 = margin + rng.uniform(0, free)
+    return Layout(x0, y0, side, side)
+
+
+def centered_layout(resolution: int, fraction: float = 0.6) -> Layout:
+    side = fraction * resolution
+    offset = (resolution - side) / 2
+    return Layout(offset, offset, side, side)
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean membership of unit-box points (u, v) in ``shape`` (even-odd rule for polygons)."""
+    if shape == "circle":
+        return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    inside = np.zeros(np.broadcast(u, v).shape, dtype=bool)
+    verts = _POLYGONS[shape]
+    for (x1, y1), (x2, y2) in zip(verts, verts[1:] + verts[:1]):
+        if y1 == y2:
+            continue
+        crosses = (y1 > v) != (y2 > v)
+        x_at_v = x1 + (v - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (u < x_at_v)
+    return inside
+
+
+def shape_alpha(
+    shape: str, size: int | tuple[int, int], layout: Layout, supersample: int = SUPERSAMPLE
+) -> np.ndarray:
+    """Anti-aliased coverage of ``shape`` drawn into ``layout``: float32 [H, W] in [0, 1].
+
+    ``size`` is the image side or ``(height, width)``. Coverage is the fraction of a
+    ``supersample`` x ``supersample`` grid of sample points inside the shape (a box filter).
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    height, width = (size, size) if isinstance(size, int) else size
+    alpha = np.zeros((height, width), dtype=np.float32)
+    if layout.width <= 0 or layout.height <= 0:
+        return alpha
+    # Only the pixels the box touches need sampling.
+    c0, c1 = max(math.floor(layout.x0), 0), min(math.ceil(layout.x0 + layout.width), width)
+    r0, r1 = max(math.floor(layout.y0), 0), min(math.ceil(layout.y0 + layout.height), height)
+    if c0 >= c1 or r0 >= r1:
+        return alpha
+    s = int(supersample)
+    offsets = (np.arange(s) + 0.5) / s
+    xs = (np.arange(c0, c1)[:, None] + offsets[None]).ravel()  # sample x in pixel coordinates
+    ys = (np.arange(r0, r1)[:, None] + offsets[None]).ravel()
+    u = ((xs - layout.x0) / layout.width)[None, :]
+    v = ((ys - layout.y0) / layout.height)[:, None]
+    inside = _inside(shape, u, v) & (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    alpha[r0:r1, c0:c1] = inside.reshape(r1 - r0, s, c1 - c0, s).sum(axis=(1, 3), dtype=np.float32) / (s * s)
+    return alpha
+
+
+def render(
+    color: str,
+    shape: str,
+    background: str,
+    resolution: int,
+    rng_or_layout: np.random.Generator | Layout | None = None,
+) -> np.ndarray:
+    """One image as uint8 [H, W, 3]. ``rng_or_layout``: a Generator (random layout), a
+    :class:`Layout`, or None (centred, 60% of the side)."""
+    if color not in COLORS or background not in COLORS:
+        raise ValueError(f"unknown colour in ({color!r}, {background!r}); expected one of {list(COLORS)}")
+    _check_resolution(resolution)
+    if isinstance(rng_or_layout, Layout):
+        layout = rng_or_layout
+    elif rng_or_layout is None:
+        layout = centered_layout(resolution)
+    else:
+        layout = sample_layout(resolution, rng_or_layout)
+    alpha = shape_alpha(shape, resolution, layout)[..., None]
+    fg = np.asarray(COLORS[color], dtype=np.float32)
+    bg = np.asarray(COLORS[background], dtype=np.float32)
+    image = bg * (1.0 - alpha) + fg * alpha
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _check_resolution(resolution: int) -> None:
+    if not isinstance(resolution, (int, np.integer)) or resolution < MIN_RESOLUTION or resolution % 8:
+        raise ValueError(f"resolution must be a multiple of 8 and >= {MIN_RESOLUTION}, got {resolution!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Combinations and splits
+
+
+def all_combos() -> list[tuple[str, str, str]]:
+    """Every (colour, shape, background) with background != colour, in a fixed order."""
+    return [(c, s, b) for c in COLORS for s in SHAPES for b in COLORS if b != c]
+
+
+def _validate_concepts(holdout_concepts: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(holdout_concepts, str):
+        holdout_concepts = [holdout_concepts]
+    concepts = tuple(str(word).lower() for word in (holdout_concepts or ()))
+    vocab = set(COLORS) | set(SHAPES)
+    unknown = [w for w in concepts if w not in vocab]
+    if unknown:
+        raise ValueError(f"unknown holdout concept(s) {unknown}; choose from {sorted(vocab)}")
+    return concepts
+
+
+@lru_cache(maxsize=64)
+def _split_table(
+    seed: int, holdout_concepts: tuple[str, ...], heldout_combo_fraction: float
+) -> dict[str, tuple[tuple[str, str, str], ...]]:
+    combos = all_combos()
+    concept = [c for c in combos if set(c) & set(holdout_concepts)]
+    rest = [c for c in combos if not set(c) & set(holdout_concepts)]
+    # The held-out subset depends on the seed only (not on the item index): walk one seeded
+    # permutation of all combos and keep the first non-concept ones.
+    order = np.random.default_rng([seed, 7919]).permutation(len(combos))
+    n_heldout = round(heldout_combo_fraction * len(rest))
+    rest_set = set(rest)
+    heldout = [combos[k] for k in order if combos[k] in rest_set][:n_heldout]
+    heldout_set = set(heldout)
+    train = [c for c in rest if c not in heldout_set]
+
+    def shuffled(items: list) -> tuple:
+        perm = np.random.default_rng([seed, 104729, len(items)]).permutation(len(items))
+        return tuple(items[k] for k in perm)
+
+    # Items cycle through a split's combos, so a shuffled order keeps any prefix balanced.
+    return {
+        "train": shuffled(train),
+        "val": shuffled(train),
+        "heldout": shuffled(heldout),
+        "concept": shuffled(concept),
+    }
+
+
+def split_combos(
+    split: str,
+    seed: int = 0,
+    holdout_concepts: Sequence[str] = ("star",),
+    heldout_combo_fraction: float = 0.1,
+) -> list[tuple[str, str, str]]:
+    """The (colour, shape, background) combinations a split uses, in its item order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if not 0.0 <= heldout_combo_fraction < 1.0:
+        raise ValueError(f"heldout_combo_fraction must be in [0, 1), got {heldout_combo_fraction}")
+    table = _split_table(int(seed), _validate_concepts(holdout_concepts), float(heldout_combo_fraction))
+    return list(table[split])
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ShapesDataset(Dataset):
+    """Captioned shapes; item ``i`` -> {"image": [3, H, W] in [-1, 1], "caption", "color",
+    "shape", "background"}. Items cycle through ``self.combos``; layout comes from
+    ``default_rng([seed, split, stream, i])`` so splits never share an item seed."""
+
+    def __init__(
+        self,
+        size: int = 2000,
+        resolution: int = 32,
+        seed: int = 0,
+        split: str = "train",
+        holdout_concepts: Sequence[str] = ("star",),
+        heldout_combo_fraction: float = 0.1,
+        stream: int = 0,
+    ):
+        _check_resolution(resolution)
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        self.size = int(size)
+        self.resolution = int(resolution)
+        self.seed = int(seed)
+        self.split = split
+        self.stream = int(stream)
+        self.holdout_concepts = _validate_concepts(holdout_concepts)
+        self.heldout_combo_fraction = float(heldout_combo_fraction)
+        self.combos = split_combos(split, seed, self.holdout_concepts, heldout_combo_fraction)
+        if not self.combos and self.size:
+            raise ValueError(
+                f"split {split!r} has no combinations (holdout_concepts={list(self.holdout_concepts)}, "
+                f"heldout_combo_fraction={heldout_combo_fraction})"
+            )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
+
+    def __getitem__(self, index: int) -> dict:
+        if not -self.size <= index < self.size:
+            raise IndexError(f"index {index} out of range for ShapesDataset of size {self.size}")
+        index %= self.size
+        color, shape, background = self.combos[index % len(self.combos)]
+        image = render(color, shape, background, self.resolution, self.item_rng(index))
+        return {
+            "image": _to_tensor(image),
+            "caption": caption_for(color, shape, background),
+            "color": color,
+            "shape": shape,
+            "background": background,
+        }
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Train on ``train_split`` ("train", or "concept" for fine-tuning on the held-out concepts),
+    validate on unseen items of the same combinations, test on the ``heldout`` combinations."""
+
+    def __init__(
+        self,
+        resolution: int = 32,
+        batch_size: int = 32,
+        train_size: int = 4000,
+        val_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        holdout_concepts: Sequence[str] = ("star",),
+        heldout_combo_fraction: float = 0.1,
+        train_split: str = "train",
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if train_split not in ("train", "concept"):
+            raise ValueError(f"train_split must be 'train' or 'concept', got {train_split!r}")
+        _check_resolution(resolution)
+        self.save_hyperparameters()
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.holdout_concepts = _validate_concepts(holdout_concepts)
+        self.heldout_combo_fraction = heldout_combo_fraction
+        self.train_split = train_split
+        self.data_train: ShapesDataset | None = None
+        self.data_val: ShapesDataset | None = None
+        self.data_test: ShapesDataset | None = None
+
+    def _dataset(self, split: str, size: int, stream: int = 0) -> ShapesDataset:
+        return ShapesDataset(
+            size,
+            self.resolution,
+            self.seed,
+            split,
+            self.holdout_concepts,
+            self.heldout_combo_fraction,
+            stream=stream,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.data_train is None:
+            self.data_train = self._dataset(self.train_split, hp.train_size)
+            # Validation: same combinations as training, item seeds never used by training.
+            if self.train_split == "train":
+                self.data_val = self._dataset("val", hp.val_size)
+            else:
+                self.data_val = self._dataset(self.train_split, hp.val_size, stream=1)
+            self.data_test = self._dataset("heldout", hp.val_size)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.data_val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.data_test, shuffle=False)
+
+    def prompts(self, split: str = "heldout", n: int | None = None) -> list[str]:
+        """Captions for evaluation: each combination of ``split`` once (seeded order), or the
+        first ``n`` of that order, cycling when ``n`` exceeds the number of combinations."""
+        combos = split_combos(split, self.seed, self.holdout_concepts, self.heldout_combo_fraction)
+        if not combos:
+            return []
+        n = len(combos) if n is None else int(n)
+        return [caption_for(*combos[k % len(combos)]) for k in range(n)]

@@ -1,0 +1,134 @@
+"""Image loading and preprocessing shared by the datamodules (Pillow + numpy, no torchvision).
+
+``load_rgb`` turns any file Pillow reads into an 8-bit RGB image the right way up: EXIF
+orientation applied, transparency composited on a background colour, 16-bit and 32-bit
+greyscale scaled to 8 bits, palette / CMYK / bilevel converted. ``resize_shorter_side``,
+``crop`` and ``to_tensor`` do the rest of the usual training transform.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "center_crop_box",
+    "load_rgb",
+    "preprocess",
+    "random_crop_box",
+    "resize_shorter_side",
+    "to_rgb",
+    "to_tensor",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+_HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _high_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer / float greyscale -> 8-bit "L".
+
+    ``I;16*`` spans 0..65535 and is divided by 257. ``I`` (how Pillow opens many 16-bit PNGs and
+    TIFFs) is treated as 16-bit when any value exceeds 255, else as 8-bit. ``F`` is treated as
+    [0, 1] when its maximum is at most 1, else as 0..255.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        values = values / 257.0
+    elif image.mode == "I":
+        if values.size and values.max() > 255:
+            values = np.clip(values, 0, 65535) / 257.0
+    elif image.mode == "F" and values.size and np.nanmax(values) <= 1.0:
+        values = values * 255.0
+    values = np.nan_to_num(values, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any Pillow mode -> "RGB". Transparency (RGBA, LA, PA, P or L/RGB with a ``transparency``
+    entry) is alpha-composited over ``background``."""
+    if image.mode in _HIGH_BIT_MODES:
+        image = _high_bit_to_l(image)
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    # L, P, 1, CMYK, YCbCr, LAB, HSV: Pillow's conversions (CMYK -> RGB is the naive inverse).
+    return image.convert("RGB")
+
+
+def load_rgb(
+    path_or_image,
+    background: tuple[int, int, int] = (255, 255, 255),
+    min_side: int | None = None,
+) -> Image.Image:
+    """Open (a path) or take (a PIL image), apply EXIF orientation, convert to 8-bit RGB.
+
+    ``min_side``: the shorter side the caller will shrink to; a JPEG at least twice that size is
+    decoded at a reduced scale (Pillow ``draft``, never below ``min_side``), which is much faster.
+    """
+    if isinstance(path_or_image, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(path_or_image), background)
+    with Image.open(path_or_image) as opened:
+        if min_side is not None and opened.format == "JPEG" and opened.mode in ("RGB", "L"):
+            width, height = opened.size
+            scale = min_side / min(width, height)
+            if scale <= 0.5:
+                opened.draft(opened.mode, (int(np.ceil(width * scale)), int(np.ceil(height * scale))))
+        image = ImageOps.exif_transpose(opened)  # loads the pixels; always returns a new image
+    return to_rgb(image, background)
+
+
+def resize_shorter_side(image: Image.Image, size: int, resample=Image.Resampling.LANCZOS) -> Image.Image:
+    """Scale so that the shorter side equals ``size`` (aspect ratio kept)."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size == image.size:
+        return image
+    return image.resize(new_size, resample=resample, reducing_gap=3.0)
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    left, top = (width - size) // 2, (height - size) // 2
+    return left, top, left + size, top + size
+
+
+def random_crop_box(width: int, height: int, size: int, generator: torch.Generator | None = None):
+    """A uniformly random ``size`` x ``size`` box; uses torch's RNG (seeded per worker by Lightning)."""
+    left = int(torch.randint(0, width - size + 1, (), generator=generator))
+    top = int(torch.randint(0, height - size + 1, (), generator=generator))
+    return left, top, left + size, top + size
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def preprocess(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = True,
+    flip_probability: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RGB image -> resize shorter side -> square crop -> optional horizontal flip -> [3, R, R]."""
+    image = resize_shorter_side(image, resolution)
+    width, height = image.size
+    if center_crop:
+        box = center_crop_box(width, height, resolution)
+    else:
+        box = random_crop_box(width, height, resolution, generator)
+    if box != (0, 0, width, height):
+        image = image.crop(box)
+    if flip_probability > 0 and float(torch.rand((), generator=generator)) < flip_probability:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
