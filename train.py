@@ -32,9 +32,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info(f"Instantiating model <{cfg.model._target_}>")
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # checkpoints describe themselves
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
@@ -61,11 +62,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 
 def metric_value(metrics: dict, name: str | None) -> float | None:
-    """The value Hydra sweepers optimise; a clear error when the name is wrong."""
+    """The value Hydra sweepers optimise (None, with a warning naming what was logged, when absent)."""
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+        log.warning(f"optimized_metric={name!r} was not logged (no validation ran?); logged: {sorted(metrics)}")
+        return None
     return float(metrics[name])
 
 

@@ -1,0 +1,226 @@
+"""Text-to-image latent diffusion as a LightningModule (thin: the math is in ``ldm/diffusion``).
+
+z0 = scale_factor * VAE posterior sample; z_t = q_sample(z0, t, eps); the UNet predicts eps, v or x0 given
+the CLIP context; loss = (optionally Min-SNR weighted) MSE. Sampling: any ``ldm.diffusion`` sampler with
+classifier-free guidance over the EMA UNet, then the VAE decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion_loss, sample_noise
+from ldm.models.guards import check_finite
+from ldm.models.pretrained import find_checkpoint, load_prefixed_state
+from ldm.modules.ema import EMA
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class LatentDiffusion(L.LightningModule):
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        schedule: DiffusionSchedule,
+        sampler: Callable,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable | None = None,
+        parameterization: str = "eps",
+        scale_factor: float | None = None,
+        ucg_rate: float = 0.1,
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        ema_decay: float | None = 0.999,
+        vae_ckpt: str | None = None,
+        vae_search_dir: str = "logs",
+        vae_task: str = "vae",
+        guidance_scale: float = 3.0,
+        log_prompts: Sequence[str] = ("a red circle on a blue background",),
+        log_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "vae", "text_encoder", "schedule", "sampler", "optimizer",
+                                          "scheduler"], logger=False)
+        context_dim = getattr(unet, "context_dim", None)
+        hidden = getattr(text_encoder, "hidden_size", None)
+        if context_dim is not None and hidden is not None and context_dim != hidden:
+            raise ValueError(f"the UNet's context_dim ({context_dim}) must equal the text encoder's hidden size "
+                             f"({hidden}); set model.unet.context_dim={hidden}")
+        self.unet = unet
+        self.vae = vae.requires_grad_(False).eval()
+        self.text_encoder = text_encoder
+        self.schedule = schedule
+        self.sampler = sampler
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.unet_ema = EMA(unet, ema_decay) if ema_decay else None
+        # <= 0 means "estimate from the first training batch" (LDM's scale_by_std); saved in checkpoints
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
+        self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
+
+    # -- pretrained parts ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or getattr(self, "_vae_loaded", False):
+            return
+        fast_dev_run = bool(self.trainer.fast_dev_run) if self._trainer is not None else False
+        path = find_checkpoint(self.hparams.vae_ckpt, self.hparams.vae_search_dir, self.hparams.vae_task, "VAE",
+                               allow_missing=fast_dev_run)
+        if path is not None:
+            load_prefixed_state(self.vae, path, "vae", "VAE")
+        self._vae_loaded = True
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates; fine-tuning methods override this."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    # -- encoding --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> scaled latents z0 [B, c, H/f, W/f]."""
+        return self.vae.encode(images).sample() * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.scale_factor).clamp(-1, 1)
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        encoder = self.text_encoder
+        if hasattr(encoder, "encode_cached"):
+            return encoder.encode_cached(list(prompts))
+        return encoder(list(prompts))
+
+    def drop_conditions(self, prompts: Sequence[str]) -> list[str]:
+        """Condition dropout for classifier-free guidance: each prompt becomes "" with prob ucg_rate."""
+        if self.hparams.ucg_rate <= 0:
+            return list(prompts)
+        keep = torch.rand(len(prompts)) >= self.hparams.ucg_rate
+        return [p if k else "" for p, k in zip(prompts, keep.tolist())]
+
+    @torch.no_grad()
+    def _estimate_scale_factor(self, images: torch.Tensor) -> None:
+        z = self.vae.encode(images).sample()
+        value = 1.0 / z.flatten().std()
+        value = self.all_gather(value).mean() if self.trainer.world_size > 1 else value
+        self.scale_factor.fill_(float(value))
+        log.info(f"scale_factor estimated from the first batch: {float(value):.5f} (1 / std of latents)")
+
+    # -- training --------------------------------------------------------------------------------------
+    def diffusion_step(self, z0: torch.Tensor, context: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """The loss for clean latents z0 and text context (one random timestep per sample)."""
+        b = z0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator,
+                          device="cpu" if generator is not None else z0.device).to(z0.device)
+        noise = sample_noise(z0, self.hparams.offset_noise, generator)
+        zt = self.schedule.q_sample(z0, t, noise)
+        output = self.unet(zt, t, context)
+        target = self.schedule.target(z0, noise, t, self.hparams.parameterization)
+        return diffusion_loss(output, target, t, self.schedule, self.hparams.parameterization,
+                              self.hparams.min_snr_gamma)
+
+    def batch_latents_and_context(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = self.drop_conditions(batch["caption"]) if train else batch["caption"]
+        z0 = batch["latent"] * self.scale_factor if "latent" in batch else self.encode_images(batch["image"])
+        return z0, self.encode_text(prompts)
+
+    def training_step(self, batch, batch_idx):
+        if float(self.scale_factor) <= 0:
+            self._estimate_scale_factor(batch["image"])
+        z0, context = self.batch_latents_and_context(batch, train=True)
+        loss = self.diffusion_step(z0, context)
+        check_finite(loss, self, {"loss": loss.detach()})
+        self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.unet_ema is not None:
+            self.unet_ema.update(self.unet)
+
+    def validation_step(self, batch, batch_idx):
+        if float(self.scale_factor) <= 0:
+            return
+        z0, context = self.batch_latents_and_context(batch, train=False)
+        generator = torch.Generator().manual_seed(batch_idx)  # same t and noise every validation
+        with self.ema_scope():
+            loss = self.diffusion_step(z0, context, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=z0.shape[0])
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+
+    # -- sampling --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_scope(self):
+        """Temporarily use the EMA UNet (for validation, sampling and export)."""
+        if self.unet_ema is None:
+            yield self.unet
+            return
+        live = self.unet
+        self.unet = self.unet_ema.module
+        try:
+            yield self.unet
+        finally:
+            self.unet = live
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], guidance_scale: float | None = None, seed: int = 0,
+                 sampler: Callable | None = None, negative_prompt: str = "", use_ema: bool = True,
+                 progress: bool = False, latent_size: int | None = None) -> torch.Tensor:
+        """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images."""
+        scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        context = self.encode_text(prompts)
+        uncond = self.encode_text([negative_prompt] * len(prompts))
+        size = latent_size or self.latent_size()
+        shape = (len(prompts), self.unet_channels(), size, size)
+        generator = torch.Generator().manual_seed(seed)
+        scope = self.ema_scope() if use_ema else contextlib.nullcontext(self.unet)
+        with scope as unet:
+            denoiser = classifier_free_guidance(unet, context, uncond, scale)
+            z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.hparams.parameterization,
+                                          generator=generator, device=self.device, dtype=context.dtype,
+                                          progress=progress)
+        return self.decode_latents(z)
+
+    def unet_channels(self) -> int:
+        return getattr(self.unet, "in_channels", 4)
+
+    def latent_size(self) -> int:
+        resolution = getattr(self, "image_resolution", None)
+        if resolution is None and self._trainer is not None and self.trainer.datamodule is not None:
+            resolution = getattr(self.trainer.datamodule.hparams, "resolution", None)
+        resolution = resolution or 32
+        return resolution // getattr(self.vae, "downsample_factor", 8)
+
+    @torch.no_grad()
+    def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
+        """Fixed prompts and seed, so grids show the same prompts' progress over training."""
+        if float(self.scale_factor) <= 0:
+            return {}
+        prompts = list(self.hparams.log_prompts)[:max_images]
+        self.image_resolution = batch["image"].shape[-1]
+        return {"samples": self.generate(prompts, seed=self.hparams.log_seed),
+                "inputs": batch["image"][:max_images]}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.model_config is not None:
+            checkpoint["model_config"] = self.model_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._vae_loaded = True  # the checkpoint carries the VAE weights

@@ -1,0 +1,44 @@
+"""Exponential moving average of a module's weights (Polyak averaging), kept as a frozen copy."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``self.module`` is a frozen copy of the source; ``update(source)`` moves it toward the source.
+
+    decay_t = min(decay, (1 + n) / (10 + n)) with n updates so far (LDM's ``LitEma`` warm-up), so early
+    averages are not dominated by the random initialisation.
+    """
+
+    def __init__(self, source: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.module = copy.deepcopy(source).requires_grad_(False).eval()
+        self.decay = decay
+        self.warmup = warmup
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, source: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = [p for p in self.module.parameters()]
+        src_params = [p.detach() for p in source.parameters()]
+        floating = [(e, s) for e, s in zip(ema_params, src_params) if e.dtype.is_floating_point]
+        if floating:
+            torch._foreach_lerp_([e for e, _ in floating], [s.to(e.dtype) for e, s in floating], 1.0 - decay)
+        for e, s in zip(self.module.buffers(), source.buffers()):
+            e.copy_(s)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True) -> EMA:  # the average is never in training mode
+        return super().train(False)

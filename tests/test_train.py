@@ -1,0 +1,103 @@
+"""The front door: every experiment composes and survives fast_dev_run; resume continues; the CLI writes
+checkpoints, image grids, the config tree and an offline wandb run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Callback
+from omegaconf import OmegaConf
+
+import train as train_module
+
+from tests.conftest import EXPERIMENTS, ROOT
+from train import metric_value, train
+
+# Overrides that keep every experiment test-sized (each experiment may add its own tiny parts).
+TINY = {
+    "vae": ["model/vae=tiny", "data.train_size=64", "data.val_size=8", "data.batch_size=4"],
+    "txt2img": ["model/vae=tiny", "model/unet=tiny", "data.train_size=64", "data.val_size=8",
+                "data.batch_size=4", "model.log_prompts=[a red circle on a blue background]",
+                "model/sampler=ddim", "model.sampler.steps=2"],
+}
+
+
+def tiny_overrides(name: str) -> list[str]:
+    return [f"experiment={name}", *TINY.get(name, ["data.batch_size=2"])]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(compose_cfg, experiment):
+    cfg = compose_cfg(tiny_overrides(experiment))
+    assert cfg.model._target_ and cfg.data._target_ and cfg.trainer._target_
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(compose_cfg, experiment):
+    cfg = compose_cfg([*tiny_overrides(experiment), "debug=fdr"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].fast_dev_run
+    assert any(k.startswith("train/") for k in metrics), metrics
+
+
+def test_unknown_config_key_is_rejected(compose_cfg):
+    with pytest.raises(Exception, match="model.no_such_key|no_such_key"):
+        compose_cfg(["experiment=vae", "model.no_such_key=1"])
+
+
+def test_resume_continues_at_saved_step(compose_cfg, monkeypatch):
+    base = [*tiny_overrides("vae"), "debug=smoke", "callbacks.rich_progress_bar=null"]
+    first = compose_cfg([*base, "trainer.max_steps=4"], output_name="first")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+    seen_steps = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen_steps.append(trainer.global_step)
+
+    original = train_module.instantiate_callbacks
+    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), Record()])
+    resumed = compose_cfg([*base, "trainer.max_steps=6", "trainer.max_epochs=-1", "ckpt_path=last"],
+                          output_name="second")
+    _, objects = train(resumed)
+    assert seen_steps == [4, 5]
+    assert objects["trainer"].global_step == 6
+
+
+def test_ckpt_path_last_without_runs_is_a_clear_error(compose_cfg):
+    cfg = compose_cfg([*tiny_overrides("vae"), "debug=smoke", "ckpt_path=last"])
+    with pytest.raises(FileNotFoundError, match="ckpt_path=last"):
+        train(cfg)
+
+
+def test_metric_value_for_sweeps():
+    assert metric_value({"val/psnr": torch.tensor(30.0)}, "val/psnr") == 30.0
+    assert metric_value({}, None) is None
+    assert metric_value({"val/loss": 1.0}, "val/psnr") is None
+
+
+def test_cli_smoke_run_writes_artifacts(tmp_path):
+    """`python train.py experiment=vae debug=smoke logger=many` as a user types it."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    env.pop("WANDB_API_KEY", None)
+    cmd = [sys.executable, "train.py", *tiny_overrides("vae"), "debug=smoke", "logger=many",
+           f"paths.log_dir={tmp_path}", "callbacks.rich_progress_bar=null", "hydra.job_logging.root.level=WARNING"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = next((tmp_path / "vae" / "runs").iterdir())
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    pngs = list((run_dir / "images").glob("reconstructions_*.png"))
+    assert pngs, list(run_dir.rglob("*"))
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
+    assert list((run_dir / "csv").rglob("metrics.csv"))
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
