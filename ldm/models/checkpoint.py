@@ -1,0 +1,41 @@
+"""Rebuild a trained model from one of our Lightning checkpoints (they carry their model config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _for_inference(config: dict) -> dict:
+    """Replace what is only needed to train (optimiser, LR schedule) by inert stand-ins."""
+    config = dict(config)
+    if "optimizer" in config:
+        config["optimizer"] = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0}
+    if "scheduler" in config:
+        config["scheduler"] = None
+    return config
+
+
+def load_lightning_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """A LightningModule from ``path`` (written by ``train.py``), in eval mode, weights loaded strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    config = ckpt.get("model_config")
+    if config is None:
+        raise ValueError(f"{path} has no 'model_config': it was not written by this project's train.py "
+                         "(for Stable Diffusion files use a single-file or diffusers loader)")
+    model = hydra.utils.instantiate(OmegaConf.create(_for_inference(config)), _convert_="all")
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    model._vae_loaded = True
+    model.model_config = ckpt["model_config"]
+    log.info(f"Loaded {type(model).__name__} from {path} (global step {ckpt.get('global_step')})")
+    return model.eval()

@@ -1,0 +1,75 @@
+"""Generate images for prompts from a trained text-to-image checkpoint.
+
+    python sample.py --ckpt logs/txt2img/runs/<run>/checkpoints/last.ckpt \
+        --prompt "a red circle on a blue background" --prompt "a green star on a white background" \
+        --sampler dpmpp_2m --steps 20 --guidance 3 --seed 0 --n 4 --out samples/
+
+``--ckpt last`` takes the newest txt2img run. Writes ``grid.png`` (one row per prompt) and single PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ldm.diffusion import build_sampler
+from ldm.models.checkpoint import load_lightning_model
+from ldm.utils.images import save_grid, to_uint8
+from ldm.utils.runs import latest_checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint file, or 'last' for the newest txt2img run")
+    p.add_argument("--log-dir", default="logs", help="where 'last' looks for runs (default: logs)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
+    p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="samples", help="output folder")
+    return p.parse_args(argv)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    ckpt = args.ckpt
+    if ckpt == "last":
+        found = latest_checkpoint(args.log_dir, "txt2img")
+        if found is None:
+            raise SystemExit(f"--ckpt last: no {args.log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
+                             "(python train.py experiment=txt2img) or pass a path")
+        ckpt = found
+    model = load_lightning_model(ckpt).to(args.device)
+    kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
+    sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
+    resolution = args.resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
+    model.image_resolution = resolution
+    prompts = [p for p in args.prompt for _ in range(args.n)]
+    images = model.generate(prompts, guidance_scale=args.guidance, seed=args.seed, sampler=sampler,
+                            negative_prompt=args.negative_prompt, use_ema=not args.no_ema, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, array) in enumerate(zip(prompts, to_uint8(images))):
+        Image.fromarray(array).save(out / f"{i:03d}_{slug(prompt)}.png")
+    grid = save_grid(images, out / "grid.png", nrow=args.n, upscale=max(1, 128 // resolution))
+    print(f"wrote {len(prompts)} images and {grid}")
+    return grid
+
+
+if __name__ == "__main__":
+    main()
