@@ -1,0 +1,154 @@
+"""diffusers / PEFT-format LoRA files (what ``pipeline.save_lora_weights`` writes and
+``pipeline.load_lora_weights`` reads).
+
+Keys: ``unet.<diffusers UNet module path>.lora_A.weight`` [r, in] (conv: [r, in, kh, kw]) and
+``.lora_B.weight`` [out, r] (conv: [out, r, 1, 1]); text encoder
+``text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight``. PEFT scales the delta
+by ``lora_alpha / r`` from its config; to be exact for every diffusers version (with or without the
+``lora_adapter_metadata`` entry), ``save_peft_lora`` folds our ``alpha / rank`` into ``lora_B`` and
+writes no alpha, so the file reads with PEFT's default ``lora_alpha = r`` (scale 1).
+``load_peft_lora`` reads such files, and files with diffusers' ``lora_adapter_metadata`` (``r``,
+``lora_alpha``, ``alpha_pattern``, ``use_rslora`` per component prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ldm.io.kohya_lora import (
+    _atomic_save,
+    _metadata_str,
+    apply_lora_tensors,
+    collect_lora_tensors,
+    find_unet,
+    read_kohya_metadata,
+    text_encoder_module_names,
+    unet_module_names,
+)
+
+__all__ = ["load_peft_lora", "peft_module_map", "save_peft_lora"]
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+def peft_module_map(unet: nn.Module | None = None, text_encoder: nn.Module | None = None) -> dict:
+    """``{"unet.<diffusers path>" | "text_encoder.<CLIP path>": (component, module name)}``; UNet
+    module names are relative to the ``UNetModel``."""
+    mapping: dict[str, tuple[str, str]] = {}
+    if unet is not None:
+        for ours, theirs in unet_module_names(unet).items():
+            mapping[f"unet.{theirs}"] = ("unet", ours)
+    if text_encoder is not None:
+        for ours, theirs in text_encoder_module_names(text_encoder).items():
+            mapping[f"text_encoder.{theirs}"] = ("text_encoder", ours)
+    return mapping
+
+
+def save_peft_lora(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the injected LoRA layers in diffusers' PEFT format (``alpha / rank`` folded into
+    ``lora_B``). Loads with ``pipeline.load_lora_weights(path)`` (needs ``peft``) or
+    ``load_peft_lora``. ``metadata``: extra str -> str entries. Returns the path."""
+    path = Path(path)
+    if unet is None and text_encoder is None:
+        raise ValueError("pass a unet and/or a text_encoder carrying LoRA layers")
+    unet = None if unet is None else find_unet(unet)
+    name_of = {v: k for k, v in peft_module_map(unet, text_encoder).items()}
+    entries, _ = collect_lora_tensors(unet, text_encoder, name_of)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (down, up, alpha) in entries.items():
+        rank = down.shape[0]
+        up = up.detach().float() * (alpha / rank)
+        down = down.detach()
+        out_dtype = dtype or down.dtype
+        tensors[f"{name}.lora_A.weight"] = down.to(out_dtype).cpu().contiguous()
+        tensors[f"{name}.lora_B.weight"] = up.to(out_dtype).cpu().contiguous()
+    info = {"format": "pt", **{str(k): _metadata_str(v) for k, v in (metadata or {}).items()}}
+    _atomic_save(tensors, path, info)
+    return path
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str):
+    """PEFT's pattern lookup: a key matches when it equals the module name or its dotted suffix."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def load_peft_lora(
+    path: str | os.PathLike | Mapping[str, torch.Tensor],
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    multiplier: float = 1.0,
+    merge: bool = False,
+    *,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Apply a diffusers/PEFT LoRA file (or tensor dict) to ``unet`` / ``text_encoder``; same
+    semantics and summary as ``ldm.io.kohya_lora.load_kohya_lora`` (inject, or ``merge`` to fold)."""
+    if unet is None and text_encoder is None:
+        raise ValueError("pass a unet and/or a text_encoder to load the LoRA into")
+    unet = None if unet is None else find_unet(unet)
+    if isinstance(path, Mapping):
+        tensors, metadata, source = dict(path), {}, "LoRA state dict"
+    else:
+        tensors, metadata, source = load_file(str(path)), read_kohya_metadata(path), str(path)
+    config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else {}
+
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    unsupported = []
+    for key, value in tensors.items():
+        match = re.fullmatch(r"((unet|text_encoder)\..+)\.lora_([AB])\.weight", key)
+        if match is None:
+            unsupported.append(key)
+            continue
+        entries.setdefault(match[1], {})["down" if match[3] == "A" else "up"] = value
+    if unsupported:
+        raise KeyError(
+            f"{source}: {len(unsupported)} keys are not PEFT LoRA keys "
+            f"(unet.* / text_encoder.* ending in .lora_A.weight / .lora_B.weight), e.g. {unsupported[:5]}"
+        )
+    incomplete = [n for n, g in entries.items() if "down" not in g or "up" not in g]
+    if incomplete:
+        raise ValueError(f"{source}: {len(incomplete)} modules lack lora_A or lora_B, e.g. {incomplete[:5]}")
+
+    for name, entry in entries.items():
+        component, _, module = name.partition(".")
+        rank = entry["down"].shape[0]
+        lora_alpha = config.get(f"{component}.lora_alpha")
+        pattern_alpha = _pattern_value(config.get(f"{component}.alpha_pattern") or {}, module)
+        peft_alpha = pattern_alpha if pattern_alpha is not None else lora_alpha
+        if peft_alpha is None:
+            continue  # PEFT default: lora_alpha = r, scale 1 -> alpha = rank
+        scale = peft_alpha / (math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank)
+        entry["alpha"] = torch.tensor(scale * rank)
+
+    summary = apply_lora_tensors(
+        entries,
+        peft_module_map(unet, text_encoder),
+        {"unet": unet, "text_encoder": text_encoder},
+        multiplier=multiplier,
+        merge=merge,
+        strict=strict,
+        source=source,
+        component_of=lambda n: n.partition(".")[0],
+    )
+    summary["metadata"] = metadata
+    return summary
