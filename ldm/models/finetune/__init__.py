@@ -1,0 +1,1 @@
+"""Fine-tuning methods: one small LightningModule per method over :class:`FineTuneModule`."""
