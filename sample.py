@@ -4,7 +4,12 @@
         --prompt "a red circle on a blue background" --prompt "a green star on a white background" \
         --sampler dpmpp_2m --steps 20 --guidance 3 --seed 0 --n 4 --out samples/
 
-``--ckpt last`` takes the newest txt2img run. Writes ``grid.png`` (one row per prompt) and single PNGs.
+``--ckpt last`` takes the newest txt2img run. ``--ckpt`` also takes any base model ``load_base_model`` reads:
+a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, or a hub id, e.g.
+
+    python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --steps 25 --n 1
+
+(512 px for SD v1, 768 for SD 2.x 768-v). Writes ``grid.png`` (one row per prompt) and single PNGs.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from ldm.utils.runs import latest_checkpoint
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint file, or 'last' for the newest txt2img run")
+    p.add_argument("--ckpt", required=True, help="our checkpoint, 'last' for the newest txt2img run, or a Stable "
+                   "Diffusion .safetensors/.ckpt, diffusers folder or hub id")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for a Stable Diffusion single file that "
+                   "embeds none (default: the released CLIP tokenizer from the Hugging Face cache)")
     p.add_argument("--log-dir", default="logs", help="where 'last' looks for runs (default: logs)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--negative-prompt", default="")
@@ -54,10 +62,17 @@ def main(argv=None) -> Path:
             raise SystemExit(f"--ckpt last: no {args.log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
                              "(python train.py experiment=txt2img) or pass a path")
         ckpt = found
-    model = load_lightning_model(ckpt).to(args.device)
     kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
     sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
-    resolution = args.resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
+    from ldm.io.base_model import is_lightning_checkpoint, latent_diffusion_from_components, load_base_model
+    if args.ckpt == "last" or is_lightning_checkpoint(ckpt):
+        model = load_lightning_model(ckpt).to(args.device)
+        resolution = args.resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
+    else:  # a Stable Diffusion single file, a diffusers folder or a hub id
+        overrides = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+        components = load_base_model(str(ckpt), use_ema=not args.no_ema, **overrides)
+        model = latent_diffusion_from_components(components, sampler).to(args.device)
+        resolution = args.resolution or components.resolution
     model.image_resolution = resolution
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = model.generate(prompts, guidance_scale=args.guidance, seed=args.seed, sampler=sampler,
