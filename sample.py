@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
+    p.add_argument("--lora", action="append", default=[],
+                   help="kohya LoRA .safetensors to merge, optionally with a multiplier: file.safetensors:0.8 "
+                   "(repeat to stack several)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
@@ -53,27 +56,54 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``file.safetensors`` or ``file.safetensors:0.8`` -> (path, multiplier)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
+                      loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs"):
+    """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
+    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``)."""
+    from ldm.io.base_model import is_lightning_checkpoint, latent_diffusion_from_components, load_base_model
+    from ldm.io.kohya_lora import load_kohya_lora
+
+    if ckpt == "last":
+        found = latest_checkpoint(log_dir, "txt2img")
+        if found is None:
+            raise SystemExit(f"--ckpt last: no {log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
+                             "(python train.py experiment=txt2img) or pass a path")
+        ckpt = str(found)
+    if is_lightning_checkpoint(ckpt):
+        model = load_lightning_model(ckpt)
+        resolution = resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
+    else:  # a Stable Diffusion single file, a diffusers folder or a hub id
+        components = load_base_model(str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {}))
+        model = latent_diffusion_from_components(components, sampler)
+        resolution = resolution or components.resolution
+    unet = model.unet_ema.module if use_ema and model.unet_ema is not None else model.unet
+    for spec in loras:
+        path, multiplier = parse_lora(spec)
+        summary = load_kohya_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier,
+                                  merge=True)
+        print(f"merged LoRA {path} x{multiplier} ({summary['modules']} modules, rank {summary['rank']})")
+    model.image_resolution = resolution
+    return model.to(device).eval()
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    ckpt = args.ckpt
-    if ckpt == "last":
-        found = latest_checkpoint(args.log_dir, "txt2img")
-        if found is None:
-            raise SystemExit(f"--ckpt last: no {args.log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
-                             "(python train.py experiment=txt2img) or pass a path")
-        ckpt = found
     kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
     sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
-    from ldm.io.base_model import is_lightning_checkpoint, latent_diffusion_from_components, load_base_model
-    if args.ckpt == "last" or is_lightning_checkpoint(ckpt):
-        model = load_lightning_model(ckpt).to(args.device)
-        resolution = args.resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
-    else:  # a Stable Diffusion single file, a diffusers folder or a hub id
-        overrides = {"tokenizer": args.tokenizer} if args.tokenizer else {}
-        components = load_base_model(str(ckpt), use_ema=not args.no_ema, **overrides)
-        model = latent_diffusion_from_components(components, sampler).to(args.device)
-        resolution = args.resolution or components.resolution
-    model.image_resolution = resolution
+    model = load_for_sampling(args.ckpt, args.device, not args.no_ema, args.tokenizer, args.lora, sampler,
+                              args.resolution, args.log_dir)
+    resolution = model.image_resolution
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = model.generate(prompts, guidance_scale=args.guidance, seed=args.seed, sampler=sampler,
                             negative_prompt=args.negative_prompt, use_ema=not args.no_ema, progress=True)

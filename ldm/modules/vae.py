@@ -225,9 +225,9 @@ class AutoencoderKL(nn.Module):
     ):
         super().__init__()
         z_channels = z_channels or embed_dim
-        common = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
-                      attn_resolutions=tuple(attn_resolutions), resolution=resolution, dropout=dropout,
-                      norm_groups=norm_groups)
+        common = {"ch": ch, "ch_mult": tuple(ch_mult), "num_res_blocks": num_res_blocks, "z_channels": z_channels,
+                  "attn_resolutions": tuple(attn_resolutions), "resolution": resolution, "dropout": dropout,
+                  "norm_groups": norm_groups}
         self.encoder = Encoder(in_channels=in_channels, double_z=True, **common)
         self.decoder = Decoder(out_ch=out_ch, **common)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)

@@ -14,7 +14,7 @@ def _instantiate_all(cfg: DictConfig | None, kind: str) -> list:
         return objects
     if not isinstance(cfg, DictConfig):
         raise TypeError(f"the {kind} config must be a mapping of name -> config, got {type(cfg).__name__}")
-    for name, node in cfg.items():
+    for node in cfg.values():
         if isinstance(node, DictConfig) and "_target_" in node:
             objects.append(hydra.utils.instantiate(node))
     return objects

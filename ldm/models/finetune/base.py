@@ -15,21 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.models.checkpoint import load_lightning_model
+from ldm.io.base_model import load_base_model
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def _is_own_checkpoint(source: str) -> bool:
-    if not str(source).endswith(".ckpt") or not Path(source).is_file():
-        return False
-    try:
-        return "model_config" in torch.load(source, map_location="meta", weights_only=True)
-    except Exception:  # noqa: BLE001 - not ours (or not loadable as plain weights): let the SD loader decide
-        return False
 
 
 class FineTuneModule(LatentDiffusion):
@@ -57,23 +48,15 @@ class FineTuneModule(LatentDiffusion):
         return str(found) if found else None
 
     def load_base(self, source: str) -> None:
-        """Our txt2img checkpoint, or (through ``ldm.io.base_model``) any Stable Diffusion source."""
-        if _is_own_checkpoint(source):
-            base = load_lightning_model(source)
-            use_ema = self.hparams.base_use_ema and base.unet_ema is not None
-            unet, vae, text_encoder = (base.unet_ema.module if use_ema else base.unet), base.vae, base.text_encoder
-            schedule, parameterization = base.schedule, base.hparams.parameterization
-            scale_factor, version = float(base.scale_factor), "ldm-lightning txt2img"
-        else:
-            from ldm.io.base_model import load_base_model
-
-            parts = load_base_model(source, use_ema=self.hparams.base_use_ema)
-            unet, vae, text_encoder, schedule = parts.unet, parts.vae, parts.text_encoder, parts.schedule
-            parameterization, scale_factor, version = parts.parameterization, parts.scale_factor, parts.version
-        self.unet, self.vae, self.text_encoder, self.schedule = unet, vae.eval(), text_encoder, schedule
-        self.hparams.parameterization = parameterization
-        self.scale_factor.fill_(float(scale_factor))
-        log.info(f"Base model: {source} ({version}, {parameterization}, scale_factor {float(scale_factor):.5f})")
+        """Our txt2img checkpoint, an SD single file, a diffusers folder or a hub id (``load_base_model``)."""
+        parts = load_base_model(source, use_ema=self.hparams.base_use_ema)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae.eval(), parts.text_encoder
+        self.schedule = parts.schedule
+        self.hparams.parameterization = parts.parameterization
+        self.scale_factor.fill_(float(parts.scale_factor))
+        self.image_resolution = getattr(self, "image_resolution", None) or parts.resolution
+        log.info(f"Base model: {source} ({parts.version}, {parts.parameterization}, "
+                 f"scale_factor {float(parts.scale_factor):.5f})")
 
     def setup(self, stage: str) -> None:
         if self._adapters_added:
