@@ -1,0 +1,157 @@
+"""One training step (forward + backward, fp32) of our UNet vs diffusers' UNet2DConditionModel.
+
+Both models get the same architecture (default: the full SD v1.5 UNet from
+``conf/model/unet/sd15.yaml``) and the same batch; steps alternate between the two so that both
+see the same machine state. Prints a markdown table with median step times, the ratio
+ours/diffusers, and model FLOPs utilisation: FLOPs of one step (``FlopCounterMode``) / step time /
+a fp32 matmul peak measured in the same run. Wall and process-CPU ratios are reported as
+ratio of medians, of minima, and median of the per-pair ratios (adjacent steps).
+
+    python benchmarks/unet_step.py                      # sd15, 32x32 latents, batch 1
+    python benchmarks/unet_step.py --config small --resolution 8 --batch 32
+
+When other processes load the cores, multi-threaded steps collapse (OpenMP threads wait on a
+descheduled peer at every op) and the numbers mostly measure the neighbours; ``--threads 1``
+then gives a stable comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ldm.io.diffusers_unet_keys import diffusers_config_from_ldm
+from ldm.modules.unet import UNetModel
+
+
+def unet_kwargs(config: str) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/unet" / f"{config}.yaml"))
+    cfg.pop("_target_")
+    return cfg
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Best observed fp32 FLOP/s of an n x n matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def make_step(model: torch.nn.Module, x, t, context, target, unwrap=lambda out: out):
+    def step() -> None:
+        loss = F.mse_loss(unwrap(model(x, t, context)), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="sd15", help="conf/model/unet/<config>.yaml")
+    parser.add_argument("--resolution", type=int, default=32, help="latent height = width")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context-length", type=int, default=77)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    kwargs = unet_kwargs(args.config)
+    ours = UNetModel(**kwargs).train()
+    x = torch.randn(args.batch, kwargs["in_channels"], args.resolution, args.resolution)
+    t = torch.randint(0, 1000, (args.batch,))
+    context = torch.randn(args.batch, args.context_length, kwargs["context_dim"])
+    target = torch.randn(args.batch, kwargs["out_channels"], args.resolution, args.resolution)
+    steps = {"ours": make_step(ours, x, t, context, target)}
+    params = {"ours": sum(p.numel() for p in ours.parameters())}
+    if not args.only_ours:
+        from diffusers import UNet2DConditionModel
+
+        theirs = UNet2DConditionModel(**diffusers_config_from_ldm(**kwargs)).train()
+        steps["diffusers"] = make_step(theirs, x, t, context, target, unwrap=lambda out: out.sample)
+        params["diffusers"] = sum(p.numel() for p in theirs.parameters())
+
+    flops = {}
+    for name, step in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[name] = counter.get_total_flops()
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    peak = matmul_peak_flops()
+    walls: dict[str, list[float]] = {name: [] for name in steps}
+    cpus: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(args.steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            wall, cpu = timed(steps[name])
+            walls[name].append(wall)
+            cpus[name].append(cpu)
+    peak = max(peak, matmul_peak_flops())
+
+    median = statistics.median
+    print(
+        f"\nconfig={args.config} latents={args.batch}x{kwargs['in_channels']}x{args.resolution}x"
+        f"{args.resolution} context={args.context_length}x{kwargs['context_dim']} fp32 "
+        f"threads={torch.get_num_threads()} steps={args.steps} (+{args.warmup} warmup) "
+        f"loadavg={os.getloadavg()[0]:.1f}\n"
+    )
+    print("| model | params | median step (s) | min step (s) | median CPU (s) | GFLOP/step | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in steps:
+        achieved = flops[name] / median(walls[name])
+        print(
+            f"| {name} | {params[name] / 1e6:.1f}M | {median(walls[name]):.3f} | {min(walls[name]):.3f} | "
+            f"{median(cpus[name]):.3f} | {flops[name] / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / peak:.1%} |"
+        )
+    print(
+        f"\nMFU = FLOPs per step / median step time / fp32 matmul peak "
+        f"({peak / 1e9:.1f} GFLOP/s, best 2048^3 mm in this run, {torch.get_num_threads()} threads)"
+    )
+    if "diffusers" in steps:
+
+        def ratios(ours: list[float], theirs: list[float]) -> str:
+            paired = median(a / b for a, b in zip(ours, theirs))
+            return (
+                f"medians {median(ours) / median(theirs):.3f}, mins {min(ours) / min(theirs):.3f}, "
+                f"paired steps {paired:.3f}"
+            )
+
+        print(f"ratio ours/diffusers, wall: {ratios(walls['ours'], walls['diffusers'])}")
+        print(f"ratio ours/diffusers, CPU:  {ratios(cpus['ours'], cpus['diffusers'])}")
+
+
+if __name__ == "__main__":
+    main()
