@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from ldm.utils.logging import get_logger
 
@@ -56,6 +56,11 @@ class LatentCacheDataset(Dataset):
 
 
 def _refuse_random_augmentations(dataset: Dataset) -> None:
+    if isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _refuse_random_augmentations(part)
+        return
+    dataset = dataset.dataset if isinstance(dataset, Subset) else dataset
     flip = getattr(dataset, "random_flip", 0.0) or 0.0
     center = getattr(dataset, "center_crop", True)
     if flip > 0 or not center:
@@ -89,12 +94,14 @@ def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batc
 class FineTuneDataModule(L.LightningDataModule):
     """Wraps ``source`` (e.g. the shapes "concept" split or an image folder) for fine-tuning."""
 
-    def __init__(self, source: L.LightningDataModule, resolution: int | None = None, batch_size: int = 8, repeats: int = 1,
-                 caption_dropout: float = 0.0, cache_latents: bool = True, flip_variants: bool = False,
-                 cache_dir: str | None = None, num_workers: int = 0):
+    def __init__(self, source: L.LightningDataModule, resolution: int | None = None, batch_size: int = 8,
+                 repeats: int = 1, caption_dropout: float = 0.0, cache_latents: bool = True,
+                 flip_variants: bool = False, cache_dir: str | None = None, num_workers: int = 0,
+                 regularization: L.LightningDataModule | None = None, regularization_size: int = 0):
         super().__init__()
-        self.save_hyperparameters(ignore=["source"], logger=False)
+        self.save_hyperparameters(ignore=["source", "regularization"], logger=False)
         self.source = source
+        self.regularization = regularization
         self.resolution = resolution or getattr(source, "resolution", None) or source.hparams.get("resolution")
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
@@ -104,6 +111,13 @@ class FineTuneDataModule(L.LightningDataModule):
         self.source.setup(stage)
         self.data_train = self.source.data_train
         self.data_val = self.source.data_val
+        if self.regularization is not None and self.hparams.regularization_size > 0:
+            # regularisation images (kohya's "reg images"): captioned images of what the model already
+            # knows, mixed in so that the fine-tune does not drift on other prompts
+            self.regularization.setup(stage)
+            reg = self.regularization.data_train
+            size = min(self.hparams.regularization_size, len(reg))
+            self.data_train = ConcatDataset([self.data_train, Subset(reg, range(size))])
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 

@@ -123,3 +123,15 @@ def test_latent_cache_flip_variants(tmp_path):
     means = dm.cached.means  # [variant, N, 1, H, W]
     torch.testing.assert_close(means[1], means[0].flip(-1))
     assert dm.cached[0]["caption"] == "half"
+
+
+def test_regularization_images_are_mixed_in():
+    from datamodules.shapes import ShapesDataModule
+
+    source = ShapesDataModule(resolution=32, train_size=12, val_size=4, train_split="concept")
+    reg = ShapesDataModule(resolution=32, train_size=20, val_size=4, seed=1)
+    dm = FineTuneDataModule(source, resolution=32, regularization=reg, regularization_size=6, cache_latents=True)
+    dm.setup("fit")
+    assert len(dm.data_train) == 18
+    captions = [dm.data_train[i]["caption"] for i in range(18)]
+    assert all("star" in c for c in captions[:12]) and not any("star" in c for c in captions[12:])

@@ -24,6 +24,7 @@ class AutoencoderModule(L.LightningModule):
         self,
         vae: AutoencoderKL,
         optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable | None = None,
         kld_weight: float = 1e-6,
         rec_loss: str = "l1",
         lpips: nn.Module | None = None,
@@ -35,9 +36,10 @@ class AutoencoderModule(L.LightningModule):
         grad_clip: float | None = 1.0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["vae", "lpips", "discriminator", "optimizer", "disc_optimizer"],
-                                  logger=False)
+        self.save_hyperparameters(ignore=["vae", "lpips", "discriminator", "optimizer", "disc_optimizer",
+                                          "scheduler"], logger=False)
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.disc_optimizer_factory = disc_optimizer
         if perceptual_weight > 0 and lpips is None:
             raise ValueError("model.perceptual_weight > 0 needs model.lpips (local LPIPS weight files); "
@@ -89,6 +91,9 @@ class AutoencoderModule(L.LightningModule):
         if self.hparams.grad_clip:
             self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         opt_ae.step()
+        if self.scheduler_factory is not None:  # manual optimisation: the schedule is stepped here
+            schedulers = self.lr_schedulers()
+            (schedulers[0] if isinstance(schedulers, list) else schedulers).step()
 
         if self._gan_active():
             d_loss = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(x_rec.detach()))
@@ -114,10 +119,12 @@ class AutoencoderModule(L.LightningModule):
         self.log("val/ssim", self.val_ssim)
 
     def configure_optimizers(self):
-        opt_ae = self.optimizer_factory(params=self.vae.parameters())
-        if self.discriminator is None:
-            return opt_ae
-        return [opt_ae, self.disc_optimizer_factory(params=self.discriminator.parameters())]
+        optimizers = [self.optimizer_factory(params=self.vae.parameters())]
+        if self.discriminator is not None:
+            optimizers.append(self.disc_optimizer_factory(params=self.discriminator.parameters()))
+        if self.scheduler_factory is None:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        return optimizers, [{"scheduler": self.scheduler_factory(optimizer=optimizers[0]), "interval": "step"}]
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
