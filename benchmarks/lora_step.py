@@ -1,14 +1,17 @@
 """LoRA vs full UNet fine-tuning, and the gain of latent + text caching, on SD-v1-shaped models.
 
-One run measures, on the same SD v1.5-shaped UNet (random weights, fp32) and the same batch:
+One run measures, on the same UNet (random weights, fp32) and the same batch:
   full      every UNet weight trained (AdamW), inputs already cached (latents + text context)
   lora      rank-8 LoRA on the attention projections (AdamW on the adapter only), inputs cached
-  uncached  the same LoRA step, but encoding the images with the SD VAE and the prompts with the
-            CLIP ViT-L/14 text encoder at every step (what latent + text caching removes)
+  uncached  the same LoRA step, but making the images (the shapes renderer), encoding them with the VAE
+            and the prompts with the text encoder at every step (what latent + text caching removes)
+``--model sd15`` (default): SD v1.5-shaped UNet, SD kl-f8 VAE, CLIP ViT-L/14; ``--model embedded``: the
+demo's small UNet, f=4 VAE and tiny CLIP (what ``experiment=lora_finetune`` trains).
 Each variant runs in its own process so its peak resident memory (ru_maxrss) is its own.
 
     python benchmarks/lora_step.py                       # 64 px images (8x8 latents), batch 2, 4 steps
     python benchmarks/lora_step.py --resolution 128 --batch 1 --steps 3
+    python benchmarks/lora_step.py --model embedded --resolution 64 --batch 16 --steps 10
 On a GPU (``--device cuda``) peak memory is torch.cuda.max_memory_allocated.
 """
 
@@ -27,24 +30,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_unet():
+def build(config_path: str, **overrides):
+    import hydra
     from omegaconf import OmegaConf
 
-    from ldm.modules.unet import UNetModel
-
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/unet/sd15.yaml"))
-    cfg.pop("_target_")
-    return UNetModel(**cfg)
+    cfg = OmegaConf.load(ROOT / "conf/model" / f"{config_path}.yaml")
+    cfg.update(overrides)
+    return hydra.utils.instantiate(cfg)
 
 
-def run_variant(variant: str, resolution: int, batch: int, steps: int, device: str) -> dict:
+def run_variant(variant: str, model: str, resolution: int, batch: int, steps: int, device: str) -> dict:
     import torch
 
+    from datamodules.shapes import ShapesDataset
     from ldm.diffusion import DiffusionSchedule, diffusion_loss
     from ldm.modules.adapters.lora import UNET_ATTENTION, inject_lora, lora_parameters
 
     torch.manual_seed(0)
-    unet = build_unet().to(device)
+    sd = model == "sd15"
+    unet = build("unet/sd15" if sd else "unet/small").to(device)
     with torch.no_grad():  # non-zero outputs so the backward is not trivially sparse
         for p in unet.parameters():
             p.normal_(0, 0.02)
@@ -55,25 +59,26 @@ def run_variant(variant: str, resolution: int, batch: int, steps: int, device: s
         params = lora_parameters(unet)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     schedule = DiffusionSchedule.from_config()
-    latent = resolution // 8
-    images = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    latent = resolution // (8 if sd else 4)
+    tokens, width = (77, 768) if sd else (20, 64)
     cached_z = torch.randn(batch, 4, latent, latent, device=device)
-    cached_ctx = torch.randn(batch, 77, 768, device=device)
-    vae = text = None
+    cached_ctx = torch.randn(batch, tokens, width, device=device)
     if variant == "uncached":
         from ldm.modules.text_encoder import CLIPTextEncoder
-        from ldm.modules.vae import AutoencoderKL
 
-        vae = AutoencoderKL(embed_dim=4, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
-                            resolution=resolution).to(device).requires_grad_(False).eval()
-        text = CLIPTextEncoder.from_config("vit_l_14").to(device)
-        ids = torch.randint(0, 49407, (batch, 77), device=device)
+        vae = build("vae/sd" if sd else "vae/f4", resolution=resolution).to(device).requires_grad_(False).eval()
+        text = CLIPTextEncoder.from_config("vit_l_14") if sd else CLIPTextEncoder.tiny()
+        text = text.to(device)
+        data = ShapesDataset(10_000, resolution)  # what a step without caches also pays: making the images
+        ids = torch.randint(0, 49407, (batch, tokens), device=device)
 
     def step():
         if variant == "uncached":
+            items = [data[int(i)] for i in torch.randint(0, len(data), (batch,))]
+            images = torch.stack([it["image"] for it in items]).to(device)
             with torch.no_grad():
                 z = vae.encode(images).sample() * 0.18215
-                ctx = text.encode_ids(ids)
+                ctx = text.encode_ids(ids) if sd else text([it["caption"] for it in items])
         else:
             z, ctx = cached_z, cached_ctx
         t = torch.randint(0, 1000, (batch,), device=device)
@@ -106,25 +111,31 @@ def run_variant(variant: str, resolution: int, batch: int, steps: int, device: s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", type=int, default=64, help="image size (latents are size/8)")
+    p.add_argument("--model", default="sd15", choices=["sd15", "embedded"],
+                   help="sd15: SD v1.5-shaped UNet, SD VAE, CLIP ViT-L/14 (random weights); embedded: the demo's "
+                   "small UNet, f=4 VAE and tiny CLIP")
+    p.add_argument("--resolution", type=int, default=64, help="image size")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.resolution, args.batch, args.steps, args.device)))
+        print(json.dumps(run_variant(args.variant, args.model, args.resolution, args.batch, args.steps,
+                                     args.device)))
         return
     results = {}
     for variant in ("full", "lora", "uncached"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--resolution", str(args.resolution),
+        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model,
+               "--resolution", str(args.resolution),
                "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
         print(f"  {variant}: {results[variant]}", file=sys.stderr)
     full, lora, uncached = results["full"], results["lora"], results["uncached"]
-    print(f"\nSD v1.5-shaped UNet, {args.resolution} px ({args.resolution // 8}x{args.resolution // 8} latents), "
-          f"batch {args.batch}, fp32, {args.device}, median of {args.steps} steps\n")
+    what = "SD v1.5-shaped UNet, SD VAE, CLIP ViT-L/14" if args.model == "sd15" else "embedded demo models"
+    print(f"\n{what}, {args.resolution} px images, batch {args.batch}, fp32, {args.device}, "
+          f"median of {args.steps} steps\n")
     print("| variant | trainable params | step (s) | peak memory (GiB) |")
     print("|---|---|---|---|")
     for r in (full, lora, uncached):
