@@ -103,3 +103,14 @@ def test_cli_smoke_run_writes_artifacts(tmp_path):
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run"
     assert list((run_dir / "csv").rglob("metrics.csv"))
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_ddp_sim_runs_two_cpu_processes(tmp_path):
+    """`trainer=ddp_sim`: two CPU processes under DDP, launched from the Hydra CLI, write one checkpoint."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", *tiny_overrides("vae"), "debug=smoke", "trainer=ddp_sim",
+           f"paths.log_dir={tmp_path}", "callbacks.rich_progress_bar=null"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr
+    assert len(list(tmp_path.glob("vae/runs/*/checkpoints/last.ckpt"))) == 1
