@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import build_sampler
-from ldm.utils.images import save_grid
+from ldm.utils.images import save_labelled_grid
 from sample import load_for_sampling
 
 SAMPLERS = {"dpmpp_2m-20": ("dpmpp_2m", 20), "ddim-50": ("ddim", 50), "ddpm-100": ("ddpm", 100)}
@@ -78,8 +78,8 @@ def main(argv=None) -> dict:
                 seconds = time.perf_counter() - start
                 rows.append((split, sampler_name, variant, result, seconds))
                 if args.grid_dir:
-                    save_grid(images[:32], Path(args.grid_dir) / f"{split}_{sampler_name}_{variant}.png", nrow=8,
-                              upscale=2)
+                    save_labelled_grid(images[:12], prompts[:12],
+                                       Path(args.grid_dir) / f"{split}_{sampler_name}_{variant}.png")
                 print(f"{split:8s} {sampler_name:12s} {variant:10s} fidelity {result['fidelity']:.3f} "
                       f"colour {result['color_acc']:.3f} shape {result['shape_acc']:.3f} "
                       f"background {result['background_acc']:.3f} ({seconds:.0f} s)", flush=True)

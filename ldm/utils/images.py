@@ -38,3 +38,30 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, u
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     img.save(path)
     return path
+
+
+def save_labelled_grid(images: torch.Tensor, labels: list[str], path: str | Path, ncol: int = 4,
+                       cell: int = 128) -> Path:
+    """Each image upscaled to ``cell`` px with its label (e.g. the prompt) underneath; Pillow's default font."""
+    from PIL import ImageDraw
+
+    arr = to_uint8(images)
+    text_h = 26
+    rows = math.ceil(len(arr) / ncol)
+    canvas = Image.new("RGB", (ncol * (cell + 8) + 8, rows * (cell + text_h + 8) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (img, label) in enumerate(zip(arr, labels)):
+        r, c = divmod(i, ncol)
+        x, y = 8 + c * (cell + 8), 8 + r * (cell + text_h + 8)
+        canvas.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (x, y))
+        words, lines = label.split(), [""]
+        for word in words:  # wrap to the cell width (~6 px per character)
+            if len(lines[-1]) + len(word) + 1 > cell // 6:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}".strip()
+        draw.multiline_text((x, y + cell + 1), "\n".join(lines[:2]), fill=(0, 0, 0), spacing=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
