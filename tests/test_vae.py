@@ -159,3 +159,25 @@ def test_non_finite_loss_stops_with_actionable_error():
 def test_perceptual_weight_without_lpips_is_a_clear_error():
     with pytest.raises(ValueError, match="lpips"):
         _module(perceptual_weight=1.0)
+
+
+def test_lpips_from_local_files(tmp_path):
+    from ldm.modules.lpips import LPIPS, _vgg16_features
+
+    torch.manual_seed(0)
+    vgg = {f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}
+    vgg["classifier.0.weight"] = torch.zeros(2, 2)  # other torchvision keys are ignored
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    lin = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lin, tmp_path / "vgg.pth")
+    lpips = LPIPS.from_files(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    assert (lpips(x, x.flip(-1)) > 0).all()
+    assert not any(p.requires_grad for p in lpips.parameters())
+    module = _module(lpips=lpips, perceptual_weight=1.0)
+    batch = _batch()
+    loss, _, _ = module._generator_loss(batch["image"], batch["image"].flip(-1), module.vae.encode(batch["image"]))
+    assert torch.isfinite(loss)
+    with pytest.raises(FileNotFoundError, match="perceptual_weight=0"):
+        LPIPS.from_files(tmp_path / "missing.pth", tmp_path / "vgg.pth")
