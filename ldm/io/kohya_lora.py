@@ -239,6 +239,9 @@ def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapp
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
