@@ -60,16 +60,6 @@ TINY_TEXT = {"hidden_size": HIDDEN, "num_layers": 2, "num_heads": 2, "max_length
 PROMPT = "a red circle on a blue background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared, busy machine OpenMP's spinning
-    threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

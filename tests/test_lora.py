@@ -87,15 +87,6 @@ def close(a, b, atol=1e-5):
     return torch.allclose(a, b, atol=atol, rtol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_te(tmp_path_factory):
     return CLIPTextEncoder.tiny(cache_dir=tmp_path_factory.mktemp("tok"))

@@ -28,15 +28,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and stay fast when other processes load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturb_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
     """Randomise every parameter so that zero-initialised output layers carry signal."""
     gen = torch.Generator().manual_seed(seed)

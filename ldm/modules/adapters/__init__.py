@@ -1,51 +1,6 @@
 """Parameter-efficient adapters as plain ``nn.Module``s (no Lightning): LoRA, ..."""
 
-from ldm.modules.adapters.lora import (
-    TEXT_ENCODER,
-    TEXT_ENCODER_ALL,
-    TEXT_ENCODER_MLP,
-    UNET_ATTENTION,
-    UNET_ATTENTION_PROJ,
-    UNET_CONV,
-    UNET_FF,
-    UNET_TRANSFORMER,
-    LoRAConv2d,
-    LoRALayer,
-    LoRALinear,
-    inject_lora,
-    load_lora_state_dict,
-    lora_modules,
-    lora_parameters,
-    lora_state_dict,
-    make_lora_layer,
-    match_targets,
-    merge_lora,
-    remove_lora,
-    set_lora_multiplier,
-    unmerge_lora,
-)
+from ldm.modules.adapters import lora
+from ldm.modules.adapters.lora import *
 
-__all__ = [
-    "TEXT_ENCODER",
-    "TEXT_ENCODER_ALL",
-    "TEXT_ENCODER_MLP",
-    "UNET_ATTENTION",
-    "UNET_ATTENTION_PROJ",
-    "UNET_CONV",
-    "UNET_FF",
-    "UNET_TRANSFORMER",
-    "LoRAConv2d",
-    "LoRALayer",
-    "LoRALinear",
-    "inject_lora",
-    "load_lora_state_dict",
-    "lora_modules",
-    "lora_parameters",
-    "lora_state_dict",
-    "make_lora_layer",
-    "match_targets",
-    "merge_lora",
-    "remove_lora",
-    "set_lora_multiplier",
-    "unmerge_lora",
-]
+__all__ = list(lora.__all__)
