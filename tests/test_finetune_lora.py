@@ -135,3 +135,16 @@ def test_regularization_images_are_mixed_in():
     assert len(dm.data_train) == 18
     captions = [dm.data_train[i]["caption"] for i in range(18)]
     assert all("star" in c for c in captions[:12]) and not any("star" in c for c in captions[12:])
+
+
+def test_lora_finetune_from_stable_diffusion_single_file(compose_cfg, base_ckpt, tmp_path):
+    """model.base may be an SD single file (here our tiny model exported to the SD v1 layout)."""
+    from ldm.io.stable_diffusion import export_from_lightning
+
+    single = export_from_lightning(base_ckpt, tmp_path / "tiny-sd.safetensors", dtype=torch.float32)
+    cfg = compose_cfg(lora_overrides(Path(single), ["data.cache_dir=null"]))
+    _, objects = train(cfg)
+    model = objects["model"]
+    base = load_lightning_model(base_ckpt)
+    torch.testing.assert_close(model.vae.encoder.conv_in.weight, base.vae.encoder.conv_in.weight)
+    assert (Path(cfg.paths.output_dir) / "adapters" / "lora_finetune.safetensors").is_file()

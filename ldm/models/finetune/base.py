@@ -28,7 +28,7 @@ class FineTuneModule(LatentDiffusion):
     under ``trainer.fast_dev_run``; otherwise ``base`` (or the newest ``base_task`` run) replaces them."""
 
     def __init__(self, *args, base: str | None = None, base_search_dir: str = "logs", base_task: str = "txt2img",
-                 base_use_ema: bool = True, **kwargs):
+                 base_use_ema: bool = True, base_tokenizer: str | None = None, **kwargs):
         kwargs.setdefault("ema_decay", None)
         kwargs["vae_ckpt"] = None  # the base model brings its VAE
         super().__init__(*args, **kwargs)
@@ -36,6 +36,7 @@ class FineTuneModule(LatentDiffusion):
         self.hparams.base_search_dir = base_search_dir
         self.hparams.base_task = base_task
         self.hparams.base_use_ema = base_use_ema
+        self.hparams.base_tokenizer = base_tokenizer
         self._adapters_added = False
 
     # -- base model ------------------------------------------------------------------------------------
@@ -49,7 +50,8 @@ class FineTuneModule(LatentDiffusion):
 
     def load_base(self, source: str) -> None:
         """Our txt2img checkpoint, an SD single file, a diffusers folder or a hub id (``load_base_model``)."""
-        parts = load_base_model(source, use_ema=self.hparams.base_use_ema)
+        extra = {"tokenizer": self.hparams.base_tokenizer} if self.hparams.base_tokenizer else {}
+        parts = load_base_model(source, use_ema=self.hparams.base_use_ema, **extra)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae.eval(), parts.text_encoder
         self.schedule = parts.schedule
         self.hparams.parameterization = parts.parameterization
