@@ -29,6 +29,7 @@ class ImageLogger(L.Callback):
         self.log_on_fit_end = log_on_fit_end
         self.save_dir = save_dir
         self._last_batch = None
+        self._logged_step = -1
         self.saved: list[Path] = []
 
     def _image_dir(self, trainer: L.Trainer) -> Path:
@@ -66,7 +67,7 @@ class ImageLogger(L.Callback):
         if trainer.sanity_checking or self.every_n_steps <= 0:
             return
         first = self.log_first_step and batch_idx == 0 and trainer.current_epoch == 0
-        if first or (step > 0 and step % self.every_n_steps == 0 and step != getattr(self, "_logged_step", -1)):
+        if first or (step > 0 and step % self.every_n_steps == 0 and step != self._logged_step):
             self._logged_step = step
             self.log_now(trainer, pl_module, batch, "train")
 

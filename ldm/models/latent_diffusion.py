@@ -64,6 +64,7 @@ class LatentDiffusion(L.LightningModule):
         self.unet_ema = EMA(unet, ema_decay) if ema_decay else None
         # <= 0 means "estimate from the first training batch" (LDM's scale_by_std); saved in checkpoints
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
+        self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
         self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
 
     # -- pretrained parts ---------------------------------------------------------------------------------
@@ -109,6 +110,12 @@ class LatentDiffusion(L.LightningModule):
         keep = torch.rand(len(prompts)) >= self.hparams.ucg_rate
         return [p if k else "" for p, k in zip(prompts, keep.tolist())]
 
+    def scale_factor_known(self) -> bool:
+        """True once the buffer holds a factor (given, estimated, or loaded); read from the device until then."""
+        if not self._scale_factor_known:
+            self._scale_factor_known = float(self.scale_factor) > 0
+        return self._scale_factor_known
+
     @torch.no_grad()
     def _estimate_scale_factor(self, images: torch.Tensor) -> None:
         z = self.vae.encode(images).sample()
@@ -137,7 +144,7 @@ class LatentDiffusion(L.LightningModule):
         return z0, self.encode_text(prompts)
 
     def training_step(self, batch, batch_idx):
-        if float(self.scale_factor) <= 0:
+        if not self.scale_factor_known():
             self._estimate_scale_factor(batch["image"])
         z0, context = self.batch_latents_and_context(batch, train=True)
         loss = self.diffusion_step(z0, context)
@@ -150,7 +157,7 @@ class LatentDiffusion(L.LightningModule):
             self.unet_ema.update(self.unet)
 
     def validation_step(self, batch, batch_idx):
-        if float(self.scale_factor) <= 0:
+        if not self.scale_factor_known():
             return
         z0, context = self.batch_latents_and_context(batch, train=False)
         generator = torch.Generator().manual_seed(batch_idx)  # same t and noise every validation
@@ -211,7 +218,7 @@ class LatentDiffusion(L.LightningModule):
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
         """Fixed prompts and seed, so grids show the same prompts' progress over training."""
-        if float(self.scale_factor) <= 0:
+        if not self.scale_factor_known():
             return {}
         prompts = list(self.hparams.log_prompts)[:max_images]
         self.image_resolution = batch["image"].shape[-1]

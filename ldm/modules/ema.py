@@ -31,7 +31,7 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, source: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = [p for p in self.module.parameters()]
+        ema_params = list(self.module.parameters())
         src_params = [p.detach() for p in source.parameters()]
         floating = [(e, s) for e, s in zip(ema_params, src_params) if e.dtype.is_floating_point]
         if floating:

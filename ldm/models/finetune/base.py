@@ -32,11 +32,6 @@ class FineTuneModule(LatentDiffusion):
         kwargs.setdefault("ema_decay", None)
         kwargs["vae_ckpt"] = None  # the base model brings its VAE
         super().__init__(*args, **kwargs)
-        self.hparams.base = base
-        self.hparams.base_search_dir = base_search_dir
-        self.hparams.base_task = base_task
-        self.hparams.base_use_ema = base_use_ema
-        self.hparams.base_tokenizer = base_tokenizer
         self._adapters_added = False
 
     # -- base model ------------------------------------------------------------------------------------
@@ -67,7 +62,7 @@ class FineTuneModule(LatentDiffusion):
         source = self._resolve_base(fast_dev_run)
         if source is not None:
             self.load_base(source)
-        elif float(self.scale_factor) <= 0:
+        elif not self.scale_factor_known():
             self.scale_factor.fill_(1.0)
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)

@@ -37,8 +37,6 @@ class LoRAFineTune(FineTuneModule):
         super().__init__(*args, **kwargs)
         if export_format not in ("kohya", "peft"):
             raise ValueError(f"export_format must be 'kohya' or 'peft', got {export_format!r}")
-        self.hparams.update(rank=rank, alpha=alpha, dropout=dropout, unet_targets=unet_targets,
-                            text_encoder_targets=text_encoder_targets, export_format=export_format)
 
     def add_adapters(self) -> None:
         hp = self.hparams
