@@ -198,10 +198,17 @@ def kohya_module_map(
 
 
 def collect_lora_tensors(
-    unet: nn.Module | None, text_encoder: nn.Module | None, name_of: Mapping[tuple[str, str], str]
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None,
+    module_map: Callable[[UNetModel | None, nn.Module | None], Mapping[str, tuple[str, str]]],
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], list[LoRALayer]]:
-    """``{file module name: (down, up, alpha)}`` for every LoRA layer, named by ``name_of``
-    (``{(component, module name): file module name}``), plus the layers themselves."""
+    """``{file module name: (down, up, alpha)}`` for every LoRA layer, named by the file format's
+    ``module_map(unet, text_encoder)`` (``{file module name: (component, module name)}``, e.g.
+    ``kohya_module_map``), plus the layers themselves. ``unet`` may be any module holding one UNet."""
+    if unet is None and text_encoder is None:
+        raise ValueError("pass a unet and/or a text_encoder carrying LoRA layers")
+    unet = None if unet is None else find_unet(unet)
+    name_of = {v: k for k, v in module_map(unet, text_encoder).items()}
     entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     layers: list[LoRALayer] = []
     for component, model in (("unet", unet), ("text_encoder", text_encoder)):
@@ -281,11 +288,7 @@ def save_kohya_lora(
     alpha is stored as a 0-d float32. The write is atomic. Returns the path.
     """
     path = Path(path)
-    if unet is None and text_encoder is None:
-        raise ValueError("pass a unet and/or a text_encoder carrying LoRA layers")
-    unet = None if unet is None else find_unet(unet)
-    name_of = {v: k for k, v in kohya_module_map(unet, text_encoder).items()}
-    entries, layers = collect_lora_tensors(unet, text_encoder, name_of)
+    entries, layers = collect_lora_tensors(unet, text_encoder, kohya_module_map)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, (down, up, alpha) in entries.items():

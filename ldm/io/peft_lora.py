@@ -66,11 +66,7 @@ def save_peft_lora(
     ``lora_B``). Loads with ``pipeline.load_lora_weights(path)`` (needs ``peft``) or
     ``load_peft_lora``. ``metadata``: extra str -> str entries. Returns the path."""
     path = Path(path)
-    if unet is None and text_encoder is None:
-        raise ValueError("pass a unet and/or a text_encoder carrying LoRA layers")
-    unet = None if unet is None else find_unet(unet)
-    name_of = {v: k for k, v in peft_module_map(unet, text_encoder).items()}
-    entries, _ = collect_lora_tensors(unet, text_encoder, name_of)
+    entries, _ = collect_lora_tensors(unet, text_encoder, peft_module_map)
     tensors: dict[str, torch.Tensor] = {}
     for name, (down, up, alpha) in entries.items():
         rank = down.shape[0]
