@@ -72,3 +72,16 @@ def diffusion_loss(
         weights = min_snr_weight(schedule.snr(t).to(per_sample.device), min_snr_gamma, parameterization)
         per_sample = per_sample * weights
     return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def prior_preservation_loss(per_sample: Tensor, is_prior: Tensor, prior_weight: float) -> Tensor:
+    """DreamBooth's objective (Ruiz et al. 2022, eq. 2): mean loss over instance items plus
+    ``prior_weight`` x mean loss over class (prior-preservation) items; ``is_prior`` is a bool ``[B]``.
+    A batch without one of the two kinds contributes only the other term."""
+    is_prior = is_prior.to(device=per_sample.device, dtype=torch.bool).reshape(-1)
+    if is_prior.shape[0] != per_sample.shape[0]:
+        raise ValueError(f"is_prior has {is_prior.shape[0]} flags for {per_sample.shape[0]} losses")
+    zero = per_sample.sum() * 0.0
+    instance = per_sample[~is_prior].mean() if (~is_prior).any() else zero
+    prior = per_sample[is_prior].mean() if is_prior.any() else zero
+    return instance + prior_weight * prior
