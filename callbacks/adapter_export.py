@@ -1,5 +1,6 @@
-"""Write the fine-tuned adapter (LoRA, embedding, hypernetwork...) as its own small file: every
-``every_n_steps`` and at the end of fit, into ``<run>/adapters/``. Rank zero only."""
+"""Write the fine-tuning method's exchange file (kohya LoRA, embedding, hypernetwork, SD single file...):
+every ``every_n_steps`` and at the end of fit, into ``<run>/adapters/``. Rank zero only. The suffix is the
+method's (``method.export_suffix``) unless given."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ log = get_logger(__name__)
 
 
 class AdapterExport(L.Callback):
-    def __init__(self, name: str = "adapter", every_n_steps: int = 0, suffix: str = ".safetensors",
+    def __init__(self, name: str = "adapter", every_n_steps: int = 0, suffix: str | None = None,
                  dirpath: str | None = None):
         self.name, self.every_n_steps, self.suffix, self.dirpath = name, every_n_steps, suffix, dirpath
         self.exported: list[Path] = []
@@ -24,7 +25,8 @@ class AdapterExport(L.Callback):
 
     @rank_zero_only
     def export(self, trainer: L.Trainer, pl_module, filename: str) -> Path:
-        path = pl_module.export_adapter(self._dir(trainer) / filename)
+        suffix = self.suffix or pl_module.method.export_suffix
+        path = pl_module.export(self._dir(trainer) / f"{filename}{suffix}")
         self.exported.append(Path(path))
         log.info(f"Exported adapter to {path}")
         return path
@@ -32,8 +34,8 @@ class AdapterExport(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self.export(trainer, pl_module, f"{self.name}-step{step:06d}{self.suffix}")
+            self.export(trainer, pl_module, f"{self.name}-step{step:06d}")
 
     def on_fit_end(self, trainer, pl_module):
         if not trainer.sanity_checking and not trainer.fast_dev_run:
-            self.export(trainer, pl_module, f"{self.name}{self.suffix}")
+            self.export(trainer, pl_module, self.name)

@@ -1,4 +1,8 @@
-"""Fine-tuning data: any captioned source datamodule + repeats, caption dropout and latent caching.
+"""Fine-tuning data: any captioned source datamodule + repeats, regularisation (class) images and latent caching.
+
+Every item carries ``is_regularization`` (False for the concept's own images, True for regularisation /
+DreamBooth class images), so a method can weight the two (``FineTuneMethod.loss``). Condition dropout for
+classifier-free guidance is the model's (``model.ucg_rate``), not the data's.
 
 Latent caching encodes every training image with the (frozen) VAE once, before training, and keeps the
 posterior mean and std (so each epoch still draws a fresh z = mean + std * eps). The cache also lives on
@@ -24,27 +28,41 @@ log = get_logger(__name__)
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images -> (mean, std)
 
 
-class CaptionedView(Dataset):
-    """``repeats`` x the source, with caption dropout (caption -> "" with probability p)."""
+class Repeated(Dataset):
+    """``repeats`` x the source (each epoch sees every image ``repeats`` times)."""
 
-    def __init__(self, source: Dataset, repeats: int = 1, caption_dropout: float = 0.0):
-        self.source, self.repeats, self.caption_dropout = source, int(repeats), float(caption_dropout)
+    def __init__(self, source: Dataset, repeats: int = 1):
+        if int(repeats) < 1:
+            raise ValueError(f"data.repeats must be >= 1, got {repeats}")
+        self.source, self.repeats = source, int(repeats)
 
     def __len__(self) -> int:
         return len(self.source) * self.repeats
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.source[index % len(self.source)])
-        if self.caption_dropout > 0 and torch.rand(()) < self.caption_dropout:
-            item["caption"] = ""
-        return item
+        return self.source[index % len(self.source)]
+
+
+class Flagged(Dataset):
+    """The source's items with ``is_regularization`` set to ``flag``."""
+
+    def __init__(self, source: Dataset, flag: bool):
+        self.source, self.flag = source, bool(flag)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.source[index], "is_regularization": self.flag}
 
 
 class LatentCacheDataset(Dataset):
-    """Items {"latent_mean", "latent_std", "caption"} from tensors encoded once."""
+    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once."""
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, captions: list[str], flip_variants: bool):
+    def __init__(self, means: torch.Tensor, stds: torch.Tensor, captions: list[str], flip_variants: bool,
+                 flags: torch.Tensor | None = None):
         self.means, self.stds, self.captions, self.flip_variants = means, stds, captions, flip_variants
+        self.flags = flags if flags is not None else torch.zeros(len(captions), dtype=torch.bool)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -52,7 +70,7 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         variant = int(torch.randint(0, 2, ())) if self.flip_variants else 0
         return {"latent_mean": self.means[variant, index], "latent_std": self.stds[variant, index],
-                "caption": self.captions[index]}
+                "caption": self.captions[index], "is_regularization": bool(self.flags[index])}
 
 
 def _refuse_random_augmentations(dataset: Dataset) -> None:
@@ -60,7 +78,8 @@ def _refuse_random_augmentations(dataset: Dataset) -> None:
         for part in dataset.datasets:
             _refuse_random_augmentations(part)
         return
-    dataset = dataset.dataset if isinstance(dataset, Subset) else dataset
+    while isinstance(dataset, (Subset, Flagged)):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.source
     flip = getattr(dataset, "random_flip", 0.0) or 0.0
     center = getattr(dataset, "center_crop", True)
     if flip > 0 or not center:
@@ -78,7 +97,7 @@ def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batc
     from rich.progress import track
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    means, stds, captions = [[], []], [[], []], []
+    means, stds, captions, flags = [[], []], [[], []], [], []
     for batch in track(loader, description="caching latents", disable=len(loader) < 2):
         images = batch["image"].to(device)
         for variant, imgs in enumerate([images, images.flip(-1)] if flip_variants else [images]):
@@ -86,19 +105,34 @@ def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batc
             means[variant].append(mean.cpu())
             stds[variant].append(std.cpu())
         captions += list(batch["caption"])
+        flags.append(torch.as_tensor(batch.get("is_regularization", [False] * len(images)), dtype=torch.bool))
     variants = 2 if flip_variants else 1
     return LatentCacheDataset(torch.stack([torch.cat(means[v]) for v in range(variants)]),
-                              torch.stack([torch.cat(stds[v]) for v in range(variants)]), captions, flip_variants)
+                              torch.stack([torch.cat(stds[v]) for v in range(variants)]), captions, flip_variants,
+                              torch.cat(flags))
 
 
 class FineTuneDataModule(L.LightningDataModule):
-    """Wraps ``source`` (e.g. the shapes "concept" split or an image folder) for fine-tuning."""
+    """Wraps ``source`` (e.g. the shapes "concept" split or an image folder) for fine-tuning.
+
+    validation: what ``val/loss`` is measured on --
+        "source": the source's own validation split (when it has real held-out images, like the shapes data);
+        "regularization": held-out regularisation images (measures drift on what the base knew);
+        "auto": "regularization" when regularisation data is given, else "none";
+        "none": no validation loss (a few-image concept keeps every image for training; the image logger
+        still shows the log prompts).
+    """
+
+    VALIDATION = ("auto", "source", "regularization", "none")
 
     def __init__(self, source: L.LightningDataModule, resolution: int | None = None, batch_size: int = 8,
-                 repeats: int = 1, caption_dropout: float = 0.0, cache_latents: bool = True,
-                 flip_variants: bool = False, cache_dir: str | None = None, num_workers: int = 0,
-                 regularization: L.LightningDataModule | None = None, regularization_size: int = 0):
+                 repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
+                 cache_dir: str | None = None, num_workers: int = 0,
+                 regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
+                 validation: str = "auto"):
         super().__init__()
+        if validation not in self.VALIDATION:
+            raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
         self.save_hyperparameters(ignore=["source", "regularization"], logger=False)
         self.source = source
         self.regularization = regularization
@@ -107,25 +141,49 @@ class FineTuneDataModule(L.LightningDataModule):
         self.data_val: Dataset | None = None
         self.cached: LatentCacheDataset | None = None
 
+    def _validation_kind(self) -> str:
+        kind = self.hparams.validation
+        if kind == "auto":
+            kind = "regularization" if self._uses_regularization() else "none"
+        if kind == "regularization" and not self._uses_regularization():
+            raise ValueError("data.validation=regularization needs data.regularization and "
+                             "data.regularization_size > 0")
+        return kind
+
+    def _uses_regularization(self) -> bool:
+        return self.regularization is not None and self.hparams.regularization_size > 0
+
     def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
         self.source.setup(stage)
-        self.data_train = self.source.data_train
-        self.data_val = self.source.data_val
-        if self.regularization is not None and self.hparams.regularization_size > 0:
-            # regularisation images (kohya's "reg images"): captioned images of what the model already
+        self.data_train = Flagged(self.source.data_train, False)
+        parts = [f"{len(self.data_train)} image(s) x {self.hparams.repeats} repeat(s)"]
+        if self._uses_regularization():
+            # regularisation images (kohya's "reg images", DreamBooth's class images): what the model already
             # knows, mixed in so that the fine-tune does not drift on other prompts
             self.regularization.setup(stage)
             reg = self.regularization.data_train
             size = min(self.hparams.regularization_size, len(reg))
-            self.data_train = ConcatDataset([self.data_train, Subset(reg, range(size))])
+            self.data_train = ConcatDataset([self.data_train, Flagged(Subset(reg, range(size)), True)])
+            parts.append(f"{size} regularisation image(s)")
+        kind = self._validation_kind()
+        self.data_val = {"source": lambda: Flagged(self.source.data_val, False),
+                         "regularization": lambda: Flagged(self.regularization.data_val, True),
+                         "none": lambda: None}[kind]()
+        if kind == "source" and hasattr(self.source, "records"):
+            log.warning("data.validation=source: validating on images held out of your folder (they do not train)")
+        parts.append(f"validation: {kind}" + (f" ({len(self.data_val)} images)" if self.data_val else ""))
+        log.info("Fine-tuning data: " + ", ".join(parts))
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 
     def _fingerprint(self, vae_fingerprint: str) -> str:
         data = self.data_train
         first = data[0]["image"] if len(data) else torch.zeros(1)
-        parts = [vae_fingerprint, str(self.resolution), str(len(data)), type(data).__name__,
-                 str(getattr(data, "seed", "")), str(getattr(data, "split", "")),
+        inner = data.source if isinstance(data, Flagged) else data
+        parts = ["flags-v2", vae_fingerprint, str(self.resolution), str(len(data)), type(inner).__name__,
+                 str(getattr(inner, "seed", "")), str(getattr(inner, "split", "")),
                  hashlib.sha1(first.numpy().tobytes()).hexdigest(), str(self.hparams.flip_variants)]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
@@ -139,22 +197,24 @@ class FineTuneDataModule(L.LightningDataModule):
             if path.is_file():
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 self.cached = LatentCacheDataset(state["means"], state["stds"], state["captions"],
-                                                 state["flip_variants"])
+                                                 state["flip_variants"], state["flags"])
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
                 return
         self.cached = encode_dataset(self.data_train, encode, self.hparams.flip_variants, device=device)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"means": self.cached.means, "stds": self.cached.stds, "captions": self.cached.captions,
-                        "flip_variants": self.cached.flip_variants}, path)
+                        "flip_variants": self.cached.flip_variants, "flags": self.cached.flags}, path)
             log.info(f"Cached {len(self.cached)} latents to {path}")
 
     def train_dataloader(self) -> DataLoader:
         data = self.cached if self.cached is not None else self.data_train
-        view = CaptionedView(data, self.hparams.repeats, self.hparams.caption_dropout)
+        view = Repeated(data, self.hparams.repeats)
         return DataLoader(view, batch_size=self.hparams.batch_size, shuffle=True,
                           num_workers=self.hparams.num_workers, drop_last=len(view) > self.hparams.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.data_val is None:
+            return []
         return DataLoader(self.data_val, batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers)

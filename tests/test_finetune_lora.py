@@ -1,5 +1,6 @@
-"""LoRA fine-tuning end to end at test size: base discovery, adapter-only training and checkpoints,
-kohya export that loads back, latent caching (memory and disk), before/after images."""
+"""The fine-tuning core with LoRA end to end at test size: base discovery (our checkpoint, SD single file,
+diffusers folder), method-only training and checkpoints, exact resume, kohya export that loads back, latent
+caching (memory and disk), regularisation flags, EMA of the method, before/after images."""
 
 from __future__ import annotations
 
@@ -34,8 +35,11 @@ def base_ckpt(tmp_path_factory):
     return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
 
 
+FINETUNE_PARTS = ["model/sampler=ddim", "model.sampler.steps=2", "callbacks.rich_progress_bar=null"]
+
+
 def lora_overrides(base: Path, extra=()):
-    return ["experiment=lora_finetune", *TINY_PARTS, "debug=smoke", f"model.base={base}",
+    return ["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", f"model.base={base}",
             "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
             "model.log_prompts=[a red star on a blue background]", *extra]
 
@@ -57,9 +61,11 @@ def test_lora_finetune_trains_only_the_adapter_and_exports_kohya(compose_cfg, ba
     assert trainer.datamodule.cached is not None
     assert list((tmp_path / "cache").glob("latents_*.pt"))
 
-    # checkpoints hold the adapter only
+    # checkpoints hold exactly the method's state (+ the scale factor)
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["state_dict"] and all("lora_" in k or k == "scale_factor" for k in ckpt["state_dict"])
+    method_state = model.method.state_dict()
+    assert set(ckpt["state_dict"]) == {f"method.{k}" for k in method_state} | {"scale_factor"}
+    assert all("lora_" in k or k.endswith(".alpha") for k in method_state)
     full_size = sum(v.numel() for v in base.state_dict().values())
     assert sum(v.numel() for v in ckpt["state_dict"].values()) < 0.2 * full_size
 
@@ -81,21 +87,119 @@ def test_lora_finetune_trains_only_the_adapter_and_exports_kohya(compose_cfg, ba
     assert list(images.glob("samples_*.png")) and list(images.glob("base_samples_*.png"))
 
 
-def test_lora_resume_from_adapter_only_checkpoint(compose_cfg, base_ckpt):
+def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt):
     first = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                    "trainer.val_check_interval=2"]), output_name="a")
     train(first)
-    resumed = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=4",
-                                                     "trainer.max_epochs=-1", "ckpt_path=last"]), output_name="b")
-    _, objects = train(resumed)
+    saved = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2
+    # resuming at the saved step trains nothing more: the method's weights are the checkpoint's, exactly
+    same = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
+                                                  "ckpt_path=last"]), output_name="b")
+    _, objects = train(same)
+    state = objects["model"].method.state_dict()
+    assert objects["trainer"].global_step == 2
+    for key, value in state.items():
+        torch.testing.assert_close(value, saved["state_dict"][f"method.{key}"], rtol=0, atol=0)
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k)  # trained, not fresh zeros
+    # and continues to the new max_steps
+    more = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=4",
+                                                  "trainer.max_epochs=-1", "ckpt_path=last"]), output_name="c")
+    _, objects = train(more)
     assert objects["trainer"].global_step == 4
 
 
+def test_fine_tune_checkpoint_rebuilds_for_sampling(compose_cfg, base_ckpt):
+    """load_lightning_model (sample.py --ckpt) rebuilds a fine-tune from its base + method state."""
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null"]))
+    train(cfg)
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    rebuilt = load_lightning_model(path)
+    assert rebuilt.base_source == str(base_ckpt)
+    for key, value in rebuilt.method.state_dict().items():
+        torch.testing.assert_close(value, saved[f"method.{key}"], rtol=0, atol=0)
+    prompt = ["a red star on a blue background"]
+    with_lora = rebuilt.generate(prompt, seed=3)
+    torch.testing.assert_close(rebuilt.generate(prompt, seed=3), with_lora)
+    with rebuilt.method.disabled():
+        assert not torch.equal(rebuilt.generate(prompt, seed=3), with_lora)
+
+
 def test_missing_base_is_a_clear_error(compose_cfg):
-    cfg = compose_cfg(["experiment=lora_finetune", *TINY_PARTS, "debug=smoke", "data.cache_dir=null",
+    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", "data.cache_dir=null",
                        "data.source.train_size=8", "data.source.val_size=4"])
     with pytest.raises(FileNotFoundError, match="experiment=txt2img"):
         train(cfg)
+
+
+def test_fast_dev_run_without_base_uses_the_tiny_preset_base(compose_cfg):
+    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=fdr", "data.cache_dir=null",
+                       "data.source.train_size=8", "data.source.val_size=4", "data.batch_size=4"])
+    _, objects = train(cfg)
+    model = objects["model"]
+    assert model.base_source is None and model.unet.context_dim == 64 and model.vae.downsample_factor == 4
+    assert model.method.parameters()
+
+
+def test_unet_settings_apply_to_the_loaded_base_or_fail(compose_cfg, base_ckpt):
+    with pytest.raises(Exception, match="unet"):
+        compose_cfg(lora_overrides(base_ckpt, ["model.unet.use_checkpoint=true"]))
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model.gradient_checkpointing=true"]))
+    _, objects = train(cfg)
+    blocks = [m for m in objects["model"].unet.modules() if hasattr(m, "use_checkpoint")]
+    assert blocks and all(m.use_checkpoint for m in blocks)
+
+
+def test_ema_of_the_method_is_built_after_attach_and_checkpointed(compose_cfg, base_ckpt):
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model.ema_decay=0.5"]))
+    _, objects = train(cfg)
+    model = objects["model"]
+    params = model.method.parameters()
+    assert model.method_ema is not None and model.method_ema.count == len(params)
+    assert int(model.method_ema.num_updates) == 4
+    live = [p.detach().clone() for p in params]
+    with model.ema_scope():  # the average is swapped in, then the live weights come back
+        assert any(not torch.equal(p, q) for p, q in zip(params, live))
+    assert all(torch.equal(p, q) for p, q in zip(params, live))
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(k.startswith("method_ema.shadow_") for k in ckpt["state_dict"])
+
+
+def test_diffusers_folder_as_base_through_train_py(compose_cfg, tmp_path):
+    folder = tiny_diffusers_folder(tmp_path / "tiny-diffusers")
+    cfg = compose_cfg(lora_overrides(folder, ["data.cache_dir=null"]))
+    _, objects = train(cfg)
+    model = objects["model"]
+    assert model.base_source == str(folder) and objects["trainer"].global_step == 4
+    assert (Path(cfg.paths.output_dir) / "adapters" / "lora_finetune.safetensors").is_file()
+
+
+def tiny_diffusers_folder(folder: Path) -> Path:
+    """A tiny random SD-style diffusers folder (UNet 2 levels, f=4 VAE, tiny CLIP) written by diffusers."""
+    from diffusers import AutoencoderKL as DAutoencoderKL
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.modules.text_encoder import CLIPTextEncoder
+
+    CLIPTextEncoder.tiny(hidden_size=32, num_layers=1, num_heads=2).save_pretrained(folder / "clip",
+                                                                                  layout="diffusers")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=2, norm_num_groups=32)
+    vae = DAutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         block_out_channels=(32, 32, 32), layers_per_block=1, latent_channels=4,
+                         norm_num_groups=32, sample_size=32)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(folder / "clip" / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "clip" / "tokenizer"), unet=unet,
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
 
 
 def test_latent_cache_refuses_random_augmentation(tmp_path):
@@ -125,16 +229,57 @@ def test_latent_cache_flip_variants(tmp_path):
     assert dm.cached[0]["caption"] == "half"
 
 
-def test_regularization_images_are_mixed_in():
+def test_regularization_images_are_mixed_in_and_flagged(tmp_path):
     from datamodules.shapes import ShapesDataModule
 
     source = ShapesDataModule(resolution=32, train_size=12, val_size=4, train_split="concept")
     reg = ShapesDataModule(resolution=32, train_size=20, val_size=4, seed=1)
-    dm = FineTuneDataModule(source, resolution=32, regularization=reg, regularization_size=6, cache_latents=True)
+    dm = FineTuneDataModule(source, resolution=32, regularization=reg, regularization_size=6, cache_latents=True,
+                            cache_dir=str(tmp_path), batch_size=18)
     dm.setup("fit")
     assert len(dm.data_train) == 18
-    captions = [dm.data_train[i]["caption"] for i in range(18)]
-    assert all("star" in c for c in captions[:12]) and not any("star" in c for c in captions[12:])
+    items = [dm.data_train[i] for i in range(18)]
+    assert all("star" in it["caption"] for it in items[:12]) and not any("star" in it["caption"] for it in items[12:])
+    assert [it["is_regularization"] for it in items] == [False] * 12 + [True] * 6
+    # the flags survive latent caching (memory and disk) and reach the batch
+    encode = lambda x: (x[:, :4, ::4, ::4], torch.ones_like(x[:, :4, ::4, ::4]))  # noqa: E731
+    dm.cache_latents(encode, "identity")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["is_regularization"].sum() == 6 and "latent_mean" in batch
+    again = FineTuneDataModule(source, resolution=32, regularization=reg, regularization_size=6,
+                               cache_latents=True, cache_dir=str(tmp_path))
+    again.setup("fit")
+    again.cache_latents(lambda x: (_ for _ in ()).throw(AssertionError("re-encoded")), "identity")
+    assert again.cached.flags.tolist() == [False] * 12 + [True] * 6
+    # validation defaults to held-out regularisation images, never the concept's own training images
+    assert all(again.data_val[i]["is_regularization"] for i in range(len(again.data_val)))
+
+
+def test_few_image_folder_keeps_every_image_for_training(compose_cfg, tmp_path):
+    from hydra.utils import instantiate
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i * 60, 10, 10)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a photo of sks")
+    cfg = compose_cfg(["experiment=lora_finetune", "data=finetune_folder", f"data.source.root={tmp_path}",
+                       "data.source.resolution=32", "data.cache_dir=null"])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    assert len(dm.data_train) == 4 and dm.data_val is None and dm.val_dataloader() == []
+    assert len(dm.train_dataloader().dataset) == 40  # data.repeats=10
+
+
+def test_prior_preservation_weighting_through_the_method_loss():
+    from ldm.models.finetune.lora import LoRA
+
+    losses = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    batch = {"is_regularization": torch.tensor([False, False, True, True])}
+    assert float(LoRA().loss(losses, batch)) == pytest.approx(8.5)  # plain mean
+    weighted = LoRA(prior_loss_weight=0.5).loss(losses, batch)
+    assert float(weighted) == pytest.approx(2.0 + 0.5 * 15.0)
+    only_instance = LoRA(prior_loss_weight=0.5).loss(losses[:2], {"is_regularization": torch.tensor([0, 0])})
+    assert float(only_instance) == pytest.approx(2.0)
 
 
 def test_lora_finetune_from_stable_diffusion_single_file(compose_cfg, base_ckpt, tmp_path):

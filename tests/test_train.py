@@ -23,7 +23,7 @@ TINY = {
     "txt2img": ["model/vae=tiny", "model/unet=tiny", "data.train_size=64", "data.val_size=8",
                 "data.batch_size=4", "model.log_prompts=[a red circle on a blue background]",
                 "model/sampler=ddim", "model.sampler.steps=2"],
-    "lora_finetune": ["model/vae=tiny", "model/unet=tiny", "data.source.train_size=16", "data.source.val_size=4",
+    "lora_finetune": ["data.source.train_size=16", "data.source.val_size=4",
                       "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                       "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
 }

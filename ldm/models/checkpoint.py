@@ -34,7 +34,10 @@ def load_lightning_model(path: str | Path, map_location: str | torch.device = "c
         raise ValueError(f"{path} has no 'model_config': it was not written by this project's train.py "
                          "(for Stable Diffusion files use a single-file or diffusers loader)")
     model = hydra.utils.instantiate(OmegaConf.create(_for_inference(config)), _convert_="all")
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+    # as Lightning does on resume: the model's hook first (a fine-tune loads its base and method state there
+    # and leaves nothing else), then the rest of the weights, strictly
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"], strict=model.strict_loading)
     model._vae_loaded = True
     model.model_config = ckpt["model_config"]
     log.info(f"Loaded {type(model).__name__} from {path} (global step {ckpt.get('global_step')})")

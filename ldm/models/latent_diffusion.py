@@ -24,12 +24,15 @@ log = get_logger(__name__)
 
 
 class LatentDiffusion(L.LightningModule):
+    # constructor arguments that are modules or factories, kept out of ``hparams``
+    MODULE_ARGS = ("unet", "vae", "text_encoder", "schedule", "sampler", "optimizer", "scheduler")
+
     def __init__(
         self,
-        unet: nn.Module,
-        vae: nn.Module,
-        text_encoder: nn.Module,
-        schedule: DiffusionSchedule,
+        unet: nn.Module | None,
+        vae: nn.Module | None,
+        text_encoder: nn.Module | None,
+        schedule: DiffusionSchedule | None,
         sampler: Callable,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable | None = None,
@@ -47,8 +50,21 @@ class LatentDiffusion(L.LightningModule):
         log_seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["unet", "vae", "text_encoder", "schedule", "sampler", "optimizer",
-                                          "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
+        self.sampler = sampler
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.unet_ema = None
+        if unet is not None:  # a fine-tune attaches its parts later, from the base model (set_parts)
+            self.set_parts(unet, vae, text_encoder, schedule)
+            self.unet_ema = EMA(unet, ema_decay) if ema_decay else None
+        # <= 0 means "estimate from the first training batch" (LDM's scale_by_std); saved in checkpoints
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
+        self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
+        self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
+
+    def set_parts(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                  schedule: DiffusionSchedule) -> None:
         context_dim = getattr(unet, "context_dim", None)
         hidden = getattr(text_encoder, "hidden_size", None)
         if context_dim is not None and hidden is not None and context_dim != hidden:
@@ -58,14 +74,6 @@ class LatentDiffusion(L.LightningModule):
         self.vae = vae.requires_grad_(False).eval()
         self.text_encoder = text_encoder
         self.schedule = schedule
-        self.sampler = sampler
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.unet_ema = EMA(unet, ema_decay) if ema_decay else None
-        # <= 0 means "estimate from the first training batch" (LDM's scale_by_std); saved in checkpoints
-        self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
-        self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
-        self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
 
     # -- pretrained parts ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -80,7 +88,8 @@ class LatentDiffusion(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vae.eval()
+        if getattr(self, "vae", None) is not None:
+            self.vae.eval()
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -126,8 +135,9 @@ class LatentDiffusion(L.LightningModule):
 
     # -- training --------------------------------------------------------------------------------------
     def diffusion_step(self, z0: torch.Tensor, context: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """The loss for clean latents z0 and text context (one random timestep per sample)."""
+                       generator: torch.Generator | None = None, reduction: str = "mean") -> torch.Tensor:
+        """The loss for clean latents z0 and text context (one random timestep per sample): a scalar, or the
+        per-sample losses ``[B]`` with ``reduction="none"``."""
         b = z0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator,
                           device="cpu" if generator is not None else z0.device).to(z0.device)
@@ -136,7 +146,7 @@ class LatentDiffusion(L.LightningModule):
         output = self.unet(zt, t, context)
         target = self.schedule.target(z0, noise, t, self.hparams.parameterization)
         return diffusion_loss(output, target, t, self.schedule, self.hparams.parameterization,
-                              self.hparams.min_snr_gamma)
+                              self.hparams.min_snr_gamma, reduction)
 
     def batch_latents_and_context(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = self.drop_conditions(batch["caption"]) if train else batch["caption"]
@@ -147,10 +157,14 @@ class LatentDiffusion(L.LightningModule):
         if not self.scale_factor_known():
             self._estimate_scale_factor(batch["image"])
         z0, context = self.batch_latents_and_context(batch, train=True)
-        loss = self.diffusion_step(z0, context)
+        loss = self.reduce_loss(self.diffusion_step(z0, context, reduction="none"), batch)
         check_finite(loss, self, {"loss": loss.detach()})
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         return loss
+
+    def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
+        """Per-sample losses ``[B]`` -> the training loss (fine-tuning methods weight class items)."""
+        return per_sample_loss.mean()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.unet_ema is not None:

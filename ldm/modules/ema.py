@@ -42,3 +42,42 @@ class EMA(nn.Module):
 
     def train(self, mode: bool = True) -> EMA:  # the average is never in training mode
         return super().train(False)
+
+
+class ParameterEMA(nn.Module):
+    """EMA of a list of parameters (a fine-tuning method's, not a whole module): ``update(params)`` moves
+    the averages toward the live values; ``swap(params)`` exchanges live and average values in place (call
+    it twice to restore). Same warm-up as ``EMA``. Averages live in ``shadow.<i>`` buffers, so they travel
+    with ``state_dict`` and ``.to()``."""
+
+    def __init__(self, params: list[nn.Parameter], decay: float = 0.999, warmup: bool = True):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay, self.warmup, self.count = decay, warmup, len(params)
+        for i, p in enumerate(params):
+            self.register_buffer(f"shadow_{i}", p.detach().clone())
+        self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
+
+    def shadows(self) -> list[torch.Tensor]:
+        return [getattr(self, f"shadow_{i}") for i in range(self.count)]
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, params: list[nn.Parameter]) -> None:
+        if len(params) != self.count:
+            raise ValueError(f"ParameterEMA tracks {self.count} parameters, got {len(params)}")
+        shadows = self.shadows()
+        torch._foreach_lerp_(shadows, [p.detach().to(s.dtype) for p, s in zip(params, shadows)],
+                             1.0 - self.current_decay())
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def swap(self, params: list[nn.Parameter]) -> None:
+        for p, s in zip(params, self.shadows()):
+            live = p.detach().clone()
+            p.copy_(s)
+            s.copy_(live)

@@ -1,22 +1,24 @@
-"""LoRA fine-tuning (Hu et al. 2021): low-rank deltas on the UNet's attention (and optionally the text
-encoder); the file it exports is kohya's ``.safetensors`` format that AUTOMATIC1111, ComfyUI and diffusers load."""
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): low-rank deltas on the UNet's
+attention/transformer layers (and optionally the text encoder). Exports kohya's ``.safetensors`` (which
+AUTOMATIC1111, ComfyUI, kohya sd-scripts and diffusers load) or diffusers' PEFT layout."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ldm.io.kohya_lora import save_kohya_lora
 from ldm.io.peft_lora import save_peft_lora
-from ldm.models.finetune.base import FineTuneModule
+from ldm.models.finetune.method import FineTuneMethod, check_state_keys, scaled
 from ldm.modules.adapters import lora as lora_lib
 
 PRESETS = {name: getattr(lora_lib, name) for name in ("UNET_ATTENTION", "UNET_ATTENTION_PROJ", "UNET_FF",
                                                        "UNET_TRANSFORMER", "UNET_CONV", "TEXT_ENCODER",
                                                        "TEXT_ENCODER_MLP", "TEXT_ENCODER_ALL")}
+PARTS = ("unet", "text_encoder")
 
 
 def expand_targets(targets: Sequence[str] | str | None) -> list[str]:
@@ -29,38 +31,62 @@ def expand_targets(targets: Sequence[str] | str | None) -> list[str]:
     return out
 
 
-class LoRAFineTune(FineTuneModule):
-    def __init__(self, *args, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
+class LoRA(FineTuneMethod):
+    """rank/alpha (scale alpha/rank), dropout on the LoRA input, targets as presets or module globs;
+    ``export_format``: "kohya" or "peft"."""
+
+    name = "lora"
+
+    def __init__(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                  unet_targets: Sequence[str] | str = "UNET_ATTENTION",
                  text_encoder_targets: Sequence[str] | str | None = None, export_format: str = "kohya",
-                 **kwargs):
-        super().__init__(*args, **kwargs)
+                 prior_loss_weight: float | None = None):
+        super().__init__(prior_loss_weight)
         if export_format not in ("kohya", "peft"):
-            raise ValueError(f"export_format must be 'kohya' or 'peft', got {export_format!r}")
+            raise ValueError(f"model.method.export_format must be 'kohya' or 'peft', got {export_format!r}")
+        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.targets = {"unet": expand_targets(unet_targets), "text_encoder": expand_targets(text_encoder_targets)}
+        self.export_format = export_format
+        self.trains_text_encoder = bool(self.targets["text_encoder"])
 
-    def add_adapters(self) -> None:
-        hp = self.hparams
-        lora_lib.inject_lora(self.unet, expand_targets(hp.unet_targets), hp.rank, hp.alpha, hp.dropout)
-        te_targets = expand_targets(hp.text_encoder_targets)
-        if te_targets:
-            lora_lib.inject_lora(self.text_encoder.transformer, te_targets, hp.rank, hp.alpha, hp.dropout)
+    def _modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
 
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return lora_lib.lora_parameters(self.unet) + lora_lib.lora_parameters(self.text_encoder)
+    def attach(self, model) -> None:
+        self.model = model
+        lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
+        if self.targets["text_encoder"]:
+            lora_lib.inject_lora(model.text_encoder.transformer, self.targets["text_encoder"], self.rank,
+                                 self.alpha, self.dropout)
 
-    @contextlib.contextmanager
-    def adapter_disabled(self):
-        for model in (self.unet, self.text_encoder):
-            lora_lib.set_lora_multiplier(model, 0.0)
-        try:
-            yield
-        finally:
-            for model in (self.unet, self.text_encoder):
-                lora_lib.set_lora_multiplier(model, 1.0)
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self._modules().values() for p in lora_lib.lora_parameters(part)]
 
-    def export_adapter(self, path: str | Path) -> Path:
-        te = self.text_encoder if lora_lib.lora_modules(self.text_encoder) else None
-        metadata = {"ss_training_comment": f"ldm-lightning LoRA, base: {self.hparams.base or 'latest run'}",
-                    "ss_steps": self.global_step, "ss_resolution": getattr(self, "image_resolution", "")}
-        save = save_kohya_lora if self.hparams.export_format == "kohya" else save_peft_lora
-        return save(path, unet=self.unet, text_encoder=te, metadata=metadata)
+    def train_modules(self) -> list[nn.Module]:
+        return list(lora_lib.lora_modules(self.model.unet).values()) + list(
+            lora_lib.lora_modules(self.model.text_encoder).values())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{part}.{k}": v for part, module in self._modules().items()
+                for k, v in lora_lib.lora_state_dict(module).items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        check_state_keys(set(self.state_dict()), state, "LoRA checkpoint")
+        for part, module in self._modules().items():
+            prefix = f"{part}."
+            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if sub:
+                lora_lib.load_lora_state_dict(module, sub)
+
+    def disabled(self):
+        def set_multiplier(value: float) -> None:
+            for module in self._modules().values():
+                lora_lib.set_lora_multiplier(module, value)
+        return scaled(set_multiplier, on=1.0)
+
+    def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
+        te = self.model.text_encoder if lora_lib.lora_modules(self.model.text_encoder) else None
+        info = {"ss_training_comment": f"ldm-lightning LoRA, base: {metadata.get('base') or 'latest run'}",
+                "ss_steps": metadata.get("steps", 0), "ss_resolution": metadata.get("resolution", "")}
+        save = save_kohya_lora if self.export_format == "kohya" else save_peft_lora
+        return save(path, unet=self.model.unet, text_encoder=te, metadata=info)

@@ -1,0 +1,231 @@
+"""One LightningModule for every fine-tuning method: load a pretrained base, freeze it, attach a method
+(``ldm.models.finetune.method.FineTuneMethod``), train only what the method returns, and checkpoint exactly
+the method's ``state_dict()`` (plus the scale factor and, when asked, the EMA of the method's parameters).
+
+The base (``base``: our txt2img checkpoint, an SD single file, a diffusers folder or a hub id; default the
+newest ``base_task`` run) is loaded in ``setup()`` -- or by ``prepare()`` when a checkpoint is rebuilt for
+sampling. The module never changes per method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.io.base_model import load_base_model
+from ldm.io.diffusers_folder import looks_like_hub_id
+from ldm.models.finetune.fallback import tiny_random_base
+from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.pretrained import find_checkpoint
+from ldm.modules.ema import ParameterEMA
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class FineTuneModule(LatentDiffusion):
+    """Args (the rest as ``LatentDiffusion``; the UNet, VAE, text encoder, schedule and parameterisation come
+    from the base):
+        method: the fine-tuning method (``model/method=lora|textual_inversion|hypernetwork|full``).
+        base: where the base model comes from (see module docstring); ``base_tokenizer`` for SD single files
+            that embed none; ``base_use_ema``: take the EMA UNet of our checkpoints.
+        gradient_checkpointing: recompute the base UNet's blocks in backward (saves memory, costs time).
+        ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
+    """
+
+    MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
+
+    def __init__(self, method: FineTuneMethod, sampler: Callable, optimizer: Callable,
+                 scheduler: Callable | None = None, base: str | None = None, base_search_dir: str = "logs",
+                 base_task: str = "txt2img", base_use_ema: bool = True, base_tokenizer: str | None = None,
+                 gradient_checkpointing: bool = False, ucg_rate: float = 0.1, min_snr_gamma: float | None = None,
+                 offset_noise: float = 0.0, ema_decay: float | None = None, guidance_scale: float = 3.0,
+                 log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0):
+        super().__init__(unet=None, vae=None, text_encoder=None, schedule=None, sampler=sampler,
+                         optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
+                         min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
+                         vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed)
+        self.method = method
+        self.method_ema: ParameterEMA | None = None
+        self.base_source: str | None = None  # the resolved base, recorded in checkpoints
+        self._vae_loaded = True  # the base brings its VAE
+        self.strict_loading = False  # checkpoints hold the method's state only; on_load_checkpoint checks it
+
+    # -- base model ------------------------------------------------------------------------------------
+    @property
+    def prepared(self) -> bool:
+        return getattr(self, "unet", None) is not None
+
+    def resolve_base(self, fast_dev_run: bool = False) -> str | None:
+        """``base`` as a path or hub id; None only under fast_dev_run when there is none (tiny random base)."""
+        base = self.hparams.base
+        if base and (Path(base).is_dir() or (not Path(base).exists() and looks_like_hub_id(str(base)))):
+            return str(base)  # a diffusers folder or a hub id: load_base_model checks it
+        found = find_checkpoint(base, self.hparams.base_search_dir, self.hparams.base_task,
+                                f"base model ({self.hparams.base_task})", allow_missing=fast_dev_run)
+        return str(found) if found else None
+
+    def prepare(self, source: str | None, resolution: int | None = None) -> None:
+        """Load the base (``source``; None: the tiny random base), freeze it, attach the method."""
+        if self.prepared:
+            return
+        if source is None:
+            log.warning("fast_dev_run without a base model: using a tiny RANDOM base (plumbing check only)")
+            parts = tiny_random_base(resolution or 32)
+        else:
+            extra = {"tokenizer": self.hparams.base_tokenizer} if self.hparams.base_tokenizer else {}
+            parts = load_base_model(source, use_ema=self.hparams.base_use_ema, **extra)
+            log.info(f"Base model: {source} ({parts.version}, {parts.parameterization}, "
+                     f"scale_factor {float(parts.scale_factor):.5f})")
+        self.set_parts(parts.unet, parts.vae, parts.text_encoder, parts.schedule)
+        self.hparams.parameterization = parts.parameterization
+        self.scale_factor.fill_(float(parts.scale_factor))
+        self.image_resolution = getattr(self, "image_resolution", None) or resolution or parts.resolution
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False).eval()
+        if self.hparams.gradient_checkpointing:
+            if not hasattr(self.unet, "enable_gradient_checkpointing"):
+                raise ValueError(f"model.gradient_checkpointing=true: {type(self.unet).__name__} cannot checkpoint")
+            self.unet.enable_gradient_checkpointing(True)
+            count = sum(bool(getattr(m, "use_checkpoint", False)) for m in self.unet.modules())
+            log.info(f"Gradient checkpointing on {count} UNet blocks")
+        self.method.attach(self)
+        if not self.method.parameters():
+            raise ValueError(f"{type(self.method).__name__} attached no trainable parameters: check its targets")
+        if self.hparams.ema_decay:  # built now: from the loaded base with the method attached
+            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay)
+        self.base_source = source
+        self.to(self.scale_factor.device)
+
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        fast_dev_run = bool(trainer.fast_dev_run) if trainer is not None else False
+        datamodule = trainer.datamodule if trainer is not None else None
+        if not self.prepared:
+            self.prepare(self.resolve_base(fast_dev_run), getattr(datamodule, "resolution", None))
+        if datamodule is not None and hasattr(datamodule, "cache_latents"):
+            datamodule.cache_latents(self._encode_moments, self._vae_fingerprint(), device=self.device)
+
+    @torch.no_grad()
+    def _encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images.to(self.device))
+        return posterior.mean, posterior.std
+
+    def _vae_fingerprint(self) -> str:
+        digest = hashlib.sha1()
+        for name, tensor in sorted(self.vae.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().flatten()[:64].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # -- training: what the method says ----------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.method.parameters()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.method.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.prepared:  # the base stays in eval mode (no dropout); the method's own modules follow `mode`
+            for module in (self.unet, self.text_encoder):
+                module.eval()
+            for module in self.method.train_modules():
+                module.train(mode)
+        return self
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self.method.trains_text_encoder and torch.is_grad_enabled():
+            return self.text_encoder(list(prompts))
+        return super().encode_text(prompts)
+
+    def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
+        return self.method.loss(per_sample_loss, batch)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.method_ema is not None:
+            self.method_ema.update(self.method.parameters())
+
+    @contextlib.contextmanager
+    def ema_scope(self):
+        """The EMA of the method's parameters in place of the live ones (validation, sampling, export)."""
+        if self.method_ema is None:
+            yield self.unet
+            return
+        params = self.method.parameters()
+        self.method_ema.swap(params)
+        try:
+            yield self.unet
+        finally:
+            self.method_ema.swap(params)
+
+    def batch_latents_and_context(self, batch, train: bool):
+        if "latent_mean" in batch:
+            noise = torch.randn_like(batch["latent_mean"])
+            batch = {**batch, "latent": batch["latent_mean"] + batch["latent_std"] * noise}
+        return super().batch_latents_and_context(batch, train)
+
+    def export(self, path: str | Path) -> Path:
+        """The method's exchange file (EMA weights when kept), with run metadata."""
+        metadata = {"base": self.base_source or "", "steps": self.global_step,
+                    "resolution": getattr(self, "image_resolution", None) or ""}
+        with self.ema_scope():
+            return self.method.export(path, metadata)
+
+    # -- checkpoints hold the method's state only ------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
+        if self.method_ema is not None:
+            state.update({f"method_ema.{k}": v for k, v in self.method_ema.state_dict().items()})
+        state["scale_factor"] = self.scale_factor.detach().clone()
+        checkpoint["state_dict"] = state
+        checkpoint["base"] = self.base_source
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if not self.prepared:
+            self.prepare(checkpoint.get("base"))
+        self.load_method_checkpoint(checkpoint["state_dict"])
+        checkpoint["state_dict"] = {}  # everything is loaded; Lightning's own (non-strict) load has nothing left
+
+    def load_method_checkpoint(self, state: dict) -> None:
+        method_state = {k[len("method."):]: v for k, v in state.items() if k.startswith("method.")}
+        if not method_state:
+            raise ValueError("this checkpoint holds no fine-tuning method state (keys 'method.*'): it was not "
+                             "written by a fine-tune, or by an older version; train again or pass it as model.base")
+        self.method.load_state_dict(method_state)
+        ema_state = {k[len("method_ema."):]: v for k, v in state.items() if k.startswith("method_ema.")}
+        if self.method_ema is not None and ema_state:
+            self.method_ema.load_state_dict(ema_state)
+        elif self.method_ema is not None:
+            log.warning("the checkpoint has no EMA of the method's parameters; the EMA restarts from them")
+            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay)
+        if "scale_factor" in state:
+            self.scale_factor.copy_(state["scale_factor"])
+
+    # -- images: with and without the method -----------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
+        prompts = list(self.hparams.log_prompts)[:max_images]
+        if "image" in batch:
+            self.image_resolution = batch["image"].shape[-1]
+        elif self._trainer is not None and getattr(self.trainer.datamodule, "resolution", None):
+            self.image_resolution = self.trainer.datamodule.resolution
+        images = {"samples": self.generate(prompts, seed=self.hparams.log_seed)}
+        try:
+            with self.method.disabled():
+                images["base_samples"] = self.generate(prompts, seed=self.hparams.log_seed)
+        except MethodDisabledUnsupported:
+            pass  # e.g. a full UNet fine-tune: the base is gone, only the result is shown
+        return images
