@@ -71,8 +71,9 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
                       loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs"):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
     ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``)."""
-    from ldm.io.base_model import is_lightning_checkpoint, latent_diffusion_from_components, load_base_model
     from ldm.io.kohya_lora import load_kohya_lora
+    from ldm.io.pretrained import is_lightning_checkpoint
+    from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 
     if ckpt == "last":
         found = latest_checkpoint(log_dir, "txt2img")

@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm.io.diffusers_unet_keys import diffusers_config_from_ldm
+from ldm.io.diffusers_config import diffusers_config_from_ldm
 from ldm.modules.unet import UNetModel
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.io.base_model import load_base_model
-from ldm.io.stable_diffusion import PRESETS, export_components
+from ldm.io.sd_presets import PRESETS
+from ldm.io.single_file_export import export_components
+from ldm.models.base_loader import load_base_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,8 @@ import torch
 
 from datamodules.finetune import FineTuneDataModule
 from datamodules.image_folder import ImageFolderDataModule
-from ldm.io.kohya_lora import load_kohya_lora, read_kohya_metadata
+from ldm.io.kohya_lora import load_kohya_lora
+from ldm.io.safe_load import read_safetensors_metadata as read_kohya_metadata
 from ldm.models.checkpoint import load_lightning_model
 from ldm.modules.vae import AutoencoderKL
 from train import train
@@ -284,9 +285,10 @@ def test_prior_preservation_weighting_through_the_method_loss():
 
 def test_lora_finetune_from_stable_diffusion_single_file(compose_cfg, base_ckpt, tmp_path):
     """model.base may be an SD single file (here our tiny model exported to the SD v1 layout)."""
-    from ldm.io.stable_diffusion import export_from_lightning
+    from ldm.io.single_file_export import export_components
+    from ldm.models.base_loader import load_base_model
 
-    single = export_from_lightning(base_ckpt, tmp_path / "tiny-sd.safetensors", dtype=torch.float32)
+    single = export_components(load_base_model(base_ckpt), tmp_path / "tiny-sd.safetensors", dtype=torch.float32)
     cfg = compose_cfg(lora_overrides(Path(single), ["data.cache_dir=null"]))
     _, objects = train(cfg)
     model = objects["model"]

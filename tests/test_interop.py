@@ -17,16 +17,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from ldm.io.base_model import latent_diffusion_from_components, load_base_model
-from ldm.io.stable_diffusion import (
-    UnsafeCheckpointError,
-    detect_version,
-    ema_key,
-    export_components,
-    export_from_lightning,
-    hf_to_openclip,
-    openclip_to_hf,
-)
+from ldm.io.openclip import hf_to_openclip, openclip_to_hf
+from ldm.io.safe_load import UnsafeCheckpointError
+from ldm.io.sd_keys import detect_version, ema_key
+from ldm.io.single_file_export import export_components
+from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
@@ -320,7 +315,7 @@ def test_ldm_layout_single_file_round_trip_and_ema(ldm_parts, tmp_path, suffix):
 def test_export_round_trip_fp16_and_sampling_model(ldm_parts, tmp_path):
     unet, _ema, vae, text = ldm_parts
     from ldm.diffusion import DiffusionSchedule
-    from ldm.io.stable_diffusion import SDComponents
+    from ldm.io.components import SDComponents
 
     components = SDComponents(unet, vae, text, DiffusionSchedule.from_config(), "eps", 0.5, "custom", 16)
     path = export_components(components, tmp_path / "half.safetensors", metadata={"note": {"steps": 3}})
@@ -463,7 +458,7 @@ def test_lightning_checkpoint_source_and_export(tmp_path):
     with pytest.raises(TypeError, match="cannot be overridden"):
         load_base_model(path, unet=TINY_UNET)
 
-    out = export_from_lightning(path, tmp_path / "exported.safetensors", use_ema=True, dtype=torch.float32)
+    out = export_components(load_base_model(path, use_ema=True), tmp_path / "exported.safetensors", dtype=torch.float32)
     back = load_base_model(out)
     assert_weights_equal(back.unet, model.unet_ema.module)
     assert_weights_equal(back.vae, model.vae)
@@ -486,7 +481,7 @@ def test_lightning_checkpoint_source_and_export(tmp_path):
 def test_sample_py_accepts_a_single_file(ldm_parts, tmp_path):
     import sample
     from ldm.diffusion import DiffusionSchedule
-    from ldm.io.stable_diffusion import SDComponents
+    from ldm.io.components import SDComponents
 
     unet, _, vae, text = ldm_parts
     components = SDComponents(unet, vae, text, DiffusionSchedule.from_config(), "eps", 0.5, "custom", 16)
@@ -564,7 +559,7 @@ REAL_KEYS = {  # names and shapes in the released single files
 
 def released_layout(version: str) -> dict[str, torch.Tensor]:
     """The single-file state dict of a released model, as meta tensors."""
-    from ldm.io.stable_diffusion import PRESETS
+    from ldm.io.sd_presets import PRESETS
 
     preset = PRESETS[version]
     with torch.device("meta"):
@@ -581,8 +576,10 @@ def released_layout(version: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_released_architectures_match_presets_and_key_names(version):
-    from ldm.io.diffusers_folder import unet_config_from_diffusers, vae_config_from_diffusers
-    from ldm.io.stable_diffusion import PRESETS, describe_unet, state_dict_mismatches, version_of
+    from ldm.io.describe import describe_unet
+    from ldm.io.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
+    from ldm.io.sd_presets import PRESETS, version_of
+    from ldm.io.strict_load import state_dict_mismatches
 
     state = released_layout(version)
     for key, shape in REAL_KEYS[version].items():

@@ -12,9 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ldm.io.diffusers_unet_keys import diffusers_config_from_ldm, diffusers_unet_to_ldm
-from ldm.io.kohya_lora import load_kohya_lora, read_kohya_metadata, save_kohya_lora, unet_module_names
+from ldm.io.diffusers_config import diffusers_config_from_ldm
+from ldm.io.diffusers_names import diffusers_unet_to_ldm, unet_module_names
+from ldm.io.kohya_lora import load_kohya_lora, save_kohya_lora
 from ldm.io.peft_lora import load_peft_lora, save_peft_lora
+from ldm.io.safe_load import read_safetensors_metadata as read_kohya_metadata
 from ldm.modules.adapters import (
     TEXT_ENCODER,
     TEXT_ENCODER_ALL,

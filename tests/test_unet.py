@@ -10,7 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ldm.io.diffusers_unet_keys import diffusers_config_from_ldm, diffusers_unet_to_ldm
+from ldm.io.diffusers_config import diffusers_config_from_ldm
+from ldm.io.diffusers_names import diffusers_unet_to_ldm
 from ldm.modules import attention as attention_module
 from ldm.modules import unet as unet_module
 from ldm.modules.attention import CrossAttention

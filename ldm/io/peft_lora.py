@@ -25,16 +25,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ldm.io.kohya_lora import (
-    _atomic_save,
-    _metadata_str,
-    apply_lora_tensors,
-    collect_lora_tensors,
-    find_unet,
-    read_kohya_metadata,
-    text_encoder_module_names,
-    unet_module_names,
-)
+from ldm.io.diffusers_names import find_unet, text_encoder_module_names, unet_module_names
+from ldm.io.lora_files import apply_lora_tensors, collect_lora_tensors, metadata_str
+from ldm.io.safe_load import read_safetensors_metadata
+from ldm.utils.files import atomic_save_safetensors
 
 __all__ = ["load_peft_lora", "peft_module_map", "save_peft_lora"]
 
@@ -75,8 +69,8 @@ def save_peft_lora(
         out_dtype = dtype or down.dtype
         tensors[f"{name}.lora_A.weight"] = down.to(out_dtype).cpu().contiguous()
         tensors[f"{name}.lora_B.weight"] = up.to(out_dtype).cpu().contiguous()
-    info = {"format": "pt", **{str(k): _metadata_str(v) for k, v in (metadata or {}).items()}}
-    _atomic_save(tensors, path, info)
+    info = {"format": "pt", **{str(k): metadata_str(v) for k, v in (metadata or {}).items()}}
+    atomic_save_safetensors(tensors, path, info)
     return path
 
 
@@ -105,7 +99,7 @@ def load_peft_lora(
     if isinstance(path, Mapping):
         tensors, metadata, source = dict(path), {}, "LoRA state dict"
     else:
-        tensors, metadata, source = load_file(str(path)), read_kohya_metadata(path), str(path)
+        tensors, metadata, source = load_file(str(path)), read_safetensors_metadata(path), str(path)
     config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else {}
 
     entries: dict[str, dict[str, torch.Tensor]] = {}

@@ -11,7 +11,7 @@ Parameter names follow the Stable Diffusion v1 / transformers-4 layout on every 
 ``cond_stage_model.transformer.text_model.*`` keys load by prefix into ``cond_stage_model.`` (and kohya
 ``lora_te_text_model_*`` names map onto module paths). transformers 4 ``CLIPTextModel`` already nests the
 network under ``.text_model``; transformers 5 dropped that level, so there ``self.transformer`` is a
-``CLIPTextModelHolder`` whose ``.text_model`` is the ``CLIPTextModel``. Either way
+``CLIPTextModelHolder`` (``clip_layout``) whose ``.text_model`` is the ``CLIPTextModel``. Either way
 ``self.transformer.text_model`` holds ``embeddings``, ``encoder`` and ``final_layer_norm``, and
 ``self.transformer(input_ids=...)``, ``.config`` and ``.save_pretrained`` behave like the HF model.
 
@@ -19,29 +19,36 @@ Construction routes (all usable as a Hydra ``_target_``):
 
 * ``CLIPTextEncoder.tiny(...)``: fully offline, deterministic; writes a small byte-level CLIP BPE
   tokenizer (``vocab.json`` + ``merges.txt``) whose whole-word tokens cover the embedded shapes
-  dataset, and builds a randomly initialised ``CLIPTextModel`` from a fixed seed.
+  dataset, and builds a randomly initialised ``CLIPTextModel`` from a fixed seed (``tiny_clip``).
 * ``CLIPTextEncoder.from_pretrained(path)``: a local diffusers folder (``text_encoder/`` +
-  ``tokenizer/``), a plain HF CLIP folder, or a hub id (offline-aware, clear error when unreachable).
+  ``tokenizer/``), a plain HF CLIP folder, or a hub id (offline-aware, clear error when unreachable;
+  ``text_encoder_files``).
 * ``CLIPTextEncoder.from_config("vit_l_14")``: architecture only (SD v1 shape), meta-device friendly,
   for checkpoint loaders that fill the weights from a Stable Diffusion file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import os
-import re
-import tempfile
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.modules.clip_layout import CLIPTextModelHolder, sd_layout
+from ldm.modules.clip_presets import PRESETS, build_text_model
+from ldm.modules.text_encoder_files import load_clip_files, save_tokenizer
+from ldm.modules.tiny_clip import (
+    TINY_DATASET_WORDS,
+    TINY_PROMPT_WORDS,
+    tiny_clip_model,
+    tiny_clip_tokenizer,
+    write_tiny_clip_tokenizer,
+)
 
 __all__ = [
     "PRESETS",
@@ -51,236 +58,6 @@ __all__ = [
     "CLIPTextModelHolder",
     "write_tiny_clip_tokenizer",
 ]
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-END_OF_WORD = "</w>"
-
-# Words of the embedded shapes dataset (colours, shapes, caption glue) and DreamBooth-style identifiers.
-TINY_DATASET_WORDS: tuple[str, ...] = (
-    # colours
-    "red", "green", "blue", "yellow", "orange", "purple", "pink", "cyan", "magenta",
-    "white", "black", "gray", "brown",
-    # shapes
-    "circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring",
-    # caption glue
-    "a", "an", "on", "the", "background", "of", "photo", "with", "and", "in",
-    # identifier-like tokens (DreamBooth "a sks circle")
-    "sks", "xyz",
-)  # fmt: skip
-# Words of common fine-tuning prompt templates ("a rendering of a {}", "a painting in the style of {}").
-TINY_PROMPT_WORDS: tuple[str, ...] = (
-    "picture", "image", "rendering", "painting", "drawing", "style", "shape", "small", "large",
-    "good", "nice", "clean", "dark", "bright", "close", "up", "cropped", "my", "one", "this",
-)  # fmt: skip
-
-# Architecture presets (text tower only; no weights).
-PRESETS: dict[str, dict[str, Any]] = {
-    # SD v1.x: OpenAI CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14), last hidden state.
-    "vit_l_14": {
-        "vocab_size": 49408,
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "max_position_embeddings": 77,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": 768,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 49407,
-    },
-    # SD 2.x: OpenCLIP ViT-H/14 text tower in the diffusers layout, which keeps 23 of the 24 layers
-    # (SD2 conditions on the penultimate layer), so use it with layer="last".
-    "vit_h_14": {
-        "vocab_size": 49408,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 23,
-        "num_attention_heads": 16,
-        "max_position_embeddings": 77,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-5,
-        "projection_dim": 1024,
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "pad_token_id": 0,  # OpenCLIP pads with "!" (id 0)
-    },
-}
-
-_TRUTHY = {"1", "on", "yes", "true"}
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TINY_TOKENIZER_FORMAT = "tiny-clip-bpe-v1"  # bump when the tokenizer file layout changes
-
-
-def _hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read at call time."""
-    return any(
-        os.environ.get(name, "").strip().lower() in _TRUTHY
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Tiny byte-level BPE tokenizer files
-# --------------------------------------------------------------------------------------------------
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable characters byte-level BPE uses for bytes 0..255 (GPT-2 / CLIP convention):
-    printable Latin-1 bytes stand for themselves, the others are shifted to code points 256+."""
-    printable = {
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    }
-    alphabet, shifted = [], 0
-    for byte in range(256):
-        if byte in printable:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(256 + shifted))
-            shifted += 1
-    return alphabet
-
-
-def _word_symbols(word: str, alphabet: list[str]) -> tuple[str, ...]:
-    """A word as its initial BPE symbols: byte characters, the last one carrying ``</w>``."""
-    chars = [alphabet[b] for b in word.encode("utf-8")]
-    chars[-1] += END_OF_WORD
-    return tuple(chars)
-
-
-def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """Merge every non-overlapping occurrence of ``pair``, left to right (as BPE encoding does)."""
-    out, i = [], 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return tuple(out)
-
-
-def _learn_merges(words: Iterable[str], alphabet: list[str]) -> list[tuple[str, str]]:
-    """Learn BPE merges (Sennrich et al. 2016) on ``words`` until every word is one symbol.
-
-    Each step merges the most frequent adjacent pair (ties broken lexicographically, so the result is
-    deterministic); applying the merges by rank, as the CLIP tokenizer does, rebuilds each word.
-    """
-    sequences = [_word_symbols(w, alphabet) for w in words]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: Counter[tuple[str, str]] = Counter()
-        for seq in sequences:
-            counts.update(itertools.pairwise(seq))
-        if not counts:
-            return merges
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        sequences = [_merge_pair(seq, best) for seq in sequences]
-
-
-def _normalise_words(words: Iterable[str]) -> list[str]:
-    """Lower-case, de-duplicate (keeping order) and check that each word is one CLIP pre-token."""
-    out: dict[str, None] = {}
-    for word in words:
-        word = str(word).strip().lower()
-        if not word:
-            continue
-        if not re.fullmatch(r"[^\W\d_]+", word):
-            raise ValueError(
-                f"vocabulary word {word!r} must be letters only: CLIP splits text into letter runs, "
-                "single digits and punctuation runs, so other strings can never be one token"
-            )
-        out[word] = None
-    return list(out)
-
-
-def write_tiny_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str]) -> Path:
-    """Write ``vocab.json`` + ``merges.txt`` of a small CLIP BPE tokenizer into ``directory``.
-
-    Vocabulary (ids in this order): the 256 byte characters, the same with ``</w>`` (so ANY text
-    tokenizes, byte by byte), the symbols produced by merges learned on ``words`` (so each word is a
-    single ``word</w>`` token), then ``<|startoftext|>`` and ``<|endoftext|>``. Files are written
-    atomically, so concurrent processes (DDP ranks) may build the same folder.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_alphabet()
-    merges = _learn_merges(_normalise_words(words), alphabet)
-    tokens = (
-        alphabet + [c + END_OF_WORD for c in alphabet] + [a + b for a, b in merges] + [BOS_TOKEN, EOS_TOKEN]
-    )
-    vocab = {tok: i for i, tok in enumerate(OrderedDict.fromkeys(tokens))}
-    files = {
-        "vocab.json": json.dumps(vocab, ensure_ascii=False, indent=0),
-        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-    }
-    for name, text in files.items():
-        target = directory / name
-        if target.is_file() and target.read_text(encoding="utf-8") == text:
-            continue
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    return directory
-
-
-def _default_cache_dir() -> Path:
-    root = os.environ.get("LDM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "ldm-cache")
-    return Path(root) / "tiny-clip-tokenizer"
-
-
-# --------------------------------------------------------------------------------------------------
-# Module
-# --------------------------------------------------------------------------------------------------
-
-
-class CLIPTextModelHolder(nn.Module):
-    """Puts a transformers-5 ``CLIPTextModel`` under ``.text_model`` so parameter names read
-    ``text_model.embeddings...`` as in SD v1 checkpoints and transformers 4. Forwards calls to it."""
-
-    def __init__(self, text_model: CLIPTextModel):
-        super().__init__()
-        self.text_model = text_model
-
-    @property
-    def config(self) -> CLIPTextConfig:
-        return self.text_model.config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.text_model(*args, **kwargs)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """HF ``save_pretrained``, with the weights file rewritten under ``text_model.*`` names: the
-        layout of released CLIP / diffusers folders, which transformers 4 needs and 5 also reads."""
-        self.text_model.save_pretrained(save_directory, **kwargs)
-        weights = Path(save_directory) / "model.safetensors"
-        if weights.is_file():  # single-file save (sharded saves are left as transformers wrote them)
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(weights), metadata={"format": "pt"})
-
-
-def _sd_layout(model: CLIPTextModel) -> nn.Module:
-    """``model`` itself when it already nests ``text_model`` (transformers 4), else a holder."""
-    return model if isinstance(getattr(model, "text_model", None), nn.Module) else CLIPTextModelHolder(model)
-
-
-def _build_config(config: str | dict | CLIPTextConfig) -> CLIPTextConfig:
-    if isinstance(config, CLIPTextConfig):
-        return config
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown text encoder preset {config!r}; choose from {sorted(PRESETS)}")
-        return CLIPTextConfig(**PRESETS[config])
-    return CLIPTextConfig(**dict(config))
 
 
 class CLIPTextEncoder(nn.Module):
@@ -315,7 +92,7 @@ class CLIPTextEncoder(nn.Module):
         cache_size: int | None = 4096,
     ):
         super().__init__()
-        self.transformer = _sd_layout(transformer) if isinstance(transformer, CLIPTextModel) else transformer
+        self.transformer = sd_layout(transformer) if isinstance(transformer, CLIPTextModel) else transformer
         self.tokenizer = tokenizer
         positions = self.transformer.config.max_position_embeddings
         if max_length is None:
@@ -545,36 +322,8 @@ class CLIPTextEncoder(nn.Module):
         alone), so the same arguments give the same weights and embeddings on every machine.
         ``max_length`` (default 20) is also the number of position embeddings.
         """
-        words = _normalise_words(
-            vocab_words if vocab_words is not None else TINY_DATASET_WORDS + TINY_PROMPT_WORDS
-        )
-        digest = hashlib.sha256("\n".join([_TINY_TOKENIZER_FORMAT, *words]).encode()).hexdigest()[:16]
-        folder = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-        tokenizer_dir = write_tiny_clip_tokenizer(folder / digest, words)
-        tokenizer = CLIPTokenizer.from_pretrained(
-            str(tokenizer_dir), model_max_length=max_length, local_files_only=True
-        )
-        single = tokenizer(words, add_special_tokens=False)["input_ids"]
-        broken = [w for w, ids in zip(words, single) if len(ids) != 1]
-        if broken:
-            raise RuntimeError(f"tiny tokenizer in {tokenizer_dir} does not keep these words whole: {broken}")
-
-        config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 4 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            max_position_embeddings=max_length,
-            hidden_act="quick_gelu",
-            projection_dim=hidden_size,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        with torch.random.fork_rng(devices=[]):  # transformers' own init must not disturb the global RNG
-            model = CLIPTextModel(config)
-        _init_weights_seeded(model, seed)
+        tokenizer, _ = tiny_clip_tokenizer(vocab_words, max_length, cache_dir)
+        model = tiny_clip_model(tokenizer, hidden_size, num_layers, num_heads, max_length, seed, intermediate_size)
         return cls(model, tokenizer, max_length=max_length, **encoder_kwargs)
 
     @classmethod
@@ -599,51 +348,9 @@ class CLIPTextEncoder(nn.Module):
         only the local HF cache is used); a failure raises an OSError saying what to do.
         ``dtype`` casts after loading; other keywords go to the constructor (layer, max_length...).
         """
-        path = os.fspath(path)
-        local = Path(path).expanduser()
-        if local.is_dir():
-            model_dir, tokenizer_dir = _resolve_local_layout(local, subfolder, tokenizer_subfolder)
-            try:
-                model = _load_text_model(str(model_dir), local_files_only=True)
-                tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-            except OSError as err:
-                raise OSError(
-                    f"could not load a CLIP text encoder from the local folder {str(local)!r} (model from "
-                    f"{str(model_dir)!r}, tokenizer from {str(tokenizer_dir)!r}): {err}. Expected a diffusers "
-                    "folder with text_encoder/ and tokenizer/, or a CLIP folder with config.json, "
-                    "model weights, and vocab.json + merges.txt (or tokenizer.json)."
-                ) from err
-        else:
-            if not _HUB_ID_RE.match(path) or path.startswith((".", "~")) or path.count("/") > 1:
-                raise FileNotFoundError(f"text encoder folder {path!r} does not exist (and is not a hub id)")
-            if local_files_only is None:
-                local_files_only = _hub_offline()
-            if tokenizer_subfolder is None:
-                tokenizer_subfolder = "tokenizer" if subfolder == "text_encoder" else subfolder
-            hub_kwargs: dict[str, Any] = {"local_files_only": local_files_only, "revision": revision}
-            if hub_cache_dir is not None:
-                hub_kwargs["cache_dir"] = os.fspath(hub_cache_dir)
-            try:
-                model = _load_text_model(path, subfolder=subfolder or "", **hub_kwargs)
-                tokenizer = CLIPTokenizer.from_pretrained(
-                    path, subfolder=tokenizer_subfolder or "", **hub_kwargs
-                )
-            except OSError as err:
-                why = (
-                    "HF_HUB_OFFLINE=1 (or local_files_only=True) allows only the local Hugging Face cache, "
-                    "and it does not hold this model"
-                    if local_files_only
-                    else "it could not be downloaded"
-                )
-                hint = "" if subfolder else ' (pass subfolder="text_encoder" for a diffusers repo)'
-                raise OSError(
-                    f"{path!r} is not a local folder, so it was treated as a Hugging Face Hub id, but {why}. "
-                    "Point `path` at a local folder instead (a diffusers model folder with text_encoder/ and "
-                    "tokenizer/, or a CLIP folder with config.json, weights, vocab.json and merges.txt), or "
-                    "on a machine with network access set HF_HUB_OFFLINE=0 so it can be downloaded"
-                    f"{hint}. "
-                    f"Original error: {err}"
-                ) from err
+        model, tokenizer = load_clip_files(
+            path, subfolder, tokenizer_subfolder, local_files_only, revision, hub_cache_dir
+        )
         if dtype is not None:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return cls(model, tokenizer, **encoder_kwargs)
@@ -666,24 +373,12 @@ class CLIPTextEncoder(nn.Module):
         ``load_state_dict(sd, assign=True)`` yields a usable module. ``tokenizer_path``: local folder
         with the tokenizer files (without it the encoder has no tokenizer; see ``encode_ids``).
         """
-        text_config = _build_config(config)
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        with torch.random.fork_rng(devices=[]):
-            if device is not None:
-                with torch.device(device):
-                    model = CLIPTextModel(text_config)
-            else:
-                model = CLIPTextModel(text_config)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        embeddings = _sd_layout(model).text_model.embeddings
-        if embeddings.position_ids.is_meta:
-            embeddings.position_ids = torch.arange(text_config.max_position_embeddings).expand((1, -1))
+        model = build_text_model(config, device, dtype)
         tokenizer = None
         if tokenizer_path is not None:
             tokenizer = CLIPTokenizer.from_pretrained(
                 os.fspath(tokenizer_path),
-                model_max_length=text_config.max_position_embeddings,
+                model_max_length=model.config.max_position_embeddings,
                 local_files_only=True,
             )
         return cls(model, tokenizer, **encoder_kwargs)
@@ -699,65 +394,14 @@ class CLIPTextEncoder(nn.Module):
         self.transformer.save_pretrained(str(model_dir))
         tokenizer = self._require_tokenizer()
         tokenizer.model_max_length = self.max_length
-        tokenizer.save_pretrained(str(tokenizer_dir))
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if not (tokenizer_dir / "vocab.json").is_file() and hasattr(getattr(backend, "model", None), "save"):
-            # transformers 5 writes only tokenizer.json; slow CLIPTokenizer readers need vocab + merges
-            backend.model.save(str(tokenizer_dir))
+        save_tokenizer(tokenizer, tokenizer_dir)
         return path
 
     def extra_repr(self) -> str:
         return f"max_length={self.max_length}, layer={self.layer!r}, frozen={self._frozen}"
 
 
-def _load_text_model(path: str, **kwargs: Any) -> CLIPTextModel:
-    """``CLIPTextModel.from_pretrained`` that refuses missing weights (they would stay random);
-    unexpected ones (e.g. the vision tower of a full CLIP folder) are logged by transformers."""
-    model, info = CLIPTextModel.from_pretrained(path, output_loading_info=True, **kwargs)
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    if missing:
-        raise ValueError(f"text encoder weights at {path!r} lack {len(missing)} tensors, e.g. {missing[:5]}")
-    return model
-
-
 def _clear_cache_after_load(module: CLIPTextEncoder, incompatible_keys: Any) -> None:
     module.clear_cache()  # a module-level function, so the encoder stays picklable
 
 
-def _resolve_local_layout(
-    root: Path, subfolder: str | None, tokenizer_subfolder: str | None
-) -> tuple[Path, Path]:
-    """(model folder, tokenizer folder) inside a local diffusers or plain CLIP folder."""
-    if subfolder is None and (root / "text_encoder" / "config.json").is_file():
-        subfolder = "text_encoder"
-    model_dir = root / subfolder if subfolder else root
-    if tokenizer_subfolder is None:
-        tokenizer_files = ("tokenizer.json", "vocab.json")
-        if (root / "tokenizer").is_dir():
-            tokenizer_subfolder = "tokenizer"
-        elif subfolder and any((model_dir / f).is_file() for f in tokenizer_files):
-            tokenizer_subfolder = subfolder
-    tokenizer_dir = root / tokenizer_subfolder if tokenizer_subfolder else root
-    return model_dir, tokenizer_dir
-
-
-def _init_weights_seeded(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Deterministic init independent of transformers' init scheme: modules in name order, Linear and
-    Embedding weights ~ N(0, std^2) from one seeded generator, biases 0, LayerNorm weights 1."""
-    generator = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
-    with torch.no_grad():
-        for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
-            if isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            else:
-                continue
-            seen.update(id(p) for p in module.parameters(recurse=False))
-    missed = [name for name, p in model.named_parameters() if id(p) not in seen]
-    if missed:
-        raise RuntimeError(f"seeded init does not cover parameters {missed}")

@@ -5,7 +5,7 @@ check (its results mean nothing), built from the same tiny presets as ``model/un
 from __future__ import annotations
 
 from ldm.diffusion import DiffusionSchedule
-from ldm.io.stable_diffusion import SDComponents
+from ldm.io.components import SDComponents
 from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.io.base_model import load_base_model
-from ldm.io.diffusers_folder import looks_like_hub_id
+from ldm.models.base_loader import load_base_model
 from ldm.models.finetune.fallback import tiny_random_base
 from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
 from ldm.modules.ema import ParameterEMA
+from ldm.utils.hub import looks_like_hub_id
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)

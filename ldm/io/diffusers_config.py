@@ -1,0 +1,221 @@
+"""LDM <-> diffusers config translation: ``UNet2DConditionModel`` / ``AutoencoderKL`` configs and the
+scheduler's ``scheduler_config.json`` to our ``UNetModel`` / ``AutoencoderKL`` kwargs and
+``DiffusionSchedule`` config, and back (``diffusers_config_from_ldm``). A diffusers config our modules
+cannot reproduce (other block types, group counts, embeddings) is refused with the offending field named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "diffusers_config_from_ldm",
+    "schedule_from_diffusers",
+    "unet_config_from_diffusers",
+    "vae_config_from_diffusers",
+]
+
+
+def _require(config: Mapping[str, Any], what: str, **expected: Any) -> None:
+    """Raise when a config field that our modules cannot change differs from the supported value."""
+    for key, value in expected.items():
+        got = config.get(key, value)
+        if isinstance(got, (list, tuple)) and not isinstance(value, (list, tuple)):
+            ok = all(g == value for g in got)
+        else:
+            ok = got == value
+        if not ok:
+            raise ValueError(
+                f"{what} config has {key}={got!r}; only {value!r} is supported (not a Stable "
+                "Diffusion v1/v2 architecture)"
+            )
+
+
+def _single(value: Any, what: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"per-block {what} {list(value)} is not supported")
+        return value[0]
+    return value
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``UNetModel`` kwargs for a diffusers ``UNet2DConditionModel`` config (SD v1/v2 layouts only)."""
+    _require(
+        config,
+        "UNet",
+        norm_num_groups=32,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        center_input_sample=False,
+        class_embed_type=None,
+        addition_embed_type=None,
+        num_class_embeds=None,
+        encoder_hid_dim=None,
+        time_cond_proj_dim=None,
+        time_embedding_type="positional",
+        time_embedding_dim=None,
+        timestep_post_act=None,
+        conv_in_kernel=3,
+        conv_out_kernel=3,
+        only_cross_attention=False,
+        dual_cross_attention=False,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        resnet_skip_time_act=False,
+        resnet_out_scale_factor=1.0,
+        attention_type="default",
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        norm_eps=1e-5,
+    )
+    down = list(config["down_block_types"])
+    up = list(config["up_block_types"])
+    if not set(down) <= {"CrossAttnDownBlock2D", "DownBlock2D"} or not set(up) <= {
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+    }:
+        raise ValueError(f"UNet block types {down} / {up} are not those of Stable Diffusion")
+    if [t.replace("Up", "Down") for t in reversed(up)] != down:
+        raise ValueError(f"up blocks {up} do not mirror the down blocks {down}")
+    widths = list(config["block_out_channels"])
+    model_channels = widths[0]
+    if any(w % model_channels for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first")
+    # diffusers' attention_head_dim is, for SD, the number of heads (num_attention_heads when set).
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+    attention_levels = [i for i, t in enumerate(down) if t.startswith("CrossAttn")]
+    used = [(heads[i], widths[i] // heads[i]) for i in attention_levels] + [
+        (heads[-1], widths[-1] // heads[-1])
+    ]
+    if len({h for h, _ in used}) == 1:
+        num_heads, num_head_channels = used[0][0], -1
+    elif len({d for _, d in used}) == 1:
+        num_heads, num_head_channels = -1, used[0][1]
+    else:
+        raise ValueError(f"attention heads {heads} vary in count and width: not an LDM UNet layout")
+    return {
+        "in_channels": config.get("in_channels", 4),
+        "out_channels": config.get("out_channels", 4),
+        "model_channels": model_channels,
+        "channel_mult": [w // model_channels for w in widths],
+        "num_res_blocks": _single(config.get("layers_per_block", 2), "layers_per_block"),
+        "attention_resolutions": [2**i for i in attention_levels],
+        "num_heads": num_heads,
+        "num_head_channels": num_head_channels,
+        "transformer_depth": _single(
+            config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
+        ),
+        "context_dim": _single(config.get("cross_attention_dim", 768), "cross_attention_dim"),
+        "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
+        "use_checkpoint": False,
+        "dropout": float(config.get("dropout", 0.0)),
+        "use_scale_shift_norm": config.get("resnet_time_scale_shift", "default") == "scale_shift",
+    }
+
+
+def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs for a diffusers ``AutoencoderKL`` config (the LDM kl-f* layout)."""
+    _require(
+        config,
+        "VAE",
+        act_fn="silu",
+        mid_block_add_attention=True,
+        use_quant_conv=True,
+        use_post_quant_conv=True,
+        shift_factor=None,
+        latents_mean=None,
+        latents_std=None,
+        down_block_types="DownEncoderBlock2D",
+        up_block_types="UpDecoderBlock2D",
+    )
+    widths = list(config["block_out_channels"])
+    ch = widths[0]
+    if any(w % ch for w in widths):
+        raise ValueError(f"VAE block_out_channels {widths} are not multiples of the first")
+    latent = int(config.get("latent_channels", 4))
+    return {
+        "embed_dim": latent,
+        "ch": ch,
+        "ch_mult": [w // ch for w in widths],
+        "num_res_blocks": int(config.get("layers_per_block", 1)),
+        "in_channels": int(config.get("in_channels", 3)),
+        "out_ch": int(config.get("out_channels", 3)),
+        "z_channels": latent,
+        "attn_resolutions": [],
+        "resolution": int(config.get("sample_size", 256)),
+        "norm_groups": int(config.get("norm_num_groups", 32)),
+    }
+
+
+_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+
+
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """(``DiffusionSchedule`` config, parameterization) from a diffusers ``scheduler_config.json``."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {prediction!r} is not supported")
+    if config.get("trained_betas"):
+        return {"betas": list(config["trained_betas"])}, _PREDICTION_TYPES[prediction]
+    kind = config.get("beta_schedule", "linear")
+    if kind not in _BETA_SCHEDULES:
+        raise ValueError(
+            f"scheduler beta_schedule {kind!r} is not supported; expected one of {sorted(_BETA_SCHEDULES)}"
+        )
+    schedule = {
+        "kind": _BETA_SCHEDULES[kind],
+        "num_timesteps": int(config.get("num_train_timesteps", 1000)),
+        "linear_start": float(config.get("beta_start", 0.0001)),
+        "linear_end": float(config.get("beta_end", 0.02)),
+        "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
+    }
+    return schedule, _PREDICTION_TYPES[prediction]
+
+
+
+def diffusers_config_from_ldm(
+    in_channels: int = 4,
+    out_channels: int = 4,
+    model_channels: int = 320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks: int = 2,
+    attention_resolutions=(4, 2, 1),
+    num_heads: int = 8,
+    num_head_channels: int = -1,
+    transformer_depth: int = 1,
+    context_dim: int | None = 768,
+    use_linear_in_transformer: bool = False,
+    use_scale_shift_norm: bool = False,
+    **_ignored,
+) -> dict:
+    """``UNet2DConditionModel(**config)`` kwargs for the architecture of ``UNetModel(**kwargs)``.
+
+    diffusers' ``attention_head_dim`` is (for historical reasons) the number of heads.
+    """
+    with_attention = [2**level in attention_resolutions for level in range(len(channel_mult))]
+    widths = [model_channels * m for m in channel_mult]
+    heads = [w // num_head_channels if num_head_channels > 0 else num_heads for w in widths]
+    return {
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "block_out_channels": tuple(widths),
+        "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in with_attention),
+        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention)),
+        "layers_per_block": num_res_blocks,
+        "attention_head_dim": heads if num_head_channels > 0 else num_heads,
+        "transformer_layers_per_block": transformer_depth,
+        "cross_attention_dim": context_dim,
+        "use_linear_projection": use_linear_in_transformer,
+        "resnet_time_scale_shift": "scale_shift" if use_scale_shift_norm else "default",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+    }
+

@@ -1,0 +1,114 @@
+"""Reading checkpoint files safely: ``.safetensors``, and pickles (``.ckpt``/``.pt``/``.bin``) with
+``torch.load(weights_only=True)`` only.
+
+Pickles may hold tensors, containers, numbers and strings, plus numpy scalars and an inert stand-in for the
+Lightning ``ModelCheckpoint`` callback state that old Stable Diffusion files carry; anything else is refused
+(``UnsafeCheckpointError``), because unpickling an untrusted file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "UnsafeCheckpointError",
+    "read_checkpoint",
+    "read_safetensors_metadata",
+    "safe_torch_load",
+    "unwrap_state_dict",
+]
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled checkpoint that needs more than plain tensors and containers to load."""
+
+
+class _InertPickledObject:
+    """Stands in for known-harmless pickled objects (Lightning callback state); never runs their code."""
+
+
+def _safe_pickle_globals() -> list:
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None)) if n.endswith("DType")]
+    return [
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtype_classes,
+        (_InertPickledObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+        (_InertPickledObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    ]
+
+
+def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, containers, numbers, strings only (plus numpy scalars
+    and inert stand-ins for Lightning callback state). Anything else raises ``UnsafeCheckpointError``."""
+    try:
+        with torch.serialization.safe_globals(_safe_pickle_globals()):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                # legacy (pre-zipfile) pickles cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        try:
+            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - only used to improve the message
+            needed = []
+        details = ", ".join(needed) or re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()[-1][:300]
+        raise UnsafeCheckpointError(
+            f"refusing to load {str(path)!r}: it is a pickle that needs Python objects beyond tensors "
+            f"({details}), and unpickling an untrusted file can run arbitrary code. Convert it to "
+            ".safetensors with a tool you trust, or use a .safetensors / diffusers version of the model."
+        ) from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(flat state dict, metadata) of a ``.safetensors`` file or a weights-only ``.ckpt``/``.pt``/``.bin``.
+    A Lightning-style ``{"state_dict": {...}}`` wrapper is removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), read_safetensors_metadata(path)
+    payload = safe_torch_load(path)
+    return unwrap_state_dict(payload, str(path)), {}
+
+
+def unwrap_state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
+    while isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
+        payload = payload["state_dict"]
+    if not isinstance(payload, Mapping):
+        kind = type(payload).__name__
+        raise ValueError(f"{source} does not hold a state dict (got {kind})")  # noqa: TRY004
+    state = {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(f"{source} holds no tensors")
+    return state
+
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata (str -> str) of a ``.safetensors`` file, without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})

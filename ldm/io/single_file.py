@@ -1,0 +1,194 @@
+"""Load a Stable Diffusion single file (``.safetensors`` / weights-only ``.ckpt``) into ``SDComponents``.
+
+Loading is strict: every tensor of the UNet, VAE and text encoder must be in the file with the right shape,
+and a key outside the known groups (``sd_keys``) stops the load; errors name the first mismatched keys and
+shapes. The architecture comes from the caller's preset/overrides, else our exports' ``ldm.config``
+metadata, else the preset detected from the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ldm.diffusion import DiffusionSchedule
+from ldm.io.components import SDComponents, finalize
+from ldm.io.describe import build_schedule
+from ldm.io.openclip import openclip_to_hf
+from ldm.io.safe_load import read_checkpoint, unwrap_state_dict
+from ldm.io.sd_keys import (
+    SCHEDULE_BUFFERS,
+    detect_version,
+    ema_key,
+    guess_v2_parameterization,
+    split_single_file,
+)
+from ldm.io.sd_presets import PRESETS, TEXT_CONFIG_FIELDS, resolve_preset, version_of
+from ldm.io.sd_tokenizer import resolve_tokenizer
+from ldm.io.strict_load import build_on_meta, load_strict
+from ldm.modules.text_encoder import CLIPTextEncoder
+from ldm.modules.unet import UNetModel
+from ldm.modules.vae import AutoencoderKL
+from ldm.utils.logging import get_logger
+
+__all__ = ["CONFIG_METADATA_KEY", "load_single_file"]
+
+log = get_logger(__name__)
+
+CONFIG_METADATA_KEY = "ldm.config"
+
+
+def load_single_file(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    use_ema: bool = True,
+    dtype: torch.dtype | str | None = None,
+    *,
+    preset: str | Mapping | None = None,
+    unet: Mapping | None = None,
+    vae: Mapping | None = None,
+    text_encoder: str | Mapping | None = None,
+    schedule: Mapping | None = None,
+    parameterization: str | None = None,
+    scale_factor: float | None = None,
+    resolution: int | None = None,
+    tokenizer: Any = None,
+    metadata: Mapping[str, str] | None = None,
+    name: str | None = None,
+) -> SDComponents:
+    """Components of a Stable Diffusion single file (path or an already read state dict).
+
+    Architecture, in order of precedence: the keyword overrides (``unet``, ``vae``, ``text_encoder``,
+    ``schedule`` dicts update the preset), ``preset`` (``"v1"``; ``"v2"`` = 2.x 512-base; ``"v2-v"`` =
+    2.x 768-v), the file's own ``ldm.config`` metadata (our exports), else the preset detected from the
+    keys. ``use_ema`` takes the ``model_ema.*`` UNet weights when the file has them. ``dtype``: default
+    float32. ``tokenizer``: a ``CLIPTokenizer`` or a folder; default: embedded in the file, else the
+    released one from the Hugging Face cache. ``metadata``/``name``: for an already read state dict, its
+    file's metadata and name (for messages). Any mismatch raises ``ValueError`` naming keys and shapes.
+    """
+    state, metadata, name = _read_source(source, metadata, name)
+    groups = split_single_file(state, name)
+    overrides = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "schedule": schedule,
+                 "parameterization": parameterization, "scale_factor": scale_factor, "resolution": resolution}
+    config, hint = _architecture(state, metadata, name, preset, overrides)
+    text_config = {k: v for k, v in config["text_encoder"].items() if k in TEXT_CONFIG_FIELDS}
+    version = version_of(config["unet"], text_config)
+    unet_module = _load_unet(groups, config["unet"], use_ema, name, hint)
+    vae_module = _load_vae(groups["vae"], config["vae"], name, hint)
+    text_module = _load_text_encoder(groups, config["text_encoder"], name, hint)
+    text_module.tokenizer = resolve_tokenizer(
+        tokenizer, version, metadata, int(text_config["vocab_size"]), text_module.max_length
+    )
+    components = SDComponents(
+        unet=unet_module,
+        vae=vae_module,
+        text_encoder=text_module,
+        schedule=_schedule(config["schedule"], groups["extra"].get("betas"), schedule is None, name),
+        parameterization=config["parameterization"],
+        scale_factor=float(config["scale_factor"]),
+        version=version,
+        resolution=int(config["resolution"]),
+    )
+    return finalize(components, dtype)
+
+
+def _read_source(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, name: str | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """(state dict, metadata, name for messages) of a path or an already read state dict."""
+    if isinstance(source, Mapping):
+        name = name or "<state dict>"
+        return unwrap_state_dict(source, name), dict(metadata or {}), name
+    name = name or str(source)
+    state, file_metadata = read_checkpoint(source)
+    return state, {**file_metadata, **(metadata or {})}, name
+
+
+def _architecture(
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    name: str,
+    preset: str | Mapping | None,
+    overrides: Mapping[str, Any],
+) -> tuple[dict[str, Any], str]:
+    """(resolved preset, hint for mismatch errors): ``preset``, else ``ldm.config``, else detected."""
+    detected = detect_version(state)
+    if preset is not None:
+        config = resolve_preset(preset, **overrides)
+        origin = f"preset {preset!r}" if isinstance(preset, str) else "the given preset"
+    elif CONFIG_METADATA_KEY in metadata:
+        config = resolve_preset(json.loads(metadata[CONFIG_METADATA_KEY]), **overrides)
+        origin = "the file's ldm.config metadata"
+    else:
+        base = detected
+        if detected == "v2":
+            guess = overrides.get("parameterization") or guess_v2_parameterization(state, metadata, name)
+            base = "v2-v" if guess == "v" else "v2"
+        config = resolve_preset(base, **overrides)
+        origin = f"preset {base!r} (detected from the keys)"
+    if any(overrides.get(k) is not None for k in ("unet", "vae", "text_encoder")):
+        origin += " with overrides"
+    hint = (
+        f"The architecture came from {origin}; the keys look like SD {detected}. Pick the matching "
+        f"preset ({', '.join(sorted(PRESETS))}) or override unet=/vae=/text_encoder=."
+    )
+    return config, hint
+
+
+def _load_unet(
+    groups: Mapping[str, Mapping[str, torch.Tensor]], config: Mapping[str, Any], use_ema: bool, name: str, hint: str
+) -> UNetModel:
+    """The UNet, from ``model_ema.*`` when ``use_ema`` and the file has EMA weights."""
+    unet_module = build_on_meta(UNetModel, config)
+    unet_state = groups["unet"]
+    ema_weights = {k: v for k, v in groups["ema"].items() if k not in SCHEDULE_BUFFERS}
+    if use_ema and ema_weights:
+        lookup = {ema_key(k): k for k in unet_module.state_dict()}
+        unet_state = {lookup.get(k, k): v for k, v in ema_weights.items()}
+        log.info(f"{name}: using the EMA UNet weights (model_ema.*)")
+    elif use_ema:
+        log.info(
+            f"{name}: no model_ema.* weights; using model.diffusion_model.* (in '-emaonly' files these are "
+            "the EMA weights)"
+        )
+    return load_strict(unet_module, unet_state, "UNet (EMA)" if use_ema and ema_weights else "UNet", name, hint)
+
+
+def _load_vae(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str, hint: str) -> AutoencoderKL:
+    vae_state = dict(state)
+    for key, value in vae_state.items():  # some converted files store the VAE attention as Linear [C, C]
+        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 2:
+            vae_state[key] = value[:, :, None, None]
+    return load_strict(build_on_meta(AutoencoderKL, config), vae_state, "VAE", name, hint)
+
+
+def _load_text_encoder(
+    groups: Mapping[str, Mapping[str, torch.Tensor]], config: Mapping[str, Any], name: str, hint: str
+) -> CLIPTextEncoder:
+    """The CLIP text tower (SD v1 layout, or SD v2 OpenCLIP converted), without a tokenizer yet."""
+    text_config = {k: v for k, v in config.items() if k in TEXT_CONFIG_FIELDS}
+    options = {k: config[k] for k in ("max_length", "layer", "final_layer_norm") if k in config}
+    if groups["openclip"]:
+        clip_state = openclip_to_hf(groups["openclip"], int(text_config["num_hidden_layers"]))
+    else:
+        clip_state = groups["clip"]
+    text_module = CLIPTextEncoder.from_config(dict(text_config), device="meta", **options)
+    load_strict(text_module.transformer, clip_state, "text encoder", name, hint)
+    return text_module
+
+
+def _schedule(
+    config: Mapping[str, Any], file_betas: torch.Tensor | None, use_file_betas: bool, name: str
+) -> DiffusionSchedule:
+    """The configured schedule, or the file's own betas when they differ and no schedule was given."""
+    sched = build_schedule(config)
+    if use_file_betas and file_betas is not None:
+        betas = file_betas.double().flatten()
+        if betas.shape != sched.betas.shape or not torch.allclose(betas, sched.betas, rtol=1e-4):
+            log.info(f"{name}: using the file's own beta schedule ({len(betas)} steps)")
+            sched = DiffusionSchedule(betas)
+    return sched

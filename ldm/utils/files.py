@@ -1,0 +1,58 @@
+"""Atomic file writes and the project's cache folder.
+
+Every file is written under a unique temporary name in its target folder and moved into place with
+``os.replace``, so readers (other processes, DDP ranks) see either the old file or the complete new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = ["atomic_save_safetensors", "atomic_write", "atomic_write_text", "cache_dir"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary path)``, then move the result to ``path`` (parents are created). The file gets
+    the usual permissions (``0o666`` minus the umask); on any error the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, only_if_changed: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; ``only_if_changed`` leaves an identical file alone."""
+    path = Path(path)
+    if only_if_changed and path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """``safetensors.torch.save_file`` to ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    return atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata or {})))
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$LDM_CACHE_DIR`` (default ``<system temp>/ldm-cache``) joined with ``parts``; not created."""
+    root = os.environ.get("LDM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "ldm-cache")
+    return Path(root, *parts)
