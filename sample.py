@@ -72,7 +72,7 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
     ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``)."""
     from ldm.io.kohya_lora import load_kohya_lora
-    from ldm.io.pretrained import is_lightning_checkpoint
+    from ldm.io.sources import is_lightning_checkpoint
     from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 
     if ckpt == "last":

@@ -1,7 +1,7 @@
 """One entry point for a pretrained base model, whatever its format: ``load_base_model(source)``.
 
 It rebuilds our own Lightning checkpoints (which needs the LightningModules of this layer) and hands every
-other source (SD single files, diffusers folders, hub ids) to ``ldm.io.pretrained.load_pretrained``.
+other source (SD single files, diffusers folders, hub ids) to ``ldm.io.sources.load_pretrained``.
 Fine-tuning configs point one key at it (``model.base``); ``sample.py --ckpt`` accepts the same sources.
 ``latent_diffusion_from_components`` turns the loaded parts into a ``LatentDiffusion`` for sampling.
 """
@@ -18,7 +18,7 @@ import torch
 from ldm.diffusion import DiffusionSchedule, build_sampler
 from ldm.io.components import SDComponents, finalize
 from ldm.io.describe import describe_text_encoder, describe_unet
-from ldm.io.pretrained import (
+from ldm.io.sources import (
     COMMON_OVERRIDES,
     check_overrides,
     identify_source,
@@ -43,7 +43,7 @@ def load_base_model(
 ) -> SDComponents:
     """The ``SDComponents`` (unet, vae, text_encoder, schedule, parameterization, scale_factor, version,
     resolution) of ``source``: an SD single file, one of our Lightning checkpoints, a diffusers folder or a
-    hub id (``ldm.io.pretrained`` describes them).
+    hub id (``ldm.io.sources`` describes them).
 
     ``use_ema``: take the EMA UNet weights when the source has them. ``dtype``: default float32.
     ``preset_overrides``:

@@ -1,4 +1,4 @@
-"""Tell what a pretrained-model source is, and load the formats other tools write.
+"""Tell what a base-model source is, and load the formats other tools write.
 
 ``source`` may be
   * a Stable Diffusion single file: ``.safetensors`` (preferred) or a weights-only ``.ckpt``/``.pt``/``.pth``;
