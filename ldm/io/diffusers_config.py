@@ -40,36 +40,38 @@ def _single(value: Any, what: str) -> Any:
     return value
 
 
+# Fields of a diffusers UNet2DConditionModel config that our UNetModel cannot change (SD v1/v2 values).
+_UNET_FIXED: dict[str, Any] = {
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "num_class_embeds": None,
+    "encoder_hid_dim": None,
+    "time_cond_proj_dim": None,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "timestep_post_act": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "attention_type": "default",
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+}
+
+
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """``UNetModel`` kwargs for a diffusers ``UNet2DConditionModel`` config (SD v1/v2 layouts only)."""
-    _require(
-        config,
-        "UNet",
-        norm_num_groups=32,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        center_input_sample=False,
-        class_embed_type=None,
-        addition_embed_type=None,
-        num_class_embeds=None,
-        encoder_hid_dim=None,
-        time_cond_proj_dim=None,
-        time_embedding_type="positional",
-        time_embedding_dim=None,
-        timestep_post_act=None,
-        conv_in_kernel=3,
-        conv_out_kernel=3,
-        only_cross_attention=False,
-        dual_cross_attention=False,
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        resnet_skip_time_act=False,
-        resnet_out_scale_factor=1.0,
-        attention_type="default",
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        norm_eps=1e-5,
-    )
+    _require(config, "UNet", **_UNET_FIXED)
     down = list(config["down_block_types"])
     up = list(config["up_block_types"])
     if not set(down) <= {"CrossAttnDownBlock2D", "DownBlock2D"} or not set(up) <= {

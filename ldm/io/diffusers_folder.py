@@ -91,32 +91,11 @@ def load_diffusers_folder(
     scale factor; the UNet ``sample_size`` times the VAE factor the resolution. Keyword arguments override.
     """
     root = Path(folder).expanduser()
-    index = _read_json(root / "model_index.json")
     name = str(root)
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise ValueError(
-            f"{name} is an SDXL pipeline ({index.get('_class_name')}); only SD v1/v2 are supported"
-        )
-    for part in ("unet", "vae", "text_encoder", "tokenizer"):
-        if not (root / part).is_dir():
-            raise FileNotFoundError(
-                f"{name} has no {part}/ folder: not a complete diffusers Stable Diffusion model"
-            )
-
+    _check_pipeline(root)
     unet_cfg = _read_json(root / "unet" / "config.json")
     unet_config = unet_config_from_diffusers(unet_cfg)
-    unet_variant = variant
-    if not use_ema and variant is None and any((root / "unet").glob("*.non_ema.*")):
-        unet_variant = "non_ema"
-        log.info(f"{name}: use_ema=False, loading the unet non_ema weights")
-    try:
-        unet_state = diffusers_unet_to_ldm(
-            read_component_weights(root / "unet", variant=unet_variant), unet_cfg
-        )
-    except KeyError as err:
-        raise ValueError(f"{name}/unet: {err.args[0]}") from None
-    unet = load_strict(build_on_meta(UNetModel, unet_config), unet_state, "UNet", f"{name}/unet")
-
+    unet = _load_unet(root, unet_cfg, unet_config, use_ema, variant)
     vae_cfg = _read_json(root / "vae" / "config.json")
     vae_config = vae_config_from_diffusers(vae_cfg)
     try:
@@ -131,23 +110,13 @@ def load_diffusers_folder(
             f"{name}: text encoder width {text_encoder.hidden_size} != UNet cross_attention_dim "
             f"{unet_config['context_dim']}"
         )
-
-    scheduler_file = root / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        schedule_config, detected = schedule_from_diffusers(_read_json(scheduler_file))
-    else:
-        log.warning(f"{name}: no scheduler/scheduler_config.json; assuming SD's scaled_linear eps schedule")
-        schedule_config, detected = (
-            {"kind": "scaled_linear", "linear_start": 0.00085, "linear_end": 0.012},
-            "eps",
-        )
-    schedule_config = {**schedule_config, **dict(schedule or {})}
+    schedule_config, detected = _scheduler_config(root)
     factor = 2 ** (len(vae_config["ch_mult"]) - 1)
     components = SDComponents(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        schedule=build_schedule(schedule_config),
+        schedule=build_schedule({**schedule_config, **dict(schedule or {})}),
         parameterization=parameterization or detected,
         scale_factor=float(
             scale_factor if scale_factor is not None else vae_cfg.get("scaling_factor", 0.18215)
@@ -156,6 +125,47 @@ def load_diffusers_folder(
         resolution=int(resolution or int(unet_cfg.get("sample_size", 64)) * factor),
     )
     return finalize(components, dtype)
+
+
+def _check_pipeline(root: Path) -> None:
+    """Refuse SDXL pipelines and folders that lack a part we load."""
+    index = _read_json(root / "model_index.json")
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise ValueError(
+            f"{root} is an SDXL pipeline ({index.get('_class_name')}); only SD v1/v2 are supported"
+        )
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        if not (root / part).is_dir():
+            raise FileNotFoundError(
+                f"{root} has no {part}/ folder: not a complete diffusers Stable Diffusion model"
+            )
+
+
+def _load_unet(
+    root: Path, diffusers_config: Mapping[str, Any], config: Mapping[str, Any], use_ema: bool, variant: str | None
+) -> UNetModel:
+    """The UNet; ``use_ema=False`` takes the ``non_ema`` weights when the folder has them."""
+    name = str(root)
+    unet_variant = variant
+    if not use_ema and variant is None and any((root / "unet").glob("*.non_ema.*")):
+        unet_variant = "non_ema"
+        log.info(f"{name}: use_ema=False, loading the unet non_ema weights")
+    try:
+        unet_state = diffusers_unet_to_ldm(
+            read_component_weights(root / "unet", variant=unet_variant), diffusers_config
+        )
+    except KeyError as err:
+        raise ValueError(f"{name}/unet: {err.args[0]}") from None
+    return load_strict(build_on_meta(UNetModel, config), unet_state, "UNet", f"{name}/unet")
+
+
+def _scheduler_config(root: Path) -> tuple[dict[str, Any], str]:
+    """(schedule config, parameterization) from ``scheduler/scheduler_config.json``, else SD's defaults."""
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        return schedule_from_diffusers(_read_json(scheduler_file))
+    log.warning(f"{root}: no scheduler/scheduler_config.json; assuming SD's scaled_linear eps schedule")
+    return {"kind": "scaled_linear", "linear_start": 0.00085, "linear_end": 0.012}, "eps"
 
 
 def download_from_hub(

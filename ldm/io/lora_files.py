@@ -103,50 +103,8 @@ def apply_lora_tensors(
     ``component_of``: file module name -> component (to tell "not given" from "unknown").
     """
 
-    def component(name: str) -> str | None:
-        if component_of is not None:
-            return component_of(name)
-        return module_map[name][0] if name in module_map else None
-
-    absent = [n for n in entries if (c := component(n)) is not None and models.get(c) is None]
-    unknown = [n for n in entries if n not in module_map and n not in absent]
-    if strict and unknown:
-        raise KeyError(
-            f"{source}: {len(unknown)} of {len(entries)} LoRA modules map to no module of the given "
-            f"model(s), e.g. {unknown[:5]}"
-        )
-    if strict and absent:
-        components = sorted({component(n) for n in absent})
-        raise KeyError(
-            f"{source} has LoRA modules for {components} but none was given "
-            f"(pass it, or strict=False to skip them), e.g. {absent[:3]}"
-        )
-    skipped = unknown + absent
-    todo = [n for n in entries if n not in skipped]
-    if not todo:
-        raise KeyError(f"{source}: no LoRA module of the file applies to the given model(s)")
-
-    targets = Counter(module_map[n] for n in todo)
-    duplicates = [f"{c}.{m}" for (c, m), count in targets.items() if count > 1]
-    if duplicates:
-        raise ValueError(f"{source}: several entries target the same module, e.g. {duplicates[:5]}")
-
-    # Validate everything before touching any module (no half-applied file on error).
-    plan = []
-    for name in todo:
-        component, module_name = module_map[name]
-        model = models[component]
-        module = model.get_submodule(module_name)
-        if not merge and isinstance(module, LoRALayer):
-            raise ValueError(
-                f"{component}.{module_name} already carries a LoRA: remove_lora() first, or load with "
-                "merge=True to stack files"
-            )
-        down, up = _fit_shape(name, module, entries[name]["down"], entries[name]["up"])
-        rank = down.shape[0]
-        alpha = float(entries[name]["alpha"].float()) if "alpha" in entries[name] else float(rank)
-        plan.append((name, component, module_name, model, module, down, up, rank, alpha))
-
+    todo, skipped = _select_entries(entries, module_map, models, strict, source, component_of)
+    plan = _plan(todo, entries, module_map, models, merge)  # validates everything before touching a module
     loaded = []
     for name, component, module_name, model, module, down, up, rank, alpha in plan:
         if merge:
@@ -171,3 +129,66 @@ def apply_lora_tensors(
         "merged": bool(merge),
     }
 
+
+def _select_entries(
+    entries: Mapping[str, Mapping[str, torch.Tensor]],
+    module_map: Mapping[str, tuple[str, str]],
+    models: Mapping[str, nn.Module | None],
+    strict: bool,
+    source: str,
+    component_of: Callable[[str], str] | None,
+) -> tuple[list[str], list[str]]:
+    """(entries to apply, entries skipped); with ``strict`` an unknown or absent target raises."""
+
+    def component(name: str) -> str | None:
+        if component_of is not None:
+            return component_of(name)
+        return module_map[name][0] if name in module_map else None
+
+    absent = [n for n in entries if (c := component(n)) is not None and models.get(c) is None]
+    unknown = [n for n in entries if n not in module_map and n not in absent]
+    if strict and unknown:
+        raise KeyError(
+            f"{source}: {len(unknown)} of {len(entries)} LoRA modules map to no module of the given "
+            f"model(s), e.g. {unknown[:5]}"
+        )
+    if strict and absent:
+        components = sorted({component(n) for n in absent})
+        raise KeyError(
+            f"{source} has LoRA modules for {components} but none was given "
+            f"(pass it, or strict=False to skip them), e.g. {absent[:3]}"
+        )
+    skipped = unknown + absent
+    todo = [n for n in entries if n not in skipped]
+    if not todo:
+        raise KeyError(f"{source}: no LoRA module of the file applies to the given model(s)")
+    targets = Counter(module_map[n] for n in todo)
+    duplicates = [f"{c}.{m}" for (c, m), count in targets.items() if count > 1]
+    if duplicates:
+        raise ValueError(f"{source}: several entries target the same module, e.g. {duplicates[:5]}")
+    return todo, skipped
+
+
+def _plan(
+    todo: list[str],
+    entries: Mapping[str, Mapping[str, torch.Tensor]],
+    module_map: Mapping[str, tuple[str, str]],
+    models: Mapping[str, nn.Module | None],
+    merge: bool,
+) -> list[tuple]:
+    """(name, component, module name, model, module, down, up, rank, alpha) per entry, shapes checked."""
+    plan = []
+    for name in todo:
+        component, module_name = module_map[name]
+        model = models[component]
+        module = model.get_submodule(module_name)
+        if not merge and isinstance(module, LoRALayer):
+            raise ValueError(
+                f"{component}.{module_name} already carries a LoRA: remove_lora() first, or load with "
+                "merge=True to stack files"
+            )
+        down, up = _fit_shape(name, module, entries[name]["down"], entries[name]["up"])
+        rank = down.shape[0]
+        alpha = float(entries[name]["alpha"].float()) if "alpha" in entries[name] else float(rank)
+        plan.append((name, component, module_name, model, module, down, up, rank, alpha))
+    return plan

@@ -18,6 +18,7 @@ import torch
 from ldm.diffusion import DiffusionSchedule, build_sampler
 from ldm.io.components import SDComponents, finalize
 from ldm.io.describe import describe_text_encoder, describe_unet
+from ldm.io.sd_presets import version_of
 from ldm.io.sources import (
     COMMON_OVERRIDES,
     check_overrides,
@@ -25,7 +26,6 @@ from ldm.io.sources import (
     load_pretrained,
     plain_overrides,
 )
-from ldm.io.sd_presets import version_of
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.logging import get_logger
