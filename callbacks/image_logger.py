@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
-from ldm.utils.images import make_grid
+from ldm.utils.images import make_grid, save_image
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -51,8 +51,7 @@ class ImageLogger(L.Callback):
                 continue
             grid = make_grid(tensor)
             path = self._image_dir(trainer) / f"{name}_{tag}_step{step:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(path)
+            save_image(Image.fromarray(grid), path)
             self.saved.append(path)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):

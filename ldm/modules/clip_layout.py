@@ -16,6 +16,8 @@ from typing import Any
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.utils.files import atomic_save_safetensors
+
 __all__ = ["CLIPTextModelHolder", "sd_layout"]
 
 
@@ -40,10 +42,8 @@ class CLIPTextModelHolder(nn.Module):
         self.text_model.save_pretrained(save_directory, **kwargs)
         weights = Path(save_directory) / "model.safetensors"
         if weights.is_file():  # single-file save (sharded saves are left as transformers wrote them)
-            from safetensors.torch import save_file
-
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-            save_file(state, str(weights), metadata={"format": "pt"})
+            atomic_save_safetensors(state, weights, metadata={"format": "pt"})
 
 
 def sd_layout(model: CLIPTextModel) -> nn.Module:

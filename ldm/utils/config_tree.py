@@ -10,6 +10,8 @@ import rich.tree
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.utils.files import atomic_write
+
 _ORDER = ("data", "model", "callbacks", "logger", "trainer", "paths", "extras")
 
 
@@ -24,7 +26,9 @@ def print_config_tree(cfg: DictConfig, save_to: str | Path | None = None, resolv
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to is not None:
-        path = Path(save_to)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            rich.print(tree, file=f)
+        atomic_write(save_to, lambda tmp: _print_to(tree, tmp))
+
+
+def _print_to(tree: rich.tree.Tree, path: str) -> None:
+    with open(path, "w") as f:
+        rich.print(tree, file=f)

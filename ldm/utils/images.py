@@ -9,6 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.utils.files import atomic_write
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """``image.save(path)`` atomically, in the format the suffix names (``.png``, ``.jpg``, ...)."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image suffix {path.suffix!r}; use .png or .jpg")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format))
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
@@ -31,13 +42,10 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(make_grid(images, nrow))
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
-    return path
+    return save_image(img, path)
 
 
 def save_labelled_grid(images: torch.Tensor, labels: list[str], path: str | Path, ncol: int = 4,
@@ -61,7 +69,4 @@ def save_labelled_grid(images: torch.Tensor, labels: list[str], path: str | Path
             else:
                 lines[-1] = f"{lines[-1]} {word}".strip()
         draw.multiline_text((x, y + cell + 1), "\n".join(lines[:2]), fill=(0, 0, 0), spacing=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return save_image(canvas, path)
