@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ldm.diffusion.losses import prior_preservation_loss
 
 if TYPE_CHECKING:  # the module that hosts a method: it has .unet, .vae, .text_encoder (the frozen base)
-    from ldm.models.finetune.module import FineTuneModule
+    from ldm.models.latent_diffusion import LatentDiffusion
 
 
 class MethodDisabledUnsupported(NotImplementedError):
@@ -44,10 +44,10 @@ class FineTuneMethod:
 
     def __init__(self, prior_loss_weight: float | None = None):
         self.prior_loss_weight = prior_loss_weight
-        self.model: FineTuneModule | None = None
+        self.model: LatentDiffusion | None = None
 
     # -- building --------------------------------------------------------------------------------------
-    def attach(self, model: FineTuneModule) -> None:
+    def attach(self, model: LatentDiffusion) -> None:
         """Add this method's parameters to ``model`` (its ``unet``/``text_encoder``, already frozen)."""
         raise NotImplementedError
 
