@@ -157,12 +157,6 @@ def test_cache_is_bounded(cache_dir):
     assert len(encoder._cache) == 2
 
 
-def test_empty_prompt_embedding(encoder):
-    uncond = encoder.empty_prompt_embedding(3)
-    assert uncond.shape == (3, encoder.max_length, 64)
-    assert torch.equal(uncond[0], encoder([""])[0]) and torch.equal(uncond[0], uncond[2])
-
-
 @pytest.mark.parametrize("layout", ["plain", "diffusers"])
 def test_save_and_from_pretrained_round_trip(encoder, tmp_path, layout):
     folder = encoder.save_pretrained(tmp_path / "saved", layout=layout)

@@ -237,11 +237,6 @@ class CLIPTextEncoder(nn.Module):
                 self._cache.popitem(last=False)
         return result
 
-    def empty_prompt_embedding(self, batch_size: int = 1) -> torch.Tensor:
-        """Encoding of ``""`` repeated to ``[batch_size, max_length, hidden]``: the unconditional
-        context for classifier-free guidance (and for condition dropout while training)."""
-        return self.encode_cached([""]).repeat(batch_size, 1, 1)
-
     # ---------------------------------------------------------------- textual inversion support
 
     def add_tokens(self, tokens: Sequence[str], init_words: Sequence[str] | None = None) -> list[int]:
