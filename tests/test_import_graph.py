@@ -131,7 +131,9 @@ def test_ldm_has_no_import_cycles():
 def test_ldm_imports_point_down_the_layers():
     graph = import_graph(ROOT)
     assert upward_imports(graph) == []
-    io_to_models = [f"{s} -> {t}" for s, ts in graph.items() for t in ts if layer(s) == "io" and layer(t) == "models"]
+    io_to_models = [
+        f"{s} -> {t}" for s, ts in graph.items() for t in ts if layer(s) == "io" and layer(t) == "models"
+    ]
     assert io_to_models == []
 
 

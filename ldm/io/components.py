@@ -1,4 +1,5 @@
-"""``SDComponents``: the parts of a text-to-image latent diffusion model that every base-model loader returns."""
+"""``SDComponents``: the parts of a text-to-image latent diffusion model, as every base-model loader
+returns them."""
 
 from __future__ import annotations
 
@@ -65,4 +66,3 @@ def finalize(components: SDComponents, dtype: torch.dtype | str | None) -> SDCom
     if hasattr(components.text_encoder, "clear_cache"):
         components.text_encoder.clear_cache()
     return components
-

@@ -116,4 +116,3 @@ def build_schedule(config: Mapping[str, Any]) -> DiffusionSchedule:
     if "betas" in config:
         return DiffusionSchedule(torch.tensor(config["betas"], dtype=torch.float64))
     return DiffusionSchedule.from_config(**config)
-

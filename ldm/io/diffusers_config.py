@@ -180,7 +180,6 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict[str, Any], 
     return schedule, _PREDICTION_TYPES[prediction]
 
 
-
 def diffusers_config_from_ldm(
     in_channels: int = 4,
     out_channels: int = 4,
@@ -220,4 +219,3 @@ def diffusers_config_from_ldm(
         "norm_num_groups": 32,
         "norm_eps": 1e-5,
     }
-

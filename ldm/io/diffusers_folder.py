@@ -142,7 +142,11 @@ def _check_pipeline(root: Path) -> None:
 
 
 def _load_unet(
-    root: Path, diffusers_config: Mapping[str, Any], config: Mapping[str, Any], use_ema: bool, variant: str | None
+    root: Path,
+    diffusers_config: Mapping[str, Any],
+    config: Mapping[str, Any],
+    use_ema: bool,
+    variant: str | None,
 ) -> UNetModel:
     """The UNet; ``use_ema=False`` takes the ``non_ema`` weights when the folder has them."""
     name = str(root)
@@ -221,4 +225,3 @@ def download_from_hub(
             + "."
         ) from err
     return Path(path)
-

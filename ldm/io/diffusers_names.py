@@ -106,7 +106,6 @@ def _rename(key: str, layers: int, up_has_attention: set[int]) -> str:
     raise KeyError(f"no LDM name for diffusers key {key!r}")
 
 
-
 # ------------------------------------------------------------------------------------------ VAE state dicts
 
 
@@ -163,7 +162,6 @@ def _rename_vae(key: str, num_up: int) -> str:
     if m and m[2] in _VAE_ATTENTION:
         return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"
     raise KeyError(f"no LDM name for diffusers VAE key {key!r}")
-
 
 
 # ------------------------------------------------------------------------------------------ module names
@@ -249,4 +247,3 @@ def text_encoder_module_names(text_encoder: nn.Module) -> dict[str, str]:
     if not out:
         raise ValueError(f"no CLIP encoder layers (`encoder.layers.N`) in {type(text_encoder).__name__}")
     return out
-

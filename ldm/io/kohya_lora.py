@@ -19,8 +19,8 @@ Layout (one entry per adapted layer; ``<name>`` is the module path with ``.`` re
   ``ss_network_args`` (JSON, ``conv_dim``/``conv_alpha`` when 3x3 convs are adapted), plus the
   caller's entries (e.g. ``ss_steps``, ``ss_resolution``), which win over the defaults.
 
-Our UNet keeps the original LDM module names (``input_blocks`` / ``middle_block`` /
-``output_blocks``); ``unet_module_names`` maps them to diffusers module paths for the given UNet's
+Our UNet keeps the original LDM module names (``input_blocks`` / ``middle_block`` / ``output_blocks``);
+``ldm.io.diffusers_names.unet_module_names`` maps them to diffusers module paths for the given UNet's
 configuration (levels, ``num_res_blocks``, which levels carry attention), read from the module.
 """
 
@@ -68,7 +68,6 @@ def kohya_module_map(
         for ours, theirs in text_encoder_module_names(text_encoder).items():
             mapping[TEXT_ENCODER_PREFIX + theirs.replace(".", "_")] = ("text_encoder", ours)
     return mapping
-
 
 
 # ------------------------------------------------------------------------------------------ saving
@@ -153,7 +152,6 @@ def save_kohya_lora(
     return path
 
 
-
 # ------------------------------------------------------------------------------------------ loading
 
 
@@ -235,4 +233,3 @@ def load_kohya_lora(
 
 def _kohya_component(name: str) -> str:
     return "unet" if name.startswith(UNET_PREFIX) else "text_encoder"
-

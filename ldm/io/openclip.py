@@ -84,4 +84,3 @@ def hf_to_openclip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, parts in fused.items():
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
-

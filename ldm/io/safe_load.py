@@ -105,7 +105,6 @@ def unwrap_state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata (str -> str) of a ``.safetensors`` file, without loading its tensors."""
     from safetensors import safe_open

@@ -147,4 +147,3 @@ def guess_v2_parameterization(
         "for a 512-base model."
     )
     return "v"
-

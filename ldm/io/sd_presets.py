@@ -166,4 +166,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         return a is not None and b is not None and list(a) == list(b)
     return a == b
-

@@ -99,4 +99,3 @@ def resolve_tokenizer(
         "only token ids can be encoded."
     )
     return None
-

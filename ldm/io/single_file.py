@@ -72,8 +72,15 @@ def load_single_file(
     """
     state, metadata, name = _read_source(source, metadata, name)
     groups = split_single_file(state, name)
-    overrides = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "schedule": schedule,
-                 "parameterization": parameterization, "scale_factor": scale_factor, "resolution": resolution}
+    overrides = {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "schedule": schedule,
+        "parameterization": parameterization,
+        "scale_factor": scale_factor,
+        "resolution": resolution,
+    }
     config, hint = _architecture(state, metadata, name, preset, overrides)
     text_config = {k: v for k, v in config["text_encoder"].items() if k in TEXT_CONFIG_FIELDS}
     version = version_of(config["unet"], text_config)
@@ -97,7 +104,9 @@ def load_single_file(
 
 
 def _read_source(
-    source: str | os.PathLike | Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, name: str | None
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None,
+    name: str | None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """(state dict, metadata, name for messages) of a path or an already read state dict."""
     if isinstance(source, Mapping):
@@ -140,7 +149,11 @@ def _architecture(
 
 
 def _load_unet(
-    groups: Mapping[str, Mapping[str, torch.Tensor]], config: Mapping[str, Any], use_ema: bool, name: str, hint: str
+    groups: Mapping[str, Mapping[str, torch.Tensor]],
+    config: Mapping[str, Any],
+    use_ema: bool,
+    name: str,
+    hint: str,
 ) -> UNetModel:
     """The UNet, from ``model_ema.*`` when ``use_ema`` and the file has EMA weights."""
     unet_module = build_on_meta(UNetModel, config)
@@ -155,10 +168,14 @@ def _load_unet(
             f"{name}: no model_ema.* weights; using model.diffusion_model.* (in '-emaonly' files these are "
             "the EMA weights)"
         )
-    return load_strict(unet_module, unet_state, "UNet (EMA)" if use_ema and ema_weights else "UNet", name, hint)
+    return load_strict(
+        unet_module, unet_state, "UNet (EMA)" if use_ema and ema_weights else "UNet", name, hint
+    )
 
 
-def _load_vae(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str, hint: str) -> AutoencoderKL:
+def _load_vae(
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str, hint: str
+) -> AutoencoderKL:
     vae_state = dict(state)
     for key, value in vae_state.items():  # some converted files store the VAE attention as Linear [C, C]
         if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", key) and value.ndim == 2:

@@ -132,7 +132,9 @@ def _text_encoder_tensors(
     text_state = {
         k: v for k, v in text_encoder.transformer.state_dict().items() if not k.endswith("position_ids")
     }
-    expected_text = CLIPTextEncoder.from_config({k: text_config[k] for k in TEXT_CONFIG_FIELDS}, device="meta")
+    expected_text = CLIPTextEncoder.from_config(
+        {k: text_config[k] for k in TEXT_CONFIG_FIELDS}, device="meta"
+    )
     problems = state_dict_mismatches(expected_text.transformer.state_dict(), text_state)
     if problems:
         raise ValueError(f"cannot export the text encoder: not a plain CLIP text model ({problems})")
@@ -181,18 +183,24 @@ def _architecture(
 
 def _modelspec(config: Mapping[str, Any]) -> dict[str, str]:
     """``modelspec.*`` metadata (Stability AI's model spec) for the architecture ``config``."""
-    version, parameterization, resolution = config["version"], config["parameterization"], config["resolution"]
+    version, parameterization, resolution = (
+        config["version"],
+        config["parameterization"],
+        config["resolution"],
+    )
     architecture = {"v1": "stable-diffusion-v1", "v2": "stable-diffusion-v2"}.get(version, "ldm-custom")
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture + ("-768-v" if version == "v2" and parameterization == "v" else ""),
+        "modelspec.architecture": architecture
+        + ("-768-v" if version == "v2" and parameterization == "v" else ""),
         "modelspec.prediction_type": {"eps": "epsilon", "v": "v"}.get(parameterization, parameterization),
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
 
 
 def _tokenizer_metadata(text_encoder: CLIPTextEncoder, embed_tokenizer: bool | None) -> dict[str, str]:
-    """``ldm.tokenizer/<file>`` entries when the tokenizer is embedded (default: a non-standard vocabulary)."""
+    """``ldm.tokenizer/<file>`` entries when the tokenizer is embedded (default: for a non-standard
+    vocabulary)."""
     tokenizer = getattr(text_encoder, "tokenizer", None)
     if embed_tokenizer is None:
         embed_tokenizer = tokenizer is not None and len(tokenizer) != STANDARD_CLIP_VOCAB

@@ -61,7 +61,9 @@ def identify_source(source: str | os.PathLike) -> PretrainedSource:
         if path.suffix == ".safetensors":
             return PretrainedSource("safetensors", text, path)
         if path.suffix not in PICKLE_SUFFIXES:
-            raise ValueError(f"{text}: unknown checkpoint type {path.suffix!r}; expected .safetensors or .ckpt")
+            raise ValueError(
+                f"{text}: unknown checkpoint type {path.suffix!r}; expected .safetensors or .ckpt"
+            )
         payload = safe_torch_load(path, mmap=True)
         if is_lightning_payload(payload):
             return PretrainedSource("lightning", text, path)
@@ -103,7 +105,9 @@ def load_pretrained(
     if found.kind == "hub":
         check_overrides(overrides, ("variant", "revision", *COMMON_OVERRIDES), "a hub id")
         revision = overrides.pop("revision", None)
-        folder = download_from_hub(found.text, use_ema=use_ema, revision=revision, variant=overrides.get("variant"))
+        folder = download_from_hub(
+            found.text, use_ema=use_ema, revision=revision, variant=overrides.get("variant")
+        )
         return load_diffusers_folder(folder, use_ema, dtype, **overrides)
     raise ValueError(
         f"{found.text} is one of this project's Lightning checkpoints: load it with "

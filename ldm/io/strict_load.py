@@ -60,7 +60,6 @@ def load_strict(
     return module
 
 
-
 def build_on_meta(factory: Callable[..., nn.Module], config: Mapping[str, Any]) -> nn.Module:
     """``factory(**config)`` built on the meta device (no memory; ``load_strict`` assigns the weights)."""
     with torch.device("meta"):

@@ -131,4 +131,3 @@ def latent_diffusion_from_components(
     model.image_resolution = components.resolution
     model._vae_loaded = True
     return model.eval()
-

@@ -49,4 +49,3 @@ class CLIPTextModelHolder(nn.Module):
 def sd_layout(model: CLIPTextModel) -> nn.Module:
     """``model`` itself when it already nests ``text_model`` (transformers 4), else a holder."""
     return model if isinstance(getattr(model, "text_model", None), nn.Module) else CLIPTextModelHolder(model)
-

@@ -58,7 +58,6 @@ def build_config(config: str | dict | CLIPTextConfig) -> CLIPTextConfig:
     return CLIPTextConfig(**dict(config))
 
 
-
 def build_text_model(
     config: str | dict | CLIPTextConfig,
     device: str | torch.device | None = None,

@@ -318,7 +318,9 @@ class CLIPTextEncoder(nn.Module):
         ``max_length`` (default 20) is also the number of position embeddings.
         """
         tokenizer, _ = tiny_clip_tokenizer(vocab_words, max_length, cache_dir)
-        model = tiny_clip_model(tokenizer, hidden_size, num_layers, num_heads, max_length, seed, intermediate_size)
+        model = tiny_clip_model(
+            tokenizer, hidden_size, num_layers, num_heads, max_length, seed, intermediate_size
+        )
         return cls(model, tokenizer, max_length=max_length, **encoder_kwargs)
 
     @classmethod
@@ -398,5 +400,3 @@ class CLIPTextEncoder(nn.Module):
 
 def _clear_cache_after_load(module: CLIPTextEncoder, incompatible_keys: Any) -> None:
     module.clear_cache()  # a module-level function, so the encoder stays picklable
-
-

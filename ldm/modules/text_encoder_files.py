@@ -103,10 +103,9 @@ def _resolve_local_layout(
     return model_dir, tokenizer_dir
 
 
-
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | os.PathLike) -> Path:
-    """``tokenizer.save_pretrained(folder)``, plus ``vocab.json`` + ``merges.txt`` when transformers wrote only
-    ``tokenizer.json`` (transformers 5), because slow ``CLIPTokenizer`` readers need them."""
+    """``tokenizer.save_pretrained(folder)``, plus ``vocab.json`` + ``merges.txt`` when transformers wrote
+    only ``tokenizer.json`` (transformers 5), because slow ``CLIPTokenizer`` readers need them."""
     folder = Path(folder)
     tokenizer.save_pretrained(str(folder))
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -156,18 +156,21 @@ def write_tiny_clip_tokenizer(directory: str | os.PathLike, words: Sequence[str]
     return directory
 
 
-
 def tiny_clip_tokenizer(
     vocab_words: Sequence[str] | None, max_length: int, cache_folder: str | os.PathLike | None = None
 ) -> tuple[CLIPTokenizer, Path]:
     """(tokenizer, its folder): one ``word</w>`` token per word of ``vocab_words`` (default:
     ``TINY_DATASET_WORDS + TINY_PROMPT_WORDS``), files in ``cache_folder/<hash of the words>`` (default
     ``$LDM_CACHE_DIR`` or ``<tmp>/ldm-cache``, then ``tiny-clip-tokenizer/``), written once and reused."""
-    words = normalise_words(vocab_words if vocab_words is not None else TINY_DATASET_WORDS + TINY_PROMPT_WORDS)
+    words = normalise_words(
+        vocab_words if vocab_words is not None else TINY_DATASET_WORDS + TINY_PROMPT_WORDS
+    )
     digest = hashlib.sha256("\n".join([_TINY_TOKENIZER_FORMAT, *words]).encode()).hexdigest()[:16]
     folder = Path(cache_folder) if cache_folder is not None else cache_dir("tiny-clip-tokenizer")
     tokenizer_dir = write_tiny_clip_tokenizer(folder / digest, words)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=max_length, local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(tokenizer_dir), model_max_length=max_length, local_files_only=True
+    )
     single = tokenizer(words, add_special_tokens=False)["input_ids"]
     broken = [w for w, ids in zip(words, single) if len(ids) != 1]
     if broken:
@@ -195,7 +198,6 @@ def init_weights_seeded(model: nn.Module, seed: int, std: float = 0.02) -> None:
     missed = [name for name, p in model.named_parameters() if id(p) not in seen]
     if missed:
         raise RuntimeError(f"seeded init does not cover parameters {missed}")
-
 
 
 def tiny_clip_model(

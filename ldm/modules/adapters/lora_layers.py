@@ -29,7 +29,8 @@ __all__ = ["LoRAConv2d", "LoRALayer", "LoRALinear", "low_rank_product", "make_lo
 
 
 def low_rank_product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """``up @ down`` in float32 with conv kernels flattened: [out, r(,1,1)] x [r, in(,kh,kw)] -> [out, in*kh*kw]."""
+    """``up @ down`` in float32, conv kernels flattened:
+    [out, r(, 1, 1)] x [r, in(, kh, kw)] -> [out, in * kh * kw]."""
     return up.float().flatten(1) @ down.float().flatten(1)
 
 
@@ -252,7 +253,9 @@ class LoRAConv2d(LoRALayer):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * low_rank_product(self.lora_up.weight, self.lora_down.weight).view(self.weight.shape)
+        return self.scale * low_rank_product(self.lora_up.weight, self.lora_down.weight).view(
+            self.weight.shape
+        )
 
     def _plain_module(self) -> nn.Conv2d:
         return nn.Conv2d(
@@ -280,4 +283,3 @@ def make_lora_layer(
     if isinstance(base, nn.Conv2d):
         return LoRAConv2d(base, rank, alpha, dropout, lora_dtype)
     raise TypeError(f"no LoRA layer for {type(base).__name__} (nn.Linear and nn.Conv2d are supported)")
-
