@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from datamodules.samplers import training_sampler
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -210,7 +211,7 @@ class FineTuneDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.cached if self.cached is not None else self.data_train
         view = Repeated(data, self.hparams.repeats)
-        return DataLoader(view, batch_size=self.hparams.batch_size, shuffle=True,
+        return DataLoader(view, batch_size=self.hparams.batch_size, sampler=training_sampler(view),
                           num_workers=self.hparams.num_workers, drop_last=len(view) > self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.samplers import training_sampler
+
 __all__ = [
     "COLORS",
     "SHAPES",
@@ -411,7 +413,7 @@ class ShapesDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=training_sampler(dataset) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

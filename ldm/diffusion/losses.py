@@ -23,15 +23,18 @@ def randn(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None,
+                 draw=None) -> Tensor:
     """eps ~ N(0, I) like ``x0``; with ``offset_noise > 0`` adds ``offset * N(0, 1)`` of shape
     ``[B, C, 1, 1]`` (one shift per sample and channel, broadcast over space), which lets the
     model change the mean brightness of an image (Guttenberg 2023, "Diffusion with Offset Noise").
+    ``draw(shape) -> Tensor`` replaces the default draw (e.g. rank-consistent draws under DDP).
     """
-    noise = randn(tuple(x0.shape), generator, x0.device, x0.dtype)
+    draw = draw or (lambda shape: randn(shape, generator, x0.device, x0.dtype))
+    noise = draw(tuple(x0.shape))
     if offset_noise:
         offset_shape = tuple(x0.shape[:2]) + (1,) * (x0.ndim - 2)
-        noise = noise + offset_noise * randn(offset_shape, generator, x0.device, x0.dtype)
+        noise = noise + offset_noise * draw(offset_shape)
     return noise
 
 

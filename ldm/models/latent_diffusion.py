@@ -8,6 +8,7 @@ classifier-free guidance over the EMA UNet, then the VAE decoder.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 
 import lightning as L
@@ -18,6 +19,7 @@ from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion
 from ldm.models.guards import check_finite
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.modules.ema import EMA
+from ldm.utils.batch_random import BatchRandom
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -97,10 +99,29 @@ class LatentDiffusion(L.LightningModule):
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     # -- encoding --------------------------------------------------------------------------------------
+    @property
+    def batch_random(self) -> BatchRandom:
+        """The training batch's random draws (``BatchRandom``): seeded by the run seed and the batch counter,
+        rank-strided, so DDP with per-rank batch B equals one process with batch B x world size, and a resumed
+        run draws what the uninterrupted one drew. Outside training: the global RNG."""
+        return getattr(self, "_batch_random", None) or BatchRandom()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything, inherited by DDP ranks
+        index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        self._batch_random = BatchRandom.for_batch(seed, index, self.trainer.global_rank, self.trainer.world_size)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> scaled latents z0 [B, c, H/f, W/f]."""
-        return self.vae.encode(images).sample() * self.scale_factor
+        """images [B, 3, H, W] in [-1, 1] -> scaled latents z0 [B, c, H/f, W/f] (a posterior sample)."""
+        return self.sample_posterior(images) * self.scale_factor
+
+    @torch.no_grad()
+    def sample_posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """An unscaled sample of the VAE posterior q(z|x), drawn rank-consistently (``batch_random``)."""
+        posterior = self.vae.encode(images)
+        eps = self.batch_random.randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
+        return posterior.mean + posterior.std * eps
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -116,7 +137,7 @@ class LatentDiffusion(L.LightningModule):
         """Condition dropout for classifier-free guidance: each prompt becomes "" with prob ucg_rate."""
         if self.hparams.ucg_rate <= 0:
             return list(prompts)
-        keep = torch.rand(len(prompts)) >= self.hparams.ucg_rate
+        keep = self.batch_random.rand((len(prompts),)) >= self.hparams.ucg_rate
         return [p if k else "" for p, k in zip(prompts, keep.tolist())]
 
     def scale_factor_known(self) -> bool:
@@ -127,9 +148,12 @@ class LatentDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def _estimate_scale_factor(self, images: torch.Tensor) -> None:
-        z = self.vae.encode(images).sample()
-        value = 1.0 / z.flatten().std()
-        value = self.all_gather(value).mean() if self.trainer.world_size > 1 else value
+        z = self.sample_posterior(images).flatten().double()
+        moments = torch.stack([z.new_tensor(z.numel()), z.sum(), z.square().sum()])
+        if self.trainer.world_size > 1:  # the std of every rank's latents together, as one process would see
+            moments = self.all_gather(moments).reshape(-1, 3).sum(0)
+        count, total, squares = moments.tolist()
+        value = 1.0 / ((squares - total * total / count) / (count - 1)) ** 0.5
         self.scale_factor.fill_(float(value))
         log.info(f"scale_factor estimated from the first batch: {float(value):.5f} (1 / std of latents)")
 
@@ -139,9 +163,13 @@ class LatentDiffusion(L.LightningModule):
         """The loss for clean latents z0 and text context (one random timestep per sample): a scalar, or the
         per-sample losses ``[B]`` with ``reduction="none"``."""
         b = z0.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator,
-                          device="cpu" if generator is not None else z0.device).to(z0.device)
-        noise = sample_noise(z0, self.hparams.offset_noise, generator)
+        if generator is None:  # training: rank-consistent draws (see BatchRandom)
+            t = self.batch_random.randint(self.schedule.num_timesteps, (b,), z0.device)
+            noise = sample_noise(z0, self.hparams.offset_noise,
+                                 draw=lambda shape: self.batch_random.randn(shape, z0.device, z0.dtype))
+        else:
+            t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(z0.device)
+            noise = sample_noise(z0, self.hparams.offset_noise, generator)
         zt = self.schedule.q_sample(z0, t, noise)
         output = self.unet(zt, t, context)
         target = self.schedule.target(z0, noise, t, self.hparams.parameterization)

@@ -110,7 +110,22 @@ class FineTuneModule(LatentDiffusion):
         if not self.prepared:
             self.prepare(self.resolve_base(fast_dev_run), getattr(datamodule, "resolution", None))
         if datamodule is not None and hasattr(datamodule, "cache_latents"):
+            self._cache_latents_once(datamodule)
+
+    def _cache_latents_once(self, datamodule) -> None:
+        """Encode the training images once: under DDP rank zero encodes and writes the disk cache while the
+        others wait, then they read it (without a disk cache every rank encodes in memory)."""
+        def cache() -> None:
             datamodule.cache_latents(self._encode_moments, self._vae_fingerprint(), device=self.device)
+
+        strategy = self.trainer.strategy
+        shared = self.trainer.world_size > 1 and getattr(datamodule.hparams, "cache_dir", None)
+        if shared and self.trainer.global_rank == 0:
+            cache()
+        if shared:
+            strategy.barrier("latent-cache")
+        if not shared or self.trainer.global_rank != 0:
+            cache()
 
     @torch.no_grad()
     def _encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +186,8 @@ class FineTuneModule(LatentDiffusion):
 
     def batch_latents_and_context(self, batch, train: bool):
         if "latent_mean" in batch:
-            noise = torch.randn_like(batch["latent_mean"])
+            mean = batch["latent_mean"]
+            noise = self.batch_random.randn(mean.shape, mean.device, mean.dtype)
             batch = {**batch, "latent": batch["latent_mean"] + batch["latent_std"] * noise}
         return super().batch_latents_and_context(batch, train)
 
