@@ -153,12 +153,13 @@ def test_unet_settings_apply_to_the_loaded_base_or_fail(compose_cfg, base_ckpt):
 
 
 def test_ema_of_the_method_is_built_after_attach_and_checkpointed(compose_cfg, base_ckpt):
-    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model.ema_decay=0.5"]))
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model.ema_decay=0.5",
+                                                 "model.ema_device=cpu"]))
     _, objects = train(cfg)
     model = objects["model"]
     params = model.method.parameters()
     assert model.method_ema is not None and model.method_ema.count == len(params)
-    assert int(model.method_ema.num_updates) == 4
+    assert model.method_ema.num_updates == 4
     live = [p.detach().clone() for p in params]
     with model.ema_scope():  # the average is swapped in, then the live weights come back
         assert any(not torch.equal(p, q) for p, q in zip(params, live))
@@ -243,7 +244,7 @@ def test_regularization_images_are_mixed_in_and_flagged(tmp_path):
     assert all("star" in it["caption"] for it in items[:12]) and not any("star" in it["caption"] for it in items[12:])
     assert [it["is_regularization"] for it in items] == [False] * 12 + [True] * 6
     # the flags survive latent caching (memory and disk) and reach the batch
-    encode = lambda x: (x[:, :4, ::4, ::4], torch.ones_like(x[:, :4, ::4, ::4]))  # noqa: E731
+    encode = lambda x: (x[:, :4, ::4, ::4], torch.ones_like(x[:, :4, ::4, ::4]))
     dm.cache_latents(encode, "identity")
     batch = next(iter(dm.train_dataloader()))
     assert batch["is_regularization"].sum() == 6 and "latent_mean" in batch
@@ -295,3 +296,32 @@ def test_lora_finetune_from_stable_diffusion_single_file(compose_cfg, base_ckpt,
     base = load_lightning_model(base_ckpt)
     torch.testing.assert_close(model.vae.encoder.conv_in.weight, base.vae.encoder.conv_in.weight)
     assert (Path(cfg.paths.output_dir) / "adapters" / "lora_finetune.safetensors").is_file()
+
+
+def test_optimizer_in_backward_equals_the_plain_optimizer(compose_cfg, base_ckpt):
+    """The step fused into backward gives the same weights as AdamW stepping after backward."""
+    states = []
+    for fused in ("false", "true"):
+        cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", f"model.optimizer_in_backward={fused}",
+                                                     "callbacks.image_logger=null"]), output_name=f"fused-{fused}")
+        _, objects = train(cfg)
+        assert objects["trainer"].global_step == 4
+        states.append(objects["model"].method.state_dict())
+    for key, value in states[0].items():
+        torch.testing.assert_close(states[1][key], value, rtol=1e-6, atol=1e-7)
+    assert any(float(v.abs().max()) > 0 for k, v in states[1].items() if "lora_up" in k)
+
+
+def test_optimizer_choices_build(compose_cfg, base_ckpt):
+    from transformers.optimization import Adafactor
+
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model/optimizer=adafactor",
+                                                 "callbacks.image_logger=null"]))
+    _, objects = train(cfg)
+    assert isinstance(objects["trainer"].optimizers[0], Adafactor)
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model/optimizer=adamw8bit"]))
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install bitsandbytes"):
+            train(cfg)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion_loss, sample_noise
 from ldm.models.guards import check_finite
+from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.modules.ema import EMA
 from ldm.utils.batch_random import BatchRandom
@@ -50,6 +51,7 @@ class LatentDiffusion(L.LightningModule):
         guidance_scale: float = 3.0,
         log_prompts: Sequence[str] = ("a red circle on a blue background",),
         log_seed: int = 0,
+        optimizer_in_backward: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
@@ -97,6 +99,10 @@ class LatentDiffusion(L.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimiser updates; fine-tuning methods override this."""
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def optimizer_param_groups(self) -> list:
+        """The optimiser's parameters (or parameter groups with their own options)."""
+        return self.trainable_parameters()
 
     # -- encoding --------------------------------------------------------------------------------------
     @property
@@ -208,11 +214,22 @@ class LatentDiffusion(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=z0.shape[0])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        optimizer = self.build_optimizer(self.optimizer_param_groups())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each
+        parameter steps inside backward and its gradient is freed at once (``OptimizerInBackward``)."""
+        if not self.hparams.optimizer_in_backward:
+            return self.optimizer_factory(params=params)
+        trainer = self._trainer
+        if trainer is not None and (trainer.gradient_clip_val or trainer.accumulate_grad_batches > 1):
+            raise ValueError("model.optimizer_in_backward=true cannot be combined with trainer.gradient_clip_val "
+                             "or trainer.accumulate_grad_batches > 1 (gradients are freed as they arrive)")
+        return OptimizerInBackward(params, self.optimizer_factory)
 
     # -- sampling --------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -37,6 +37,8 @@ class FineTuneModule(LatentDiffusion):
             that embed none; ``base_use_ema``: take the EMA UNet of our checkpoints.
         gradient_checkpointing: recompute the base UNet's blocks in backward (saves memory, costs time).
         ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
+        ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the weights).
+        optimizer_in_backward: update each parameter inside backward and free its gradient at once.
     """
 
     MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
@@ -46,11 +48,13 @@ class FineTuneModule(LatentDiffusion):
                  base_task: str = "txt2img", base_use_ema: bool = True, base_tokenizer: str | None = None,
                  gradient_checkpointing: bool = False, ucg_rate: float = 0.1, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, ema_decay: float | None = None, guidance_scale: float = 3.0,
-                 log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0):
+                 log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0,
+                 optimizer_in_backward: bool = False, ema_device: str | None = None):
         super().__init__(unet=None, vae=None, text_encoder=None, schedule=None, sampler=sampler,
                          optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
                          min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
-                         vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed)
+                         vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed,
+                         optimizer_in_backward=optimizer_in_backward)
         self.method = method
         self.method_ema: ParameterEMA | None = None
         self.base_source: str | None = None  # the resolved base, recorded in checkpoints
@@ -99,7 +103,8 @@ class FineTuneModule(LatentDiffusion):
         if not self.method.parameters():
             raise ValueError(f"{type(self.method).__name__} attached no trainable parameters: check its targets")
         if self.hparams.ema_decay:  # built now: from the loaded base with the method attached
-            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay)
+            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay,
+                                           device=self.hparams.ema_device)
         self.base_source = source
         self.to(self.scale_factor.device)
 
@@ -143,12 +148,8 @@ class FineTuneModule(LatentDiffusion):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.method.parameters()
 
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.method.param_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+    def optimizer_param_groups(self) -> list:
+        return self.method.param_groups()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -226,7 +227,8 @@ class FineTuneModule(LatentDiffusion):
             self.method_ema.load_state_dict(ema_state)
         elif self.method_ema is not None:
             log.warning("the checkpoint has no EMA of the method's parameters; the EMA restarts from them")
-            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay)
+            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay,
+                                           device=self.hparams.ema_device)
         if "scale_factor" in state:
             self.scale_factor.copy_(state["scale_factor"])
 

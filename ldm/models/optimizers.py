@@ -1,0 +1,81 @@
+"""Optimisers for memory-bound training: AdamW 8-bit (bitsandbytes, optional) and the optimiser step fused
+into the backward pass (``OptimizerInBackward``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def adamw_8bit(params: Iterable, lr: float = 1e-4, weight_decay: float = 0.01, **kwargs: Any):
+    """bitsandbytes' AdamW with 8-bit block-wise quantised states (Dettmers et al. 2022, "8-bit Optimizers via
+    Block-wise Quantization")."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError("model/optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` "
+                          "(or use model/optimizer=adafactor, which needs nothing more)") from error
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+class OptimizerInBackward(torch.optim.Optimizer):
+    """The optimiser step fused into backward: each parameter is updated by its own inner optimiser as soon as
+    its gradient is accumulated, and the gradient is freed right away, so the full set of gradients never
+    exists at once (saves about the size of the trainable parameters; PyTorch's "optimizer in backward" recipe).
+
+    Exact for per-parameter optimisers (Adam/AdamW/SGD/Adafactor): a run equals the plain optimiser's. Not
+    compatible with gradient clipping over all parameters or gradient accumulation. ``step(closure)`` only runs
+    the closure (forward + backward, where the updates happen); LR schedulers act on this object's
+    ``param_groups``, whose ``lr`` is copied to the inner optimisers before each update.
+    """
+
+    def __init__(self, params: Iterable, factory: Callable[..., torch.optim.Optimizer]):
+        super().__init__(params, {})
+        self.inner: list[torch.optim.Optimizer] = []
+        self._hooks = []
+        for group in self.param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            group.setdefault("lr", getattr(factory, "keywords", {}).get("lr", 1e-3))
+            for p in group["params"]:
+                inner = factory(params=[p], **options)
+                self.inner.append(inner)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._update(group, inner)))
+
+    @staticmethod
+    def _update(group: dict, inner: torch.optim.Optimizer) -> Callable[[nn.Parameter], None]:
+        def hook(param: nn.Parameter) -> None:
+            for inner_group in inner.param_groups:
+                inner_group["lr"] = group["lr"]
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+        return hook
+
+    def step(self, closure: Callable | None = None):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None  # every gradient was freed in backward
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": [o.state_dict() for o in self.inner],
+                "lrs": [g["lr"] for g in self.param_groups]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(state_dict["inner"]) != len(self.inner):
+            raise ValueError(f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
+                             f"{len(self.inner)}: resume with the same model and method settings")
+        for inner, state in zip(self.inner, state_dict["inner"]):
+            inner.load_state_dict(state)
+        for group, lr in zip(self.param_groups, state_dict["lrs"]):
+            group["lr"] = lr
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
