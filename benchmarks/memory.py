@@ -1,0 +1,138 @@
+"""Peak memory of one UNet fine-tuning step with each memory saver added in turn (SD v1.5-shaped UNet by default).
+
+Variants, each in its own process so its peak is its own (CPU: peak resident memory, ru_maxrss; CUDA:
+torch.cuda.max_memory_allocated); the inputs are what a cached fine-tune feeds the UNet (latents and text
+context), random, fp32 weights:
+  full          every UNet weight trained, AdamW                                   (the baseline)
+  +ckpt         + gradient checkpointing of every ResBlock / transformer block     (model.gradient_checkpointing)
+  +adafactor    + Adafactor instead of AdamW (factored second moments)             (model/optimizer=adafactor)
+  +in_backward  + the optimiser step fused into backward, gradients freed early    (model.optimizer_in_backward)
+  +bf16         + bf16 autocast of the forward/backward (activations in bf16)      (trainer.precision=bf16-mixed)
+  lora          LoRA r=8 on the transformer layers + gradient checkpointing, AdamW (model/method=lora)
+
+    python benchmarks/memory.py                               # SD v1.5 UNet, 512 px (64x64 latents), batch 1
+    python benchmarks/memory.py --unet small --resolution 32  # the embedded demo's UNet (seconds)
+    python benchmarks/memory.py --device cuda                 # on a GPU
+Prints one table and writes ``--json`` if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {  # name -> (checkpointing, optimiser, in_backward, bf16, lora)
+    "full": (False, "adamw", False, False, False),
+    "+ckpt": (True, "adamw", False, False, False),
+    "+adafactor": (True, "adafactor", False, False, False),
+    "+in_backward": (True, "adafactor", True, False, False),
+    "+bf16": (True, "adafactor", True, True, False),
+    "lora": (True, "adamw", False, False, True),
+}
+
+
+def build_unet(name: str):
+    import hydra
+    from omegaconf import OmegaConf
+
+    return hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/model/unet" / f"{name}.yaml"))
+
+
+def optimizer_factory(name: str):
+    import functools
+
+    import torch
+    from transformers.optimization import Adafactor
+
+    if name == "adafactor":
+        return functools.partial(Adafactor, lr=1e-5, scale_parameter=False, relative_step=False)
+    return functools.partial(torch.optim.AdamW, lr=1e-5)
+
+
+def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps: int, device: str) -> dict:
+    import torch
+
+    from ldm.models.finetune.lora import expand_targets
+    from ldm.models.optimizers import OptimizerInBackward
+    from ldm.modules.adapters.lora import inject_lora, lora_parameters
+
+    checkpointing, opt_name, in_backward, bf16, lora = VARIANTS[variant]
+    torch.manual_seed(0)
+    unet = build_unet(unet_name).to(device)
+    if checkpointing:
+        unet.enable_gradient_checkpointing(True)
+    if lora:
+        inject_lora(unet, expand_targets("UNET_TRANSFORMER"), rank=8, alpha=8)
+        params = lora_parameters(unet)
+    else:
+        params = list(unet.parameters())
+    factory = optimizer_factory(opt_name)
+    optimizer = OptimizerInBackward(params, factory) if in_backward else factory(params=params)
+    size = resolution // 8
+    z = torch.randn(batch, unet.in_channels, size, size, device=device)
+    context = torch.randn(batch, 77, unet.context_dim, device=device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.mse_loss(unet(z, t, context).float(), z)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    trainable = sum(p.numel() for p in params)
+    return {"variant": variant, "peak_gib": round(peak, 2), "step_s": round(sorted(times)[len(times) // 2], 2),
+            "trainable_m": round(trainable / 1e6, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unet", default="sd15", help="conf/model/unet preset (sd15, sd21, small, tiny)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents: / 8)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_variant(args.child, args.unet, args.resolution, args.batch, args.steps, args.device)))
+        return
+    rows = []
+    for variant in args.variants:
+        cmd = [sys.executable, __file__, "--child", variant, "--unet", args.unet, "--resolution",
+               str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"{variant} failed:\n{result.stderr[-2000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        print(f"{variant:>13}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
+              f"trainable {rows[-1]['trainable_m']:7.1f} M", flush=True)
+    base = rows[0]["peak_gib"] if rows and rows[0]["variant"] == "full" else None
+    print(f"\n{args.unet} UNet, {args.resolution} px, batch {args.batch}, {args.device}: peak memory"
+          + (" (ratio to full)" if base else ""))
+    for row in rows:
+        ratio = f"  {row['peak_gib'] / base:.2f}x" if base else ""
+        print(f"| {row['variant']} | {row['peak_gib']:.2f} GiB{ratio} | {row['step_s']:.2f} s |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
