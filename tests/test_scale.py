@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 
 def srun_overrides() -> list[str]:
     script = (ROOT / "scripts" / "slurm_train.sbatch").read_text()
-    line = re.search(r"srun python train\.py (.+?)\"\$@\"", script, re.S).group(1)
+    line = re.search(r"srun python train\.py (.+?)\"\$@\"", script, re.DOTALL).group(1)
     values = {"$SLURM_NNODES": "2", "$SLURM_NTASKS_PER_NODE": "4", "$SLURM_JOB_ID": "123", "\\$": "$"}
     for key, value in values.items():
         line = line.replace(key, value)
