@@ -55,3 +55,18 @@ def test_memory_benchmark_runs_every_saver(tmp_path):
     assert [r["variant"] for r in rows] == ["full", "+ckpt", "+adafactor", "+in_backward", "+bf16", "lora"]
     assert all(r["peak_gib"] > 0 for r in rows)
     assert rows[-1]["trainable_m"] < rows[0]["trainable_m"]
+
+
+def test_fsdp_config_wraps_and_checkpoints_the_unet_blocks(compose_cfg):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from ldm.modules.attention import BasicTransformerBlock
+    from ldm.modules.unet import ResBlock
+
+    cfg = compose_cfg(["experiment=txt2img", "trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy._state_dict_type == "full"
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert {ResBlock, BasicTransformerBlock} <= set(policy._module_classes)
+    assert strategy._activation_checkpointing_kwargs
