@@ -325,3 +325,14 @@ def test_optimizer_choices_build(compose_cfg, base_ckpt):
     except ImportError:
         with pytest.raises(ImportError, match="pip install bitsandbytes"):
             train(cfg)
+
+
+def test_a_base_checkpoint_is_read_once(base_ckpt, monkeypatch):
+    from ldm.models.base_loader import load_base_model
+
+    reads = []
+    original = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or original(*a, **k))
+    parts = load_base_model(base_ckpt)
+    assert parts.unet is not None
+    assert len([r for r in reads if str(r) == str(base_ckpt)]) == 1, reads

@@ -66,7 +66,7 @@ def identify_source(source: str | os.PathLike) -> PretrainedSource:
             )
         payload = safe_torch_load(path, mmap=True)
         if is_lightning_payload(payload):
-            return PretrainedSource("lightning", text, path)
+            return PretrainedSource("lightning", text, path, payload)
         return PretrainedSource("pickle", text, path, payload)
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -59,7 +59,7 @@ def load_base_model(
         return load_pretrained(found, use_ema, dtype, **preset_overrides)
     overrides = plain_overrides(preset_overrides)
     check_overrides(overrides, COMMON_OVERRIDES, "our Lightning checkpoint")
-    return components_from_lightning(found.path, use_ema, dtype, **overrides)
+    return components_from_lightning(found.path, use_ema, dtype, checkpoint=found.payload, **overrides)
 
 
 def components_from_lightning(
@@ -71,10 +71,11 @@ def components_from_lightning(
     scale_factor: float | None = None,
     resolution: int | None = None,
     schedule: Mapping | None = None,
+    checkpoint: Mapping | None = None,
 ) -> SDComponents:
     """The parts of one of our Lightning checkpoints (``load_lightning_model``); the EMA UNet when ``use_ema``
-    and the model keeps one."""
-    model = load_lightning_model(path)
+    and the model keeps one. ``checkpoint``: the file's contents when already read (each file is read once)."""
+    model = load_lightning_model(path, checkpoint=checkpoint)
     missing = [name for name in ("unet", "vae", "text_encoder", "schedule") if not hasattr(model, name)]
     if missing:
         raise ValueError(f"{path}: {type(model).__name__} has no {missing}; not a text-to-image model")

@@ -23,12 +23,14 @@ def _for_inference(config: dict) -> dict:
     return config
 
 
-def load_lightning_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """A LightningModule from ``path`` (written by ``train.py``), in eval mode, weights loaded strictly."""
+def load_lightning_model(path: str | Path, map_location: str | torch.device = "cpu", checkpoint: dict | None = None):
+    """A LightningModule from ``path`` (written by ``train.py``), in eval mode, weights loaded strictly.
+    ``checkpoint``: the file's contents when the caller already read them (the file is then not read again)."""
     path = Path(path)
-    if not path.is_file():
+    if checkpoint is None and not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    ckpt = dict(checkpoint) if checkpoint is not None else torch.load(path, map_location=map_location,
+                                                                      weights_only=True)
     config = ckpt.get("model_config")
     if config is None:
         raise ValueError(f"{path} has no 'model_config': it was not written by this project's train.py "
