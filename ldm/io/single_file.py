@@ -84,12 +84,9 @@ def load_single_file(
     config, hint = _architecture(state, metadata, name, preset, overrides)
     text_config = {k: v for k, v in config["text_encoder"].items() if k in TEXT_CONFIG_FIELDS}
     version = version_of(config["unet"], text_config)
-    betas = groups["extra"].get("betas")
-    del state  # from here on the modules hold the file's tensors, so casting them frees each as it goes
     unet_module = _load_unet(groups, config["unet"], use_ema, name, hint)
     vae_module = _load_vae(groups["vae"], config["vae"], name, hint)
     text_module = _load_text_encoder(groups, config["text_encoder"], name, hint)
-    groups.clear()  # one copy of the weights: finalize's cast to dtype replaces the file's tensors one by one
     text_module.tokenizer = resolve_tokenizer(
         tokenizer, version, metadata, int(text_config["vocab_size"]), text_module.max_length
     )
@@ -97,7 +94,7 @@ def load_single_file(
         unet=unet_module,
         vae=vae_module,
         text_encoder=text_module,
-        schedule=_schedule(config["schedule"], betas, schedule is None, name),
+        schedule=_schedule(config["schedule"], groups["extra"].get("betas"), schedule is None, name),
         parameterization=config["parameterization"],
         scale_factor=float(config["scale_factor"]),
         version=version,
