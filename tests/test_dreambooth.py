@@ -45,9 +45,9 @@ def test_full_unet_trains_the_whole_unet_and_optionally_the_text_encoder():
 
 
 def test_full_unet_state_round_trip_is_strict():
-    method, model = attached(train_text_encoder=True)
+    method, _ = attached(train_text_encoder=True)
     state = {k: v.clone() + 0.01 for k, v in method.state_dict().items()}
-    other, other_model = attached(train_text_encoder=True)
+    other, _ = attached(train_text_encoder=True)
     other.load_state_dict(state)
     for key, value in other.state_dict().items():
         torch.testing.assert_close(value, state[key])

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
+from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images
+from datamodules.dreambooth import DreamBoothDataModule
 from datamodules.shapes import COLORS, Subject, render, render_subject
 from datamodules.shapes_evaluator import ShapesEvaluator
 
@@ -66,11 +69,6 @@ def test_evaluator_rejects_the_wrong_pattern(evaluator):
 
 
 # ------------------------------------------------------------------------ class images and their cache
-
-import torch  # noqa: E402
-
-from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images  # noqa: E402
-from datamodules.dreambooth import DreamBoothDataModule  # noqa: E402
 
 
 class CountingGenerator:
