@@ -124,7 +124,7 @@ class SubjectDataset(Dataset):
         return {"image": _to_tensor(image), "caption": self.caption(background), "is_regularization": False}
 
 
-class Flagged(Dataset):
+class Tagged(Dataset):
     """Items of ``source`` with ``is_regularization`` set (and the caption replaced when ``caption`` given);
     ``length`` > len(source) cycles through it (instance images repeated to match the class images)."""
 
@@ -149,16 +149,16 @@ class DreamBoothDataModule(FineTuneDataModule):
 
     class_images: generation settings (:class:`SamplerSettings` fields) and ``cache_dir`` (where generated
         class images live; null = under the run's folder, regenerated each run).
-    val_size: validation items (the embedded subject on unseen backgrounds; the instance images otherwise).
+    val_size: validation items per embedded concept: the subject on backgrounds its instance images never had
+        (held out); concepts from folders keep every image for training and add no validation.
     """
 
     def __init__(self, concepts: Sequence[Mapping[str, Any]], resolution: int = 32, batch_size: int = 4,
-                 repeats: int = 1, caption_dropout: float = 0.0, cache_latents: bool = True,
-                 cache_dir: str | None = None, num_workers: int = 0, class_images: Mapping | None = None,
-                 val_size: int = 8, seed: int = 0):
+                 repeats: int = 1, cache_latents: bool = True, cache_dir: str | None = None, num_workers: int = 0,
+                 class_images: Mapping | None = None, val_size: int = 8, seed: int = 0):
         super().__init__(source=None, resolution=resolution, batch_size=batch_size, repeats=repeats,
-                         caption_dropout=caption_dropout, cache_latents=cache_latents, flip_variants=False,
-                         cache_dir=cache_dir, num_workers=num_workers)
+                         cache_latents=cache_latents, flip_variants=False, cache_dir=cache_dir,
+                         num_workers=num_workers, validation="none")
         if not concepts:
             raise ValueError("DreamBooth needs at least one concept (data.concepts)")
         self.concepts = [Concept.from_config(c) for c in concepts]
@@ -179,7 +179,7 @@ class DreamBoothDataModule(FineTuneDataModule):
         default = concept.fill(concept.instance_prompt or "a {identifier} {class_noun}")
         folder = ImageFolderDataset(concept.instance_dir, self.resolution, center_crop=True, random_flip=0.0,
                                     default_caption=default)
-        return Flagged(folder, False, caption=default if concept.instance_prompt else None)
+        return Tagged(folder, False, caption=default if concept.instance_prompt else None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.instance_sets:
@@ -191,13 +191,10 @@ class DreamBoothDataModule(FineTuneDataModule):
         self.data_train = ConcatDataset(self.instance_sets)  # until class images are ready
         self.data_val = self._validation()
 
-    def _validation(self) -> Dataset:
-        parts = []
-        for concept, data in zip(self.concepts, self.instance_sets):
-            unseen = concept.eval_backgrounds()
-            parts.append(SubjectDataset(concept, unseen, self.hparams.val_size, self.resolution, self.hparams.seed,
-                                        stream=1) if unseen else data)
-        return ConcatDataset(parts)
+    def _validation(self) -> Dataset | None:
+        parts = [SubjectDataset(c, c.eval_backgrounds(), self.hparams.val_size, self.resolution, self.hparams.seed,
+                                stream=1) for c in self.concepts if c.eval_backgrounds() and self.hparams.val_size]
+        return ConcatDataset(parts) if parts else None
 
     # -- class images ----------------------------------------------------------------------------------
     def prepare_class_images(self, model) -> None:
@@ -215,7 +212,7 @@ class DreamBoothDataModule(FineTuneDataModule):
         parts: list[Dataset] = []
         for instances, classes in zip(self.instance_sets, self.class_sets):
             length = max(len(instances), len(classes) if classes is not None else 0)
-            parts.append(Flagged(instances, False, length=length))
+            parts.append(Tagged(instances, False, length=length))
             if classes is not None:
                 parts.append(classes)
         self.data_train = ConcatDataset(parts)
@@ -254,12 +251,12 @@ class DreamBoothDataModule(FineTuneDataModule):
         if files is None:
             return None
         if concept.class_dir is None:
-            return Flagged(ImageFolderDataset(files[0].parent, self.resolution, files=files), True)
+            return Tagged(ImageFolderDataset(files[0].parent, self.resolution, files=files), True)
         data = ImageFolderDataset(concept.class_dir, self.resolution, default_caption=concept.fill("a {class_noun}"))
         prompts = concept.class_prompts() if concept.class_prompt is not None else []
         if 0 < concept.num_class_images < len(data):
             data = Subset(data, range(concept.num_class_images))
-        return Flagged(data, True, caption=prompts[0] if len(prompts) == 1 else None)
+        return Tagged(data, True, caption=prompts[0] if len(prompts) == 1 else None)
 
     # -- hooks the fine-tuning model calls -------------------------------------------------------------
     def cache_latents(self, encode, vae_fingerprint: str, device: torch.device | str = "cpu") -> None:

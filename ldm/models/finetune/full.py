@@ -86,12 +86,11 @@ class FullUNet(FineTuneMethod):
 
     # -- output ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
-        """The whole fine-tuned model as an SD single file (the EMA UNet when the model keeps one)."""
+        """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps them)."""
         model = self.model
-        ema = getattr(model, "unet_ema", None)
-        unet = ema.module if ema is not None else self._unet()
         return export_single_file(
-            Path(path).with_suffix(".safetensors"), unet, model.vae, model.text_encoder, schedule=model.schedule,
+            Path(path).with_suffix(".safetensors"), self._unet(), model.vae, model.text_encoder,
+            schedule=model.schedule,
             parameterization=model.hparams.parameterization, scale_factor=float(model.scale_factor),
             resolution=getattr(model, "image_resolution", None), dtype=self.export_dtype,
             metadata={"ldm.method": "dreambooth-full-unet", **dict(metadata)})
