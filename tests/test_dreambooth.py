@@ -170,3 +170,54 @@ def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, ba
     assert load_kohya_lora(exported, unet=load_lightning_model(base_ckpt).unet_ema.module)["modules"] > 0
     # the class images of the full run's settings are the same files (same base, prompts, sampler)
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 1
+
+
+def concept_overrides(index: int) -> list[str]:
+    return [f"data.concepts.{index}.num_instance_images=2", f"data.concepts.{index}.num_class_images=2"]
+
+
+def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
+    """`python train.py experiment=dreambooth data=dreambooth_two_concepts`"""
+    cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path, ["data=dreambooth_two_concepts"]),
+                       *concept_overrides(0), *concept_overrides(1), "debug=fdr"])
+    _, objects = train(cfg)
+    data = objects["datamodule"].data_train
+    captions = [data[i]["caption"] for i in range(len(data))]
+    assert any(c.startswith("a sks square") for c in captions) and any(c.startswith("a xyz circle") for c in captions)
+    assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 2  # one per class prompt set
+
+
+def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
+    """`... model.method.prior_loss_weight=0` and `... model.method.train_text_encoder=true
+    model.method.text_encoder_lr=5e-5`"""
+    cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr",
+                       "model.method.prior_loss_weight=0", "model.method.train_text_encoder=true",
+                       "model.method.text_encoder_lr=5e-5"])
+    _, objects = train(cfg)
+    model = objects["model"]
+    assert model.method.prior_loss_weight == 0.0
+    optimizer = objects["trainer"].optimizers[0]
+    assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder"]
+    base = load_lightning_model(base_ckpt)
+    assert any(not torch.equal(a, b) for a, b in zip(model.text_encoder.parameters(),
+                                                      base.text_encoder.parameters()))
+    assert any(k.startswith("text_encoder.") for k in model.method.state_dict())
+
+
+def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
+    """`python train.py experiment=dreambooth 'data.concepts=[{identifier: sks, class_noun: dog,
+    instance_dir: /data/dog, instance_prompt: ..., class_prompt: ..., num_class_images: ...}]'`"""
+    from PIL import Image
+
+    folder = tmp_path / "dog"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 40), (80 * i, 100, 50)).save(folder / f"{i}.jpg")
+    concept = (f"{{identifier: sks, class_noun: dog, instance_dir: {folder}, instance_prompt: 'a {{identifier}} "
+               "{class_noun}', class_prompt: 'a {class_noun}', num_class_images: 2}")
+    cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr",
+                       f"data.concepts=[{concept}]"])
+    _, objects = train(cfg)
+    data = objects["datamodule"].data_train
+    assert sorted(data[i]["caption"] for i in range(len(data))) == ["a dog", "a dog", "a sks dog", "a sks dog",
+                                                                    "a sks dog"]
