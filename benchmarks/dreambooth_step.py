@@ -76,6 +76,16 @@ def run_variant(variant: str, base: str, batch: int, steps: int, warmup: int, de
             "trainable_params": trainable, "steps": len(timer.times)}
 
 
+def run_child(variant: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--base", args.base, "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+           *[f"--override={o}" for o in args.override]]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the base model (model.base)")
@@ -84,21 +94,17 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run both variants in this process (quicker; peak memory is then not per variant)")
     p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one variant, in a child
     args = p.parse_args(argv)
+    measure = (args.base, args.batch, args.steps, args.warmup, args.device, args.override)
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.base, args.batch, args.steps, args.warmup, args.device,
-                                     args.override)))
+        print(json.dumps(run_variant(args.variant, *measure)))
         return {}
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--base", args.base, "--batch", str(args.batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-               *[f"--override={o}" for o in args.override]]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
-        if out.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[variant] = run_variant(variant, *measure) if args.in_process else run_child(variant, args)
         r = results[variant]
         print(f"{variant:5s} {r['step_s'] * 1000:8.1f} ms/step  peak {r['peak_gib']:.2f} GiB  "
               f"{r['trainable_params'] / 1e6:.2f} M trainable", flush=True)

@@ -3,13 +3,22 @@ instance + prior-preservation loss, and the experiments end to end at test size.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+import sample
+from benchmarks import dreambooth_fidelity, dreambooth_step
 from ldm.io.base_model import load_base_model
+from ldm.io.kohya_lora import load_kohya_lora, read_kohya_metadata
+from ldm.models.checkpoint import load_lightning_model
 from ldm.models.finetune.full import FullUNet
 from ldm.models.finetune.method import MethodDisabledUnsupported
+from tests.test_finetune_lora import base_ckpt  # noqa: F401  (module-scoped tiny txt2img base)
 from tests.test_latent_diffusion import tiny_model
+from train import train
 
 
 def attached(**kwargs) -> tuple[FullUNet, torch.nn.Module]:
@@ -99,13 +108,6 @@ def test_export_is_an_sd_single_file_that_loads_back(tmp_path):
 
 # ------------------------------------------------------------------------ the experiments end to end
 
-from pathlib import Path
-
-import sample
-from ldm.io.kohya_lora import load_kohya_lora, read_kohya_metadata
-from ldm.models.checkpoint import load_lightning_model
-from tests.test_finetune_lora import base_ckpt  # noqa: F401  (module-scoped tiny txt2img base)
-from train import train
 
 
 def dreambooth_overrides(experiment: str, base, tmp_path: Path, extra=()) -> list[str]:
@@ -116,6 +118,12 @@ def dreambooth_overrides(experiment: str, base, tmp_path: Path, extra=()) -> lis
             "data.class_images.sampler=ddim", "data.class_images.steps=2",
             f"data.class_images.cache_dir={tmp_path / 'class_images'}", "data.cache_dir=null",
             "model.log_prompts=[a sks square on a red background]", *extra]
+
+
+def save_run_config(cfg) -> None:
+    """What Hydra writes into every run folder of `python train.py` (the tests call train() directly)."""
+    (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
 
 
 def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
@@ -157,6 +165,14 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     torch.testing.assert_close(single.generate(prompts, seed=3, guidance_scale=model.hparams.guidance_scale),
                                expected, atol=0.05, rtol=0.05)  # fp16 weights
 
+    # `python benchmarks/dreambooth_fidelity.py --run <run>` scores the base and the exported model
+    save_run_config(cfg)
+    results = dreambooth_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2",
+                                        "--grid-dir", str(tmp_path / "grids")])
+    assert set(results) == {("sks", kind, name) for kind in ("subject", "class") for name in ("base", "dreambooth")}
+    assert all(0.0 <= r["subject_rate"] <= 1.0 and r["n"] == 2 for r in results.values())
+    assert len(list((tmp_path / "grids").glob("sks_*.png"))) == 4
+
 
 def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
     cfg = compose_cfg(dreambooth_overrides("dreambooth_lora", base_ckpt, tmp_path))
@@ -170,6 +186,21 @@ def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, ba
     assert load_kohya_lora(exported, unet=load_lightning_model(base_ckpt).unet_ema.module)["modules"] > 0
     # the class images of the full run's settings are the same files (same base, prompts, sampler)
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 1
+    # the fidelity script merges the kohya file into the base
+    save_run_config(cfg)
+    results = dreambooth_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2"])
+    assert ("sks", "subject", "dreambooth") in results
+
+
+def test_step_benchmark_full_vs_lora(base_ckpt, tmp_path):  # noqa: F811
+    """`python benchmarks/dreambooth_step.py --base <ckpt>`: both variants train, LoRA trains far fewer weights."""
+    tiny = ["data.concepts.0.num_class_images=2", "data.class_images.steps=2", "data.cache_dir=null",
+            f"data.class_images.cache_dir={tmp_path}", "model/sampler=ddim", "model.sampler.steps=2"]
+    results = dreambooth_step.main(["--base", str(base_ckpt), "--batch", "2", "--steps", "3", "--warmup", "1",
+                                    "--in-process", *[f"--override={o}" for o in tiny]])
+    assert results["full"]["steps"] == results["lora"]["steps"] == 3
+    assert results["lora"]["trainable_params"] < 0.2 * results["full"]["trainable_params"]
+    assert all(r["step_s"] > 0 and r["peak_gib"] > 0 for r in results.values())
 
 
 def concept_overrides(index: int) -> list[str]:
