@@ -109,7 +109,8 @@ def ensure_class_images(folder: str | os.PathLike, prompts: Sequence[str], count
     todo = missing_indices(folder, count)
     if todo:
         log.info(f"Generating {len(todo)} of {count} class images in {folder} "
-                 f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance_scale})")
+                 f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance_scale})",
+                 rank_zero=False)  # logged by whichever process generates (only rank zero should)
         _generate(folder, prompts, todo, generate, settings)
     else:
         log.info(f"Reusing {count} cached class images from {folder}")

@@ -208,6 +208,8 @@ class DreamBoothDataModule(FineTuneDataModule):
             self._class_folders(model, generate=True)
         if trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("dreambooth_class_images")
+            if not trainer.is_global_zero:
+                log.info(f"rank {trainer.global_rank}: using the class images rank zero prepared", rank_zero=False)
         self.class_sets = [self._class_set(c, folder) for c, folder in zip(self.concepts, self._class_folders(model))]
         parts: list[Dataset] = []
         for instances, classes in zip(self.instance_sets, self.class_sets):

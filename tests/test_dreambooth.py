@@ -3,6 +3,9 @@ instance + prior-preservation loss, and the experiments end to end at test size.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from ldm.io.kohya_lora import load_kohya_lora, read_kohya_metadata
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.finetune.full import FullUNet
 from ldm.models.finetune.method import MethodDisabledUnsupported
+from tests.conftest import ROOT
 from tests.test_finetune_lora import base_ckpt  # noqa: F401  (module-scoped tiny txt2img base)
 from tests.test_latent_diffusion import tiny_model
 from train import train
@@ -252,3 +256,18 @@ def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  
     data = objects["datamodule"].data_train
     assert sorted(data[i]["caption"] for i in range(len(data))) == ["a dog", "a dog", "a sks dog", "a sks dog",
                                                                     "a sks dog"]
+
+
+def test_class_images_are_generated_once_under_ddp(base_ckpt, tmp_path):  # noqa: F811
+    """`trainer=ddp_sim` (two processes): rank zero generates the class images, the other waits and reads them."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", *dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "trainer=ddp_sim",
+           f"paths.log_dir={tmp_path / 'logs'}", "callbacks.rich_progress_bar=null", "logger=csv",
+           "callbacks.image_logger=null", "trainer.max_steps=1"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count("Generating 4 of 4 class images") == 1, output[-3000:]
+    assert "rank 1: using the class images rank zero prepared" in output
+    folders = [p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 4
