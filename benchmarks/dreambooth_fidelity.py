@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=40, help="samples per prompt set")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for every model (default 3, as trained)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--grid-dir", default=None, help="save a grid per concept / prompt set / model here")
     p.add_argument("--tag", default="", help="prefix of the grid file names")
