@@ -248,8 +248,8 @@ def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (48, 40), (80 * i, 100, 50)).save(folder / f"{i}.jpg")
-    concept = (f"{{identifier: sks, class_noun: dog, instance_dir: {folder}, instance_prompt: 'a {{identifier}} "
-               "{class_noun}', class_prompt: 'a {class_noun}', num_class_images: 2}")
+    concept = (f"{{identifier: sks, class_noun: dog, instance_dir: {folder}, instance_prompt: \"a {{identifier}} "
+               '{class_noun}", class_prompt: "a {class_noun}", num_class_images: 2}')  # as in the README
     cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr",
                        f"data.concepts=[{concept}]"])
     _, objects = train(cfg)
