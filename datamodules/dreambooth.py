@@ -205,12 +205,13 @@ class DreamBoothDataModule(FineTuneDataModule):
         self.setup()
         trainer = self.trainer
         if trainer is None or trainer.is_global_zero:
-            self._class_folders(model, generate=True)
+            self._generated_class_images(model, generate=True)
         if trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("dreambooth_class_images")
             if not trainer.is_global_zero:
                 log.info(f"rank {trainer.global_rank}: using the class images rank zero prepared", rank_zero=False)
-        self.class_sets = [self._class_set(c, folder) for c, folder in zip(self.concepts, self._class_folders(model))]
+        generated = self._generated_class_images(model)
+        self.class_sets = [self._class_set(c, files) for c, files in zip(self.concepts, generated)]
         parts: list[Dataset] = []
         for instances, classes in zip(self.instance_sets, self.class_sets):
             length = max(len(instances), len(classes) if classes is not None else 0)
@@ -219,18 +220,18 @@ class DreamBoothDataModule(FineTuneDataModule):
                 parts.append(classes)
         self.data_train = ConcatDataset(parts)
 
-    def _class_folders(self, model, generate: bool = False) -> list[list[Path] | None]:
-        folders: list[list[Path] | None] = []
+    def _generated_class_images(self, model, generate: bool = False) -> list[list[Path] | None]:
+        """Per concept, the files of its generated class images (None: no class images, or a class_dir);
+        ``generate``: make the missing ones first (rank zero only)."""
+        files: list[list[Path] | None] = []
         fingerprint = None
         for concept in self.concepts:
-            if concept.num_class_images == 0:
-                folders.append(None)
-            elif concept.class_dir is not None:
-                folders.append([Path(concept.class_dir)])
-            else:
-                fingerprint = fingerprint or module_fingerprint(model.unet, model.vae, model.text_encoder)
-                folders.append(self._generated(concept, model, fingerprint, generate))
-        return folders
+            if concept.num_class_images == 0 or concept.class_dir is not None:
+                files.append(None)
+                continue
+            fingerprint = fingerprint or module_fingerprint(model.unet, model.vae, model.text_encoder)
+            files.append(self._generated(concept, model, fingerprint, generate))
+        return files
 
     def _generated(self, concept: Concept, model, fingerprint: str, generate: bool) -> list[Path]:
         prompts, settings = concept.class_prompts(), self.sampler_settings
@@ -247,17 +248,20 @@ class DreamBoothDataModule(FineTuneDataModule):
     def _run_dir(self) -> str:
         return self.trainer.default_root_dir if self.trainer is not None else "."
 
-    def _class_set(self, concept: Concept, files: list[Path] | None) -> Dataset | None:
+    def _class_set(self, concept: Concept, generated: list[Path] | None) -> Dataset | None:
         """Generated images keep their prompt (sidecar .txt); a user's folder takes ``class_prompt`` when it
         is one prompt, else its sidecar captions (default "a <class noun>"), and its first N images."""
-        if files is None:
+        if generated is not None:
+            return Tagged(ImageFolderDataset(generated[0].parent, self.resolution, files=generated), True)
+        if concept.class_dir is None or concept.num_class_images == 0:
             return None
-        if concept.class_dir is None:
-            return Tagged(ImageFolderDataset(files[0].parent, self.resolution, files=files), True)
         data = ImageFolderDataset(concept.class_dir, self.resolution, default_caption=concept.fill("a {class_noun}"))
         prompts = concept.class_prompts() if concept.class_prompt is not None else []
-        if 0 < concept.num_class_images < len(data):
+        if concept.num_class_images < len(data):
             data = Subset(data, range(concept.num_class_images))
+        elif concept.num_class_images > len(data):
+            log.warning(f"concept {concept.identifier!r}: class_dir {concept.class_dir} holds {len(data)} images, "
+                        f"fewer than num_class_images={concept.num_class_images}; training with {len(data)}")
         return Tagged(data, True, caption=prompts[0] if len(prompts) == 1 else None)
 
     # -- hooks the fine-tuning model calls -------------------------------------------------------------
