@@ -224,13 +224,14 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
 
 def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
     """`... model.method.prior_loss_weight=0` and `... model.method.train_text_encoder=true
-    model.method.text_encoder_lr=5e-5`"""
+    model.method.text_encoder_lr=5e-5`, with `model.gradient_checkpointing=true`"""
     cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr",
                        "model.method.prior_loss_weight=0", "model.method.train_text_encoder=true",
-                       "model.method.text_encoder_lr=5e-5"])
+                       "model.method.text_encoder_lr=5e-5", "model.gradient_checkpointing=true"])
     _, objects = train(cfg)
     model = objects["model"]
     assert model.method.prior_loss_weight == 0.0
+    assert any(getattr(m, "use_checkpoint", False) for m in model.unet.modules())
     optimizer = objects["trainer"].optimizers[0]
     assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder"]
     base = load_lightning_model(base_ckpt)
