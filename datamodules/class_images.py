@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ldm.utils.files import atomic_write, atomic_write_text
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -64,26 +64,10 @@ def cache_key(base_fingerprint: str, prompts: Sequence[str], settings: SamplerSe
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], suffix: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), ".txt")
-
-
 def _write_png(path: Path, image: torch.Tensor) -> None:
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     pil = Image.fromarray(np.ascontiguousarray(array.permute(1, 2, 0).numpy()))
-    _atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"), ".png")
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -105,7 +89,7 @@ def ensure_class_images(folder: str | os.PathLike, prompts: Sequence[str], count
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if key_info is not None and not (folder / "key.json").is_file():
-        _write_text(folder / "key.json", json.dumps(key_info, indent=1, sort_keys=True))
+        atomic_write_text(folder / "key.json", json.dumps(key_info, indent=1, sort_keys=True))
     todo = missing_indices(folder, count)
     if todo:
         log.info(f"Generating {len(todo)} of {count} class images in {folder} "
@@ -131,6 +115,6 @@ def _generate(folder: Path, prompts: list[str], todo: list[int], generate: Gener
             if images.shape[0] != len(chunk):
                 raise RuntimeError(f"generate returned {images.shape[0]} images for {len(chunk)} prompts")
             for index, prompt, image in zip(chunk, batch_prompts, images):
-                _write_text(image_path(folder, index).with_suffix(".txt"), prompt)  # caption first: the PNG
+                atomic_write_text(image_path(folder, index).with_suffix(".txt"), prompt)  # caption first: the PNG
                 _write_png(image_path(folder, index), image)                      # marks the pair complete
             progress.advance(task, len(chunk))

@@ -14,8 +14,9 @@ from omegaconf import OmegaConf
 
 import sample
 from benchmarks import dreambooth_fidelity, dreambooth_step
-from ldm.io.base_model import load_base_model
-from ldm.io.kohya_lora import load_kohya_lora, read_kohya_metadata
+from ldm.io.kohya_lora import load_kohya_lora
+from ldm.io.safe_load import read_safetensors_metadata
+from ldm.models.base_loader import load_base_model
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.finetune.full import FullUNet
 from ldm.models.finetune.method import MethodDisabledUnsupported
@@ -186,7 +187,7 @@ def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, ba
     model, run = objects["model"], Path(cfg.paths.output_dir)
     assert all("lora_" in k or k.endswith(".alpha") for k in model.method.state_dict())
     exported = run / "adapters" / "dreambooth_lora.safetensors"
-    assert read_kohya_metadata(exported)["ss_network_module"] == "networks.lora"
+    assert read_safetensors_metadata(exported)["ss_network_module"] == "networks.lora"
     assert load_kohya_lora(exported, unet=load_lightning_model(base_ckpt).unet_ema.module)["modules"] > 0
     # the class images of the full run's settings are the same files (same base, prompts, sampler)
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 1

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ldm.io.stable_diffusion import export_single_file
+from ldm.io.single_file_export import export_single_file
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys
 
 UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."
