@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.transforms import IMAGE_EXTENSIONS, load_rgb, preprocess
+from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
+from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.transforms import IMAGE_EXTENSIONS, image_size, load_rgb, preprocess, preprocess_to_size
 
 __all__ = [
     "ImageFolderDataModule",
@@ -45,10 +47,14 @@ _SUMMARY_NAMES = 10  # how many skipped files the summary warning lists by name
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One usable image and its caption (None: no caption file, use the default)."""
+    """One usable image and its caption (None: no caption file, use the default).
+
+    ``size``: (width, height) as loaded (EXIF rotation applied), None when not read yet.
+    """
 
     path: Path
     caption: str | None = None
+    size: tuple[int, int] | None = None
 
 
 def _check_root(root: str | os.PathLike) -> Path:
@@ -137,17 +143,18 @@ def resolve_captions(
 
 
 def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[ImageRecord]:
-    """Find, check (once) and caption every image under ``root``.
+    """Find, check (once) and caption every image under ``root``; records carry the image sizes.
 
     Raises FileNotFoundError for a missing folder and ValueError when no image is readable.
     """
     root = _check_root(root)
     paths = find_image_files(root)
-    readable, skipped = [], []
+    readable, sizes, skipped = [], {}, []
     for path in paths:
         reason = check_image(path)
         if reason is None:
             readable.append(path)
+            sizes[path] = image_size(path)
         else:
             skipped.append(path)
             log.warning("skipping unreadable image %s (%s)", path, reason)
@@ -162,15 +169,20 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> lis
             f"{', '.join(IMAGE_EXTENSIONS)}). Add images to this folder or point `root` (data.root) "
             f"at a folder that has some."
         )
-    return resolve_captions(root, readable, caption_ext)
+    return [replace(r, size=sizes[r.path]) for r in resolve_captions(root, readable, caption_ext)]
 
 
 class ImageFolderDataset(Dataset):
-    """Images (+ captions) -> {"image": float [3, R, R] in [-1, 1], "caption": str}.
+    """Images (+ captions) -> {"image": float [3, H, W] in [-1, 1], "caption": str}.
+
+    Without buckets every image is R x R (shorter side resized to R, then cropped). With
+    ``bucketing`` each image is resized to cover the aspect-ratio bucket nearest its own (about R^2
+    pixels, sides multiples of ``bucket_step``) and only the excess is cropped; ``bucket_ids`` gives
+    every index's bucket, for ``BucketBatchSampler`` (a batch must not mix buckets).
 
     Args:
         root: the folder; scanned (recursively, each file checked once) unless ``files`` is given.
-        resolution: output side R; the shorter side is resized to R (Lanczos), then cropped.
+        resolution: output side R (square), or the bucket area R^2.
         center_crop: center crop if True, else a random crop.
         random_flip: probability of a horizontal flip.
         default_caption: caption of images without a caption file or metadata entry.
@@ -178,6 +190,10 @@ class ImageFolderDataset(Dataset):
         repeats: each image appears this many times per epoch.
         caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
         files: already-checked images: ``ImageRecord``s, or paths whose captions are looked up.
+        bucketing: aspect-ratio buckets instead of square crops.
+        bucket_step: bucket sides are multiples of this (the VAE factor x 8: 64 for SD; None: 64 from
+            256 px up, resolution / 4 below).
+        bucket_min_side, bucket_max_side: bucket side limits (default R / 2 and 2 R).
     """
 
     def __init__(
@@ -191,6 +207,10 @@ class ImageFolderDataset(Dataset):
         repeats: int = 1,
         caption_dropout: float = 0.0,
         files: Sequence | None = None,
+        bucketing: bool = False,
+        bucket_step: int | None = None,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
     ):
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -206,17 +226,42 @@ class ImageFolderDataset(Dataset):
         self.default_caption = default_caption
         self.repeats = int(repeats)
         self.caption_dropout = float(caption_dropout)
+        self.records = self._records(files, caption_ext)
+        self.buckets: list[tuple[int, int]] = [(self.resolution, self.resolution)]
+        self.record_buckets = [0] * len(self.records)
+        if bucketing:
+            self.buckets = make_buckets(self.resolution, bucket_step, bucket_min_side, bucket_max_side)
+            self.record_buckets = assign_buckets([self._size(r) for r in self.records], self.buckets)
+
+    def _records(self, files: Sequence | None, caption_ext: str) -> list[ImageRecord]:
         if files is None:
-            self.records = scan_image_folder(self.root, caption_ext)
-        else:
-            paths = [f for f in files if not isinstance(f, ImageRecord)]
-            resolved = iter(resolve_captions(self.root, paths, caption_ext) if paths else [])
-            self.records = [f if isinstance(f, ImageRecord) else next(resolved) for f in files]
-            if not self.records:
-                raise ValueError(f"ImageFolderDataset for {str(self.root)!r} was given an empty file list")
+            return scan_image_folder(self.root, caption_ext)
+        paths = [f for f in files if not isinstance(f, ImageRecord)]
+        resolved = iter(resolve_captions(self.root, paths, caption_ext) if paths else [])
+        records = [f if isinstance(f, ImageRecord) else next(resolved) for f in files]
+        if not records:
+            raise ValueError(f"ImageFolderDataset for {str(self.root)!r} was given an empty file list")
+        return records
+
+    @staticmethod
+    def _size(record: ImageRecord) -> tuple[int, int]:
+        return record.size if record.size is not None else image_size(record.path)
 
     def __len__(self) -> int:
         return len(self.records) * self.repeats
+
+    @property
+    def bucket_ids(self) -> list[int]:
+        """The bucket of every index (what ``BucketBatchSampler`` takes)."""
+        return self.record_buckets * self.repeats
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item ``index``."""
+        return self.buckets[self.record_buckets[index % len(self.records)]]
+
+    def summary(self) -> str:
+        """The buckets in use and their image counts."""
+        return bucket_summary(self.buckets, self.record_buckets)
 
     def caption(self, record: ImageRecord) -> str:
         return self.default_caption if record.caption is None else record.caption
@@ -225,8 +270,13 @@ class ImageFolderDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         record = self.records[index % len(self.records)]
-        image = load_rgb(record.path, min_side=self.resolution)
-        tensor = preprocess(image, self.resolution, self.center_crop, self.random_flip)
+        target = self.target_size(index)
+        if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
+            image = load_rgb(record.path, min_side=self.resolution)
+            tensor = preprocess(image, self.resolution, self.center_crop, self.random_flip)
+        else:
+            image = load_rgb(record.path, min_side=min(cover_size(*self._size(record), target)))
+            tensor = preprocess_to_size(image, target, self.center_crop, self.random_flip)
         caption = self.caption(record)
         if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
             caption = ""
@@ -239,6 +289,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     Validation holds ``val_size`` images (or ``val_fraction`` of them when given), chosen with
     ``seed``, never augmented. With ``val_size=0`` every image trains and validation shows the
     first few training images without augmentation.
+
+    ``bucketing`` (the default): aspect-ratio buckets (see ``datamodules.buckets``); batches come from
+    ``BucketBatchSampler`` (one bucket per batch, shuffled with ``seed`` and the epoch, split across
+    DDP ranks), the bucket summary is logged at ``setup()``, and the position in the epoch is saved in
+    checkpoints (``state_dict``) so a resumed run continues at the next batch.
     """
 
     def __init__(
@@ -257,6 +312,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         val_fraction: float | None = None,
         caption_ext: str = ".txt",
         pin_memory: bool = False,
+        bucketing: bool = True,
+        bucket_step: int | None = None,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
     ):
         super().__init__()
         _check_root(root)  # fail at construction, before anything else is built
@@ -270,6 +329,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.records: list[ImageRecord] | None = None
         self.data_train: ImageFolderDataset | None = None
         self.data_val: ImageFolderDataset | None = None
+        self._position: dict | None = None  # where a resumed run continues (from a checkpoint)
 
     def _dataset(self, records: list[ImageRecord], train: bool) -> ImageFolderDataset:
         hp = self.hparams
@@ -283,6 +343,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             repeats=hp.repeats if train else 1,
             caption_dropout=hp.caption_dropout if train else 0.0,
             files=records,
+            bucketing=hp.bucketing,
+            bucket_step=hp.bucket_step,
+            bucket_min_side=hp.bucket_min_side,
+            bucket_max_side=hp.bucket_max_side,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -312,16 +376,18 @@ class ImageFolderDataModule(L.LightningDataModule):
             len(val_records),
             "" if n_val else " (taken from train)",
         )
+        if hp.bucketing:
+            log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+    def _loader(self, dataset: ImageFolderDataset, shuffle: bool) -> DataLoader:
+        common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                  "persistent_workers": self.num_workers > 0}
+        if not self.hparams.bucketing:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **common)
+        position, self._position = (self._position, None) if shuffle else (None, self._position)
+        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle,
+                                     seed=self.hparams.seed, position=position)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -330,6 +396,21 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.data_val, shuffle=False)
+
+    # -- resume mid-epoch (bucket sampler position) ------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The training position: the bucket sampler's epoch and the batches this rank has processed in it
+        (counted by the trainer, which knows what was consumed; the loader has prefetched ahead)."""
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position = state_dict.get("bucket_position")
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
