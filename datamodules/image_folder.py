@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.captions import TagAugment, kohya_subset
 from datamodules.transforms import IMAGE_EXTENSIONS, image_size, load_rgb, preprocess, preprocess_to_size
 
 __all__ = [
@@ -50,11 +52,15 @@ class ImageRecord:
     """One usable image and its caption (None: no caption file, use the default).
 
     ``size``: (width, height) as loaded (EXIF rotation applied), None when not read yet.
+    ``repeats`` and ``class_name`` come from a kohya ``<repeats>_<name>`` folder (the name is the
+    caption of images without a caption file).
     """
 
     path: Path
     caption: str | None = None
     size: tuple[int, int] | None = None
+    repeats: int = 1
+    class_name: str | None = None
 
 
 def _check_root(root: str | os.PathLike) -> Path:
@@ -122,7 +128,7 @@ def _read_metadata(root: Path) -> dict[Path, str]:
 
 
 def _sidecar_caption(path: Path, caption_ext: str) -> str | None:
-    sidecar = path.with_suffix(caption_ext)
+    sidecar = path.with_suffix("." + caption_ext.lstrip("."))
     if sidecar.is_file():
         return sidecar.read_text(encoding="utf-8", errors="replace").strip()
     return None
@@ -131,14 +137,17 @@ def _sidecar_caption(path: Path, caption_ext: str) -> str | None:
 def resolve_captions(
     root: str | os.PathLike, paths: Sequence, caption_ext: str = ".txt"
 ) -> list[ImageRecord]:
-    """Attach captions (sidecar, then metadata.jsonl) to image paths under ``root``."""
-    metadata = _read_metadata(Path(root))
+    """Attach captions (sidecar, then metadata.jsonl) and kohya folder repeats / names to image paths
+    under ``root``."""
+    root = Path(root)
+    metadata = _read_metadata(root)
     records = []
     for path in map(Path, paths):
         caption = _sidecar_caption(path, caption_ext) if caption_ext else None
         if caption is None:
             caption = metadata.get(path.resolve())
-        records.append(ImageRecord(path, caption))
+        repeats, class_name = kohya_subset(root, path) or (1, None)
+        records.append(ImageRecord(path, caption, repeats=repeats, class_name=class_name))
     return records
 
 
@@ -194,6 +203,9 @@ class ImageFolderDataset(Dataset):
         bucket_step: bucket sides are multiples of this (the VAE factor x 8: 64 for SD; None: 64 from
             256 px up, resolution / 4 below).
         bucket_min_side, bucket_max_side: bucket side limits (default R / 2 and 2 R).
+        shuffle_tags, keep_tags, tag_dropout, tag_separator: tag-list caption augmentation (see
+            ``datamodules.captions.TagAugment``); the caption of a kohya ``<repeats>_<name>`` folder's image
+            without a caption file is the folder's name, and it repeats ``<repeats>`` x ``repeats`` times.
     """
 
     def __init__(
@@ -211,6 +223,10 @@ class ImageFolderDataset(Dataset):
         bucket_step: int | None = None,
         bucket_min_side: int | None = None,
         bucket_max_side: int | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        tag_separator: str = ",",
     ):
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -227,6 +243,10 @@ class ImageFolderDataset(Dataset):
         self.repeats = int(repeats)
         self.caption_dropout = float(caption_dropout)
         self.records = self._records(files, caption_ext)
+        self.tags = TagAugment(bool(shuffle_tags), int(keep_tags), float(tag_dropout), tag_separator)
+        # index -> record: kohya folder repeats, then the whole list ``repeats`` times
+        per_pass = np.repeat(np.arange(len(self.records)), [r.repeats for r in self.records])
+        self.index_to_record = np.tile(per_pass, self.repeats)
         self.buckets: list[tuple[int, int]] = [(self.resolution, self.resolution)]
         self.record_buckets = [0] * len(self.records)
         if bucketing:
@@ -248,28 +268,34 @@ class ImageFolderDataset(Dataset):
         return record.size if record.size is not None else image_size(record.path)
 
     def __len__(self) -> int:
-        return len(self.records) * self.repeats
+        return len(self.index_to_record)
 
     @property
     def bucket_ids(self) -> list[int]:
         """The bucket of every index (what ``BucketBatchSampler`` takes)."""
-        return self.record_buckets * self.repeats
+        return np.asarray(self.record_buckets, dtype=np.int64)[self.index_to_record].tolist()
+
+    def record_at(self, index: int) -> ImageRecord:
+        return self.records[int(self.index_to_record[index])]
 
     def target_size(self, index: int) -> tuple[int, int]:
         """(width, height) of item ``index``."""
-        return self.buckets[self.record_buckets[index % len(self.records)]]
+        return self.buckets[self.record_buckets[int(self.index_to_record[index])]]
 
     def summary(self) -> str:
         """The buckets in use and their image counts."""
         return bucket_summary(self.buckets, self.record_buckets)
 
     def caption(self, record: ImageRecord) -> str:
-        return self.default_caption if record.caption is None else record.caption
+        """Caption file or metadata, else the kohya folder name, else ``default_caption``."""
+        if record.caption is not None:
+            return record.caption
+        return record.class_name if record.class_name is not None else self.default_caption
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        record = self.records[index % len(self.records)]
+        record = self.record_at(index)
         target = self.target_size(index)
         if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
             image = load_rgb(record.path, min_side=self.resolution)
@@ -277,7 +303,7 @@ class ImageFolderDataset(Dataset):
         else:
             image = load_rgb(record.path, min_side=min(cover_size(*self._size(record), target)))
             tensor = preprocess_to_size(image, target, self.center_crop, self.random_flip)
-        caption = self.caption(record)
+        caption = self.tags(self.caption(record))
         if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
             caption = ""
         return {"image": tensor, "caption": caption}
@@ -294,6 +320,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     ``BucketBatchSampler`` (one bucket per batch, shuffled with ``seed`` and the epoch, split across
     DDP ranks), the bucket summary is logged at ``setup()``, and the position in the epoch is saved in
     checkpoints (``state_dict``) so a resumed run continues at the next batch.
+
+    Trainer-style folders: images under ``<root>/<repeats>_<name>/`` (kohya) repeat ``repeats`` times and
+    are captioned ``name`` when they have no caption file; ``caption_ext`` names the caption files
+    (``.txt``, ``.caption``); ``shuffle_tags`` / ``keep_tags`` / ``tag_dropout`` augment tag-list captions
+    in training.
     """
 
     def __init__(
@@ -316,6 +347,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         bucket_step: int | None = None,
         bucket_min_side: int | None = None,
         bucket_max_side: int | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        tag_separator: str = ",",
     ):
         super().__init__()
         _check_root(root)  # fail at construction, before anything else is built
@@ -342,7 +377,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             caption_ext=hp.caption_ext,
             repeats=hp.repeats if train else 1,
             caption_dropout=hp.caption_dropout if train else 0.0,
-            files=records,
+            files=records if train else [replace(r, repeats=1) for r in records],
+            shuffle_tags=hp.shuffle_tags if train else False,
+            keep_tags=hp.keep_tags,
+            tag_dropout=hp.tag_dropout if train else 0.0,
+            tag_separator=hp.tag_separator,
             bucketing=hp.bucketing,
             bucket_step=hp.bucket_step,
             bucket_min_side=hp.bucket_min_side,
@@ -376,6 +415,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             len(val_records),
             "" if n_val else " (taken from train)",
         )
+        subsets = Counter((r.repeats, r.class_name) for r in train_records if r.class_name is not None)
+        for (repeats, name), count in sorted(subsets.items()):
+            log.info("kohya folder %r: %d image(s) x %d repeat(s)", f"{repeats}_{name}", count, repeats)
         if hp.bucketing:
             log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())
 
