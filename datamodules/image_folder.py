@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.captions import TagAugment, kohya_subset
 from datamodules.transforms import IMAGE_EXTENSIONS, image_size, load_rgb, preprocess, preprocess_to_size
 

@@ -49,7 +49,7 @@ def test_vae_then_txt2img_train_on_bucketed_folder(tmp_path, compose_cfg, record
     record.shapes.clear()
 
     cfg = compose_cfg([*TXT2IMG, root, "debug=smoke"], output_name="txt2img")  # finds the VAE run above
-    metrics, objects = train(cfg)
+    metrics, _ = train(cfg)
     assert "train/loss" in metrics and "val/loss" in metrics
     assert any(h != w for h, w in record.shapes), record.shapes
     images = list((Path(cfg.paths.output_dir) / "images").glob("samples_*.png"))
