@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.bucket_sampler import BucketBatchSampler
 from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.captions import TagAugment, kohya_subset
+from datamodules.folder_index import load_or_build_index
 from datamodules.transforms import IMAGE_EXTENSIONS, image_size, load_rgb, preprocess, preprocess_to_size
 
 __all__ = [
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
 _SUMMARY_NAMES = 10  # how many skipped files the summary warning lists by name
+DECODE_ALL_MAX_FILES = 2000  # check="auto": larger folders start from the header index (lazy decode check)
 
 
 @dataclass(frozen=True)
@@ -151,26 +153,48 @@ def resolve_captions(
     return records
 
 
-def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[ImageRecord]:
-    """Find, check (once) and caption every image under ``root``; records carry the image sizes.
-
-    Raises FileNotFoundError for a missing folder and ValueError when no image is readable.
-    """
-    root = _check_root(root)
-    paths = find_image_files(root)
-    readable, sizes, skipped = [], {}, []
+def _decode_all(paths: list[Path]) -> tuple[dict[Path, tuple[int, int]], dict[Path, str]]:
+    sizes, bad = {}, {}
     for path in paths:
         reason = check_image(path)
         if reason is None:
-            readable.append(path)
             sizes[path] = image_size(path)
         else:
-            skipped.append(path)
-            log.warning("skipping unreadable image %s (%s)", path, reason)
-    if skipped:
+            bad[path] = reason
+    return sizes, bad
+
+
+def _from_index(root: Path, paths: list[Path], index_dir) -> tuple[dict, dict]:
+    index = load_or_build_index(root, paths, index_dir)
+    sizes = {root / rel: tuple(size) for rel, size in index["sizes"].items()}
+    return sizes, {root / rel: reason for rel, reason in index["unreadable"].items()}
+
+
+def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt", check: str = "auto",
+                      index_dir: str | os.PathLike | None = None) -> list[ImageRecord]:
+    """Find, check and caption every image under ``root``; records carry the image sizes.
+
+    ``check``: "decode" opens and decodes every image now; "header" reads only the headers, through
+    the index cached in ``index_dir`` (``datamodules.folder_index``), leaving the decoding check to the
+    first load; "auto": "decode" up to ``DECODE_ALL_MAX_FILES`` files, else "header". Unreadable files
+    are skipped with one warning each and a summary. Raises FileNotFoundError for a missing folder and
+    ValueError when no image is readable.
+    """
+    root = _check_root(root)
+    paths = find_image_files(root)
+    if check == "auto":
+        check = "decode" if len(paths) <= DECODE_ALL_MAX_FILES else "header"
+    if check not in ("decode", "header"):
+        raise ValueError(f"check must be 'auto', 'decode' or 'header', got {check!r}")
+    sizes, bad = _decode_all(paths) if check == "decode" else _from_index(root, paths, index_dir)
+    for path, reason in bad.items():
+        log.warning("skipping unreadable image %s (%s)", path, reason)
+    if bad:
+        skipped = sorted(bad)
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:_SUMMARY_NAMES])
         more = f" and {len(skipped) - _SUMMARY_NAMES} more" if len(skipped) > _SUMMARY_NAMES else ""
         log.warning("skipped %d of %d files under %s: %s%s", len(skipped), len(paths), root, names, more)
+    readable = [p for p in paths if p in sizes]
     if not readable:
         detail = f"{len(paths)} candidate file(s), all unreadable" if paths else "no image files found"
         raise ValueError(
@@ -243,6 +267,7 @@ class ImageFolderDataset(Dataset):
         self.repeats = int(repeats)
         self.caption_dropout = float(caption_dropout)
         self.records = self._records(files, caption_ext)
+        self._unreadable: set[int] = set()  # records found broken when loaded
         self.tags = TagAugment(bool(shuffle_tags), int(keep_tags), float(tag_dropout), tag_separator)
         # index -> record: kohya folder repeats, then the whole list ``repeats`` times
         per_pass = np.repeat(np.arange(len(self.records)), [r.repeats for r in self.records])
@@ -292,17 +317,43 @@ class ImageFolderDataset(Dataset):
             return record.caption
         return record.class_name if record.class_name is not None else self.default_caption
 
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        record = self.record_at(index)
-        target = self.target_size(index)
+    def _load(self, record: ImageRecord, target: tuple[int, int]) -> torch.Tensor:
         if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
             image = load_rgb(record.path, min_side=self.resolution)
-            tensor = preprocess(image, self.resolution, self.center_crop, self.random_flip)
+            return preprocess(image, self.resolution, self.center_crop, self.random_flip)
+        image = load_rgb(record.path, min_side=min(cover_size(*self._size(record), target)))
+        return preprocess_to_size(image, target, self.center_crop, self.random_flip)
+
+    def _stand_ins(self, record_id: int):
+        """``record_id``, then the other images of its bucket (after it, cyclically) not known bad."""
+        bucket = self.record_buckets[record_id]
+        n = len(self.records)
+        for k in range(n):
+            other = (record_id + k) % n
+            if self.record_buckets[other] == bucket and other not in self._unreadable:
+                yield other
+
+    def __getitem__(self, index: int) -> dict:
+        """A file that fails to decode (found lazily, e.g. after a header-only scan) is skipped with one
+        warning and replaced by the next readable image of the same bucket."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        record_id = int(self.index_to_record[index])
+        target = self.target_size(index)
+        for candidate in self._stand_ins(record_id):
+            record = self.records[candidate]
+            try:
+                tensor = self._load(record, target)
+                break
+            except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this file"
+                self._unreadable.add(candidate)
+                log.warning("skipping unreadable image %s (%s: %s); %d unreadable so far", record.path,
+                            type(error).__name__, error, len(self._unreadable))
         else:
-            image = load_rgb(record.path, min_side=min(cover_size(*self._size(record), target)))
-            tensor = preprocess_to_size(image, target, self.center_crop, self.random_flip)
+            raise RuntimeError(
+                f"every image of bucket {target[0]}x{target[1]} under {str(self.root)!r} is unreadable "
+                f"(see the warnings above); remove or replace the broken files"
+            )
         caption = self.tags(self.caption(record))
         if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
             caption = ""
@@ -325,6 +376,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     are captioned ``name`` when they have no caption file; ``caption_ext`` names the caption files
     (``.txt``, ``.caption``); ``shuffle_tags`` / ``keep_tags`` / ``tag_dropout`` augment tag-list captions
     in training.
+
+    Large folders: ``check="auto"`` decodes every image at ``setup()`` only up to
+    ``DECODE_ALL_MAX_FILES`` files; larger folders start from a header index cached in ``index_dir``
+    (see ``scan_image_folder``), and broken files are skipped when first loaded.
     """
 
     def __init__(
@@ -351,6 +406,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         keep_tags: int = 0,
         tag_dropout: float = 0.0,
         tag_separator: str = ",",
+        check: str = "auto",
+        index_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         _check_root(root)  # fail at construction, before anything else is built
@@ -392,7 +449,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.records is not None:
             return
         hp = self.hparams
-        records = scan_image_folder(self.root, hp.caption_ext)
+        records = scan_image_folder(self.root, hp.caption_ext, hp.check, hp.index_dir)
         n = len(records)
         n_val = round(hp.val_fraction * n) if hp.val_fraction is not None else int(hp.val_size)
         if n_val > n - 1:

@@ -143,7 +143,9 @@ def image_size(path) -> tuple[int, int]:
     """(width, height) as ``load_rgb`` will return it (EXIF rotations applied), from the header only."""
     with Image.open(path) as opened:
         width, height = opened.size
-        orientation = opened.getexif().get(0x0112, 1) if hasattr(opened, "getexif") else 1
+        # a PNG's getexif() would decode the whole file to look for a late eXIf chunk: use an early one only
+        header_only = opened.format != "PNG" or "exif" in opened.info
+        orientation = opened.getexif().get(0x0112, 1) if header_only else 1
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
