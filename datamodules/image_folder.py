@@ -21,17 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import lightning as L
-import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from datamodules.bucket_sampler import BucketBatchSampler
-from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
-from datamodules.captions import TagAugment, kohya_subset
+from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, split_indices
+from datamodules.captions import kohya_subset
 from datamodules.folder_index import load_or_build_index
-from datamodules.transforms import IMAGE_EXTENSIONS, image_size, load_rgb, preprocess, preprocess_to_size
+from datamodules.transforms import IMAGE_EXTENSIONS, image_size
 
 __all__ = [
     "ImageFolderDataModule",
@@ -205,78 +200,30 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt", check:
     return [replace(r, size=sizes[r.path]) for r in resolve_captions(root, readable, caption_ext)]
 
 
-class ImageFolderDataset(Dataset):
-    """Images (+ captions) -> {"image": float [3, H, W] in [-1, 1], "caption": str}.
+class ImageFolderDataset(BucketedImageDataset):
+    """Images (+ captions) of a folder -> {"image": float [3, H, W] in [-1, 1], "caption": str}.
 
-    Without buckets every image is R x R (shorter side resized to R, then cropped). With
-    ``bucketing`` each image is resized to cover the aspect-ratio bucket nearest its own (about R^2
-    pixels, sides multiples of ``bucket_step``) and only the excess is cropped; ``bucket_ids`` gives
-    every index's bucket, for ``BucketBatchSampler`` (a batch must not mix buckets).
+    Without buckets every image is R x R (shorter side resized to R, then cropped); with ``bucketing``
+    each image covers its aspect-ratio bucket (see ``BucketedImageDataset`` for the shared arguments).
 
     Args:
         root: the folder; scanned (recursively, each file checked once) unless ``files`` is given.
-        resolution: output side R (square), or the bucket area R^2.
-        center_crop: center crop if True, else a random crop.
-        random_flip: probability of a horizontal flip.
-        default_caption: caption of images without a caption file or metadata entry.
+        default_caption: caption of images without a caption file, metadata entry or kohya folder name.
         caption_ext: extension of sidecar caption files ("" disables them).
-        repeats: each image appears this many times per epoch.
-        caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
         files: already-checked images: ``ImageRecord``s, or paths whose captions are looked up.
-        bucketing: aspect-ratio buckets instead of square crops.
-        bucket_step: bucket sides are multiples of this (the VAE factor x 8: 64 for SD; None: 64 from
-            256 px up, resolution / 4 below).
-        bucket_min_side, bucket_max_side: bucket side limits (default R / 2 and 2 R).
-        shuffle_tags, keep_tags, tag_dropout, tag_separator: tag-list caption augmentation (see
-            ``datamodules.captions.TagAugment``); the caption of a kohya ``<repeats>_<name>`` folder's image
-            without a caption file is the folder's name, and it repeats ``<repeats>`` x ``repeats`` times.
+        **kwargs: ``BucketedImageDataset`` arguments (resolution, center_crop, random_flip, repeats,
+            caption_dropout, bucketing, bucket_step, ..., shuffle_tags, keep_tags, tag_dropout). Images of a
+            kohya ``<repeats>_<name>`` folder repeat ``<repeats>`` x ``repeats`` times.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        resolution: int = 512,
-        center_crop: bool = True,
-        random_flip: float = 0.0,
-        default_caption: str = "",
-        caption_ext: str = ".txt",
-        repeats: int = 1,
-        caption_dropout: float = 0.0,
-        files: Sequence | None = None,
-        bucketing: bool = False,
-        bucket_step: int | None = None,
-        bucket_min_side: int | None = None,
-        bucket_max_side: int | None = None,
-        shuffle_tags: bool = False,
-        keep_tags: int = 0,
-        tag_dropout: float = 0.0,
-        tag_separator: str = ",",
-    ):
-        if int(resolution) <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        if int(repeats) < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
-        for name, value in (("random_flip", random_flip), ("caption_dropout", caption_dropout)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+    log = log
+
+    def __init__(self, root: str | os.PathLike, resolution: int = 512, default_caption: str = "",
+                 caption_ext: str = ".txt", files: Sequence | None = None, **kwargs):
         self.root = Path(root)
-        self.resolution = int(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = float(random_flip)
         self.default_caption = default_caption
-        self.repeats = int(repeats)
-        self.caption_dropout = float(caption_dropout)
         self.records = self._records(files, caption_ext)
-        self._unreadable: set[int] = set()  # records found broken when loaded
-        self.tags = TagAugment(bool(shuffle_tags), int(keep_tags), float(tag_dropout), tag_separator)
-        # index -> record: kohya folder repeats, then the whole list ``repeats`` times
-        per_pass = np.repeat(np.arange(len(self.records)), [r.repeats for r in self.records])
-        self.index_to_record = np.tile(per_pass, self.repeats)
-        self.buckets: list[tuple[int, int]] = [(self.resolution, self.resolution)]
-        self.record_buckets = [0] * len(self.records)
-        if bucketing:
-            self.buckets = make_buckets(self.resolution, bucket_step, bucket_min_side, bucket_max_side)
-            self.record_buckets = assign_buckets([self._size(r) for r in self.records], self.buckets)
+        super().__init__(resolution=resolution, **kwargs)
 
     def _records(self, files: Sequence | None, caption_ext: str) -> list[ImageRecord]:
         if files is None:
@@ -288,28 +235,27 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"ImageFolderDataset for {str(self.root)!r} was given an empty file list")
         return records
 
-    @staticmethod
-    def _size(record: ImageRecord) -> tuple[int, int]:
+    def num_records(self) -> int:
+        return len(self.records)
+
+    def record_size(self, record_id: int) -> tuple[int, int]:
+        record = self.records[record_id]
         return record.size if record.size is not None else image_size(record.path)
 
-    def __len__(self) -> int:
-        return len(self.index_to_record)
+    def open_record(self, record_id: int) -> Path:
+        return self.records[record_id].path
 
-    @property
-    def bucket_ids(self) -> list[int]:
-        """The bucket of every index (what ``BucketBatchSampler`` takes)."""
-        return np.asarray(self.record_buckets, dtype=np.int64)[self.index_to_record].tolist()
+    def record_name(self, record_id: int) -> str:
+        return str(self.records[record_id].path)
+
+    def record_repeats(self, record_id: int) -> int:
+        return self.records[record_id].repeats
+
+    def record_caption(self, record_id: int) -> str:
+        return self.caption(self.records[record_id])
 
     def record_at(self, index: int) -> ImageRecord:
         return self.records[int(self.index_to_record[index])]
-
-    def target_size(self, index: int) -> tuple[int, int]:
-        """(width, height) of item ``index``."""
-        return self.buckets[self.record_buckets[int(self.index_to_record[index])]]
-
-    def summary(self) -> str:
-        """The buckets in use and their image counts."""
-        return bucket_summary(self.buckets, self.record_buckets)
 
     def caption(self, record: ImageRecord) -> str:
         """Caption file or metadata, else the kohya folder name, else ``default_caption``."""
@@ -317,50 +263,8 @@ class ImageFolderDataset(Dataset):
             return record.caption
         return record.class_name if record.class_name is not None else self.default_caption
 
-    def _load(self, record: ImageRecord, target: tuple[int, int]) -> torch.Tensor:
-        if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
-            image = load_rgb(record.path, min_side=self.resolution)
-            return preprocess(image, self.resolution, self.center_crop, self.random_flip)
-        image = load_rgb(record.path, min_side=min(cover_size(*self._size(record), target)))
-        return preprocess_to_size(image, target, self.center_crop, self.random_flip)
 
-    def _stand_ins(self, record_id: int):
-        """``record_id``, then the other images of its bucket (after it, cyclically) not known bad."""
-        bucket = self.record_buckets[record_id]
-        n = len(self.records)
-        for k in range(n):
-            other = (record_id + k) % n
-            if self.record_buckets[other] == bucket and other not in self._unreadable:
-                yield other
-
-    def __getitem__(self, index: int) -> dict:
-        """A file that fails to decode (found lazily, e.g. after a header-only scan) is skipped with one
-        warning and replaced by the next readable image of the same bucket."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        record_id = int(self.index_to_record[index])
-        target = self.target_size(index)
-        for candidate in self._stand_ins(record_id):
-            record = self.records[candidate]
-            try:
-                tensor = self._load(record, target)
-                break
-            except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this file"
-                self._unreadable.add(candidate)
-                log.warning("skipping unreadable image %s (%s: %s); %d unreadable so far", record.path,
-                            type(error).__name__, error, len(self._unreadable))
-        else:
-            raise RuntimeError(
-                f"every image of bucket {target[0]}x{target[1]} under {str(self.root)!r} is unreadable "
-                f"(see the warnings above); remove or replace the broken files"
-            )
-        caption = self.tags(self.caption(record))
-        if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
-            caption = ""
-        return {"image": tensor, "caption": caption}
-
-
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(BucketedDataModule):
     """Train / val split of an image folder; the folder is scanned once, in ``setup()``.
 
     Validation holds ``val_size`` images (or ``val_fraction`` of them when given), chosen with
@@ -450,17 +354,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         records = scan_image_folder(self.root, hp.caption_ext, hp.check, hp.index_dir)
-        n = len(records)
-        n_val = round(hp.val_fraction * n) if hp.val_fraction is not None else int(hp.val_size)
-        if n_val > n - 1:
-            log.warning(
-                "only %d image(s) in %s: using %d for validation instead of %d", n, self.root, n - 1, n_val
-            )
-            n_val = n - 1
-        order = np.random.default_rng(hp.seed).permutation(n)
-        val_ids = set(order[:n_val].tolist())
-        train_records = [r for k, r in enumerate(records) if k not in val_ids]
-        val_records = [r for k, r in enumerate(records) if k in val_ids] or train_records[:4]
+        train_ids, val_ids = split_indices(len(records), hp.val_size, hp.val_fraction, hp.seed, log, str(self.root))
+        train_records = [records[k] for k in train_ids]
+        val_records = [records[k] for k in val_ids]
         self.records = records
         self.data_train = self._dataset(train_records, train=True)
         self.data_val = self._dataset(val_records, train=False)
@@ -470,46 +366,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             len(train_records),
             hp.repeats,
             len(val_records),
-            "" if n_val else " (taken from train)",
+            "" if set(val_ids) - set(train_ids) else " (taken from train)",
         )
         subsets = Counter((r.repeats, r.class_name) for r in train_records if r.class_name is not None)
         for (repeats, name), count in sorted(subsets.items()):
             log.info("kohya folder %r: %d image(s) x %d repeat(s)", f"{repeats}_{name}", count, repeats)
         if hp.bucketing:
             log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())
-
-    def _loader(self, dataset: ImageFolderDataset, shuffle: bool) -> DataLoader:
-        common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                  "persistent_workers": self.num_workers > 0}
-        if not self.hparams.bucketing:
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **common)
-        position, self._position = (self._position, None) if shuffle else (None, self._position)
-        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle,
-                                     seed=self.hparams.seed, position=position)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.data_val, shuffle=False)
-
-    # -- resume mid-epoch (bucket sampler position) ------------------------------------------------------
-    def state_dict(self) -> dict:
-        """The training position: the bucket sampler's epoch and the batches this rank has processed in it
-        (counted by the trainer, which knows what was consumed; the loader has prefetched ahead)."""
-        trainer = getattr(self, "trainer", None)
-        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._position = state_dict.get("bucket_position")
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
