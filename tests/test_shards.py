@@ -3,6 +3,7 @@ buckets, kohya repeats), readable by webdataset itself, and trained from with da
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -87,3 +88,21 @@ def test_vae_and_txt2img_train_from_shards(shapes_shards, compose_cfg):
                        "model.sampler.steps=2"], "txt2img")
     metrics, objects = train(cfg)
     assert "train/loss" in metrics and len(objects["datamodule"].data_train) == 40
+
+
+def test_data_loading_benchmark_cases_run(tmp_path, capsys):
+    """benchmarks/data_loading.py's parts, in-process and tiny: folder generation, the three start-up cases,
+    shards and the throughput loop."""
+    from benchmarks.data_loading import child, generate_folder
+    from scripts.make_shards import main as make_shards
+
+    folder = tmp_path / "folder"
+    generate_folder(folder, 40)
+    assert len(list(folder.glob("*/*.jpg"))) == 40 and len(list(folder.glob("*/*.txt"))) == 40
+    for kind in ("decode", "header", "header"):  # the second header run reads the cached index
+        child(kind, str(folder), str(tmp_path / "index"), batches=1)
+    assert len(list((tmp_path / "index").glob("index_*.json"))) == 1
+    make_shards(["--folder", str(folder), "--out", str(tmp_path / "shards"), "--resolution", "128"])
+    child("shards", str(tmp_path / "shards"), "", batches=1)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 4 and all(line["startup_s"] > 0 and line["images_per_s"] > 0 for line in lines)
