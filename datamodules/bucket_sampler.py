@@ -5,7 +5,8 @@ Every epoch, all ranks compute the same global batch list from ``(seed, epoch)``
 are shuffled and cut into batches of ``batch_size`` (a bucket's last batch may be smaller, unless
 ``drop_last``), then the batches of all buckets are shuffled together. Rank r takes global batches
 r, r + R, r + 2R, ... of the first ``R * floor(n / R)`` batches, so ranks see disjoint items and the
-same number of steps (DDP would hang otherwise).
+same number of steps (DDP would hang otherwise). Without shuffling (validation) the last batches are
+repeated up to a multiple of R instead, so that every item is evaluated.
 
 Under DDP, Lightning re-creates a ``BatchSampler`` subclass made in ``*_dataloader()`` with a
 ``DistributedSampler`` as ``sampler``; this class only reads the rank and world size from it (the
@@ -86,16 +87,24 @@ class BucketBatchSampler(BatchSampler):
             batches = [batches[k] for k in rng.permutation(len(batches))]
         return batches
 
+    def _rank_count(self, n_batches: int) -> int:
+        """Batches per rank: the leftover batches are dropped in training (ranks stay disjoint) and
+        repeated in evaluation (every item is seen); a rank never gets none (Lightning would fail)."""
+        if self.shuffle and n_batches >= self.num_replicas:
+            return n_batches // self.num_replicas
+        return -(-n_batches // self.num_replicas)
+
     def rank_batches(self, epoch: int) -> list[list[int]]:
         batches = self.global_batches(epoch)
-        usable = len(batches) // self.num_replicas * self.num_replicas
-        return batches[self.rank:usable:self.num_replicas]
+        needed = self._rank_count(len(batches)) * self.num_replicas
+        batches = [batches[k % len(batches)] for k in range(needed)] if batches else []
+        return batches[self.rank::self.num_replicas]
 
     def __len__(self) -> int:
         """Batches of this rank per epoch (the same every epoch)."""
         counts = np.unique(self.bucket_ids, return_counts=True)[1]
         per_bucket = counts // self.batch_size if self.drop_last else -(-counts // self.batch_size)
-        return int(per_bucket.sum()) // self.num_replicas
+        return self._rank_count(int(per_bucket.sum()))
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, skip = self.epoch, self._skip  # read at the first next(), not when iter() is called

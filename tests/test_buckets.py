@@ -170,3 +170,12 @@ def test_square_when_bucketing_is_off(tmp_path):
     assert {tuple(dataset[k]["image"].shape) for k in range(len(dataset))} == {(3, 32, 32)}
     assert set(dataset.bucket_ids) == {0}
     assert torch.is_tensor(dataset[0]["image"])
+
+
+def test_sampler_validation_split_covers_every_item_on_every_rank_count():
+    bucket_ids = [0, 0, 0, 1]  # two batches of 3 and 1
+    per_rank = [list(BucketBatchSampler(bucket_ids, 3, shuffle=False, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [1, 1, 1]  # no rank without a batch
+    assert {i for batches in per_rank for b in batches for i in b} == {0, 1, 2, 3}
+    few = [BucketBatchSampler([0, 0], 2, shuffle=True, num_replicas=2, rank=r) for r in range(2)]
+    assert [len(s) for s in few] == [1, 1] and [len(list(s)) for s in few] == [1, 1]
