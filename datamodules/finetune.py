@@ -9,6 +9,10 @@ posterior mean and std (so each epoch still draws a fresh z = mean + std * eps).
 disk, keyed by the VAE weights, the resolution and the data, so a second run skips the encoding.
 Random augmentations would break a cache: a horizontal flip is cached as a second variant
 (``flip_variants``); any other random transform in the source is refused.
+
+Aspect-ratio buckets: when the items come in more than one size (a bucketed image folder), every batch -
+for encoding, training and validation - comes from one size (``BucketBatchSampler``), and the cache holds
+each image's latent at its bucket size (lists of tensors instead of one stacked tensor).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from datamodules.bucket_sampler import BucketBatchSampler
 from datamodules.samplers import training_sampler
 from ldm.utils.logging import get_logger
 
@@ -57,8 +62,43 @@ class Flagged(Dataset):
         return {**self.source[index], "is_regularization": self.flag}
 
 
+def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
+    """The (width, height) of every item (of its latent, for the latent cache), without loading images."""
+    if isinstance(dataset, ConcatDataset):
+        return [size for part in dataset.datasets for size in item_sizes(part)]
+    if isinstance(dataset, Subset):
+        inner = item_sizes(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, Repeated):
+        return item_sizes(dataset.source) * dataset.repeats
+    if isinstance(dataset, Flagged):
+        return item_sizes(dataset.source)
+    if isinstance(dataset, LatentCacheDataset):
+        return [(m.shape[-1], m.shape[-2]) for m in dataset.means[0]]
+    if hasattr(dataset, "target_size"):
+        return [tuple(dataset.target_size(i)) for i in range(len(dataset))]
+    side = getattr(dataset, "resolution", 0)
+    return [(side, side)] * len(dataset)
+
+
+def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                  drop_last: bool = False) -> DataLoader:
+    """Batches of one item size each when the sizes differ (aspect-ratio buckets), plain batches otherwise."""
+    sizes = item_sizes(dataset)
+    keys = sorted(set(sizes))
+    if len(keys) <= 1:  # one size: the seeded training order dealt to ranks (datamodules.samplers)
+        return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset) if shuffle else None,
+                          num_workers=num_workers, drop_last=drop_last)
+    ids = [keys.index(size) for size in sizes]
+    return DataLoader(dataset, batch_sampler=BucketBatchSampler(ids, batch_size, shuffle=shuffle),
+                      num_workers=num_workers)
+
+
 class LatentCacheDataset(Dataset):
-    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once."""
+    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once.
+
+    ``means`` / ``stds``: [variant, N, C, h, w] tensors, or (bucketed data) per variant a list of N
+    [C, h, w] tensors of each item's bucket size."""
 
     def __init__(self, means: torch.Tensor, stds: torch.Tensor, captions: list[str], flip_variants: bool,
                  flags: torch.Tensor | None = None):
@@ -70,7 +110,7 @@ class LatentCacheDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         variant = int(torch.randint(0, 2, ())) if self.flip_variants else 0
-        return {"latent_mean": self.means[variant, index], "latent_std": self.stds[variant, index],
+        return {"latent_mean": self.means[variant][index], "latent_std": self.stds[variant][index],
                 "caption": self.captions[index], "is_regularization": bool(self.flags[index])}
 
 
@@ -97,20 +137,27 @@ def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batc
                    device: torch.device | str = "cpu") -> LatentCacheDataset:
     from rich.progress import track
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = bucket_loader(dataset, batch_size, shuffle=False)
+    order = [i for batch in loader.batch_sampler for i in batch]  # dataset indices in loader order
     means, stds, captions, flags = [[], []], [[], []], [], []
     for batch in track(loader, description="caching latents", disable=len(loader) < 2):
         images = batch["image"].to(device)
         for variant, imgs in enumerate([images, images.flip(-1)] if flip_variants else [images]):
             mean, std = encode(imgs)
-            means[variant].append(mean.cpu())
-            stds[variant].append(std.cpu())
+            means[variant] += list(mean.cpu())
+            stds[variant] += list(std.cpu())
         captions += list(batch["caption"])
         flags.append(torch.as_tensor(batch.get("is_regularization", [False] * len(images)), dtype=torch.bool))
     variants = 2 if flip_variants else 1
-    return LatentCacheDataset(torch.stack([torch.cat(means[v]) for v in range(variants)]),
-                              torch.stack([torch.cat(stds[v]) for v in range(variants)]), captions, flip_variants,
-                              torch.cat(flags))
+    position = {index: k for k, index in enumerate(order)}
+    ranked = [position[i] for i in range(len(order))]  # back to dataset order
+    flags = torch.cat(flags)[ranked]
+    means = [[means[v][k] for k in ranked] for v in range(variants)]
+    stds = [[stds[v][k] for k in ranked] for v in range(variants)]
+    captions = [captions[k] for k in ranked]
+    if len({m.shape for m in means[0]}) == 1:  # one size: stacked tensors, as before
+        means, stds = torch.stack([torch.stack(m) for m in means]), torch.stack([torch.stack(s) for s in stds])
+    return LatentCacheDataset(means, stds, captions, flip_variants, flags)
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -183,7 +230,8 @@ class FineTuneDataModule(L.LightningDataModule):
         data = self.data_train
         first = data[0]["image"] if len(data) else torch.zeros(1)
         inner = data.source if isinstance(data, Flagged) else data
-        parts = ["flags-v2", vae_fingerprint, str(self.resolution), str(len(data)), type(inner).__name__,
+        sizes = hashlib.sha1(str(item_sizes(data)).encode()).hexdigest()  # bucket of every item
+        parts = ["flags-v2", vae_fingerprint, str(self.resolution), str(len(data)), type(inner).__name__, sizes,
                  str(getattr(inner, "seed", "")), str(getattr(inner, "split", "")),
                  hashlib.sha1(first.numpy().tobytes()).hexdigest(), str(self.hparams.flip_variants)]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
@@ -211,11 +259,11 @@ class FineTuneDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = self.cached if self.cached is not None else self.data_train
         view = Repeated(data, self.hparams.repeats)
-        return DataLoader(view, batch_size=self.hparams.batch_size, sampler=training_sampler(view),
-                          num_workers=self.hparams.num_workers, drop_last=len(view) > self.hparams.batch_size)
+        return bucket_loader(view, self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers,
+                             drop_last=len(view) > self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_val is None:
             return []
-        return DataLoader(self.data_val, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers)
+        return bucket_loader(self.data_val, self.hparams.batch_size, shuffle=False,
+                             num_workers=self.hparams.num_workers)
