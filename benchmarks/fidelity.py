@@ -3,15 +3,19 @@
 
     python benchmarks/fidelity.py --ckpt last                                # held-out prompts, DPM++ 20 vs DDIM 50
     python benchmarks/fidelity.py --ckpt last --lora logs/lora_finetune/runs/<run>/adapters/lora_finetune.safetensors
+    python benchmarks/fidelity.py --ckpt last --embedding logs/textual_inversion/runs/<run>/adapters/embedding.safetensors
 
 Prompt sets: ``heldout`` (combinations never seen in base training), ``concept`` (the held-out concept,
 e.g. "star", what fine-tuning teaches) and ``known`` (seen combinations). With ``--lora`` each set is scored
 for the base and for base + LoRA, so the gain on the concept and the change on known prompts are side by side.
+With ``--embedding`` (textual inversion) the "base+embedding" model gets the prompts with the concept word
+(``--concept-word``, default "star") replaced by the embedding's token; the evaluator scores the original prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,12 +42,16 @@ def prompts_for(split: str, n: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-def score(model, prompts: list[str], sampler, guidance: float | None, seed: int, batch: int = 32):
+def score(model, prompts: list[str], sampler, guidance: float | None, seed: int, batch: int = 32,
+          rewrite=None):
+    """Generate for ``prompts`` (each passed through ``rewrite`` first, e.g. to put a token in) and score the
+    images against the original prompts."""
     evaluator = ShapesEvaluator()
     images = []
     for i in range(0, len(prompts), batch):
-        images.append(model.generate(prompts[i:i + batch], guidance_scale=guidance, seed=seed + i,
-                                     sampler=sampler))
+        chunk = prompts[i:i + batch]
+        images.append(model.generate([rewrite(p) for p in chunk] if rewrite else chunk, guidance_scale=guidance,
+                                     seed=seed + i, sampler=sampler))
     images = torch.cat(images)
     return evaluator.score(images, prompts), images
 
@@ -53,8 +61,10 @@ def main(argv=None) -> dict:
     p.add_argument("--ckpt", default="last")
     p.add_argument("--log-dir", default="logs")
     p.add_argument("--lora", action="append", default=[])
+    p.add_argument("--embedding", action="append", default=[], help="textual-inversion file[:token]")
+    p.add_argument("--concept-word", default="star", help="word the embedding's token replaces in prompts")
     p.add_argument("--sets", default=None, help="comma list of heldout,concept,known (default: heldout, or "
-                   "concept,known with --lora)")
+                   "concept,known with --lora / --embedding)")
     p.add_argument("--samplers", default="dpmpp_2m-20,ddim-50", help=f"from {sorted(SAMPLERS)}")
     p.add_argument("--n", type=int, default=90, help="prompts per set (cycled)")
     p.add_argument("--guidance", type=float, default=None)
@@ -62,10 +72,17 @@ def main(argv=None) -> dict:
     p.add_argument("--grid-dir", default=None, help="save one grid per set/sampler here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    sets = (args.sets or ("concept,known" if args.lora else "heldout")).split(",")
+    sets = (args.sets or ("concept,known" if args.lora or args.embedding else "heldout")).split(",")
     variants = {"base": load_for_sampling(args.ckpt, log_dir=args.log_dir)}
     if args.lora:
         variants["base+lora"] = load_for_sampling(args.ckpt, loras=args.lora, log_dir=args.log_dir)
+    rewrite = {}
+    if args.embedding:
+        model = load_for_sampling(args.ckpt, log_dir=args.log_dir, embeddings=args.embedding)
+        variants["base+embedding"] = model
+        token = list(model.text_encoder.placeholders)[-1]
+        word = re.compile(rf"\b{re.escape(args.concept_word)}\b")
+        rewrite["base+embedding"] = lambda prompt: word.sub(token, prompt)
     rows = []
     for split in sets:
         base_prompts = prompts_for(split, 10_000)
@@ -74,7 +91,8 @@ def main(argv=None) -> dict:
             name, steps = SAMPLERS[sampler_name]
             for variant, model in variants.items():
                 start = time.perf_counter()
-                result, images = score(model, prompts, build_sampler(name, steps=steps), args.guidance, args.seed)
+                result, images = score(model, prompts, build_sampler(name, steps=steps), args.guidance, args.seed,
+                                       rewrite=rewrite.get(variant))
                 seconds = time.perf_counter() - start
                 rows.append((split, sampler_name, variant, result, seconds))
                 if args.grid_dir:

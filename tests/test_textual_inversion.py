@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,110 @@ def test_placeholder_captions():
     templates = PlaceholderCaptions("<star>", "object")
     captions = {templates({"caption": "x"})["caption"] for _ in range(50)}
     assert len(captions) > 3 and captions <= {t.format("<star>") for t in OBJECT_TEMPLATES}
+
+
+# -- end to end: train.py, checkpoints, resume, sample.py, fidelity ----------------------------------------
+
+TINY_PARTS = ["model/sampler=ddim", "model.sampler.steps=2", "callbacks.rich_progress_bar=null"]
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    """A tiny txt2img checkpoint trained for a few steps on a hand-made VAE checkpoint."""
+    from ldm.modules.vae import AutoencoderKL
+    from tests.conftest import compose_train
+    from train import train
+
+    tmp = tmp_path_factory.mktemp("base")
+    vae = AutoencoderKL(embed_dim=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, norm_groups=4)
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, tmp / "vae.ckpt")
+    cfg = compose_train(tmp, ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *TINY_PARTS,
+                              "debug=smoke", "data.train_size=16", "data.val_size=4",
+                              f"model.vae_ckpt={tmp / 'vae.ckpt'}",
+                              "model.log_prompts=[a red circle on a blue background]"])
+    train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def ti_overrides(base: Path, extra=()):
+    return ["experiment=textual_inversion", *TINY_PARTS, "debug=smoke", f"model.base={base}",
+            "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4", "data.cache_dir=null",
+            "model.log_prompts=[a red <star> on a blue background]", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(base_ckpt, tmp_path_factory):
+    """One smoke run of experiment=textual_inversion: (config, model, run folder)."""
+    from tests.conftest import compose_train
+    from train import train
+
+    cfg = compose_train(tmp_path_factory.mktemp("ti"), ti_overrides(base_ckpt))
+    _, objects = train(cfg)
+    return cfg, objects["model"], Path(cfg.paths.output_dir)
+
+
+def test_experiment_trains_only_the_new_vectors(trained, base_ckpt):
+    from ldm.io.base_model import load_base_model
+
+    _, model, run = trained
+    base = load_base_model(str(base_ckpt)).text_encoder
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "text_encoder.transformer.text_model.embeddings.token_embedding.vectors"]
+    # every row of the base's token embedding, and every other text-encoder weight, is bit-identical
+    rows = base.token_embedding.weight.shape[0]
+    assert torch.equal(model.text_encoder.token_embedding.weight[:rows], base.token_embedding.weight)
+    trained_state = model.text_encoder.state_dict()
+    assert all(torch.equal(v, trained_state[k]) for k, v in base.state_dict().items() if "token_embedding" not in k)
+    # the new vectors moved away from their initialisation (the word "star")
+    star = base.tokenizer.convert_tokens_to_ids("star</w>")
+    vectors = model.method.state_dict()[STATE_KEY]
+    assert vectors.shape == (4, 64) and not torch.equal(vectors[0], base.token_embedding.weight[star])
+    # before/after grids
+    assert list((run / "images").glob("samples_*.png")) and list((run / "images").glob("base_samples_*.png"))
+
+
+def test_checkpoint_holds_only_the_vectors_and_resume_restores_them(trained, base_ckpt, compose_cfg):
+    from train import train
+
+    cfg, model, run = trained
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == {f"method.{STATE_KEY}", "scale_factor"}
+    saved = ckpt["state_dict"][f"method.{STATE_KEY}"]
+    torch.testing.assert_close(saved, model.method.state_dict()[STATE_KEY])
+    resumed = compose_cfg(ti_overrides(base_ckpt, [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                                                    f"trainer.max_steps={ckpt['global_step']}"]))
+    _, objects = train(resumed)  # nothing left to train: the module holds exactly what was restored
+    assert objects["trainer"].global_step == ckpt["global_step"]
+    assert torch.equal(objects["model"].method.state_dict()[STATE_KEY], saved)
+
+
+def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
+    import sample
+
+    _, model, run = trained
+    exported = run / "adapters" / "textual_inversion.safetensors"
+    loaded = load_embedding(exported)
+    assert loaded.token == "<star>"
+    torch.testing.assert_close(loaded.vectors, model.method.state_dict()[STATE_KEY])
+    # the file's single key is A1111/kohya's
+    from safetensors.torch import load_file
+
+    assert list(load_file(str(exported))) == ["emb_params"]
+    sampler_model = sample.load_for_sampling(str(base_ckpt), embeddings=[f"{exported}:<my-star>"])
+    encoder = sampler_model.text_encoder
+    ids = encoder.tokenizer.convert_tokens_to_ids(placeholder_tokens("<my-star>", 4))
+    torch.testing.assert_close(encoder.token_embedding.weight[ids], loaded.vectors)
+    grid = sample.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--prompt",
+                        "a red <star> on a blue background", "--negative-prompt", "a <star>", "--n", "1",
+                        "--steps", "2", "--out", str(tmp_path / "samples")])
+    assert grid.is_file()
+
+
+def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt):
+    from benchmarks import fidelity
+
+    _, _, run = trained
+    exported = run / "adapters" / "textual_inversion.safetensors"
+    results = fidelity.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--n", "2",
+                             "--samplers", "dpmpp_2m-20", "--sets", "concept"])
+    assert set(results) == {("concept", "dpmpp_2m-20", "base"), ("concept", "dpmpp_2m-20", "base+embedding")}
