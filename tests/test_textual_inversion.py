@@ -230,7 +230,7 @@ def base_ckpt(tmp_path_factory):
 def ti_overrides(base: Path, extra=()):
     return ["experiment=textual_inversion", *TINY_PARTS, "debug=smoke", f"model.base={base}",
             "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4", "data.cache_dir=null",
-            "model.log_prompts=[a red <star> on a blue background]", *extra]
+            "model.log_prompts=['a red <star> on a blue background']", *extra]
 
 
 @pytest.fixture(scope="module")
