@@ -267,7 +267,7 @@ def test_experiment_trains_only_the_new_vectors(trained, base_ckpt):
 def test_checkpoint_holds_only_the_vectors_and_resume_restores_them(trained, base_ckpt, compose_cfg):
     from train import train
 
-    cfg, model, run = trained
+    _, model, run = trained
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert set(ckpt["state_dict"]) == {f"method.{STATE_KEY}", "scale_factor"}
     saved = ckpt["state_dict"][f"method.{STATE_KEY}"]

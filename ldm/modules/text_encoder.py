@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.modules.adapters.token_embeddings import expand_placeholders, placeholder_tokens
+from ldm.modules.adapters.token_embeddings import expand_placeholders, initial_vectors, placeholder_tokens
 from ldm.modules.clip_layout import CLIPTextModelHolder, sd_layout
 from ldm.modules.clip_presets import PRESETS, build_text_model
 from ldm.modules.text_encoder_files import load_clip_files, save_tokenizer
@@ -312,15 +312,13 @@ class CLIPTextEncoder(nn.Module):
                 raise ValueError(f"embedding for {token!r} has shape {tuple(vectors.shape)}, but this text encoder "
                                  f"needs [{n}, {weight.shape[1]}] (hidden size {weight.shape[1]}): it was made for "
                                  "another base model (SD1 CLIP ViT-L = 768, SD2 OpenCLIP = 1024)")
-        elif init_text:
-            init_ids = self._require_tokenizer()(init_text, add_special_tokens=False)["input_ids"]
-            if not init_ids:
-                raise ValueError(f"initializer text {init_text!r} has no tokens")
-            rows = weight.detach()[torch.as_tensor(init_ids, device=weight.device)]
-            vectors = rows[torch.arange(n, device=weight.device) % len(init_ids)]
         else:
-            rows = weight.detach().float()
-            vectors = torch.randn(n, weight.shape[1], device=weight.device) * rows.std(0) + rows.mean(0)
+            init_ids = None
+            if init_text:
+                init_ids = self._require_tokenizer()(init_text, add_special_tokens=False)["input_ids"]
+                if not init_ids:
+                    raise ValueError(f"initializer text {init_text!r} has no tokens")
+            vectors = initial_vectors(weight, n, init_ids)
         ids = self.add_tokens(tokens)
         with torch.no_grad():
             self.token_embedding.weight[torch.as_tensor(ids, device=weight.device)] = vectors.to(weight)

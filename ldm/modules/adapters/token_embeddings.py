@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PlaceholderEmbedding", "expand_placeholders", "placeholder_tokens"]
+__all__ = ["PlaceholderEmbedding", "expand_placeholders", "initial_vectors", "placeholder_tokens"]
 
 
 def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
@@ -46,6 +46,19 @@ def expand_placeholders(prompt: str, placeholders: Mapping[str, Sequence[str]]) 
         pattern = re.compile(re.escape(token) + r"(?!_\d)", flags=re.IGNORECASE)
         prompt = pattern.sub(" ".join(expansion).replace("\\", "\\\\"), prompt)
     return prompt
+
+
+def initial_vectors(weight: Tensor, num_vectors: int, init_ids: Sequence[int] | None = None) -> Tensor:
+    """Starting rows ``[num_vectors, dim]`` for a placeholder in the embedding ``weight`` ``[vocab, dim]``: the rows
+    of ``init_ids`` (an initializer text's tokens) cycled over the vectors, as AUTOMATIC1111 does; without
+    ``init_ids``, random rows drawn from N(mean, std) of the existing rows per dimension."""
+    weight = weight.detach()
+    if init_ids:
+        rows = weight[torch.as_tensor(list(init_ids), device=weight.device)]
+        return rows[torch.arange(num_vectors, device=weight.device) % len(rows)].clone()
+    rows = weight.float()
+    noise = torch.randn(num_vectors, weight.shape[1], device=weight.device)
+    return (noise * rows.std(0) + rows.mean(0)).to(weight.dtype)
 
 
 class PlaceholderEmbedding(nn.Embedding):
