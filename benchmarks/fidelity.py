@@ -70,6 +70,9 @@ def main(argv=None) -> dict:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--grid-dir", default=None, help="save one grid per set/sampler here")
+    p.add_argument("--compare-grid", default=None, help="save a before/after grid here: one row per model, the "
+                   "first --compare-columns prompts of each set (first sampler), same seeds")
+    p.add_argument("--compare-columns", type=int, default=4)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     sets = (args.sets or ("concept,known" if args.lora or args.embedding else "heldout")).split(",")
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
         token = list(model.text_encoder.placeholders)[-1]
         word = re.compile(rf"\b{re.escape(args.concept_word)}\b")
         rewrite["base+embedding"] = lambda prompt: word.sub(token, prompt)
-    rows = []
+    rows, firsts = [], {}
     for split in sets:
         base_prompts = prompts_for(split, 10_000)
         prompts = [base_prompts[i % len(base_prompts)] for i in range(args.n)]
@@ -95,6 +98,7 @@ def main(argv=None) -> dict:
                                        rewrite=rewrite.get(variant))
                 seconds = time.perf_counter() - start
                 rows.append((split, sampler_name, variant, result, seconds))
+                firsts.setdefault((split, variant), (images[:args.compare_columns], prompts[:args.compare_columns]))
                 if args.grid_dir:
                     save_labelled_grid(images[:12], prompts[:12],
                                        Path(args.grid_dir) / f"{split}_{sampler_name}_{variant}.png")
@@ -106,7 +110,38 @@ def main(argv=None) -> dict:
     for split, sampler_name, variant, r, _ in rows:
         print(f"| {split} | {sampler_name} | {variant} | {r['fidelity']:.1%} | {r['color_acc']:.1%} | "
               f"{r['shape_acc']:.1%} | {r['background_acc']:.1%} | {r['n']} |")
+    if args.compare_grid:
+        grid = {v: torch.cat([firsts[(split, v)][0] for split in sets]) for v in variants}
+        labels = [p for split in sets for p in firsts[(split, "base")][1]]
+        print(f"wrote {save_comparison_grid(grid, labels, args.compare_grid)}")
     return {(s, sm, v): r for s, sm, v, r, _ in rows}
+
+
+def save_comparison_grid(rows: dict[str, torch.Tensor], labels: list[str], path: str | Path,
+                         cell: int = 96) -> Path:
+    """One row of images per model (label on the left), one column per prompt (label on top)."""
+    from PIL import Image, ImageDraw
+
+    from ldm.utils.images import to_uint8
+
+    left, top, gap = 110, 34, 6
+    ncol = len(labels)
+    canvas = Image.new("RGB", (left + ncol * (cell + gap), top + len(rows) * (cell + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, label in enumerate(labels):
+        words = label.replace("background", "bg").split()
+        half = (len(words) + 1) // 2
+        draw.multiline_text((left + c * (cell + gap), 2), " ".join(words[:half]) + "\n" + " ".join(words[half:]),
+                            fill=(0, 0, 0), spacing=1)
+    for r, (name, images) in enumerate(rows.items()):
+        y = top + r * (cell + gap)
+        draw.text((4, y + cell // 2 - 6), name, fill=(0, 0, 0))
+        for c, array in enumerate(to_uint8(images)):
+            canvas.paste(Image.fromarray(array).resize((cell, cell), Image.NEAREST), (left + c * (cell + gap), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
 
 
 if __name__ == "__main__":

@@ -301,11 +301,17 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     assert grid.is_file()
 
 
-def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt):
+def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt, tmp_path):
     from benchmarks import fidelity
 
     _, _, run = trained
     exported = run / "adapters" / "textual_inversion.safetensors"
+    grid = tmp_path / "before_after.png"
     results = fidelity.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--n", "2",
-                             "--samplers", "dpmpp_2m-20", "--sets", "concept"])
-    assert set(results) == {("concept", "dpmpp_2m-20", "base"), ("concept", "dpmpp_2m-20", "base+embedding")}
+                             "--samplers", "dpmpp_2m-20", "--compare-grid", str(grid), "--compare-columns", "2"])
+    assert set(results) == {(s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+embedding")}
+    # prompts without the token: the same images, so the same score
+    assert results[("known", "dpmpp_2m-20", "base")] == results[("known", "dpmpp_2m-20", "base+embedding")]
+    from PIL import Image
+
+    assert Image.open(grid).size[0] > 4 * 96
