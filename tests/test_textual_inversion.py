@@ -245,7 +245,7 @@ def trained(base_ckpt, tmp_path_factory):
 
 
 def test_experiment_trains_only_the_new_vectors(trained, base_ckpt):
-    from ldm.io.base_model import load_base_model
+    from ldm.models.base_loader import load_base_model
 
     _, model, run = trained
     base = load_base_model(str(base_ckpt)).text_encoder
