@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", action="append", default=[],
                    help="kohya LoRA .safetensors to merge, optionally with a multiplier: file.safetensors:0.8 "
                    "(repeat to stack several)")
+    p.add_argument("--embedding", action="append", default=[],
+                   help="textual-inversion embedding (.safetensors / A1111 .pt) whose token then works in prompts "
+                   "and negative prompts: file or file:token (default token: the file's own; repeat for several)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
@@ -68,9 +71,12 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
-                      loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs"):
+                      loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs",
+                      embeddings: list[str] = ()):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
-    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``)."""
+    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``) and textual-inversion
+    embeddings added (``path[:token]``)."""
+    from ldm.io.embeddings import apply_embedding
     from ldm.io.kohya_lora import load_kohya_lora
     from ldm.io.sources import is_lightning_checkpoint
     from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
@@ -94,6 +100,9 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
         summary = load_kohya_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier,
                                   merge=True)
         print(f"merged LoRA {path} x{multiplier} ({summary['modules']} modules, rank {summary['rank']})")
+    for spec in embeddings:
+        loaded = apply_embedding(model.text_encoder, spec)
+        print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
     model.image_resolution = resolution
     return model.to(device).eval()
 
@@ -103,7 +112,7 @@ def main(argv=None) -> Path:
     kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
     sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
     model = load_for_sampling(args.ckpt, args.device, not args.no_ema, args.tokenizer, args.lora, sampler,
-                              args.resolution, args.log_dir)
+                              args.resolution, args.log_dir, args.embedding)
     resolution = model.image_resolution
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = model.generate(prompts, guidance_scale=args.guidance, seed=args.seed, sampler=sampler,

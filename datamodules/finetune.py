@@ -49,6 +49,20 @@ class Repeated(Dataset):
         return self.source[index % len(self.source)]
 
 
+class CaptionsRewritten(Dataset):
+    """The source's items passed through ``transform`` (item -> item) each time one is drawn, e.g. textual
+    inversion's placeholder prompts (``datamodules.placeholder_captions``)."""
+
+    def __init__(self, source: Dataset, transform: Callable[[dict], dict]):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(dict(self.source[index]))
+
+
 class Flagged(Dataset):
     """The source's items with ``is_regularization`` set to ``flag``."""
 
@@ -71,7 +85,7 @@ def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
         return [inner[i] for i in dataset.indices]
     if isinstance(dataset, Repeated):
         return item_sizes(dataset.source) * dataset.repeats
-    if isinstance(dataset, Flagged):
+    if isinstance(dataset, (Flagged, CaptionsRewritten)):
         return item_sizes(dataset.source)
     if isinstance(dataset, LatentCacheDataset):
         return [(m.shape[-1], m.shape[-2]) for m in dataset.means[0]]
@@ -169,6 +183,8 @@ class FineTuneDataModule(L.LightningDataModule):
         "auto": "regularization" when regularisation data is given, else "none";
         "none": no validation loss (a few-image concept keeps every image for training; the image logger
         still shows the log prompts).
+    caption_transform: item -> item applied whenever a training or validation item is drawn (after the latent
+        cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
     """
 
     VALIDATION = ("auto", "source", "regularization", "none")
@@ -177,13 +193,14 @@ class FineTuneDataModule(L.LightningDataModule):
                  repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
                  cache_dir: str | None = None, num_workers: int = 0,
                  regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
-                 validation: str = "auto"):
+                 validation: str = "auto", caption_transform: Callable[[dict], dict] | None = None):
         super().__init__()
         if validation not in self.VALIDATION:
             raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
-        self.save_hyperparameters(ignore=["source", "regularization"], logger=False)
+        self.save_hyperparameters(ignore=["source", "regularization", "caption_transform"], logger=False)
         self.source = source
         self.regularization = regularization
+        self.caption_transform = caption_transform
         self.resolution = resolution or getattr(source, "resolution", None) or source.hparams.get("resolution")
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
@@ -256,14 +273,17 @@ class FineTuneDataModule(L.LightningDataModule):
                         "flip_variants": self.cached.flip_variants, "flags": self.cached.flags}, path)
             log.info(f"Cached {len(self.cached)} latents to {path}")
 
+    def _rewritten(self, data: Dataset) -> Dataset:
+        return data if self.caption_transform is None else CaptionsRewritten(data, self.caption_transform)
+
     def train_dataloader(self) -> DataLoader:
         data = self.cached if self.cached is not None else self.data_train
-        view = Repeated(data, self.hparams.repeats)
+        view = self._rewritten(Repeated(data, self.hparams.repeats))
         return bucket_loader(view, self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers,
                              drop_last=len(view) > self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_val is None:
             return []
-        return bucket_loader(self.data_val, self.hparams.batch_size, shuffle=False,
+        return bucket_loader(self._rewritten(self.data_val), self.hparams.batch_size, shuffle=False,
                              num_workers=self.hparams.num_workers)
