@@ -31,6 +31,8 @@ class Hypernetwork(FineTuneMethod):
         ``dropout_structure`` (one probability per layer_structure entry) overrides it.
     zero_last_layer: start as the exact identity (AUTOMATIC1111's ``Normal`` init starts near it).
     strength: the multiplier on the MLP output while training and sampling; ``disabled()`` sets it to 0.
+    lr: the MLPs' learning rate (``None``: ``model.optimizer.lr``). One MLP pair feeds every cross-attention
+        layer, so it needs a much smaller rate than LoRA (AUTOMATIC1111's default: 1e-5 on SD v1).
     export_format: ``pt`` (AUTOMATIC1111) or ``safetensors``.
     """
 
@@ -42,7 +44,8 @@ class Hypernetwork(FineTuneMethod):
                  weight_init: str = "Normal", layer_norm: bool = False, activate_output: bool = False,
                  use_dropout: bool = False, dropout: float = 0.3, last_layer_dropout: bool = False,
                  dropout_structure: Sequence[float] | None = None, zero_last_layer: bool = False,
-                 strength: float = 1.0, export_format: str = "pt", prior_loss_weight: float | None = None):
+                 strength: float = 1.0, lr: float | None = None, export_format: str = "pt",
+                 prior_loss_weight: float | None = None):
         super().__init__(prior_loss_weight=prior_loss_weight)
         if export_format not in ("pt", "safetensors"):
             raise ValueError(f"model.method.export_format must be 'pt' or 'safetensors', got {export_format!r}")
@@ -55,6 +58,7 @@ class Hypernetwork(FineTuneMethod):
                         "weight_init": weight_init, "layer_norm": layer_norm, "activate_output": activate_output,
                         "dropout_structure": list(dropout_structure), "zero_last_layer": zero_last_layer}
         self.strength = float(strength)
+        self.lr = lr
         self.network: hn.Hypernetwork | None = None
         self.attached: list[str] = []
 
@@ -77,6 +81,12 @@ class Hypernetwork(FineTuneMethod):
     def parameters(self) -> list[nn.Parameter]:
         return list(self._require_network().parameters())
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        group: dict[str, Any] = {"params": self.parameters()}
+        if self.lr is not None:
+            group["lr"] = float(self.lr)
+        return [group]
+
     def train_modules(self) -> list[nn.Module]:
         return [self._require_network()]
 
@@ -97,8 +107,8 @@ class Hypernetwork(FineTuneMethod):
         if path.suffix not in (".pt", ".safetensors"):
             path = path.with_suffix(self.export_suffix)
         base = metadata.get("base") or metadata.get("sd_checkpoint_name")
-        info = {"name": metadata.get("name") or path.stem, "step": metadata.get("step") or 0,
+        info = {"name": metadata.get("name") or path.stem, "step": metadata.get("steps") or 0,
                 "sd_checkpoint": metadata.get("sd_checkpoint"),
                 "sd_checkpoint_name": Path(str(base)).name if base else None,
-                "optional_info": metadata.get("comment")}
+                "optional_info": f"ldm-lightning hypernetwork, base: {base or 'latest run'}"}
         return save_hypernetwork(path, self._require_network(), self_attention=self.self_attention, **info)
