@@ -278,6 +278,7 @@ def tiny_lightning_checkpoint(path: Path) -> Path:
         "sampler": {"_target_": "ldm.diffusion.DDIMSampler", "steps": 2},
         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
         "scale_factor": 0.5,
+        "ema_decay": None,
     }
     model = hydra.utils.instantiate(OmegaConf.create(config), _convert_="all")
     randomise(model.unet, 0.05)
