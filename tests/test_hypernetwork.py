@@ -307,3 +307,17 @@ def test_sample_py_applies_a_hypernetwork_with_strength(tmp_path):
     off = run("off", "--hypernetwork", f"{hn_file}:0")
     assert np.abs(applied - plain).max() > 0
     np.testing.assert_array_equal(off, plain)
+
+
+def test_fidelity_benchmark_scores_base_and_hypernetwork(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).parents[1] / "benchmarks" / "fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    ckpt = tiny_lightning_checkpoint(tmp_path / "last.ckpt")
+    hn_file = save_hypernetwork(tmp_path / "stars.pt", Hypernetwork([64]), name="stars")
+    results = fidelity.main(["--ckpt", str(ckpt), "--hypernetwork", f"{hn_file}:0.5", "--samplers", "dpmpp_2m-20",
+                             "--n", "2", "--grid-dir", str(tmp_path / "grids")])
+    assert set(results) == {(s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+hypernetwork")}
+    assert (tmp_path / "grids" / "concept_dpmpp_2m-20_base+hypernetwork.png").is_file()
