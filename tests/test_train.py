@@ -26,6 +26,9 @@ TINY = {
     "lora_finetune": ["data.source.train_size=16", "data.source.val_size=4",
                       "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                       "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
+    "hypernetwork": ["data.source.train_size=16", "data.source.val_size=4",
+                     "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
+                     "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
 }
 
 
