@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.io.hypernetwork_file import load_hypernetwork
 from ldm.io.base_model import load_base_model
+from ldm.io.hypernetwork_file import load_hypernetwork
+from ldm.models.checkpoint import load_lightning_model
 from ldm.modules.adapters.hypernetwork import attach_hypernetwork
 from tests.test_hypernetwork import tiny_lightning_checkpoint
 from train import train
@@ -63,6 +64,13 @@ def test_hypernetwork_trains_only_its_mlps_and_exports_automatic1111(compose_cfg
         assert model.hypernetwork.strength == 1.0  # restored after disabled()
     images = run / "images"
     assert list(images.glob("samples_*.png")) and list(images.glob("base_samples_*.png"))
+
+    # sample.py --ckpt <this run's checkpoint>: the base + the MLPs are rebuilt
+    rebuilt = load_lightning_model(run / "checkpoints" / "last.ckpt")
+    for key, value in rebuilt.method.state_dict().items():
+        torch.testing.assert_close(value, ckpt["state_dict"][f"method.{key}"], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.unet(x, t, ctx), tuned)
 
 
 def test_hypernetwork_resume_restores_the_mlps(compose_cfg, base_ckpt):
