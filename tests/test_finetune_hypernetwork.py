@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.io.base_model import load_base_model
 from ldm.io.hypernetwork_file import load_hypernetwork
+from ldm.models.base_loader import load_base_model
 from ldm.models.checkpoint import load_lightning_model
 from ldm.modules.adapters.hypernetwork import attach_hypernetwork
 from tests.test_hypernetwork import tiny_lightning_checkpoint

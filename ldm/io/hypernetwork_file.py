@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.io.stable_diffusion import UnsafeCheckpointError, safe_torch_load
+from ldm.io.safe_load import UnsafeCheckpointError, safe_torch_load
 from ldm.modules.adapters.hypernetwork import Hypernetwork, dropout_structure_for
+from ldm.utils.files import atomic_write
 
 __all__ = ["HypernetworkFile", "UnsafeCheckpointError", "load_hypernetwork", "read_hypernetwork",
            "save_hypernetwork"]
@@ -95,19 +95,6 @@ def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_hypernetwork(path: str | os.PathLike, net: Hypernetwork, *, self_attention: bool = False,
                       **info: Any) -> Path:
     """Write ``net`` as AUTOMATIC1111's ``.pt`` (or ``.safetensors`` by suffix), atomically. ``info``: ``name``,
@@ -123,14 +110,14 @@ def save_hypernetwork(path: str | os.PathLike, net: Hypernetwork, *, self_attent
                ((w, net.pair(w)) for w in net.widths)}
     if path.suffix == ".pt":
         payload: dict[Any, Any] = {**weights, **fields}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     else:
         from safetensors.torch import save_file
 
         tensors = {f"{w}.{which}.{key}": t for w, pair in weights.items()
                    for which, state in zip("kv", pair) for key, t in state.items()}
         metadata = {"format": "hypernetwork", **{k: json.dumps(v) for k, v in fields.items()}}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
