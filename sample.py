@@ -9,7 +9,8 @@ a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, o
 
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --steps 25 --n 1
 
-(512 px for SD v1, 768 for SD 2.x 768-v). Writes ``grid.png`` (one row per prompt) and single PNGs.
+(512 px for SD v1, 768 for SD 2.x 768-v). ``--lora file.safetensors:0.8`` merges kohya LoRA files;
+``--hypernetwork file.pt:0.7`` applies an AUTOMATIC1111 hypernetwork. Writes ``grid.png`` (one row per prompt) and single PNGs.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embedding", action="append", default=[],
                    help="textual-inversion embedding (.safetensors / A1111 .pt) whose token then works in prompts "
                    "and negative prompts: file or file:token (default token: the file's own; repeat for several)")
+    p.add_argument("--hypernetwork", default=None, metavar="FILE[:STRENGTH]",
+                   help="AUTOMATIC1111 hypernetwork .pt (or .safetensors) to apply, optionally with a strength: "
+                   "file.pt:0.7")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
@@ -72,10 +76,10 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
                       loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs",
-                      embeddings: list[str] = ()):
+                      embeddings: list[str] = (), hypernetwork: str | None = None):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
-    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``) and textual-inversion
-    embeddings added (``path[:token]``)."""
+    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``), textual-inversion
+    embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied (``path[:strength]``)."""
     from ldm.io.embeddings import apply_embedding
     from ldm.io.kohya_lora import load_kohya_lora
     from ldm.io.sources import is_lightning_checkpoint
@@ -103,8 +107,23 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
     for spec in embeddings:
         loaded = apply_embedding(model.text_encoder, spec)
         print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
+    if hypernetwork:
+        apply_hypernetwork(model, unet, hypernetwork)
     model.image_resolution = resolution
     return model.to(device).eval()
+
+
+def apply_hypernetwork(model, unet, spec: str) -> None:
+    """Attach the hypernetwork ``file[:strength]`` to ``unet``; ``model`` owns it (moves with ``.to``)."""
+    from ldm.io.hypernetwork_file import load_hypernetwork
+    from ldm.modules.adapters.hypernetwork import attach_hypernetwork
+
+    path, strength = parse_lora(spec)
+    net, file = load_hypernetwork(path)
+    net.strength = strength
+    model.add_module("hypernetwork", net)
+    names = attach_hypernetwork(unet, net, self_attention=file.self_attention)
+    print(f"hypernetwork {path} x{strength} (widths {net.widths}, {len(names)} attention layers)")
 
 
 def main(argv=None) -> Path:
@@ -112,7 +131,7 @@ def main(argv=None) -> Path:
     kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
     sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
     model = load_for_sampling(args.ckpt, args.device, not args.no_ema, args.tokenizer, args.lora, sampler,
-                              args.resolution, args.log_dir, args.embedding)
+                              args.resolution, args.log_dir, args.embedding, args.hypernetwork)
     resolution = model.image_resolution
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = model.generate(prompts, guidance_scale=args.guidance, seed=args.seed, sampler=sampler,

@@ -4,10 +4,12 @@
     python benchmarks/fidelity.py --ckpt last                                # held-out prompts, DPM++ 20 vs DDIM 50
     python benchmarks/fidelity.py --ckpt last --lora logs/lora_finetune/runs/<run>/adapters/lora_finetune.safetensors
     python benchmarks/fidelity.py --ckpt last --embedding logs/textual_inversion/runs/<run>/adapters/embedding.safetensors
+    python benchmarks/fidelity.py --ckpt last --hypernetwork logs/hypernetwork/runs/<run>/adapters/hypernetwork.pt
 
 Prompt sets: ``heldout`` (combinations never seen in base training), ``concept`` (the held-out concept,
-e.g. "star", what fine-tuning teaches) and ``known`` (seen combinations). With ``--lora`` each set is scored
-for the base and for base + LoRA, so the gain on the concept and the change on known prompts are side by side.
+e.g. "star", what fine-tuning teaches) and ``known`` (seen combinations). With ``--lora`` (``--hypernetwork``)
+each set is scored for the base and for base + LoRA (hypernetwork), so the gain on the concept and the change
+on known prompts are side by side.
 With ``--embedding`` (textual inversion) the "base+embedding" model gets the prompts with the concept word
 (``--concept-word``, default "star") replaced by the embedding's token; the evaluator scores the original prompt.
 """
@@ -63,8 +65,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lora", action="append", default=[])
     p.add_argument("--embedding", action="append", default=[], help="textual-inversion file[:token]")
     p.add_argument("--concept-word", default="star", help="word the embedding's token replaces in prompts")
+    p.add_argument("--hypernetwork", default=None, help="AUTOMATIC1111 hypernetwork file[:strength]")
     p.add_argument("--sets", default=None, help="comma list of heldout,concept,known (default: heldout, or "
-                   "concept,known with --lora / --embedding)")
+                   "concept,known with --lora / --embedding / --hypernetwork)")
     p.add_argument("--samplers", default="dpmpp_2m-20,ddim-50", help=f"from {sorted(SAMPLERS)}")
     p.add_argument("--n", type=int, default=90, help="prompts per set (cycled)")
     p.add_argument("--guidance", type=float, default=None)
@@ -75,10 +78,14 @@ def main(argv=None) -> dict:
     p.add_argument("--compare-columns", type=int, default=4)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    sets = (args.sets or ("concept,known" if args.lora or args.embedding else "heldout")).split(",")
+    adapted = args.lora or args.embedding or args.hypernetwork
+    sets = (args.sets or ("concept,known" if adapted else "heldout")).split(",")
     variants = {"base": load_for_sampling(args.ckpt, log_dir=args.log_dir)}
     if args.lora:
         variants["base+lora"] = load_for_sampling(args.ckpt, loras=args.lora, log_dir=args.log_dir)
+    if args.hypernetwork:
+        variants["base+hypernetwork"] = load_for_sampling(args.ckpt, log_dir=args.log_dir,
+                                                          hypernetwork=args.hypernetwork)
     rewrite = {}
     if args.embedding:
         model = load_for_sampling(args.ckpt, log_dir=args.log_dir, embeddings=args.embedding)
@@ -102,7 +109,7 @@ def main(argv=None) -> dict:
                 if args.grid_dir:
                     save_labelled_grid(images[:12], prompts[:12],
                                        Path(args.grid_dir) / f"{split}_{sampler_name}_{variant}.png")
-                print(f"{split:8s} {sampler_name:12s} {variant:10s} fidelity {result['fidelity']:.3f} "
+                print(f"{split:8s} {sampler_name:12s} {variant:17s} fidelity {result['fidelity']:.3f} "
                       f"colour {result['color_acc']:.3f} shape {result['shape_acc']:.3f} "
                       f"background {result['background_acc']:.3f} ({seconds:.0f} s)", flush=True)
     print("\n| prompts | sampler | model | fidelity | colour | shape | background | n |")

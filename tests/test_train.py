@@ -29,6 +29,9 @@ TINY = {
     "textual_inversion": ["data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
                           "model.log_prompts=['a red <star> on a blue background']", "model/sampler=ddim",
                           "model.sampler.steps=2", "data.cache_dir=null"],
+    "hypernetwork": ["data.source.train_size=16", "data.source.val_size=4",
+                     "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
+                     "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
 }
 # DreamBooth: 4 class images sampled in 2 steps, cached under the run folder
 TINY["dreambooth"] = TINY["dreambooth_lora"] = [
