@@ -18,6 +18,24 @@ SAMPLERS: tuple[str, ...] = (
     "ddpm", "ddim", *SOLVERS, *(f"{name}_karras" for name in SOLVERS)
 )
 
+DISPLAY_NAMES: dict[str, tuple[str, str]] = {
+    # ours: (AUTOMATIC1111 / ComfyUI-style name, diffusers scheduler [config])
+    "ddpm": ("DDPM", "DDPMScheduler"),
+    "ddim": ("DDIM", "DDIMScheduler"),
+    "euler": ("Euler", "EulerDiscreteScheduler"),
+    "euler_a": ("Euler a", "EulerAncestralDiscreteScheduler"),
+    "heun": ("Heun", "HeunDiscreteScheduler"),
+    "dpmpp_2m": ("DPM++ 2M", "DPMSolverMultistepScheduler"),
+    "dpmpp_2s_a": ("DPM++ 2S a", "DPMSolverSinglestepScheduler (no ancestral variant)"),
+}
+
+
+def display_name(name: str) -> str:
+    """AUTOMATIC1111's name for sampler ``name`` (``dpmpp_2m_karras`` -> ``"DPM++ 2M Karras"``)."""
+    base = name.removesuffix("_karras")
+    label = DISPLAY_NAMES[base][0] if base in DISPLAY_NAMES else base
+    return f"{label} Karras" if name.endswith("_karras") else label
+
 
 def build_sampler(name: str, steps: int | None = None, eta: float | None = None, **kwargs) -> Sampler:
     """Sampler by name (see ``SAMPLERS``). ``eta``: DDIM's eta (default 0) or the ancestral solvers' noise
@@ -43,6 +61,7 @@ def build_sampler(name: str, steps: int | None = None, eta: float | None = None,
 
 __all__ = [
     "DEFAULT_TIMESTEP_SPACING",
+    "DISPLAY_NAMES",
     "SAMPLERS",
     "TIMESTEP_SPACINGS",
     "DDIMSampler",
@@ -51,5 +70,6 @@ __all__ = [
     "Sampler",
     "SigmaSampler",
     "build_sampler",
+    "display_name",
     "make_timesteps",
 ]

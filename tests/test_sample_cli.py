@@ -1,0 +1,97 @@
+"""sample.py as users expect: every sampler by name, convention flags, img2img, negative prompt per prompt,
+batching that does not change the images, AUTOMATIC1111 ``parameters`` in each PNG, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from ldm.diffusion import DiffusionSchedule
+from ldm.io.stable_diffusion import SDComponents, export_components
+from ldm.modules.unet import UNetModel
+from ldm.modules.vae import AutoencoderKL
+from tests.test_interop import TINY_UNET, TINY_VAE, perturb, tiny_text_encoder
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+
+
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    torch.manual_seed(0)
+    components = SDComponents(perturb(UNetModel(**TINY_UNET), 4), perturb(AutoencoderKL(**TINY_VAE), 6),
+                              tiny_text_encoder(), DiffusionSchedule.from_config(), "eps", 0.5, "custom", 16)
+    return export_components(components, tmp_path_factory.mktemp("sd") / "tiny.safetensors")
+
+
+def run(single_file, out: Path, *extra: str) -> list[Path]:
+    sample.main(["--ckpt", str(single_file), "--steps", "3", "--device", "cpu", "--out", str(out),
+                 "--resolution", "16", *extra])
+    return sorted(out.glob("0*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+def test_batching_negatives_and_png_parameters(single_file, tmp_path):
+    common = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", "blurry",
+              "--negative-prompt", "", "--n", "3", "--sampler", "dpmpp_2m_karras", "--seed", "5"]
+    small = run(single_file, tmp_path / "b2", *common, "--batch-size", "2")
+    whole = run(single_file, tmp_path / "b6", *common, "--batch-size", "6")
+    assert len(small) == len(whole) == 6 and (tmp_path / "b2" / "grid.png").is_file()
+    for a, b in zip(small, whole):  # image i depends on its seed, not on how the images were batched
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert np.abs(pixels(small[0]) - pixels(small[1])).max() > 0  # seeds 5 and 6 differ
+    text = Image.open(small[4]).text["parameters"]
+    assert text.splitlines()[0] == PROMPTS[1] and "Negative prompt" not in text
+    assert "Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: " in text and "Seed: 9, Size: 16x16" in text
+    first = Image.open(small[0]).text["parameters"].splitlines()
+    assert first[:2] == [PROMPTS[0], "Negative prompt: blurry"] and "Seed: 5" in first[2]
+
+
+def test_negative_prompt_changes_the_image(single_file, tmp_path):
+    plain = run(single_file, tmp_path / "a", "--prompt", PROMPTS[0], "--n", "1", "--guidance", "7")
+    negative = run(single_file, tmp_path / "b", "--prompt", PROMPTS[0], "--n", "1", "--guidance", "7",
+                   "--negative-prompt", "a green square")
+    assert np.abs(pixels(plain[0]) - pixels(negative[0])).max() > 2
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler", "euler_a", "heun", "dpmpp_2s_a"])
+def test_every_sampler_and_convention_flags(single_file, tmp_path, name):
+    flags = ["--timestep-spacing", "trailing", "--steps-offset", "0"]
+    flags += ["--set-alpha-to-one", "true"] if name == "ddim" else []
+    images = run(single_file, tmp_path, "--prompt", PROMPTS[0], "--n", "1", "--sampler", name, *flags)
+    assert len(images) == 1 and np.isfinite(pixels(images[0])).all()
+
+
+def test_img2img(single_file, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.full((32, 32, 3), (250, 10, 10), dtype=np.uint8)).save(init)
+    plain = run(single_file, tmp_path / "txt", "--prompt", PROMPTS[0], "--n", "1", "--sampler", "ddim")
+    light = run(single_file, tmp_path / "i2i", "--prompt", PROMPTS[0], "--n", "1", "--sampler", "ddim",
+                "--init-image", str(init), "--strength", "0.4")
+    assert np.abs(pixels(plain[0]) - pixels(light[0])).max() > 2
+    assert "Denoising strength: 0.4" in Image.open(light[0]).text["parameters"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--n", "0"], "--n must be >= 1"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--negative-prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"], "give one for all"),
+    (["--init-image", "missing.png"], "--init-image missing.png: no such file"),
+])
+def test_bad_arguments_stop_before_loading(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "never_loaded.safetensors"), "--prompt", "x", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_resolution_not_a_multiple_of_the_vae_factor(single_file, tmp_path):
+    with pytest.raises(SystemExit, match="not a multiple of the VAE's downsampling factor 2; use 14 or 16"):
+        sample.main(["--ckpt", str(single_file), "--prompt", "x", "--n", "1", "--resolution", "15",
+                     "--out", str(tmp_path)])
