@@ -27,6 +27,7 @@ SAMPLER_FACTORIES = {
     "euler_a_20": lambda: build_sampler("euler_a", steps=20),
     "heun_10": lambda: build_sampler("heun", steps=10),
     "dpmpp_2s_a_10": lambda: build_sampler("dpmpp_2s_a", steps=10),
+    "unipc_10": lambda: build_sampler("unipc", steps=10),
 }
 TWO_EVALS_PER_STEP = ("heun_10", "dpmpp_2s_a_10")
 
@@ -395,7 +396,8 @@ def test_callback_and_img2img(sd_schedule):
         build_sampler("euler")(toy_denoiser, sd_schedule, (1, 2), init=torch.zeros(1, 2), strength=0.0)
 
 
-@pytest.mark.parametrize("name,steps", [("euler", 50), ("heun", 20), ("dpmpp_2m", 20), ("dpmpp_2m_karras", 20)])
+@pytest.mark.parametrize("name,steps", [("euler", 50), ("heun", 20), ("dpmpp_2m", 20), ("dpmpp_2m_karras", 20),
+                                       ("unipc", 10)])
 def test_deterministic_solvers_on_gaussian_toy(sd_schedule, name, steps):
     """Exact denoiser for N(MU, STD^2) data: the ODE solvers land on the data's moments (first-order Euler
     needs more steps: at 20 its std is 0.93)."""

@@ -27,6 +27,7 @@ DISPLAY_NAMES: dict[str, tuple[str, str]] = {
     "heun": ("Heun", "HeunDiscreteScheduler"),
     "dpmpp_2m": ("DPM++ 2M", "DPMSolverMultistepScheduler"),
     "dpmpp_2s_a": ("DPM++ 2S a", "DPMSolverSinglestepScheduler (no ancestral variant)"),
+    "unipc": ("UniPC", "UniPCMultistepScheduler"),
 }
 
 

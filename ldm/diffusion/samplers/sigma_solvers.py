@@ -119,15 +119,65 @@ def sample_dpmpp_2s_ancestral(model: SigmaModel, x: Tensor, sigmas, noise=None, 
     return x
 
 
+def _unipc_predict(x: Tensor, history: list, sigma_next: float, order: int) -> Tensor:
+    """UniP-2 from the newest (sigma, denoised) in ``history`` to ``sigma_next`` (bh2: B(h) = e^h - 1)."""
+    sigma, denoised = history[-1]
+    if sigma_next == 0:
+        return denoised
+    h = math.log(sigma) - math.log(sigma_next)
+    phi = math.expm1(-h)
+    x = (sigma_next / sigma) * x - phi * denoised
+    if order == 2:
+        sigma_prev, denoised_prev = history[-2]
+        rk = math.log(sigma / sigma_prev) / h
+        x = x - phi * 0.5 * (denoised_prev - denoised) / rk
+    return x
+
+
+def _unipc_correct(x_last: Tensor, history: list, sigma: float, denoised_new: Tensor, order: int) -> Tensor:
+    """UniC: redo the last step from ``x_last`` using the new evaluation ``denoised_new`` at ``sigma`` too."""
+    sigma_last, denoised = history[-1]
+    h = math.log(sigma_last) - math.log(sigma)
+    phi = math.expm1(-h)
+    x = (sigma / sigma_last) * x_last - phi * denoised
+    if order == 1:
+        return x - phi * 0.5 * (denoised_new - denoised)
+    sigma_prev, denoised_prev = history[-2]
+    rk = math.log(sigma_last / sigma_prev) / h
+    phi_2 = phi / -h - 1  # h phi_2 / h, then the next order's coefficient (paper eq. 6-8)
+    b1, b2 = phi_2 / phi, (phi_2 / -h - 0.5) * 2 / phi
+    rho_prev = (b1 - b2) / (1 - rk)  # solves [[1, 1], [rk, 1]] rho = b
+    rho_new = b1 - rho_prev
+    return x - phi * (rho_prev * (denoised_prev - denoised) / rk + rho_new * (denoised_new - denoised))
+
+
+def sample_unipc(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False) -> Tensor:
+    """UniPC-2, bh2 (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+    Diffusion Models", Alg. 2-3): the multistep predictor UniP-2, then the corrector UniC, which reuses the
+    next step's model evaluation (no extra cost). First and last steps first order."""
+    history, x_last, order = [], None, 0
+    for i in _steps(sigmas, "unipc", progress):
+        denoised = model(x, sigmas[i])
+        if x_last is not None:
+            x = _unipc_correct(x_last, history, sigmas[i], denoised, order)
+        history = [*history[-1:], (sigmas[i], denoised)]
+        order = min(2, len(sigmas) - 1 - i, len(history))
+        x_last = x
+        x = _unipc_predict(x, history, sigmas[i + 1], order)
+        _notify(callback, i, x, sigmas[i], denoised)
+    return x
+
+
 SOLVERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2s_a": sample_dpmpp_2s_ancestral,
+    "unipc": sample_unipc,
 }
 ANCESTRAL = ("euler_a", "dpmpp_2s_a")
-MULTISTEP_FAMILY = ("dpmpp_2m", "dpmpp_2s_a")
+MULTISTEP_FAMILY = ("dpmpp_2m", "dpmpp_2s_a", "unipc")
 """Solvers that take diffusers' DPM-Solver discretisation (steps + 1 grid, whole timesteps, VP noise)."""
 
 __all__ = [
@@ -140,4 +190,5 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_unipc",
 ]
