@@ -91,7 +91,7 @@ def speed(args) -> list[tuple]:
         sampler = build_sampler(name, steps=args.steps)
         class_name, extra = DIFFUSERS_SCHEDULERS.get(name, (None, {}))
 
-        def ours():
+        def ours(sampler=sampler):
             model.generate(prompts, guidance_scale=args.guidance, sampler=sampler, latents=latents)
 
         def theirs():
