@@ -53,7 +53,7 @@ def embedded_architecture_pipeline(folder: Path):
     from omegaconf import OmegaConf
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ldm.io.diffusers_unet_keys import diffusers_config_from_ldm
+    from ldm.io.diffusers_config import diffusers_config_from_ldm
     from ldm.modules.text_encoder import CLIPTextEncoder
 
     unet_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/unet/small.yaml"))
@@ -78,7 +78,7 @@ def embedded_architecture_pipeline(folder: Path):
 def speed(args) -> list[tuple]:
     import diffusers
 
-    from ldm.io.base_model import latent_diffusion_from_components, load_base_model
+    from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
         pipe, folder = embedded_architecture_pipeline(Path(tmp))

@@ -12,7 +12,8 @@ from PIL import Image
 
 import sample
 from ldm.diffusion import DiffusionSchedule
-from ldm.io.stable_diffusion import SDComponents, export_components
+from ldm.io.components import SDComponents
+from ldm.io.single_file_export import export_components
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 from tests.test_interop import TINY_UNET, TINY_VAE, perturb, tiny_text_encoder

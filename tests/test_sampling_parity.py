@@ -15,7 +15,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from ldm.diffusion import SD_CONVENTION, build_sampler
-from ldm.io.base_model import latent_diffusion_from_components, load_base_model
+from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 from tests.test_interop import HIDDEN, perturb, tiny_text_encoder
 
 diffusers = pytest.importorskip("diffusers")
