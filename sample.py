@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.75,
                    help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the image (default 0.75)")
     p.add_argument("--lora", action="append", default=[],
-                   help="kohya LoRA .safetensors to merge, optionally with a multiplier: file.safetensors:0.8 "
+                   help="LoRA .safetensors (kohya or diffusers/PEFT, detected) to merge, optionally with a "
+                   "multiplier: file.safetensors:0.8 "
                    "(repeat to stack several)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -88,6 +89,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--init-image {args.init_image}: no such file")
         if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
             parser.error(f"--strength must be in (0, 1], got {args.strength}")
+    for spec in args.lora:
+        if not Path(parse_lora(spec)[0]).is_file():
+            parser.error(f"--lora {spec}: no such file (give path.safetensors or path.safetensors:multiplier)")
     negatives = args.negative_prompt or [""]
     if len(negatives) not in (1, len(args.prompt)):
         parser.error(f"{len(negatives)} --negative-prompt for {len(args.prompt)} --prompt: give one for all, "
@@ -112,8 +116,8 @@ def parse_lora(spec: str) -> tuple[str, float]:
 def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
                       loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs"):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
-    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``)."""
-    from ldm.io.kohya_lora import load_kohya_lora
+    ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``)."""
+    from ldm.io.lora_any import load_lora
     from ldm.io.sources import is_lightning_checkpoint
     from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 
@@ -133,9 +137,9 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
     unet = model.unet_ema.module if use_ema and model.unet_ema is not None else model.unet
     for spec in loras:
         path, multiplier = parse_lora(spec)
-        summary = load_kohya_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier,
-                                  merge=True)
-        print(f"merged LoRA {path} x{multiplier} ({summary['modules']} modules, rank {summary['rank']})")
+        summary = load_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier, merge=True)
+        print(f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
+              f"rank {summary['rank']})")
     model.image_resolution = resolution
     return model.to(device).eval()
 

@@ -96,3 +96,36 @@ def test_resolution_not_a_multiple_of_the_vae_factor(single_file, tmp_path):
     with pytest.raises(SystemExit, match="not a multiple of the VAE's downsampling factor 2; use 14 or 16"):
         sample.main(["--ckpt", str(single_file), "--prompt", "x", "--n", "1", "--resolution", "15",
                      "--out", str(tmp_path)])
+
+
+def test_lora_files_of_either_format_are_detected(single_file, tmp_path):
+    """--lora takes our kohya and our PEFT exports alike (format told by the keys) and they give one image."""
+    from ldm.io.kohya_lora import save_kohya_lora
+    from ldm.io.peft_lora import save_peft_lora
+    from ldm.models.base_loader import load_base_model
+    from ldm.modules.adapters.lora import inject_lora
+
+    components = load_base_model(single_file)
+    torch.manual_seed(3)
+    for module, targets in ((components.unet, ["*attn1.to_q", "*attn2.to_k"]), (components.text_encoder, ["*q_proj"])):
+        for layer in inject_lora(module, targets, rank=2, alpha=1.0).values():
+            torch.nn.init.normal_(layer.lora_up.weight, std=0.5)
+    kohya = save_kohya_lora(tmp_path / "k.safetensors", components.unet, components.text_encoder)
+    peft = save_peft_lora(tmp_path / "p.safetensors", components.unet, components.text_encoder)
+    common = ["--prompt", PROMPTS[0], "--n", "1", "--sampler", "ddim"]
+    plain = run(single_file, tmp_path / "plain", *common)
+    with_kohya = run(single_file, tmp_path / "kohya", *common, "--lora", f"{kohya}:0.8")
+    with_peft = run(single_file, tmp_path / "peft", *common, "--lora", f"{peft}:0.8")
+    assert np.abs(pixels(with_kohya[0]) - pixels(with_peft[0])).max() <= 1
+    assert np.abs(pixels(with_kohya[0]) - pixels(plain[0])).max() > 2
+
+
+def test_lora_format_errors_say_what_the_file_is():
+    from ldm.io.lora_any import lora_format
+
+    assert lora_format(["lora_unet_down_blocks_0_x.lora_down.weight"]) == "kohya"
+    assert lora_format(["text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight"]) == "peft"
+    with pytest.raises(ValueError, match="raw PEFT adapter"):
+        lora_format(["base_model.model.down_blocks.0.lora_A.weight"])
+    with pytest.raises(ValueError, match="pre-PEFT attention-processor"):
+        lora_format(["unet.down_blocks.0.attentions.0.processor.to_q_lora.lora.down.weight"])

@@ -62,6 +62,7 @@ def tiny_pipeline(tmp_path_factory):
     pipe.set_progress_bar_config(disable=True)
     model = latent_diffusion_from_components(load_base_model(folder / "pipe"))
     pipe.folder_scheduler_config = scheduler.config  # what scheduler_config.json says; tests swap schedulers
+    pipe.folder = folder / "pipe"
     return pipe, model
 
 
@@ -125,3 +126,89 @@ def test_other_spacings_match_diffusers(tiny_pipeline, name, spacing):
     assert relative.item() <= 1e-5
     if name == "euler_a":  # the ancestral noise comes from the generator
         assert ((final_latents(2) - expected).abs().max() / expected.abs().max()).item() > 1e-3
+
+
+# -- LoRA files saved by diffusers (PEFT format) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def diffusers_lora(tiny_pipeline, tmp_path_factory):
+    """A PEFT LoRA on the UNet (alpha != r, from the adapter metadata) and the text encoder, saved by diffusers."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline[0].folder, safety_checker=None)
+    torch.manual_seed(11)
+    unet_config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    text_config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    pipe.unet.add_adapter(unet_config)
+    inject_adapter_in_model(text_config, pipe.text_encoder)  # transformers 5's add_adapter wants peft >= 0.22
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def lora_images(tiny_pipeline, path, multiplier=1.0):
+    """(diffusers with load_lora_weights, ours through sample.py's loader) images for the same latents."""
+    from diffusers import StableDiffusionPipeline
+
+    import sample
+
+    folder = tiny_pipeline[0].folder
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[multiplier])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    expected = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents.clone(),
+                    output_type="pt").images
+    model = sample.load_for_sampling(str(folder), loras=[f"{path}:{multiplier}"])
+    ours = model.generate([PROMPT], guidance_scale=GUIDANCE, sampler=build_sampler("ddim", steps=STEPS),
+                          latents=latents)
+    return (ours / 2 + 0.5).clamp(0, 1), expected
+
+
+def test_diffusers_peft_lora_loads_like_diffusers(tiny_pipeline, diffusers_lora):
+    from safetensors.torch import load_file
+
+    keys = list(load_file(str(diffusers_lora)))
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    ours, expected = lora_images(tiny_pipeline, diffusers_lora, multiplier=0.7)
+    assert (ours - expected).abs().max().item() <= 1e-4
+    pipe, _ = tiny_pipeline  # the LoRA matters: the plain pipeline gives another image
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.folder_scheduler_config)
+    plain = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="pt",
+                 latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))).images
+    assert (plain - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("spelling", ["text_model.encoder.layers.", "encoder.layers."])
+def test_peft_text_encoder_keys_in_both_transformers_spellings(tiny_pipeline, diffusers_lora, tmp_path, spelling):
+    """transformers 4 CLIP paths carry text_model., transformers 5 ones do not; both load to the same model."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(diffusers_lora), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = handle.metadata()
+    renamed = {}
+    for key, value in tensors.items():
+        if key.startswith("text_encoder."):
+            rest = key.removeprefix("text_encoder.").removeprefix("text_model.")
+            key = "text_encoder." + spelling + rest.removeprefix("encoder.layers.")
+        renamed[key] = value
+    assert sum(k.startswith(f"text_encoder.{spelling}") for k in renamed) == sum(
+        k.startswith("text_encoder.") for k in tensors)
+    path = save_file(renamed, str(tmp_path / "lora.safetensors"), metadata=metadata) or tmp_path / "lora.safetensors"
+    ours, expected = lora_images(tiny_pipeline, diffusers_lora)
+    ours_renamed, _ = lora_images(tiny_pipeline, path)
+    assert (ours_renamed - ours).abs().max().item() == 0.0 and (ours - expected).abs().max().item() <= 1e-4
+    assert json.loads(metadata["lora_adapter_metadata"])  # alpha comes from diffusers' adapter metadata
