@@ -129,3 +129,55 @@ def test_lora_format_errors_say_what_the_file_is():
         lora_format(["base_model.model.down_blocks.0.lora_A.weight"])
     with pytest.raises(ValueError, match="pre-PEFT attention-processor"):
         lora_format(["unet.down_blocks.0.attentions.0.processor.to_q_lora.lora.down.weight"])
+
+
+def convert_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert", Path(__file__).parents[1] / "scripts" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_convert_bakes_lora_files_in(single_file, tmp_path):
+    """convert.py --base X --lora a:0.8 --lora b --out merged: sampling the merged file == sampling X with the
+    same --lora files."""
+    from ldm.io.kohya_lora import save_kohya_lora
+    from ldm.io.peft_lora import save_peft_lora
+    from ldm.models.base_loader import load_base_model
+    from ldm.modules.adapters.lora import inject_lora
+
+    files = []
+    for seed, save in ((1, save_kohya_lora), (2, save_peft_lora)):
+        components = load_base_model(single_file)
+        torch.manual_seed(seed)
+        for layer in inject_lora(components.unet, ["*attn2.to_v", "*ff.net.2"], rank=2).values():
+            torch.nn.init.normal_(layer.lora_up.weight, std=0.3)
+        files.append(save(tmp_path / f"{seed}.safetensors", components.unet))
+    loras = ["--lora", f"{files[0]}:0.8", "--lora", str(files[1])]
+    merged = convert_main()(["--base", str(single_file), *loras, "--out", str(tmp_path / "merged.safetensors"),
+                             "--fp32"])
+    common = ["--prompt", PROMPTS[0], "--n", "1", "--sampler", "euler"]
+    from_merged = run(merged, tmp_path / "merged", *common)
+    with_loras = run(single_file, tmp_path / "loras", *common, *loras)
+    plain = run(single_file, tmp_path / "plain", *common)
+    assert np.abs(pixels(from_merged[0]) - pixels(with_loras[0])).max() <= 1
+    assert np.abs(pixels(from_merged[0]) - pixels(plain[0])).max() > 2
+
+
+def test_convert_explains_an_adapter_only_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "adapters").mkdir()
+    (run_dir / "adapters" / "lora_finetune.safetensors").write_bytes(b"")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {"method.unet.x.lora_down.weight": torch.zeros(2, 4), "scale_factor": torch.ones(())},
+                "base": "logs/txt2img/runs/r/checkpoints/last.ckpt",
+                "model_config": {"method": {"_target_": "ldm.models.finetune.lora.LoRAMethod"}}}, ckpt)
+    with pytest.raises(SystemExit) as stop:
+        convert_main()(["--base", str(ckpt), "--out", str(tmp_path / "x.safetensors")])
+    message = str(stop.value)
+    assert "holds only the adapter of LoRAMethod (1 tensors)" in message
+    assert (f"--base logs/txt2img/runs/r/checkpoints/last.ckpt --lora {run_dir / 'adapters' / 'lora_finetune.safetensors'}"
+            in message)

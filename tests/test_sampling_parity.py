@@ -197,7 +197,7 @@ def test_peft_text_encoder_keys_in_both_transformers_spellings(tiny_pipeline, di
     from safetensors.torch import save_file
 
     with safe_open(str(diffusers_lora), framework="pt") as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
         metadata = handle.metadata()
     renamed = {}
     for key, value in tensors.items():
