@@ -131,6 +131,7 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
         model = load_lightning_model(ckpt)
         resolution = resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
     else:  # a Stable Diffusion single file, a diffusers folder or a hub id
+        tokenizer = tokenizer or tokenizer_before_loading(ckpt)
         components = load_base_model(str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {}))
         model = latent_diffusion_from_components(components, sampler)
         resolution = resolution or components.resolution
@@ -142,6 +143,19 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
               f"rank {summary['rank']})")
     model.image_resolution = resolution
     return model.to(device).eval()
+
+
+def tokenizer_before_loading(ckpt: str):
+    """For a ``.safetensors`` single file without a tokenizer: CLIP's (cache or open_clip_torch), found before
+    any weights load; none at all stops here, naming ``--tokenizer``."""
+    from ldm.io.sd_tokenizer import single_file_tokenizer
+
+    if not (str(ckpt).endswith(".safetensors") and Path(ckpt).is_file()):
+        return None
+    try:
+        return single_file_tokenizer(ckpt)
+    except LookupError as err:
+        raise SystemExit(str(err)) from None
 
 
 def vae_factor(model) -> int:

@@ -27,6 +27,7 @@ from ldm.io.safe_load import safe_torch_load
 from ldm.io.sd_presets import PRESETS
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
+from sample import tokenizer_before_loading
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +89,7 @@ def main(argv=None) -> Path:
     message = adapter_only_message(args.base)
     if message:
         raise SystemExit(message)
-    overrides = {"preset": args.preset, "tokenizer": args.tokenizer}
+    overrides = {"preset": args.preset, "tokenizer": args.tokenizer or tokenizer_before_loading(args.base)}
     components = load_base_model(args.base, use_ema=not args.no_ema, **overrides)
     for spec in args.lora:
         path, multiplier = split_lora(spec)
