@@ -11,7 +11,8 @@ a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, o
 
 (512 px for SD v1, 768 for SD 2.x 768-v). Writes ``grid.png`` (one row per prompt) and single PNGs, each with
 its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` starts
-from the noise of seed ``--seed + i`` whatever ``--batch-size`` is.
+from the noise of seed ``--seed + i`` whatever ``--batch-size`` is (so deterministic samplers give the same
+image for any batching; the ancestral ones draw their per-step noise per batch).
 """
 
 from __future__ import annotations

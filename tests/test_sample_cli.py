@@ -118,6 +118,8 @@ def test_lora_files_of_either_format_are_detected(single_file, tmp_path):
     with_peft = run(single_file, tmp_path / "peft", *common, "--lora", f"{peft}:0.8")
     assert np.abs(pixels(with_kohya[0]) - pixels(with_peft[0])).max() <= 1
     assert np.abs(pixels(with_kohya[0]) - pixels(plain[0])).max() > 2
+    stacked = run(single_file, tmp_path / "both", *common, "--lora", f"{kohya}:0.8", "--lora", str(peft))
+    assert np.abs(pixels(stacked[0]) - pixels(with_kohya[0])).max() > 2  # the second file adds its own delta
 
 
 def test_lora_format_errors_say_what_the_file_is():
