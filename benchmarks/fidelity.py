@@ -29,11 +29,17 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
-from ldm.diffusion import build_sampler
+from ldm.diffusion import SAMPLERS, build_sampler
 from ldm.utils.images import save_labelled_grid
 from sample import load_for_sampling
 
-SAMPLERS = {"dpmpp_2m-20": ("dpmpp_2m", 20), "ddim-50": ("ddim", 50), "ddpm-100": ("ddpm", 100)}
+
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """``"dpmpp_2m-20"`` -> ("dpmpp_2m", 20): any sampler name, then its step count."""
+    name, _, steps = spec.rpartition("-")
+    if name not in SAMPLERS or not steps.isdigit():
+        raise SystemExit(f"--samplers: {spec!r} is not <sampler>-<steps> with a sampler from {list(SAMPLERS)}")
+    return name, int(steps)
 
 
 def prompts_for(split: str, n: int, seed: int = 0) -> list[str]:
@@ -68,7 +74,7 @@ def main(argv=None) -> dict:
     p.add_argument("--hypernetwork", default=None, help="AUTOMATIC1111 hypernetwork file[:strength]")
     p.add_argument("--sets", default=None, help="comma list of heldout,concept,known (default: heldout, or "
                    "concept,known with --lora / --embedding / --hypernetwork)")
-    p.add_argument("--samplers", default="dpmpp_2m-20,ddim-50", help=f"from {sorted(SAMPLERS)}")
+    p.add_argument("--samplers", default="dpmpp_2m-20,ddim-50", help="comma list of <sampler>-<steps>, e.g. euler_a-30")
     p.add_argument("--n", type=int, default=90, help="prompts per set (cycled)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234)
@@ -98,7 +104,7 @@ def main(argv=None) -> dict:
         base_prompts = prompts_for(split, 10_000)
         prompts = [base_prompts[i % len(base_prompts)] for i in range(args.n)]
         for sampler_name in args.samplers.split(","):
-            name, steps = SAMPLERS[sampler_name]
+            name, steps = parse_sampler(sampler_name)
             for variant, model in variants.items():
                 start = time.perf_counter()
                 result, images = score(model, prompts, build_sampler(name, steps=steps), args.guidance, args.seed,
