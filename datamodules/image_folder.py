@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import resumable_loader
+
 from datamodules.transforms import IMAGE_EXTENSIONS, load_rgb, preprocess
 
 __all__ = [
@@ -325,7 +327,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_train, shuffle=True)
+        return resumable_loader(self.data_train, self.batch_size, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import resumable_loader
 from datamodules.samplers import training_sampler
 
 __all__ = [
@@ -422,7 +423,8 @@ class ShapesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_train, shuffle=True)
+        return resumable_loader(self.data_train, self.batch_size, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

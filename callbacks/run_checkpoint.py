@@ -1,0 +1,91 @@
+"""Lightning's ModelCheckpoint with three guarantees the stock one lacks.
+
+* ``last.ckpt`` is the final state: at the end of training it is rewritten unless a checkpoint was already
+  saved at the final step (the stock callback keeps the last *validation* checkpoint).
+* A state whose monitored metric is NaN/inf never becomes best or last (a warning names the step); the
+  stock callback ranks NaN as worst but still saves it, and always refreshes ``last.ckpt``.
+* Preemption: on SIGTERM (Lightning stops after the current batch) and SIGUSR1 (turned into SIGTERM),
+  ``last.ckpt`` is written before the process exits, so ``ckpt_path=last`` resumes at the next batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _resend_as_sigterm(signum, frame) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` (same arguments) + final ``last.ckpt``, no non-finite best/last, preemption save.
+
+    Args:
+        preemption_signals: signal names that write ``last.ckpt`` and stop the run (SIGTERM is handled by
+            Lightning itself; the others are forwarded to it).
+    """
+
+    def __init__(self, *args, preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.preemption_signals = tuple(preemption_signals)
+        self._previous_handlers: dict[int, object] = {}
+
+    # -- non-finite metrics ---------------------------------------------------------------------------
+    def _monitor_is_finite(self, trainer, monitor_candidates: dict) -> bool:
+        value = monitor_candidates.get(self.monitor) if self.monitor else None
+        if value is None:
+            return True
+        finite = math.isfinite(float(torch.as_tensor(value).float().mean()))
+        if not finite:
+            log.warning(f"{self.monitor}={float(value)} at global step {trainer.global_step}: not saving this "
+                        "state as a checkpoint (best and last keep the previous finite one)")
+        return finite
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._monitor_is_finite(trainer, monitor_candidates):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._monitor_is_finite(trainer, monitor_candidates):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    # -- last.ckpt is the final state ---------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    # -- preemption ------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.preemption_signals:
+            signum = getattr(signal, name, None)
+            if signum is None or signum == signal.SIGTERM or signum in self._previous_handlers:
+                continue
+            self._previous_handlers[signum] = signal.signal(signum, _resend_as_sigterm)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or "SIGTERM" not in self.preemption_signals:
+            super().on_exception(trainer, pl_module, exception)
+            return
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            log.warning(f"Stopped by a signal at global step {trainer.global_step}; saved {self.last_model_path}. "
+                        "Resume with ckpt_path=last (or ckpt_path=<that file>).")
