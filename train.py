@@ -18,9 +18,10 @@ from ldm.models.safe_checkpoint_io import checkpoint_plugins
 from ldm.utils.config_tree import print_config_tree
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from ldm.utils.logging import get_logger
-from ldm.utils.runs import configure_wandb_mode, resolve_ckpt_path
+from ldm.utils.runs import configure_wandb_mode, register_resolvers, resolve_ckpt_path
 
 log = get_logger(__name__)
+register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:

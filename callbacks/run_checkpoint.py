@@ -40,6 +40,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.preemption_signals = tuple(preemption_signals)
         self._previous_handlers: dict[int, object] = {}
+        self._warned_step = -1
 
     # -- non-finite metrics ---------------------------------------------------------------------------
     def _monitor_is_finite(self, trainer, monitor_candidates: dict) -> bool:
@@ -47,7 +48,8 @@ class RunCheckpoint(ModelCheckpoint):
         if value is None:
             return True
         finite = math.isfinite(float(torch.as_tensor(value).float().mean()))
-        if not finite:
+        if not finite and self._warned_step != trainer.global_step:
+            self._warned_step = trainer.global_step
             log.warning(f"{self.monitor}={float(value)} at global step {trainer.global_step}: not saving this "
                         "state as a checkpoint (best and last keep the previous finite one)")
         return finite

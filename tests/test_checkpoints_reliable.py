@@ -1,0 +1,196 @@
+"""Checkpoint files: last.ckpt is the final state, NaN never becomes best/last, saves are atomic, run
+folders never collide, resume refuses malicious pickles and names damaged files, SIGTERM/SIGUSR1 save."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.run_checkpoint import RunCheckpoint
+from ldm.io.file_checks import DamagedFileError
+from ldm.io.stable_diffusion import UnsafeCheckpointError
+from ldm.models.safe_checkpoint_io import SafeCheckpointIO
+from tests.conftest import CONF, ROOT, compose_train
+from tests.test_resume_exact import max_difference, run_cli
+from train import train
+
+
+class TinyRegression(L.LightningModule):
+    """y = w x; ``val/loss`` is NaN at the validation steps listed in ``nan_at``."""
+
+    def __init__(self, nan_at: tuple[int, ...] = ()):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.nan_at = set(nan_at)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        value = float("nan") if self.global_step in self.nan_at else float(self.global_step)
+        self.log("val/loss", torch.tensor(value))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_tiny(tmp_path: Path, max_steps: int, nan_at=(), checkpoint_cls=RunCheckpoint) -> RunCheckpoint:
+    data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
+    checkpoint = checkpoint_cls(dirpath=tmp_path / "ckpt", filename="step_{step}", monitor="val/loss",
+                                auto_insert_metric_name=False,
+                                mode="min", save_last=True, save_top_k=1)
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=1, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+                        plugins=[SafeCheckpointIO()])
+    trainer.fit(TinyRegression(nan_at), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    return checkpoint
+
+
+def saved_step(path: str | Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_last_ckpt_is_the_final_state(tmp_path):
+    checkpoint = fit_tiny(tmp_path, max_steps=5)  # validation (and saving) at 2 and 4, training ends at 5
+    assert saved_step(tmp_path / "ckpt" / "last.ckpt") == 5
+    assert checkpoint.last_model_path.endswith("last.ckpt")
+
+
+def test_nan_validation_loss_never_becomes_best_or_last(tmp_path):
+    checkpoint = fit_tiny(tmp_path, max_steps=6, nan_at=(4, 6))
+    assert saved_step(checkpoint.best_model_path) == 2
+    assert math.isfinite(float(checkpoint.best_model_score))
+    assert saved_step(tmp_path / "ckpt" / "last.ckpt") == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step_2.ckpt"]
+
+    # the first validation is NaN: Lightning's ModelCheckpoint would save that state as best and last
+    checkpoint = fit_tiny(tmp_path / "first", max_steps=3, nan_at=(2,))
+    assert not checkpoint.best_model_path and not (tmp_path / "first" / "ckpt").exists()
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies mid-write leaves the previous file intact and no temporary file behind."""
+    target = tmp_path / "last.ckpt"
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, target)
+
+    def dies_halfway(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
+    monkeypatch.undo()
+    assert io.load_checkpoint(target)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_run_folders_get_a_unique_suffix():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train.yaml", return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
+    assert re.search(r"/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}$", run_dir), run_dir
+    code = "import ldm.utils.runs as r; print(r.run_suffix())"
+    suffixes = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip() for _ in range(2)}
+    assert len(suffixes) == 2  # two processes started in the same second still get different folders
+
+
+# --- resume safety ----------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def malicious_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {"w": torch.ones(1)}, "global_step": 1, "evil": _RunsCode(str(marker))}, path)
+    return path
+
+
+TINY_VAE = ["experiment=vae", "model/vae=tiny", "debug=smoke", "data.train_size=8", "data.val_size=4",
+            "data.batch_size=4", "callbacks.rich_progress_bar=null", "logger=none", "callbacks.lr_monitor=null"]
+
+
+def test_malicious_pickle_as_ckpt_path_never_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned.txt"
+    evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    cfg = compose_train(tmp_path, [*TINY_VAE, f"ckpt_path={evil}"])
+    with pytest.raises(UnsafeCheckpointError, match="evil.ckpt.*arbitrary code"):
+        train(cfg)
+    assert not marker.exists()
+
+
+def test_malicious_pickle_as_vae_ckpt_is_refused_with_our_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned.txt"
+    evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    cfg = compose_train(tmp_path, ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "debug=smoke",
+                                   "data.train_size=8", "data.val_size=4", f"model.vae_ckpt={evil}",
+                                   "callbacks.rich_progress_bar=null", "logger=none"])
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.ckpt"):
+        train(cfg)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"hello, I am a text file\n", "is a text file"),
+    (b"", "is empty"),
+])
+def test_foreign_file_as_ckpt_path_is_named(tmp_path, content, expected):
+    bad = tmp_path / "notes.ckpt"
+    bad.write_bytes(content)
+    cfg = compose_train(tmp_path, [*TINY_VAE, f"ckpt_path={bad}"])
+    with pytest.raises(DamagedFileError, match=f"notes.ckpt {expected}"):
+        train(cfg)
+
+
+def test_truncated_last_ckpt_is_named(tmp_path):
+    cfg = compose_train(tmp_path, TINY_VAE, output_name="first")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    resumed = compose_train(tmp_path, [*TINY_VAE, "ckpt_path=last", "trainer.max_steps=6"], output_name="second")
+    with pytest.raises(DamagedFileError, match=r"last.ckpt is damaged or truncated"):
+        train(resumed)
+
+
+# --- preemption -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_last_ckpt_that_resumes_exactly(tmp_path, signal_name):
+    from tests.test_resume_exact import final_weights, overrides
+
+    args = overrides("vae", tmp_path)
+    stopped = run_cli(args, tmp_path / "logs", signal_name, step=6)  # arrives during step 7 (no validation)
+    assert stopped.returncode in (0, 1) and stopped.returncode != -signal.SIGTERM, stopped.stderr[-3000:]
+    last = next((tmp_path / "logs").glob("*/runs/*/checkpoints/last.ckpt"))
+    assert saved_step(last) == 7
+    resumed = final_weights(tmp_path, [*args, "ckpt_path=last"], "resumed")
+    uninterrupted = final_weights(tmp_path / "straight", args, "straight")
+    assert max_difference(resumed, uninterrupted) <= 1e-6
