@@ -26,8 +26,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.resumable import resumable_loader
-
 from datamodules.transforms import IMAGE_EXTENSIONS, load_rgb, preprocess
 
 __all__ = [
@@ -120,7 +118,14 @@ def _read_metadata(root: Path) -> dict[Path, str]:
 def _sidecar_caption(path: Path, caption_ext: str) -> str | None:
     sidecar = path.with_suffix(caption_ext)
     if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        data = sidecar.read_bytes()
+        try:
+            return data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"caption file {sidecar} is not UTF-8 text (byte 0x{data[error.start]:02x} at position "
+                f"{error.start}); re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+            ) from None
     return None
 
 
@@ -327,8 +332,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return resumable_loader(self.data_train, self.batch_size, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return self._loader(self.data_train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

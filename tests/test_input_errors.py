@@ -1,0 +1,55 @@
+"""Bad input gives one actionable message that names the file: damaged checkpoints and safetensors,
+non-UTF-8 captions, images that must be upscaled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.image_folder import ImageFolderDataset
+from ldm.io.file_checks import DamagedFileError, check_safetensors_file, check_torch_file
+
+
+def _image(path, size=(8, 8)):
+    Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8)).save(path)
+
+
+def test_non_utf8_caption_is_named_not_mangled(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("a caf\u00e9 on a table".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"caption file .*a\.txt is not UTF-8 text \(byte 0xe9 at position 5\)"):
+        ImageFolderDataset(tmp_path, resolution=8)
+
+
+def test_utf8_caption_with_bom_reads_cleanly(tmp_path):
+    _image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("\ufeffa caf\u00e9".encode())
+    dataset = ImageFolderDataset(tmp_path, resolution=8)
+    assert dataset[0]["caption"] == "a caf\u00e9"
+
+
+def test_text_file_as_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(DamagedFileError, match=r"model\.ckpt is a text file"):
+        check_torch_file(bad)
+
+
+def test_bad_safetensors_is_named(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_text("<html>404 Not Found</html>")
+    with pytest.raises(DamagedFileError, match=r"model\.safetensors is a text file"):
+        check_safetensors_file(bad)
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    good = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(good))
+    check_safetensors_file(good)
+    good.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(DamagedFileError, match=r"model\.safetensors is truncated"):
+        check_safetensors_file(good)
