@@ -172,6 +172,24 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> lis
     return resolve_captions(root, readable, caption_ext)
 
 
+def warn_upscaled(records: Sequence[ImageRecord], resolution: int, root: Path) -> list[Path]:
+    """Warn (once, with a count and names) about images whose shorter side is below ``resolution``: they
+    are upscaled, which blurs them. Reads image headers only. Returns those paths."""
+    small = []
+    for record in records:
+        with Image.open(record.path) as image:
+            if min(image.size) < resolution:
+                small.append((record.path, image.size))
+    if small:
+        names = ", ".join(f"{p.relative_to(root) if p.is_relative_to(root) else p} ({w}x{h})"
+                          for p, (w, h) in small[:_SUMMARY_NAMES])
+        more = f" and {len(small) - _SUMMARY_NAMES} more" if len(small) > _SUMMARY_NAMES else ""
+        log.warning("%d of %d images are smaller than the training resolution %d px and will be upscaled "
+                    "(blurry): %s%s. Use larger images or a lower data.resolution.",
+                    len(small), len(records), resolution, names, more)
+    return [p for p, _ in small]
+
+
 class ImageFolderDataset(Dataset):
     """Images (+ captions) -> {"image": float [3, R, R] in [-1, 1], "caption": str}.
 
@@ -309,6 +327,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         train_records = [r for k, r in enumerate(records) if k not in val_ids]
         val_records = [r for k, r in enumerate(records) if k in val_ids] or train_records[:4]
         self.records = records
+        warn_upscaled(records, hp.resolution, self.root)
         self.data_train = self._dataset(train_records, train=True)
         self.data_val = self._dataset(val_records, train=False)
         log.info(

@@ -53,3 +53,15 @@ def test_truncated_safetensors_is_named(tmp_path):
     good.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(DamagedFileError, match=r"model\.safetensors is truncated"):
         check_safetensors_file(good)
+
+
+def test_tiny_image_is_upscaled_with_a_warning(tmp_path, caplog):
+    from datamodules.image_folder import ImageFolderDataModule
+
+    _image(tmp_path / "dot.png", size=(1, 1))
+    _image(tmp_path / "ok.png", size=(16, 16))
+    dm = ImageFolderDataModule(tmp_path, resolution=16, val_size=0, batch_size=1)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert "1 of 2 images are smaller than the training resolution 16 px" in caplog.text
+    assert "dot.png (1x1)" in caplog.text and "ok.png" not in caplog.text.split("upscaled")[1]
