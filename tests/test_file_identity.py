@@ -1,0 +1,27 @@
+"""Shared files name their base by file name + content hash, never by local path."""
+
+from __future__ import annotations
+
+from ldm.utils.file_identity import describe_source
+
+
+def test_describe_source_has_name_and_hash_but_no_path(tmp_path):
+    model = tmp_path / "secret_user" / "models" / "base.safetensors"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights")
+    info = describe_source(model)
+    import hashlib
+
+    assert info == {"name": "base.safetensors", "sha256": hashlib.sha256(b"weights").hexdigest()}
+    assert "secret_user" not in str(info) and len(info["sha256"]) == 64
+    model.write_bytes(b"other weights")
+    assert describe_source(model)["sha256"] != info["sha256"]  # content, not name
+
+
+def test_folder_and_hub_id(tmp_path):
+    folder = tmp_path / "home" / "me" / "sd15"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "model.safetensors").write_bytes(b"u")
+    info = describe_source(folder)
+    assert info["name"] == "sd15" and "home" not in str(info)
+    assert describe_source("runwayml/stable-diffusion-v1-5") == {"name": "runwayml/stable-diffusion-v1-5"}
