@@ -1,7 +1,8 @@
 """Lightning's ModelCheckpoint with three guarantees the stock one lacks.
 
-* ``last.ckpt`` is the final state: at the end of training it is rewritten unless a checkpoint was already
-  saved at the final step (the stock callback keeps the last *validation* checkpoint).
+* ``last.ckpt`` is the latest state: every checkpoint event (validation, epoch end) rewrites it, not only
+  those that find a new best, and at the end of training it is the final state (the stock callback keeps
+  the last *improving* checkpoint).
 * A state whose monitored metric is NaN/inf never becomes best or last (a warning names the step); the
   stock callback ranks NaN as worst but still saves it, and always refreshes ``last.ckpt``.
 * Preemption: on SIGTERM (Lightning stops after the current batch) and SIGUSR1 (turned into SIGTERM),
@@ -62,7 +63,23 @@ class RunCheckpoint(ModelCheckpoint):
         if self._monitor_is_finite(trainer, monitor_candidates):
             super()._save_last_checkpoint(trainer, monitor_candidates)
 
-    # -- last.ckpt is the final state ---------------------------------------------------------------------
+    # -- last.ckpt is the latest state, and the final one ------------------------------------------------
+    def on_validation_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+        self._refresh_last(trainer, due)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+        self._refresh_last(trainer, due)
+
+    def _refresh_last(self, trainer, due: bool) -> None:
+        """The stock callback rewrites last.ckpt only when a top-k file was saved (a new best); here every
+        checkpoint event does, so ``ckpt_path=last`` resumes from the latest state."""
+        if due and self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

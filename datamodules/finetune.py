@@ -6,14 +6,15 @@ classifier-free guidance is the model's (``model.ucg_rate``), not the data's.
 
 Latent caching encodes every training image with the (frozen) VAE once, before training, and keeps the
 posterior mean and std (so each epoch still draws a fresh z = mean + std * eps). The cache also lives on
-disk, keyed by the VAE weights, the resolution and the data, so a second run skips the encoding.
+disk, keyed by the VAE encoder, the resolution, the flip variants and every image and caption, written
+atomically and rebuilt when damaged (``datamodules/latent_cache.py``), so a second run skips the encoding.
 Random augmentations would break a cache: a horizontal flip is cached as a second variant
 (``flip_variants``); any other random transform in the source is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.samplers import training_sampler
+from datamodules.latent_cache import cache_key, load_cache, save_cache
+from datamodules.resumable import resumable_loader
+
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -58,20 +61,32 @@ class Flagged(Dataset):
 
 
 class LatentCacheDataset(Dataset):
-    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once."""
+    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once.
+
+    With ``flip_variants`` each visit picks the plain or the flipped latent from (epoch, position): random
+    across epochs and repeats, yet the same after a resume (no global RNG; the sampler calls ``set_epoch``).
+    """
 
     def __init__(self, means: torch.Tensor, stds: torch.Tensor, captions: list[str], flip_variants: bool,
-                 flags: torch.Tensor | None = None):
+                 flags: torch.Tensor | None = None, repeats: int = 1):
         self.means, self.stds, self.captions, self.flip_variants = means, stds, captions, flip_variants
         self.flags = flags if flags is not None else torch.zeros(len(captions), dtype=torch.bool)
+        self.repeats, self.epoch = int(repeats), 0
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.captions) * self.repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def with_repeats(self, repeats: int) -> LatentCacheDataset:
+        return LatentCacheDataset(self.means, self.stds, self.captions, self.flip_variants, self.flags, repeats)
 
     def __getitem__(self, index: int) -> dict:
-        variant = int(torch.randint(0, 2, ())) if self.flip_variants else 0
-        return {"latent_mean": self.means[variant, index], "latent_std": self.stds[variant, index],
-                "caption": self.captions[index], "is_regularization": bool(self.flags[index])}
+        item = index % len(self.captions)
+        variant = random.Random(f"{self.epoch}/{index}").getrandbits(1) if self.flip_variants else 0
+        return {"latent_mean": self.means[variant, item], "latent_std": self.stds[variant, item],
+                "caption": self.captions[item], "is_regularization": bool(self.flags[item])}
 
 
 def _refuse_random_augmentations(dataset: Dataset) -> None:
@@ -179,40 +194,32 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 
-    def _fingerprint(self, vae_fingerprint: str) -> str:
-        data = self.data_train
-        first = data[0]["image"] if len(data) else torch.zeros(1)
-        inner = data.source if isinstance(data, Flagged) else data
-        parts = ["flags-v2", vae_fingerprint, str(self.resolution), str(len(data)), type(inner).__name__,
-                 str(getattr(inner, "seed", "")), str(getattr(inner, "split", "")),
-                 hashlib.sha1(first.numpy().tobytes()).hexdigest(), str(self.hparams.flip_variants)]
-        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
     def cache_latents(self, encode: EncodeFn, vae_fingerprint: str, device: torch.device | str = "cpu") -> None:
-        """Called by the fine-tuning model once its VAE is loaded (before the dataloaders are built)."""
+        """Called by the fine-tuning model once its VAE is loaded (before the dataloaders are built).
+        ``vae_fingerprint`` must identify the VAE encoder's weights (see ``datamodules/latent_cache.py``)."""
         if not self.hparams.cache_latents or self.cached is not None:
             return
         path = None
         if self.hparams.cache_dir:
-            path = Path(self.hparams.cache_dir) / f"latents_{self._fingerprint(vae_fingerprint)}.pt"
-            if path.is_file():
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants)
+            path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
+            state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if path.is_file() else None
+            if state is not None:
                 self.cached = LatentCacheDataset(state["means"], state["stds"], state["captions"],
                                                  state["flip_variants"], state["flags"])
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
                 return
         self.cached = encode_dataset(self.data_train, encode, self.hparams.flip_variants, device=device)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"means": self.cached.means, "stds": self.cached.stds, "captions": self.cached.captions,
-                        "flip_variants": self.cached.flip_variants, "flags": self.cached.flags}, path)
+            save_cache(path, {"means": self.cached.means, "stds": self.cached.stds, "captions": self.cached.captions,
+                              "flip_variants": self.cached.flip_variants, "flags": self.cached.flags})
             log.info(f"Cached {len(self.cached)} latents to {path}")
 
     def train_dataloader(self) -> DataLoader:
-        data = self.cached if self.cached is not None else self.data_train
-        view = Repeated(data, self.hparams.repeats)
-        return DataLoader(view, batch_size=self.hparams.batch_size, sampler=training_sampler(view),
-                          num_workers=self.hparams.num_workers, drop_last=len(view) > self.hparams.batch_size)
+        repeats = self.hparams.repeats
+        view = self.cached.with_repeats(repeats) if self.cached is not None else Repeated(self.data_train, repeats)
+        return resumable_loader(view, self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                                drop_last=len(view) > self.hparams.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_val is None:

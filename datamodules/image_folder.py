@@ -246,6 +246,16 @@ class ImageFolderDataset(Dataset):
     def caption(self, record: ImageRecord) -> str:
         return self.default_caption if record.caption is None else record.caption
 
+    def fingerprint(self) -> str:
+        """What the items depend on, cheaply (for latent caches): the settings, and every image's path, size
+        and modification time with its caption."""
+        files = []
+        for record in self.records:
+            stat = record.path.stat()
+            files.append((str(record.path), stat.st_size, stat.st_mtime_ns, self.caption(record)))
+        settings = (self.resolution, self.center_crop, self.random_flip, self.repeats, self.caption_dropout)
+        return repr((settings, files))
+
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")

@@ -41,6 +41,8 @@ class ResumableSampler(DistributedSampler):
         if epoch != self.epoch:
             self.skip = 0
         super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):  # datasets with per-epoch choices (flip variants)
+            self.dataset.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())

@@ -336,6 +336,11 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def fingerprint(self) -> str:
+        """Everything the items depend on (for latent caches): they are computed from these settings."""
+        return repr(("shapes-v1", self.size, self.resolution, self.seed, self.split, self.stream,
+                     self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN))
+
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
 

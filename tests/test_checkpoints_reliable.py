@@ -65,10 +65,33 @@ def saved_step(path: str | Path) -> int:
     return torch.load(path, weights_only=True)["global_step"]
 
 
+class WorseEachTime(TinyRegression):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.tensor(float(self.global_step)))  # never improves after the first
+
+
 def test_last_ckpt_is_the_final_state(tmp_path):
     checkpoint = fit_tiny(tmp_path, max_steps=5)  # validation (and saving) at 2 and 4, training ends at 5
     assert saved_step(tmp_path / "ckpt" / "last.ckpt") == 5
     assert checkpoint.last_model_path.endswith("last.ckpt")
+
+
+def test_last_ckpt_follows_every_validation_not_only_new_bests(tmp_path, monkeypatch):
+    monkeypatch.setattr(TinyRegression, "validation_step", WorseEachTime.validation_step)
+    steps = []
+
+    class Record(L.Callback):
+        def on_validation_start(self, trainer, pl_module):  # what the previous validation left
+            last = tmp_path / "ckpt" / "last.ckpt"
+            steps.append(saved_step(last) if last.is_file() else None)
+
+    original = L.Trainer.__init__
+    monkeypatch.setattr(L.Trainer, "__init__",
+                        lambda self, *a, callbacks=(), **k: original(self, *a, callbacks=[*callbacks, Record()], **k))
+    checkpoint = fit_tiny(tmp_path, max_steps=6)
+    assert steps == [None, 2, 4]  # best stays at step 2, last moves on
+    assert saved_step(tmp_path / "ckpt" / "last.ckpt") == 6
+    assert saved_step(checkpoint.best_model_path) == 2
 
 
 def test_nan_validation_loss_never_becomes_best_or_last(tmp_path):

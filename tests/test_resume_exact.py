@@ -15,9 +15,11 @@ import torch
 
 from ldm.modules.vae import AutoencoderKL
 from tests.conftest import ROOT, compose_train
+from tests.test_finetune_lora import base_ckpt, lora_overrides  # noqa: F401 - base_ckpt is a fixture
 from train import train
 
-TINY_PARTS = ["model/vae=tiny", "callbacks.rich_progress_bar=null", "logger=none", "callbacks.lr_monitor=null"]
+QUIET = ["callbacks.rich_progress_bar=null", "logger=none", "callbacks.lr_monitor=null"]
+TINY_PARTS = ["model/vae=tiny", *QUIET]
 # 5 batches per epoch, validation + checkpoint every 2 steps, 10 steps: the kill at step 9 comes after the
 # checkpoint of step 8, the 3rd batch of the 2nd epoch (mid-epoch, after an epoch boundary).
 SCHEDULE = ["debug=smoke", "trainer.max_steps=10", "trainer.max_epochs=-1", "trainer.limit_train_batches=5",
@@ -33,7 +35,10 @@ def vae_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def overrides(experiment: str, vae_ckpt: Path) -> list[str]:
+def overrides(experiment: str, vae_ckpt: Path, base: Path | None = None) -> list[str]:
+    if experiment == "lora_finetune":  # 16 concept + 4 regularisation items, latents cached in memory
+        return [*lora_overrides(base, [*QUIET, *SCHEDULE, "data.cache_dir=null", "data.source.train_size=16",
+                                       "data.regularization_size=4", "data.regularization.train_size=4"])]
     common = [f"experiment={experiment}", *TINY_PARTS, *SCHEDULE, "data.val_size=4"]
     if experiment == "vae":
         return [*common, "data.train_size=24"]
@@ -61,9 +66,10 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
 
 
-@pytest.mark.parametrize("experiment", ["vae", "txt2img"])
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, vae_ckpt, experiment):
-    args = overrides(experiment, vae_ckpt)
+@pytest.mark.parametrize("experiment", ["vae", "txt2img", "lora_finetune"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, vae_ckpt, request, experiment):
+    base = request.getfixturevalue("base_ckpt") if experiment == "lora_finetune" else None
+    args = overrides(experiment, vae_ckpt, base)
     killed = run_cli(args, tmp_path / "logs", "SIGKILL", KILL_STEP)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = next((tmp_path / "logs").glob("*/runs/*/checkpoints/last.ckpt"))

@@ -138,10 +138,13 @@ class FineTuneModule(LatentDiffusion):
         return posterior.mean, posterior.std
 
     def _vae_fingerprint(self) -> str:
+        """Hash of every weight that shapes the cached latents (the encoder side of the VAE)."""
         digest = hashlib.sha1()
         for name, tensor in sorted(self.vae.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().flatten()[:64].numpy().tobytes())
+            if name.startswith(("decoder.", "post_quant_conv.")):
+                continue
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     # -- training: what the method says ----------------------------------------------------------------
