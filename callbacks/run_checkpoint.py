@@ -104,6 +104,7 @@ class RunCheckpoint(ModelCheckpoint):
         if not isinstance(exception, SIGTERMException) or "SIGTERM" not in self.preemption_signals:
             super().on_exception(trainer, pl_module, exception)
             return
+        exception.code = 128 + signal.SIGTERM  # exit status 143, not 0: scripts must not take it as finished
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             log.warning(f"Stopped by a signal at global step {trainer.global_step}; saved {self.last_model_path}. "
