@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ldm.utils.file_identity import describe_source
+from tests.test_finetune_lora import base_ckpt  # noqa: F401 - fixture
 
 
 def test_describe_source_has_name_and_hash_but_no_path(tmp_path):
@@ -25,3 +26,21 @@ def test_folder_and_hub_id(tmp_path):
     info = describe_source(folder)
     assert info["name"] == "sd15" and "home" not in str(info)
     assert describe_source("runwayml/stable-diffusion-v1-5") == {"name": "runwayml/stable-diffusion-v1-5"}
+
+
+def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt, tmp_path):
+    import hashlib
+    from pathlib import Path
+
+    from ldm.io.kohya_lora import read_kohya_metadata
+    from tests.test_finetune_lora import lora_overrides
+    from train import train
+
+    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2", "logger=none",
+                                                 "callbacks.lr_monitor=null"]))
+    train(cfg)
+    meta = read_kohya_metadata(Path(cfg.paths.output_dir) / "adapters" / "lora_finetune.safetensors")
+    assert meta["ss_sd_model_name"] == base_ckpt.name
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(base_ckpt.read_bytes()).hexdigest()
+    leaked = {k: v for k, v in meta.items() if str(base_ckpt.parent) in v or str(tmp_path) in v}
+    assert not leaked, leaked
