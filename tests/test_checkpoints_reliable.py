@@ -180,6 +180,37 @@ def test_malicious_pickle_as_vae_ckpt_is_refused_with_our_message(tmp_path, monk
     assert not marker.exists()
 
 
+def _entry_points(evil: Path, tmp_path: Path) -> dict:
+    import importlib.util
+
+    import sample
+    from ldm.models.checkpoint import load_lightning_model
+
+    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    finetune = compose_train(tmp_path, ["experiment=lora_finetune", "debug=smoke", f"model.base={evil}",
+                                        "data.cache_dir=null", "logger=none", "callbacks.lr_monitor=null",
+                                        "callbacks.rich_progress_bar=null"], output_name="ft")
+    return {
+        "sample.py --ckpt": lambda: sample.load_for_sampling(str(evil)),
+        "scripts/convert.py --base": lambda: convert.main(["--base", str(evil), "--out", str(tmp_path / "o.safetensors")]),
+        "load_lightning_model": lambda: load_lightning_model(evil),
+        "train.py model.base": lambda: train(finetune),
+    }
+
+
+def test_malicious_pickle_never_runs_through_any_entry_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned.txt"
+    evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
+    for name, run in _entry_points(evil, tmp_path).items():
+        with pytest.raises((UnsafeCheckpointError, SystemExit, ValueError)) as caught:
+            run()
+        assert "arbitrary code" in str(caught.value) or "refusing" in str(caught.value), (name, caught.value)
+        assert not marker.exists(), name
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"hello, I am a text file\n", "is a text file"),
     (b"", "is empty"),
