@@ -11,13 +11,12 @@ key's shape is rebuilt with a warning.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from ldm.utils.files import atomic_write
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -60,18 +59,7 @@ def cache_key(dataset: Dataset, vae_fingerprint: str, resolution, flip_variants:
 
 def save_cache(path: Path, state: dict) -> None:
     """``torch.save`` to a unique temporary file beside ``path``, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT, **state}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
 
 
 def load_cache(path: Path, expected_items: int, flip_variants: bool) -> dict | None:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.io.sd_presets import PRESETS
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
+from ldm.utils.file_identity import describe_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def source_metadata(base: str) -> dict[str, str]:
+    """``ldm.source`` (file/folder name or hub id) and ``ldm.source_sha256``: never the local path."""
+    info = describe_source(base)
+    return {"ldm.source": info.get("name", ""), **({"ldm.source_sha256": info["sha256"]} if "sha256" in info else {})}
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     overrides = {"preset": args.preset, "tokenizer": args.tokenizer}
@@ -47,7 +54,7 @@ def main(argv=None) -> Path:
         components,
         args.out,
         dtype="float32" if args.fp32 else "float16",
-        metadata={"ldm.source": str(args.base), "ldm.ema": str(not args.no_ema)},
+        metadata={**source_metadata(args.base), "ldm.ema": str(not args.no_ema)},
     )
     print(f"wrote {out} (SD {components.version}, {components.parameterization}, {components.resolution} px)")
     return out

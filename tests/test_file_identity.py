@@ -32,7 +32,7 @@ def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt
     import hashlib
     from pathlib import Path
 
-    from ldm.io.kohya_lora import read_kohya_metadata
+    from ldm.io.safe_load import read_safetensors_metadata as read_kohya_metadata
     from tests.test_finetune_lora import lora_overrides
     from train import train
 
@@ -44,3 +44,45 @@ def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt
     assert meta["ss_new_sd_model_hash"] == hashlib.sha256(base_ckpt.read_bytes()).hexdigest()
     leaked = {k: v for k, v in meta.items() if str(base_ckpt.parent) in v or str(tmp_path) in v}
     assert not leaked, leaked
+
+
+def _convert_script():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_convert_records_the_base_by_name_and_hash_writes_normal_permissions(base_ckpt, tmp_path):
+    import hashlib
+    import os
+
+    from ldm.io.safe_load import read_safetensors_metadata
+
+    out = _convert_script().main(["--base", str(base_ckpt), "--out", str(tmp_path / "out" / "model.safetensors")])
+    meta = read_safetensors_metadata(out)
+    assert meta["ldm.source"] == base_ckpt.name
+    assert meta["ldm.source_sha256"] == hashlib.sha256(base_ckpt.read_bytes()).hexdigest()
+    assert not [k for k, v in meta.items() if str(base_ckpt.parent) in v]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in out.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_failed_convert_leaves_no_temporary_file(base_ckpt, tmp_path, monkeypatch):
+    import pytest
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        _convert_script().main(["--base", str(base_ckpt), "--out", str(tmp_path / "out" / "model.safetensors")])
+    assert list((tmp_path / "out").iterdir()) == []

@@ -65,3 +65,20 @@ def test_tiny_image_is_upscaled_with_a_warning(tmp_path, caplog):
         dm.setup()
     assert "1 of 2 images are smaller than the training resolution 16 px" in caplog.text
     assert "dot.png (1x1)" in caplog.text and "ok.png" not in caplog.text.split("upscaled")[1]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("model.safetensors", b"<html>404</html>", "is a text file"),
+    ("model.safetensors", b"\xff" * 64, "is damaged or not a .safetensors file"),
+    ("model.ckpt", b"version https://git-lfs.github.com/spec/v1\n", "is a text file"),
+    ("model.ckpt", b"PK\x03\x04 truncated zip", "is damaged or truncated"),
+])
+def test_loaders_name_the_damaged_file(tmp_path, name, content, expected):
+    from ldm.io.safe_load import read_checkpoint
+    from ldm.models.base_loader import load_base_model
+
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    for load in (read_checkpoint, load_base_model):
+        with pytest.raises(DamagedFileError, match=f"{name} {expected}"):
+            load(bad)

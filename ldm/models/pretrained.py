@@ -11,8 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ldm.io.file_checks import check_torch_file
-from ldm.io.stable_diffusion import safe_torch_load
+from ldm.io.safe_load import safe_torch_load
 from ldm.utils.logging import get_logger
 from ldm.utils.runs import latest_checkpoint
 
@@ -42,7 +41,6 @@ def find_checkpoint(explicit: str | None, log_dir: str | Path, task_name: str, w
 
 def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, what: str) -> None:
     """Load ``<prefix>.*`` tensors of a Lightning checkpoint into ``module``; strict, with a clear report."""
-    check_torch_file(checkpoint)
     ckpt = safe_torch_load(checkpoint)  # weights_only=True: a malicious pickle raises UnsafeCheckpointError
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):

@@ -11,15 +11,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ldm.io.file_checks import check_torch_file
-from ldm.io.stable_diffusion import safe_torch_load
+from ldm.io.safe_load import safe_torch_load
+from ldm.utils.files import atomic_write
 
 __all__ = ["SafeCheckpointIO", "checkpoint_plugins", "load_training_checkpoint"]
 
@@ -29,7 +28,6 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    check_torch_file(path)
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(f"{path} is not a Lightning training checkpoint (no 'state_dict'); resume needs a "
@@ -43,27 +41,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
-        _atomic_torch_save(checkpoint, path)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_training_checkpoint(path)  # on the CPU; Lightning moves what it restores
-
-
-
-def _atomic_torch_save(obj: Any, path) -> None:  # TODO: ldm.utils.files.atomic_write once io lands
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def checkpoint_plugins(trainer_cfg) -> list:
