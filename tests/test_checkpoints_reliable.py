@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.run_checkpoint import RunCheckpoint
 from ldm.io.file_checks import DamagedFileError
-from ldm.io.stable_diffusion import UnsafeCheckpointError
+from ldm.io.safe_load import UnsafeCheckpointError
 from ldm.models.safe_checkpoint_io import SafeCheckpointIO
 from tests.conftest import CONF, ROOT, compose_train
 from tests.test_resume_exact import max_difference, run_cli
