@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ldm.utils.logging import get_logger
+
+log = get_logger(__name__)
+
 __all__ = ["ResumableDataLoader", "ResumableSampler", "resumable_loader"]
 
 
@@ -69,16 +73,16 @@ class ResumableDataLoader(DataLoader):
                 "num_samples": len(self.dataset), "batch_size": int(self.batch_size)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("num_samples") != len(self.dataset) or state.get("batch_size") != self.batch_size:
-            raise ValueError(
-                f"cannot resume the data order: the checkpoint was written with {state.get('num_samples')} "
-                f"training items in batches of {state.get('batch_size')}, this run has {len(self.dataset)} in "
-                f"batches of {self.batch_size}. Resume with the same data settings, or start a new run "
-                "(model weights only: model.<...>_ckpt=<file>)."
-            )
         sampler = self.sampler
         sampler.seed = int(state["seed"])
         sampler.set_epoch(int(state["epoch"]))
+        if state.get("num_samples") != len(self.dataset) or state.get("batch_size") != self.batch_size:
+            log.warning(
+                f"the training data changed since the checkpoint ({state.get('num_samples')} items in batches of "
+                f"{state.get('batch_size')}, now {len(self.dataset)} in batches of {self.batch_size}): epoch "
+                f"{state['epoch']} starts from its first batch instead of resuming at batch {state['batches']}"
+            )
+            return
         sampler.skip = int(state["batches"]) * self.batch_size
         self._position = (int(state["epoch"]), int(state["batches"]))
 
