@@ -24,7 +24,7 @@ from ldm.io.file_checks import DamagedFileError
 from ldm.io.safe_load import UnsafeCheckpointError
 from ldm.models.safe_checkpoint_io import SafeCheckpointIO
 from tests.conftest import CONF, ROOT, compose_train
-from tests.test_resume_exact import max_difference, run_cli
+from tests.test_resume_exact import final_weights, max_difference, run_cli, uninterrupted_vae  # noqa: F401
 from train import train
 
 
@@ -236,15 +236,22 @@ def test_truncated_last_ckpt_is_named(tmp_path):
 # --- preemption -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
-def test_preemption_signal_saves_last_ckpt_that_resumes_exactly(tmp_path, signal_name):
-    from tests.test_resume_exact import final_weights, overrides
+def _stop_with(signal_name: str, tmp_path: Path) -> tuple[list[str], Path]:
+    from tests.test_resume_exact import overrides
 
     args = overrides("vae", tmp_path)
     stopped = run_cli(args, tmp_path / "logs", signal_name, step=6)  # arrives during step 7 (no validation)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]  # stopped, not finished
     last = next((tmp_path / "logs").glob("*/runs/*/checkpoints/last.ckpt"))
     assert saved_step(last) == 7
+    return args, last
+
+
+def test_sigterm_saves_last_ckpt_that_resumes_exactly(tmp_path, uninterrupted_vae):
+    args, _ = _stop_with("SIGTERM", tmp_path)
     resumed = final_weights(tmp_path, [*args, "ckpt_path=last"], "resumed")
-    uninterrupted = final_weights(tmp_path / "straight", args, "straight")
-    assert max_difference(resumed, uninterrupted) <= 1e-6
+    assert max_difference(resumed, uninterrupted_vae) <= 1e-6
+
+
+def test_sigusr1_saves_last_ckpt_and_stops(tmp_path):
+    _stop_with("SIGUSR1", tmp_path)
