@@ -48,8 +48,10 @@ class ExactResume(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not _resumable_loaders(trainer.train_dataloader) and not self._warned:
             self._warned = True
-            log.info("The training loader is not resumable (see datamodules/resumable.py): a resume mid-epoch "
-                     "restarts that epoch's data order.")
+            log.info(
+                "The training loader is not resumable (see datamodules/resumable.py): a resume mid-epoch "
+                "restarts that epoch's data order."
+            )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._rng_to_restore is not None:

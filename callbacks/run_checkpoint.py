@@ -51,8 +51,10 @@ class RunCheckpoint(ModelCheckpoint):
         finite = math.isfinite(float(torch.as_tensor(value).float().mean()))
         if not finite and self._warned_step != trainer.global_step:
             self._warned_step = trainer.global_step
-            log.warning(f"{self.monitor}={float(value)} at global step {trainer.global_step}: not saving this "
-                        "state as a checkpoint (best and last keep the previous finite one)")
+            log.warning(
+                f"{self.monitor}={float(value)} at global step {trainer.global_step}: not saving this "
+                "state as a checkpoint (best and last keep the previous finite one)"
+            )
         return finite
 
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
@@ -65,12 +67,16 @@ class RunCheckpoint(ModelCheckpoint):
 
     # -- last.ckpt is the latest state, and the final one ------------------------------------------------
     def on_validation_end(self, trainer, pl_module) -> None:
-        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer)
+        due = not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(
+            trainer
+        )
         super().on_validation_end(trainer, pl_module)
         self._refresh_last(trainer, due)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(trainer)
+        due = not self._should_skip_saving_checkpoint(trainer) and self._should_save_on_train_epoch_end(
+            trainer
+        )
         super().on_train_epoch_end(trainer, pl_module)
         self._refresh_last(trainer, due)
 
@@ -107,5 +113,7 @@ class RunCheckpoint(ModelCheckpoint):
         exception.code = 128 + signal.SIGTERM  # exit status 143, not 0: scripts must not take it as finished
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            log.warning(f"Stopped by a signal at global step {trainer.global_step}; saved {self.last_model_path}. "
-                        "Resume with ckpt_path=last (or ckpt_path=<that file>).")
+            log.warning(
+                f"Stopped by a signal at global step {trainer.global_step}; saved {self.last_model_path}. "
+                "Resume with ckpt_path=last (or ckpt_path=<that file>)."
+            )

@@ -24,7 +24,6 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.latent_cache import cache_key, load_cache, save_cache
 from datamodules.resumable import resumable_loader
-
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -80,7 +79,8 @@ class LatentCacheDataset(Dataset):
         self.epoch = int(epoch)
 
     def with_repeats(self, repeats: int) -> LatentCacheDataset:
-        return LatentCacheDataset(self.means, self.stds, self.captions, self.flip_variants, self.flags, repeats)
+        return LatentCacheDataset(self.means, self.stds, self.captions, self.flip_variants, self.flags,
+                                  repeats)
 
     def __getitem__(self, index: int) -> dict:
         item = index % len(self.captions)
@@ -203,7 +203,8 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.hparams.cache_dir:
             key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants)
             path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
-            state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if path.is_file() else None
+            found = path.is_file()
+            state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if found else None
             if state is not None:
                 self.cached = LatentCacheDataset(state["means"], state["stds"], state["captions"],
                                                  state["flip_variants"], state["flags"])
@@ -211,13 +212,15 @@ class FineTuneDataModule(L.LightningDataModule):
                 return
         self.cached = encode_dataset(self.data_train, encode, self.hparams.flip_variants, device=device)
         if path is not None:
-            save_cache(path, {"means": self.cached.means, "stds": self.cached.stds, "captions": self.cached.captions,
-                              "flip_variants": self.cached.flip_variants, "flags": self.cached.flags})
+            cached = self.cached
+            save_cache(path, {"means": cached.means, "stds": cached.stds, "captions": cached.captions,
+                              "flip_variants": cached.flip_variants, "flags": cached.flags})
             log.info(f"Cached {len(self.cached)} latents to {path}")
 
     def train_dataloader(self) -> DataLoader:
         repeats = self.hparams.repeats
-        view = self.cached.with_repeats(repeats) if self.cached is not None else Repeated(self.data_train, repeats)
+        cached = self.cached
+        view = cached.with_repeats(repeats) if cached is not None else Repeated(self.data_train, repeats)
         return resumable_loader(view, self.hparams.batch_size, num_workers=self.hparams.num_workers,
                                 drop_last=len(view) > self.hparams.batch_size)
 

@@ -28,7 +28,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.resumable import resumable_loader
-from datamodules.samplers import training_sampler
 
 __all__ = [
     "COLORS",
@@ -415,11 +414,11 @@ class ShapesDataModule(L.LightningDataModule):
                 self.data_val = self._dataset(self.train_split, hp.val_size, stream=1)
             self.data_test = self._dataset("heldout", hp.val_size)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=training_sampler(dataset) if shuffle else None,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -433,11 +432,11 @@ class ShapesDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_val, shuffle=False)
+        return self._loader(self.data_val)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_test, shuffle=False)
+        return self._loader(self.data_test)
 
     def prompts(self, split: str = "heldout", n: int | None = None) -> list[str]:
         """Captions for evaluation: each combination of ``split`` once (seeded order), or the

@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def source_metadata(base: str) -> dict[str, str]:
     """``ldm.source`` (file/folder name or hub id) and ``ldm.source_sha256``: never the local path."""
     info = describe_source(base)
-    return {"ldm.source": info.get("name", ""), **({"ldm.source_sha256": info["sha256"]} if "sha256" in info else {})}
+    hashed = {"ldm.source_sha256": info["sha256"]} if "sha256" in info else {}
+    return {"ldm.source": info.get("name", ""), **hashed}
 
 
 def main(argv=None) -> Path:

@@ -4,7 +4,6 @@ folders never collide, resume refuses malicious pickles and names damaged files,
 from __future__ import annotations
 
 import math
-import os
 import re
 import signal
 import subprocess
@@ -50,13 +49,28 @@ class TinyRegression(L.LightningModule):
 
 def fit_tiny(tmp_path: Path, max_steps: int, nan_at=(), checkpoint_cls=RunCheckpoint) -> RunCheckpoint:
     data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
-    checkpoint = checkpoint_cls(dirpath=tmp_path / "ckpt", filename="step_{step}", monitor="val/loss",
-                                auto_insert_metric_name=False,
-                                mode="min", save_last=True, save_top_k=1)
-    trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
-                        limit_val_batches=1, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
-                        plugins=[SafeCheckpointIO()])
+    checkpoint = checkpoint_cls(
+        dirpath=tmp_path / "ckpt",
+        filename="step_{step}",
+        monitor="val/loss",
+        auto_insert_metric_name=False,
+        mode="min",
+        save_last=True,
+        save_top_k=1,
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+        plugins=[SafeCheckpointIO()],
+    )
     trainer.fit(TinyRegression(nan_at), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
     return checkpoint
 
@@ -86,8 +100,11 @@ def test_last_ckpt_follows_every_validation_not_only_new_bests(tmp_path, monkeyp
             steps.append(saved_step(last) if last.is_file() else None)
 
     original = L.Trainer.__init__
-    monkeypatch.setattr(L.Trainer, "__init__",
-                        lambda self, *a, callbacks=(), **k: original(self, *a, callbacks=[*callbacks, Record()], **k))
+    monkeypatch.setattr(
+        L.Trainer,
+        "__init__",
+        lambda self, *a, callbacks=(), **k: original(self, *a, callbacks=[*callbacks, Record()], **k),
+    )
     checkpoint = fit_tiny(tmp_path, max_steps=6)
     assert steps == [None, 2, 4]  # best stays at step 2, last moves on
     assert saved_step(tmp_path / "ckpt" / "last.ckpt") == 6
@@ -133,8 +150,12 @@ def test_run_folders_get_a_unique_suffix():
     run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
     assert re.search(r"/runs/\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}$", run_dir), run_dir
     code = "import ldm.utils.runs as r; print(r.run_suffix())"
-    suffixes = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip() for _ in range(2)}
+    suffixes = {
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
     assert len(suffixes) == 2  # two processes started in the same second still get different folders
 
 
@@ -154,8 +175,17 @@ def malicious_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
-TINY_VAE = ["experiment=vae", "model/vae=tiny", "debug=smoke", "data.train_size=8", "data.val_size=4",
-            "data.batch_size=4", "callbacks.rich_progress_bar=null", "logger=none", "callbacks.lr_monitor=null"]
+TINY_VAE = [
+    "experiment=vae",
+    "model/vae=tiny",
+    "debug=smoke",
+    "data.train_size=8",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "callbacks.rich_progress_bar=null",
+    "logger=none",
+    "callbacks.lr_monitor=null",
+]
 
 
 def test_malicious_pickle_as_ckpt_path_never_runs(tmp_path, monkeypatch):
@@ -172,9 +202,20 @@ def test_malicious_pickle_as_vae_ckpt_is_refused_with_our_message(tmp_path, monk
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "pwned.txt"
     evil = malicious_checkpoint(tmp_path / "evil.ckpt", marker)
-    cfg = compose_train(tmp_path, ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "debug=smoke",
-                                   "data.train_size=8", "data.val_size=4", f"model.vae_ckpt={evil}",
-                                   "callbacks.rich_progress_bar=null", "logger=none"])
+    cfg = compose_train(
+        tmp_path,
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            "debug=smoke",
+            "data.train_size=8",
+            "data.val_size=4",
+            f"model.vae_ckpt={evil}",
+            "callbacks.rich_progress_bar=null",
+            "logger=none",
+        ],
+    )
     with pytest.raises(UnsafeCheckpointError, match="refusing to load .*evil.ckpt"):
         train(cfg)
     assert not marker.exists()
@@ -189,12 +230,24 @@ def _entry_points(evil: Path, tmp_path: Path) -> dict:
     spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
-    finetune = compose_train(tmp_path, ["experiment=lora_finetune", "debug=smoke", f"model.base={evil}",
-                                        "data.cache_dir=null", "logger=none", "callbacks.lr_monitor=null",
-                                        "callbacks.rich_progress_bar=null"], output_name="ft")
+    finetune = compose_train(
+        tmp_path,
+        [
+            "experiment=lora_finetune",
+            "debug=smoke",
+            f"model.base={evil}",
+            "data.cache_dir=null",
+            "logger=none",
+            "callbacks.lr_monitor=null",
+            "callbacks.rich_progress_bar=null",
+        ],
+        output_name="ft",
+    )
     return {
         "sample.py --ckpt": lambda: sample.load_for_sampling(str(evil)),
-        "scripts/convert.py --base": lambda: convert.main(["--base", str(evil), "--out", str(tmp_path / "o.safetensors")]),
+        "scripts/convert.py --base": lambda: convert.main(
+            ["--base", str(evil), "--out", str(tmp_path / "o.safetensors")]
+        ),
         "load_lightning_model": lambda: load_lightning_model(evil),
         "train.py model.base": lambda: train(finetune),
     }
@@ -211,10 +264,13 @@ def test_malicious_pickle_never_runs_through_any_entry_point(tmp_path, monkeypat
         assert not marker.exists(), name
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"hello, I am a text file\n", "is a text file"),
-    (b"", "is empty"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"hello, I am a text file\n", "is a text file"),
+        (b"", "is empty"),
+    ],
+)
 def test_foreign_file_as_ckpt_path_is_named(tmp_path, content, expected):
     bad = tmp_path / "notes.ckpt"
     bad.write_bytes(content)
@@ -228,7 +284,9 @@ def test_truncated_last_ckpt_is_named(tmp_path):
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    resumed = compose_train(tmp_path, [*TINY_VAE, "ckpt_path=last", "trainer.max_steps=6"], output_name="second")
+    resumed = compose_train(
+        tmp_path, [*TINY_VAE, "ckpt_path=last", "trainer.max_steps=6"], output_name="second"
+    )
     with pytest.raises(DamagedFileError, match=r"last.ckpt is damaged or truncated"):
         train(resumed)
 
@@ -247,7 +305,7 @@ def _stop_with(signal_name: str, tmp_path: Path) -> tuple[list[str], Path]:
     return args, last
 
 
-def test_sigterm_saves_last_ckpt_that_resumes_exactly(tmp_path, uninterrupted_vae):
+def test_sigterm_saves_last_ckpt_that_resumes_exactly(tmp_path, uninterrupted_vae):  # noqa: F811 - pytest fixture
     args, _ = _stop_with("SIGTERM", tmp_path)
     resumed = final_weights(tmp_path, [*args, "ckpt_path=last"], "resumed")
     assert max_difference(resumed, uninterrupted_vae) <= 1e-6

@@ -28,7 +28,7 @@ def test_folder_and_hub_id(tmp_path):
     assert describe_source("runwayml/stable-diffusion-v1-5") == {"name": "runwayml/stable-diffusion-v1-5"}
 
 
-def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt, tmp_path):
+def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt, tmp_path):  # noqa: F811 - pytest fixture
     import hashlib
     from pathlib import Path
 
@@ -36,8 +36,12 @@ def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt
     from tests.test_finetune_lora import lora_overrides
     from train import train
 
-    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2", "logger=none",
-                                                 "callbacks.lr_monitor=null"]))
+    cfg = compose_cfg(
+        lora_overrides(
+            base_ckpt,
+            ["data.cache_dir=null", "trainer.max_steps=2", "logger=none", "callbacks.lr_monitor=null"],
+        )
+    )
     train(cfg)
     meta = read_kohya_metadata(Path(cfg.paths.output_dir) / "adapters" / "lora_finetune.safetensors")
     assert meta["ss_sd_model_name"] == base_ckpt.name
@@ -57,13 +61,15 @@ def _convert_script():
     return module
 
 
-def test_convert_records_the_base_by_name_and_hash_writes_normal_permissions(base_ckpt, tmp_path):
+def test_convert_records_the_base_by_name_and_hash_writes_normal_permissions(base_ckpt, tmp_path):  # noqa: F811 - pytest fixture
     import hashlib
     import os
 
     from ldm.io.safe_load import read_safetensors_metadata
 
-    out = _convert_script().main(["--base", str(base_ckpt), "--out", str(tmp_path / "out" / "model.safetensors")])
+    out = _convert_script().main(
+        ["--base", str(base_ckpt), "--out", str(tmp_path / "out" / "model.safetensors")]
+    )
     meta = read_safetensors_metadata(out)
     assert meta["ldm.source"] == base_ckpt.name
     assert meta["ldm.source_sha256"] == hashlib.sha256(base_ckpt.read_bytes()).hexdigest()
@@ -74,7 +80,7 @@ def test_convert_records_the_base_by_name_and_hash_writes_normal_permissions(bas
     assert [p.name for p in out.parent.iterdir()] == ["model.safetensors"]
 
 
-def test_failed_convert_leaves_no_temporary_file(base_ckpt, tmp_path, monkeypatch):
+def test_failed_convert_leaves_no_temporary_file(base_ckpt, tmp_path, monkeypatch):  # noqa: F811 - pytest fixture
     import pytest
     import safetensors.torch
 
@@ -84,5 +90,7 @@ def test_failed_convert_leaves_no_temporary_file(base_ckpt, tmp_path, monkeypatc
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     (tmp_path / "out").mkdir()
     with pytest.raises(OSError, match="No space"):
-        _convert_script().main(["--base", str(base_ckpt), "--out", str(tmp_path / "out" / "model.safetensors")])
+        _convert_script().main(
+            ["--base", str(base_ckpt), "--out", str(tmp_path / "out" / "model.safetensors")]
+        )
     assert list((tmp_path / "out").iterdir()) == []

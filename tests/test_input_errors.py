@@ -18,7 +18,9 @@ def _image(path, size=(8, 8)):
 def test_non_utf8_caption_is_named_not_mangled(tmp_path):
     _image(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes("a caf\u00e9 on a table".encode("cp1252"))
-    with pytest.raises(ValueError, match=r"caption file .*a\.txt is not UTF-8 text \(byte 0xe9 at position 5\)"):
+    with pytest.raises(
+        ValueError, match=r"caption file .*a\.txt is not UTF-8 text \(byte 0xe9 at position 5\)"
+    ):
         ImageFolderDataset(tmp_path, resolution=8)
 
 
@@ -67,12 +69,15 @@ def test_tiny_image_is_upscaled_with_a_warning(tmp_path, caplog):
     assert "dot.png (1x1)" in caplog.text and "ok.png" not in caplog.text.split("upscaled")[1]
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("model.safetensors", b"<html>404</html>", "is a text file"),
-    ("model.safetensors", b"\xff" * 64, "is damaged or not a .safetensors file"),
-    ("model.ckpt", b"version https://git-lfs.github.com/spec/v1\n", "is a text file"),
-    ("model.ckpt", b"PK\x03\x04 truncated zip", "is damaged or truncated"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("model.safetensors", b"<html>404</html>", "is a text file"),
+        ("model.safetensors", b"\xff" * 64, "is damaged or not a .safetensors file"),
+        ("model.ckpt", b"version https://git-lfs.github.com/spec/v1\n", "is a text file"),
+        ("model.ckpt", b"PK\x03\x04 truncated zip", "is damaged or truncated"),
+    ],
+)
 def test_loaders_name_the_damaged_file(tmp_path, name, content, expected):
     from ldm.io.safe_load import read_checkpoint
     from ldm.models.base_loader import load_base_model

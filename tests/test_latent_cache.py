@@ -114,9 +114,13 @@ def test_flip_variants_are_chosen_per_epoch_without_the_global_rng(tmp_path):
     dm, _ = cached(root, cache, flip=True)
     view = dm.cached.with_repeats(8)
     state = torch.get_rng_state()
-    picks = [[bool(torch.equal(view[i]["latent_mean"], dm.cached.means[1, i % 4])) for i in range(32)]
-             for view.epoch in (0, 1)]
+    picks = [
+        [bool(torch.equal(view[i]["latent_mean"], dm.cached.means[1, i % 4])) for i in range(32)]
+        for view.epoch in (0, 1)
+    ]
     assert torch.equal(state, torch.get_rng_state())
     assert any(picks[0]) and not all(picks[0]) and picks[0] != picks[1]
     view.set_epoch(0)
-    assert picks[0] == [bool(torch.equal(view[i]["latent_mean"], dm.cached.means[1, i % 4])) for i in range(32)]
+    assert picks[0] == [
+        bool(torch.equal(view[i]["latent_mean"], dm.cached.means[1, i % 4])) for i in range(32)
+    ]

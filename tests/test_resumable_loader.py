@@ -1,4 +1,5 @@
-"""The resumable training loader: seeded per-epoch order, restart at the next batch, data changes tolerated."""
+"""The resumable training loader: seeded per-epoch order, restart at the next batch, data changes
+tolerated."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_order_is_seeded_per_epoch_and_leaves_the_global_rng_alone():
     loader.sampler.set_epoch(1)
     second = batches(loader)
     assert torch.equal(state, torch.get_rng_state())
-    assert first != second and sorted(sum(first, [])) == list(range(10))
+    assert first != second and sorted(i for batch in first for i in batch) == list(range(10))
     loader.sampler.set_epoch(0)
     assert batches(resumable_loader(data, 3, seed=5)) == first
 
@@ -47,4 +48,4 @@ def test_end_of_epoch_moves_to_the_next_and_changed_data_restarts_the_epoch(capl
     with caplog.at_level("WARNING"):
         bigger.load_state_dict(loader.state_dict())
     assert "training data changed" in caplog.text
-    assert len(sum(batches(bigger), [])) == 12
+    assert sum(len(batch) for batch in batches(bigger)) == 12

@@ -22,8 +22,14 @@ QUIET = ["callbacks.rich_progress_bar=null", "logger=none", "callbacks.lr_monito
 TINY_PARTS = ["model/vae=tiny", *QUIET]
 # 5 batches per epoch, validation + checkpoint every 2 steps, 10 steps: the kill at step 9 comes after the
 # checkpoint of step 8, the 3rd batch of the 2nd epoch (mid-epoch, after an epoch boundary).
-SCHEDULE = ["debug=smoke", "trainer.max_steps=10", "trainer.max_epochs=-1", "trainer.limit_train_batches=5",
-            "trainer.val_check_interval=2", "data.batch_size=4"]
+SCHEDULE = [
+    "debug=smoke",
+    "trainer.max_steps=10",
+    "trainer.max_epochs=-1",
+    "trainer.limit_train_batches=5",
+    "trainer.val_check_interval=2",
+    "data.batch_size=4",
+]
 KILL_STEP = 9
 
 
@@ -37,20 +43,45 @@ def vae_ckpt(tmp_path_factory) -> Path:
 
 def overrides(experiment: str, vae_ckpt: Path, base: Path | None = None) -> list[str]:
     if experiment == "lora_finetune":  # 16 concept + 4 regularisation items, latents cached in memory
-        return [*lora_overrides(base, [*QUIET, *SCHEDULE, "data.cache_dir=null", "data.source.train_size=16",
-                                       "data.regularization_size=4", "data.regularization.train_size=4"])]
+        return [
+            *lora_overrides(
+                base,
+                [
+                    *QUIET,
+                    *SCHEDULE,
+                    "data.cache_dir=null",
+                    "data.source.train_size=16",
+                    "data.regularization_size=4",
+                    "data.regularization.train_size=4",
+                ],
+            )
+        ]
     common = [f"experiment={experiment}", *TINY_PARTS, *SCHEDULE, "data.val_size=4"]
     if experiment == "vae":
         return [*common, "data.train_size=24"]
-    return [*common, "model/unet=tiny", "data.train_size=24", f"model.vae_ckpt={vae_ckpt}",
-            "model.log_prompts=[a red circle on a blue background]", "model/sampler=ddim", "model.sampler.steps=2"]
+    return [
+        *common,
+        "model/unet=tiny",
+        "data.train_size=24",
+        f"model.vae_ckpt={vae_ckpt}",
+        "model.log_prompts=[a red circle on a blue background]",
+        "model/sampler=ddim",
+        "model.sampler.steps=2",
+    ]
 
 
 def run_cli(args: list[str], log_dir: Path, signal_name: str, step: int) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "train.py", *args, f"paths.log_dir={log_dir}", "hydra.job_logging.root.level=WARNING",
-           "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep", f"+callbacks.signal.step={step}",
-           f"+callbacks.signal.signal_name={signal_name}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *args,
+        f"paths.log_dir={log_dir}",
+        "hydra.job_logging.root.level=WARNING",
+        "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
+        f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.signal_name={signal_name}",
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 

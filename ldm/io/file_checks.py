@@ -29,7 +29,8 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def check_torch_file(path: str | os.PathLike) -> None:
-    """Raise :class:`DamagedFileError` unless ``path`` is a complete ``torch.save`` file (zip or legacy pickle)."""
+    """Raise :class:`DamagedFileError` unless ``path`` is a complete ``torch.save`` file (zip or legacy
+    pickle)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -40,16 +41,18 @@ def check_torch_file(path: str | os.PathLike) -> None:
                 archive.infolist()
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             raise DamagedFileError(
-                f"{path} is damaged or truncated ({size} bytes, {err}); it was probably still being written when "
-                "a run stopped. Use another checkpoint (e.g. a step_*.ckpt beside it) or delete this one."
+                f"{path} is damaged or truncated ({size} bytes, {err}); it was probably still being written "
+                "when a run stopped. Use another checkpoint (e.g. a step_*.ckpt beside it) or delete this "
+                "one."
             ) from None
         return
     if head[:1] == b"\x80":  # legacy (pre-1.6) pickle: torch.load checks the rest weights-only
         return
     what = "empty" if size == 0 else ("a text file" if _looks_like_text(head) else "not a PyTorch checkpoint")
     raise DamagedFileError(
-        f"{path} is {what} ({size} bytes, starts with {head[:24]!r}), not a checkpoint written by torch.save. "
-        "Check the path; checkpoints are .ckpt/.pt/.bin files, Stable Diffusion models also .safetensors."
+        f"{path} is {what} ({size} bytes, starts with {head[:24]!r}), not a checkpoint written by "
+        "torch.save. Check the path; checkpoints are .ckpt/.pt/.bin files, Stable Diffusion models also "
+        ".safetensors."
     )
 
 
@@ -67,9 +70,13 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         entries = None
     if not isinstance(entries, dict):
         kind = "a text file" if _looks_like_text(prefix) else "damaged or not a .safetensors file"
-        raise DamagedFileError(f"{path} is {kind} ({size} bytes): its safetensors header is unreadable. Check the "
-                               "path, or re-download / re-export the file.")
+        raise DamagedFileError(
+            f"{path} is {kind} ({size} bytes): its safetensors header is unreadable. Check the "
+            "path, or re-download / re-export the file."
+        )
     ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__" and isinstance(v, dict)]
     if 8 + header_len + max(ends, default=0) > size:
-        raise DamagedFileError(f"{path} is truncated ({size} bytes, its header describes "
-                               f"{8 + header_len + max(ends)}). Re-download or re-export it.")
+        raise DamagedFileError(
+            f"{path} is truncated ({size} bytes, its header describes "
+            f"{8 + header_len + max(ends)}). Re-download or re-export it."
+        )

@@ -30,8 +30,10 @@ def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a Lightning training checkpoint (no 'state_dict'); resume needs a "
-                         "<run>/checkpoints/*.ckpt written by train.py")
+        raise ValueError(
+            f"{path} is not a Lightning training checkpoint (no 'state_dict'); resume needs a "
+            "<run>/checkpoints/*.ckpt written by train.py"
+        )
     return payload
 
 
@@ -43,7 +45,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_training_checkpoint(path)  # on the CPU; Lightning moves what it restores
 
 
