@@ -6,7 +6,8 @@
 * A state whose monitored metric is NaN/inf never becomes best or last (a warning names the step); the
   stock callback ranks NaN as worst but still saves it, and always refreshes ``last.ckpt``.
 * Preemption: on SIGTERM (Lightning stops after the current batch) and SIGUSR1 (turned into SIGTERM),
-  ``last.ckpt`` is written before the process exits, so ``ckpt_path=last`` resumes at the next batch.
+  ``last.ckpt`` is written before the process exits (status 143), so ``ckpt_path=last`` resumes at the next
+  batch. In a SLURM job with auto-requeue, SIGUSR1 stays Lightning's (hpc checkpoint + requeue).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import threading
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -95,11 +97,19 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
-        for name in self.preemption_signals:
-            signum = getattr(signal, name, None)
-            if signum is None or signum == signal.SIGTERM or signum in self._previous_handlers:
-                continue
+        for signum in self.forwarded_signals(trainer):
             self._previous_handlers[signum] = signal.signal(signum, _resend_as_sigterm)
+
+    def forwarded_signals(self, trainer) -> list[int]:
+        """The preemption signals this callback turns into SIGTERM: not SIGTERM itself (Lightning's), and not
+        the requeue signal of a SLURM job with auto-requeue (Lightning saves an hpc checkpoint and requeues)."""
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
+        if requeue is not None and not environment.auto_requeue:
+            requeue = None
+        found = [getattr(signal, name, None) for name in self.preemption_signals]
+        return [s for s in found if s is not None and s not in (signal.SIGTERM, requeue)
+                and s not in self._previous_handlers]
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():

@@ -313,3 +313,17 @@ def test_sigterm_saves_last_ckpt_that_resumes_exactly(tmp_path, uninterrupted_va
 
 def test_sigusr1_saves_last_ckpt_and_stops(tmp_path):
     _stop_with("SIGUSR1", tmp_path)
+
+
+def test_slurm_auto_requeue_keeps_sigusr1_for_lightning():
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
+
+    checkpoint = RunCheckpoint()
+    plain = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=LightningEnvironment()))
+    slurm = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=True)))
+    no_requeue = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=False)))
+    assert checkpoint.forwarded_signals(plain) == [signal.SIGUSR1]
+    assert checkpoint.forwarded_signals(slurm) == []  # Lightning saves hpc_ckpt and requeues
+    assert checkpoint.forwarded_signals(no_requeue) == [signal.SIGUSR1]
