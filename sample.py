@@ -9,21 +9,29 @@ a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, o
 
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --steps 25 --n 1
 
-(512 px for SD v1, 768 for SD 2.x 768-v). Writes ``grid.png`` (one row per prompt) and single PNGs.
+(512 px for SD v1, 768 for SD 2.x 768-v). ``--lora file.safetensors:0.8`` merges LoRA files (kohya or PEFT);
+``--embedding file[:token]`` adds textual-inversion tokens; ``--hypernetwork file.pt:0.7`` applies an AUTOMATIC1111
+hypernetwork. Writes ``grid.png`` (one row per prompt) and single PNGs, each with
+its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` starts
+from the noise of seed ``--seed + i`` whatever ``--batch-size`` is (so deterministic samplers give the same
+image for any batching; the ancestral ones draw their per-step noise per batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from ldm.diffusion import build_sampler
+from ldm.diffusion import SAMPLERS, build_sampler
+from ldm.diffusion.samplers import display_name
 from ldm.models.checkpoint import load_lightning_model
-from ldm.utils.images import save_grid, to_uint8
+from ldm.utils.images import make_grid, save_image, to_uint8
 from ldm.utils.runs import latest_checkpoint
 
 
@@ -35,21 +43,68 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "embeds none (default: the released CLIP tokenizer from the Hugging Face cache)")
     p.add_argument("--log-dir", default="logs", help="where 'last' looks for runs (default: logs)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", action="append", default=None,
+                   help="one for every prompt, or repeat it once per --prompt (in the same order)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=["dpmpp_2m", "ddim", "ddpm"])
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (bounds memory)")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0) / ancestral noise (default 1)")
+    p.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
+                   help="default: the model's (ours: trailing; SD files and diffusers folders: their own)")
+    p.add_argument("--steps-offset", type=int, default=None, help="default: the model's (SD v1: 1)")
+    p.add_argument("--set-alpha-to-one", choices=["true", "false"], default=None,
+                   help="DDIM's last step ends on clean data (true) or at abar_0 (false; SD v1); default: the model's")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
+    p.add_argument("--init-image", default=None, help="img2img: start from this image (resized to --resolution)")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the image (default 0.75)")
     p.add_argument("--lora", action="append", default=[],
-                   help="kohya LoRA .safetensors to merge, optionally with a multiplier: file.safetensors:0.8 "
+                   help="LoRA .safetensors (kohya or diffusers/PEFT, detected) to merge, optionally with a "
+                   "multiplier: file.safetensors:0.8 "
                    "(repeat to stack several)")
+    p.add_argument("--embedding", action="append", default=[],
+                   help="textual-inversion embedding (.safetensors / A1111 .pt) whose token then works in prompts "
+                   "and negative prompts: file or file:token (default token: the file's own; repeat for several)")
+    p.add_argument("--hypernetwork", default=None, metavar="FILE[:STRENGTH]",
+                   help="AUTOMATIC1111 hypernetwork .pt (or .safetensors) to apply, optionally with a strength: "
+                   "file.pt:0.7")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bad values stop here, before any weights load, naming the flag."""
+    if args.n < 1:
+        parser.error(f"--n must be >= 1 (images per prompt), got {args.n}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        parser.error(f"--guidance must be a finite number, got {args.guidance}")
+    if args.eta is not None and not (math.isfinite(args.eta) and args.eta >= 0):
+        parser.error(f"--eta must be a finite number >= 0, got {args.eta}")
+    if args.resolution is not None and args.resolution < 8:
+        parser.error(f"--resolution must be a positive multiple of the VAE factor, got {args.resolution}")
+    if args.init_image is not None:
+        if not Path(args.init_image).is_file():
+            parser.error(f"--init-image {args.init_image}: no such file")
+        if not (math.isfinite(args.strength) and 0 < args.strength <= 1):
+            parser.error(f"--strength must be in (0, 1], got {args.strength}")
+    for spec in args.lora:
+        if not Path(parse_lora(spec)[0]).is_file():
+            parser.error(f"--lora {spec}: no such file (give path.safetensors or path.safetensors:multiplier)")
+    negatives = args.negative_prompt or [""]
+    if len(negatives) not in (1, len(args.prompt)):
+        parser.error(f"{len(negatives)} --negative-prompt for {len(args.prompt)} --prompt: give one for all, "
+                     "or one per prompt")
 
 
 def slug(text: str) -> str:
@@ -68,10 +123,13 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
-                      loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs"):
+                      loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs",
+                      embeddings: list[str] = (), hypernetwork: str | None = None):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
-    ``load_base_model`` reads, with kohya LoRA files merged in (``path[:multiplier]``)."""
-    from ldm.io.kohya_lora import load_kohya_lora
+    ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``), textual-inversion
+    embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied (``path[:strength]``)."""
+    from ldm.io.embeddings import apply_embedding
+    from ldm.io.lora_any import load_lora
     from ldm.io.sources import is_lightning_checkpoint
     from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 
@@ -85,35 +143,121 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
         model = load_lightning_model(ckpt)
         resolution = resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
     else:  # a Stable Diffusion single file, a diffusers folder or a hub id
+        tokenizer = tokenizer or tokenizer_before_loading(ckpt)
         components = load_base_model(str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {}))
         model = latent_diffusion_from_components(components, sampler)
         resolution = resolution or components.resolution
     unet = model.unet_ema.module if use_ema and model.unet_ema is not None else model.unet
     for spec in loras:
         path, multiplier = parse_lora(spec)
-        summary = load_kohya_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier,
-                                  merge=True)
-        print(f"merged LoRA {path} x{multiplier} ({summary['modules']} modules, rank {summary['rank']})")
+        summary = load_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier, merge=True)
+        print(f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
+              f"rank {summary['rank']})")
+    for spec in embeddings:
+        loaded = apply_embedding(model.text_encoder, spec)
+        print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
+    if hypernetwork:
+        apply_hypernetwork(model, unet, hypernetwork)
     model.image_resolution = resolution
     return model.to(device).eval()
 
 
+def apply_hypernetwork(model, unet, spec: str) -> None:
+    """Attach the hypernetwork ``file[:strength]`` to ``unet``; ``model`` owns it (moves with ``.to``)."""
+    from ldm.io.hypernetwork_file import load_hypernetwork
+    from ldm.modules.adapters.hypernetwork import attach_hypernetwork
+
+    path, strength = parse_lora(spec)
+    net, file = load_hypernetwork(path)
+    net.strength = strength
+    model.add_module("hypernetwork", net)
+    names = attach_hypernetwork(unet, net, self_attention=file.self_attention)
+    print(f"hypernetwork {path} x{strength} (widths {net.widths}, {len(names)} attention layers)")
+
+
+def tokenizer_before_loading(ckpt: str):
+    """For a ``.safetensors`` single file without a tokenizer: CLIP's (cache or open_clip_torch), found before
+    any weights load; none at all stops here, naming ``--tokenizer``."""
+    from ldm.io.sd_tokenizer import single_file_tokenizer
+
+    if not (str(ckpt).endswith(".safetensors") and Path(ckpt).is_file()):
+        return None
+    try:
+        return single_file_tokenizer(ckpt)
+    except LookupError as err:
+        raise SystemExit(str(err)) from None
+
+
+def vae_factor(model) -> int:
+    return int(getattr(model.vae, "downsample_factor", 8))
+
+
+def check_resolution(model, resolution: int) -> None:
+    factor = vae_factor(model)
+    if resolution % factor:
+        low = max(factor, resolution // factor * factor)
+        raise SystemExit(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}; "
+                         f"use {low} or {low + factor}")
+
+
+def load_init_image(path: str, resolution: int) -> torch.Tensor:
+    """An image file -> [1, 3, R, R] in [-1, 1] (RGB, resized to ``resolution``)."""
+    image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def generation_parameters(args, prompt: str, negative: str, seed: int, resolution: int, guidance: float) -> str:
+    """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
+    fields = {"Steps": args.steps, "Sampler": display_name(args.sampler), "CFG scale": f"{guidance:g}",
+              "Seed": seed, "Size": f"{resolution}x{resolution}", "Model": Path(str(args.ckpt)).stem}
+    if args.init_image:
+        fields["Denoising strength"] = f"{args.strength:g}"
+    if args.eta is not None:
+        fields["Eta"] = f"{args.eta:g}"
+    lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
+    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in fields.items())])
+
+
+def initial_noise(model, seeds: list[int], resolution: int) -> torch.Tensor:
+    """One standard-normal latent per seed: image i's noise depends only on its seed, not on the batching."""
+    size = resolution // vae_factor(model)
+    shape = (model.unet_channels(), size, size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
-    sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
+    sampler = build_sampler(args.sampler, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing,
+                            steps_offset=args.steps_offset,
+                            set_alpha_to_one=None if args.set_alpha_to_one is None else args.set_alpha_to_one == "true")
     model = load_for_sampling(args.ckpt, args.device, not args.no_ema, args.tokenizer, args.lora, sampler,
-                              args.resolution, args.log_dir)
+                              args.resolution, args.log_dir, args.embedding, args.hypernetwork)
     resolution = model.image_resolution
-    prompts = [p for p in args.prompt for _ in range(args.n)]
-    images = model.generate(prompts, guidance_scale=args.guidance, seed=args.seed, sampler=sampler,
-                            negative_prompt=args.negative_prompt, use_ema=not args.no_ema, progress=True)
+    check_resolution(model, resolution)
+    init = load_init_image(args.init_image, resolution) if args.init_image else None
+    guidance = model.hparams.guidance_scale if args.guidance is None else args.guidance
+    negatives = args.negative_prompt or [""]
+    negatives = negatives * len(args.prompt) if len(negatives) == 1 else negatives
+    jobs = [(p, neg) for p, neg in zip(args.prompt, negatives) for _ in range(args.n)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, array) in enumerate(zip(prompts, to_uint8(images))):
-        Image.fromarray(array).save(out / f"{i:03d}_{slug(prompt)}.png")
-    grid = save_grid(images, out / "grid.png", nrow=args.n, upscale=max(1, 128 // resolution))
-    print(f"wrote {len(prompts)} images and {grid}")
+    thumbnails = []
+    for start in range(0, len(jobs), args.batch_size):
+        batch = jobs[start:start + args.batch_size]
+        seeds = [args.seed + start + j for j in range(len(batch))]
+        images = model.generate(
+            [p for p, _ in batch], guidance_scale=guidance, sampler=sampler, negative_prompt=[n for _, n in batch],
+            use_ema=not args.no_ema, progress=True, latents=initial_noise(model, seeds, resolution),
+            generator=torch.Generator().manual_seed(seeds[0]), strength=args.strength if init is not None else 1.0,
+            init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None)
+        for j, ((prompt, negative), array) in enumerate(zip(batch, to_uint8(images))):
+            text = generation_parameters(args, prompt, negative, seeds[j], resolution, guidance)
+            save_image(Image.fromarray(array), out / f"{start + j:03d}_{slug(prompt)}.png", {"parameters": text})
+        thumbnails.append(images[:, :, :: max(1, resolution // 128), :: max(1, resolution // 128)].cpu())
+    grid = Image.fromarray(make_grid(torch.cat(thumbnails), nrow=args.n))
+    upscale = max(1, 128 // resolution)
+    grid = save_image(grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST), out / "grid.png")
+    print(f"wrote {len(jobs)} images and {grid}")
     return grid
 
 

@@ -10,6 +10,10 @@ disk, keyed by the VAE encoder, the resolution, the flip variants and every imag
 atomically and rebuilt when damaged (``datamodules/latent_cache.py``), so a second run skips the encoding.
 Random augmentations would break a cache: a horizontal flip is cached as a second variant
 (``flip_variants``); any other random transform in the source is refused.
+
+Aspect-ratio buckets: when the items come in more than one size (a bucketed image folder), every batch -
+for encoding, training and validation - comes from one size (``BucketBatchSampler``), and the cache holds
+each image's latent at its bucket size (lists of tensors instead of one stacked tensor).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from datamodules.bucket_sampler import BucketBatchSampler
 from datamodules.latent_cache import cache_key, load_cache, save_cache
 from datamodules.resumable import resumable_loader
+from datamodules.samplers import training_sampler
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -46,6 +52,24 @@ class Repeated(Dataset):
         return self.source[index % len(self.source)]
 
 
+class CaptionsRewritten(Dataset):
+    """The source's items passed through ``transform`` (item -> item) each time one is drawn, e.g. textual
+    inversion's placeholder prompts (``datamodules.placeholder_captions``)."""
+
+    def __init__(self, source: Dataset, transform: Callable[[dict], dict]):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.transform(dict(self.source[index]))
+
+    def set_epoch(self, epoch: int) -> None:  # passed on (flip variants of a latent cache)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+
 class Flagged(Dataset):
     """The source's items with ``is_regularization`` set to ``flag``."""
 
@@ -59,8 +83,44 @@ class Flagged(Dataset):
         return {**self.source[index], "is_regularization": self.flag}
 
 
+def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
+    """The (width, height) of every item (of its latent, for the latent cache), without loading images."""
+    if isinstance(dataset, ConcatDataset):
+        return [size for part in dataset.datasets for size in item_sizes(part)]
+    if isinstance(dataset, Subset):
+        inner = item_sizes(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, Repeated):
+        return item_sizes(dataset.source) * dataset.repeats
+    if isinstance(dataset, (Flagged, CaptionsRewritten)):
+        return item_sizes(dataset.source)
+    if isinstance(dataset, LatentCacheDataset):
+        return [(m.shape[-1], m.shape[-2]) for m in dataset.means[0]] * dataset.repeats
+    if hasattr(dataset, "target_size"):
+        return [tuple(dataset.target_size(i)) for i in range(len(dataset))]
+    side = getattr(dataset, "resolution", 0)
+    return [(side, side)] * len(dataset)
+
+
+def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                  drop_last: bool = False, position: dict | None = None) -> DataLoader:
+    """Batches of one item size each when the sizes differ (aspect-ratio buckets), plain batches otherwise.
+    ``position``: a saved ``BucketBatchSampler.position_state`` to resume from (bucketed batches only)."""
+    sizes = item_sizes(dataset)
+    keys = sorted(set(sizes))
+    if len(keys) <= 1:  # one size: the seeded training order dealt to ranks (datamodules.samplers)
+        return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset) if shuffle else None,
+                          num_workers=num_workers, drop_last=drop_last)
+    ids = [keys.index(size) for size in sizes]
+    return DataLoader(dataset, batch_sampler=BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position),
+                      num_workers=num_workers)
+
+
 class LatentCacheDataset(Dataset):
     """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once.
+
+    ``means`` / ``stds``: [variant, N, C, h, w] tensors, or (bucketed data) per variant a list of N
+    [C, h, w] tensors of each item's bucket size.
 
     With ``flip_variants`` each visit picks the plain or the flipped latent from (epoch, position): random
     across epochs and repeats, yet the same after a resume (no global RNG; the sampler calls ``set_epoch``).
@@ -85,7 +145,7 @@ class LatentCacheDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = index % len(self.captions)
         variant = random.Random(f"{self.epoch}/{index}").getrandbits(1) if self.flip_variants else 0
-        return {"latent_mean": self.means[variant, item], "latent_std": self.stds[variant, item],
+        return {"latent_mean": self.means[variant][item], "latent_std": self.stds[variant][item],
                 "caption": self.captions[item], "is_regularization": bool(self.flags[item])}
 
 
@@ -112,20 +172,27 @@ def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batc
                    device: torch.device | str = "cpu") -> LatentCacheDataset:
     from rich.progress import track
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = bucket_loader(dataset, batch_size, shuffle=False)
+    order = [i for batch in loader.batch_sampler for i in batch]  # dataset indices in loader order
     means, stds, captions, flags = [[], []], [[], []], [], []
     for batch in track(loader, description="caching latents", disable=len(loader) < 2):
         images = batch["image"].to(device)
         for variant, imgs in enumerate([images, images.flip(-1)] if flip_variants else [images]):
             mean, std = encode(imgs)
-            means[variant].append(mean.cpu())
-            stds[variant].append(std.cpu())
+            means[variant] += list(mean.cpu())
+            stds[variant] += list(std.cpu())
         captions += list(batch["caption"])
         flags.append(torch.as_tensor(batch.get("is_regularization", [False] * len(images)), dtype=torch.bool))
     variants = 2 if flip_variants else 1
-    return LatentCacheDataset(torch.stack([torch.cat(means[v]) for v in range(variants)]),
-                              torch.stack([torch.cat(stds[v]) for v in range(variants)]), captions, flip_variants,
-                              torch.cat(flags))
+    position = {index: k for k, index in enumerate(order)}
+    ranked = [position[i] for i in range(len(order))]  # back to dataset order
+    flags = torch.cat(flags)[ranked]
+    means = [[means[v][k] for k in ranked] for v in range(variants)]
+    stds = [[stds[v][k] for k in ranked] for v in range(variants)]
+    captions = [captions[k] for k in ranked]
+    if len({m.shape for m in means[0]}) == 1:  # one size: stacked tensors, as before
+        means, stds = torch.stack([torch.stack(m) for m in means]), torch.stack([torch.stack(s) for s in stds])
+    return LatentCacheDataset(means, stds, captions, flip_variants, flags)
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -137,6 +204,8 @@ class FineTuneDataModule(L.LightningDataModule):
         "auto": "regularization" when regularisation data is given, else "none";
         "none": no validation loss (a few-image concept keeps every image for training; the image logger
         still shows the log prompts).
+    caption_transform: item -> item applied whenever a training or validation item is drawn (after the latent
+        cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
     """
 
     VALIDATION = ("auto", "source", "regularization", "none")
@@ -145,17 +214,19 @@ class FineTuneDataModule(L.LightningDataModule):
                  repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
                  cache_dir: str | None = None, num_workers: int = 0,
                  regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
-                 validation: str = "auto"):
+                 validation: str = "auto", caption_transform: Callable[[dict], dict] | None = None):
         super().__init__()
         if validation not in self.VALIDATION:
             raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
-        self.save_hyperparameters(ignore=["source", "regularization"], logger=False)
+        self.save_hyperparameters(ignore=["source", "regularization", "caption_transform"], logger=False)
         self.source = source
         self.regularization = regularization
+        self.caption_transform = caption_transform
         self.resolution = resolution or getattr(source, "resolution", None) or source.hparams.get("resolution")
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.cached: LatentCacheDataset | None = None
+        self._position: dict | None = None  # where a resumed bucketed run continues (from a checkpoint)
 
     def _validation_kind(self) -> str:
         kind = self.hparams.validation
@@ -201,7 +272,8 @@ class FineTuneDataModule(L.LightningDataModule):
             return
         path = None
         if self.hparams.cache_dir:
-            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants)
+            sizes = str(item_sizes(self.data_train))  # every item's bucket
+            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants, sizes)
             path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
             found = path.is_file()
             state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if found else None
@@ -217,15 +289,37 @@ class FineTuneDataModule(L.LightningDataModule):
                               "flip_variants": cached.flip_variants, "flags": cached.flags})
             log.info(f"Cached {len(self.cached)} latents to {path}")
 
+    def _rewritten(self, data: Dataset) -> Dataset:
+        return data if self.caption_transform is None else CaptionsRewritten(data, self.caption_transform)
+
     def train_dataloader(self) -> DataLoader:
         repeats = self.hparams.repeats
         cached = self.cached
         view = cached.with_repeats(repeats) if cached is not None else Repeated(self.data_train, repeats)
-        return resumable_loader(view, self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                                drop_last=len(view) > self.hparams.batch_size)
+        view = self._rewritten(view)
+        batch_size, drop_last = self.hparams.batch_size, len(view) > self.hparams.batch_size
+        if len(set(item_sizes(view))) <= 1:  # one size: the exactly resumable loader
+            return resumable_loader(view, batch_size, num_workers=self.hparams.num_workers, drop_last=drop_last)
+        position, self._position = self._position, None  # buckets: resumed via this datamodule's state
+        return bucket_loader(view, batch_size, shuffle=True, num_workers=self.hparams.num_workers,
+                             position=position)
+
+    def state_dict(self) -> dict:
+        """Bucketed training only: the bucket sampler's epoch and the batches processed in it (the uniform-size
+        loader keeps its own position, ``datamodules/resumable.py``)."""
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position = state_dict.get("bucket_position")
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_val is None:
             return []
-        return DataLoader(self.data_val, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers)
+        return bucket_loader(self._rewritten(self.data_val), self.hparams.batch_size, shuffle=False,
+                             num_workers=self.hparams.num_workers)

@@ -16,17 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import lightning as L
-import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from datamodules.transforms import IMAGE_EXTENSIONS, load_rgb, preprocess
+from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, split_indices
+from datamodules.captions import kohya_subset
+from datamodules.folder_index import load_or_build_index
+from datamodules.transforms import IMAGE_EXTENSIONS, image_size
 
 __all__ = [
     "ImageFolderDataModule",
@@ -41,14 +41,23 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
 _SUMMARY_NAMES = 10  # how many skipped files the summary warning lists by name
+DECODE_ALL_MAX_FILES = 2000  # check="auto": larger folders start from the header index (lazy decode check)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One usable image and its caption (None: no caption file, use the default)."""
+    """One usable image and its caption (None: no caption file, use the default).
+
+    ``size``: (width, height) as loaded (EXIF rotation applied), None when not read yet.
+    ``repeats`` and ``class_name`` come from a kohya ``<repeats>_<name>`` folder (the name is the
+    caption of images without a caption file).
+    """
 
     path: Path
     caption: str | None = None
+    size: tuple[int, int] | None = None
+    repeats: int = 1
+    class_name: str | None = None
 
 
 def _check_root(root: str | os.PathLike) -> Path:
@@ -74,8 +83,9 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
+                found.append(os.path.join(dirpath, name))
+    found.sort(key=lambda path: path.split(os.sep))  # Path's order (by parts), on strings: much faster
+    return [Path(path) for path in found]
 
 
 def check_image(path: str | os.PathLike) -> str | None:
@@ -116,52 +126,90 @@ def _read_metadata(root: Path) -> dict[Path, str]:
 
 
 def _sidecar_caption(path: Path, caption_ext: str) -> str | None:
-    sidecar = path.with_suffix(caption_ext)
-    if sidecar.is_file():
-        data = sidecar.read_bytes()
-        try:
-            return data.decode("utf-8-sig").strip()
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"caption file {sidecar} is not UTF-8 text (byte 0x{data[error.start]:02x} at position "
-                f"{error.start}); re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
-            ) from None
-    return None
+    sidecar = os.path.splitext(path)[0] + "." + caption_ext.lstrip(".")  # str ops: 20,000 files add up
+    try:
+        with open(sidecar, "rb") as handle:
+            data = handle.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"caption file {sidecar} is not UTF-8 text (byte 0x{data[error.start]:02x} at position "
+            f"{error.start}); re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+        ) from None
 
 
 def resolve_captions(
     root: str | os.PathLike, paths: Sequence, caption_ext: str = ".txt"
 ) -> list[ImageRecord]:
-    """Attach captions (sidecar, then metadata.jsonl) to image paths under ``root``."""
-    metadata = _read_metadata(Path(root))
+    """Attach captions (sidecar, then metadata.jsonl) and kohya folder repeats / names to image paths
+    under ``root``."""
+    root = Path(root).expanduser()
+    metadata = _read_metadata(root)
     records = []
+    subsets: dict[str, tuple[int, str] | None] = {}  # first folder under root -> kohya (repeats, name)
     for path in map(Path, paths):
         caption = _sidecar_caption(path, caption_ext) if caption_ext else None
-        if caption is None:
+        if caption is None and metadata:
             caption = metadata.get(path.resolve())
-        records.append(ImageRecord(path, caption))
+        text, prefix = str(path), str(root) + os.sep
+        if text.startswith(prefix):  # one kohya_subset per first-level folder
+            first = text[len(prefix):].split(os.sep, 1)[0]
+            if first not in subsets:
+                subsets[first] = kohya_subset(root, path)
+            subset = subsets[first]
+        else:
+            subset = kohya_subset(root, path)
+        repeats, class_name = subset or (1, None)
+        records.append(ImageRecord(path, caption, repeats=repeats, class_name=class_name))
     return records
 
 
-def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> list[ImageRecord]:
-    """Find, check (once) and caption every image under ``root``.
-
-    Raises FileNotFoundError for a missing folder and ValueError when no image is readable.
-    """
-    root = _check_root(root)
-    paths = find_image_files(root)
-    readable, skipped = [], []
+def _decode_all(paths: list[Path]) -> tuple[dict[Path, tuple[int, int]], dict[Path, str]]:
+    sizes, bad = {}, {}
     for path in paths:
         reason = check_image(path)
         if reason is None:
-            readable.append(path)
+            sizes[path] = image_size(path)
         else:
-            skipped.append(path)
-            log.warning("skipping unreadable image %s (%s)", path, reason)
-    if skipped:
+            bad[path] = reason
+    return sizes, bad
+
+
+def _from_index(root: Path, paths: list[Path], index_dir) -> tuple[dict, dict]:
+    index = load_or_build_index(root, paths, index_dir)
+    by_rel = {path.relative_to(root).as_posix(): path for path in paths}
+    sizes = {by_rel[rel]: tuple(size) for rel, size in index["sizes"].items()}
+    return sizes, {by_rel[rel]: reason for rel, reason in index["unreadable"].items()}
+
+
+def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt", check: str = "auto",
+                      index_dir: str | os.PathLike | None = None) -> list[ImageRecord]:
+    """Find, check and caption every image under ``root``; records carry the image sizes.
+
+    ``check``: "decode" opens and decodes every image now; "header" reads only the headers, through
+    the index cached in ``index_dir`` (``datamodules.folder_index``), leaving the decoding check to the
+    first load; "auto": "decode" up to ``DECODE_ALL_MAX_FILES`` files, else "header". Unreadable files
+    are skipped with one warning each and a summary. Raises FileNotFoundError for a missing folder and
+    ValueError when no image is readable.
+    """
+    root = _check_root(root)
+    paths = find_image_files(root)
+    if check == "auto":
+        check = "decode" if len(paths) <= DECODE_ALL_MAX_FILES else "header"
+    if check not in ("decode", "header"):
+        raise ValueError(f"check must be 'auto', 'decode' or 'header', got {check!r}")
+    sizes, bad = _decode_all(paths) if check == "decode" else _from_index(root, paths, index_dir)
+    for path, reason in bad.items():
+        log.warning("skipping unreadable image %s (%s)", path, reason)
+    if bad:
+        skipped = sorted(bad)
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:_SUMMARY_NAMES])
         more = f" and {len(skipped) - _SUMMARY_NAMES} more" if len(skipped) > _SUMMARY_NAMES else ""
         log.warning("skipped %d of %d files under %s: %s%s", len(skipped), len(paths), root, names, more)
+    readable = [p for p in paths if p in sizes]
     if not readable:
         detail = f"{len(paths)} candidate file(s), all unreadable" if paths else "no image files found"
         raise ValueError(
@@ -169,7 +217,7 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt") -> lis
             f"{', '.join(IMAGE_EXTENSIONS)}). Add images to this folder or point `root` (data.root) "
             f"at a folder that has some."
         )
-    return resolve_captions(root, readable, caption_ext)
+    return [replace(r, size=sizes[r.path]) for r in resolve_captions(root, readable, caption_ext)]
 
 
 def warn_upscaled(records: Sequence[ImageRecord], resolution: int, root: Path) -> list[Path]:
@@ -177,9 +225,9 @@ def warn_upscaled(records: Sequence[ImageRecord], resolution: int, root: Path) -
     are upscaled, which blurs them. Reads image headers only. Returns those paths."""
     small = []
     for record in records:
-        with Image.open(record.path) as image:
-            if min(image.size) < resolution:
-                small.append((record.path, image.size))
+        size = record.size if record.size is not None else image_size(record.path)
+        if min(size) < resolution:
+            small.append((record.path, size))
     if small:
         names = ", ".join(f"{p.relative_to(root) if p.is_relative_to(root) else p} ({w}x{h})"
                           for p, (w, h) in small[:_SUMMARY_NAMES])
@@ -190,90 +238,101 @@ def warn_upscaled(records: Sequence[ImageRecord], resolution: int, root: Path) -
     return [p for p, _ in small]
 
 
-class ImageFolderDataset(Dataset):
-    """Images (+ captions) -> {"image": float [3, R, R] in [-1, 1], "caption": str}.
+class ImageFolderDataset(BucketedImageDataset):
+    """Images (+ captions) of a folder -> {"image": float [3, H, W] in [-1, 1], "caption": str}.
+
+    Without buckets every image is R x R (shorter side resized to R, then cropped); with ``bucketing``
+    each image covers its aspect-ratio bucket (see ``BucketedImageDataset`` for the shared arguments).
 
     Args:
         root: the folder; scanned (recursively, each file checked once) unless ``files`` is given.
-        resolution: output side R; the shorter side is resized to R (Lanczos), then cropped.
-        center_crop: center crop if True, else a random crop.
-        random_flip: probability of a horizontal flip.
-        default_caption: caption of images without a caption file or metadata entry.
+        default_caption: caption of images without a caption file, metadata entry or kohya folder name.
         caption_ext: extension of sidecar caption files ("" disables them).
-        repeats: each image appears this many times per epoch.
-        caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
         files: already-checked images: ``ImageRecord``s, or paths whose captions are looked up.
+        **kwargs: ``BucketedImageDataset`` arguments (resolution, center_crop, random_flip, repeats,
+            caption_dropout, bucketing, bucket_step, ..., shuffle_tags, keep_tags, tag_dropout). Images of a
+            kohya ``<repeats>_<name>`` folder repeat ``<repeats>`` x ``repeats`` times.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        resolution: int = 512,
-        center_crop: bool = True,
-        random_flip: float = 0.0,
-        default_caption: str = "",
-        caption_ext: str = ".txt",
-        repeats: int = 1,
-        caption_dropout: float = 0.0,
-        files: Sequence | None = None,
-    ):
-        if int(resolution) <= 0:
-            raise ValueError(f"resolution must be positive, got {resolution}")
-        if int(repeats) < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
-        for name, value in (("random_flip", random_flip), ("caption_dropout", caption_dropout)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-        self.root = Path(root)
-        self.resolution = int(resolution)
-        self.center_crop = bool(center_crop)
-        self.random_flip = float(random_flip)
-        self.default_caption = default_caption
-        self.repeats = int(repeats)
-        self.caption_dropout = float(caption_dropout)
-        if files is None:
-            self.records = scan_image_folder(self.root, caption_ext)
-        else:
-            paths = [f for f in files if not isinstance(f, ImageRecord)]
-            resolved = iter(resolve_captions(self.root, paths, caption_ext) if paths else [])
-            self.records = [f if isinstance(f, ImageRecord) else next(resolved) for f in files]
-            if not self.records:
-                raise ValueError(f"ImageFolderDataset for {str(self.root)!r} was given an empty file list")
+    log = log
 
-    def __len__(self) -> int:
-        return len(self.records) * self.repeats
+    def __init__(self, root: str | os.PathLike, resolution: int = 512, default_caption: str = "",
+                 caption_ext: str = ".txt", files: Sequence | None = None, **kwargs):
+        self.root = Path(root)
+        self.default_caption = default_caption
+        self.records = self._records(files, caption_ext)
+        super().__init__(resolution=resolution, **kwargs)
+
+    def _records(self, files: Sequence | None, caption_ext: str) -> list[ImageRecord]:
+        if files is None:
+            return scan_image_folder(self.root, caption_ext)
+        paths = [f for f in files if not isinstance(f, ImageRecord)]
+        resolved = iter(resolve_captions(self.root, paths, caption_ext) if paths else [])
+        records = [f if isinstance(f, ImageRecord) else next(resolved) for f in files]
+        if not records:
+            raise ValueError(f"ImageFolderDataset for {str(self.root)!r} was given an empty file list")
+        return records
+
+    def num_records(self) -> int:
+        return len(self.records)
+
+    def record_size(self, record_id: int) -> tuple[int, int]:
+        record = self.records[record_id]
+        return record.size if record.size is not None else image_size(record.path)
+
+    def open_record(self, record_id: int) -> Path:
+        return self.records[record_id].path
+
+    def record_name(self, record_id: int) -> str:
+        return str(self.records[record_id].path)
+
+    def record_repeats(self, record_id: int) -> int:
+        return self.records[record_id].repeats
+
+    def record_caption(self, record_id: int) -> str:
+        return self.caption(self.records[record_id])
+
+    def record_at(self, index: int) -> ImageRecord:
+        return self.records[int(self.index_to_record[index])]
 
     def caption(self, record: ImageRecord) -> str:
-        return self.default_caption if record.caption is None else record.caption
+        """Caption file or metadata, else the kohya folder name, else ``default_caption``."""
+        if record.caption is not None:
+            return record.caption
+        return record.class_name if record.class_name is not None else self.default_caption
 
     def fingerprint(self) -> str:
         """What the items depend on, cheaply (for latent caches): the settings, and every image's path, size
-        and modification time with its caption."""
+        and modification time with its caption and repeats."""
         files = []
         for record in self.records:
             stat = record.path.stat()
-            files.append((str(record.path), stat.st_size, stat.st_mtime_ns, self.caption(record)))
-        settings = (self.resolution, self.center_crop, self.random_flip, self.repeats, self.caption_dropout)
+            files.append((str(record.path), stat.st_size, stat.st_mtime_ns, self.caption(record), record.repeats))
+        settings = (self.resolution, self.center_crop, self.random_flip, self.repeats, self.caption_dropout,
+                    getattr(self, "buckets", None), repr(self.tags))
         return repr((settings, files))
 
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        record = self.records[index % len(self.records)]
-        image = load_rgb(record.path, min_side=self.resolution)
-        tensor = preprocess(image, self.resolution, self.center_crop, self.random_flip)
-        caption = self.caption(record)
-        if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
-            caption = ""
-        return {"image": tensor, "caption": caption}
 
-
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(BucketedDataModule):
     """Train / val split of an image folder; the folder is scanned once, in ``setup()``.
 
     Validation holds ``val_size`` images (or ``val_fraction`` of them when given), chosen with
     ``seed``, never augmented. With ``val_size=0`` every image trains and validation shows the
     first few training images without augmentation.
+
+    ``bucketing`` (the default): aspect-ratio buckets (see ``datamodules.buckets``); batches come from
+    ``BucketBatchSampler`` (one bucket per batch, shuffled with ``seed`` and the epoch, split across
+    DDP ranks), the bucket summary is logged at ``setup()``, and the position in the epoch is saved in
+    checkpoints (``state_dict``) so a resumed run continues at the next batch.
+
+    Trainer-style folders: images under ``<root>/<repeats>_<name>/`` (kohya) repeat ``repeats`` times and
+    are captioned ``name`` when they have no caption file; ``caption_ext`` names the caption files
+    (``.txt``, ``.caption``); ``shuffle_tags`` / ``keep_tags`` / ``tag_dropout`` augment tag-list captions
+    in training.
+
+    Large folders: ``check="auto"`` decodes every image at ``setup()`` only up to
+    ``DECODE_ALL_MAX_FILES`` files; larger folders start from a header index cached in ``index_dir``
+    (see ``scan_image_folder``), and broken files are skipped when first loaded.
     """
 
     def __init__(
@@ -292,6 +351,16 @@ class ImageFolderDataModule(L.LightningDataModule):
         val_fraction: float | None = None,
         caption_ext: str = ".txt",
         pin_memory: bool = False,
+        bucketing: bool = True,
+        bucket_step: int | None = None,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        tag_separator: str = ",",
+        check: str = "auto",
+        index_dir: str | os.PathLike | None = None,
     ):
         super().__init__()
         _check_root(root)  # fail at construction, before anything else is built
@@ -305,6 +374,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.records: list[ImageRecord] | None = None
         self.data_train: ImageFolderDataset | None = None
         self.data_val: ImageFolderDataset | None = None
+        self._position: dict | None = None  # where a resumed run continues (from a checkpoint)
 
     def _dataset(self, records: list[ImageRecord], train: bool) -> ImageFolderDataset:
         hp = self.hparams
@@ -317,25 +387,25 @@ class ImageFolderDataModule(L.LightningDataModule):
             caption_ext=hp.caption_ext,
             repeats=hp.repeats if train else 1,
             caption_dropout=hp.caption_dropout if train else 0.0,
-            files=records,
+            files=records if train else [replace(r, repeats=1) for r in records],
+            shuffle_tags=hp.shuffle_tags if train else False,
+            keep_tags=hp.keep_tags,
+            tag_dropout=hp.tag_dropout if train else 0.0,
+            tag_separator=hp.tag_separator,
+            bucketing=hp.bucketing,
+            bucket_step=hp.bucket_step,
+            bucket_min_side=hp.bucket_min_side,
+            bucket_max_side=hp.bucket_max_side,
         )
 
     def setup(self, stage: str | None = None) -> None:
         if self.records is not None:
             return
         hp = self.hparams
-        records = scan_image_folder(self.root, hp.caption_ext)
-        n = len(records)
-        n_val = round(hp.val_fraction * n) if hp.val_fraction is not None else int(hp.val_size)
-        if n_val > n - 1:
-            log.warning(
-                "only %d image(s) in %s: using %d for validation instead of %d", n, self.root, n - 1, n_val
-            )
-            n_val = n - 1
-        order = np.random.default_rng(hp.seed).permutation(n)
-        val_ids = set(order[:n_val].tolist())
-        train_records = [r for k, r in enumerate(records) if k not in val_ids]
-        val_records = [r for k, r in enumerate(records) if k in val_ids] or train_records[:4]
+        records = scan_image_folder(self.root, hp.caption_ext, hp.check, hp.index_dir)
+        train_ids, val_ids = split_indices(len(records), hp.val_size, hp.val_fraction, hp.seed, log, str(self.root))
+        train_records = [records[k] for k in train_ids]
+        val_records = [records[k] for k in val_ids]
         self.records = records
         warn_upscaled(records, hp.resolution, self.root)
         self.data_train = self._dataset(train_records, train=True)
@@ -346,26 +416,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             len(train_records),
             hp.repeats,
             len(val_records),
-            "" if n_val else " (taken from train)",
+            "" if set(val_ids) - set(train_ids) else " (taken from train)",
         )
-
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        subsets = Counter((r.repeats, r.class_name) for r in train_records if r.class_name is not None)
+        for (repeats, name), count in sorted(subsets.items()):
+            log.info("kohya folder %r: %d image(s) x %d repeat(s)", f"{repeats}_{name}", count, repeats)
+        if hp.bucketing:
+            log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())

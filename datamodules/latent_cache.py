@@ -52,8 +52,9 @@ def dataset_fingerprint(dataset: Dataset, digest=None) -> str:
     return digest.hexdigest()
 
 
-def cache_key(dataset: Dataset, vae_fingerprint: str, resolution, flip_variants: bool) -> str:
-    parts = [FORMAT, vae_fingerprint, str(resolution), str(bool(flip_variants)), dataset_fingerprint(dataset)]
+def cache_key(dataset: Dataset, vae_fingerprint: str, resolution, flip_variants: bool, sizes: str = "") -> str:
+    """``sizes``: the items' latent sizes (aspect-ratio buckets), when they are not uniform."""
+    parts = [FORMAT, vae_fingerprint, str(resolution), str(bool(flip_variants)), dataset_fingerprint(dataset), sizes]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:20]
 
 
@@ -79,13 +80,24 @@ def _check(state, expected_items: int, flip_variants: bool) -> str | None:
     if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in _KEYS):
         return "unexpected contents"
     variants = 2 if flip_variants else 1
-    means, stds = state["means"], state["stds"]
-    if not (isinstance(means, torch.Tensor) and isinstance(stds, torch.Tensor)) or means.shape != stds.shape:
+    means, stds = _per_item(state["means"]), _per_item(state["stds"])
+    if means is None or stds is None or [[m.shape for m in v] for v in means] != [[s.shape for s in v] for v in stds]:
         return "means/stds missing or of different shapes"
-    if tuple(means.shape[:2]) != (variants, expected_items) or len(state["captions"]) != expected_items:
-        return f"holds {tuple(means.shape[:2])} latents, expected {(variants, expected_items)}"
+    if (len(means), len(means[0]) if means else 0) != (variants, expected_items) or \
+            len(state["captions"]) != expected_items:
+        return f"holds {(len(means), len(means[0]) if means else 0)} latents, expected {(variants, expected_items)}"
     if len(state["flags"]) != expected_items or bool(state["flip_variants"]) != bool(flip_variants):
         return "flags or flip variants do not match"
-    if not torch.isfinite(means).all() or not torch.isfinite(stds).all():
+    if not all(torch.isfinite(t).all() for v in means + stds for t in v):
         return "non-finite latents"
+    return None
+
+
+def _per_item(latents) -> list[list[torch.Tensor]] | None:
+    """[variant, N, C, h, w] tensor or (bucketed) per variant a list of N [C, h, w] tensors -> nested lists."""
+    if isinstance(latents, torch.Tensor):
+        return [list(v) for v in latents] if latents.dim() == 5 else None
+    if isinstance(latents, list) and all(isinstance(v, list) for v in latents) and \
+            all(isinstance(t, torch.Tensor) and t.dim() == 3 for v in latents for t in v):
+        return latents
     return None

@@ -36,10 +36,12 @@ __all__ = [
     "Layout",
     "ShapesDataModule",
     "ShapesDataset",
+    "Subject",
     "all_combos",
     "caption_for",
     "parse_caption",
     "render",
+    "render_subject",
     "sample_layout",
     "shape_alpha",
     "split_combos",
@@ -223,6 +225,63 @@ def render(
     fg = np.asarray(COLORS[color], dtype=np.float32)
     bg = np.asarray(COLORS[background], dtype=np.float32)
     image = bg * (1.0 - alpha) + fg * alpha
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A DreamBooth-style subject: one particular member of a class the base knows (``shape``), recognisable
+    by a pattern no ordinary member has: the shape split in two colour halves, ``colors[0]`` left (or top)
+    and ``colors[1]`` right (or bottom), ``split`` "vertical" (left | right) or "horizontal" (top / bottom).
+    Ordinary dataset items are single-coloured, so "the subject" and "a yellow square" are told apart."""
+
+    shape: str = "square"
+    colors: tuple[str, str] = ("yellow", "magenta")
+    split: str = "vertical"
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"subject shape {self.shape!r} unknown; expected one of {SHAPES}")
+        colors = tuple(self.colors)
+        if len(colors) != 2 or colors[0] == colors[1] or any(c not in COLORS for c in colors):
+            raise ValueError(f"subject colors must be two different palette colours, got {self.colors!r}")
+        object.__setattr__(self, "colors", colors)
+        if self.split not in ("vertical", "horizontal"):
+            raise ValueError(f"subject split must be 'vertical' or 'horizontal', got {self.split!r}")
+
+    def backgrounds(self, exclude: Sequence[str] = ()) -> list[str]:
+        """Palette colours the subject can stand on (not its own colours), minus ``exclude``."""
+        return [c for c in COLORS if c not in self.colors and c not in exclude]
+
+
+def _first_half_weight(subject: Subject, resolution: int, layout: Layout) -> np.ndarray:
+    """Per-pixel fraction [H, W] on the first side (left or top) of the line splitting the layout box."""
+    centres = np.arange(resolution, dtype=np.float32)
+    if subject.split == "vertical":
+        line = layout.x0 + layout.width / 2
+        return np.broadcast_to(np.clip(line - centres, 0.0, 1.0)[None, :], (resolution, resolution))
+    line = layout.y0 + layout.height / 2
+    return np.broadcast_to(np.clip(line - centres, 0.0, 1.0)[:, None], (resolution, resolution))
+
+
+def render_subject(
+    subject: Subject, background: str, resolution: int, rng_or_layout: np.random.Generator | Layout | None = None
+) -> np.ndarray:
+    """The subject on ``background`` as uint8 [H, W, 3]; layouts as in :func:`render`."""
+    if background not in COLORS:
+        raise ValueError(f"unknown background {background!r}; expected one of {list(COLORS)}")
+    _check_resolution(resolution)
+    if isinstance(rng_or_layout, Layout):
+        layout = rng_or_layout
+    elif rng_or_layout is None:
+        layout = centered_layout(resolution)
+    else:
+        layout = sample_layout(resolution, rng_or_layout)
+    alpha = shape_alpha(subject.shape, resolution, layout)[..., None]
+    first = _first_half_weight(subject, resolution, layout)[..., None]
+    first_rgb, second_rgb = (np.asarray(COLORS[c], dtype=np.float32) for c in subject.colors)
+    fg = first * first_rgb + (1.0 - first) * second_rgb
+    image = np.asarray(COLORS[background], dtype=np.float32) * (1.0 - alpha) + fg * alpha
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 

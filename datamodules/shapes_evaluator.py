@@ -10,6 +10,11 @@ Reading, robust to the blur and noise of a generative model:
 4. shape = for each candidate, fit its box to the alpha's first and second moments (centroid
    and standard deviation of the shape within its own box are known), render the template
    there and take the candidate with the best soft IoU.
+
+A DreamBooth subject (:class:`datamodules.shapes.Subject`, a shape split in two colour halves) is read with
+:meth:`ShapesEvaluator.read_halves`: the foreground is every pixel nearer to another palette colour than to the background, its median
+splits it in two sides (left/right or top/bottom), each side's median colour is read separately, and the
+shape is classified on the whole foreground. An ordinary single-coloured shape reads the same colour twice.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datamodules.shapes import COLORS, SHAPES, Layout, parse_caption, shape_alpha
+from datamodules.shapes import COLORS, SHAPES, Layout, Subject, parse_caption, shape_alpha
 
 __all__ = ["ShapesEvaluator", "to_uint8_hwc"]
 
@@ -125,16 +130,7 @@ class ShapesEvaluator:
         """-> {"color", "shape", "background"}; colour and shape are None when no foreground."""
         x = to_uint8_hwc(image)
         height, width = x.shape[:2]
-        border = max(1, round(min(height, width) / 32))
-        edge = np.concatenate(
-            [
-                x[:border].reshape(-1, 3),
-                x[-border:].reshape(-1, 3),
-                x[:, :border].reshape(-1, 3),
-                x[:, -border:].reshape(-1, 3),
-            ]
-        )
-        bg_rgb = np.median(edge, axis=0)
+        bg_rgb = self._border_median(x)
         result: dict[str, str | None] = {"color": None, "shape": None, "background": _nearest_color(bg_rgb)}
 
         distance = np.linalg.norm(x - bg_rgb, axis=-1)
@@ -200,6 +196,60 @@ class ShapesEvaluator:
         else:
             template = shape_alpha(shape, size, layout)
         return float(np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-6))
+
+    def read_halves(self, image, split: str = "vertical") -> dict[str, str | None]:
+        """-> {"first", "second", "shape", "background"}: the colours of the foreground's two sides (left and
+        right for ``split="vertical"``, top and bottom for "horizontal"); None when there is no foreground."""
+        x = to_uint8_hwc(image)
+        height, width = x.shape[:2]
+        bg_rgb = self._border_median(x)
+        result: dict[str, str | None] = {"first": None, "second": None, "shape": None,
+                                         "background": _nearest_color(bg_rgb)}
+        # foreground: pixels nearer to another palette colour than to the background (works for a side
+        # whose colour is close to the background, where a contrast threshold would drop it)
+        distance = np.linalg.norm(x - bg_rgb, axis=-1)
+        others = _PALETTE[[name != result["background"] for name in _PALETTE_NAMES]]
+        nearest_other = np.linalg.norm(x[..., None, :] - others, axis=-1).min(axis=-1)
+        mask = (distance > nearest_other) & (distance > self.min_contrast)
+        if mask.sum() < self.min_area * height * width:
+            return result
+        rows, cols = np.nonzero(mask)
+        coords = cols if split == "vertical" else rows
+        centre = float(np.median(coords))
+        band = max(1.0, min(height, width) / 32)  # skip the pixels at the split line (a blend of both sides)
+        sides = [mask.copy(), mask.copy()]
+        sides[0][rows[coords >= centre - band], cols[coords >= centre - band]] = False
+        sides[1][rows[coords <= centre + band], cols[coords <= centre + band]] = False
+        if min(side.sum() for side in sides) < 0.25 * self.min_area * height * width:
+            return result
+        result["first"], result["second"] = (self._interior_color(x, distance, side) for side in sides)
+        result["shape"] = self._classify_shape(mask.astype(np.float32))
+        return result
+
+    def is_subject(self, image, subject: Subject) -> bool:
+        """True when ``image`` shows ``subject``: its shape, with its two colours on the right sides."""
+        found = self.read_halves(image, subject.split)
+        return (found["first"], found["second"], found["shape"]) == (*subject.colors, subject.shape)
+
+    def subject_rate(self, images, subject: Subject) -> float:
+        """Fraction of ``images`` (tensor [B, 3, H, W] in [-1, 1] or a sequence) read as ``subject``."""
+        if isinstance(images, torch.Tensor) and images.ndim == 3:
+            images = images[None]
+        hits = [self.is_subject(image, subject) for image in images]
+        return float(np.mean(hits)) if hits else 0.0
+
+    @staticmethod
+    def _interior_color(x: np.ndarray, distance: np.ndarray, side: np.ndarray) -> str:
+        """Palette colour of a side's interior: its pixels farthest from the background (blurred edges mix)."""
+        far = side & (distance >= np.median(distance[side]))
+        return _nearest_color(np.median(x[far], axis=0))
+
+    @staticmethod
+    def _border_median(x: np.ndarray) -> np.ndarray:
+        border = max(1, round(min(x.shape[:2]) / 32))
+        edge = np.concatenate([x[:border].reshape(-1, 3), x[-border:].reshape(-1, 3),
+                               x[:, :border].reshape(-1, 3), x[:, -border:].reshape(-1, 3)])
+        return np.median(edge, axis=0)
 
     def read_batch(self, images) -> list[dict[str, str | None]]:
         """``images``: tensor [B, 3, H, W] in [-1, 1] or a sequence of anything :meth:`read` takes."""

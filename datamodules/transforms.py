@@ -12,11 +12,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from datamodules.buckets import cover_size
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "center_crop_box",
+    "crop_box",
+    "image_size",
     "load_rgb",
     "preprocess",
+    "preprocess_to_size",
     "random_crop_box",
     "resize_shorter_side",
     "to_rgb",
@@ -128,6 +133,48 @@ def preprocess(
     else:
         box = random_crop_box(width, height, resolution, generator)
     if box != (0, 0, width, height):
+        image = image.crop(box)
+    if flip_probability > 0 and float(torch.rand((), generator=generator)) < flip_probability:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) as ``load_rgb`` will return it (EXIF rotations applied), from the header only."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        # a PNG's getexif() would decode the whole file to look for a late eXIf chunk: use an early one only
+        header_only = opened.format != "PNG" or "exif" in opened.info
+        orientation = opened.getexif().get(0x0112, 1) if header_only else 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def crop_box(width: int, height: int, target: tuple[int, int], center: bool = True,
+             generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """A ``target`` = (w, h) box inside a width x height image: centred, or uniformly random."""
+    target_w, target_h = target
+    if center:
+        left, top = (width - target_w) // 2, (height - target_h) // 2
+    else:
+        left = int(torch.randint(0, width - target_w + 1, (), generator=generator))
+        top = int(torch.randint(0, height - target_h + 1, (), generator=generator))
+    return left, top, left + target_w, top + target_h
+
+
+def preprocess_to_size(
+    image: Image.Image,
+    target: tuple[int, int],
+    center_crop: bool = True,
+    flip_probability: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RGB image -> resized to cover ``target`` = (w, h) (aspect kept, Lanczos) -> crop of the excess
+    (one axis only) -> optional horizontal flip -> [3, h, w]."""
+    size = cover_size(*image.size, target)
+    if size != image.size:
+        image = image.resize(size, resample=Image.Resampling.LANCZOS, reducing_gap=3.0)
+    box = crop_box(size[0], size[1], target, center_crop, generator)
+    if box != (0, 0, size[0], size[1]):
         image = image.crop(box)
     if flip_probability > 0 and float(torch.rand((), generator=generator)) < flip_probability:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

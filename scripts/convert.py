@@ -3,11 +3,15 @@
     python scripts/convert.py --base runwayml/stable-diffusion-v1-5 --out sd15.safetensors
     python scripts/convert.py --base logs/txt2img/runs/<run>/checkpoints/last.ckpt --out ours.safetensors
     python scripts/convert.py --base old-model.ckpt --out model.safetensors --fp32
+    python scripts/convert.py --base sd15.safetensors --lora style.safetensors:0.8 --lora subject.safetensors \
+        --out merged.safetensors
 
 ``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of our
 Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
 (SD v1 layout; SD 2.x files are written with the OpenCLIP text layout), and back here with its exact
-architecture (``ldm.config`` metadata).
+architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT)
+bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A fine-tuning
+run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.io.lora_any import load_lora
+from ldm.io.safe_load import safe_torch_load
 from ldm.io.sd_presets import PRESETS
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
 from ldm.utils.file_identity import describe_source
+from sample import tokenizer_before_loading
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,7 +44,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="architecture of a single-file --base (default: detected)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for a single-file --base")
-    return p.parse_args(argv)
+    p.add_argument("--lora", action="append", default=[],
+                   help="LoRA .safetensors (kohya or PEFT) to bake in, optionally file:multiplier; repeatable")
+    args = p.parse_args(argv)
+    for spec in args.lora:
+        if not Path(split_lora(spec)[0]).is_file():
+            p.error(f"--lora {spec}: no such file (give path.safetensors or path.safetensors:multiplier)")
+    return args
+
+
+def split_lora(spec: str) -> tuple[str, float]:
+    """``file.safetensors[:0.8]`` -> (path, multiplier)."""
+    path, sep, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if sep else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def adapter_only_message(base: str) -> str | None:
+    """What to do instead, when ``base`` is a fine-tuning checkpoint (it holds only the adapter); else None."""
+    path = Path(base)
+    if path.suffix not in (".ckpt", ".pt", ".pth") or not path.is_file():
+        return None
+    try:
+        payload = safe_torch_load(path, mmap=True)
+    except Exception:  # noqa: BLE001 - not ours; load_base_model gives the real error
+        return None
+    state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
+    if "base" not in payload or not any(k.startswith("method.") for k in state):
+        return None
+    method = str((payload.get("model_config") or {}).get("method", {}).get("_target_", "a fine-tuning method"))
+    exported = sorted((path.parent.parent / "adapters").glob("*.safetensors"))
+    adapter = str(exported[-1]) if exported else "<run>/adapters/<name>.safetensors"
+    n = sum(k.startswith("method.") for k in state)
+    return (f"{base} is a fine-tuning checkpoint: it holds only the adapter of {method.rsplit('.', 1)[-1]} "
+            f"({n} tensors), trained on the base {payload['base']!r}, not a whole model. To write a merged "
+            f"single file, pass the base and the exported adapter:\n  python scripts/convert.py --base "
+            f"{payload['base']} --lora {adapter} --out merged.safetensors\n(to sample with it instead: python "
+            f"sample.py --ckpt {base} --prompt ...)")
 
 
 def source_metadata(base: str) -> dict[str, str]:
@@ -49,13 +94,23 @@ def source_metadata(base: str) -> dict[str, str]:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    overrides = {"preset": args.preset, "tokenizer": args.tokenizer}
+    message = adapter_only_message(args.base)
+    if message:
+        raise SystemExit(message)
+    overrides = {"preset": args.preset, "tokenizer": args.tokenizer or tokenizer_before_loading(args.base)}
     components = load_base_model(args.base, use_ema=not args.no_ema, **overrides)
+    for spec in args.lora:
+        path, multiplier = split_lora(spec)
+        summary = load_lora(path, unet=components.unet, text_encoder=components.text_encoder, multiplier=multiplier,
+                            merge=True)
+        print(f"baked in {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules)")
     out = export_components(
         components,
         args.out,
         dtype="float32" if args.fp32 else "float16",
-        metadata={**source_metadata(args.base), "ldm.ema": str(not args.no_ema)},
+        metadata={**source_metadata(args.base), "ldm.ema": str(not args.no_ema),
+                  **({"ldm.loras": ", ".join(Path(split_lora(s)[0]).name + s[len(split_lora(s)[0]):]
+                                             for s in args.lora)} if args.lora else {})},
     )
     print(f"wrote {out} (SD {components.version}, {components.parameterization}, {components.resolution} px)")
     return out

@@ -278,10 +278,13 @@ def test_datamodule_splits_and_batches(tmp_path):
     assert module.data_val.random_flip == 0.0 and module.data_val.caption_dropout == 0.0
 
     batch = next(iter(module.train_dataloader()))
-    assert tuple(batch["image"].shape) == (4, 3, 16, 16)
+    bucket = module.data_train.target_size(0)  # 3:2 images -> a landscape bucket (buckets are the default)
+    assert bucket[0] > bucket[1] and tuple(batch["image"].shape) == (4, 3, bucket[1], bucket[0])
     assert isinstance(batch["caption"], list) and all(c.startswith("image ") for c in batch["caption"])
     val_batch = next(iter(module.val_dataloader()))
-    assert tuple(val_batch["image"].shape) == (3, 3, 16, 16)
+    assert tuple(val_batch["image"].shape) == (3, 3, bucket[1], bucket[0])
+    square = ImageFolderDataModule(tmp_path, resolution=16, batch_size=4, val_size=3, bucketing=False)
+    assert tuple(next(iter(square.train_dataloader()))["image"].shape) == (4, 3, 16, 16)
 
     same = ImageFolderDataModule(tmp_path, resolution=16, val_size=3, seed=1)
     same.setup()

@@ -23,7 +23,13 @@ SAMPLER_FACTORIES = {
     "ddim_eta1": lambda: DDIMSampler(steps=20, eta=1.0),
     "dpmpp_2m_20": lambda: DPMSolverPP2MSampler(steps=20),
     "dpmpp_2m_leading": lambda: DPMSolverPP2MSampler(steps=10, timestep_spacing="leading"),
+    "euler_20": lambda: build_sampler("euler", steps=20),
+    "euler_a_20": lambda: build_sampler("euler_a", steps=20),
+    "heun_10": lambda: build_sampler("heun", steps=10),
+    "dpmpp_2s_a_10": lambda: build_sampler("dpmpp_2s_a", steps=10),
+    "unipc_10": lambda: build_sampler("unipc", steps=10),
 }
+TWO_EVALS_PER_STEP = ("heun_10", "dpmpp_2s_a_10")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +107,9 @@ def test_oracle_denoiser_recovers_x0(sd_schedule, name, parameterization):
     torch.testing.assert_close(out, x0, atol=2e-4, rtol=1e-4)
     # the denoiser sees one LongTensor [B] per step, all in [0, T-1], starting at T-1 (trailing)
     expected = sampler.timesteps(sd_schedule)
+    if name in TWO_EVALS_PER_STEP:  # a second evaluation per step (at the next or a midpoint level)
+        assert len(seen) >= len(expected) + 1 and int(seen[0][0]) == expected[0]
+        return
     assert [int(t[0]) for t in seen] == expected
     assert all(t.dtype == torch.long and t.shape == (2,) and bool((t == t[0]).all()) for t in seen)
     assert sampler.timestep_spacing == "leading" or expected[0] == 999
@@ -293,10 +302,14 @@ def test_build_sampler():
     assert isinstance(build_sampler("ddpm"), DDPMSampler)
     s = build_sampler("ddim", steps=7, eta=0.3)
     assert isinstance(s, DDIMSampler) and s.steps == 7 and s.eta == 0.3
-    assert isinstance(build_sampler("dpmpp_2m", steps=12), DPMSolverPP2MSampler)
+    s = build_sampler("dpmpp_2m_karras", steps=12)
+    assert (s.solver, s.karras, s.steps, s.name) == ("dpmpp_2m", True, 12, "dpmpp_2m_karras")
+    assert build_sampler("euler_a", eta=0.5).eta == 0.5
     assert DDPMSampler().steps is None and DDIMSampler().steps == 50 and DPMSolverPP2MSampler().steps == 20
     with pytest.raises(ValueError, match="unknown sampler"):
-        build_sampler("euler")
+        build_sampler("euler_b")
+    with pytest.raises(ValueError, match="DDIM's last step only"):
+        build_sampler("euler", set_alpha_to_one=False)
     with pytest.raises(ValueError):
         DDIMSampler(timestep_spacing="uniform")
 
@@ -308,3 +321,105 @@ def test_progress_bar_and_dtype_device(sd_schedule):
     assert out.dtype == torch.float64 and out.device.type == "cpu" and torch.isfinite(out).all()
     with pytest.raises(ValueError):
         DDIMSampler(steps=4)(toy_denoiser, sd_schedule, (1, 2), x_T=torch.zeros(2, 2))
+
+
+# -- timestep conventions and sigma grids ------------------------------------------------------------
+
+
+def test_conventions_match_diffusers_timesteps():
+    """Our spacing + offset arithmetic is diffusers' (DDIM / Euler / DPM-Solver set_timesteps)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from ldm.diffusion import TimestepConvention, sigma_grid
+
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    schedule = DiffusionSchedule.from_config()
+    for spacing, offset, steps in itertools.product(("leading", "trailing", "linspace"), (0, 1), (7, 10, 30)):
+        convention = TimestepConvention(spacing, offset)
+        ddim = DDIMScheduler(**config, timestep_spacing=spacing, steps_offset=offset)
+        ddim.set_timesteps(steps)
+        assert make_timesteps(1000, steps, spacing, offset) == ddim.timesteps.tolist()
+        for cls, multistep in ((EulerDiscreteScheduler, False), (DPMSolverMultistepScheduler, True)):
+            reference = cls(**config, timestep_spacing=spacing, steps_offset=offset)
+            reference.set_timesteps(steps)
+            grid = sigma_grid(schedule.alphas_cumprod, steps, convention, extra_point=multistep, integer=multistep)
+            torch.testing.assert_close(torch.tensor(grid.timesteps, dtype=torch.float64), reference.timesteps.double(), rtol=0, atol=1e-3)
+            torch.testing.assert_close(torch.tensor(grid.sigmas, dtype=torch.float64), reference.sigmas.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_karras_sigmas():
+    from ldm.diffusion import karras_sigmas
+
+    sigmas = karras_sigmas(0.03, 14.6, 10)
+    assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == pytest.approx(0.03)
+    assert all(a > b for a, b in itertools.pairwise(sigmas))
+    roots = torch.tensor(sigmas) ** (1 / 7)  # uniform in sigma^(1/rho)
+    torch.testing.assert_close(roots.diff(), roots.diff()[:1].expand(9), rtol=1e-6, atol=0)
+
+
+def test_schedule_convention_is_the_default_and_samplers_override_it():
+    from ldm.diffusion import SD_CONVENTION
+
+    schedule = DiffusionSchedule.from_config(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    assert schedule.convention == SD_CONVENTION
+    assert DDIMSampler(steps=10).timesteps(schedule) == list(range(901, 0, -100))
+    assert DDIMSampler(steps=10, timestep_spacing="trailing", steps_offset=0).timesteps(schedule)[0] == 999
+    ours = DiffusionSchedule.from_config()
+    assert DDIMSampler(steps=10).timesteps(ours)[0] == 999
+    # set_alpha_to_one=False: DDIM's last step lands on abar_0, not on the oracle's x0
+    x0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    out = DDIMSampler(steps=10)(oracle(schedule, x0, "eps"), schedule, x0.shape, "eps")
+    assert not torch.allclose(out, x0, atol=1e-3)
+    abar0 = float(schedule.alphas_cumprod[0])  # it is the x_t of abar_0 (eps = the oracle's noise)
+    assert torch.allclose(out, abar0**0.5 * x0 + (1 - abar0) ** 0.5 * schedule.predict_eps(
+        out, torch.zeros(2, dtype=torch.long), x0, "x0"), atol=1e-4)
+    with pytest.raises(ValueError, match="spacing"):
+        DiffusionSchedule.from_config(timestep_spacing="uniform")
+
+
+def test_callback_and_img2img(sd_schedule):
+    x0 = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    init = torch.zeros(2, 4)
+    for name in ("ddim", "euler", "dpmpp_2m_karras", "euler_a"):
+        states = []
+        sampler = build_sampler(name, steps=10)
+        out = sampler(oracle(sd_schedule, x0, "eps"), sd_schedule, x0.shape, "eps", callback=states.append,
+                      generator=torch.Generator().manual_seed(1))
+        assert [s["i"] for s in states] == list(range(10)) and torch.equal(states[-1]["x"], out)
+        # img2img: strength 0.3 runs the last 3 steps from the noised init; the oracle still lands on x0
+        states.clear()
+        out = sampler(oracle(sd_schedule, x0, "eps"), sd_schedule, x0.shape, "eps", callback=states.append,
+                      init=init, strength=0.3, generator=torch.Generator().manual_seed(1))
+        assert len(states) == 3
+        torch.testing.assert_close(out, x0, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="strength"):
+        build_sampler("euler")(toy_denoiser, sd_schedule, (1, 2), init=torch.zeros(1, 2), strength=0.0)
+
+
+@pytest.mark.parametrize("name,steps", [("euler", 50), ("heun", 20), ("dpmpp_2m", 20), ("dpmpp_2m_karras", 20),
+                                       ("unipc", 10)])
+def test_deterministic_solvers_on_gaussian_toy(sd_schedule, name, steps):
+    """Exact denoiser for N(MU, STD^2) data: the ODE solvers land on the data's moments (first-order Euler
+    needs more steps: at 20 its std is 0.93)."""
+    z = quantile_z(2000)
+    a_T, m_T = marginal(sd_schedule, 999)
+    x_T = a_T * MU + m_T * z
+    out = build_sampler(name, steps=steps)(
+        gaussian_denoiser(sd_schedule, MU, STD, "eps"), sd_schedule, z.shape, "eps", x_T=x_T, dtype=torch.float64
+    )
+    assert out.mean().item() == pytest.approx(MU, abs=0.05)
+    assert out.std().item() == pytest.approx(STD, abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "heun", "dpmpp_2s_a", "ddim",
+                                  "ddpm"])
+def test_sampler_configs_build_and_take_convention_overrides(compose_cfg, name):
+    from hydra.utils import instantiate
+
+    overrides = [f"model/sampler={name}", "model.sampler.timestep_spacing=leading", "model.sampler.steps_offset=1"]
+    cfg = compose_cfg(["experiment=txt2img", *overrides])
+    sampler = instantiate(cfg.model.sampler)
+    assert sampler.name == name
+    schedule = instantiate(cfg.model.schedule)
+    assert schedule.convention.spacing == "trailing"  # ours, from conf/model/schedule
+    assert sampler.convention(schedule).spacing == "leading" and sampler.convention(schedule).steps_offset == 1

@@ -1,5 +1,12 @@
 """Diffusion math without parameters: schedules, parameterisations, losses, guidance, samplers."""
 
+from ldm.diffusion.discretization import (
+    OUR_CONVENTION,
+    SD_CONVENTION,
+    TimestepConvention,
+    karras_sigmas,
+    sigma_grid,
+)
 from ldm.diffusion.guidance import Denoiser, classifier_free_guidance
 from ldm.diffusion.losses import diffusion_loss, min_snr_weight, sample_noise
 from ldm.diffusion.samplers import (
@@ -9,6 +16,7 @@ from ldm.diffusion.samplers import (
     DDPMSampler,
     DPMSolverPP2MSampler,
     Sampler,
+    SigmaSampler,
     build_sampler,
     make_timesteps,
 )
@@ -22,21 +30,27 @@ from ldm.diffusion.schedules import (
 
 __all__ = [
     "DEFAULT_TIMESTEP_SPACING",
+    "OUR_CONVENTION",
     "PARAMETERIZATIONS",
     "SAMPLERS",
+    "SD_CONVENTION",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",
     "Denoiser",
     "DiffusionSchedule",
     "Sampler",
+    "SigmaSampler",
+    "TimestepConvention",
     "build_sampler",
     "classifier_free_guidance",
     "diffusion_loss",
+    "karras_sigmas",
     "make_beta_schedule",
     "make_timesteps",
     "min_snr_weight",
     "posterior_coefficients",
     "rescale_zero_terminal_snr",
     "sample_noise",
+    "sigma_grid",
 ]

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from ldm.diffusion.discretization import OUR_CONVENTION, TimestepConvention
+
 PARAMETERIZATIONS = ("eps", "v", "x0")
 
 
@@ -88,9 +90,12 @@ class DiffusionSchedule:
     ``alphas_cumprod_prev``, ``posterior_variance``, ``posterior_log_variance_clipped``,
     ``posterior_mean_coef1`` (x0), ``posterior_mean_coef2`` (x_t). Methods take ``t`` as a
     LongTensor ``[B]`` and return tensors broadcastable to ``x`` (``[B, 1, ..., 1]``).
+    ``convention``: the model's timestep convention, which samplers use unless told otherwise.
     """
 
-    def __init__(self, betas: Tensor):
+    convention: TimestepConvention = OUR_CONVENTION
+
+    def __init__(self, betas: Tensor, convention: TimestepConvention | None = None):
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
@@ -110,6 +115,7 @@ class DiffusionSchedule:
         clipped = variance.clone()
         clipped[0] = variance[1] if self.num_timesteps > 1 else betas[0]
         self.posterior_log_variance_clipped = torch.log(clipped)
+        self.convention = convention or OUR_CONVENTION
         self._device_tables: dict[str, dict[str, Tensor]] = {}
 
     @classmethod
@@ -121,17 +127,22 @@ class DiffusionSchedule:
         linear_end: float = 0.012,
         cosine_s: float = 8e-3,
         zero_terminal_snr: bool = False,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        set_alpha_to_one: bool | None = None,
     ) -> DiffusionSchedule:
+        """Betas from ``make_beta_schedule``; ``timestep_spacing``/``steps_offset``/``set_alpha_to_one``
+        replace fields of the default ``TimestepConvention`` (ours: trailing, 0, True)."""
         betas = make_beta_schedule(kind, num_timesteps, linear_start, linear_end, cosine_s)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas)
+        return cls(betas, OUR_CONVENTION.replace(timestep_spacing, steps_offset, set_alpha_to_one))
 
     def __repr__(self) -> str:
         abar = self.alphas_cumprod
         return (
             f"{type(self).__name__}(num_timesteps={self.num_timesteps}, "
-            f"alphas_cumprod=[{abar[0].item():.5g} .. {abar[-1].item():.5g}])"
+            f"alphas_cumprod=[{abar[0].item():.5g} .. {abar[-1].item():.5g}], convention={self.convention})"
         )
 
     def __getstate__(self):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.diffusion import DiffusionSchedule
+from ldm.diffusion import OUR_CONVENTION, DiffusionSchedule
 from ldm.io.sd_presets import SD_SCHEDULE, TEXT_CONFIG_FIELDS
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.text_encoder import CLIPTextEncoder
@@ -103,16 +103,20 @@ def describe_text_encoder(text_encoder: CLIPTextEncoder) -> dict[str, Any]:
 def describe_schedule(schedule: DiffusionSchedule) -> dict[str, Any]:
     """A ``DiffusionSchedule.from_config`` dict when ``schedule`` is a standard one, else its betas."""
     for kind in ("scaled_linear", "linear"):
-        config = {**SD_SCHEDULE, "kind": kind, "num_timesteps": schedule.num_timesteps}
+        config = {**SD_SCHEDULE, "kind": kind, "num_timesteps": schedule.num_timesteps,
+                  **schedule.convention.as_config()}
         if torch.allclose(
             DiffusionSchedule.from_config(**config).betas, schedule.betas, rtol=1e-6, atol=1e-9
         ):
             return config
-    return {"betas": [float(b) for b in schedule.betas]}
+    return {"betas": [float(b) for b in schedule.betas], **schedule.convention.as_config()}
 
 
 def build_schedule(config: Mapping[str, Any]) -> DiffusionSchedule:
     config = dict(config)
     if "betas" in config:
-        return DiffusionSchedule(torch.tensor(config["betas"], dtype=torch.float64))
+        convention = OUR_CONVENTION.replace(
+            config.get("timestep_spacing"), config.get("steps_offset"), config.get("set_alpha_to_one")
+        )
+        return DiffusionSchedule(torch.tensor(config["betas"], dtype=torch.float64), convention)
     return DiffusionSchedule.from_config(**config)

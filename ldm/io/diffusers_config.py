@@ -163,8 +163,9 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict[str, Any], 
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in _PREDICTION_TYPES:
         raise ValueError(f"scheduler prediction_type {prediction!r} is not supported")
+    conventions = timestep_convention_from_diffusers(config)
     if config.get("trained_betas"):
-        return {"betas": list(config["trained_betas"])}, _PREDICTION_TYPES[prediction]
+        return {"betas": list(config["trained_betas"]), **conventions}, _PREDICTION_TYPES[prediction]
     kind = config.get("beta_schedule", "linear")
     if kind not in _BETA_SCHEDULES:
         raise ValueError(
@@ -176,8 +177,19 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict[str, Any], 
         "linear_start": float(config.get("beta_start", 0.0001)),
         "linear_end": float(config.get("beta_end", 0.02)),
         "zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
+        **conventions,
     }
     return schedule, _PREDICTION_TYPES[prediction]
+
+
+def timestep_convention_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``timestep_spacing``/``steps_offset``/``set_alpha_to_one`` of a ``scheduler_config.json``; absent keys
+    take diffusers' defaults for its class (configs older than ``timestep_spacing`` were all "leading")."""
+    return {
+        "timestep_spacing": str(config.get("timestep_spacing", "leading")),
+        "steps_offset": int(config.get("steps_offset", 0)),
+        "set_alpha_to_one": bool(config.get("set_alpha_to_one", config.get("_class_name") != "PNDMScheduler")),
+    }
 
 
 def diffusers_config_from_ldm(

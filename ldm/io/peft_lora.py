@@ -37,14 +37,17 @@ LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 def peft_module_map(unet: nn.Module | None = None, text_encoder: nn.Module | None = None) -> dict:
     """``{"unet.<diffusers path>" | "text_encoder.<CLIP path>": (component, module name)}``; UNet
-    module names are relative to the ``UNetModel``."""
+    module names are relative to the ``UNetModel``; text-encoder paths in both spellings (transformers 4
+    ``text_model.encoder.layers...``, transformers 5 ``encoder.layers...``)."""
     mapping: dict[str, tuple[str, str]] = {}
     if unet is not None:
         for ours, theirs in unet_module_names(unet).items():
             mapping[f"unet.{theirs}"] = ("unet", ours)
     if text_encoder is not None:
         for ours, theirs in text_encoder_module_names(text_encoder).items():
-            mapping[f"text_encoder.{theirs}"] = ("text_encoder", ours)
+            # transformers 5's CLIPTextModel has no text_model level: diffusers then saves encoder.layers...
+            mapping[f"text_encoder.{theirs.removeprefix('text_model.')}"] = ("text_encoder", ours)
+            mapping[f"text_encoder.{theirs}"] = ("text_encoder", ours)  # last: the spelling we write
     return mapping
 
 

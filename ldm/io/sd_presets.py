@@ -10,6 +10,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from ldm.diffusion.discretization import SD_CONVENTION
 from ldm.modules.clip_presets import PRESETS as TEXT_PRESETS
 from ldm.utils.plain import to_plain
 
@@ -50,7 +51,9 @@ _SD_VAE = {
 }
 
 
-SD_SCHEDULE = {"kind": "scaled_linear", "num_timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012}
+# SD files are sampled with CompVis' / AUTOMATIC1111's / the released diffusers configs' timestep conventions
+SD_SCHEDULE = {"kind": "scaled_linear", "num_timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012,
+               **SD_CONVENTION.as_config()}
 
 
 # Architecture + diffusion settings of the released models. "text_encoder" is a CLIPTextConfig dict.

@@ -1,5 +1,6 @@
 """The tokenizer of a Stable Diffusion single file: given (instance or folder), embedded in our exports'
-metadata (``ldm.tokenizer/<file>``), or the released CLIP tokenizer from the Hugging Face cache."""
+metadata (``ldm.tokenizer/<file>``), the released CLIP tokenizer from the Hugging Face cache, or, offline,
+one built from the BPE vocabulary that ``open_clip_torch`` ships (``ldm.io.clip_bpe``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,22 @@ from typing import Any
 
 from transformers import CLIPTokenizer
 
+from ldm.io.clip_bpe import OPEN_CLIP_INSTALL_HINT, clip_tokenizer_from_bpe, open_clip_bpe_path
+from ldm.io.sd_keys import CLIP_PREFIX, OPENCLIP_PREFIX
 from ldm.io.sd_presets import DEFAULT_TOKENIZERS, STANDARD_CLIP_VOCAB
 from ldm.modules.text_encoder_files import save_tokenizer
 from ldm.utils.files import atomic_write_text, cache_dir
 from ldm.utils.hub import hub_offline
 from ldm.utils.logging import get_logger
 
-__all__ = ["TOKENIZER_METADATA_PREFIX", "resolve_tokenizer", "tokenizer_files"]
+__all__ = [
+    "TOKENIZER_HINT",
+    "TOKENIZER_METADATA_PREFIX",
+    "released_tokenizer",
+    "resolve_tokenizer",
+    "single_file_tokenizer",
+    "tokenizer_files",
+]
 
 log = get_logger(__name__)
 
@@ -82,20 +92,60 @@ def resolve_tokenizer(
     }
     if embedded:
         return _check_tokenizer(_tokenizer_from_files(embedded), vocab_size, "the file's metadata")
-    if version in DEFAULT_TOKENIZERS and vocab_size == STANDARD_CLIP_VOCAB:
+    loaded, reason = released_tokenizer(version, vocab_size, max_length)
+    if loaded is None:
+        log.warning(f"no tokenizer for this checkpoint: {reason}. {TOKENIZER_HINT}; without one only token ids "
+                    "can be encoded.")
+    return loaded
+
+
+TOKENIZER_HINT = (
+    "Pass a tokenizer folder with vocab.json and merges.txt (e.g. a diffusers model's tokenizer/): "
+    "--tokenizer for sample.py / scripts/convert.py, model.base_tokenizer=... for training"
+)
+
+
+def released_tokenizer(version: str, vocab_size: int, max_length: int = 77) -> tuple[CLIPTokenizer | None, str]:
+    """(CLIP's tokenizer, "") for a file that embeds none: the released one from the Hugging Face cache (hub
+    when online), else one built from ``open_clip_torch``'s BPE file; else (None, why not)."""
+    if vocab_size != STANDARD_CLIP_VOCAB:
+        return None, "the file embeds none and its vocabulary is not the released CLIP one"
+    reason = ""
+    if version in DEFAULT_TOKENIZERS:
         repo, subfolder = DEFAULT_TOKENIZERS[version]
         try:
             loaded = CLIPTokenizer.from_pretrained(
                 repo, subfolder=subfolder, model_max_length=max_length, local_files_only=hub_offline()
             )
-            return _check_tokenizer(loaded, vocab_size, repo)
+            return _check_tokenizer(loaded, vocab_size, repo), ""
         except Exception as err:  # noqa: BLE001 - any failure means "not available here"
-            reason = f"{repo} is not available ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-    else:
-        reason = "the file embeds none and its vocabulary is not the released CLIP one"
-    log.warning(
-        f"no tokenizer for this checkpoint: {reason}. Pass tokenizer=<folder with vocab.json and "
-        "merges.txt> (e.g. the tokenizer/ folder of a diffusers Stable Diffusion model); without one "
-        "only token ids can be encoded."
-    )
-    return None
+            reason = f"{repo} is not available ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+    bpe = open_clip_bpe_path()
+    if bpe is None:
+        return None, f"{reason}open_clip_torch (CLIP's vocabulary) is not installed: {OPEN_CLIP_INSTALL_HINT}"
+    log.info(f"tokenizer: CLIP's BPE vocabulary from {bpe}")
+    pad = "!" if version == "v2" else None  # SD 2.x pads with "!", v1 with <|endoftext|>
+    return _check_tokenizer(clip_tokenizer_from_bpe(bpe, max_length, pad), vocab_size, str(bpe)), ""
+
+
+def single_file_tokenizer(path: str | os.PathLike, max_length: int = 77) -> CLIPTokenizer | None:
+    """Before any weights load: None when the ``.safetensors`` file embeds a tokenizer (or is not an SD file),
+    else the tokenizer ``released_tokenizer`` finds for it; ``LookupError`` (with ``TOKENIZER_HINT``) when
+    there is none, so a user learns it before gigabytes are read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if any(k.startswith(TOKENIZER_METADATA_PREFIX) for k in metadata):
+            return None
+        keys = set(handle.keys())
+        embedding = next((k for k in (CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
+                                      OPENCLIP_PREFIX + "token_embedding.weight") if k in keys), None)
+        if embedding is None:
+            return None
+        vocab_size = handle.get_slice(embedding).get_shape()[0]
+    version = "v2" if embedding.startswith(OPENCLIP_PREFIX) else "v1"
+    loaded, reason = released_tokenizer(version, vocab_size, max_length)
+    if loaded is None:
+        raise LookupError(f"{path} embeds no tokenizer and none is available: {reason}. {TOKENIZER_HINT}")
+    return loaded

@@ -207,5 +207,5 @@ def _schedule(
         betas = file_betas.double().flatten()
         if betas.shape != sched.betas.shape or not torch.allclose(betas, sched.betas, rtol=1e-4):
             log.info(f"{name}: using the file's own beta schedule ({len(betas)} steps)")
-            sched = DiffusionSchedule(betas)
+            sched = DiffusionSchedule(betas, sched.convention)
     return sched

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from ldm.diffusion import DiffusionSchedule, build_sampler
+from ldm.io.clip_bpe import OPEN_CLIP_INSTALL_HINT
 from ldm.io.components import SDComponents, finalize
 from ldm.io.describe import describe_text_encoder, describe_unet
 from ldm.io.sd_presets import version_of
+from ldm.io.sd_tokenizer import TOKENIZER_HINT
 from ldm.io.sources import (
     COMMON_OVERRIDES,
     check_overrides,
@@ -112,8 +114,8 @@ def latent_diffusion_from_components(
     constructor."""
     if getattr(components.text_encoder, "tokenizer", None) is None:
         raise ValueError(
-            "the text encoder has no tokenizer, so prompts cannot be encoded: pass tokenizer=<folder "
-            "with vocab.json and merges.txt> (e.g. a diffusers model's tokenizer/) when loading"
+            f"the text encoder has no tokenizer, so prompts cannot be encoded. {TOKENIZER_HINT} "
+            f"(in Python: load_base_model(..., tokenizer=<folder>)), or {OPEN_CLIP_INSTALL_HINT}"
         )
     model = LatentDiffusion(
         unet=components.unet,

@@ -247,21 +247,36 @@ class LatentDiffusion(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], guidance_scale: float | None = None, seed: int = 0,
-                 sampler: Callable | None = None, negative_prompt: str = "", use_ema: bool = True,
-                 progress: bool = False, latent_size: int | None = None) -> torch.Tensor:
-        """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images."""
+                 sampler: Callable | None = None, negative_prompt: str | Sequence[str] = "", use_ema: bool = True,
+                 progress: bool = False, latent_size: int | None = None, latents: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, init_images: torch.Tensor | None = None,
+                 strength: float = 1.0, callback: Callable | None = None) -> torch.Tensor:
+        """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images.
+
+        ``negative_prompt``: one for all, or one per prompt. ``latents``: the initial noise [B, c, h, w]
+        (else drawn from ``generator``, else from ``seed``). ``init_images`` [B, 3, H, W] in [-1, 1] +
+        ``strength``: img2img (the images' latent means, noised to the level of the last
+        ``int(steps * strength)`` steps).
+        """
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         context = self.encode_text(prompts)
-        uncond = self.encode_text([negative_prompt] * len(prompts))
-        size = latent_size or self.latent_size()
+        uncond = self.encode_text(negatives)
+        init = None
+        if init_images is not None:
+            init = self.vae.encode(init_images.to(self.device, context.dtype)).mean * self.scale_factor
+        size = latent_size or (init.shape[-1] if init is not None else self.latent_size())
         shape = (len(prompts), self.unet_channels(), size, size)
-        generator = torch.Generator().manual_seed(seed)
+        generator = generator or torch.Generator().manual_seed(seed)
         scope = self.ema_scope() if use_ema else contextlib.nullcontext(self.unet)
         with scope as unet:
             denoiser = classifier_free_guidance(unet, context, uncond, scale)
             z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.hparams.parameterization,
                                           generator=generator, device=self.device, dtype=context.dtype,
-                                          progress=progress)
+                                          progress=progress, x_T=latents, callback=callback, init=init,
+                                          strength=strength)
         return self.decode_latents(z)
 
     def unet_channels(self) -> int:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.modules.adapters.token_embeddings import expand_placeholders, initial_vectors, placeholder_tokens
 from ldm.modules.clip_layout import CLIPTextModelHolder, sd_layout
 from ldm.modules.clip_presets import PRESETS, build_text_model
 from ldm.modules.text_encoder_files import load_clip_files, save_tokenizer
@@ -109,6 +110,7 @@ class CLIPTextEncoder(nn.Module):
         self.final_layer_norm = final_layer_norm
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, torch.dtype], torch.Tensor] = OrderedDict()
+        self.placeholders: dict[str, list[str]] = {}  # multi-vector token -> the tokens it expands to
         self._frozen = False
         if freeze:
             self.freeze()
@@ -170,9 +172,10 @@ class CLIPTextEncoder(nn.Module):
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Prompts -> input_ids LongTensor ``[B, max_length]`` on CPU: ``<|startoftext|>``, tokens,
         ``<|endoftext|>``, then pad tokens; prompts longer than ``max_length - 2`` tokens are truncated
-        (the end token is kept)."""
+        (the end token is kept). Placeholders of ``add_placeholder`` expand to their tokens first."""
+        prompts = [expand_placeholders(p, self.placeholders) for p in self._as_list(prompts)]
         batch = self._require_tokenizer()(
-            self._as_list(prompts),
+            prompts,
             padding="max_length",
             truncation=True,
             max_length=self.max_length,
@@ -291,6 +294,37 @@ class CLIPTextEncoder(nn.Module):
         self.transformer.config.vocab_size = num_rows
         self.clear_cache()
         return new_ids
+
+    def add_placeholder(self, token: str, num_vectors: int = 1, init_text: str | None = None,
+                        vectors: torch.Tensor | None = None) -> list[int]:
+        """Add a (multi-vector) placeholder token; returns the ids of its ``num_vectors`` tokens.
+
+        Prompts then expand ``token`` to ``token token_1 ... token_{n-1}`` (``tokenize``). Rows: ``vectors``
+        ``[n, hidden]`` (a loaded embedding); else the embeddings of ``init_text``'s tokens, cycled over the n
+        vectors (AUTOMATIC1111's initialisation); else random, N(mean, std) of the existing rows per dimension.
+        """
+        tokens = placeholder_tokens(token, num_vectors)
+        n, weight = len(tokens), self.token_embedding.weight
+        if vectors is not None:
+            vectors = torch.as_tensor(vectors).detach()
+            vectors = vectors.unsqueeze(0) if vectors.ndim == 1 else vectors
+            if tuple(vectors.shape) != (n, weight.shape[1]):
+                raise ValueError(f"embedding for {token!r} has shape {tuple(vectors.shape)}, but this text encoder "
+                                 f"needs [{n}, {weight.shape[1]}] (hidden size {weight.shape[1]}): it was made for "
+                                 "another base model (SD1 CLIP ViT-L = 768, SD2 OpenCLIP = 1024)")
+        else:
+            init_ids = None
+            if init_text:
+                init_ids = self._require_tokenizer()(init_text, add_special_tokens=False)["input_ids"]
+                if not init_ids:
+                    raise ValueError(f"initializer text {init_text!r} has no tokens")
+            vectors = initial_vectors(weight, n, init_ids)
+        ids = self.add_tokens(tokens)
+        with torch.no_grad():
+            self.token_embedding.weight[torch.as_tensor(ids, device=weight.device)] = vectors.to(weight)
+        self.placeholders[tokens[0]] = tokens
+        self.clear_cache()
+        return ids
 
     # ---------------------------------------------------------------- construction
 

@@ -12,13 +12,23 @@ from PIL import Image
 from ldm.utils.files import atomic_write
 
 
-def save_image(image: Image.Image, path: str | Path) -> Path:
-    """``image.save(path)`` atomically, in the format the suffix names (``.png``, ``.jpg``, ...)."""
+def save_image(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
+    """``image.save(path)`` atomically, in the format the suffix names (``.png``, ``.jpg``, ...). ``text``: PNG
+    text chunks (e.g. AUTOMATIC1111's ``parameters``, which image viewers and the webui's PNG Info read)."""
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
         raise ValueError(f"{path}: unknown image suffix {path.suffix!r}; use .png or .jpg")
-    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format))
+    options = {}
+    if text:
+        if image_format != "PNG":
+            raise ValueError(f"{path}: text chunks need a .png file")
+        from PIL.PngImagePlugin import PngInfo
+
+        options["pnginfo"] = info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value) if value.isascii() else info.add_itxt(key, value)
+    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format, **options))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

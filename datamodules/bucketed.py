@@ -1,0 +1,213 @@
+"""What every captioned-image source shares: bucketed items and bucket-batched, resumable loaders.
+
+``BucketedImageDataset`` turns records (anything a subclass can open, size and caption) into
+{"image": float [3, H, W] in [-1, 1], "caption": str} items: square R x R crops, or with ``bucketing``
+the aspect-ratio bucket nearest each image (``datamodules.buckets``), with per-record repeats, random
+or centre crops, flips, tag-list caption augmentation and caption dropout. A record that fails to
+decode is skipped with one warning and replaced by the next readable record of its bucket.
+
+``BucketedDataModule`` gives the loaders: ``BucketBatchSampler`` batches (one bucket each, split across
+DDP ranks) and the sampler position saved in checkpoints, so a resumed run continues at the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
+from datamodules.captions import TagAugment
+from datamodules.transforms import load_rgb, preprocess, preprocess_to_size
+
+__all__ = ["BucketedDataModule", "BucketedImageDataset", "split_indices"]
+
+
+class BucketedImageDataset(Dataset):
+    """Base of the image datasets. Subclasses implement ``num_records``, ``record_size``, ``open_record``
+    (a path, a file object or a PIL image), ``record_caption`` and ``record_name``, optionally
+    ``record_repeats``, then call ``BucketedImageDataset.__init__``.
+
+    Args:
+        resolution: output side R (square), or the bucket area R^2.
+        center_crop: center crop if True, else a random crop.
+        random_flip: probability of a horizontal flip.
+        repeats: the whole dataset appears this many times per epoch.
+        caption_dropout: probability of replacing the caption by "" (classifier-free guidance).
+        bucketing: aspect-ratio buckets instead of square crops.
+        bucket_step: bucket sides are multiples of this (the VAE factor x 8: 64 for SD; None: 64 from
+            256 px up, resolution / 4 below).
+        bucket_min_side, bucket_max_side: bucket side limits (default R / 2 and 2 R).
+        shuffle_tags, keep_tags, tag_dropout, tag_separator: tag-list caption augmentation
+            (``datamodules.captions.TagAugment``).
+    """
+
+    log = logging.getLogger("datamodules.bucketed")
+
+    def __init__(self, resolution: int = 512, center_crop: bool = True, random_flip: float = 0.0,
+                 repeats: int = 1, caption_dropout: float = 0.0, bucketing: bool = False,
+                 bucket_step: int | None = None, bucket_min_side: int | None = None,
+                 bucket_max_side: int | None = None, shuffle_tags: bool = False, keep_tags: int = 0,
+                 tag_dropout: float = 0.0, tag_separator: str = ","):
+        if int(resolution) <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if int(repeats) < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        for name, value in (("random_flip", random_flip), ("caption_dropout", caption_dropout)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        self.resolution = int(resolution)
+        self.center_crop = bool(center_crop)
+        self.random_flip = float(random_flip)
+        self.repeats = int(repeats)
+        self.caption_dropout = float(caption_dropout)
+        self.tags = TagAugment(bool(shuffle_tags), int(keep_tags), float(tag_dropout), tag_separator)
+        self._unreadable: set[int] = set()  # records found broken when loaded
+        n = self.num_records()
+        # index -> record: per-record repeats (kohya folders), then the whole list ``repeats`` times
+        per_pass = np.repeat(np.arange(n), [self.record_repeats(k) for k in range(n)])
+        self.index_to_record = np.tile(per_pass, self.repeats)
+        self.buckets: list[tuple[int, int]] = [(self.resolution, self.resolution)]
+        self.record_buckets = [0] * n
+        if bucketing:
+            self.buckets = make_buckets(self.resolution, bucket_step, bucket_min_side, bucket_max_side)
+            self.record_buckets = assign_buckets([self.record_size(k) for k in range(n)], self.buckets)
+
+    # -- what subclasses give ------------------------------------------------------------------------
+    def num_records(self) -> int:
+        raise NotImplementedError
+
+    def record_size(self, record_id: int) -> tuple[int, int]:
+        """(width, height) as loaded (EXIF rotation applied)."""
+        raise NotImplementedError
+
+    def open_record(self, record_id: int):
+        raise NotImplementedError
+
+    def record_caption(self, record_id: int) -> str:
+        raise NotImplementedError
+
+    def record_name(self, record_id: int) -> str:
+        return f"record {record_id}"
+
+    def record_repeats(self, record_id: int) -> int:
+        return 1
+
+    # -- items ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index_to_record)
+
+    @property
+    def bucket_ids(self) -> list[int]:
+        """The bucket of every index (what ``BucketBatchSampler`` takes)."""
+        return np.asarray(self.record_buckets, dtype=np.int64)[self.index_to_record].tolist()
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of item ``index``."""
+        return self.buckets[self.record_buckets[int(self.index_to_record[index])]]
+
+    def summary(self) -> str:
+        """The buckets in use and their image counts."""
+        return bucket_summary(self.buckets, self.record_buckets)
+
+    def _load(self, record_id: int, target: tuple[int, int]) -> torch.Tensor:
+        source = self.open_record(record_id)
+        if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
+            image = load_rgb(source, min_side=self.resolution)
+            return preprocess(image, self.resolution, self.center_crop, self.random_flip)
+        min_side = None if isinstance(source, Image.Image) else min(cover_size(*self.record_size(record_id), target))
+        return preprocess_to_size(load_rgb(source, min_side=min_side), target, self.center_crop, self.random_flip)
+
+    def _stand_ins(self, record_id: int):
+        """``record_id``, then the other records of its bucket (after it, cyclically) not known bad."""
+        bucket, n = self.record_buckets[record_id], len(self.record_buckets)
+        for k in range(n):
+            other = (record_id + k) % n
+            if self.record_buckets[other] == bucket and other not in self._unreadable:
+                yield other
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        target = self.target_size(index)
+        for record_id in self._stand_ins(int(self.index_to_record[index])):
+            try:
+                tensor = self._load(record_id, target)
+                break
+            except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
+                self._unreadable.add(record_id)
+                self.log.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
+                                 self.record_name(record_id), type(error).__name__, error, len(self._unreadable))
+        else:
+            raise RuntimeError(f"every image of bucket {target[0]}x{target[1]} is unreadable (see the "
+                               f"warnings above); remove or replace the broken files")
+        caption = self.tags(self.record_caption(record_id))
+        if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
+            caption = ""
+        return {"image": tensor, "caption": caption}
+
+
+def split_indices(n: int, val_size: int, val_fraction: float | None, seed: int,
+                  log: logging.Logger, where: str) -> tuple[list[int], list[int]]:
+    """(train, val) record indices: ``val_size`` (or ``val_fraction``) held out with ``seed``; with none
+    held out, validation shows the first few training records."""
+    n_val = round(val_fraction * n) if val_fraction is not None else int(val_size)
+    if n_val > n - 1:
+        log.warning("only %d image(s) in %s: using %d for validation instead of %d", n, where, n - 1, n_val)
+        n_val = n - 1
+    order = np.random.default_rng(seed).permutation(n)
+    val_ids = set(order[:n_val].tolist())
+    train = [k for k in range(n) if k not in val_ids]
+    val = [k for k in range(n) if k in val_ids] or train[:4]
+    return train, val
+
+
+class BucketedDataModule(L.LightningDataModule):
+    """Loaders and resume state for ``data_train`` / ``data_val`` (``BucketedImageDataset``-like: with
+    ``bucket_ids``). Subclasses set ``batch_size``, ``num_workers``, ``pin_memory`` and have ``bucketing``
+    and ``seed`` hyperparameters."""
+
+    batch_size: int = 4
+    num_workers: int = 0
+    pin_memory: bool = False
+    _position: dict | None = None  # where a resumed run continues (from a checkpoint)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                  "persistent_workers": self.num_workers > 0}
+        if not self.hparams.get("bucketing", False):
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **common)
+        position, self._position = (self._position, None) if shuffle else (None, self._position)
+        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle,
+                                     seed=self.hparams.get("seed", 0), position=position)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.data_val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict:
+        """The training position: the bucket sampler's epoch and the batches this rank has processed in it
+        (counted by the trainer, which knows what was consumed; the loader has prefetched ahead)."""
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position = state_dict.get("bucket_position")
