@@ -14,12 +14,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.models.safe_checkpoint_io import checkpoint_plugins
 from ldm.utils.config_tree import print_config_tree
 from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from ldm.utils.logging import get_logger
-from ldm.utils.runs import configure_wandb_mode, resolve_ckpt_path
+from ldm.utils.runs import configure_wandb_mode, register_resolvers, resolve_ckpt_path
 
 log = get_logger(__name__)
+register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -39,7 +41,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 plugins=checkpoint_plugins(cfg.trainer))
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -47,12 +50,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("train", True):
         if ckpt_path:
             log.info(f"Resuming from {ckpt_path}")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test", False):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(trainer.callback_metrics)
 
     checkpoint = trainer.checkpoint_callback

@@ -6,7 +6,8 @@ classifier-free guidance is the model's (``model.ucg_rate``), not the data's.
 
 Latent caching encodes every training image with the (frozen) VAE once, before training, and keeps the
 posterior mean and std (so each epoch still draws a fresh z = mean + std * eps). The cache also lives on
-disk, keyed by the VAE weights, the resolution and the data, so a second run skips the encoding.
+disk, keyed by the VAE encoder, the resolution, the flip variants and every image and caption, written
+atomically and rebuilt when damaged (``datamodules/latent_cache.py``), so a second run skips the encoding.
 Random augmentations would break a cache: a horizontal flip is cached as a second variant
 (``flip_variants``); any other random transform in the source is refused.
 
@@ -17,7 +18,7 @@ each image's latent at its bucket size (lists of tensors instead of one stacked 
 
 from __future__ import annotations
 
-import hashlib
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.latent_cache import cache_key, load_cache, save_cache
+from datamodules.resumable import resumable_loader
 from datamodules.samplers import training_sampler
 from ldm.utils.logging import get_logger
 
@@ -62,6 +65,10 @@ class CaptionsRewritten(Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.transform(dict(self.source[index]))
 
+    def set_epoch(self, epoch: int) -> None:  # passed on (flip variants of a latent cache)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
 
 class Flagged(Dataset):
     """The source's items with ``is_regularization`` set to ``flag``."""
@@ -88,7 +95,7 @@ def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
     if isinstance(dataset, (Flagged, CaptionsRewritten)):
         return item_sizes(dataset.source)
     if isinstance(dataset, LatentCacheDataset):
-        return [(m.shape[-1], m.shape[-2]) for m in dataset.means[0]]
+        return [(m.shape[-1], m.shape[-2]) for m in dataset.means[0]] * dataset.repeats
     if hasattr(dataset, "target_size"):
         return [tuple(dataset.target_size(i)) for i in range(len(dataset))]
     side = getattr(dataset, "resolution", 0)
@@ -96,15 +103,16 @@ def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
 
 
 def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                  drop_last: bool = False) -> DataLoader:
-    """Batches of one item size each when the sizes differ (aspect-ratio buckets), plain batches otherwise."""
+                  drop_last: bool = False, position: dict | None = None) -> DataLoader:
+    """Batches of one item size each when the sizes differ (aspect-ratio buckets), plain batches otherwise.
+    ``position``: a saved ``BucketBatchSampler.position_state`` to resume from (bucketed batches only)."""
     sizes = item_sizes(dataset)
     keys = sorted(set(sizes))
     if len(keys) <= 1:  # one size: the seeded training order dealt to ranks (datamodules.samplers)
         return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset) if shuffle else None,
                           num_workers=num_workers, drop_last=drop_last)
     ids = [keys.index(size) for size in sizes]
-    return DataLoader(dataset, batch_sampler=BucketBatchSampler(ids, batch_size, shuffle=shuffle),
+    return DataLoader(dataset, batch_sampler=BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position),
                       num_workers=num_workers)
 
 
@@ -112,20 +120,33 @@ class LatentCacheDataset(Dataset):
     """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once.
 
     ``means`` / ``stds``: [variant, N, C, h, w] tensors, or (bucketed data) per variant a list of N
-    [C, h, w] tensors of each item's bucket size."""
+    [C, h, w] tensors of each item's bucket size.
+
+    With ``flip_variants`` each visit picks the plain or the flipped latent from (epoch, position): random
+    across epochs and repeats, yet the same after a resume (no global RNG; the sampler calls ``set_epoch``).
+    """
 
     def __init__(self, means: torch.Tensor, stds: torch.Tensor, captions: list[str], flip_variants: bool,
-                 flags: torch.Tensor | None = None):
+                 flags: torch.Tensor | None = None, repeats: int = 1):
         self.means, self.stds, self.captions, self.flip_variants = means, stds, captions, flip_variants
         self.flags = flags if flags is not None else torch.zeros(len(captions), dtype=torch.bool)
+        self.repeats, self.epoch = int(repeats), 0
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.captions) * self.repeats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def with_repeats(self, repeats: int) -> LatentCacheDataset:
+        return LatentCacheDataset(self.means, self.stds, self.captions, self.flip_variants, self.flags,
+                                  repeats)
 
     def __getitem__(self, index: int) -> dict:
-        variant = int(torch.randint(0, 2, ())) if self.flip_variants else 0
-        return {"latent_mean": self.means[variant][index], "latent_std": self.stds[variant][index],
-                "caption": self.captions[index], "is_regularization": bool(self.flags[index])}
+        item = index % len(self.captions)
+        variant = random.Random(f"{self.epoch}/{index}").getrandbits(1) if self.flip_variants else 0
+        return {"latent_mean": self.means[variant][item], "latent_std": self.stds[variant][item],
+                "caption": self.captions[item], "is_regularization": bool(self.flags[item])}
 
 
 def _refuse_random_augmentations(dataset: Dataset) -> None:
@@ -205,6 +226,7 @@ class FineTuneDataModule(L.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.cached: LatentCacheDataset | None = None
+        self._position: dict | None = None  # where a resumed bucketed run continues (from a checkpoint)
 
     def _validation_kind(self) -> str:
         kind = self.hparams.validation
@@ -243,44 +265,58 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 
-    def _fingerprint(self, vae_fingerprint: str) -> str:
-        data = self.data_train
-        first = data[0]["image"] if len(data) else torch.zeros(1)
-        inner = data.source if isinstance(data, Flagged) else data
-        sizes = hashlib.sha1(str(item_sizes(data)).encode()).hexdigest()  # bucket of every item
-        parts = ["flags-v2", vae_fingerprint, str(self.resolution), str(len(data)), type(inner).__name__, sizes,
-                 str(getattr(inner, "seed", "")), str(getattr(inner, "split", "")),
-                 hashlib.sha1(first.numpy().tobytes()).hexdigest(), str(self.hparams.flip_variants)]
-        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
-
     def cache_latents(self, encode: EncodeFn, vae_fingerprint: str, device: torch.device | str = "cpu") -> None:
-        """Called by the fine-tuning model once its VAE is loaded (before the dataloaders are built)."""
+        """Called by the fine-tuning model once its VAE is loaded (before the dataloaders are built).
+        ``vae_fingerprint`` must identify the VAE encoder's weights (see ``datamodules/latent_cache.py``)."""
         if not self.hparams.cache_latents or self.cached is not None:
             return
         path = None
         if self.hparams.cache_dir:
-            path = Path(self.hparams.cache_dir) / f"latents_{self._fingerprint(vae_fingerprint)}.pt"
-            if path.is_file():
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            sizes = str(item_sizes(self.data_train))  # every item's bucket
+            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants, sizes)
+            path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
+            found = path.is_file()
+            state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if found else None
+            if state is not None:
                 self.cached = LatentCacheDataset(state["means"], state["stds"], state["captions"],
                                                  state["flip_variants"], state["flags"])
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
                 return
         self.cached = encode_dataset(self.data_train, encode, self.hparams.flip_variants, device=device)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"means": self.cached.means, "stds": self.cached.stds, "captions": self.cached.captions,
-                        "flip_variants": self.cached.flip_variants, "flags": self.cached.flags}, path)
+            cached = self.cached
+            save_cache(path, {"means": cached.means, "stds": cached.stds, "captions": cached.captions,
+                              "flip_variants": cached.flip_variants, "flags": cached.flags})
             log.info(f"Cached {len(self.cached)} latents to {path}")
 
     def _rewritten(self, data: Dataset) -> Dataset:
         return data if self.caption_transform is None else CaptionsRewritten(data, self.caption_transform)
 
     def train_dataloader(self) -> DataLoader:
-        data = self.cached if self.cached is not None else self.data_train
-        view = self._rewritten(Repeated(data, self.hparams.repeats))
-        return bucket_loader(view, self.hparams.batch_size, shuffle=True, num_workers=self.hparams.num_workers,
-                             drop_last=len(view) > self.hparams.batch_size)
+        repeats = self.hparams.repeats
+        cached = self.cached
+        view = cached.with_repeats(repeats) if cached is not None else Repeated(self.data_train, repeats)
+        view = self._rewritten(view)
+        batch_size, drop_last = self.hparams.batch_size, len(view) > self.hparams.batch_size
+        if len(set(item_sizes(view))) <= 1:  # one size: the exactly resumable loader
+            return resumable_loader(view, batch_size, num_workers=self.hparams.num_workers, drop_last=drop_last)
+        position, self._position = self._position, None  # buckets: resumed via this datamodule's state
+        return bucket_loader(view, batch_size, shuffle=True, num_workers=self.hparams.num_workers,
+                             position=position)
+
+    def state_dict(self) -> dict:
+        """Bucketed training only: the bucket sampler's epoch and the batches processed in it (the uniform-size
+        loader keeps its own position, ``datamodules/resumable.py``)."""
+        trainer = getattr(self, "trainer", None)
+        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._position = state_dict.get("bucket_position")
 
     def val_dataloader(self) -> DataLoader | list:
         if self.data_val is None:

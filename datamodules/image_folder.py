@@ -128,10 +128,17 @@ def _read_metadata(root: Path) -> dict[Path, str]:
 def _sidecar_caption(path: Path, caption_ext: str) -> str | None:
     sidecar = os.path.splitext(path)[0] + "." + caption_ext.lstrip(".")  # str ops: 20,000 files add up
     try:
-        with open(sidecar, encoding="utf-8", errors="replace") as handle:
-            return handle.read().strip()
+        with open(sidecar, "rb") as handle:
+            data = handle.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"caption file {sidecar} is not UTF-8 text (byte 0x{data[error.start]:02x} at position "
+            f"{error.start}); re-save it as UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+        ) from None
 
 
 def resolve_captions(
@@ -213,6 +220,24 @@ def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt", check:
     return [replace(r, size=sizes[r.path]) for r in resolve_captions(root, readable, caption_ext)]
 
 
+def warn_upscaled(records: Sequence[ImageRecord], resolution: int, root: Path) -> list[Path]:
+    """Warn (once, with a count and names) about images whose shorter side is below ``resolution``: they
+    are upscaled, which blurs them. Reads image headers only. Returns those paths."""
+    small = []
+    for record in records:
+        size = record.size if record.size is not None else image_size(record.path)
+        if min(size) < resolution:
+            small.append((record.path, size))
+    if small:
+        names = ", ".join(f"{p.relative_to(root) if p.is_relative_to(root) else p} ({w}x{h})"
+                          for p, (w, h) in small[:_SUMMARY_NAMES])
+        more = f" and {len(small) - _SUMMARY_NAMES} more" if len(small) > _SUMMARY_NAMES else ""
+        log.warning("%d of %d images are smaller than the training resolution %d px and will be upscaled "
+                    "(blurry): %s%s. Use larger images or a lower data.resolution.",
+                    len(small), len(records), resolution, names, more)
+    return [p for p, _ in small]
+
+
 class ImageFolderDataset(BucketedImageDataset):
     """Images (+ captions) of a folder -> {"image": float [3, H, W] in [-1, 1], "caption": str}.
 
@@ -275,6 +300,17 @@ class ImageFolderDataset(BucketedImageDataset):
         if record.caption is not None:
             return record.caption
         return record.class_name if record.class_name is not None else self.default_caption
+
+    def fingerprint(self) -> str:
+        """What the items depend on, cheaply (for latent caches): the settings, and every image's path, size
+        and modification time with its caption and repeats."""
+        files = []
+        for record in self.records:
+            stat = record.path.stat()
+            files.append((str(record.path), stat.st_size, stat.st_mtime_ns, self.caption(record), record.repeats))
+        settings = (self.resolution, self.center_crop, self.random_flip, self.repeats, self.caption_dropout,
+                    getattr(self, "buckets", None), repr(self.tags))
+        return repr((settings, files))
 
 
 class ImageFolderDataModule(BucketedDataModule):
@@ -371,6 +407,7 @@ class ImageFolderDataModule(BucketedDataModule):
         train_records = [records[k] for k in train_ids]
         val_records = [records[k] for k in val_ids]
         self.records = records
+        warn_upscaled(records, hp.resolution, self.root)
         self.data_train = self._dataset(train_records, train=True)
         self.data_val = self._dataset(val_records, train=False)
         log.info(

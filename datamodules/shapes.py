@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.samplers import training_sampler
+from datamodules.resumable import resumable_loader
 
 __all__ = [
     "COLORS",
@@ -394,6 +394,11 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def fingerprint(self) -> str:
+        """Everything the items depend on (for latent caches): they are computed from these settings."""
+        return repr(("shapes-v1", self.size, self.resolution, self.seed, self.split, self.stream,
+                     self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN))
+
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
 
@@ -468,11 +473,11 @@ class ShapesDataModule(L.LightningDataModule):
                 self.data_val = self._dataset(self.train_split, hp.val_size, stream=1)
             self.data_test = self._dataset("heldout", hp.val_size)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=training_sampler(dataset) if shuffle else None,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -481,15 +486,16 @@ class ShapesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_train, shuffle=True)
+        return resumable_loader(self.data_train, self.batch_size, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_val, shuffle=False)
+        return self._loader(self.data_val)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.data_test, shuffle=False)
+        return self._loader(self.data_test)
 
     def prompts(self, split: str = "heldout", n: int | None = None) -> list[str]:
         """Captions for evaluation: each combination of ``split`` once (seeded order), or the

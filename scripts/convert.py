@@ -27,6 +27,7 @@ from ldm.io.safe_load import safe_torch_load
 from ldm.io.sd_presets import PRESETS
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
+from ldm.utils.file_identity import describe_source
 from sample import tokenizer_before_loading
 
 
@@ -84,6 +85,13 @@ def adapter_only_message(base: str) -> str | None:
             f"sample.py --ckpt {base} --prompt ...)")
 
 
+def source_metadata(base: str) -> dict[str, str]:
+    """``ldm.source`` (file/folder name or hub id) and ``ldm.source_sha256``: never the local path."""
+    info = describe_source(base)
+    hashed = {"ldm.source_sha256": info["sha256"]} if "sha256" in info else {}
+    return {"ldm.source": info.get("name", ""), **hashed}
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     message = adapter_only_message(args.base)
@@ -100,8 +108,9 @@ def main(argv=None) -> Path:
         components,
         args.out,
         dtype="float32" if args.fp32 else "float16",
-        metadata={"ldm.source": str(args.base), "ldm.ema": str(not args.no_ema),
-                  **({"ldm.loras": ", ".join(args.lora)} if args.lora else {})},
+        metadata={**source_metadata(args.base), "ldm.ema": str(not args.no_ema),
+                  **({"ldm.loras": ", ".join(Path(split_lora(s)[0]).name + s[len(split_lora(s)[0]):]
+                                             for s in args.lora)} if args.lora else {})},
     )
     print(f"wrote {out} (SD {components.version}, {components.parameterization}, {components.resolution} px)")
     return out

@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from ldm.utils.runs import register_resolvers
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,6 +21,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # Tiny models: one thread avoids thread start-up/sync overhead that dominates at this size.
 torch.set_num_threads(1)
+
+register_resolvers()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

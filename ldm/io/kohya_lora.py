@@ -209,7 +209,8 @@ def load_kohya_lora(
     if isinstance(path, Mapping):
         tensors, metadata, source = dict(path), {}, "LoRA state dict"
     else:
-        tensors, metadata, source = load_file(str(path)), read_safetensors_metadata(path), str(path)
+        metadata = read_safetensors_metadata(path)  # first: names a damaged file
+        tensors, source = load_file(str(path)), str(path)
     bad_prefix = [k for k in tensors if not k.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX))]
     if bad_prefix:
         raise KeyError(

@@ -102,7 +102,8 @@ def load_peft_lora(
     if isinstance(path, Mapping):
         tensors, metadata, source = dict(path), {}, "LoRA state dict"
     else:
-        tensors, metadata, source = load_file(str(path)), read_safetensors_metadata(path), str(path)
+        metadata = read_safetensors_metadata(path)  # first: names a damaged file
+        tensors, source = load_file(str(path)), str(path)
     config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else {}
 
     entries: dict[str, dict[str, torch.Tensor]] = {}

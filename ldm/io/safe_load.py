@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ldm.io.file_checks import check_safetensors_file, check_torch_file
+
 __all__ = [
     "PICKLE_SUFFIXES",
     "UnsafeCheckpointError",
@@ -56,7 +58,9 @@ def _safe_pickle_globals() -> list:
 
 def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, containers, numbers, strings only (plus numpy scalars
-    and inert stand-ins for Lightning callback state). Anything else raises ``UnsafeCheckpointError``."""
+    and inert stand-ins for Lightning callback state). Anything else raises ``UnsafeCheckpointError``; a text,
+    empty or truncated file raises ``DamagedFileError`` naming it."""
+    check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_safe_pickle_globals()):
             try:
@@ -88,7 +92,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path)), read_safetensors_metadata(path)
+        metadata = read_safetensors_metadata(path)  # first: names a damaged file
+        return load_file(str(path)), metadata
     payload = safe_torch_load(path)
     return unwrap_state_dict(payload, str(path)), {}
 
@@ -109,5 +114,6 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata (str -> str) of a ``.safetensors`` file, without loading its tensors."""
     from safetensors import safe_open
 
+    check_safetensors_file(path)
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})

@@ -8,6 +8,7 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
+from ldm.models.safe_checkpoint_io import load_training_checkpoint
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -27,10 +28,8 @@ def load_lightning_model(path: str | Path, map_location: str | torch.device = "c
     """A LightningModule from ``path`` (written by ``train.py``), in eval mode, weights loaded strictly.
     ``checkpoint``: the file's contents when the caller already read them (the file is then not read again)."""
     path = Path(path)
-    if checkpoint is None and not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = dict(checkpoint) if checkpoint is not None else torch.load(path, map_location=map_location,
-                                                                      weights_only=True)
+    # weights-only; damaged/foreign files named
+    ckpt = dict(checkpoint) if checkpoint is not None else load_training_checkpoint(path)
     config = ckpt.get("model_config")
     if config is None:
         raise ValueError(f"{path} has no 'model_config': it was not written by this project's train.py "
@@ -40,6 +39,7 @@ def load_lightning_model(path: str | Path, map_location: str | torch.device = "c
     # and leaves nothing else), then the rest of the weights, strictly
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"], strict=model.strict_loading)
+    model.to(map_location)
     model._vae_loaded = True
     model.model_config = ckpt["model_config"]
     log.info(f"Loaded {type(model).__name__} from {path} (global step {ckpt.get('global_step')})")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from ldm.io.safe_load import safe_torch_load
 from ldm.utils.logging import get_logger
 from ldm.utils.runs import latest_checkpoint
 
@@ -41,8 +41,11 @@ def find_checkpoint(explicit: str | None, log_dir: str | Path, task_name: str, w
 
 def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, what: str) -> None:
     """Load ``<prefix>.*`` tensors of a Lightning checkpoint into ``module``; strict, with a clear report."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = ckpt.get("state_dict", ckpt)
+    ckpt = safe_torch_load(checkpoint)  # weights_only=True: a malicious pickle raises UnsafeCheckpointError
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint} holds a {type(ckpt).__name__}, not a state dict: is it really a {what} "
+                         "checkpoint?")
     sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not sub:
         raise ValueError(f"{checkpoint} holds no '{prefix}.*' weights: is it really a {what} checkpoint?")

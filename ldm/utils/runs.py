@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+_RUN_SUFFIX = secrets.token_hex(3)
+
+
+def run_suffix() -> str:
+    """Six random hex digits, fixed for this process: run folders are ``<date>_<time>_<suffix>``, so two runs
+    started in the same second never share one (DDP workers get the parent's folder from Lightning)."""
+    return _RUN_SUFFIX
+
+
+def register_resolvers() -> None:
+    """``${run_suffix:}`` for ``conf/hydra``; call before Hydra composes the config."""
+    if not OmegaConf.has_resolver("run_suffix"):
+        OmegaConf.register_new_resolver("run_suffix", run_suffix)
 
 
 def latest_checkpoint(log_dir: str | Path, task_name: str, filename: str = "last.ckpt") -> Path | None:

@@ -86,7 +86,9 @@ class LoRA(FineTuneMethod):
 
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         te = self.model.text_encoder if lora_lib.lora_modules(self.model.text_encoder) else None
-        info = {"ss_training_comment": f"ldm-lightning LoRA, base: {metadata.get('base') or 'latest run'}",
+        base = metadata.get("base") or "unknown"  # a file name, never a local path
+        info = {"ss_training_comment": f"ldm-lightning LoRA, base: {base}", "ss_sd_model_name": base,
+                "ss_new_sd_model_hash": metadata.get("base_sha256", ""),
                 "ss_steps": metadata.get("steps", 0), "ss_resolution": metadata.get("resolution", "")}
         save = save_kohya_lora if self.export_format == "kohya" else save_peft_lora
         return save(path, unet=self.model.unet, text_encoder=te, metadata=info)

@@ -23,6 +23,7 @@ from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
 from ldm.modules.ema import ParameterEMA
+from ldm.utils.file_identity import describe_source
 from ldm.utils.hub import looks_like_hub_id
 from ldm.utils.logging import get_logger
 
@@ -138,10 +139,13 @@ class FineTuneModule(LatentDiffusion):
         return posterior.mean, posterior.std
 
     def _vae_fingerprint(self) -> str:
+        """Hash of every weight that shapes the cached latents (the encoder side of the VAE)."""
         digest = hashlib.sha1()
         for name, tensor in sorted(self.vae.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().flatten()[:64].numpy().tobytes())
+            if name.startswith(("decoder.", "post_quant_conv.")):
+                continue
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     # -- training: what the method says ----------------------------------------------------------------
@@ -194,7 +198,8 @@ class FineTuneModule(LatentDiffusion):
 
     def export(self, path: str | Path) -> Path:
         """The method's exchange file (EMA weights when kept), with run metadata."""
-        metadata = {"base": self.base_source or "", "steps": self.global_step,
+        base = describe_source(self.base_source)  # file name + SHA-256: shared files never hold a local path
+        metadata = {"base": base.get("name", ""), "base_sha256": base.get("sha256", ""), "steps": self.global_step,
                     "resolution": getattr(self, "image_resolution", None) or ""}
         with self.ema_scope():
             return self.method.export(path, metadata)
