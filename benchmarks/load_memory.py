@@ -23,32 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def released_layout(version: str) -> dict:
-    """The single-file state dict of a released SD model, as meta tensors (key names and shapes)."""
-    import torch
-
-    from ldm.io.openclip import hf_to_openclip
-    from ldm.io.sd_presets import PRESETS
-    from ldm.modules.text_encoder import CLIPTextEncoder
-    from ldm.modules.unet import UNetModel
-    from ldm.modules.vae import AutoencoderKL
-
-    preset = PRESETS[version]
-    with torch.device("meta"):
-        unet, vae = UNetModel(**preset["unet"]), AutoencoderKL(**preset["vae"])
-    text = CLIPTextEncoder.from_config(preset["text_encoder"], device="meta").transformer.state_dict()
-    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
-    if version == "v1":
-        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
-    else:
-        state.update({f"cond_stage_model.model.{k}": v for k, v in hf_to_openclip(text).items()})
-    return state
-
-
 def write_file(path: Path, version: str) -> int:
     import torch
     from safetensors.torch import save_file
+
+    from ldm.io.sd_layout import released_layout
 
     generator = torch.Generator().manual_seed(0)
     tensors = {}

@@ -20,6 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from ldm.io.openclip import hf_to_openclip, openclip_to_hf
 from ldm.io.safe_load import UnsafeCheckpointError
 from ldm.io.sd_keys import detect_version, ema_key
+from ldm.io.sd_layout import released_layout
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 from ldm.modules.text_encoder import CLIPTextEncoder
@@ -555,23 +556,6 @@ REAL_KEYS = {  # names and shapes in the released single files
         "cond_stage_model.model.ln_final.weight": [1024],
     },
 }
-
-
-def released_layout(version: str) -> dict[str, torch.Tensor]:
-    """The single-file state dict of a released model, as meta tensors."""
-    from ldm.io.sd_presets import PRESETS
-
-    preset = PRESETS[version]
-    with torch.device("meta"):
-        unet, vae = UNetModel(**preset["unet"]), AutoencoderKL(**preset["vae"])
-    text = CLIPTextEncoder.from_config(preset["text_encoder"], device="meta").transformer.state_dict()
-    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
-    if version == "v1":
-        state.update({f"cond_stage_model.transformer.{k}": v for k, v in text.items()})
-    else:
-        state.update({f"cond_stage_model.model.{k}": v for k, v in hf_to_openclip(text).items()})
-    return state
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
