@@ -8,6 +8,7 @@ classifier-free guidance over the EMA UNet, then the VAE decoder.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion_loss, sample_noise
+from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.models.guards import check_finite
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
@@ -52,6 +54,7 @@ class LatentDiffusion(L.LightningModule):
         log_prompts: Sequence[str] = ("a red circle on a blue background",),
         log_seed: int = 0,
         optimizer_in_backward: bool = False,
+        bf16_weights: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
@@ -89,6 +92,11 @@ class LatentDiffusion(L.LightningModule):
         if path is not None:
             load_prefixed_state(self.vae, path, "vae", "VAE")
         self._vae_loaded = True
+
+    def configure_model(self) -> None:
+        """``bf16_weights``: the UNet's weights stored in bf16 (the optimiser rounds updates stochastically)."""
+        if self.hparams.get("bf16_weights", False) and getattr(self, "unet", None) is not None:
+            use_bf16_weights(self.unet)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -223,13 +231,17 @@ class LatentDiffusion(L.LightningModule):
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each
         parameter steps inside backward and its gradient is freed at once (``OptimizerInBackward``)."""
+        factory = self.optimizer_factory
+        if self.hparams.get("bf16_weights", False):
+            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the same rounding on every rank
+            factory = functools.partial(StochasticRoundingOptimizer, factory=self.optimizer_factory, seed=seed)
         if not self.hparams.optimizer_in_backward:
-            return self.optimizer_factory(params=params)
+            return factory(params=params)
         trainer = self._trainer
         if trainer is not None and (trainer.gradient_clip_val or trainer.accumulate_grad_batches > 1):
             raise ValueError("model.optimizer_in_backward=true cannot be combined with trainer.gradient_clip_val "
                              "or trainer.accumulate_grad_batches > 1 (gradients are freed as they arrive)")
-        return OptimizerInBackward(params, self.optimizer_factory)
+        return OptimizerInBackward(params, factory)
 
     # -- sampling --------------------------------------------------------------------------------------
     @contextlib.contextmanager

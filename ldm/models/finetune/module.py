@@ -40,6 +40,8 @@ class FineTuneModule(LatentDiffusion):
         ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
         ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the weights).
         optimizer_in_backward: update each parameter inside backward and free its gradient at once.
+        bf16_weights: store the UNet's weights (and the method's parameters in it) in bf16; updates are computed
+            in fp32 and rounded stochastically (``ldm.models.bf16_weights``).
     """
 
     MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
@@ -50,12 +52,12 @@ class FineTuneModule(LatentDiffusion):
                  gradient_checkpointing: bool = False, ucg_rate: float = 0.1, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, ema_decay: float | None = None, guidance_scale: float = 3.0,
                  log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0,
-                 optimizer_in_backward: bool = False, ema_device: str | None = None):
+                 optimizer_in_backward: bool = False, ema_device: str | None = None, bf16_weights: bool = False):
         super().__init__(unet=None, vae=None, text_encoder=None, schedule=None, sampler=sampler,
                          optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
                          min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
                          vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed,
-                         optimizer_in_backward=optimizer_in_backward)
+                         optimizer_in_backward=optimizer_in_backward, bf16_weights=bf16_weights)
         self.method = method
         self.method_ema: ParameterEMA | None = None
         self.base_source: str | None = None  # the resolved base, recorded in checkpoints
