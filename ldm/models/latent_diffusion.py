@@ -143,8 +143,8 @@ class LatentDiffusion(L.LightningModule):
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         encoder = self.text_encoder
-        if hasattr(encoder, "encode_cached"):
-            return encoder.encode_cached(list(prompts))
+        if hasattr(encoder, "encode_cached"):  # on the model's device even when the encoder was offloaded
+            return encoder.encode_cached(list(prompts), device=self.device)
         return encoder(list(prompts))
 
     def drop_conditions(self, prompts: Sequence[str]) -> list[str]:
