@@ -130,16 +130,25 @@ class LatentDiffusion(L.LightningModule):
         """images [B, 3, H, W] in [-1, 1] -> scaled latents z0 [B, c, H/f, W/f] (a posterior sample)."""
         return self.sample_posterior(images) * self.scale_factor
 
+    def vae_encode(self, images: torch.Tensor):
+        """The VAE posterior of ``images``, computed at the VAE weights' own precision even under autocast
+        (``trainer.precision=bf16-mixed`` runs the UNet in bf16, never the VAE)."""
+        dtype = next(self.vae.parameters()).dtype
+        with torch.autocast(images.device.type, enabled=False):
+            return self.vae.encode(images.to(dtype))
+
     @torch.no_grad()
     def sample_posterior(self, images: torch.Tensor) -> torch.Tensor:
         """An unscaled sample of the VAE posterior q(z|x), drawn rank-consistently (``batch_random``)."""
-        posterior = self.vae.encode(images)
+        posterior = self.vae_encode(images)
         eps = self.batch_random.randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
         return posterior.mean + posterior.std * eps
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale_factor).clamp(-1, 1)
+        dtype = next(self.vae.parameters()).dtype
+        with torch.autocast(z.device.type, enabled=False):  # at the VAE's precision, as vae_encode
+            return self.vae.decode((z / self.scale_factor).to(dtype)).clamp(-1, 1)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         encoder = self.text_encoder

@@ -150,7 +150,7 @@ class FineTuneModule(LatentDiffusion):
 
     @torch.no_grad()
     def _encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(images.to(self.device))
+        posterior = self.vae_encode(images.to(self.device))
         return posterior.mean, posterior.std
 
     def _vae_fingerprint(self) -> str:
