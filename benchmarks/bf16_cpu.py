@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 
-CASES = {"small": ("small", 8, 32), "sd15": ("sd15", 32, 1)}  # name -> (unet preset, latent size, batch)
+CASES = {"small": ("small", 8, 32), "sd15": ("sd15", 32, 1), "tiny": ("tiny", 8, 2)}  # name -> (unet preset, latent size, batch)
 MODES = ("fp32", "bf16-mixed", "bf16-weights")
 
 
@@ -81,7 +81,7 @@ def measure(case: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=["small", "sd15"], choices=list(CASES))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
