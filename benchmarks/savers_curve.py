@@ -54,11 +54,16 @@ def run(variant: str, base: str, steps: int, batch: int, lr: float, out: Path) -
                             text=True, check=False, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     if result.returncode != 0:
         return {"variant": variant, "error": (result.stderr or result.stdout)[-1500:]}
+    return {**read_run(variant, out), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def read_run(variant: str, out: Path) -> dict:
+    """Per-step training losses and the last validation loss from a run's CSV log."""
     rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
     losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     return {"variant": variant, "losses": [losses[k] for k in sorted(losses)], "val_loss": val[-1] if val else None,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "seconds": math.nan}
 
 
 def summarise(rows: list[dict], window: int) -> list[dict]:
@@ -89,17 +94,26 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50, help="last steps averaged for the tail loss")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("--summarise-only", action="store_true", help="only read the finished runs in --runs-dir")
     args = parser.parse_args()
     variants = ["baseline", *[v for v in args.variants if v != "baseline"]]
     os.environ.setdefault("WANDB_MODE", "offline")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.runs_dir or tmp)
         for variant in variants:
-            rows.append(run(variant, args.base, args.steps, args.batch, args.lr, Path(tmp) / variant.strip("+ ")))
+            out = folder / variant.strip("+ ")
+            if args.summarise_only:
+                finished = read_run(variant, out) if any(out.rglob("metrics.csv")) else {}
+                if finished.get("val_loss") is not None:  # runs still going have no final validation yet
+                    rows.append(finished)
+                continue
+            rows.append(run(variant, args.base, args.steps, args.batch, args.lr, out))
             print(f"{variant}: " + (rows[-1].get("error", "").strip().splitlines()[-1:] or
                                     [f"{rows[-1]['seconds']} s"])[0], flush=True)
-    if "error" in rows[0]:
-        raise SystemExit(f"the baseline run failed:\n{rows[0]['error']}")
+    if not rows or "error" in rows[0]:
+        raise SystemExit(f"the baseline run failed or is missing:\n{rows[0]['error'] if rows else ''}")
     table = summarise(rows, args.window)
     seed = next((r for r in table if r["variant"] == "seed 2" and "error" not in r), None)
     print(f"\nfull UNet fine-tune of the embedded task, {args.steps} steps, batch {args.batch}, lr {args.lr}; "
