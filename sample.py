@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the grid and images of an earlier call "
+                   "in --out (default: refuse, so earlier samples are never lost silently)")
     return p.parse_args(argv)
 
 
@@ -98,8 +100,16 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
     return model.to(device).eval()
 
 
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse (one actionable line) to write over an earlier call's ``grid.png`` unless asked to."""
+    if (out / "grid.png").exists() and not overwrite:
+        raise SystemExit(f"error: {out / 'grid.png'} exists (an earlier sample.py call): pass --out <a new "
+                         "folder>, or --overwrite to replace it")
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    check_output_folder(Path(args.out), args.overwrite)
     kwargs = {"eta": args.eta} if args.sampler == "ddim" else {}
     sampler = build_sampler(args.sampler, steps=args.steps, **kwargs)
     model = load_for_sampling(args.ckpt, args.device, not args.no_ema, args.tokenizer, args.lora, sampler,

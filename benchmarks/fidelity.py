@@ -30,6 +30,14 @@ from sample import load_for_sampling
 SAMPLERS = {"dpmpp_2m-20": ("dpmpp_2m", 20), "ddim-50": ("ddim", 50), "ddpm-100": ("ddpm", 100)}
 
 
+def parse_sampler(spec: str) -> tuple[str, int]:
+    """``ddim-50`` -> ("ddim", 50): any ``<sampler>-<steps>``, the presets above included."""
+    name, sep, steps = spec.rpartition("-")
+    if not sep or not steps.isdigit():
+        raise SystemExit(f"--samplers: {spec!r} is not <sampler>-<steps> (e.g. {', '.join(SAMPLERS)})")
+    return name, int(steps)
+
+
 def prompts_for(split: str, n: int, seed: int = 0) -> list[str]:
     dm = ShapesDataModule(seed=seed)
     if split == "known":
@@ -55,7 +63,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lora", action="append", default=[])
     p.add_argument("--sets", default=None, help="comma list of heldout,concept,known (default: heldout, or "
                    "concept,known with --lora)")
-    p.add_argument("--samplers", default="dpmpp_2m-20,ddim-50", help=f"from {sorted(SAMPLERS)}")
+    p.add_argument("--samplers", default="dpmpp_2m-20,ddim-50",
+                   help=f"comma list of <sampler>-<steps>, e.g. {','.join(SAMPLERS)}")
     p.add_argument("--n", type=int, default=90, help="prompts per set (cycled)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234)
@@ -71,7 +80,7 @@ def main(argv=None) -> dict:
         base_prompts = prompts_for(split, 10_000)
         prompts = [base_prompts[i % len(base_prompts)] for i in range(args.n)]
         for sampler_name in args.samplers.split(","):
-            name, steps = SAMPLERS[sampler_name]
+            name, steps = parse_sampler(sampler_name)
             for variant, model in variants.items():
                 start = time.perf_counter()
                 result, images = score(model, prompts, build_sampler(name, steps=steps), args.guidance, args.seed)

@@ -94,6 +94,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)  # tests: a small matmul
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -126,7 +127,7 @@ def main(argv=None) -> dict:
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    peak = matmul_peak_flops(device=device)
+    peak = matmul_peak_flops(args.peak_size, device=device)
     walls: dict[str, list[float]] = {name: [] for name in steps}
     cpus: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
             wall, cpu = timed(steps[name], device)
             walls[name].append(wall)
             cpus[name].append(cpu)
-    peak = max(peak, matmul_peak_flops(device=device))
+    peak = max(peak, matmul_peak_flops(args.peak_size, device=device))
 
     median = statistics.median
     print(
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
         )
     print(
         f"\nMFU = FLOPs per step / median step time / fp32 matmul peak "
-        f"({peak / 1e9:.1f} GFLOP/s, best 2048^3 mm in this run, {torch.get_num_threads()} threads)"
+        f"({peak / 1e9:.1f} GFLOP/s, best {args.peak_size}^3 mm in this run, {torch.get_num_threads()} threads)"
     )
     if "diffusers" in steps:
 

@@ -25,9 +25,12 @@ def stop_reason(trainer) -> str:
         return "fast_dev_run"
     if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
         return "max_steps reached"
-    if trainer.max_time is not None:
+    timer = next((c for c in trainer.callbacks if type(c).__name__ == "Timer"), None)
+    if timer is not None and (timer.time_remaining() or 0) <= 0:
         return "max_time reached"
-    return "max_epochs reached" if trainer.max_epochs and trainer.max_epochs > 0 else "stopped"
+    if trainer.max_epochs and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs:
+        return "max_epochs reached"
+    return "stopped early"
 
 
 def best_line(trainer, run_dir: Path) -> str | None:
