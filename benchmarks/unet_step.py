@@ -49,7 +49,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10, device: torch.device = torch.device("cpu")) -> float:
+CPU = torch.device("cpu")
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10, device: torch.device = CPU) -> float:
     """Best observed fp32 FLOP/s of an n x n matmul on ``device``."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
@@ -72,7 +75,7 @@ def make_step(model: torch.nn.Module, x, t, context, target, unwrap=lambda out: 
     return step
 
 
-def timed(step, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+def timed(step, device: torch.device = CPU) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one call, GPU work included."""
     synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -46,3 +46,12 @@ def compose_cfg(tmp_path):
         return compose_train(tmp_path, overrides, output_name)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def embedded_chain(tmp_path_factory) -> Path:
+    """``bash scripts/embedded_chain.sh`` shortened (tiny VAE -> txt2img -> LoRA + fidelity + samples), once
+    per session: ``<root>/logs/{vae,txt2img,lora_finetune}/runs/*`` and ``<root>/docs``."""
+    from tests.readme_commands import run_embedded_chain
+
+    return run_embedded_chain(tmp_path_factory.mktemp("chain"))

@@ -8,10 +8,14 @@ from override fragments in table rows (``logger=csv``, ``trainer=gpu``), which s
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_WORDS = ("python ", "python3 ", "bash ", "pip ", ". ")
@@ -92,10 +96,10 @@ def _benchmark_span(span: str) -> str | None:
 def readme_commands(readme: Path = ROOT / "README.md") -> list[Command]:
     text = readme.read_text()
     found: list[str] = []
-    for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S):
+    for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.DOTALL):
         if lang in ("", "bash", "sh", "console", "shell"):
             found.extend(_split_block(block))
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
     for span in re.findall(r"`([^`\n]+)`", prose):
         if span.startswith(("python ", "python3 ", "bash ")):
             found.append(span)
@@ -133,3 +137,41 @@ def tiny_overrides(cfg, given: set[str], cache_dir: Path) -> list[str]:
     if "cache_dir" in data and "data.cache_dir" not in given:
         out.append(f"data.cache_dir={cache_dir}")
     return out
+
+
+SHORT = {  # appended arguments (argparse: the last value wins)
+    "sample.py": ["--n", "1", "--steps", "2"],
+    "benchmarks/fidelity.py": ["--n", "2", "--samplers", "ddim-2"],
+    "benchmarks/unet_step.py": ["--batch", "2", "--steps", "1", "--warmup", "0", "--context-length", "8",
+                                "--peak-size", "256"],
+}
+
+
+def env() -> dict:
+    out = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out.pop("WANDB_API_KEY", None)
+    return out
+
+
+def tiny_for(overrides: list[str], workdir: Path) -> list[str]:
+    """Test-size overrides for ``train.py <overrides>`` (sweep values reduced to their first choice)."""
+    single = [re.sub(r"=([^,\[]+),.*$", r"=\1", o) for o in overrides if o != "-m"]
+    cfg = compose_train(workdir / "compose", single)
+    return tiny_overrides(cfg, given_keys(single), workdir / "cache")
+
+
+def run_embedded_chain(root: Path) -> Path:
+    """``bash scripts/embedded_chain.sh``, shortened: tiny VAE -> txt2img -> LoRA, fidelity and samples, with
+    logs under ``root/logs`` and figures under ``root/docs`` (the conftest fixture ``embedded_chain``)."""
+    stage = {name: " ".join(tiny_for([f"experiment={name}"], root))
+             for name in ("vae", "txt2img", "lora_finetune")}
+    variables = {"LDM_ROOT": str(root), "DOCS": str(root / "docs"), "VAE_ARGS": stage["vae"],
+                 "TXT2IMG_ARGS": stage["txt2img"], "LORA_ARGS": stage["lora_finetune"],
+                 "FIDELITY_ARGS": " ".join(SHORT["benchmarks/fidelity.py"]),
+                 "SAMPLE_ARGS": " ".join(SHORT["sample.py"])}
+    result = subprocess.run(["bash", "scripts/embedded_chain.sh", "debug=smoke", "callbacks.rich_progress_bar=null"],
+                            cwd=ROOT, env={**env(), **variables}, capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return root

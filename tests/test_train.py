@@ -88,14 +88,25 @@ def test_metric_value_for_sweeps():
 
 
 def test_cli_smoke_run_writes_artifacts(tmp_path):
-    """`python train.py experiment=vae debug=smoke logger=many` as a user types it."""
+    """`python train.py experiment=vae debug=smoke logger=many` as a user types it: artifacts, no noise on the
+    console (no warning, no Lightning tip, no FLOPs column of zeros, a step counter instead of `Epoch 0/-2`),
+    and the run summary at the end."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     env.pop("WANDB_API_KEY", None)
     cmd = [sys.executable, "train.py", *tiny_overrides("vae"), "debug=smoke", "logger=many",
-           f"paths.log_dir={tmp_path}", "callbacks.rich_progress_bar=null", "hydra.job_logging.root.level=WARNING"]
+           f"paths.log_dir={tmp_path}"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    for noise in ("Warning", "warn(", "litlogger", "LeafSpec", "anonymous", "FLOPs", "v_num", "Epoch 0/",
+                  "infer the `batch_size`", "eval mode", "Traceback"):
+        assert noise not in out, (noise, out[-3000:])
     run_dir = next((tmp_path / "vae" / "runs").iterdir())
+    summary = out[out.index("Run summary (vae): 4 steps"):]
+    assert "best val/psnr" in summary and str(run_dir / "checkpoints" / "last.ckpt") in summary
+    assert str(run_dir / "images") in summary
+    assert "next: python train.py experiment=txt2img model.vae_ckpt=" in summary
+    assert "optimized_metric val/psnr = " in out
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     pngs = list((run_dir / "images").glob("reconstructions_*.png"))

@@ -101,5 +101,5 @@ def run_choice(checkpoint: Path | str, group: str) -> str | None:
     try:
         choices = OmegaConf.load(hydra_yaml).hydra.runtime.choices
         return str(choices[group]) if group in choices else None
-    except Exception:  # a damaged or foreign hydra.yaml only costs the hint
+    except Exception:  # noqa: BLE001  (a damaged or foreign hydra.yaml only costs the hint)
         return None

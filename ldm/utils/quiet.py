@@ -15,8 +15,8 @@ IGNORED_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     (r".*isinstance\(treespec, LeafSpec\)` is deprecated", Warning,
      "raised inside lightning/pytorch/utilities/_pytree.py under torch >= 2.9; nothing our code calls"),
     (r"Found \d+ module\(s\) in eval mode at the start of training", Warning,
-     "the frozen VAE / text encoder / base are in eval mode on purpose; callbacks.model_summary checks instead "
-     "that no module with trainable parameters is in eval mode"),
+     ("the frozen VAE / text encoder / base are in eval mode on purpose; callbacks.model_summary checks "
+      "instead that no module with trainable parameters is in eval mode")),
 )
 
 # Lightning info lines (logger name, text they contain, why they go).

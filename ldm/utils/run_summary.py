@@ -8,7 +8,7 @@ import torch
 
 
 def _fmt_time(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
@@ -65,8 +65,8 @@ def next_command(model, cfg, last_ckpt: Path, run_dir: Path) -> str | None:
 def summarize_run(trainer, model, cfg, seconds: float) -> str:
     """A short multi-line summary of a finished fit (see the module docstring)."""
     run_dir = Path(cfg.paths.output_dir).resolve()
-    lines = [f"Run summary ({cfg.task_name}): {trainer.global_step} steps in {_fmt_time(seconds)} "
-             f"({stop_reason(trainer)})"]
+    lines = [(f"Run summary ({cfg.task_name}): {trainer.global_step} steps in {_fmt_time(seconds)} "
+              f"({stop_reason(trainer)})")]
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))

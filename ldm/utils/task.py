@@ -10,8 +10,10 @@ bug) keeps its traceback. wandb is closed in ``finally`` so a failed run does no
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from ldm.utils.logging import get_logger
 
@@ -55,10 +57,19 @@ def hint_for(error: BaseException) -> str:
     return ""
 
 
+def built_at(error: BaseException) -> str | None:
+    """The config key Hydra was instantiating when ``error`` happened (its ``full_key: data.source``)."""
+    match = re.search(r"full_key: (\S+)", str(error))
+    return match.group(1) if match else None
+
+
 def one_line(error: BaseException) -> str:
     """``error: <message> (<hint>)`` on one line; the full trace is one environment variable away."""
     cause = root_cause(error)
     message = " ".join(str(cause).split()) or type(cause).__name__
+    key = built_at(error)
+    if key and key.startswith("data.") and "data.root" in message:  # a nested datamodule: data.source.root
+        message = message.replace("data.root", f"{key}.root")
     hint = hint_for(cause)
     return f"error: {message}" + (f" -> {hint}" if hint else "") + " (HYDRA_FULL_ERROR=1 for the full trace)"
 
