@@ -152,8 +152,8 @@ def test_logger_none_leaves_out_the_lr_monitor():
 # -- console -------------------------------------------------------------------------------------------------
 def fake_trainer(**kw):
     base = {"max_steps": 3000, "max_epochs": -1, "fast_dev_run": False, "global_step": 1200, "current_epoch": 5,
-                "progress_bar_metrics": {"train/loss": 0.5}, "loggers": [SimpleNamespace(version=7)],
-                "num_training_batches": 125, "interrupted": False, "callbacks": []}
+            "progress_bar_metrics": {"train/loss": 0.5}, "loggers": [SimpleNamespace(version=7)],
+            "num_training_batches": 125, "interrupted": False, "callbacks": []}
     return SimpleNamespace(**{**base, **kw})
 
 
