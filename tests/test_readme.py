@@ -88,10 +88,14 @@ def run_train(cmd: Command, work: Path, compose_only: bool) -> None:
         values = re.findall(r"optimized_metric (\S+) = (\S+)", result.stdout + result.stderr)
         assert len(values) == sum(o.count(",") for o in overrides if "=" in o) + 1, values
         return
+    from ldm.utils.task import close_wandb
     from train import train
 
     cfg = compose_train(work, full)
-    _, objects = train(cfg)
+    try:
+        _, objects = train(cfg)
+    finally:
+        close_wandb()  # as train.py's run_task does: the next in-process run must not reuse this wandb run
     trainer = objects["trainer"]
     if not trainer.fast_dev_run and cfg.get("train", True):
         assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()

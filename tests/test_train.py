@@ -27,9 +27,18 @@ TINY = {
                       "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                       "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
 }
+# Presets for real bases and the user's images (model.base=??? , data.source.root=???): a tiny random base
+# (fast_dev_run) and a small captioned folder stand in.
+REAL_BASE_PRESETS = {"lora_sd15"}
 
 
 def tiny_overrides(name: str) -> list[str]:
+    if name in REAL_BASE_PRESETS:
+        from tests.conftest import captioned_image_folder
+
+        return [f"experiment={name}", "model.base=null", f"data.source.root={captioned_image_folder()}",
+                "data.source.resolution=32", "model.log_prompts=[a red star]", "model/sampler=ddim",
+                "model.sampler.steps=2", "data.cache_dir=null", "data.repeats=2"]
     return [f"experiment={name}", *TINY.get(name, ["data.batch_size=2"])]
 
 
