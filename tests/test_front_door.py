@@ -231,3 +231,22 @@ def test_sample_cli_ckpt_last_and_lora_multiplier(embedded_chain, tmp_path, monk
                         "--out", str(tmp_path / "s")])
     assert grid.is_file() and len(list((tmp_path / "s").glob("0*_a_red_star.png"))) == 2
     assert os.environ.get("WANDB_MODE") == "offline"
+
+
+def test_next_command_after_each_kind_of_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ldm.utils.run_summary import next_command
+
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    cfg = OmegaConf.create({"model": {"base": None, "log_prompts": ["a red star"]}})
+    vae = SimpleNamespace(vae=object())
+    assert next_command(vae, cfg, last, tmp_path) == f"python train.py experiment=txt2img model.vae_ckpt={last}"
+    txt2img = SimpleNamespace(vae=object(), unet=object(), generate=lambda: None)
+    assert next_command(txt2img, cfg, last, tmp_path) == f'python sample.py --ckpt {last} --prompt "a red star"'
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "lora_sd15.safetensors").write_bytes(b"")
+    cfg.model.base = "/models/sd15.safetensors"
+    assert next_command(txt2img, cfg, last, tmp_path) == (
+        f'python sample.py --ckpt /models/sd15.safetensors --lora {tmp_path / "adapters" / "lora_sd15.safetensors"}'
+        ' --prompt "a red star"')

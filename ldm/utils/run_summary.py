@@ -51,13 +51,11 @@ def next_command(model, cfg, last_ckpt: Path, run_dir: Path) -> str | None:
         return f"python train.py experiment=txt2img model.vae_ckpt={last_ckpt}"
     adapters = sorted((run_dir / "adapters").glob("*.safetensors")) if (run_dir / "adapters").is_dir() else []
     prompt = (list(cfg.model.get("log_prompts") or []) or ["..."])[0]
-    if adapters:
+    lora = [a for a in adapters if "lora" in a.name.lower()]
+    if lora:  # the exported file on its base, as other tools will use it
         base = cfg.model.get("base") or "last"
-        lora = [a for a in adapters if "lora" in a.name.lower()]
-        if lora:
-            return f'python sample.py --ckpt {base} --lora {lora[0]} --prompt "{prompt}"'
-        return None
-    if hasattr(model, "generate"):
+        return f'python sample.py --ckpt {base} --lora {lora[0]} --prompt "{prompt}"'
+    if hasattr(model, "generate"):  # txt2img, or any fine-tune checkpoint (rebuilt from its base + method)
         return f'python sample.py --ckpt {last_ckpt} --prompt "{prompt}"'
     return None
 
