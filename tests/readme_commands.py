@@ -18,7 +18,7 @@ from pathlib import Path
 from tests.conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_WORDS = ("python ", "python3 ", "bash ", "pip ", ". ")
+COMMAND_WORDS = ("python ", "python3 ", "bash ", "pip ", ". ", "sbatch ")
 OVERRIDE = re.compile(r"^[+~]?[\w/.]+=[^\s`]+$")
 
 # Lines that are not runnable in a test, each with the reason (matched as a substring of the command).
@@ -28,6 +28,8 @@ NOT_RUN = {
     ". .venv/bin/activate": "environment setup (.ci/run)",
     "python -m pytest tests": "the test suite itself",
     "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step on CPU)",
+    "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on CPU)",
+    "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
     "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s even "
                                      "shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }
