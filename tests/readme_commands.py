@@ -2,8 +2,9 @@
 
 Commands come from fenced code blocks (one per line, ``\\`` continuations joined, ``&&`` chains split), from
 inline code spans anywhere in the text that start with ``python``/``bash`` (or ``<benchmark>.py ...``), and
-from override fragments in table rows (``logger=csv``, ``trainer=gpu``), which stand for
-``python train.py experiment=vae <fragment>``. ``tests/test_readme.py`` runs or composes each of them.
+from override fragments in the ``command`` / ``key`` column of a table (``logger=csv``,
+``model.gradient_checkpointing=true``), which stand for ``python train.py <base experiment> <fragment>``.
+``tests/test_readme.py`` runs or composes each of them, on the earlier runs ``prior_runs`` makes once.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pathlib import Path
 from tests.conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_WORDS = ("python ", "python3 ", "bash ", "pip ", ". ", "sbatch ")
+COMMAND_WORDS = ("python ", "python3 ", "bash ", "pip ", ". ", "sbatch ", "torchrun ")
 OVERRIDE = re.compile(r"^[+~]?[\w/.]+=[^\s`]+$")
+# Table columns whose override fragments are commands, and the experiment each fragment is added to.
+COMMAND_COLUMNS = {"command": "experiment=vae", "key": "experiment=lora_finetune"}
+FRAGMENT_BASE = {"model.unet.": "experiment=txt2img"}  # keys of one model only
 
 # Lines that are not runnable in a test, each with the reason (matched as a substring of the command).
 NOT_RUN = {
@@ -29,14 +33,21 @@ NOT_RUN = {
     "python -m pytest tests": "the test suite itself",
     "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step on CPU)",
     "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on CPU)",
+    "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS each); "
+                                        "its loader is ldm.io's, tested in test_interop.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
     "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s even "
                                      "shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }
+# Commands a test composes / argument-parses but does not run, with the reason.
+COMPOSE_ONLY = {
+    "model/optimizer=adamw8bit": "needs bitsandbytes (optional, not in the dev extra: CUDA builds); "
+                                 "test_finetune_lora.py checks the error that names the install command",
+    "python benchmarks/data_loading.py": "generates 20,000 JPEGs and times fresh processes; its parts run "
+                                         "in-process, tiny, in test_shards.py::test_data_loading_benchmark_cases_run",
+}
 # Paths a user has and a test does not: commands with them are composed / argument-parsed, not run.
-USER_FILES = ("/models/", "/data/my_concept", "runwayml/")
-# Placeholders a test can fill: the image folder and files of earlier runs.
-IMAGE_FOLDER = "/path/to/images"
+USER_FILES = ("/models/", "runwayml/")
 
 
 @dataclass
@@ -46,15 +57,18 @@ class Command:
 
     @property
     def program(self) -> str:
+        if "train.py" in self.argv:
+            return "train.py"
         words = [w for w in self.argv if w not in ("python", "python3", "bash", "-m")]
         return words[0] if words else ""
 
     @property
     def not_run_reason(self) -> str | None:
-        for key, reason in NOT_RUN.items():
-            if key in self.text:
-                return reason
-        return None
+        return next((reason for key, reason in NOT_RUN.items() if key in self.text), None)
+
+    @property
+    def compose_only_reason(self) -> str | None:
+        return next((reason for key, reason in COMPOSE_ONLY.items() if key in self.text), None)
 
     @property
     def needs_user_files(self) -> bool:
@@ -62,7 +76,8 @@ class Command:
 
     @property
     def needs_gpu(self) -> bool:
-        return bool(re.search(r"\btrainer=(gpu|ddp|fsdp|deepspeed)\b", self.text)) or "--device cuda" in self.text
+        return (bool(re.search(r"\btrainer=(gpu|ddp|fsdp|deepspeed)\b", self.text)) or "--device cuda" in self.text
+                or self.text.startswith("torchrun "))
 
 
 def _split_block(block: str) -> list[str]:
@@ -76,15 +91,35 @@ def _split_block(block: str) -> list[str]:
     return commands
 
 
+def _cells(line: str) -> list[str]:
+    """A table row's cells (a ``|`` inside a code span does not split)."""
+    return [c.strip() for c in re.split(r"\|(?=(?:[^`]*`[^`]*`)*[^`]*$)", line.strip().strip("|"))]
+
+
+def _fragment_command(span: str, base: str) -> str | None:
+    words = span.split()
+    if not words or not all(OVERRIDE.match(w) for w in words):
+        return None
+    base = next((b for key, b in FRAGMENT_BASE.items() if span.startswith(key)), base)
+    return f"python train.py {base} {span}"
+
+
 def _table_fragments(text: str) -> list[str]:
-    """Override fragments in table rows (``logger=csv``) -> ``python train.py experiment=vae <fragment>``."""
-    commands = []
+    """Override fragments in a table's command/key column -> ``python train.py <base> <fragment>``."""
+    commands, header, previous = [], None, ""
     for line in text.splitlines():
         if not line.startswith("|"):
+            header, previous = None, line
             continue
-        for span in re.findall(r"`([^`\n]+)`", line):
-            if OVERRIDE.match(span):
-                commands.append(f"python train.py experiment=vae {span}")
+        if not previous.startswith("|"):
+            header = [c.lower() for c in _cells(line)]
+        previous = line
+        for column, cell in zip(header or [], _cells(line)):
+            if column not in COMMAND_COLUMNS:
+                continue
+            for span in re.findall(r"`([^`\n]+)`", cell):
+                if (command := _fragment_command(span, COMMAND_COLUMNS[column])) is not None:
+                    commands.append(command)
     return commands
 
 
@@ -102,7 +137,8 @@ def readme_commands(readme: Path = ROOT / "README.md") -> list[Command]:
         if lang in ("", "bash", "sh", "console", "shell"):
             found.extend(_split_block(block))
     prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
-    for span in re.findall(r"`([^`\n]+)`", prose):
+    for span in re.findall(r"`([^`]+)`", prose):  # a span may wrap onto the next line
+        span = " ".join(span.split())
         if span.startswith(("python ", "python3 ", "bash ")):
             found.append(span)
         elif (bench := _benchmark_span(span)) is not None:
@@ -117,10 +153,31 @@ def given_keys(overrides: list[str]) -> set[str]:
     return {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
 
 
+def _data_overrides(data, given: set[str], cache_dir: Path) -> list[str]:
+    out = []
+    sizes = {"train_size": 16, "val_size": 4, "batch_size": 4, "num_workers": 0}
+    for prefix in ("data", "data.source", "data.regularization"):
+        node = data if prefix == "data" else data.get(prefix.split(".", 1)[1])
+        if node is None:
+            continue
+        out += [f"{prefix}.{k}={v}" for k, v in sizes.items()
+                if k in node and node[k] is not None and f"{prefix}.{k}" not in given]
+    if "regularization_size" in data and "data.regularization_size" not in given:
+        out.append("data.regularization_size=8")
+    for i, concept in enumerate(data.get("concepts") or []):  # DreamBooth: 2 instance and 2 class images
+        out += [f"data.concepts.{i}.{k}=2" for k in ("num_instance_images", "num_class_images") if k in concept]
+    if "class_images" in data:
+        out += ["data.class_images.steps=2", "data.class_images.sampler=ddim",
+                f"data.class_images.cache_dir={cache_dir / 'class_images'}"]
+    if "cache_dir" in data and "data.cache_dir" not in given:
+        out.append(f"data.cache_dir={cache_dir}")
+    return out
+
+
 def tiny_overrides(cfg, given: set[str], cache_dir: Path) -> list[str]:
     """Overrides that make any experiment test-sized, chosen from what its composed config has."""
     out = []
-    model, data = cfg.model, cfg.data
+    model = cfg.model
     for part in ("unet", "vae"):
         if part in model and f"model/{part}" not in given:
             out.append(f"model/{part}=tiny")
@@ -128,17 +185,7 @@ def tiny_overrides(cfg, given: set[str], cache_dir: Path) -> list[str]:
         out += ["model/sampler=ddim", "model.sampler.steps=2"]
     if "log_prompts" in model and "model.log_prompts" not in given:
         out.append("model.log_prompts=[a_red_star]")
-    sizes = {"train_size": 16, "val_size": 4, "batch_size": 4, "num_workers": 0}
-    for prefix in ("data", "data.source", "data.regularization"):
-        node = data if prefix == "data" else data.get(prefix.split(".", 1)[1])
-        if node is None:
-            continue
-        out += [f"{prefix}.{k}={v}" for k, v in sizes.items() if k in node and f"{prefix}.{k}" not in given]
-    if "regularization_size" in data and "data.regularization_size" not in given:
-        out.append("data.regularization_size=8")
-    if "cache_dir" in data and "data.cache_dir" not in given:
-        out.append(f"data.cache_dir={cache_dir}")
-    return out
+    return out + _data_overrides(cfg.data, given, cache_dir)
 
 
 SHORT = {  # appended arguments (argparse: the last value wins)
@@ -146,6 +193,11 @@ SHORT = {  # appended arguments (argparse: the last value wins)
     "benchmarks/fidelity.py": ["--n", "2", "--samplers", "ddim-2"],
     "benchmarks/unet_step.py": ["--batch", "2", "--steps", "1", "--warmup", "0", "--context-length", "8",
                                 "--peak-size", "256"],
+    "benchmarks/dreambooth_fidelity.py": ["--n", "2", "--sampler", "ddim", "--steps", "2"],
+    "benchmarks/dreambooth_step.py": ["--batch", "2", "--steps", "2", "--warmup", "1", "--in-process"],
+    "benchmarks/sampling.py": ["--samplers", "ddim,euler", "--batch", "1", "--steps", "2", "--repeats", "1",
+                               "--n", "2", "--fidelity-steps", "2"],
+    "scripts/make_shards.py": ["--train-size", "8", "--val-size", "2"],
 }
 
 

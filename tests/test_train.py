@@ -40,16 +40,26 @@ TINY["dreambooth"] = TINY["dreambooth_lora"] = [
     "model.log_prompts=[a sks square on a red background]", "model/sampler=ddim", "model.sampler.steps=2"]
 # Presets for real bases and the user's images (model.base=??? , data.source.root=???): a tiny random base
 # (fast_dev_run) and a small captioned folder stand in.
-REAL_BASE_PRESETS = {"lora_sd15"}
+REAL_BASE_PRESETS = {
+    "lora_sd15": [],
+    "textual_inversion_sd15": ["model.method.placeholder=<toy>", "model.method.initializer_word=toy"],
+    "hypernetwork_sd15": [],
+    "dreambooth_sd15": ["data.concepts.0.class_noun=dog", "data.concepts.0.num_class_images=2",
+                        "data.class_images.steps=2", "data.class_images.sampler=ddim",
+                        "data.class_images.cache_dir=null", "data.resolution=32"],
+}
+REAL_BASE_PRESETS["dreambooth_lora_sd15"] = REAL_BASE_PRESETS["dreambooth_sd15"]
 
 
 def tiny_overrides(name: str) -> list[str]:
     if name in REAL_BASE_PRESETS:
         from tests.conftest import captioned_image_folder
 
-        return [f"experiment={name}", "model.base=null", f"data.source.root={captioned_image_folder()}",
-                "data.source.resolution=32", "model.log_prompts=[a red star]", "model/sampler=ddim",
-                "model.sampler.steps=2", "data.cache_dir=null", "data.repeats=2"]
+        folder = captioned_image_folder()
+        data = ([f"data.concepts.0.instance_dir={folder}"] if name.startswith("dreambooth") else
+                [f"data.source.root={folder}", "data.source.resolution=32", "data.repeats=2"])
+        return [f"experiment={name}", "model.base=null", *data, *REAL_BASE_PRESETS[name],
+                "model.log_prompts=[a red star]", "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"]
     return [f"experiment={name}", *TINY.get(name, ["data.batch_size=2"])]
 
 
