@@ -42,7 +42,7 @@ TINY["dreambooth"] = TINY["dreambooth_lora"] = [
 # (fast_dev_run) and a small captioned folder stand in.
 REAL_BASE_PRESETS = {
     "lora_sd15": [],
-    "textual_inversion_sd15": ["model.method.placeholder=<toy>", "model.method.initializer_word=toy"],
+    "textual_inversion_sd15": ['model.method.placeholder="<toy>"', "model.method.initializer_word=toy"],
     "hypernetwork_sd15": [],
     "dreambooth_sd15": ["data.concepts.0.class_noun=dog", "data.concepts.0.num_class_images=2",
                         "data.class_images.steps=2", "data.class_images.sampler=ddim",
