@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -38,6 +39,9 @@ PRIOR = {f"python train.py experiment={name}": name for name in ("textual_invers
 # Run elsewhere in the suite (spawning processes from inside pytest is what those tests do, once).
 COVERED_ELSEWHERE = {
     "trainer=ddp_sim": "composed here; run (2 CPU processes) by test_train.py::test_ddp_sim_runs_two_cpu_processes",
+}
+# Warnings a README command may print, each on purpose (substring of the message -> why).
+EXPECTED_WARNINGS = {
 }
 # Folders and files a user has, as the README names them -> what prior_runs made (longest names first).
 USER_PATHS = {"/data/photos_shards": "photos_shards", "/path/to/images": "images", "/data/photos": "images",
@@ -61,6 +65,7 @@ def newest(root: Path, pattern: str) -> Path:
 
 def train_in_process(overrides: list[str], work: Path) -> dict:
     """``python train.py <overrides>`` shortened, in this process, writing under ``work``."""
+    from ldm.utils.quiet import quiet_known_noise
     from ldm.utils.task import close_wandb
     from train import train
 
@@ -69,11 +74,19 @@ def train_in_process(overrides: list[str], work: Path) -> dict:
     if any(o.startswith("ckpt_path=") for o in overrides):  # resume the chain's 4-step run for 2 more steps
         full += ["trainer.max_steps=6", "trainer.max_epochs=-1"]
     cfg = compose_train(work, full, output_name=f"run_{len(list(work.glob('logs/*/runs/*'))):03d}")
-    try:
-        _, objects = train(cfg)
-    finally:
-        close_wandb()  # as train.py's run_task does: the next in-process run must not reuse this wandb run
+    with warnings.catch_warnings(record=True) as caught:  # the console a user sees: train.py's filters only
+        warnings.simplefilter("always")
+        quiet_known_noise()
+        try:
+            _, objects = train(cfg)
+        finally:
+            close_wandb()  # as train.py's run_task does: the next in-process run must not reuse this wandb run
+    noise = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+             if not any(allowed in str(w.message) for allowed in EXPECTED_WARNINGS)]
+    assert not noise, f"python train.py {' '.join(overrides)} prints warnings:\n" + "\n".join(noise)
     trainer = objects["trainer"]
+    (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra's run folder has it
+    OmegaConf.save(cfg, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
     if not trainer.fast_dev_run and cfg.get("train", True):
         assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
     return objects
@@ -153,7 +166,7 @@ def fill(argv: list[str], work: Path, runs_needed: bool = True) -> list[str]:
             arg = re.sub(rf"(?<![\w/.]){re.escape(user)}", str(work / ours), arg)
         if arg.startswith("model.vae_ckpt=..."):
             arg = f"model.vae_ckpt={_placeholder('model.vae_ckpt', work)}"
-        if flag.startswith("--") and re.fullmatch(r"<[^>]+>|\.\.\.", arg) and flag != "--prompt":
+        if flag.startswith("--") and re.fullmatch(r"<[^>]+>|\.\.\.", arg) and "prompt" not in flag:
             arg = _placeholder(flag, work)
         if flag == "--lora":
             path, _, scale = arg.partition(":")
