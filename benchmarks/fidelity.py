@@ -42,14 +42,6 @@ def parse_sampler(spec: str) -> tuple[str, int]:
     return name, int(steps)
 
 
-def parse_sampler(spec: str) -> tuple[str, int]:
-    """``ddim-50`` -> ("ddim", 50): any ``<sampler>-<steps>``, the presets above included."""
-    name, sep, steps = spec.rpartition("-")
-    if not sep or not steps.isdigit():
-        raise SystemExit(f"--samplers: {spec!r} is not <sampler>-<steps> (e.g. {', '.join(SAMPLERS)})")
-    return name, int(steps)
-
-
 def prompts_for(split: str, n: int, seed: int = 0) -> list[str]:
     dm = ShapesDataModule(seed=seed)
     if split == "known":
