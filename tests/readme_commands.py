@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from tests.conftest import compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +164,9 @@ def _data_overrides(data, given: set[str], cache_dir: Path) -> list[str]:
             continue
         out += [f"{prefix}.{k}={v}" for k, v in sizes.items()
                 if k in node and node[k] is not None and f"{prefix}.{k}" not in given]
+        if ("resolution" in node and not OmegaConf.is_interpolation(node, "resolution") and node.resolution > 64
+                and f"{prefix}.resolution" not in given):  # the real-image presets' 512 px
+            out.append(f"{prefix}.resolution=32")
     if "regularization_size" in data and "data.regularization_size" not in given:
         out.append("data.regularization_size=8")
     for i, concept in enumerate(data.get("concepts") or []):  # DreamBooth: 2 instance and 2 class images
