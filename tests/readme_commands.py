@@ -147,7 +147,9 @@ def readme_commands(readme: Path = ROOT / "README.md") -> list[Command]:
             found.append(bench)
     found.extend(_table_fragments(text))
     unique = list(dict.fromkeys(" ".join(c.split()) for c in found))
-    return [Command(c, shlex.split(c)) for c in unique]
+    # a placeholder with spaces (`<txt2img last.ckpt>`) is one argument
+    return [Command(c, shlex.split(re.sub(r"<[^<>]*>", lambda m: m.group(0).replace(" ", "_"), c)))
+            for c in unique]
 
 
 def given_keys(overrides: list[str]) -> set[str]:
