@@ -53,21 +53,22 @@ class Repeated(Dataset):
 
 
 class CaptionsRewritten(Dataset):
-    """The source's items passed through ``transform`` (item -> item) each time one is drawn, e.g. textual
-    inversion's placeholder prompts (``datamodules.placeholder_captions``)."""
+    """The source's items passed through ``transform`` ((item, rng) -> item) each time one is drawn, e.g.
+    textual inversion's placeholder prompts (``datamodules.placeholder_captions``). ``rng`` is a
+    ``random.Random`` seeded by (epoch, index): random choices differ across epochs and items, yet are the same
+    after a resume (the global RNG would not be: the loader prefetches ahead of the checkpoint)."""
 
-    def __init__(self, source: Dataset, transform: Callable[[dict], dict]):
-        self.source, self.transform = source, transform
+    def __init__(self, source: Dataset, transform: Callable[[dict, random.Random], dict]):
+        self.source, self.transform, self.epoch = source, transform, 0
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        return self.transform(dict(self.source[index]))
+        return self.transform(dict(self.source[index]), random.Random(f"captions/{self.epoch}/{index}"))
 
-    def set_epoch(self, epoch: int) -> None:  # passed on (flip variants of a latent cache)
-        if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(epoch)
+    def set_epoch(self, epoch: int) -> None:  # called by the sampler (datamodules.samplers.set_dataset_epoch)
+        self.epoch = int(epoch)
 
 
 class Flagged(Dataset):
@@ -204,7 +205,7 @@ class FineTuneDataModule(L.LightningDataModule):
         "auto": "regularization" when regularisation data is given, else "none";
         "none": no validation loss (a few-image concept keeps every image for training; the image logger
         still shows the log prompts).
-    caption_transform: item -> item applied whenever a training or validation item is drawn (after the latent
+    caption_transform: (item, rng) -> item applied whenever a training or validation item is drawn (after the latent
         cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
     """
 
@@ -214,7 +215,7 @@ class FineTuneDataModule(L.LightningDataModule):
                  repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
                  cache_dir: str | None = None, num_workers: int = 0,
                  regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
-                 validation: str = "auto", caption_transform: Callable[[dict], dict] | None = None):
+                 validation: str = "auto", caption_transform: Callable[[dict, random.Random], dict] | None = None):
         super().__init__()
         if validation not in self.VALIDATION:
             raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
