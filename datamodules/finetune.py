@@ -263,6 +263,7 @@ class FineTuneDataModule(L.LightningDataModule):
             log.warning("data.validation=source: validating on images held out of your folder (they do not train)")
         parts.append(f"validation: {kind}" + (f" ({len(self.data_val)} images)" if self.data_val else ""))
         log.info("Fine-tuning data: " + ", ".join(parts))
+        self._declare_validation()
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 
@@ -319,8 +320,14 @@ class FineTuneDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._position = state_dict.get("bucket_position")
 
-    def val_dataloader(self) -> DataLoader | list:
+    def _declare_validation(self) -> None:
+        """Without validation data this datamodule has no ``val_dataloader`` (an instance attribute ``None``
+        hides the method), so Lightning runs no validation loop - instead of an empty loader it warns about."""
         if self.data_val is None:
-            return []
+            self.val_dataloader = None
+        else:
+            self.__dict__.pop("val_dataloader", None)
+
+    def val_dataloader(self) -> DataLoader:
         return bucket_loader(self._rewritten(self.data_val), self.hparams.batch_size, shuffle=False,
                              num_workers=self.hparams.num_workers)
