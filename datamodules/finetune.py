@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from datamodules.bucket_sampler import BucketBatchSampler
 from datamodules.latent_cache import cache_key, load_cache, save_cache
 from datamodules.resumable import resumable_loader
-from datamodules.samplers import training_sampler
+from datamodules.samplers import set_dataset_epoch, training_sampler
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,18 +38,25 @@ EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images
 
 
 class Repeated(Dataset):
-    """``repeats`` x the source (each epoch sees every image ``repeats`` times)."""
+    """``repeats`` x the source (each epoch sees every image ``repeats`` times). Repeat ``r`` of epoch ``e``
+    shows the source in its epoch ``e * repeats + r``, so random augmentations differ between repeats."""
 
     def __init__(self, source: Dataset, repeats: int = 1):
         if int(repeats) < 1:
             raise ValueError(f"data.repeats must be >= 1, got {repeats}")
-        self.source, self.repeats = source, int(repeats)
+        self.source, self.repeats, self.epoch = source, int(repeats), 0
 
     def __len__(self) -> int:
         return len(self.source) * self.repeats
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int) -> dict:
-        return self.source[index % len(self.source)]
+        repeat, item = divmod(int(index), len(self.source))
+        if self.repeats > 1:
+            set_dataset_epoch(self.source, self.epoch * self.repeats + repeat)
+        return self.source[item]
 
 
 class CaptionsRewritten(Dataset):
@@ -113,8 +120,9 @@ def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers:
         return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset) if shuffle else None,
                           num_workers=num_workers, drop_last=drop_last)
     ids = [keys.index(size) for size in sizes]
-    return DataLoader(dataset, batch_sampler=BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position),
-                      num_workers=num_workers)
+    sampler = BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position,
+                                 dataset=dataset if shuffle else None)  # per-epoch flip variants, augmentations
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
 class LatentCacheDataset(Dataset):
