@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from datamodules.samplers import set_dataset_epoch
 
-__all__ = ["BucketBatchSampler"]
+__all__ = ["BucketBatchSampler", "trainer_position"]
 
 
 class BucketBatchSampler(BatchSampler):
@@ -134,3 +134,16 @@ class BucketBatchSampler(BatchSampler):
         if done >= len(self):
             epoch, done = epoch + 1, 0
         self.epoch, self._skip = epoch, done
+
+
+def trainer_position(trainer) -> dict:
+    """What a datamodule whose training loader is bucket-batched saves in checkpoints: {"bucket_position":
+    the sampler's epoch and the batches this rank has processed in it} (counted by the trainer, which knows
+    what was consumed; the loader has prefetched ahead); {} for any other loader. Resumed by giving
+    ``state["bucket_position"]`` as ``position`` to the next ``BucketBatchSampler``."""
+    loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
+        return {}
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}

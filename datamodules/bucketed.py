@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.bucket_sampler import BucketBatchSampler, trainer_position
 from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.captions import TagAugment
 from datamodules.resumable import resumable_loader
 from datamodules.transforms import load_rgb, preprocess, preprocess_to_size
 
-__all__ = ["BucketedDataModule", "BucketedImageDataset", "split_indices"]
+__all__ = ["BucketedDataModule", "BucketedImageDataset", "dataset_options", "split_indices"]
 
 
 class BucketedImageDataset(Dataset):
@@ -166,6 +166,19 @@ class BucketedImageDataset(Dataset):
         return {"image": tensor, "caption": caption}
 
 
+def dataset_options(hp, train: bool) -> dict:
+    """The ``BucketedImageDataset`` arguments from a datamodule's hyperparameters: the configured
+    augmentations and repeats for training, none of them (centre crops, captions as written) for validation."""
+    return {
+        "resolution": hp.resolution, "center_crop": hp.center_crop if train else True,
+        "random_flip": hp.random_flip if train else 0.0, "repeats": hp.repeats if train else 1,
+        "caption_dropout": hp.caption_dropout if train else 0.0, "bucketing": hp.bucketing,
+        "bucket_step": hp.bucket_step, "bucket_min_side": hp.bucket_min_side, "bucket_max_side": hp.bucket_max_side,
+        "shuffle_tags": hp.shuffle_tags if train else False, "keep_tags": hp.keep_tags,
+        "tag_dropout": hp.tag_dropout if train else 0.0, "tag_separator": hp.tag_separator,
+    }
+
+
 def split_indices(n: int, val_size: int, val_fraction: float | None, seed: int,
                   log: logging.Logger, where: str) -> tuple[list[int], list[int]]:
     """(train, val) record indices: ``val_size`` (or ``val_fraction``) held out with ``seed``; with none
@@ -217,15 +230,9 @@ class BucketedDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        """The training position: the bucket sampler's epoch and the batches this rank has processed in it
-        (counted by the trainer, which knows what was consumed; the loader has prefetched ahead)."""
-        trainer = getattr(self, "trainer", None)
-        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+        """The training position of bucketed batches (``bucket_sampler.trainer_position``; square crops: the
+        resumable loader keeps its own, ``datamodules/resumable.py``)."""
+        return trainer_position(getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._position = state_dict.get("bucket_position")

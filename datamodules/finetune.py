@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.bucket_sampler import BucketBatchSampler, trainer_position
 from datamodules.latent_cache import cache_key, load_cache, save_cache
 from datamodules.resumable import resumable_loader
 from datamodules.samplers import set_dataset_epoch, training_sampler
@@ -315,15 +315,9 @@ class FineTuneDataModule(L.LightningDataModule):
                              position=position)
 
     def state_dict(self) -> dict:
-        """Bucketed training only: the bucket sampler's epoch and the batches processed in it (the uniform-size
-        loader keeps its own position, ``datamodules/resumable.py``)."""
-        trainer = getattr(self, "trainer", None)
-        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+        """Bucketed training only (``bucket_sampler.trainer_position``; the uniform-size loader keeps its own
+        position, ``datamodules/resumable.py``)."""
+        return trainer_position(getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._position = state_dict.get("bucket_position")
