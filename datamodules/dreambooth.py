@@ -190,6 +190,7 @@ class DreamBoothDataModule(FineTuneDataModule):
                      f"images, {concept.num_class_images} class images")
         self.data_train = ConcatDataset(self.instance_sets)  # until class images are ready
         self.data_val = self._validation()
+        self._declare_validation()
 
     def _validation(self) -> Dataset | None:
         parts = [SubjectDataset(c, c.eval_backgrounds(), self.hparams.val_size, self.resolution, self.hparams.seed,
