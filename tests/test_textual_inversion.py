@@ -228,7 +228,7 @@ def base_ckpt(tmp_path_factory):
 
 
 def ti_overrides(base: Path, extra=()):
-    return ["experiment=textual_inversion", *TINY_PARTS, "debug=smoke", f"model.base={base}",
+    return ["experiment=textual_inversion_star", *TINY_PARTS, "debug=smoke", f"model.base={base}",
             "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4", "data.cache_dir=null",
             "model.log_prompts=['a red <star> on a blue background']", *extra]
 
@@ -283,7 +283,7 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     import sample
 
     _, model, run = trained
-    exported = run / "adapters" / "textual_inversion.safetensors"
+    exported = run / "adapters" / "textual_inversion_star.safetensors"
     loaded = load_embedding(exported)
     assert loaded.token == "<star>"
     torch.testing.assert_close(loaded.vectors, model.method.state_dict()[STATE_KEY])
@@ -305,7 +305,7 @@ def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt, tmp_path):
     from benchmarks import fidelity
 
     _, _, run = trained
-    exported = run / "adapters" / "textual_inversion.safetensors"
+    exported = run / "adapters" / "textual_inversion_star.safetensors"
     grid = tmp_path / "before_after.png"
     results = fidelity.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--n", "2",
                              "--samplers", "dpmpp_2m-20", "--compare-grid", str(grid), "--compare-columns", "2"])

@@ -1,18 +1,23 @@
-"""Subject fidelity and prior preservation of a DreamBooth run on the embedded subject, scored by the shapes
-evaluator.
+"""Subject fidelity of a fine-tuning run on DreamBooth-style embedded data (``data=dreambooth``,
+``data=named_object``), for every method: DreamBooth (full UNet or LoRA), textual inversion, hypernetworks.
+Scored by the shapes evaluator.
 
-    python benchmarks/dreambooth_fidelity.py --run logs/dreambooth/runs/<run>
-    python benchmarks/dreambooth_fidelity.py --run logs/dreambooth_lora/runs/<run> --n 60 --grid-dir docs
+    python benchmarks/subject_fidelity.py --run logs/dreambooth/runs/<run>
+    python benchmarks/subject_fidelity.py --run logs/dreambooth_lora/runs/<run> --n 60 --grid-dir docs
+    python benchmarks/subject_fidelity.py --run logs/textual_inversion/runs/<run>
+    python benchmarks/subject_fidelity.py --run logs/hypernetwork/runs/<run>
 
 For every concept of the run (its ``.hydra/config.yaml``):
-  subject   "a <identifier> <class> on a <background> background" for backgrounds the instance images never
-            had: the fraction of samples read as the subject (its shape in its two colour halves), and how
-            often the background is right (the prompt's context is followed);
+  subject   the instance caption ("a sks square on a red background", "a <gem> on a red background") for
+            backgrounds the instance images never had: the fraction of samples read as the subject (its shape
+            in its colour(s)), and how often the background is right (the prompt's context is followed);
   class     ordinary prompts of the class ("a red square on a blue background", combinations the base was
             trained on): prompt fidelity (colour and shape right) and how often they are read as the subject
-            (the paper's overfitting / language drift), for the base and for the fine-tuned model.
-The fine-tuned model is the run's exported file (``adapters/*.safetensors``: an SD single file for
-``model/method=full``, a kohya LoRA merged into the base for ``model/method=lora``).
+            (the paper's overfitting / language drift);
+  known     ordinary prompts of every shape (what the rest of the model must keep doing);
+each for the base and for the fine-tuned model: the run's exported file (``adapters/``): an SD single file
+(``model/method=full``), a kohya LoRA merged into the base (``lora``), a textual-inversion embedding
+(``textual_inversion``) or an AUTOMATIC1111 hypernetwork (``hypernetwork``) applied to the base.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datamodules.dreambooth import Concept
-from datamodules.shapes import ShapesDataModule, caption_for
+from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import build_sampler
 from ldm.utils.images import save_labelled_grid
@@ -38,7 +43,12 @@ from sample import load_for_sampling
 
 def subject_prompts(concept: Concept, n: int) -> list[str]:
     backgrounds = concept.eval_backgrounds()
-    return [caption_for(concept.identifier, concept.class_noun, backgrounds[i % len(backgrounds)]) for i in range(n)]
+    return [concept.instance_caption(backgrounds[i % len(backgrounds)]) for i in range(n)]
+
+
+def file_safe(identifier: str) -> str:
+    """"<gem>" -> "gem": the identifier as a file-name part."""
+    return re.sub(r"[^\w-]", "", identifier)
 
 
 def background_of(prompt: str) -> str:
@@ -50,37 +60,54 @@ def class_prompts(concept: Concept, n: int) -> list[str]:
     return [known[i % len(known)] for i in range(n)]
 
 
+def known_prompts(n: int) -> list[str]:
+    known = ShapesDataModule(seed=0).prompts("train")
+    return [known[i % len(known)] for i in range(n)]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[str], sampler, guidance: float | None, seed: int, batch: int = 32):
     return torch.cat([model.generate(prompts[i:i + batch], guidance_scale=guidance, seed=seed + i, sampler=sampler)
                       for i in range(0, len(prompts), batch)])
 
 
-def find_run_files(run: Path) -> tuple[dict, Path, bool]:
-    """(config, exported file, is_lora) of a DreamBooth run folder."""
+METHODS = ("lora", "full", "textual_inversion", "hypernetwork")
+
+
+def find_run_files(run: Path) -> tuple[dict, Path, str]:
+    """(config, exported file, method name) of a fine-tuning run folder."""
     config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=False)
-    exported = sorted(p for p in (run / "adapters").glob("*.safetensors") if "-step" not in p.name)
+    target = str(config["model"]["method"]["_target_"])
+    method = next((m for m in METHODS if f".{m}." in target), None)
+    if method is None:
+        raise SystemExit(f"{run}: method {target} is not one of {METHODS}")
+    exported = sorted(p for p in (run / "adapters").glob("*") if p.suffix in (".safetensors", ".pt")
+                      and "-step" not in p.name)
     if not exported:
-        raise SystemExit(f"{run}/adapters has no exported .safetensors: did the run finish?")
-    is_lora = "lora" in str(config["model"]["method"]["_target_"]).lower()
-    return config, exported[0], is_lora
+        raise SystemExit(f"{run}/adapters has no exported file: did the run finish?")
+    return config, exported[0], method
 
 
 def load_models(run: Path, base: str | None):
-    config, exported, is_lora = find_run_files(run)
+    config, exported, method = find_run_files(run)
     base = base or config["model"].get("base")
     if not base:
         raise SystemExit("the run's config has no model.base: pass --base <the base checkpoint>")
     models = {"base": load_for_sampling(base)}
-    models["dreambooth"] = load_for_sampling(base, loras=[str(exported)]) if is_lora else load_for_sampling(
-        str(exported), resolution=models["base"].image_resolution)
+    if method == "full":
+        models[method] = load_for_sampling(str(exported), resolution=models["base"].image_resolution)
+    else:
+        extra = {"lora": {"loras": [str(exported)]}, "textual_inversion": {"embeddings": [str(exported)]},
+                 "hypernetwork": {"hypernetwork": str(exported)}}[method]
+        models[method] = load_for_sampling(base, **extra)
     concepts = [Concept.from_config(c) for c in config["data"]["concepts"]]
     return models, concepts
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a dreambooth / dreambooth_lora run folder")
+    p.add_argument("--run", required=True, help="a dreambooth / dreambooth_lora / textual_inversion / "
+                   "hypernetwork run folder")
     p.add_argument("--base", default=None, help="base model (default: the run's model.base)")
     p.add_argument("--n", type=int, default=40, help="samples per prompt set")
     p.add_argument("--sampler", default="dpmpp_2m")
@@ -96,10 +123,12 @@ def main(argv=None) -> dict:
     sampler, evaluator = build_sampler(args.sampler, steps=args.steps), ShapesEvaluator()
     results = {}
     for concept in concepts:
-        for kind, prompts in (("subject", subject_prompts(concept, args.n)), ("class", class_prompts(concept, args.n))):
+        prompt_sets = (("subject", subject_prompts(concept, args.n)), ("class", class_prompts(concept, args.n)),
+                       ("known", known_prompts(args.n)))
+        for kind, prompts in prompt_sets:
             for name, model in models.items():
                 images = generate(model, prompts, sampler, args.guidance, args.seed)
-                fidelity = evaluator.score(images, prompts)["fidelity"] if kind == "class" else None
+                fidelity = evaluator.score(images, prompts)["fidelity"] if kind != "subject" else None
                 backgrounds = [evaluator.read(image)["background"] for image in images]
                 row = {"subject_rate": evaluator.subject_rate(images, concept.subject), "fidelity": fidelity,
                        "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts)) / len(prompts),
@@ -110,11 +139,11 @@ def main(argv=None) -> dict:
                       flush=True)
                 if args.grid_dir:
                     save_labelled_grid(images[:12], prompts[:12], Path(args.grid_dir) /
-                                       f"{args.tag}{concept.identifier}_{kind}_{name}.png")
-    print("\n| concept | prompts | model | read as the subject | class fidelity (colour+shape) | background | n |")
+                                       f"{args.tag}{file_safe(concept.identifier)}_{kind}_{name}.png")
+    print("\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background | n |")
     print("|---|---|---|---|---|---|---|")
     for (identifier, kind, name), r in results.items():
-        fidelity = f"{r['fidelity']:.1%}" if kind == "class" else "-"
+        fidelity = f"{r['fidelity']:.1%}" if kind != "subject" else "-"
         print(f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {fidelity} | {r['background_acc']:.1%} "
               f"| {r['n']} |")
     return results
