@@ -71,6 +71,15 @@ def generate(model, prompts: list[str], sampler, guidance: float | None, seed: i
                       for i in range(0, len(prompts), batch)])
 
 
+def by_background(hits: list[bool], prompts: list[str]) -> dict[str, tuple[int, int]]:
+    """{background: (samples read as the subject, samples)} in prompt order."""
+    counts: dict[str, tuple[int, int]] = {}
+    for hit, prompt in zip(hits, prompts):
+        hit_count, total = counts.get(background_of(prompt), (0, 0))
+        counts[background_of(prompt)] = (hit_count + int(hit), total + 1)
+    return counts
+
+
 METHODS = ("lora", "full", "textual_inversion", "hypernetwork")
 
 
@@ -130,13 +139,17 @@ def main(argv=None) -> dict:
                 images = generate(model, prompts, sampler, args.guidance, args.seed)
                 fidelity = evaluator.score(images, prompts)["fidelity"] if kind != "subject" else None
                 backgrounds = [evaluator.read(image)["background"] for image in images]
-                row = {"subject_rate": evaluator.subject_rate(images, concept.subject), "fidelity": fidelity,
+                hits = [evaluator.is_subject(image, concept.subject) for image in images]
+                row = {"subject_rate": sum(hits) / len(hits), "fidelity": fidelity,
                        "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts)) / len(prompts),
-                       "n": len(prompts)}
+                       "n": len(prompts), "by_background": by_background(hits, prompts)}
                 results[(concept.identifier, kind, name)] = row
                 print(f"{concept.identifier} {kind:7s} {name:10s} subject {row['subject_rate']:.3f} fidelity "
                       f"{fidelity if fidelity is None else round(fidelity, 3)} background {row['background_acc']:.3f}",
                       flush=True)
+                if kind == "subject":
+                    print("    read as the subject, by background: " + ", ".join(
+                        f"{bg} {hit}/{total}" for bg, (hit, total) in row["by_background"].items()), flush=True)
                 if args.grid_dir:
                     save_labelled_grid(images[:12], prompts[:12], Path(args.grid_dir) /
                                        f"{args.tag}{file_safe(concept.identifier)}_{kind}_{name}.png")

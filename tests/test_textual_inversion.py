@@ -343,6 +343,8 @@ def test_named_object_demo_trains_the_token_and_is_scored_on_unseen_backgrounds(
     assert set(results) == {("<gem>", kind, name) for kind in ("subject", "class", "known")
                             for name in ("base", "textual_inversion")}
     assert (grids / "gem_subject_textual_inversion.png").is_file()
+    by_background = results[("<gem>", "subject", "textual_inversion")]["by_background"]
+    assert by_background == {"red": (by_background["red"][0], 1), "yellow": (by_background["yellow"][0], 1)}
     prompts = subject_fidelity.subject_prompts(subject_fidelity.load_models(run, None)[1][0], 6)
     assert prompts[0] == "a <gem> on a red background" and "an orange background" in " ".join(prompts)
     assert not {"blue", "green", "black"} & {subject_fidelity.background_of(p) for p in prompts}
