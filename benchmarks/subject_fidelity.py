@@ -37,6 +37,7 @@ from datamodules.dreambooth import Concept
 from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import build_sampler
+from ldm.io.safe_load import safe_torch_load
 from ldm.utils.images import save_labelled_grid
 from sample import load_for_sampling
 
@@ -97,11 +98,20 @@ def find_run_files(run: Path) -> tuple[dict, Path, str]:
     return config, exported[0], method
 
 
+def base_of_run(run: Path, config: dict) -> str | None:
+    """The run's model.base, or (found automatically: model.base=null) the base its last.ckpt records."""
+    if config["model"].get("base"):
+        return config["model"]["base"]
+    last = run / "checkpoints" / "last.ckpt"
+    return safe_torch_load(last, mmap=True).get("base") if last.is_file() else None
+
+
 def load_models(run: Path, base: str | None):
     config, exported, method = find_run_files(run)
-    base = base or config["model"].get("base")
+    base = base or base_of_run(run, config)
     if not base:
-        raise SystemExit("the run's config has no model.base: pass --base <the base checkpoint>")
+        raise SystemExit(f"{run}: neither its config (model.base) nor checkpoints/last.ckpt names the base: "
+                         "pass --base <the base checkpoint>")
     models = {"base": load_for_sampling(base)}
     if method == "full":
         models[method] = load_for_sampling(str(exported), resolution=models["base"].image_resolution)
