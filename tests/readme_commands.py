@@ -200,7 +200,7 @@ SHORT = {  # appended arguments (argparse: the last value wins)
     "benchmarks/fidelity.py": ["--n", "2", "--samplers", "ddim-2"],
     "benchmarks/unet_step.py": ["--batch", "2", "--steps", "1", "--warmup", "0", "--context-length", "8",
                                 "--peak-size", "256"],
-    "benchmarks/dreambooth_fidelity.py": ["--n", "2", "--sampler", "ddim", "--steps", "2"],
+    "benchmarks/subject_fidelity.py": ["--n", "2", "--sampler", "ddim", "--steps", "2"],
     "benchmarks/dreambooth_step.py": ["--batch", "2", "--steps", "2", "--warmup", "1", "--in-process"],
     "benchmarks/sampling.py": ["--samplers", "ddim,euler", "--batch", "1", "--steps", "2", "--repeats", "1",
                                "--n", "2", "--fidelity-steps", "2"],

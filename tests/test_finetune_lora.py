@@ -4,11 +4,13 @@ caching (memory and disk), regularisation flags, EMA of the method, before/after
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from lightning import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from datamodules.finetune import FineTuneDataModule
 from datamodules.image_folder import ImageFolderDataModule
@@ -280,8 +282,28 @@ def test_few_image_folder_keeps_every_image_for_training(compose_cfg, tmp_path):
                        "data.source.resolution=32", "data.cache_dir=null"])
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
-    assert len(dm.data_train) == 4 and dm.data_val is None and dm.val_dataloader() == []
+    assert len(dm.data_train) == 4 and dm.data_val is None
+    assert not is_overridden("val_dataloader", dm)  # Lightning sees no validation loader at all
     assert len(dm.train_dataloader().dataset) == 40  # data.repeats=10
+
+
+def test_no_validation_data_runs_no_validation_loop_without_warnings(compose_cfg, base_ckpt, tmp_path):
+    """data.validation=none: no empty loader for Lightning to warn about ("Total length ... is zero")."""
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i * 60, 10, 10)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a photo of sks")
+    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", f"model.base={base_ckpt}",
+                       "data=finetune_folder", f"data.source.root={tmp_path}", "data.source.resolution=32",
+                       "data.cache_dir=null", "model.log_prompts=[a photo of sks]"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, objects = train(cfg)
+    assert not [w for w in caught if "length" in str(w.message) and "zero" in str(w.message)]
+    trainer = objects["trainer"]
+    assert trainer.global_step == 4 and trainer.num_val_batches == []  # trained, never validated
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_prior_preservation_weighting_through_the_method_loss():

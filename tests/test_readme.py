@@ -225,7 +225,7 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert results and all(0.0 <= r["fidelity"] <= 1.0 for r in results.values())
     elif program == "benchmarks/unet_step.py":
         assert load_script(program).main([*argv, *short])["ours"]["median_s"] > 0
-    elif program == "benchmarks/dreambooth_fidelity.py":
+    elif program == "benchmarks/subject_fidelity.py":
         results = load_script(program).main([*argv, *short])
         assert results and all(0.0 <= v <= 1.0 for r in results.values() for v in r.values()
                                if isinstance(v, float))

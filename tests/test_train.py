@@ -26,18 +26,21 @@ TINY = {
     "lora_finetune": ["data.source.train_size=16", "data.source.val_size=4",
                       "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                       "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
-    "textual_inversion": ["data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
+    "textual_inversion_star": ["data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
                           "model.log_prompts=['a red <star> on a blue background']", "model/sampler=ddim",
                           "model.sampler.steps=2", "data.cache_dir=null"],
-    "hypernetwork": ["data.source.train_size=16", "data.source.val_size=4",
+    "hypernetwork_star": ["data.source.train_size=16", "data.source.val_size=4",
                      "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                      "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
 }
-# DreamBooth: 4 class images sampled in 2 steps, cached under the run folder
-TINY["dreambooth"] = TINY["dreambooth_lora"] = [
+# DreamBooth (and the named object of textual inversion / hypernetworks): 4 class images sampled in 2 steps,
+# cached under the run folder
+TINY["dreambooth"] = TINY["dreambooth_lora"] = TINY["hypernetwork"] = [
     "data.batch_size=4", "data.concepts.0.num_class_images=4", "data.class_images.sampler=ddim",
     "data.class_images.steps=2", "data.class_images.cache_dir=null", "data.cache_dir=null",
     "model.log_prompts=[a sks square on a red background]", "model/sampler=ddim", "model.sampler.steps=2"]
+TINY["textual_inversion"] = ["data.batch_size=4", "data.cache_dir=null", "model/sampler=ddim",
+                             "model.sampler.steps=2", "model.log_prompts=['a <gem> on a red background']"]
 # Presets for real bases and the user's images (model.base=??? , data.source.root=???): a tiny random base
 # (fast_dev_run) and a small captioned folder stand in.
 REAL_BASE_PRESETS = {
