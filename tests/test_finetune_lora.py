@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import Callback
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from datamodules.finetune import FineTuneDataModule
@@ -90,18 +91,29 @@ def test_lora_finetune_trains_only_the_adapter_and_exports_kohya(compose_cfg, ba
     assert list(images.glob("samples_*.png")) and list(images.glob("base_samples_*.png"))
 
 
-def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt):
+def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypatch):
+    import train as train_module
+
+    seen_steps = []  # steps actually trained: a fresh (not resumed) run would start again at 0
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen_steps.append(trainer.global_step)
+
+    original = train_module.instantiate_callbacks
+    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), Record()])
     first = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                    "trainer.val_check_interval=2"]), output_name="a")
     train(first)
     saved = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 2
+    assert saved["global_step"] == 2 and seen_steps == [0, 1]
+    seen_steps.clear()
     # resuming at the saved step trains nothing more: the method's weights are the checkpoint's, exactly
     same = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                   "ckpt_path=last"]), output_name="b")
     _, objects = train(same)
     state = objects["model"].method.state_dict()
-    assert objects["trainer"].global_step == 2
+    assert objects["trainer"].global_step == 2 and seen_steps == []
     for key, value in state.items():
         torch.testing.assert_close(value, saved["state_dict"][f"method.{key}"], rtol=0, atol=0)
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k)  # trained, not fresh zeros
@@ -109,7 +121,7 @@ def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt):
     more = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=4",
                                                   "trainer.max_epochs=-1", "ckpt_path=last"]), output_name="c")
     _, objects = train(more)
-    assert objects["trainer"].global_step == 4
+    assert objects["trainer"].global_step == 4 and seen_steps == [2, 3]
 
 
 def test_fine_tune_checkpoint_rebuilds_for_sampling(compose_cfg, base_ckpt):
