@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the grid and images of an earlier call "
+                   "in --out (default: refuse, so earlier samples are never lost silently)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -225,8 +227,16 @@ def initial_noise(model, seeds: list[int], resolution: int) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse (one actionable line) to write over an earlier call's ``grid.png`` unless asked to."""
+    if (out / "grid.png").exists() and not overwrite:
+        raise SystemExit(f"error: {out / 'grid.png'} exists (an earlier sample.py call): pass --out <a new "
+                         "folder>, or --overwrite to replace it")
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    check_output_folder(Path(args.out), args.overwrite)
     sampler = build_sampler(args.sampler, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing,
                             steps_offset=args.steps_offset,
                             set_alpha_to_one=None if args.set_alpha_to_one is None else args.set_alpha_to_one == "true")

@@ -7,6 +7,7 @@ asked, and returns ``optimized_metric`` for Hydra sweeps (``-m``).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import hydra
@@ -16,9 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.models.safe_checkpoint_io import checkpoint_plugins
 from ldm.utils.config_tree import print_config_tree
-from ldm.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from ldm.utils.instantiate import drop_callbacks_needing_a_logger, instantiate_callbacks, instantiate_loggers
 from ldm.utils.logging import get_logger
+from ldm.utils.quiet import quiet_known_noise
+from ldm.utils.run_summary import summarize_run
 from ldm.utils.runs import configure_wandb_mode, register_resolvers, resolve_ckpt_path
+from ldm.utils.task import run_task
 
 log = get_logger(__name__)
 register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
@@ -40,6 +44,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # checkpoints describe themselves
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = drop_callbacks_needing_a_logger(callbacks, loggers)
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  plugins=checkpoint_plugins(cfg.trainer))
@@ -47,6 +52,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
+    started = time.monotonic()
     if cfg.get("train", True):
         if ckpt_path:
             log.info(f"Resuming from {ckpt_path}")
@@ -58,9 +64,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(trainer.callback_metrics)
 
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.dirpath and not trainer.fast_dev_run:
-        log.info(f"Checkpoints in {checkpoint.dirpath} (best: {checkpoint.best_model_path or 'n/a'})")
+    log.info(summarize_run(trainer, model, cfg, time.monotonic() - started))
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
 
 
@@ -76,10 +80,14 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
+    quiet_known_noise()
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
-    metrics, _ = train(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    metrics, _ = run_task(train, cfg)
+    value = metric_value(metrics, cfg.get("optimized_metric"))
+    if value is not None:
+        log.info(f"optimized_metric {cfg.optimized_metric} = {value:.6g}")
+    return value
 
 
 if __name__ == "__main__":

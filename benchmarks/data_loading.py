@@ -87,7 +87,7 @@ def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} (range {min(values):.2f}-{max(values):.2f}, {len(values)} runs)"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--folder", default="/tmp/ldm_bench_folder")
@@ -96,7 +96,11 @@ def main(argv=None) -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--index-dir", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.child:
         child(args.child, args.path, args.index_dir, args.batches)
         return

@@ -5,7 +5,7 @@ Each variant composes its experiment (``experiment=dreambooth`` / ``experiment=d
 ``--steps`` optimiser steps in its own process, so the peak resident memory (ru_maxrss; on a GPU
 torch.cuda.max_memory_allocated) is its own. Step time: median over the steps after ``--warmup``.
 
-    python benchmarks/dreambooth_step.py --base /work/chain/logs/txt2img/runs/<run>/checkpoints/last.ckpt
+    python benchmarks/dreambooth_step.py --base logs/txt2img/runs/<run>/checkpoints/last.ckpt
     python benchmarks/dreambooth_step.py --base <ckpt> --batch 8 --steps 30 --device cuda
 """
 

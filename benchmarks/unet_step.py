@@ -9,6 +9,7 @@ ratio of medians, of minima, and median of the per-pair ratios (adjacent steps).
 
     python benchmarks/unet_step.py                      # sd15, 32x32 latents, batch 1
     python benchmarks/unet_step.py --config small --resolution 8 --batch 32
+    python benchmarks/unet_step.py --device cuda        # on a GPU (steps synchronised before timing)
 
 When other processes load the cores, multi-threaded steps collapse (OpenMP threads wait on a
 descheduled peer at every op) and the numbers mostly measure the neighbours; ``--threads 1``
@@ -42,14 +43,25 @@ def unet_kwargs(config: str) -> dict:
     return cfg
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best observed fp32 FLOP/s of an n x n matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall times measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CPU = torch.device("cpu")
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10, device: torch.device = CPU) -> float:
+    """Best observed fp32 FLOP/s of an n x n matmul on ``device``."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -63,14 +75,16 @@ def make_step(model: torch.nn.Module, x, t, context, target, unwrap=lambda out: 
     return step
 
 
-def timed(step) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
+def timed(step, device: torch.device = CPU) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call, GPU work included."""
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     step()
+    synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -82,23 +96,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)  # tests: a small matmul
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or "
+                         "use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     kwargs = unet_kwargs(args.config)
-    ours = UNetModel(**kwargs).train()
-    x = torch.randn(args.batch, kwargs["in_channels"], args.resolution, args.resolution)
-    t = torch.randint(0, 1000, (args.batch,))
-    context = torch.randn(args.batch, args.context_length, kwargs["context_dim"])
-    target = torch.randn(args.batch, kwargs["out_channels"], args.resolution, args.resolution)
+    ours = UNetModel(**kwargs).train().to(device)
+    x = torch.randn(args.batch, kwargs["in_channels"], args.resolution, args.resolution, device=device)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+    context = torch.randn(args.batch, args.context_length, kwargs["context_dim"], device=device)
+    target = torch.randn(args.batch, kwargs["out_channels"], args.resolution, args.resolution, device=device)
     steps = {"ours": make_step(ours, x, t, context, target)}
     params = {"ours": sum(p.numel() for p in ours.parameters())}
     if not args.only_ours:
         from diffusers import UNet2DConditionModel
 
-        theirs = UNet2DConditionModel(**diffusers_config_from_ldm(**kwargs)).train()
+        theirs = UNet2DConditionModel(**diffusers_config_from_ldm(**kwargs)).train().to(device)
         steps["diffusers"] = make_step(theirs, x, t, context, target, unwrap=lambda out: out.sample)
         params["diffusers"] = sum(p.numel() for p in theirs.parameters())
 
@@ -110,21 +130,21 @@ def main() -> None:
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(args.peak_size, device=device)
     walls: dict[str, list[float]] = {name: [] for name in steps}
     cpus: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for i in range(args.steps):
         for name in names if i % 2 == 0 else names[::-1]:
-            wall, cpu = timed(steps[name])
+            wall, cpu = timed(steps[name], device)
             walls[name].append(wall)
             cpus[name].append(cpu)
-    peak = max(peak, matmul_peak_flops())
+    peak = max(peak, matmul_peak_flops(args.peak_size, device=device))
 
     median = statistics.median
     print(
         f"\nconfig={args.config} latents={args.batch}x{kwargs['in_channels']}x{args.resolution}x"
-        f"{args.resolution} context={args.context_length}x{kwargs['context_dim']} fp32 "
+        f"{args.resolution} context={args.context_length}x{kwargs['context_dim']} fp32 {device} "
         f"threads={torch.get_num_threads()} steps={args.steps} (+{args.warmup} warmup) "
         f"loadavg={os.getloadavg()[0]:.1f}\n"
     )
@@ -138,7 +158,7 @@ def main() -> None:
         )
     print(
         f"\nMFU = FLOPs per step / median step time / fp32 matmul peak "
-        f"({peak / 1e9:.1f} GFLOP/s, best 2048^3 mm in this run, {torch.get_num_threads()} threads)"
+        f"({peak / 1e9:.1f} GFLOP/s, best {args.peak_size}^3 mm in this run, {torch.get_num_threads()} threads)"
     )
     if "diffusers" in steps:
 
@@ -151,6 +171,7 @@ def main() -> None:
 
         print(f"ratio ours/diffusers, wall: {ratios(walls['ours'], walls['diffusers'])}")
         print(f"ratio ours/diffusers, CPU:  {ratios(cpus['ours'], cpus['diffusers'])}")
+    return {name: {"median_s": median(walls[name]), "gflop": flops[name] / 1e9} for name in steps}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ repeated up to a multiple of R instead, so that every item is evaluated.
 Under DDP, Lightning re-creates a ``BatchSampler`` subclass made in ``*_dataloader()`` with a
 ``DistributedSampler`` as ``sampler``; this class only reads the rank and world size from it (the
 order stays ours). Resuming: ``position={"epoch", "batches_done"}`` makes the next epoch
-iterated be ``epoch`` and skips its first ``batches_done`` batches of this rank.
+iterated be ``epoch`` and skips its first ``batches_done`` batches of this rank. With ``dataset``, each
+iteration first tells the dataset (and the datasets it wraps) its epoch, for per-epoch random choices
+(augmentations, flip variants) that resume exactly.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
-__all__ = ["BucketBatchSampler"]
+from datamodules.samplers import set_dataset_epoch
+
+__all__ = ["BucketBatchSampler", "trainer_position"]
 
 
 class BucketBatchSampler(BatchSampler):
@@ -41,6 +45,7 @@ class BucketBatchSampler(BatchSampler):
             ``position["epoch"]`` and starts after ``position["batches_done"]`` batches of this rank
             (the next epoch when that one was complete). Given at construction so that it survives
             Lightning re-creating the sampler for DDP.
+        dataset: told the epoch (``set_epoch``) when an iteration starts, before worker processes copy it.
 
     The sampler counts its own epochs (each iteration is the next one): Lightning's epoch number is
     not the order's, since a run stopped by ``max_steps`` mid-epoch resumes in Lightning's next epoch.
@@ -48,7 +53,8 @@ class BucketBatchSampler(BatchSampler):
 
     def __init__(self, bucket_ids: Sequence[int], batch_size: int, shuffle: bool = True,
                  drop_last: bool = False, seed: int = 0, sampler: Sampler | None = None,
-                 num_replicas: int | None = None, rank: int | None = None, position: dict | None = None):
+                 num_replicas: int | None = None, rank: int | None = None, position: dict | None = None,
+                 dataset: Dataset | None = None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.bucket_ids = np.asarray(bucket_ids, dtype=np.int64)
@@ -59,7 +65,7 @@ class BucketBatchSampler(BatchSampler):
         self.rank = int(sampler.rank if has_split else rank or 0)
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank {self.rank} out of range for {self.num_replicas} replicas")
-        self.sampler = sampler
+        self.sampler, self.dataset = sampler, dataset
         self.epoch = 0  # the epoch the next iteration yields
         self.current_epoch: int | None = None  # the epoch being iterated
         self._skip = 0
@@ -107,6 +113,11 @@ class BucketBatchSampler(BatchSampler):
         return self._rank_count(int(per_bucket.sum()))
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.dataset is not None:  # now: DataLoader workers copy the dataset before the first next()
+            set_dataset_epoch(self.dataset, self.epoch)
+        return self._batches()
+
+    def _batches(self) -> Iterator[list[int]]:
         epoch, skip = self.epoch, self._skip  # read at the first next(), not when iter() is called
         self.current_epoch, self.epoch, self._skip = epoch, epoch + 1, 0
         yield from self.rank_batches(epoch)[skip:]
@@ -123,3 +134,16 @@ class BucketBatchSampler(BatchSampler):
         if done >= len(self):
             epoch, done = epoch + 1, 0
         self.epoch, self._skip = epoch, done
+
+
+def trainer_position(trainer) -> dict:
+    """What a datamodule whose training loader is bucket-batched saves in checkpoints: {"bucket_position":
+    the sampler's epoch and the batches this rank has processed in it} (counted by the trainer, which knows
+    what was consumed; the loader has prefetched ahead); {} for any other loader. Resumed by giving
+    ``state["bucket_position"]`` as ``position`` to the next ``BucketBatchSampler``."""
+    loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
+    sampler = getattr(loader, "batch_sampler", None)
+    if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
+        return {}
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}

@@ -4,7 +4,10 @@
 {"image": float [3, H, W] in [-1, 1], "caption": str} items: square R x R crops, or with ``bucketing``
 the aspect-ratio bucket nearest each image (``datamodules.buckets``), with per-record repeats, random
 or centre crops, flips, tag-list caption augmentation and caption dropout. A record that fails to
-decode is skipped with one warning and replaced by the next readable record of its bucket.
+decode is skipped with one warning and replaced by the next readable record of its bucket. The random
+choices of item ``i`` in epoch ``e`` come from a generator seeded by (e, i) (the sampler calls
+``set_epoch``), never the global or a worker's RNG: they differ across epochs, yet a resumed run draws
+exactly those of the uninterrupted one.
 
 ``BucketedDataModule`` gives the loaders: ``BucketBatchSampler`` batches (one bucket each, split across
 DDP ranks) and the sampler position saved in checkpoints, so a resumed run continues at the next batch.
@@ -20,12 +23,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.bucket_sampler import BucketBatchSampler, trainer_position
 from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.captions import TagAugment
+from datamodules.resumable import resumable_loader
 from datamodules.transforms import load_rgb, preprocess, preprocess_to_size
 
-__all__ = ["BucketedDataModule", "BucketedImageDataset", "split_indices"]
+__all__ = ["BucketedDataModule", "BucketedImageDataset", "dataset_options", "split_indices"]
 
 
 class BucketedImageDataset(Dataset):
@@ -68,6 +72,7 @@ class BucketedImageDataset(Dataset):
         self.caption_dropout = float(caption_dropout)
         self.tags = TagAugment(bool(shuffle_tags), int(keep_tags), float(tag_dropout), tag_separator)
         self._unreadable: set[int] = set()  # records found broken when loaded
+        self.epoch = 0  # keys the random augmentations (set by the training sampler)
         n = self.num_records()
         # index -> record: per-record repeats (kohya folders), then the whole list ``repeats`` times
         per_pass = np.repeat(np.arange(n), [self.record_repeats(k) for k in range(n)])
@@ -99,6 +104,14 @@ class BucketedImageDataset(Dataset):
         return 1
 
     # -- items ---------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def augmentation_generator(self, index: int) -> torch.Generator:
+        """The generator of item ``index``'s random crop, flip, tag and caption choices this epoch."""
+        seed = np.random.SeedSequence([self.epoch, int(index) % len(self)]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
     def __len__(self) -> int:
         return len(self.index_to_record)
 
@@ -115,13 +128,14 @@ class BucketedImageDataset(Dataset):
         """The buckets in use and their image counts."""
         return bucket_summary(self.buckets, self.record_buckets)
 
-    def _load(self, record_id: int, target: tuple[int, int]) -> torch.Tensor:
+    def _load(self, record_id: int, target: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
         source = self.open_record(record_id)
         if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
             image = load_rgb(source, min_side=self.resolution)
-            return preprocess(image, self.resolution, self.center_crop, self.random_flip)
+            return preprocess(image, self.resolution, self.center_crop, self.random_flip, generator)
         min_side = None if isinstance(source, Image.Image) else min(cover_size(*self.record_size(record_id), target))
-        return preprocess_to_size(load_rgb(source, min_side=min_side), target, self.center_crop, self.random_flip)
+        return preprocess_to_size(load_rgb(source, min_side=min_side), target, self.center_crop, self.random_flip,
+                                  generator)
 
     def _stand_ins(self, record_id: int):
         """``record_id``, then the other records of its bucket (after it, cyclically) not known bad."""
@@ -134,10 +148,10 @@ class BucketedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        target = self.target_size(index)
+        target, generator = self.target_size(index), self.augmentation_generator(index)
         for record_id in self._stand_ins(int(self.index_to_record[index])):
             try:
-                tensor = self._load(record_id, target)
+                tensor = self._load(record_id, target, generator)
                 break
             except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
                 self._unreadable.add(record_id)
@@ -146,10 +160,23 @@ class BucketedImageDataset(Dataset):
         else:
             raise RuntimeError(f"every image of bucket {target[0]}x{target[1]} is unreadable (see the "
                                f"warnings above); remove or replace the broken files")
-        caption = self.tags(self.record_caption(record_id))
-        if self.caption_dropout > 0 and float(torch.rand(())) < self.caption_dropout:
+        caption = self.tags(self.record_caption(record_id), generator)
+        if self.caption_dropout > 0 and float(torch.rand((), generator=generator)) < self.caption_dropout:
             caption = ""
         return {"image": tensor, "caption": caption}
+
+
+def dataset_options(hp, train: bool) -> dict:
+    """The ``BucketedImageDataset`` arguments from a datamodule's hyperparameters: the configured
+    augmentations and repeats for training, none of them (centre crops, captions as written) for validation."""
+    return {
+        "resolution": hp.resolution, "center_crop": hp.center_crop if train else True,
+        "random_flip": hp.random_flip if train else 0.0, "repeats": hp.repeats if train else 1,
+        "caption_dropout": hp.caption_dropout if train else 0.0, "bucketing": hp.bucketing,
+        "bucket_step": hp.bucket_step, "bucket_min_side": hp.bucket_min_side, "bucket_max_side": hp.bucket_max_side,
+        "shuffle_tags": hp.shuffle_tags if train else False, "keep_tags": hp.keep_tags,
+        "tag_dropout": hp.tag_dropout if train else 0.0, "tag_separator": hp.tag_separator,
+    }
 
 
 def split_indices(n: int, val_size: int, val_fraction: float | None, seed: int,
@@ -178,13 +205,17 @@ class BucketedDataModule(L.LightningDataModule):
     _position: dict | None = None  # where a resumed run continues (from a checkpoint)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        # training: workers start afresh each epoch, so that they see the dataset's epoch (augmentations)
         common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                  "persistent_workers": self.num_workers > 0}
+                  "persistent_workers": self.num_workers > 0 and not shuffle}
+        seed = self.hparams.get("seed", 0)
         if not self.hparams.get("bucketing", False):
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **common)
+            if shuffle:  # the seeded order that resumes mid-epoch (its position is in checkpoints)
+                return resumable_loader(dataset, self.batch_size, seed=seed, **common)
+            return DataLoader(dataset, batch_size=self.batch_size, **common)
         position, self._position = (self._position, None) if shuffle else (None, self._position)
-        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle,
-                                     seed=self.hparams.get("seed", 0), position=position)
+        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle, seed=seed,
+                                     position=position, dataset=dataset if shuffle else None)
         return DataLoader(dataset, batch_sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
@@ -199,15 +230,9 @@ class BucketedDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
-        """The training position: the bucket sampler's epoch and the batches this rank has processed in it
-        (counted by the trainer, which knows what was consumed; the loader has prefetched ahead)."""
-        trainer = getattr(self, "trainer", None)
-        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+        """The training position of bucketed batches (``bucket_sampler.trainer_position``; square crops: the
+        resumable loader keeps its own, ``datamodules/resumable.py``)."""
+        return trainer_position(getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._position = state_dict.get("bucket_position")

@@ -91,6 +91,15 @@ class Concept:
     def fill(self, template: str, **extra: str) -> str:
         return template.format(identifier=self.identifier, class_noun=self.class_noun, **extra)
 
+    def instance_caption(self, background: str) -> str:
+        """Caption of an embedded instance image on ``background`` (also the evaluation prompt): the
+        ``instance_prompt`` template (``{background}``, or ``{a_background}`` for "an orange") or
+        "a <identifier> <class noun> on a <background> background"."""
+        if self.instance_prompt is None:
+            return caption_for(self.identifier, self.class_noun, background)
+        article = "an" if background[0] in "aeiou" else "a"
+        return self.fill(self.instance_prompt, background=background, a_background=f"{article} {background}")
+
     def class_prompts(self) -> list[str]:
         prompts = self.class_prompt if self.class_prompt is not None else "a {class_noun}"
         return [self.fill(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
@@ -112,10 +121,7 @@ class SubjectDataset(Dataset):
         return self.size
 
     def caption(self, background: str) -> str:
-        template = self.concept.instance_prompt
-        if template is None:
-            return caption_for(self.concept.identifier, self.concept.class_noun, background)
-        return self.concept.fill(template, background=background)
+        return self.concept.instance_caption(background)
 
     def __getitem__(self, index: int) -> dict:
         background = self.backgrounds[index % len(self.backgrounds)]
@@ -190,6 +196,7 @@ class DreamBoothDataModule(FineTuneDataModule):
                      f"images, {concept.num_class_images} class images")
         self.data_train = ConcatDataset(self.instance_sets)  # until class images are ready
         self.data_val = self._validation()
+        self._declare_validation()
 
     def _validation(self) -> Dataset | None:
         parts = [SubjectDataset(c, c.eval_backgrounds(), self.hparams.val_size, self.resolution, self.hparams.seed,

@@ -26,10 +26,10 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.bucket_sampler import BucketBatchSampler
+from datamodules.bucket_sampler import BucketBatchSampler, trainer_position
 from datamodules.latent_cache import cache_key, load_cache, save_cache
 from datamodules.resumable import resumable_loader
-from datamodules.samplers import training_sampler
+from datamodules.samplers import set_dataset_epoch, training_sampler
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,36 +38,44 @@ EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images
 
 
 class Repeated(Dataset):
-    """``repeats`` x the source (each epoch sees every image ``repeats`` times)."""
+    """``repeats`` x the source (each epoch sees every image ``repeats`` times). Repeat ``r`` of epoch ``e``
+    shows the source in its epoch ``e * repeats + r``, so random augmentations differ between repeats."""
 
     def __init__(self, source: Dataset, repeats: int = 1):
         if int(repeats) < 1:
             raise ValueError(f"data.repeats must be >= 1, got {repeats}")
-        self.source, self.repeats = source, int(repeats)
+        self.source, self.repeats, self.epoch = source, int(repeats), 0
 
     def __len__(self) -> int:
         return len(self.source) * self.repeats
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __getitem__(self, index: int) -> dict:
-        return self.source[index % len(self.source)]
+        repeat, item = divmod(int(index), len(self.source))
+        if self.repeats > 1:
+            set_dataset_epoch(self.source, self.epoch * self.repeats + repeat)
+        return self.source[item]
 
 
 class CaptionsRewritten(Dataset):
-    """The source's items passed through ``transform`` (item -> item) each time one is drawn, e.g. textual
-    inversion's placeholder prompts (``datamodules.placeholder_captions``)."""
+    """The source's items passed through ``transform`` ((item, rng) -> item) each time one is drawn, e.g.
+    textual inversion's placeholder prompts (``datamodules.placeholder_captions``). ``rng`` is a
+    ``random.Random`` seeded by (epoch, index): random choices differ across epochs and items, yet are the same
+    after a resume (the global RNG would not be: the loader prefetches ahead of the checkpoint)."""
 
-    def __init__(self, source: Dataset, transform: Callable[[dict], dict]):
-        self.source, self.transform = source, transform
+    def __init__(self, source: Dataset, transform: Callable[[dict, random.Random], dict]):
+        self.source, self.transform, self.epoch = source, transform, 0
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        return self.transform(dict(self.source[index]))
+        return self.transform(dict(self.source[index]), random.Random(f"captions/{self.epoch}/{index}"))
 
-    def set_epoch(self, epoch: int) -> None:  # passed on (flip variants of a latent cache)
-        if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(epoch)
+    def set_epoch(self, epoch: int) -> None:  # called by the sampler (datamodules.samplers.set_dataset_epoch)
+        self.epoch = int(epoch)
 
 
 class Flagged(Dataset):
@@ -112,8 +120,9 @@ def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers:
         return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset) if shuffle else None,
                           num_workers=num_workers, drop_last=drop_last)
     ids = [keys.index(size) for size in sizes]
-    return DataLoader(dataset, batch_sampler=BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position),
-                      num_workers=num_workers)
+    sampler = BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position,
+                                 dataset=dataset if shuffle else None)  # per-epoch flip variants, augmentations
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
 class LatentCacheDataset(Dataset):
@@ -204,7 +213,7 @@ class FineTuneDataModule(L.LightningDataModule):
         "auto": "regularization" when regularisation data is given, else "none";
         "none": no validation loss (a few-image concept keeps every image for training; the image logger
         still shows the log prompts).
-    caption_transform: item -> item applied whenever a training or validation item is drawn (after the latent
+    caption_transform: (item, rng) -> item applied whenever a training or validation item is drawn (after the latent
         cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
     """
 
@@ -214,7 +223,7 @@ class FineTuneDataModule(L.LightningDataModule):
                  repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
                  cache_dir: str | None = None, num_workers: int = 0,
                  regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
-                 validation: str = "auto", caption_transform: Callable[[dict], dict] | None = None):
+                 validation: str = "auto", caption_transform: Callable[[dict, random.Random], dict] | None = None):
         super().__init__()
         if validation not in self.VALIDATION:
             raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
@@ -262,6 +271,7 @@ class FineTuneDataModule(L.LightningDataModule):
             log.warning("data.validation=source: validating on images held out of your folder (they do not train)")
         parts.append(f"validation: {kind}" + (f" ({len(self.data_val)} images)" if self.data_val else ""))
         log.info("Fine-tuning data: " + ", ".join(parts))
+        self._declare_validation()
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 
@@ -305,21 +315,21 @@ class FineTuneDataModule(L.LightningDataModule):
                              position=position)
 
     def state_dict(self) -> dict:
-        """Bucketed training only: the bucket sampler's epoch and the batches processed in it (the uniform-size
-        loader keeps its own position, ``datamodules/resumable.py``)."""
-        trainer = getattr(self, "trainer", None)
-        loader = getattr(trainer, "train_dataloader", None) if trainer is not None else None
-        sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, BucketBatchSampler) or sampler.current_epoch is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+        """Bucketed training only (``bucket_sampler.trainer_position``; the uniform-size loader keeps its own
+        position, ``datamodules/resumable.py``)."""
+        return trainer_position(getattr(self, "trainer", None))
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._position = state_dict.get("bucket_position")
 
-    def val_dataloader(self) -> DataLoader | list:
+    def _declare_validation(self) -> None:
+        """Without validation data this datamodule has no ``val_dataloader`` (an instance attribute ``None``
+        hides the method), so Lightning runs no validation loop - instead of an empty loader it warns about."""
         if self.data_val is None:
-            return []
+            self.val_dataloader = None
+        else:
+            self.__dict__.pop("val_dataloader", None)
+
+    def val_dataloader(self) -> DataLoader:
         return bucket_loader(self._rewritten(self.data_val), self.hparams.batch_size, shuffle=False,
                              num_workers=self.hparams.num_workers)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from datamodules.transforms import image_size
+from ldm.utils.files import atomic_write_text
 from ldm.utils.logging import get_logger
 
 __all__ = ["INDEX_VERSION", "folder_fingerprint", "load_or_build_index"]
@@ -49,19 +49,6 @@ def _read_headers(root: Path, paths: list[Path]) -> dict:
     return {"version": INDEX_VERSION, "sizes": sizes, "unreadable": bad}
 
 
-def _write_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_build_index(root: Path, paths: list[Path], cache_dir: str | os.PathLike | None) -> dict:
     """{"sizes": {relative path: [w, h]}, "unreadable": {relative path: reason}} for ``paths``.
 
@@ -81,6 +68,6 @@ def load_or_build_index(root: Path, paths: list[Path], cache_dir: str | os.PathL
                 log.warning(f"ignoring unreadable index cache {cache} ({error}); rebuilding it")
     index = _read_headers(root, paths)
     if cache is not None:
-        _write_atomically(cache, index)
+        atomic_write_text(cache, json.dumps(index))
         log.info(f"image folder index: {len(index['sizes'])} images, cached in {cache}")
     return index

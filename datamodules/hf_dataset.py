@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, split_indices
+from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, dataset_options, split_indices
 
 __all__ = ["HFDatasetDataModule", "HFImageDataset", "load_local_dataset", "pick_columns"]
 
@@ -145,14 +145,8 @@ class HFDatasetDataModule(BucketedDataModule):
         self.data_val: HFImageDataset | None = None
 
     def _dataset(self, dataset, rows, sizes, columns, train: bool) -> HFImageDataset:
-        hp = self.hparams
-        return HFImageDataset(
-            dataset, rows, sizes, *columns, random_caption=train, resolution=hp.resolution,
-            center_crop=hp.center_crop if train else True, random_flip=hp.random_flip if train else 0.0,
-            repeats=hp.repeats if train else 1, caption_dropout=hp.caption_dropout if train else 0.0,
-            bucketing=hp.bucketing, bucket_step=hp.bucket_step, bucket_min_side=hp.bucket_min_side,
-            bucket_max_side=hp.bucket_max_side, shuffle_tags=hp.shuffle_tags if train else False,
-            keep_tags=hp.keep_tags, tag_dropout=hp.tag_dropout if train else 0.0, tag_separator=hp.tag_separator)
+        return HFImageDataset(dataset, rows, sizes, *columns, random_caption=train,
+                              **dataset_options(self.hparams, train))
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:

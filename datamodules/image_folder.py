@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, split_indices
+from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, dataset_options, split_indices
 from datamodules.captions import kohya_subset
 from datamodules.folder_index import load_or_build_index
 from datamodules.transforms import IMAGE_EXTENSIONS, image_size
@@ -380,22 +380,10 @@ class ImageFolderDataModule(BucketedDataModule):
         hp = self.hparams
         return ImageFolderDataset(
             self.root,
-            resolution=hp.resolution,
-            center_crop=hp.center_crop if train else True,
-            random_flip=hp.random_flip if train else 0.0,
             default_caption=hp.default_caption,
             caption_ext=hp.caption_ext,
-            repeats=hp.repeats if train else 1,
-            caption_dropout=hp.caption_dropout if train else 0.0,
             files=records if train else [replace(r, repeats=1) for r in records],
-            shuffle_tags=hp.shuffle_tags if train else False,
-            keep_tags=hp.keep_tags,
-            tag_dropout=hp.tag_dropout if train else 0.0,
-            tag_separator=hp.tag_separator,
-            bucketing=hp.bucketing,
-            bucket_step=hp.bucket_step,
-            bucket_min_side=hp.bucket_min_side,
-            bucket_max_side=hp.bucket_max_side,
+            **dataset_options(hp, train),
         )
 
     def setup(self, stage: str | None = None) -> None:

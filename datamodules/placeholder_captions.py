@@ -8,7 +8,9 @@
 * ``"object"`` / ``"style"``: a random template per item ("a photo of a {}", "a painting in the style of {}").
 
 Applied by ``FineTuneDataModule`` each time an item is drawn (after latent caching), so templates vary per
-epoch. Regularisation items (``is_regularization``) keep their captions.
+epoch. The template comes from the ``rng`` the caller passes (``CaptionsRewritten`` seeds one per epoch and
+item), never from the global RNG, so a resumed run draws the same templates as an uninterrupted one.
+Regularisation items (``is_regularization``) keep their captions.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ class PlaceholderCaptions:
             raise ValueError("every template must contain '{}' where the placeholder goes")
         self.concept = re.compile(rf"\b{re.escape(concept_word)}\b", re.IGNORECASE) if concept_word else None
 
-    def caption(self, caption: str) -> str:
+    def caption(self, caption: str, rng: random.Random | None = None) -> str:
         if self.mode != "caption":
-            return random.choice(self.templates).format(self.placeholder)
+            return (rng or random.Random()).choice(self.templates).format(self.placeholder)
         if self.concept is not None:
             caption = self.concept.sub(self.placeholder, caption)
         if self.placeholder.lower() not in caption.lower():
@@ -57,7 +59,7 @@ class PlaceholderCaptions:
                              "concept_word, or use mode=object / mode=style templates.")
         return caption
 
-    def __call__(self, item: dict) -> dict:
+    def __call__(self, item: dict, rng: random.Random | None = None) -> dict:
         if bool(item.get("is_regularization", False)) or not item.get("caption", "x"):
             return item  # regularisation images, and captions dropped for classifier-free guidance
-        return {**item, "caption": self.caption(str(item.get("caption", "")))}
+        return {**item, "caption": self.caption(str(item.get("caption", "")), rng)}

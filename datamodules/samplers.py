@@ -45,10 +45,22 @@ class ResumableSampler(DistributedSampler):
         if epoch != self.epoch:
             self.skip = 0
         super().set_epoch(epoch)
-        if hasattr(self.dataset, "set_epoch"):  # datasets with per-epoch choices (flip variants)
-            self.dataset.set_epoch(epoch)
+        set_dataset_epoch(self.dataset, epoch)
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
         return iter(indices[skip:])
+
+
+def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
+    """Tell ``dataset`` and every dataset it wraps (``datasets`` of a ``ConcatDataset``, ``dataset`` of a
+    ``Subset``, ``source`` of the project's wrappers) the epoch: those with per-epoch random choices
+    (augmentations, flip variants, caption templates) draw them from (epoch, index), not the global RNG."""
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(int(epoch))
+    inner = list(getattr(dataset, "datasets", None) or [])
+    inner += [getattr(dataset, name) for name in ("dataset", "source") if isinstance(getattr(dataset, name, None),
+                                                                                       Dataset)]
+    for part in inner:
+        set_dataset_epoch(part, epoch)

@@ -233,7 +233,9 @@ class Subject:
     """A DreamBooth-style subject: one particular member of a class the base knows (``shape``), recognisable
     by a pattern no ordinary member has: the shape split in two colour halves, ``colors[0]`` left (or top)
     and ``colors[1]`` right (or bottom), ``split`` "vertical" (left | right) or "horizontal" (top / bottom).
-    Ordinary dataset items are single-coloured, so "the subject" and "a yellow square" are told apart."""
+    Ordinary dataset items are single-coloured, so "the subject" and "a yellow square" are told apart.
+    The same colour twice is a *solid* subject: an object the base can already draw ("a magenta diamond"),
+    for methods that can only name what the model draws (textual inversion, hypernetworks)."""
 
     shape: str = "square"
     colors: tuple[str, str] = ("yellow", "magenta")
@@ -243,11 +245,16 @@ class Subject:
         if self.shape not in SHAPES:
             raise ValueError(f"subject shape {self.shape!r} unknown; expected one of {SHAPES}")
         colors = tuple(self.colors)
-        if len(colors) != 2 or colors[0] == colors[1] or any(c not in COLORS for c in colors):
-            raise ValueError(f"subject colors must be two different palette colours, got {self.colors!r}")
+        if len(colors) != 2 or any(c not in COLORS for c in colors):
+            raise ValueError(f"subject colors must be two palette colours (the same twice for a solid subject), "
+                             f"got {self.colors!r}; palette: {list(COLORS)}")
         object.__setattr__(self, "colors", colors)
         if self.split not in ("vertical", "horizontal"):
             raise ValueError(f"subject split must be 'vertical' or 'horizontal', got {self.split!r}")
+
+    @property
+    def solid(self) -> bool:
+        return self.colors[0] == self.colors[1]
 
     def backgrounds(self, exclude: Sequence[str] = ()) -> list[str]:
         """Palette colours the subject can stand on (not its own colours), minus ``exclude``."""

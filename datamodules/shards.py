@@ -21,12 +21,12 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, split_indices
+from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, dataset_options, split_indices
 from datamodules.buckets import assign_buckets, make_buckets
+from ldm.utils.files import atomic_write_text
 
 __all__ = ["INDEX_FILE", "ShardDataset", "ShardsDataModule", "read_index", "write_shards"]
 
@@ -35,18 +35,6 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 INDEX_VERSION = 1
 _COLUMNS = ("shard", "image_offset", "image_size", "text_offset", "text_size", "width", "height", "repeats")
-
-
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _index_shard(path: Path, shard_id: int, columns: dict) -> None:
@@ -101,7 +89,7 @@ def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], split: str
     index.update(resolution=int(resolution), bucket_step=bucket_step,
                  buckets=[list(b) for b in buckets])
     index["splits"][split] = {"shards": shard_names, **columns}
-    _write_json_atomically(index_path, index)
+    atomic_write_text(index_path, json.dumps(index))
     return index
 
 
@@ -183,14 +171,8 @@ class ShardsDataModule(BucketedDataModule):
         self.data_val: ShardDataset | None = None
 
     def _dataset(self, split: str, rows: list[int], train: bool) -> ShardDataset:
-        hp = self.hparams
-        return ShardDataset(
-            hp.path, self.index["splits"][split], rows, resolution=hp.resolution,
-            center_crop=hp.center_crop if train else True, random_flip=hp.random_flip if train else 0.0,
-            repeats=hp.repeats if train else 1, caption_dropout=hp.caption_dropout if train else 0.0,
-            bucketing=hp.bucketing, bucket_step=hp.bucket_step, bucket_min_side=hp.bucket_min_side,
-            bucket_max_side=hp.bucket_max_side, shuffle_tags=hp.shuffle_tags if train else False,
-            keep_tags=hp.keep_tags, tag_dropout=hp.tag_dropout if train else 0.0, tag_separator=hp.tag_separator)
+        return ShardDataset(self.hparams.path, self.index["splits"][split], rows,
+                            **dataset_options(self.hparams, train))
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,18 @@ CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+@functools.lru_cache(maxsize=1)
+def captioned_image_folder() -> Path:
+    """Six 40x40 PNGs with sidecar captions, made once per session (for ``data.source.root=...``)."""
+    from PIL import Image
+
+    folder = Path(tempfile.mkdtemp(prefix="ldm-test-images-"))
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 200 - 30 * i, 90)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a red star number {i}")
+    return folder
+
+
 def compose_train(tmp_path: Path, overrides: list[str], output_name: str = "run") -> DictConfig:
     """The config ``python train.py <overrides>`` would build, writing under ``tmp_path``."""
     GlobalHydra.instance().clear()
@@ -50,3 +64,12 @@ def compose_cfg(tmp_path):
         return compose_train(tmp_path, overrides, output_name)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def embedded_chain(tmp_path_factory) -> Path:
+    """``bash scripts/embedded_chain.sh`` shortened (tiny VAE -> txt2img -> LoRA + fidelity + samples), once
+    per session: ``<root>/logs/{vae,txt2img,lora_finetune}/runs/*`` and ``<root>/docs``."""
+    from tests.readme_commands import run_embedded_chain
+
+    return run_embedded_chain(tmp_path_factory.mktemp("chain"))

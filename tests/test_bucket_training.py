@@ -13,7 +13,7 @@ import train as train_module
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from train import train
 
-FOLDER = ["data=image_folder", "~data.train_size", "data.resolution=32", "data.batch_size=2",
+FOLDER = ["data=image_folder", "data.resolution=32", "data.batch_size=2",
           "data.num_workers=0", "data.val_size=2", "callbacks.rich_progress_bar=null"]
 VAE = ["experiment=vae", "model/vae=tiny", *FOLDER]
 TXT2IMG = ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *FOLDER,

@@ -5,6 +5,7 @@ latent cache encoded once (rank zero writes it, the other rank reads it)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,33 @@ def test_ddp_two_processes_match_one_process_with_the_whole_batch(compose_cfg, t
     assert lora_keys
     assert max_difference(one, rank0, lora_keys) <= TOLERANCE
     assert max_difference(rank0, rank1, lora_keys) == 0.0
+
+
+def test_ddp_sigkill_then_resume_equals_the_uninterrupted_ddp_run(tmp_path):
+    """Both ranks killed at once mid-epoch after a checkpoint, then `ckpt_path=last` under the same
+    trainer=ddp_sim: the weights (and EMA) of every rank equal the uninterrupted DDP run's."""
+    vae = AutoencoderKL(embed_dim=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, norm_groups=4)
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, tmp_path / "vae.ckpt")
+    # 24 items, 2 ranks x 2 per batch: 6 batches per epoch (5 used), a checkpoint every 2 steps, killed at 9
+    common = [o for o in COMMON if not o.startswith("trainer.max_steps")]
+    args = [*[o for o in TXT2IMG if not o.startswith("data.train_size")], *common, "data.train_size=24",
+            f"model.vae_ckpt={tmp_path / 'vae.ckpt'}", "trainer.max_steps=10", "trainer.max_epochs=-1",
+            "trainer.limit_train_batches=5", "trainer.val_check_interval=2"]
+    kill = ["+callbacks.signal._target_=tests.signal_at_step.SignalAtStep", "+callbacks.signal.step=9",
+            "+callbacks.signal.group=true"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", *args, *kill, "trainer=ddp_sim", "data.batch_size=2",
+           f"paths.log_dir={tmp_path / 'ddp'}"]
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+                            start_new_session=True)  # its own process group: the kill takes both ranks, not us
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = next((tmp_path / "ddp").glob("*/runs/*/checkpoints/last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+
+    run_ddp([*args, "ckpt_path=last", *dump(tmp_path / "resumed")], tmp_path / "ddp")
+    run_ddp([*args, *dump(tmp_path / "straight")], tmp_path / "straight")
+    for rank in (0, 1):
+        resumed, straight = (torch.load(tmp_path / p / f"rank{rank}.pt", weights_only=True)
+                             for p in ("resumed", "straight"))
+        keys = [k for k in straight if k.startswith(("unet.", "unet_ema.module."))]
+        assert max_difference(resumed, straight, keys) <= TOLERANCE

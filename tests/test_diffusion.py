@@ -271,7 +271,8 @@ def test_cfg_combination_in_one_batched_forward(scale):
 
 
 def test_hydra_targets_build_schedule_and_samplers():
-    hydra_utils = pytest.importorskip("hydra.utils")
+    import hydra.utils as hydra_utils
+
     schedule = hydra_utils.instantiate(
         {
             "_target_": "ldm.diffusion.DiffusionSchedule.from_config",

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 import sample
-from benchmarks import dreambooth_fidelity, dreambooth_step
+from benchmarks import subject_fidelity, dreambooth_step
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.safe_load import read_safetensors_metadata
 from ldm.models.base_loader import load_base_model
@@ -170,13 +170,13 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     torch.testing.assert_close(single.generate(prompts, seed=3, guidance_scale=model.hparams.guidance_scale),
                                expected, atol=0.05, rtol=0.05)  # fp16 weights
 
-    # `python benchmarks/dreambooth_fidelity.py --run <run>` scores the base and the exported model
+    # `python benchmarks/subject_fidelity.py --run <run>` scores the base and the exported model
     save_run_config(cfg)
-    results = dreambooth_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2",
+    results = subject_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2",
                                         "--grid-dir", str(tmp_path / "grids")])
-    assert set(results) == {("sks", kind, name) for kind in ("subject", "class") for name in ("base", "dreambooth")}
+    assert set(results) == {("sks", kind, name) for kind in ("subject", "class", "known") for name in ("base", "full")}
     assert all(0.0 <= r["subject_rate"] <= 1.0 and r["n"] == 2 for r in results.values())
-    assert len(list((tmp_path / "grids").glob("sks_*.png"))) == 4
+    assert len(list((tmp_path / "grids").glob("sks_*.png"))) == 6
 
 
 def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
@@ -193,8 +193,8 @@ def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, ba
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 1
     # the fidelity script merges the kohya file into the base
     save_run_config(cfg)
-    results = dreambooth_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2"])
-    assert ("sks", "subject", "dreambooth") in results
+    results = subject_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2"])
+    assert ("sks", "subject", "lora") in results
 
 
 def test_step_benchmark_full_vs_lora(base_ckpt, tmp_path):  # noqa: F811

@@ -33,8 +33,8 @@ def test_subject_render_is_the_shape_in_two_colour_halves():
     assert tuple(image[1, 1]) == COLORS["blue"]
     top_bottom = render_subject(Subject("circle", ("red", "cyan"), "horizontal"), "white", 32)
     assert tuple(top_bottom[10, 16]) == COLORS["red"] and tuple(top_bottom[22, 16]) == COLORS["cyan"]
-    with pytest.raises(ValueError, match="two different palette colours"):
-        Subject(colors=("red", "red"))
+    with pytest.raises(ValueError, match="two palette colours"):
+        Subject(colors=("red", "pink"))
     assert "yellow" not in Subject().backgrounds() and "blue" not in Subject().backgrounds(["blue"])
 
 
@@ -54,6 +54,20 @@ def test_evaluator_tells_the_subject_from_ordinary_class_members(evaluator, subj
         false_hits.append(evaluator.is_subject(degrade(ordinary, blur, noise, rng) if blur else ordinary, subject))
     assert np.mean(hits) >= 0.95
     assert not any(false_hits)
+
+
+def test_solid_subject_is_one_object_the_base_can_draw(evaluator):
+    """Same colour twice: a named ordinary object (textual inversion's and hypernetworks' embedded concept)."""
+    gem = Subject("diamond", ("magenta", "magenta"))
+    assert gem.solid and not Subject().solid and "magenta" not in gem.backgrounds()
+    image = render_subject(gem, "blue", 32, np.random.default_rng(3))
+    assert np.array_equal(image, render("magenta", "diamond", "blue", 32, np.random.default_rng(3)))
+    hits = [evaluator.is_subject(render_subject(gem, b, 32, np.random.default_rng([4, i])), gem)
+            for i, b in enumerate(gem.backgrounds())]
+    assert np.mean(hits) >= 0.95
+    others = [render("red", "diamond", "blue", 32), render("magenta", "square", "blue", 32),
+              render_subject(Subject("diamond", ("magenta", "yellow")), "blue", 32)]
+    assert not any(evaluator.is_subject(image, gem) for image in others)
 
 
 def test_evaluator_rejects_the_wrong_pattern(evaluator):

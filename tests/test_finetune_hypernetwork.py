@@ -28,7 +28,7 @@ def base_ckpt(tmp_path_factory):
 
 
 def overrides(base: Path, *extra: str) -> list[str]:
-    return ["experiment=hypernetwork", *PARTS, f"model.base={base}", *extra]
+    return ["experiment=hypernetwork_star", *PARTS, f"model.base={base}", *extra]
 
 
 def test_hypernetwork_trains_only_its_mlps_and_exports_automatic1111(compose_cfg, base_ckpt):
@@ -48,7 +48,7 @@ def test_hypernetwork_trains_only_its_mlps_and_exports_automatic1111(compose_cfg
     assert all(k.startswith("method.hypernetwork.layers.64.") for k in ckpt["state_dict"] if k != "scale_factor")
 
     # the exported AUTOMATIC1111 file (weights-only) on a fresh base reproduces the fine-tuned UNet
-    exported = run / "adapters" / "hypernetwork.pt"
+    exported = run / "adapters" / "hypernetwork_star.pt"
     payload = torch.load(exported, weights_only=True)
     assert payload["step"] == objects["trainer"].global_step and payload["activation_func"] == "relu"
     net, _ = load_hypernetwork(exported)

@@ -4,10 +4,13 @@ caching (memory and disk), regularisation flags, EMA of the method, before/after
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lightning import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from datamodules.finetune import FineTuneDataModule
 from datamodules.image_folder import ImageFolderDataModule
@@ -88,18 +91,29 @@ def test_lora_finetune_trains_only_the_adapter_and_exports_kohya(compose_cfg, ba
     assert list(images.glob("samples_*.png")) and list(images.glob("base_samples_*.png"))
 
 
-def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt):
+def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypatch):
+    import train as train_module
+
+    seen_steps = []  # steps actually trained: a fresh (not resumed) run would start again at 0
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen_steps.append(trainer.global_step)
+
+    original = train_module.instantiate_callbacks
+    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), Record()])
     first = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                    "trainer.val_check_interval=2"]), output_name="a")
     train(first)
     saved = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == 2
+    assert saved["global_step"] == 2 and seen_steps == [0, 1]
+    seen_steps.clear()
     # resuming at the saved step trains nothing more: the method's weights are the checkpoint's, exactly
     same = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                   "ckpt_path=last"]), output_name="b")
     _, objects = train(same)
     state = objects["model"].method.state_dict()
-    assert objects["trainer"].global_step == 2
+    assert objects["trainer"].global_step == 2 and seen_steps == []
     for key, value in state.items():
         torch.testing.assert_close(value, saved["state_dict"][f"method.{key}"], rtol=0, atol=0)
     assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k)  # trained, not fresh zeros
@@ -107,7 +121,7 @@ def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt):
     more = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=4",
                                                   "trainer.max_epochs=-1", "ckpt_path=last"]), output_name="c")
     _, objects = train(more)
-    assert objects["trainer"].global_step == 4
+    assert objects["trainer"].global_step == 4 and seen_steps == [2, 3]
 
 
 def test_fine_tune_checkpoint_rebuilds_for_sampling(compose_cfg, base_ckpt):
@@ -268,8 +282,28 @@ def test_few_image_folder_keeps_every_image_for_training(compose_cfg, tmp_path):
                        "data.source.resolution=32", "data.cache_dir=null"])
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
-    assert len(dm.data_train) == 4 and dm.data_val is None and dm.val_dataloader() == []
+    assert len(dm.data_train) == 4 and dm.data_val is None
+    assert not is_overridden("val_dataloader", dm)  # Lightning sees no validation loader at all
     assert len(dm.train_dataloader().dataset) == 40  # data.repeats=10
+
+
+def test_no_validation_data_runs_no_validation_loop_without_warnings(compose_cfg, base_ckpt, tmp_path):
+    """data.validation=none: no empty loader for Lightning to warn about ("Total length ... is zero")."""
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i * 60, 10, 10)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a photo of sks")
+    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", f"model.base={base_ckpt}",
+                       "data=finetune_folder", f"data.source.root={tmp_path}", "data.source.resolution=32",
+                       "data.cache_dir=null", "model.log_prompts=[a photo of sks]"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, objects = train(cfg)
+    assert not [w for w in caught if "length" in str(w.message) and "zero" in str(w.message)]
+    trainer = objects["trainer"]
+    assert trainer.global_step == 4 and trainer.num_val_batches == []  # trained, never validated
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_prior_preservation_weighting_through_the_method_loss():

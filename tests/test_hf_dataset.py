@@ -75,7 +75,7 @@ def test_columns_found_or_named_and_caption_lists(tmp_path):
 
 
 def test_vae_trains_from_hf_dataset(saved, compose_cfg):
-    cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "data=hf_dataset", "~data.train_size",
+    cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "data=hf_dataset",
                        f"data.path={saved}", "data.resolution=32", "data.batch_size=2", "data.num_workers=0",
                        "data.val_size=2", "debug=fdr"])
     metrics, _ = train(cfg)

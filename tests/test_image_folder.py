@@ -172,8 +172,13 @@ def test_non_square_resized_and_cropped(tmp_path):
     random_crops = ImageFolderDataset(
         tmp_path, resolution=12, center_crop=False, files=[tmp_path / "wide.png"]
     )
-    means = np.stack([mean_rgb(random_crops[0]["image"]) for _ in range(20)])
-    assert means[:, 0].max() - means[:, 0].min() > 50  # crops land in different places
+    means = []
+    for epoch in range(20):
+        random_crops.set_epoch(epoch)
+        means.append(mean_rgb(random_crops[0]["image"]))
+        assert torch.equal(random_crops[0]["image"], random_crops[0]["image"])  # the epoch's crop, every time
+    means = np.stack(means)
+    assert means[:, 0].max() - means[:, 0].min() > 50  # crops land in different places across epochs
 
 
 def test_random_flip_probability(tmp_path):

@@ -27,8 +27,6 @@ from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 
-diffusers = pytest.importorskip("diffusers")
-
 ATOL = 1e-5
 HIDDEN, MAX_LEN = 32, 12
 TINY_UNET = {

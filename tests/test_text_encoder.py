@@ -263,8 +263,9 @@ def test_device_and_dtype_follow_module(encoder, cache_dir):
 
 
 def test_hydra_configs_instantiate(encoder, tmp_path):
-    hydra_utils = pytest.importorskip("hydra.utils")
-    omegaconf = pytest.importorskip("omegaconf")
+    import hydra.utils as hydra_utils
+    import omegaconf
+
     tiny_cfg = omegaconf.OmegaConf.load(CONF_DIR / "tiny.yaml")
     tiny_cfg.cache_dir = str(tmp_path / "tok")
     tiny = hydra_utils.instantiate(tiny_cfg)

@@ -228,7 +228,7 @@ def base_ckpt(tmp_path_factory):
 
 
 def ti_overrides(base: Path, extra=()):
-    return ["experiment=textual_inversion", *TINY_PARTS, "debug=smoke", f"model.base={base}",
+    return ["experiment=textual_inversion_star", *TINY_PARTS, "debug=smoke", f"model.base={base}",
             "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4", "data.cache_dir=null",
             "model.log_prompts=['a red <star> on a blue background']", *extra]
 
@@ -283,7 +283,7 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     import sample
 
     _, model, run = trained
-    exported = run / "adapters" / "textual_inversion.safetensors"
+    exported = run / "adapters" / "textual_inversion_star.safetensors"
     loaded = load_embedding(exported)
     assert loaded.token == "<star>"
     torch.testing.assert_close(loaded.vectors, model.method.state_dict()[STATE_KEY])
@@ -305,7 +305,7 @@ def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt, tmp_path):
     from benchmarks import fidelity
 
     _, _, run = trained
-    exported = run / "adapters" / "textual_inversion.safetensors"
+    exported = run / "adapters" / "textual_inversion_star.safetensors"
     grid = tmp_path / "before_after.png"
     results = fidelity.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--n", "2",
                              "--samplers", "dpmpp_2m-20", "--compare-grid", str(grid), "--compare-columns", "2"])
@@ -315,3 +315,36 @@ def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt, tmp_path):
     from PIL import Image
 
     assert Image.open(grid).size[0] > 4 * 96
+
+
+def test_named_object_demo_trains_the_token_and_is_scored_on_unseen_backgrounds(base_ckpt, tmp_path_factory):
+    """`python train.py experiment=textual_inversion` (the `<gem>` demo), then
+    `python benchmarks/subject_fidelity.py --run <run>`: instance captions carry the token on the instance
+    backgrounds only; the benchmark scores base and base + embedding on the other backgrounds."""
+    from omegaconf import OmegaConf
+
+    from benchmarks import subject_fidelity
+    from tests.conftest import compose_train
+    from train import train
+
+    cfg = compose_train(tmp_path_factory.mktemp("gem"), [
+        "experiment=textual_inversion", *TINY_PARTS, "debug=smoke", f"model.base={base_ckpt}", "data.batch_size=4",
+        "data.cache_dir=null", "model.log_prompts=['a <gem> on a red background']"])
+    _, objects = train(cfg)
+    run = Path(cfg.paths.output_dir)
+    captions = {objects["datamodule"].instance_sets[0][i]["caption"] for i in range(6)}
+    assert captions == {"a <gem> on a blue background", "a <gem> on a green background", "a <gem> on a black background"}
+    assert objects["model"].method.state_dict()[STATE_KEY].shape == (2, 64)
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    grids = tmp_path_factory.mktemp("grids")
+    results = subject_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2",
+                                     "--grid-dir", str(grids)])
+    assert set(results) == {("<gem>", kind, name) for kind in ("subject", "class", "known")
+                            for name in ("base", "textual_inversion")}
+    assert (grids / "gem_subject_textual_inversion.png").is_file()
+    by_background = results[("<gem>", "subject", "textual_inversion")]["by_background"]
+    assert by_background == {"red": (by_background["red"][0], 1), "yellow": (by_background["yellow"][0], 1)}
+    prompts = subject_fidelity.subject_prompts(subject_fidelity.load_models(run, None)[1][0], 6)
+    assert prompts[0] == "a <gem> on a red background" and "an orange background" in " ".join(prompts)
+    assert not {"blue", "green", "black"} & {subject_fidelity.background_of(p) for p in prompts}

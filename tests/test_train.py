@@ -26,21 +26,43 @@ TINY = {
     "lora_finetune": ["data.source.train_size=16", "data.source.val_size=4",
                       "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                       "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
-    "textual_inversion": ["data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
+    "textual_inversion_star": ["data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
                           "model.log_prompts=['a red <star> on a blue background']", "model/sampler=ddim",
                           "model.sampler.steps=2", "data.cache_dir=null"],
-    "hypernetwork": ["data.source.train_size=16", "data.source.val_size=4",
+    "hypernetwork_star": ["data.source.train_size=16", "data.source.val_size=4",
                      "data.batch_size=4", "model.log_prompts=[a red star on a blue background]",
                      "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"],
 }
-# DreamBooth: 4 class images sampled in 2 steps, cached under the run folder
-TINY["dreambooth"] = TINY["dreambooth_lora"] = [
+# DreamBooth (and the named object of textual inversion / hypernetworks): 4 class images sampled in 2 steps,
+# cached under the run folder
+TINY["dreambooth"] = TINY["dreambooth_lora"] = TINY["hypernetwork"] = [
     "data.batch_size=4", "data.concepts.0.num_class_images=4", "data.class_images.sampler=ddim",
     "data.class_images.steps=2", "data.class_images.cache_dir=null", "data.cache_dir=null",
     "model.log_prompts=[a sks square on a red background]", "model/sampler=ddim", "model.sampler.steps=2"]
+TINY["textual_inversion"] = ["data.batch_size=4", "data.cache_dir=null", "model/sampler=ddim",
+                             "model.sampler.steps=2", "model.log_prompts=['a <gem> on a red background']"]
+# Presets for real bases and the user's images (model.base=??? , data.source.root=???): a tiny random base
+# (fast_dev_run) and a small captioned folder stand in.
+REAL_BASE_PRESETS = {
+    "lora_sd15": [],
+    "textual_inversion_sd15": ['model.method.placeholder="<toy>"', "model.method.initializer_word=toy"],
+    "hypernetwork_sd15": [],
+    "dreambooth_sd15": ["data.concepts.0.class_noun=dog", "data.concepts.0.num_class_images=2",
+                        "data.class_images.steps=2", "data.class_images.sampler=ddim",
+                        "data.class_images.cache_dir=null", "data.resolution=32"],
+}
+REAL_BASE_PRESETS["dreambooth_lora_sd15"] = REAL_BASE_PRESETS["dreambooth_sd15"]
 
 
 def tiny_overrides(name: str) -> list[str]:
+    if name in REAL_BASE_PRESETS:
+        from tests.conftest import captioned_image_folder
+
+        folder = captioned_image_folder()
+        data = ([f"data.concepts.0.instance_dir={folder}"] if name.startswith("dreambooth") else
+                [f"data.source.root={folder}", "data.source.resolution=32", "data.repeats=2"])
+        return [f"experiment={name}", "model.base=null", *data, *REAL_BASE_PRESETS[name],
+                "model.log_prompts=[a red star]", "model/sampler=ddim", "model.sampler.steps=2", "data.cache_dir=null"]
     return [f"experiment={name}", *TINY.get(name, ["data.batch_size=2"])]
 
 
@@ -99,14 +121,25 @@ def test_metric_value_for_sweeps():
 
 
 def test_cli_smoke_run_writes_artifacts(tmp_path):
-    """`python train.py experiment=vae debug=smoke logger=many` as a user types it."""
+    """`python train.py experiment=vae debug=smoke logger=many` as a user types it: artifacts, no noise on the
+    console (no warning, no Lightning tip, no FLOPs column of zeros, a step counter instead of `Epoch 0/-2`),
+    and the run summary at the end."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     env.pop("WANDB_API_KEY", None)
     cmd = [sys.executable, "train.py", *tiny_overrides("vae"), "debug=smoke", "logger=many",
-           f"paths.log_dir={tmp_path}", "callbacks.rich_progress_bar=null", "hydra.job_logging.root.level=WARNING"]
+           f"paths.log_dir={tmp_path}"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    for noise in ("Warning", "warn(", "litlogger", "LeafSpec", "anonymous", "FLOPs", "v_num", "Epoch 0/",
+                  "infer the `batch_size`", "eval mode", "Traceback"):
+        assert noise not in out, (noise, out[-3000:])
     run_dir = next((tmp_path / "vae" / "runs").iterdir())
+    summary = out[out.index("Run summary (vae): 4 steps"):]
+    assert "best val/psnr" in summary and str(run_dir / "checkpoints" / "last.ckpt") in summary
+    assert str(run_dir / "images") in summary
+    assert "next: python train.py experiment=txt2img model.vae_ckpt=" in summary
+    assert "optimized_metric val/psnr = " in out
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     pngs = list((run_dir / "images").glob("reconstructions_*.png"))

@@ -82,6 +82,10 @@ def test_tag_augmentation_in_training_not_validation(tmp_path):
     dm = ImageFolderDataModule(tmp_path, resolution=16, val_size=1, shuffle_tags=True, keep_tags=1,
                                tag_dropout=0.2)
     dm.setup()
-    train = {dm.data_train[0]["caption"] for _ in range(30)}
+    train = set()
+    for epoch in range(30):  # a new draw each epoch (the sampler calls set_epoch), the same within one
+        dm.data_train.set_epoch(epoch)
+        train.add(dm.data_train[0]["caption"])
+        assert dm.data_train[0]["caption"] == dm.data_train[0]["caption"]
     assert len(train) > 5 and all(c.startswith("trigger") for c in train)
     assert {dm.data_val[0]["caption"] for _ in range(5)} == {"trigger, a, b, c, d, e"}

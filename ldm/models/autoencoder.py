@@ -102,8 +102,9 @@ class AutoencoderModule(L.LightningModule):
             self.manual_backward(d_loss)
             opt_d.step()
             logs["d_loss"] = d_loss.detach()
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        n = x.shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=n)
         return loss.detach()
 
     def validation_step(self, batch, batch_idx):
@@ -113,10 +114,11 @@ class AutoencoderModule(L.LightningModule):
         loss, _, logs = self._generator_loss(x, x_rec, posterior)
         self.val_psnr((x_rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
         self.val_ssim((x_rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
-        self.log("val/loss", loss, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True)
-        self.log("val/psnr", self.val_psnr, prog_bar=True)
-        self.log("val/ssim", self.val_ssim)
+        n = x.shape[0]
+        self.log("val/loss", loss, sync_dist=True, batch_size=n)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True, batch_size=n)
+        self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=n)
+        self.log("val/ssim", self.val_ssim, batch_size=n)
 
     def configure_optimizers(self):
         optimizers = [self.optimizer_factory(params=self.vae.parameters())]

@@ -54,6 +54,10 @@ def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, 
     unexpected = [k for k in sub if k not in own]
     wrong = [(k, tuple(sub[k].shape), tuple(v.shape)) for k, v in own.items() if k in sub and sub[k].shape != v.shape]
     if missing or unexpected or wrong:
+        if prefix == "vae":
+            hint = vae_mismatch_hint(sub, own, checkpoint)
+            if hint:
+                raise ValueError(hint)
         details = []
         if wrong:
             details.append("shape mismatches (file vs model): " + ", ".join(f"{k} {a} vs {b}" for k, a, b in wrong[:5]))
@@ -65,3 +69,40 @@ def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, 
                          + "; ".join(details)
                          + ". Use the same preset it was trained with (e.g. model/vae=...) or another checkpoint.")
     module.load_state_dict(sub, strict=True)
+
+
+def vae_geometry(state: dict) -> tuple[int, int] | None:
+    """(downsampling factor f, latent channels c) of a VAE state dict (our/LDM key names), or None."""
+    levels = {k.split(".")[2] for k in state if k.startswith("encoder.down.")}
+    quant = state.get("quant_conv.weight")
+    if not levels or quant is None:
+        return None
+    return 2 ** (len(levels) - 1), int(quant.shape[0]) // 2
+
+
+def vae_mismatch_hint(file_state: dict, own_state: dict, checkpoint: Path | str) -> str | None:
+    """'this VAE is f8, the config expects f4; pass model/vae=f8 or model.vae_ckpt=...' when the VAE's
+    geometry (f, c) differs from the configured one; None when the geometry agrees (other mismatch)."""
+    theirs, ours = vae_geometry(file_state), vae_geometry(own_state)
+    if theirs is None or ours is None or theirs == ours:
+        return None
+    preset = run_choice(checkpoint, "model/vae")
+    trained_with = f"model/vae={preset}" if preset else "the model/vae preset it was trained with"
+    return (f"the VAE checkpoint {checkpoint} is f={theirs[0]}, c={theirs[1]}, but the configured model/vae is "
+            f"f={ours[0]}, c={ours[1]}: pass {trained_with}, or model.vae_ckpt=<a f={ours[0]}, c={ours[1]} VAE "
+            "checkpoint>")
+
+
+def run_choice(checkpoint: Path | str, group: str) -> str | None:
+    """The config-group choice (e.g. ``model/vae`` -> ``f8``) of the run that wrote ``checkpoint``, read from
+    ``<run>/.hydra/hydra.yaml`` next to ``<run>/checkpoints/``; None when unknown."""
+    from omegaconf import OmegaConf
+
+    hydra_yaml = Path(checkpoint).resolve().parent.parent / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    try:
+        choices = OmegaConf.load(hydra_yaml).hydra.runtime.choices
+        return str(choices[group]) if group in choices else None
+    except Exception:  # noqa: BLE001  (a damaged or foreign hydra.yaml only costs the hint)
+        return None

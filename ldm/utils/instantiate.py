@@ -26,3 +26,18 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     return _instantiate_all(cfg, "logger")
+
+
+def drop_callbacks_needing_a_logger(callbacks: list[Callback], loggers: list[Logger]) -> list[Callback]:
+    """Without a logger (``logger=none``) callbacks that only report to loggers (LearningRateMonitor) have
+    nothing to do and Lightning refuses them; leave them out, saying so once."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    if loggers:
+        return callbacks
+    dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+    if dropped:
+        from ldm.utils.logging import get_logger
+
+        get_logger(__name__).info("logger=none: the learning-rate monitor is off (it reports to a logger)")
+    return [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
