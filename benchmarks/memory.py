@@ -8,6 +8,7 @@ context), random, fp32 weights:
   +adafactor    + Adafactor instead of AdamW (factored second moments)             (model/optimizer=adafactor)
   +in_backward  + the optimiser step fused into backward, gradients freed early    (model.optimizer_in_backward)
   +bf16         + bf16 autocast of the forward/backward (activations in bf16)      (trainer.precision=bf16-mixed)
+  +bf16_weights +in_backward with the weights stored in bf16, stochastic rounding  (model.bf16_weights)
   lora          LoRA r=8 on the transformer layers + gradient checkpointing, AdamW (model/method=lora)
 
     python benchmarks/memory.py                               # SD v1.5 UNet, 512 px (64x64 latents), batch 1
@@ -29,13 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {  # name -> (checkpointing, optimiser, in_backward, bf16, lora)
-    "full": (False, "adamw", False, False, False),
-    "+ckpt": (True, "adamw", False, False, False),
-    "+adafactor": (True, "adafactor", False, False, False),
-    "+in_backward": (True, "adafactor", True, False, False),
-    "+bf16": (True, "adafactor", True, True, False),
-    "lora": (True, "adamw", False, False, True),
+VARIANTS = {  # name -> (checkpointing, optimiser, in_backward, bf16 autocast, lora, bf16 weights)
+    "full": (False, "adamw", False, False, False, False),
+    "+ckpt": (True, "adamw", False, False, False, False),
+    "+adafactor": (True, "adafactor", False, False, False, False),
+    "+in_backward": (True, "adafactor", True, False, False, False),
+    "+bf16": (True, "adafactor", True, True, False, False),
+    "+bf16_weights": (True, "adafactor", True, False, False, True),
+    "lora": (True, "adamw", False, False, True, False),
 }
 
 
@@ -58,15 +60,20 @@ def optimizer_factory(name: str):
 
 
 def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps: int, device: str) -> dict:
+    import functools
+
     import torch
 
+    from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
     from ldm.models.finetune.lora import expand_targets
     from ldm.models.optimizers import OptimizerInBackward
     from ldm.modules.adapters.lora import inject_lora, lora_parameters
 
-    checkpointing, opt_name, in_backward, bf16, lora = VARIANTS[variant]
+    checkpointing, opt_name, in_backward, bf16, lora, bf16_weights = VARIANTS[variant]
     torch.manual_seed(0)
     unet = build_unet(unet_name).to(device)
+    if bf16_weights:
+        use_bf16_weights(unet)
     if checkpointing:
         unet.enable_gradient_checkpointing(True)
     if lora:
@@ -75,6 +82,8 @@ def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps
     else:
         params = list(unet.parameters())
     factory = optimizer_factory(opt_name)
+    if bf16_weights:
+        factory = functools.partial(StochasticRoundingOptimizer, factory=factory)
     optimizer = OptimizerInBackward(params, factory) if in_backward else factory(params=params)
     size = resolution // 8
     z = torch.randn(batch, unet.in_channels, size, size, device=device)
@@ -122,7 +131,7 @@ def main() -> None:
         if result.returncode != 0:
             raise SystemExit(f"{variant} failed:\n{result.stderr[-2000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"{variant:>13}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
+        print(f"{variant:>14}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
               f"trainable {rows[-1]['trainable_m']:7.1f} M", flush=True)
     base = rows[0]["peak_gib"] if rows and rows[0]["variant"] == "full" else None
     print(f"\n{args.unet} UNet, {args.resolution} px, batch {args.batch}, {args.device}: peak memory"

@@ -52,7 +52,7 @@ def test_memory_benchmark_runs_every_saver(tmp_path):
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["full", "+ckpt", "+adafactor", "+in_backward", "+bf16", "lora"]
+    assert [r["variant"] for r in rows] == ["full", "+ckpt", "+adafactor", "+in_backward", "+bf16", "+bf16_weights", "lora"]
     assert all(r["peak_gib"] > 0 for r in rows)
     assert rows[-1]["trainable_m"] < rows[0]["trainable_m"]
 

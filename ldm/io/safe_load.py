@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ldm.io.file_checks import check_safetensors_file, check_torch_file
+from ldm.io.safetensors_stream import read_safetensors
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -83,17 +84,19 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
         ) from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, keep_dtype: Collection[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(flat state dict, metadata) of a ``.safetensors`` file or a weights-only ``.ckpt``/``.pt``/``.bin``.
-    A Lightning-style ``{"state_dict": {...}}`` wrapper is removed."""
+    A Lightning-style ``{"state_dict": {...}}`` wrapper is removed. ``dtype``: floating tensors of a
+    ``.safetensors`` file are converted to it one by one as they are read (``keep_dtype``: names left as
+    stored), so the file's and the converted copy never coexist whole; pickles are returned as stored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         metadata = read_safetensors_metadata(path)  # first: names a damaged file
-        return load_file(str(path)), metadata
+        return read_safetensors(path, dtype, keep_dtype), metadata
     payload = safe_torch_load(path)
     return unwrap_state_dict(payload, str(path)), {}
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ldm.diffusion import DiffusionSchedule
-from ldm.io.components import SDComponents, finalize
+from ldm.io.components import SDComponents, as_dtype, finalize
 from ldm.io.describe import build_schedule
 from ldm.io.openclip import openclip_to_hf
 from ldm.io.safe_load import read_checkpoint, unwrap_state_dict
@@ -70,7 +70,7 @@ def load_single_file(
     released one from the Hugging Face cache. ``metadata``/``name``: for an already read state dict, its
     file's metadata and name (for messages). Any mismatch raises ``ValueError`` naming keys and shapes.
     """
-    state, metadata, name = _read_source(source, metadata, name)
+    state, metadata, name = _read_source(source, metadata, name, as_dtype(dtype))
     groups = split_single_file(state, name)
     overrides = {
         "unet": unet,
@@ -107,13 +107,15 @@ def _read_source(
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None,
     name: str | None,
+    dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """(state dict, metadata, name for messages) of a path or an already read state dict."""
+    """(state dict, metadata, name for messages) of a path or an already read state dict. A file's weights
+    are converted to ``dtype`` as they are read (the schedule buffers keep theirs)."""
     if isinstance(source, Mapping):
         name = name or "<state dict>"
         return unwrap_state_dict(source, name), dict(metadata or {}), name
     name = name or str(source)
-    state, file_metadata = read_checkpoint(source)
+    state, file_metadata = read_checkpoint(source, dtype, keep_dtype=SCHEDULE_BUFFERS)
     return state, {**file_metadata, **(metadata or {})}, name
 
 

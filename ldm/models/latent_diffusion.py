@@ -8,6 +8,7 @@ classifier-free guidance over the EMA UNet, then the VAE decoder.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion_loss, sample_noise
+from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.models.guards import check_finite
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
@@ -52,6 +54,7 @@ class LatentDiffusion(L.LightningModule):
         log_prompts: Sequence[str] = ("a red circle on a blue background",),
         log_seed: int = 0,
         optimizer_in_backward: bool = False,
+        bf16_weights: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
@@ -90,6 +93,11 @@ class LatentDiffusion(L.LightningModule):
             load_prefixed_state(self.vae, path, "vae", "VAE")
         self._vae_loaded = True
 
+    def configure_model(self) -> None:
+        """``bf16_weights``: the UNet's weights stored in bf16 (the optimiser rounds updates stochastically)."""
+        if self.hparams.get("bf16_weights", False) and getattr(self, "unet", None) is not None:
+            use_bf16_weights(self.unet)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if getattr(self, "vae", None) is not None:
@@ -122,21 +130,30 @@ class LatentDiffusion(L.LightningModule):
         """images [B, 3, H, W] in [-1, 1] -> scaled latents z0 [B, c, H/f, W/f] (a posterior sample)."""
         return self.sample_posterior(images) * self.scale_factor
 
+    def vae_encode(self, images: torch.Tensor):
+        """The VAE posterior of ``images``, computed at the VAE weights' own precision even under autocast
+        (``trainer.precision=bf16-mixed`` runs the UNet in bf16, never the VAE)."""
+        dtype = next(self.vae.parameters()).dtype
+        with torch.autocast(images.device.type, enabled=False):
+            return self.vae.encode(images.to(dtype))
+
     @torch.no_grad()
     def sample_posterior(self, images: torch.Tensor) -> torch.Tensor:
         """An unscaled sample of the VAE posterior q(z|x), drawn rank-consistently (``batch_random``)."""
-        posterior = self.vae.encode(images)
+        posterior = self.vae_encode(images)
         eps = self.batch_random.randn(posterior.mean.shape, posterior.mean.device, posterior.mean.dtype)
         return posterior.mean + posterior.std * eps
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scale_factor).clamp(-1, 1)
+        dtype = next(self.vae.parameters()).dtype
+        with torch.autocast(z.device.type, enabled=False):  # at the VAE's precision, as vae_encode
+            return self.vae.decode((z / self.scale_factor).to(dtype)).clamp(-1, 1)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         encoder = self.text_encoder
-        if hasattr(encoder, "encode_cached"):
-            return encoder.encode_cached(list(prompts))
+        if hasattr(encoder, "encode_cached"):  # on the model's device even when the encoder was offloaded
+            return encoder.encode_cached(list(prompts), device=self.device)
         return encoder(list(prompts))
 
     def drop_conditions(self, prompts: Sequence[str]) -> list[str]:
@@ -223,13 +240,17 @@ class LatentDiffusion(L.LightningModule):
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each
         parameter steps inside backward and its gradient is freed at once (``OptimizerInBackward``)."""
+        factory = self.optimizer_factory
+        if self.hparams.get("bf16_weights", False):
+            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the same rounding on every rank
+            factory = functools.partial(StochasticRoundingOptimizer, factory=self.optimizer_factory, seed=seed)
         if not self.hparams.optimizer_in_backward:
-            return self.optimizer_factory(params=params)
+            return factory(params=params)
         trainer = self._trainer
         if trainer is not None and (trainer.gradient_clip_val or trainer.accumulate_grad_batches > 1):
             raise ValueError("model.optimizer_in_backward=true cannot be combined with trainer.gradient_clip_val "
                              "or trainer.accumulate_grad_batches > 1 (gradients are freed as they arrive)")
-        return OptimizerInBackward(params, self.optimizer_factory)
+        return OptimizerInBackward(params, factory)
 
     # -- sampling --------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -40,7 +40,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
             options = {k: v for k, v in group.items() if k != "params"}
             group.setdefault("lr", getattr(factory, "keywords", {}).get("lr", 1e-3))
             for p in group["params"]:
-                inner = factory(params=[p], **options)
+                inner = factory(params=[{"params": [p], **options}])  # group keys such as 'name' allowed
                 self.inner.append(inner)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._update(group, inner)))
 

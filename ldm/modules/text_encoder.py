@@ -212,17 +212,18 @@ class CLIPTextEncoder(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def encode_cached(self, prompts: str | Sequence[str]) -> torch.Tensor:
+    def encode_cached(self, prompts: str | Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
         """``forward`` with per-prompt memoisation while frozen (plain ``forward`` otherwise).
 
         Entries are keyed by ``(prompt, dtype)`` and stored detached on CPU (so GPU memory does not
         grow with the number of distinct prompts, and a device move never leaves stale devices behind);
-        the result is moved to the module's current device. Misses are encoded in one batch.
+        the result is moved to ``device`` (default: the module's current device; a model whose encoder was
+        offloaded asks for its own). Misses are encoded in one batch.
         ``clear_cache()`` after changing weights in place (``load_state_dict`` and ``add_tokens`` clear it).
         """
         prompts = self._as_list(prompts)
         if not self.cache_enabled:
-            return self(prompts)
+            return self(prompts).to(device or self.device)
         dtype = self.dtype
         missing = list(OrderedDict.fromkeys(p for p in prompts if (p, dtype) not in self._cache))
         if missing:
@@ -234,7 +235,7 @@ class CLIPTextEncoder(nn.Module):
         for prompt in prompts:
             self._cache.move_to_end((prompt, dtype))
             rows.append(self._cache[(prompt, dtype)])
-        result = torch.stack(rows).to(self.device)
+        result = torch.stack(rows).to(device or self.device)
         if self.cache_size is not None:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

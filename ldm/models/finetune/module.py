@@ -22,6 +22,7 @@ from ldm.models.finetune.fallback import tiny_random_base
 from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
+from ldm.models.text_offload import cache_prompts_and_offload
 from ldm.modules.ema import ParameterEMA
 from ldm.utils.file_identity import describe_source
 from ldm.utils.hub import looks_like_hub_id
@@ -40,6 +41,10 @@ class FineTuneModule(LatentDiffusion):
         ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
         ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the weights).
         optimizer_in_backward: update each parameter inside backward and free its gradient at once.
+        bf16_weights: store the UNet's weights (and the method's parameters in it) in bf16; updates are computed
+            in fp32 and rounded stochastically (``ldm.models.bf16_weights``).
+        offload_text_encoder: with cached latents and a frozen text encoder, encode every training caption (and
+            "", the log prompts) once at the start of fit, then move the encoder to CPU (``ldm.models.text_offload``).
     """
 
     MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
@@ -50,12 +55,13 @@ class FineTuneModule(LatentDiffusion):
                  gradient_checkpointing: bool = False, ucg_rate: float = 0.1, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, ema_decay: float | None = None, guidance_scale: float = 3.0,
                  log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0,
-                 optimizer_in_backward: bool = False, ema_device: str | None = None):
+                 optimizer_in_backward: bool = False, ema_device: str | None = None, bf16_weights: bool = False,
+                 offload_text_encoder: bool = False):
         super().__init__(unet=None, vae=None, text_encoder=None, schedule=None, sampler=sampler,
                          optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
                          min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
                          vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed,
-                         optimizer_in_backward=optimizer_in_backward)
+                         optimizer_in_backward=optimizer_in_backward, bf16_weights=bf16_weights)
         self.method = method
         self.method_ema: ParameterEMA | None = None
         self.base_source: str | None = None  # the resolved base, recorded in checkpoints
@@ -118,6 +124,15 @@ class FineTuneModule(LatentDiffusion):
         if datamodule is not None and hasattr(datamodule, "cache_latents"):
             self._cache_latents_once(datamodule)
 
+    def on_fit_start(self) -> None:
+        if not self.hparams.offload_text_encoder:
+            return
+        cached = getattr(self.trainer.datamodule, "cached", None)
+        if cached is None:
+            raise ValueError("model.offload_text_encoder=true needs the training captions up front: turn on the "
+                             "latent cache (data.cache_latents=true) or set model.offload_text_encoder=false")
+        cache_prompts_and_offload(self.text_encoder, [*cached.captions, "", *self.hparams.log_prompts])
+
     def _cache_latents_once(self, datamodule) -> None:
         """Encode the training images once: under DDP rank zero encodes and writes the disk cache while the
         others wait, then they read it (without a disk cache every rank encodes in memory)."""
@@ -135,7 +150,7 @@ class FineTuneModule(LatentDiffusion):
 
     @torch.no_grad()
     def _encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(images.to(self.device))
+        posterior = self.vae_encode(images.to(self.device))
         return posterior.mean, posterior.std
 
     def _vae_fingerprint(self) -> str:
