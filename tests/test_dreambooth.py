@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 import sample
-from benchmarks import subject_fidelity, dreambooth_step
+from benchmarks import dreambooth_step, subject_fidelity
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.safe_load import read_safetensors_metadata
 from ldm.models.base_loader import load_base_model
