@@ -103,7 +103,7 @@ def test_config_toggle_trains_txt2img_with_bf16_weights(compose_cfg):
 
     cfg = compose_cfg(["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "model/sampler=ddim",
                        "model.sampler.steps=2", "callbacks.rich_progress_bar=null", "debug=smoke",
-                       "data.train_size=16", "data.val_size=4", "model.bf16_weights=true", "+trainer.fast_dev_run=2"])
+                       "data.train_size=16", "data.val_size=4", "model.bf16_weights=true", "trainer.fast_dev_run=2"])
     _, objects = train(cfg)
     model, trainer = objects["model"], objects["trainer"]
     assert isinstance(trainer.optimizers[0], StochasticRoundingOptimizer)
