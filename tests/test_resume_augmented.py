@@ -24,7 +24,7 @@ SCHEDULE = ["debug=smoke", "trainer.max_steps=10", "trainer.max_epochs=-1", "tra
 
 def folder_overrides(root: Path, vae: Path, bucketing: bool) -> list[str]:
     return ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *QUIET, *SCHEDULE, "data=image_folder",
-            "~data.train_size", f"data.root={root}", "data.resolution=32", "data.batch_size=2", "data.val_size=2",
+            f"data.root={root}", "data.resolution=32", "data.batch_size=2", "data.val_size=2",
             "data.num_workers=1", "data.center_crop=false", "data.random_flip=0.5", "data.caption_dropout=0.3",
             f"data.bucketing={str(bucketing).lower()}", f"model.vae_ckpt={vae}", "model.log_prompts=[image 1]",
             "model/sampler=ddim", "model.sampler.steps=2"]
