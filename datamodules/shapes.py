@@ -203,6 +203,16 @@ def shape_alpha(
     return alpha
 
 
+def _layout_for(resolution: int, rng_or_layout: np.random.Generator | Layout | None) -> Layout:
+    """The layout of :func:`render` / :func:`render_subject`: given, centred (None) or drawn from a Generator."""
+    _check_resolution(resolution)
+    if isinstance(rng_or_layout, Layout):
+        return rng_or_layout
+    if rng_or_layout is None:
+        return centered_layout(resolution)
+    return sample_layout(resolution, rng_or_layout)
+
+
 def render(
     color: str,
     shape: str,
@@ -214,13 +224,7 @@ def render(
     :class:`Layout`, or None (centred, 60% of the side)."""
     if color not in COLORS or background not in COLORS:
         raise ValueError(f"unknown colour in ({color!r}, {background!r}); expected one of {list(COLORS)}")
-    _check_resolution(resolution)
-    if isinstance(rng_or_layout, Layout):
-        layout = rng_or_layout
-    elif rng_or_layout is None:
-        layout = centered_layout(resolution)
-    else:
-        layout = sample_layout(resolution, rng_or_layout)
+    layout = _layout_for(resolution, rng_or_layout)
     alpha = shape_alpha(shape, resolution, layout)[..., None]
     fg = np.asarray(COLORS[color], dtype=np.float32)
     bg = np.asarray(COLORS[background], dtype=np.float32)
@@ -277,13 +281,7 @@ def render_subject(
     """The subject on ``background`` as uint8 [H, W, 3]; layouts as in :func:`render`."""
     if background not in COLORS:
         raise ValueError(f"unknown background {background!r}; expected one of {list(COLORS)}")
-    _check_resolution(resolution)
-    if isinstance(rng_or_layout, Layout):
-        layout = rng_or_layout
-    elif rng_or_layout is None:
-        layout = centered_layout(resolution)
-    else:
-        layout = sample_layout(resolution, rng_or_layout)
+    layout = _layout_for(resolution, rng_or_layout)
     alpha = shape_alpha(subject.shape, resolution, layout)[..., None]
     first = _first_half_weight(subject, resolution, layout)[..., None]
     first_rgb, second_rgb = (np.asarray(COLORS[c], dtype=np.float32) for c in subject.colors)

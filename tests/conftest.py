@@ -43,6 +43,14 @@ def captioned_image_folder() -> Path:
     return folder
 
 
+def add_training_callback(monkeypatch, callback) -> None:
+    """Append ``callback`` to the callbacks ``train()`` instantiates from the config (for the rest of the test)."""
+    import train as train_module
+
+    original = train_module.instantiate_callbacks
+    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), callback])
+
+
 def compose_train(tmp_path: Path, overrides: list[str], output_name: str = "run") -> DictConfig:
     """The config ``python train.py <overrides>`` would build, writing under ``tmp_path``."""
     GlobalHydra.instance().clear()

@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import instantiate
 from lightning import Callback
 
-import train as train_module
+from tests.conftest import add_training_callback
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from tests.test_finetune_lora import FINETUNE_PARTS, base_ckpt  # noqa: F401 - the module fixture
 from train import train
@@ -24,8 +24,7 @@ class RecordLatents(Callback):
 @pytest.fixture
 def record(monkeypatch):
     recorder = RecordLatents()
-    original = train_module.instantiate_callbacks
-    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), recorder])
+    add_training_callback(monkeypatch, recorder)
     return recorder
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from lightning import Callback
 
-import train as train_module
+from tests.conftest import add_training_callback
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from train import train
 
@@ -32,8 +32,7 @@ class RecordBatches(Callback):
 @pytest.fixture
 def record(monkeypatch):
     recorder = RecordBatches()
-    original = train_module.instantiate_callbacks
-    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), recorder])
+    add_training_callback(monkeypatch, recorder)
     return recorder
 
 

@@ -92,7 +92,7 @@ def test_lora_finetune_trains_only_the_adapter_and_exports_kohya(compose_cfg, ba
 
 
 def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypatch):
-    import train as train_module
+    from tests.conftest import add_training_callback
 
     seen_steps = []  # steps actually trained: a fresh (not resumed) run would start again at 0
 
@@ -100,8 +100,7 @@ def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypat
         def on_train_batch_start(self, trainer, *args):
             seen_steps.append(trainer.global_step)
 
-    original = train_module.instantiate_callbacks
-    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), Record()])
+    add_training_callback(monkeypatch, Record())
     first = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                    "trainer.val_check_interval=2"]), output_name="a")
     train(first)

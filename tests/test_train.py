@@ -13,8 +13,7 @@ import torch
 from lightning import Callback
 from omegaconf import OmegaConf
 
-import train as train_module
-from tests.conftest import EXPERIMENTS, ROOT
+from tests.conftest import EXPERIMENTS, ROOT, add_training_callback
 from train import metric_value, train
 
 # Overrides that keep every experiment test-sized (each experiment may add its own tiny parts).
@@ -99,8 +98,7 @@ def test_resume_continues_at_saved_step(compose_cfg, monkeypatch):
         def on_train_batch_start(self, trainer, *args):
             seen_steps.append(trainer.global_step)
 
-    original = train_module.instantiate_callbacks
-    monkeypatch.setattr(train_module, "instantiate_callbacks", lambda cfg: [*original(cfg), Record()])
+    add_training_callback(monkeypatch, Record())
     resumed = compose_cfg([*base, "trainer.max_steps=6", "trainer.max_epochs=-1", "ckpt_path=last"],
                           output_name="second")
     _, objects = train(resumed)
