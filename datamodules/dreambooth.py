@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images, module_fingerprint
 from datamodules.finetune import FineTuneDataModule
 from datamodules.image_folder import ImageFolderDataset
-from datamodules.shapes import Subject, _to_tensor, caption_for, render_subject
+from datamodules.shapes import Subject, _article, _to_tensor, caption_for, render_subject
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -97,8 +97,7 @@ class Concept:
         "a <identifier> <class noun> on a <background> background"."""
         if self.instance_prompt is None:
             return caption_for(self.identifier, self.class_noun, background)
-        article = "an" if background[0] in "aeiou" else "a"
-        return self.fill(self.instance_prompt, background=background, a_background=f"{article} {background}")
+        return self.fill(self.instance_prompt, background=background, a_background=f"{_article(background)} {background}")
 
     def class_prompts(self) -> list[str]:
         prompts = self.class_prompt if self.class_prompt is not None else "a {class_noun}"
