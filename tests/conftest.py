@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -41,6 +42,14 @@ def captioned_image_folder() -> Path:
         Image.new("RGB", (40, 40), (40 * i, 200 - 30 * i, 90)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a red star number {i}")
     return folder
+
+
+def load_script(relative: str):
+    """A script of the project (``sample.py``, ``benchmarks/memory.py``) as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(Path(relative).stem + "_script", ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def add_training_callback(monkeypatch, callback) -> None:

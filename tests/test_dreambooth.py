@@ -3,9 +3,6 @@ instance + prior-preservation loss, and the experiments end to end at test size.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from ldm.models.base_loader import load_base_model
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.finetune.full import FullUNet
 from ldm.models.finetune.method import MethodDisabledUnsupported
-from tests.conftest import ROOT
+from tests.forked_cli import run_train_forked
 from tests.test_finetune_lora import base_ckpt  # noqa: F401  (module-scoped tiny txt2img base)
 from tests.test_latent_diffusion import tiny_model
 from train import train
@@ -262,11 +259,9 @@ def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  
 
 def test_class_images_are_generated_once_under_ddp(base_ckpt, tmp_path):  # noqa: F811
     """`trainer=ddp_sim` (two processes): rank zero generates the class images, the other waits and reads them."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train.py", *dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "trainer=ddp_sim",
-           f"paths.log_dir={tmp_path / 'logs'}", "callbacks.rich_progress_bar=null", "logger=csv",
-           "callbacks.image_logger=null", "trainer.max_steps=1"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = run_train_forked([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "trainer=ddp_sim",
+                               f"paths.log_dir={tmp_path / 'logs'}", "callbacks.rich_progress_bar=null", "logger=csv",
+                               "callbacks.image_logger=null", "trainer.max_steps=1"], env={"OMP_NUM_THREADS": "1"})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert output.count("Generating 4 of 4 class images") == 1, output[-3000:]

@@ -5,7 +5,7 @@ scripts/embedded_chain.sh`` (shortened through its *_ARGS variables: VAE, txt2im
 then the README's ``experiment=textual_inversion`` / ``hypernetwork`` / ``dreambooth`` runs in-process, the
 shards, a converted single file and the image / Hugging Face folders a user would point at. Each command then
 runs in its own folder holding hard-linked copies of those: ``train.py`` in-process with ``debug=smoke`` and
-tiny parts (chosen from what its composed config has), ``-m`` sweeps as a subprocess, ``sample.py`` /
+tiny parts (chosen from what its composed config has), ``-m`` sweeps in a forked process, ``sample.py`` /
 ``benchmarks`` / ``scripts`` through their ``main(argv)`` with few steps. Commands that need a GPU or the
 user's own files (real SD weights) are composed (``train.py``: config and trainer built, strategy included) or
 argument-parsed; the few that cannot run at all are listed with the reason in ``tests/readme_commands.py``
@@ -14,12 +14,9 @@ argument-parsed; the few that cannot run at all are listed with the reason in ``
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -29,7 +26,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import ROOT, compose_train
+from tests.conftest import compose_train, load_script
+from tests.forked_cli import run_train_forked
 from tests.readme_commands import SHORT, Command, env, readme_commands, tiny_for
 
 COMMANDS = readme_commands()
@@ -48,13 +46,6 @@ USER_PATHS = {"/data/photos_shards": "photos_shards", "/path/to/images": "images
               "/data/train": "images", "/data/dog": "images", "/data/hf_set": "hf_set", "in.png": "images/0.png",
               "model.safetensors": "model.safetensors", "star.safetensors": "star.safetensors",
               "other.pt": "other.pt"}
-
-
-def load_script(relative: str):
-    spec = importlib.util.spec_from_file_location(Path(relative).stem + "_readme", ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def newest(root: Path, pattern: str) -> Path:
@@ -194,9 +185,8 @@ def run_train(cmd: Command, work: Path, compose_only: bool) -> None:
         return
     if "-m" in overrides:  # a sweep: through Hydra's launcher, as typed
         full = [*overrides, *tiny_for(overrides, work), "debug=smoke"]
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), *full, f"paths.log_dir={work / 'logs'}",
-                                 f"paths.root_dir={work}", "callbacks.rich_progress_bar=null"], cwd=work, env=env(),
-                                capture_output=True, text=True, timeout=300, check=False)
+        result = run_train_forked([*full, f"paths.log_dir={work / 'logs'}", f"paths.root_dir={work}",
+                                   "callbacks.rich_progress_bar=null"], env=env(), cwd=work)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         values = re.findall(r"optimized_metric (\S+) = (\S+)", result.stdout + result.stderr)
         assert len(values) == sum(o.count(",") for o in overrides if "=" in o) + 1, values

@@ -4,17 +4,16 @@ ends with the same weights as an uninterrupted run (CPU, fp32, fixed seed); SIGT
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ldm.modules.vae import AutoencoderKL
-from tests.conftest import ROOT, compose_train
+from tests.conftest import compose_train
+from tests.forked_cli import run_train_forked
 from tests.test_finetune_lora import base_ckpt, lora_overrides  # noqa: F401 - base_ckpt is a fixture
 from train import train
 
@@ -71,18 +70,16 @@ def overrides(experiment: str, vae_ckpt: Path, base: Path | None = None) -> list
 
 
 def run_cli(args: list[str], log_dir: Path, signal_name: str, step: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [
-        sys.executable,
-        "train.py",
+    """``python train.py <args>`` in its own process (forked: no interpreter start-up) that signals itself at
+    ``step``."""
+    return run_train_forked([
         *args,
         f"paths.log_dir={log_dir}",
         "hydra.job_logging.root.level=WARNING",
         "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
         f"+callbacks.signal.step={step}",
         f"+callbacks.signal.signal_name={signal_name}",
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    ])
 
 
 def final_weights(tmp_path: Path, args: list[str], name: str) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import sys
 
 from hydra.utils import instantiate
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 
 def srun_overrides() -> list[str]:
@@ -45,16 +45,22 @@ def test_ddp_strategy_builds_for_two_nodes(compose_cfg):
 
 
 def test_memory_benchmark_runs_every_saver(tmp_path):
+    """Every variant's step runs (in this process, tiny); the script measures each in its own process and
+    writes the table (one variant here: each child is a fresh interpreter, ~8 s of imports)."""
+    memory = load_script("benchmarks/memory.py")
+    rows = [memory.run_variant(variant, "tiny", 32, 1, 1, "cpu") for variant in memory.VARIANTS]
+    assert [r["variant"] for r in rows] == ["full", "+ckpt", "+adafactor", "+in_backward", "+bf16", "+bf16_weights", "lora"]
+    assert rows[-1]["trainable_m"] < rows[0]["trainable_m"]
+
     out = tmp_path / "memory.json"
     cmd = [sys.executable, "benchmarks/memory.py", "--unet", "tiny", "--resolution", "32", "--steps", "1",
-           "--json", str(out)]
+           "--variants", "full", "--json", str(out)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["full", "+ckpt", "+adafactor", "+in_backward", "+bf16", "+bf16_weights", "lora"]
-    assert all(r["peak_gib"] > 0 for r in rows)
-    assert rows[-1]["trainable_m"] < rows[0]["trainable_m"]
+    assert [r["variant"] for r in rows] == ["full"] and rows[0]["peak_gib"] > 0
+    assert "| full |" in result.stdout and "1.00x" in result.stdout
 
 
 def test_fsdp_config_wraps_and_checkpoints_the_unet_blocks(compose_cfg):

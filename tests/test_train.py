@@ -14,6 +14,7 @@ from lightning import Callback
 from omegaconf import OmegaConf
 
 from tests.conftest import EXPERIMENTS, ROOT, add_training_callback
+from tests.forked_cli import run_train_forked
 from train import metric_value, train
 
 # Overrides that keep every experiment test-sized (each experiment may add its own tiny parts).
@@ -148,11 +149,10 @@ def test_cli_smoke_run_writes_artifacts(tmp_path):
 
 
 def test_ddp_sim_runs_two_cpu_processes(tmp_path):
-    """`trainer=ddp_sim`: two CPU processes under DDP, launched from the Hydra CLI, write one checkpoint."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "train.py", *tiny_overrides("vae"), "debug=smoke", "trainer=ddp_sim",
-           f"paths.log_dir={tmp_path}", "callbacks.rich_progress_bar=null"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    """`trainer=ddp_sim`: two CPU processes under DDP, launched from the Hydra CLI (rank 0 forked from this
+    process, rank 1 a fresh interpreter Lightning starts), write one checkpoint."""
+    result = run_train_forked([*tiny_overrides("vae"), "debug=smoke", "trainer=ddp_sim", f"paths.log_dir={tmp_path}",
+                               "callbacks.rich_progress_bar=null"], env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr
     assert len(list(tmp_path.glob("vae/runs/*/checkpoints/last.ckpt"))) == 1
