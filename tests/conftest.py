@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -83,10 +86,37 @@ def compose_cfg(tmp_path):
     return _compose
 
 
+def shared_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(folder)`` once per test session, also under pytest-xdist: the first worker to ask builds it
+    (the others wait on a file lock) and every worker reads the same folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has its own basetemp under a common parent
+        root = root.parent
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+def hard_linked_copy(source: Path, target: Path) -> Path:
+    """A copy of ``source``'s files under ``target`` that costs no disk (new runs write new files only)."""
+    for item in source.iterdir():
+        if item.is_dir():
+            shutil.copytree(item, target / item.name, copy_function=os.link)
+        elif item.name != ".complete":
+            os.link(item, target / item.name)
+    return target
+
+
 @pytest.fixture(scope="session")
 def embedded_chain(tmp_path_factory) -> Path:
     """``bash scripts/embedded_chain.sh`` shortened (tiny VAE -> txt2img -> LoRA + fidelity + samples), once
-    per session: ``<root>/logs/{vae,txt2img,lora_finetune}/runs/*`` and ``<root>/docs``."""
+    per session: ``<root>/logs/{vae,txt2img,lora_finetune}/runs/*`` and ``<root>/docs``. Read-only: tests
+    that add runs work on a ``hard_linked_copy``."""
     from tests.readme_commands import run_embedded_chain
 
-    return run_embedded_chain(tmp_path_factory.mktemp("chain"))
+    return shared_once(tmp_path_factory, "chain", run_embedded_chain)

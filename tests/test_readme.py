@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import compose_train, load_script
+from tests.conftest import compose_train, hard_linked_copy, load_script, shared_once
 from tests.forked_cli import run_train_forked
 from tests.readme_commands import SHORT, Command, env, readme_commands, tiny_for
 
@@ -108,29 +108,22 @@ def make_user_files(root: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def prior_runs(embedded_chain: Path) -> Path:
+def prior_runs(embedded_chain: Path, tmp_path_factory) -> Path:
     """The chain's runs, then the README's textual-inversion, hypernetwork and DreamBooth runs on its txt2img
-    model, and the files users point commands at."""
-    cwd = Path.cwd()
-    os.chdir(embedded_chain)
-    try:
-        for name in PRIOR.values():
-            train_in_process([f"experiment={name}"], embedded_chain)
-        make_user_files(embedded_chain)
-    finally:
-        os.chdir(cwd)
-    return embedded_chain
+    model, and the files users point commands at (once per session, shared by pytest-xdist workers)."""
 
+    def build(folder: Path) -> None:
+        hard_linked_copy(embedded_chain, folder)
+        cwd = Path.cwd()
+        os.chdir(folder)
+        try:
+            for name in PRIOR.values():
+                train_in_process([f"experiment={name}"], folder)
+            make_user_files(folder)
+        finally:
+            os.chdir(cwd)
 
-def workspace(prior: Path, tmp_path: Path) -> Path:
-    """Hard-linked copies of the earlier runs and files (new runs and outputs land in ``tmp_path`` only)."""
-    for item in prior.iterdir():
-        target = tmp_path / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, copy_function=os.link)
-        else:
-            os.link(item, target)
-    return tmp_path
+    return shared_once(tmp_path_factory, "prior_runs", build)
 
 
 def _placeholder(flag: str, work: Path) -> str:
@@ -249,7 +242,7 @@ def test_readme_command(cmd: Command, prior_runs: Path, tmp_path: Path, monkeypa
     if cmd.text in PRIOR:
         check_prior(cmd, prior_runs)
         return
-    work = workspace(prior_runs, tmp_path)
+    work = hard_linked_copy(prior_runs, tmp_path)
     monkeypatch.chdir(work)  # relative paths in the command (logs/..., ours.safetensors) land here
     offline = cmd.needs_gpu or cmd.needs_user_files or cmd.compose_only_reason is not None
     if cmd.program == "train.py":
