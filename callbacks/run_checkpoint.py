@@ -1,10 +1,13 @@
-"""Lightning's ModelCheckpoint with three guarantees the stock one lacks.
+"""Lightning's ModelCheckpoint with four guarantees the stock one lacks.
 
 * ``last.ckpt`` is the latest state: every checkpoint event (validation, epoch end) rewrites it, not only
   those that find a new best, and at the end of training it is the final state (the stock callback keeps
   the last *improving* checkpoint).
 * A state whose monitored metric is NaN/inf never becomes best or last (a warning names the step); the
   stock callback ranks NaN as worst but still saves it, and always refreshes ``last.ckpt``.
+* No second write: when a new best was just saved for this step, ``last.ckpt`` becomes a hard link to it
+  (a full fine-tune of SD writes GBs per checkpoint); the next save replaces the link, and removing the old
+  best leaves ``last.ckpt`` whole.
 * Preemption: on SIGTERM (Lightning stops after the current batch) and SIGUSR1 (turned into SIGTERM),
   ``last.ckpt`` is written before the process exits (status 143), so ``ckpt_path=last`` resumes at the next
   batch. In a SLURM job with auto-requeue, SIGUSR1 stays Lightning's (hpc checkpoint + requeue).
@@ -22,6 +25,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ldm.utils.files import atomic_link
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -64,8 +68,25 @@ class RunCheckpoint(ModelCheckpoint):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
-        if self._monitor_is_finite(trainer, monitor_candidates):
-            super()._save_last_checkpoint(trainer, monitor_candidates)
+        if not self._monitor_is_finite(trainer, monitor_candidates):
+            return
+        just_saved = self._last_checkpoint_saved and self._last_global_step_saved == trainer.global_step
+        files = "deepspeed" not in type(trainer.strategy).__name__.lower()  # DeepSpeed saves folders
+        if self.save_last is True and just_saved and files:
+            self.save_last = "link"  # Lightning's branch that links last to the file saved last (our hard link)
+            try:
+                super()._save_last_checkpoint(trainer, monitor_candidates)
+            finally:
+                self.save_last = True
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        """A hard link (Lightning's: a symlink, which dangles once the old best is removed), atomically."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            atomic_link(filepath, linkpath)
+        trainer.strategy.barrier()
 
     # -- last.ckpt is the latest state, and the final one ------------------------------------------------
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -4,6 +4,7 @@ folders never collide, resume refuses malicious pickles and names damaged files,
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 import subprocess
@@ -109,6 +110,28 @@ def test_last_ckpt_follows_every_validation_not_only_new_bests(tmp_path, monkeyp
     assert steps == [None, 2, 4]  # best stays at step 2, last moves on
     assert saved_step(tmp_path / "ckpt" / "last.ckpt") == 6
     assert saved_step(checkpoint.best_model_path) == 2
+
+
+class BetterEachTime(TinyRegression):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", torch.tensor(-float(self.global_step)))  # a new best at every validation
+
+
+def test_last_ckpt_is_a_hard_link_to_the_best_saved_at_the_same_step(tmp_path, monkeypatch):
+    """The same state is not written twice: last.ckpt links to the new best; removing that file (a newer best
+    replaces it) leaves last.ckpt whole."""
+    monkeypatch.setattr(TinyRegression, "validation_step", BetterEachTime.validation_step)
+    written = []
+    save = SafeCheckpointIO.save_checkpoint
+    monkeypatch.setattr(SafeCheckpointIO, "save_checkpoint",
+                        lambda self, state, path, **k: (written.append(Path(path).name), save(self, state, path, **k)))
+    fit_tiny(tmp_path, max_steps=4)  # validation at 2 and 4, each a new best
+    folder = tmp_path / "ckpt"
+    assert written == ["step_2.ckpt", "step_4.ckpt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_4.ckpt"]  # step_2 removed
+    assert os.path.samefile(folder / "last.ckpt", folder / "step_4.ckpt")
+    (folder / "step_4.ckpt").unlink()
+    assert saved_step(folder / "last.ckpt") == 4
 
 
 def test_nan_validation_loss_never_becomes_best_or_last(tmp_path):

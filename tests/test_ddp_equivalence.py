@@ -38,7 +38,7 @@ def run_ddp(overrides: list[str], log_dir: Path, expect_signal: int | None = Non
     result = run_train_forked([*overrides, "trainer=ddp_sim", "data.batch_size=2", f"paths.log_dir={log_dir}"],
                               env={"OMP_NUM_THREADS": "1"})
     expected = 0 if expect_signal is None else -expect_signal
-    assert result.returncode == expected, result.stderr[-3000:]
+    assert result.returncode == expected, (result.stdout + result.stderr)[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr
 
 

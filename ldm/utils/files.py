@@ -7,13 +7,14 @@ Every file is written under a unique temporary name in its target folder and mov
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_save_safetensors", "atomic_write", "atomic_write_text", "cache_dir"]
+__all__ = ["atomic_link", "atomic_save_safetensors", "atomic_write", "atomic_write_text", "cache_dir"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -33,6 +34,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` becomes a hard link to ``source`` (the same bytes, nothing written; deleting ``source`` later
+    leaves ``path`` whole), replacing whatever ``path`` was atomically; a copy where links are not possible
+    (another file system)."""
+
+    def link(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)
+
+    return atomic_write(path, link)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, only_if_changed: bool = False) -> Path:
