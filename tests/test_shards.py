@@ -4,8 +4,6 @@ buckets, kohya repeats), readable by webdataset itself, and trained from with da
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,19 +11,18 @@ import webdataset as wds
 
 from datamodules.shapes import ShapesDataModule
 from datamodules.shards import ShardsDataModule, read_index
-from tests.conftest import ROOT
+from tests.conftest import load_script
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from train import train
 
-MAKE = [sys.executable, str(ROOT / "scripts" / "make_shards.py")]
+MAKE_SHARDS = load_script("scripts/make_shards.py").main  # `python scripts/make_shards.py <argv>`
 
 
 @pytest.fixture(scope="module")
 def shapes_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_shards")
-    cmd = [*MAKE, "--shapes", "--train-size", "40", "--val-size", "8", "--resolution", "32", "--shard-size", "16",
-           "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    MAKE_SHARDS(["--shapes", "--train-size", "40", "--val-size", "8", "--resolution", "32", "--shard-size", "16",
+                 "--out", str(out)])
     return out
 
 
@@ -53,8 +50,7 @@ def test_folder_shards_keep_captions_buckets_and_repeats(tmp_path):
     for k in range(2):  # kohya folder images without caption files: the folder name is the caption
         (tmp_path / "photos" / "3_sks thing" / f"img{k}.txt").unlink()
     out = tmp_path / "shards"
-    subprocess.run([*MAKE, "--folder", str(tmp_path / "photos"), "--out", str(out), "--resolution", "64",
-                    "--shard-size", "4"], check=True, capture_output=True, timeout=120)
+    MAKE_SHARDS(["--folder", str(tmp_path / "photos"), "--out", str(out), "--resolution", "64", "--shard-size", "4"])
     samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("train-*.tar")), shardshuffle=False))
     assert len(samples) == 10 and {"png", "txt", "json", "__key__"} <= set(samples[0])  # a plain WebDataset
     assert all(b"bucket" in s["json"] for s in samples)
