@@ -120,3 +120,9 @@ def embedded_chain(tmp_path_factory) -> Path:
     from tests.readme_commands import run_embedded_chain
 
     return shared_once(tmp_path_factory, "chain", run_embedded_chain)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests on the shared embedded chain first: its one-off build (~40 s) then overlaps with the rest of the
+    suite on the other pytest-xdist workers instead of ending up last."""
+    items.sort(key=lambda item: not {"embedded_chain", "prior_runs"} & set(getattr(item, "fixturenames", ())))
