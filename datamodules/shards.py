@@ -116,6 +116,15 @@ class ShardDataset(BucketedImageDataset):
     def __getstate__(self) -> dict:  # open file handles stay in their process
         return {**self.__dict__, "_files": {}}
 
+    def close(self) -> None:
+        """Close the shard files this process opened (a later read opens them again)."""
+        for handle in getattr(self, "_files", {}).values():
+            handle.close()
+        self._files = {}
+
+    def __del__(self) -> None:  # no "unclosed file" ResourceWarning when a dataset is dropped
+        self.close()
+
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         handle = self._files.get(shard)
         if handle is None:

@@ -3,7 +3,9 @@ buckets, kohya repeats), readable by webdataset itself, and trained from with da
 
 from __future__ import annotations
 
+import gc
 import json
+import warnings
 
 import pytest
 import torch
@@ -102,3 +104,14 @@ def test_data_loading_benchmark_cases_run(tmp_path, capsys):
     child("shards", str(tmp_path / "shards"), "", batches=1)
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(lines) == 4 and all(line["startup_s"] > 0 and line["images_per_s"] > 0 for line in lines)
+
+
+def test_a_dropped_dataset_leaves_no_open_shard_file(shapes_shards):
+    dm = ShardsDataModule(str(shapes_shards), resolution=32, val_size=8)
+    dm.setup()
+    assert dm.data_train[0]["caption"] and dm.data_val[0]["caption"]  # opens a train and a val shard
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del dm
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
