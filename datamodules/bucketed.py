@@ -194,6 +194,19 @@ def split_indices(n: int, val_size: int, val_fraction: float | None, seed: int,
     return train, val
 
 
+class BucketLoader(DataLoader):
+    """A DataLoader over a :class:`BucketBatchSampler`. Its mid-epoch position travels in the datamodule's
+    state (``BucketedDataModule.state_dict``), so a resumed run continues at the next batch; the
+    ``state_dict`` / ``load_state_dict`` pair says so to Lightning, which otherwise warns that resuming
+    mid-epoch is unreliable."""
+
+    def state_dict(self) -> dict:
+        return {"position": "in the datamodule state"}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore here (``BucketedDataModule.load_state_dict`` did)."""
+
+
 class BucketedDataModule(L.LightningDataModule):
     """Loaders and resume state for ``data_train`` / ``data_val`` (``BucketedImageDataset``-like: with
     ``bucket_ids``). Subclasses set ``batch_size``, ``num_workers``, ``pin_memory`` and have ``bucketing``
@@ -216,7 +229,7 @@ class BucketedDataModule(L.LightningDataModule):
         position, self._position = (self._position, None) if shuffle else (None, self._position)
         sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle, seed=seed,
                                      position=position, dataset=dataset if shuffle else None)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
+        return BucketLoader(dataset, batch_sampler=sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
