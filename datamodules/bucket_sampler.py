@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from datamodules.samplers import set_dataset_epoch
 
-__all__ = ["BucketBatchSampler", "trainer_position"]
+__all__ = ["BucketBatchSampler", "BucketLoader", "trainer_position"]
 
 
 class BucketBatchSampler(BatchSampler):
@@ -147,3 +147,16 @@ def trainer_position(trainer) -> dict:
         return {}
     done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     return {"bucket_position": sampler.position_state(sampler.current_epoch, done)}
+
+
+class BucketLoader(DataLoader):
+    """A training DataLoader over a :class:`BucketBatchSampler`. Its mid-epoch position travels in the
+    datamodule's state (:func:`trainer_position`), so a resumed run continues at the next batch; the
+    ``state_dict`` / ``load_state_dict`` pair says so to Lightning, which otherwise warns that resuming
+    mid-epoch is unreliable."""
+
+    def state_dict(self) -> dict:
+        return {"position": "in the datamodule state"}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore here (the datamodule's ``load_state_dict`` did)."""

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.bucket_sampler import BucketBatchSampler, trainer_position
+from datamodules.bucket_sampler import BucketBatchSampler, BucketLoader, trainer_position
 from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.captions import TagAugment
 from datamodules.resumable import resumable_loader
@@ -192,19 +192,6 @@ def split_indices(n: int, val_size: int, val_fraction: float | None, seed: int,
     train = [k for k in range(n) if k not in val_ids]
     val = [k for k in range(n) if k in val_ids] or train[:4]
     return train, val
-
-
-class BucketLoader(DataLoader):
-    """A DataLoader over a :class:`BucketBatchSampler`. Its mid-epoch position travels in the datamodule's
-    state (``BucketedDataModule.state_dict``), so a resumed run continues at the next batch; the
-    ``state_dict`` / ``load_state_dict`` pair says so to Lightning, which otherwise warns that resuming
-    mid-epoch is unreliable."""
-
-    def state_dict(self) -> dict:
-        return {"position": "in the datamodule state"}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore here (``BucketedDataModule.load_state_dict`` did)."""
 
 
 class BucketedDataModule(L.LightningDataModule):

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.bucket_sampler import BucketBatchSampler, trainer_position
+from datamodules.bucket_sampler import BucketBatchSampler, BucketLoader, trainer_position
 from datamodules.latent_cache import cache_key, load_cache, save_cache
 from datamodules.resumable import resumable_loader
 from datamodules.samplers import set_dataset_epoch, training_sampler
@@ -122,7 +122,7 @@ def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers:
     ids = [keys.index(size) for size in sizes]
     sampler = BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position,
                                  dataset=dataset if shuffle else None)  # per-epoch flip variants, augmentations
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    return (BucketLoader if shuffle else DataLoader)(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
 class LatentCacheDataset(Dataset):
