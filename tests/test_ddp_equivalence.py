@@ -1,7 +1,7 @@
-"""`trainer=ddp_sim` (2 CPU processes, per-process batch B/2) reproduces one process with batch B: the same
-weights after a few steps for txt2img and for a LoRA fine-tune, the EMA identical on every rank, the
-latent cache encoded once (rank zero writes it, the other rank reads it), and an exact resume after both ranks
-are killed."""
+"""`trainer=ddp_sim` (2 CPU processes, per-process batch B/2; ranks forked) reproduces one process with batch
+B: the same weights after a few steps for txt2img and for a LoRA fine-tune, the EMA identical on every rank,
+the latent cache encoded once (rank zero writes it, the other rank reads it), and an exact resume after both
+ranks are killed."""
 
 from __future__ import annotations
 
@@ -33,10 +33,11 @@ def dump(path: Path) -> list[str]:
 
 
 def run_ddp(overrides: list[str], log_dir: Path, expect_signal: int | None = None) -> None:
-    """``python train.py <overrides> trainer=ddp_sim``: rank 0 in a fork of this process, rank 1 started by
-    Lightning as a fresh ``python train.py`` (so both are real processes)."""
-    result = run_train_forked([*overrides, "trainer=ddp_sim", "data.batch_size=2", f"paths.log_dir={log_dir}"],
-                              env={"OMP_NUM_THREADS": "1"})
+    """``python train.py <overrides> trainer=ddp_sim trainer.strategy=ddp_fork`` in a fork of this process,
+    whose two ranks Lightning forks in turn: the same DDP (gloo, DistributedSampler, all-reduce) as the
+    ``ddp`` launcher without two interpreter start-ups (that one runs in test_train.py)."""
+    result = run_train_forked([*overrides, "trainer=ddp_sim", "trainer.strategy=ddp_fork", "data.batch_size=2",
+                               f"paths.log_dir={log_dir}"], env={"OMP_NUM_THREADS": "1"})
     expected = 0 if expect_signal is None else -expect_signal
     assert result.returncode == expected, (result.stdout + result.stderr)[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr

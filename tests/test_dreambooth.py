@@ -260,6 +260,7 @@ def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  
 def test_class_images_are_generated_once_under_ddp(base_ckpt, tmp_path):  # noqa: F811
     """`trainer=ddp_sim` (two processes): rank zero generates the class images, the other waits and reads them."""
     result = run_train_forked([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "trainer=ddp_sim",
+                               "trainer.strategy=ddp_fork",
                                f"paths.log_dir={tmp_path / 'logs'}", "callbacks.rich_progress_bar=null", "logger=csv",
                                "callbacks.image_logger=null", "trainer.max_steps=1"], env={"OMP_NUM_THREADS": "1"})
     output = result.stdout + result.stderr

@@ -36,7 +36,9 @@ CHAIN = "bash scripts/embedded_chain.sh"
 PRIOR = {f"python train.py experiment={name}": name for name in ("textual_inversion", "hypernetwork", "dreambooth")}
 # Run elsewhere in the suite (spawning processes from inside pytest is what those tests do, once).
 COVERED_ELSEWHERE = {
-    "trainer=ddp_sim": "composed here; run (2 CPU processes) by test_train.py::test_ddp_sim_runs_two_cpu_processes",
+    "trainer=ddp_sim": "composed here; run (2 CPU processes) by test_train.py::test_ddp_sim_runs_two_cpu_processes "
+                       "(and with trainer.strategy=ddp_fork by test_ddp_fork_hands_the_weights_back_and_summarises_the_"
+                       "workers_steps)",
 }
 # Warnings a README command may print, each on purpose (substring of the message -> why).
 EXPECTED_WARNINGS = {

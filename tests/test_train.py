@@ -148,6 +148,20 @@ def test_cli_smoke_run_writes_artifacts(tmp_path):
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
 
 
+def test_ddp_fork_hands_the_weights_back_and_summarises_the_workers_steps(tmp_path):
+    """`trainer.strategy=ddp_fork` (and ddp_spawn: the same launcher): the workers train; the main process loads
+    rank 0's final weights (not a training checkpoint) and its summary counts the workers' steps."""
+    result = run_train_forked([*tiny_overrides("vae"), "debug=smoke", "trainer=ddp_sim", "trainer.strategy=ddp_fork",
+                               f"paths.log_dir={tmp_path}", "callbacks.rich_progress_bar=null"],
+                              env={"OMP_NUM_THREADS": "1"})
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "MEMBER: 2/2" in out
+    last = next(tmp_path.glob("vae/runs/*/checkpoints/last.ckpt"))
+    steps = torch.load(last, weights_only=True)["global_step"]
+    assert steps > 0 and f"Run summary (vae): {steps} steps" in out, out[-3000:]
+
+
 def test_ddp_sim_runs_two_cpu_processes(tmp_path):
     """`trainer=ddp_sim`: two CPU processes under DDP, launched from the Hydra CLI (rank 0 forked from this
     process, rank 1 a fresh interpreter Lightning starts), write one checkpoint."""

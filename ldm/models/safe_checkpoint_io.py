@@ -22,6 +22,10 @@ from ldm.utils.files import atomic_write
 
 __all__ = ["SafeCheckpointIO", "checkpoint_plugins", "load_training_checkpoint"]
 
+# The file Lightning's multiprocessing launcher (ddp_spawn, ddp_fork) writes for the main process: the model's
+# state_dict, not a training checkpoint.
+SPAWN_HANDBACK = ".temp.ckpt"
+
 
 def load_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A Lightning checkpoint as a dict, read weights-only, with clear errors for damaged or foreign files."""
@@ -48,6 +52,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        if Path(path).name == SPAWN_HANDBACK:  # trainer.strategy=ddp_spawn|ddp_fork: rank 0's final weights
+            return safe_torch_load(path)
         return load_training_checkpoint(path)  # on the CPU; Lightning moves what it restores
 
 

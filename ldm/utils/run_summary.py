@@ -18,12 +18,23 @@ def _fmt_value(value) -> str:
     return f"{value:.4g}"
 
 
-def stop_reason(trainer) -> str:
+def finished_steps(trainer, last: Path | None) -> int:
+    """``trainer.global_step``; under ``ddp_spawn`` / ``ddp_fork`` the workers trained and this process's
+    trainer never stepped: then the step of the last checkpoint they wrote (memory-mapped: no weights read)."""
+    if trainer.global_step or last is None or not last.is_file():
+        return trainer.global_step
+    if type(getattr(trainer.strategy, "launcher", None)).__name__ != "_MultiProcessingLauncher":
+        return trainer.global_step
+    return int(torch.load(last, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0))
+
+
+def stop_reason(trainer, steps: int | None = None) -> str:
+    steps = trainer.global_step if steps is None else steps
     if trainer.interrupted:
         return "interrupted"
     if trainer.fast_dev_run:
         return "fast_dev_run"
-    if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+    if trainer.max_steps and trainer.max_steps > 0 and steps >= trainer.max_steps:
         return "max_steps reached"
     timer = next((c for c in trainer.callbacks if type(c).__name__ == "Timer"), None)
     if timer is not None and (timer.time_remaining() or 0) <= 0:
@@ -63,16 +74,16 @@ def next_command(model, cfg, last_ckpt: Path, run_dir: Path) -> str | None:
 def summarize_run(trainer, model, cfg, seconds: float) -> str:
     """A short multi-line summary of a finished fit (see the module docstring)."""
     run_dir = Path(cfg.paths.output_dir).resolve()
-    lines = [(f"Run summary ({cfg.task_name}): {trainer.global_step} steps in {_fmt_time(seconds)} "
-              f"({stop_reason(trainer)})")]
+    ckpt = trainer.checkpoint_callback
+    last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
+    steps = finished_steps(trainer, last)
+    lines = [f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} ({stop_reason(trainer, steps)})"]
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))
     best = best_line(trainer, run_dir)
     if best:
         lines.append(f"  {best}")
-    ckpt = trainer.checkpoint_callback
-    last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
     if last is not None and last.is_file():
         lines.append(f"  checkpoint: {last}")
     images = run_dir / "images"
