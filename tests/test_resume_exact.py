@@ -114,4 +114,4 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, vae_ckpt, 
         uninterrupted = request.getfixturevalue("uninterrupted_vae")
     else:
         uninterrupted = final_weights(tmp_path / "straight", args, "straight")
-    assert max_difference(resumed, uninterrupted) <= 1e-6
+    assert max_difference(resumed, uninterrupted) == 0.0  # bit-exact (CPU, fp32): an RNG not restored shows here

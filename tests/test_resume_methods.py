@@ -28,8 +28,9 @@ def method_overrides(experiment: str, base: Path, class_dir: Path) -> list[str]:
     shapes = [*common, "data.source.train_size=24", "data.source.val_size=4"]
     if experiment == "textual_inversion_star":  # a random template per item and epoch
         return [*shapes, "data.caption_transform.mode=object", "model.log_prompts=['a <star>']"]
-    return [*shapes, "model.method.use_dropout=true", "model.method.dropout=0.3",  # dropout draws every step
-            "model.method.activation=relu", "model.log_prompts=[a red star on a blue background]"]
+    return [*shapes, "model.method.dropout_structure=[0,0.3,0]",  # dropout after the hidden layer: draws every step
+            "model.method.activation=relu", "model.log_prompts=[a red star on a blue background]",
+            "model.method.lr=1e-2", "model.scheduler.warmup_steps=0"]  # other dropout masks would move the MLPs > 1e-6
 
 
 def trained_state(tmp_path: Path, args: list[str], name: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -58,4 +59,4 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_ckpt,
     uninterrupted, step = trained_state(tmp_path / "straight", straight_args, "straight")
     assert resumed_step == step == 10
     assert any(k.startswith("method.") for k in uninterrupted) and any(k.startswith("method_ema.") for k in uninterrupted)
-    assert max_difference(resumed, uninterrupted) <= 1e-6
+    assert max_difference(resumed, uninterrupted) == 0.0  # bit-exact (CPU, fp32): an RNG not restored shows here
