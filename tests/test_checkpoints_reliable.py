@@ -23,7 +23,7 @@ from callbacks.run_checkpoint import RunCheckpoint
 from ldm.io.file_checks import DamagedFileError
 from ldm.io.safe_load import UnsafeCheckpointError
 from ldm.models.safe_checkpoint_io import SafeCheckpointIO
-from tests.conftest import CONF, ROOT, compose_train
+from tests.conftest import CONF, ROOT, compose_train, load_script
 from tests.test_resume_exact import final_weights, max_difference, run_cli, uninterrupted_vae  # noqa: F401
 from train import train
 
@@ -245,14 +245,10 @@ def test_malicious_pickle_as_vae_ckpt_is_refused_with_our_message(tmp_path, monk
 
 
 def _entry_points(evil: Path, tmp_path: Path) -> dict:
-    import importlib.util
-
     import sample
     from ldm.models.checkpoint import load_lightning_model
 
-    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = load_script("scripts/convert.py")
     finetune = compose_train(
         tmp_path,
         [

@@ -51,14 +51,9 @@ def test_lora_export_names_its_base_by_name_and_hash_only(compose_cfg, base_ckpt
 
 
 def _convert_script():
-    import importlib.util
+    from tests.conftest import load_script
 
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("convert_script", ROOT / "scripts" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/convert.py")
 
 
 def test_convert_records_the_base_by_name_and_hash_writes_normal_permissions(base_ckpt, tmp_path):  # noqa: F811 - pytest fixture

@@ -310,11 +310,9 @@ def test_sample_py_applies_a_hypernetwork_with_strength(tmp_path):
 
 
 def test_fidelity_benchmark_scores_base_and_hypernetwork(tmp_path):
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).parents[1] / "benchmarks" / "fidelity.py")
-    fidelity = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fidelity)
+    fidelity = load_script("benchmarks/fidelity.py")
     ckpt = tiny_lightning_checkpoint(tmp_path / "last.ckpt")
     hn_file = save_hypernetwork(tmp_path / "stars.pt", Hypernetwork([64]), name="stars")
     results = fidelity.main(["--ckpt", str(ckpt), "--hypernetwork", f"{hn_file}:0.5", "--samplers", "dpmpp_2m-20",

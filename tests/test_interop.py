@@ -464,13 +464,9 @@ def test_lightning_checkpoint_source_and_export(tmp_path):
     torch.testing.assert_close(back.text_encoder([PROMPT]), model.text_encoder([PROMPT]))
 
     # the CLI: any source -> single file (raw UNet, fp32)
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "convert", Path(__file__).parents[1] / "scripts" / "convert.py"
-    )
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = load_script("scripts/convert.py")
     converted = convert.main(
         ["--base", str(path), "--out", str(tmp_path / "cli.safetensors"), "--no-ema", "--fp32"]
     )

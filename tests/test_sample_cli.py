@@ -134,12 +134,9 @@ def test_lora_format_errors_say_what_the_file_is():
 
 
 def convert_main():
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("convert", Path(__file__).parents[1] / "scripts" / "convert.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("scripts/convert.py").main
 
 
 def test_convert_bakes_lora_files_in(single_file, tmp_path):
