@@ -13,6 +13,7 @@ import torch
 from ldm.modules.vae import AutoencoderKL
 from tests.forked_cli import run_train_forked
 from tests.test_finetune_lora import base_ckpt  # noqa: F401 - a fixture
+from tests.test_resume_exact import max_difference
 from tests.test_resume_methods import method_overrides
 from train import train
 
@@ -42,10 +43,6 @@ def run_ddp(overrides: list[str], log_dir: Path, expect_signal: int | None = Non
     expected = 0 if expect_signal is None else -expect_signal
     assert result.returncode == expected, (result.stdout + result.stderr)[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr
-
-
-def max_difference(a: dict, b: dict, keys) -> float:
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
 
 
 def test_ddp_two_processes_match_one_process_and_resume_exactly(compose_cfg, tmp_path):
