@@ -84,7 +84,7 @@ class Conditioner(nn.Module):
         """The one text embedder (SD 1.x / 2.x); an error when there are several (SDXL: index ``embedders``)."""
         text = self.text_embedders
         if len(text) != 1:
-            raise AttributeError(f"this conditioner has {len(text)} text embedders, not one: use "
+            raise ValueError(f"this conditioner has {len(text)} text embedders, not one: use "
                                  "conditioner.text_embedders[i]")
         return text[0]
 
