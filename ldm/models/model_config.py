@@ -46,6 +46,8 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.modules.text_encoder.CLIPTextEncoder.from_pretrained": (
         "ldm.modules.text_encoder", "CLIPTextEncoder.from_pretrained"),
     "ldm.modules.text_encoder.CLIPTextEncoder.tiny": ("ldm.modules.text_encoder", "CLIPTextEncoder.tiny"),
+    "ldm.modules.conditioner.Conditioner": ("ldm.modules.conditioner", "Conditioner"),
+    "ldm.modules.conditioner.embedder": ("ldm.modules.conditioner", "embedder"),
     # diffusion: schedule and samplers
     "ldm.diffusion.DiffusionSchedule.from_config": ("ldm.diffusion", "DiffusionSchedule.from_config"),
     "ldm.diffusion.DDIMSampler": ("ldm.diffusion", "DDIMSampler"),
