@@ -38,7 +38,8 @@ def test_registry_gives_one_shared_object_per_name():
     assert [p.name for p in (EPS, V, X0)] == ["eps", "v", "x0"]
     assert as_parameterization(V) is V
     assert pickle.loads(pickle.dumps(V)) is V and copy.deepcopy(EPS) is EPS
-    with pytest.raises(ValueError, match=r"parameterization must be one of \('eps', 'v', 'x0'\), got 'score'"):
+    expected = r"parameterization must be one of \('eps', 'v', 'x0'\), got 'score'"
+    with pytest.raises(ValueError, match=expected):
         as_parameterization("score")
 
 
@@ -92,8 +93,8 @@ def test_build_loss_maps_the_keys_to_objects():
 
 def test_model_reads_its_parameterization_from_hparams():
     """Checkpoints store the name (hparams); a fine-tune sets it from its base after construction."""
-    model = LatentDiffusion(unet=None, vae=None, text_encoder=None, schedule=None, sampler=None, optimizer=None,
-                            parameterization="v", min_snr_gamma=5.0)
+    model = LatentDiffusion(unet=None, vae=None, text_encoder=None, schedule=None, sampler=None,
+                            optimizer=None, parameterization="v", min_snr_gamma=5.0)
     assert model.parameterization is V and model.diffusion_loss.weighting.gamma == 5.0
     model.hparams.parameterization = "x0"
     assert model.parameterization is X0

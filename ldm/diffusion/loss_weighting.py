@@ -1,9 +1,9 @@
 """How much each noise level counts in the loss: per-sample weights from the signal-to-noise ratio.
 
-A weighting is written once, as a weight on the x0 error ``w_x0(snr)``, and applies to any parameterisation by
-dividing by that parameterisation's ``x0_loss_scale(snr)`` (eps: snr, v: snr + 1, x0: 1): the weighted loss
-is then the same objective whatever the network predicts. Plain MSE is the weighting whose weight is 1 in every
-parameterisation. A new weighting (P2, Choi et al. 2022: ``w_x0 = snr / (k + snr)^gamma``; the debiased
+A weighting is written once, as a weight ``w_x0(snr)`` on the x0 error, and applies to any parameterisation
+by dividing by that parameterisation's ``x0_loss_scale(snr)`` (eps: snr, v: snr + 1, x0: 1): the weighted loss
+is then the same objective whatever the network predicts. Plain MSE is the weighting whose weight is 1 in
+every parameterisation. A new weighting (P2, Choi et al. 2022: ``w_x0 = snr / (k + snr)^gamma``; the debiased
 one of Yu et al. 2024: ``w_x0 = sqrt(snr)``) is a subclass with its ``__call__``, registered in
 ``ldm.diffusion.losses.build_loss``.
 """
@@ -36,7 +36,8 @@ class PlainWeighting(LossWeighting):
 
 class MinSNRWeighting(LossWeighting):
     """Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"):
-    ``w_x0 = min(snr, gamma)``, i.e. eps: ``min(snr, g) / snr``, v: ``min(snr, g) / (snr + 1)``, x0: ``min(snr, g)``.
+    ``w_x0 = min(snr, gamma)``, i.e. eps: ``min(snr, g) / snr``, v: ``min(snr, g) / (snr + 1)``,
+    x0: ``min(snr, g)``.
     Where the scale is 0 (eps at snr 0, zero-terminal-SNR schedules) the weight takes its limit 1."""
 
     def __init__(self, gamma: float = 5.0):

@@ -49,7 +49,8 @@ class DiffusionLoss:
     with ``reduction="mean"``, the weighted ``[B]`` with ``"none"``.
     """
 
-    def __init__(self, parameterization: str | Parameterization = "eps", weighting: LossWeighting | None = None):
+    def __init__(self, parameterization: str | Parameterization = "eps",
+                 weighting: LossWeighting | None = None):
         self.parameterization = as_parameterization(parameterization)
         self.weighting = weighting if weighting is not None else PlainWeighting()
 
@@ -69,9 +70,11 @@ class DiffusionLoss:
         return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def build_loss(parameterization: str | Parameterization = "eps", min_snr_gamma: float | None = None) -> DiffusionLoss:
+def build_loss(parameterization: str | Parameterization = "eps",
+               min_snr_gamma: float | None = None) -> DiffusionLoss:
     """The loss that ``model.parameterization`` and ``model.min_snr_gamma`` (or ``model/loss=...``) name:
-    ``min_snr_gamma=None`` is the plain MSE, a number Min-SNR-gamma. The one place those keys become objects."""
+    ``min_snr_gamma=None`` is the plain MSE, a number Min-SNR-gamma. The one place those keys become
+    objects."""
     weighting = PlainWeighting() if min_snr_gamma is None else MinSNRWeighting(min_snr_gamma)
     return DiffusionLoss(parameterization, weighting)
 

@@ -1,11 +1,12 @@
 """What the network predicts: eps, v or x0, as objects the loss and every sampler ask for the algebra.
 
-With ``x_t = a x0 + s eps`` (``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``, ``DiffusionSchedule.coefficients``):
-eps-prediction regresses the noise (Ho et al. 2020), x0-prediction the clean data, and v-prediction
-``v = a eps - s x0`` (Salimans & Ho 2022, "Progressive Distillation", sec. 4). A ``Parameterization`` gives the
-regression target, the conversions of a model output back to x0 and eps (the VP samplers) and to the denoised
-data at a k-diffusion noise level sigma (the sigma samplers), and how its MSE compares with the MSE in x0
-(which the loss weightings of ``ldm.diffusion.loss_weighting`` are written against).
+With ``x_t = a x0 + s eps`` (``a = sqrt(abar_t)``, ``s = sqrt(1 - abar_t)``, from
+``DiffusionSchedule.coefficients``), eps-prediction regresses the noise (Ho et al. 2020), x0-prediction the
+clean data, and v-prediction ``v = a eps - s x0`` (Salimans & Ho 2022, "Progressive Distillation", sec. 4).
+A ``Parameterization`` gives the regression target, the conversions of a model output back to x0 and eps
+(the VP samplers) and to the denoised data at a k-diffusion noise level sigma (the sigma samplers), and how
+its MSE compares with the MSE in x0 (which the loss weightings of ``ldm.diffusion.loss_weighting`` are
+written against).
 
 The three objects are shared singletons looked up by name (``as_parameterization``): the name is what hparams,
 checkpoints and file metadata store. This is the only module that tells them apart by name.
@@ -27,7 +28,8 @@ class Parameterization:
     """Base class; the subclasses below are the three the project knows."""
 
     name: str = ""
-    """``eps`` | ``v`` | ``x0``: the value of ``model.parameterization``, hparams, checkpoints, ``ldm.config``."""
+    """``eps`` | ``v`` | ``x0``: the value of ``model.parameterization``, hparams, checkpoints,
+    ``ldm.config``."""
     modelspec_name: str = ""
     """``modelspec.prediction_type`` of an exported single file."""
     finite_at_zero_snr: bool = True
@@ -57,7 +59,8 @@ class Parameterization:
         raise NotImplementedError
 
     def x0_loss_scale(self, snr: Tensor) -> Tensor:
-        """``[B]`` factor by which this parameterisation's MSE exceeds the MSE of the implied x0 at ``snr``."""
+        """``[B]`` factor by which this parameterisation's MSE exceeds the MSE of the implied x0 at
+        ``snr``."""
         raise NotImplementedError
 
 

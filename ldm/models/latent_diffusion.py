@@ -1,9 +1,9 @@
 """Text-to-image latent diffusion as a LightningModule (thin: the math is in ``ldm/diffusion``).
 
 z0 = scale_factor * VAE posterior sample; z_t = q_sample(z0, t, eps); the UNet predicts eps, v or x0 given
-the CLIP context; loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE,
-plain or Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``). Sampling: any ``ldm.diffusion`` sampler with
-classifier-free guidance over the EMA UNet, then the VAE decoder.
+the CLIP context; loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's
+MSE, plain or Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``).
+Sampling: any ``ldm.diffusion`` sampler with classifier-free guidance over the EMA UNet, then the VAE decoder.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ class LatentDiffusion(L.LightningModule):
 
     @property
     def diffusion_loss(self) -> DiffusionLoss:
-        """The loss the hparams name (rebuilt on each use: a fine-tune learns its parameterisation from its base)."""
+        """The loss the hparams name (rebuilt on each use: a fine-tune learns its parameterisation from its
+        base after construction)."""
         return build_loss(self.hparams.parameterization, self.hparams.min_snr_gamma)
 
     @property
