@@ -1,8 +1,9 @@
 """Text-to-image latent diffusion as a LightningModule (thin: the math is in ``ldm/diffusion``).
 
 z0 = scale_factor * VAE posterior sample; z_t = q_sample(z0, t, eps); the UNet predicts eps, v or x0 given
-the conditions of the batch (``ldm.modules.conditioner.Conditioner``: the caption's CLIP context); loss = (optionally Min-SNR weighted) MSE. Sampling: any ``ldm.diffusion`` sampler with
-classifier-free guidance over the EMA UNet, then the VAE decoder.
+the conditions of the batch (``ldm.modules.conditioner.Conditioner``: the caption's CLIP context);
+loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE, plain or Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``).
+Sampling: any ``ldm.diffusion`` sampler with classifier-free guidance over the EMA UNet, then the VAE decoder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import lightning as L
 import torch
 from torch import nn
 
-from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion_loss, sample_noise
+from ldm.diffusion import (
+    DiffusionLoss,
+    DiffusionSchedule,
+    Parameterization,
+    build_loss,
+    classifier_free_guidance,
+    sample_noise,
+)
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.models.guards import check_finite
 from ldm.models.optimizers import OptimizerInBackward
@@ -68,6 +76,7 @@ class LatentDiffusion(L.LightningModule):
                 raise ValueError("give the model a conditioner or a text_encoder, not both")
             conditioner = text_encoder
         self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
+        build_loss(parameterization, min_snr_gamma)  # a bad name or gamma fails here, not at the first step
         self.sampler = sampler
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -221,9 +230,18 @@ class LatentDiffusion(L.LightningModule):
             noise = sample_noise(z0, self.hparams.offset_noise, generator)
         zt = self.schedule.q_sample(z0, t, noise)
         output = self.unet(zt, t, context)
-        target = self.schedule.target(z0, noise, t, self.hparams.parameterization)
-        return diffusion_loss(output, target, t, self.schedule, self.hparams.parameterization,
-                              self.hparams.min_snr_gamma, reduction)
+        return self.diffusion_loss(output, z0, noise, t, self.schedule, reduction)
+
+    @property
+    def diffusion_loss(self) -> DiffusionLoss:
+        """The loss the hparams name (rebuilt on each use: a fine-tune learns its parameterisation from its
+        base after construction)."""
+        return build_loss(self.hparams.parameterization, self.hparams.min_snr_gamma)
+
+    @property
+    def parameterization(self) -> Parameterization:
+        """What the UNet predicts (``ldm.diffusion.parameterization``), from ``hparams.parameterization``."""
+        return self.diffusion_loss.parameterization
 
     def batch_latents_and_context(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         context = self.context_of(self.conditions(batch, train))  # its dropout draws come first
@@ -320,7 +338,7 @@ class LatentDiffusion(L.LightningModule):
         scope = self.ema_scope() if use_ema else contextlib.nullcontext(self.unet)
         with scope as unet:
             denoiser = classifier_free_guidance(unet, context, uncond, scale)
-            z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.hparams.parameterization,
+            z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.parameterization,
                                           generator=generator, device=self.device, dtype=context.dtype,
                                           progress=progress, x_T=latents, callback=callback, init=init,
                                           strength=strength)
