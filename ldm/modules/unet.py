@@ -177,6 +177,18 @@ def level_depths(
     return depths, middle
 
 
+def depth_kwargs(depths: Sequence[int], middle: int) -> dict[str, int | list[int]]:
+    """Inverse of ``level_depths`` for levels with attention (depth > 0 where a level has one): one int
+    ``transformer_depth`` when every transformer shares a depth (SD v1/v2), else the per-level list and,
+    when it differs from the last level's, ``transformer_depth_middle``."""
+    if len({d for d in depths if d} | {middle}) == 1:
+        return {"transformer_depth": middle}
+    out: dict[str, int | list[int]] = {"transformer_depth": list(depths)}
+    if depths[-1] != middle:
+        out["transformer_depth_middle"] = middle
+    return out
+
+
 class UNetModel(nn.Module):
     """Conditional UNet for latent diffusion (SD v1: defaults; SD 2.x: ``num_head_channels=64``,
     ``use_linear_in_transformer=True``, ``context_dim=1024``; SDXL: ``channel_mult=(1, 2, 4)``,
