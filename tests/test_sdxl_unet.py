@@ -204,6 +204,10 @@ def test_label_embedding_checks_y():
         unet(x, t, context)
     with pytest.raises(ValueError, match=r"got y=\[2, 63\]"):
         unet(x, t, context, y=torch.zeros(2, 63))
+    # y in float32 (size features are) drives a bf16 UNet: cast to the time embedding's dtype
+    with torch.no_grad():
+        out = unet.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16(), y=torch.randn(2, 64))
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
     plain = UNetModel(**{**kwargs, "adm_in_channels": None})
     assert not any(k.startswith("label_emb") for k in plain.state_dict())
     with pytest.raises(ValueError, match="no label embedding"):

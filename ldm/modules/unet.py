@@ -336,7 +336,7 @@ class UNetModel(nn.Module):
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         if self.label_emb is not None or y is not None:
-            emb = emb + self._label(y, x.shape[0]).to(emb.dtype)
+            emb = emb + self._label(y, emb).to(emb.dtype)
 
         skips = []
         h = x
@@ -350,8 +350,10 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
 
-    def _label(self, y: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """``label_emb(y)`` [B, time_embed_dim], after checking ``y`` fits this UNet."""
+    def _label(self, y: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
+        """``label_emb(y)`` [B, time_embed_dim] (``y`` cast to the time embedding's dtype, as diffusers does),
+        after checking that ``y`` fits this UNet."""
+        batch = emb.shape[0]
         if self.label_emb is None:
             raise ValueError("this UNet has no label embedding (adm_in_channels is None); do not pass y")
         if y is None or tuple(y.shape) != (batch, self.adm_in_channels):
@@ -360,4 +362,4 @@ class UNetModel(nn.Module):
                 f"this UNet adds a label embedding of y [B, adm_in_channels] = [{batch}, {self.adm_in_channels}] "
                 f"to the time embedding (SDXL: pooled text + size features); got y={got}"
             )
-        return self.label_emb(y.to(self.label_emb[0][0].weight.dtype))
+        return self.label_emb(y.to(emb.dtype))
