@@ -172,7 +172,7 @@ def _train_error(tmp_path, caplog, overrides: list[str]) -> str:
 @pytest.mark.parametrize("override, expected", [
     ("trainer.max_steps=abc", "trainer.max_steps=abc is not an integer: lightning.pytorch.trainer.Trainer takes max_steps"),
     ("model.optimizer.lr=abc", "model.optimizer.lr=abc is not a number: torch.optim.Adam takes lr as a number"),
-    ("trainer.sync_batchnorm=maybe", "trainer.sync_batchnorm=maybe is not true or false"),
+    ("+trainer.detect_anomaly=maybe", "trainer.detect_anomaly=maybe is not true or false"),
 ])
 def test_config_value_of_the_wrong_type_names_the_key(tmp_path, caplog, override, expected):
     assert expected in _train_error(tmp_path, caplog, [override])
