@@ -136,8 +136,8 @@ def test_the_cli_prints_one_line_and_the_full_trace_on_request(tmp_path, script)
                            timeout=300, check=False)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
     assert [line for line in quiet.stderr.splitlines() if line.strip()] == [
-        f"error: {bad} is damaged or not a .safetensors file: tensor 'w' (F32 [3]) needs 12 bytes but "
-        "data_offsets [0, 8] give 8. Re-download or re-export it. (HYDRA_FULL_ERROR=1 for the full trace)"]
+        (f"error: {bad} is damaged or not a .safetensors file: tensor 'w' (F32 [3]) needs 12 bytes but "
+         "data_offsets [0, 8] give 8. Re-download or re-export it. (HYDRA_FULL_ERROR=1 for the full trace)")]
     full = subprocess.run([sys.executable, script, *args], cwd=ROOT, env={**env(), "HYDRA_FULL_ERROR": "1"},
                           capture_output=True, text=True, timeout=300, check=False)
     assert full.returncode == 1 and "Traceback" in full.stderr and "DamagedFileError" in full.stderr
@@ -150,6 +150,13 @@ def test_every_entry_point_runs_main_through_run_main(script):
     text = (ROOT / script).read_text()
     assert text.rstrip().endswith('if __name__ == "__main__":\n    run_main(main)'), script
     assert "from ldm.utils.task import run_main" in text
+
+
+def test_a_benchmark_given_a_damaged_file_is_one_line(tmp_path, capsys):
+    bad = DAMAGED["empty"][0](tmp_path / "given.safetensors")
+    fidelity = load_script("benchmarks/fidelity.py")
+    line = one_error_line(capsys, lambda: run_main(fidelity.main, ["--ckpt", str(bad), "--n", "1"]))
+    assert f"{bad} is empty" in line
 
 
 def test_run_main_leaves_bugs_their_traceback(capsys):
@@ -263,7 +270,7 @@ def read_only(folder: Path, monkeypatch) -> None:
     folder.chmod(0o755)
     original = tempfile.mkstemp
 
-    def refuse(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own name
+    def refuse(*args, dir=None, **kwargs):
         if dir is not None and Path(dir).is_relative_to(folder):
             raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / "tmpXXXX"))
         return original(*args, dir=dir, **kwargs)

@@ -27,7 +27,7 @@ def _targets(node: Any, key: str = "") -> Iterator[tuple[str, DictConfig]]:
     if isinstance(node, DictConfig):
         if "_target_" in node:
             yield key, node
-        for name in node.keys():
+        for name in node:
             child = node._get_node(name)
             if isinstance(child, (DictConfig, ListConfig)):
                 yield from _targets(child, f"{key}.{name}" if key else str(name))
