@@ -297,12 +297,13 @@ def _generator(model, settings: SamplerSettings, resolution: int):
     sampler = build_sampler(settings.sampler, steps=settings.steps)
     factor = getattr(model.vae, "downsample_factor", 8)
 
-    def generate(prompts: list[str], seed: int) -> torch.Tensor:
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         was_training = model.training
         model.eval()
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per image: batch-independent
         try:
-            return model.generate(prompts, guidance_scale=settings.guidance_scale, seed=seed, sampler=sampler,
-                                  use_ema=False, latent_size=resolution // factor)
+            return model.generate(prompts, guidance_scale=settings.guidance_scale, generator=generators,
+                                  sampler=sampler, use_ema=False, latent_size=resolution // factor)
         finally:
             model.train(was_training)
 
