@@ -314,12 +314,13 @@ class LatentDiffusion(L.LightningModule):
     def generate(self, prompts: Sequence[str], guidance_scale: float | None = None, seed: int = 0,
                  sampler: Callable | None = None, negative_prompt: str | Sequence[str] = "", use_ema: bool = True,
                  progress: bool = False, latent_size: int | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, init_images: torch.Tensor | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, init_images: torch.Tensor | None = None,
                  strength: float = 1.0, callback: Callable | None = None) -> torch.Tensor:
         """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images.
 
         ``negative_prompt``: one for all, or one per prompt. ``latents``: the initial noise [B, c, h, w]
-        (else drawn from ``generator``, else from ``seed``). ``init_images`` [B, 3, H, W] in [-1, 1] +
+        (else drawn from ``generator``, else from ``seed``); ``generator`` may be one per prompt, which makes
+        each image independent of the batch it is in (class images). ``init_images`` [B, 3, H, W] in [-1, 1] +
         ``strength``: img2img (the images' latent means, noised to the level of the last
         ``int(steps * strength)`` steps).
         """
