@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("extras", {}).get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.extras.matmul_precision)
     configure_wandb_mode()
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")

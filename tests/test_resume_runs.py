@@ -1,0 +1,104 @@
+"""Resuming picks the right state: ``last.ckpt`` stays the newest state when a run is resumed into its own
+folder (no ``last-v1.ckpt``), ``ckpt_path=last`` names the run it continues and refuses when the newest run
+has no checkpoint, and a learning rate given at resume applies (the NaN advice works)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.run_checkpoint import RunCheckpoint
+from ldm.models.safe_checkpoint_io import SafeCheckpointIO
+from ldm.utils.runs import resolve_ckpt_path
+from ldm.utils.task import run_task
+from tests.conftest import compose_train
+from tests.test_checkpoints_reliable import TinyRegression, saved_step
+from train import train
+
+
+def fit_in(folder: Path, max_steps: int, ckpt_path: str | None = None) -> RunCheckpoint:
+    """The tiny regression with validation (and a new best) every 2 steps, checkpoints in ``folder``."""
+    data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
+    checkpoint = RunCheckpoint(dirpath=folder, filename="step_{step}", monitor="val/loss",
+                               auto_insert_metric_name=False, mode="max", save_last=True, save_top_k=1)
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
+                        limit_val_batches=1, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+                        plugins=[SafeCheckpointIO()])
+    trainer.fit(TinyRegression(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4),
+                ckpt_path=ckpt_path, weights_only=True)
+    return checkpoint
+
+
+def test_resume_into_the_same_folder_rewrites_last_ckpt_not_a_versioned_copy(tmp_path):
+    """The first checkpoint's last.ckpt is a hard link to the best file, written before last_model_path was
+    set: Lightning's version counter then took the resumed run's final state to last-v1.ckpt."""
+    folder = tmp_path / "checkpoints"
+    fit_in(folder, max_steps=2)  # as a run killed between its first and second checkpoint
+    assert saved_step(folder / "last.ckpt") == 2
+    checkpoint = fit_in(folder, max_steps=6, ckpt_path=str(folder / "last.ckpt"))
+    assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
+    assert saved_step(folder / "last.ckpt") == 6
+    assert Path(checkpoint.last_model_path) == folder / "last.ckpt"
+    fit_in(folder, max_steps=8, ckpt_path=str(folder / "last.ckpt"))  # and again
+    assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
+    assert saved_step(folder / "last.ckpt") == 8
+
+
+def make_run(log_dir: Path, name: str, age_s: float, with_ckpt: bool, task: str = "vae") -> Path:
+    """A run folder of ``task`` last active ``age_s`` seconds ago (a last.ckpt when ``with_ckpt``)."""
+    run = log_dir / task / "runs" / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / "train.log").write_text("")
+    stamp = time.time() - age_s
+    if with_ckpt:
+        (run / "checkpoints").mkdir()
+        torch.save({"global_step": 4}, run / "checkpoints" / "last.ckpt")
+        os.utime(run / "checkpoints" / "last.ckpt", (stamp, stamp))
+    os.utime(run, (stamp - 1, stamp - 1))
+    return run
+
+
+def test_ckpt_path_last_refuses_when_the_newest_run_has_no_checkpoint(tmp_path):
+    """The newest run died before its first save: continuing the older, finished run silently is refused,
+    with the two ways out named (that run's last.ckpt explicitly, or a fresh start)."""
+    finished = make_run(tmp_path, "2025-01-01_10-00-00_aaaaaa", age_s=3600, with_ckpt=True)
+    died = make_run(tmp_path, "2025-01-01_11-00-00_bbbbbb", age_s=60, with_ckpt=False)
+    with pytest.raises(FileNotFoundError) as refused:
+        resolve_ckpt_path("last", tmp_path, "vae")
+    message = str(refused.value)
+    assert str(died) in message and f"ckpt_path={finished / 'checkpoints' / 'last.ckpt'}" in message
+    assert "leave ckpt_path out" in message
+
+
+def test_ckpt_path_last_names_the_run_it_continues(tmp_path, caplog):
+    """The current run's own (empty) folder is not "the newest run"; a run resumed into its own folder is."""
+    make_run(tmp_path, "old", age_s=7200, with_ckpt=True)
+    newest = make_run(tmp_path, "new", age_s=3600, with_ckpt=True)
+    current = make_run(tmp_path, "current", age_s=0, with_ckpt=False)  # Hydra made it for this run
+    with caplog.at_level(logging.INFO):
+        found = resolve_ckpt_path("last", tmp_path, "vae", current_run=current)
+    assert found == str(newest / "checkpoints" / "last.ckpt")
+    assert any("continuing run new of vae" in r.getMessage() and found in r.getMessage() for r in caplog.records)
+    itself = make_run(tmp_path, "itself", age_s=0, with_ckpt=True)  # hydra.run.dir=<a run>: resumed into itself
+    found = resolve_ckpt_path("last", tmp_path, "vae", current_run=itself)
+    assert found == str(itself / "checkpoints" / "last.ckpt")
+
+
+def test_ckpt_path_last_refusal_is_one_error_line_from_train(tmp_path, caplog, monkeypatch):
+    make_run(tmp_path / "logs", "finished", age_s=3600, with_ckpt=True)
+    make_run(tmp_path / "logs", "died", age_s=60, with_ckpt=False)
+    cfg = compose_train(tmp_path, ["experiment=vae", "model/vae=tiny", "ckpt_path=last"], output_name="now")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit):
+        run_task(train, cfg)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("error: ckpt_path=last: the newest vae run")
+    assert "died" in errors[0] and "finished" in errors[0]
