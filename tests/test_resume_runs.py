@@ -20,6 +20,9 @@ from ldm.utils.runs import resolve_ckpt_path
 from ldm.utils.task import run_task
 from tests.conftest import compose_train
 from tests.test_checkpoints_reliable import TinyRegression, saved_step
+from tests.test_dreambooth import dreambooth_overrides
+from tests.test_finetune_lora import base_ckpt  # noqa: F401 - a fixture
+from tests.test_resume_exact import QUIET, overrides, vae_ckpt  # noqa: F401 - vae_ckpt is a fixture
 from train import train
 
 
@@ -102,3 +105,60 @@ def test_ckpt_path_last_refusal_is_one_error_line_from_train(tmp_path, caplog, m
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("error: ckpt_path=last: the newest vae run")
     assert "died" in errors[0] and "finished" in errors[0]
+
+
+class LrProbe(L.Callback):
+    """The learning rates in effect at the first training batch of a fit (after any restore)."""
+
+    def __init__(self):
+        self.lrs: list[float] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.lrs is None:
+            self.lrs = [float(g["lr"]) for g in trainer.optimizers[0].param_groups]
+
+
+PROBE = ["+callbacks.lr_probe._target_=tests.test_resume_runs.LrProbe"]
+
+
+def lr_case(experiment: str, base: Path, vae: Path, tmp_path: Path) -> tuple[list[str], str, int]:
+    """(overrides of a 2-step run, the lr key to change at resume, the optimiser group it sets)."""
+    schedule = ["trainer.max_epochs=-1", "model.scheduler.warmup_steps=0"]
+    if experiment == "txt2img":
+        return [*overrides("txt2img", vae), *schedule], "model.optimizer.lr", 0
+    return [*dreambooth_overrides("dreambooth", base, tmp_path), *QUIET, *schedule,  # per-group: the text encoder
+            "model.method.train_text_encoder=true", "model.method.text_encoder_lr=5e-5"], "model.method.text_encoder_lr", 1
+
+
+def fit_probed(tmp_path: Path, args: list[str], name: str) -> tuple[LrProbe, object]:
+    _, objects = train(compose_train(tmp_path, [*args, *PROBE], output_name=name))
+    trainer = objects["trainer"]
+    return next(c for c in trainer.callbacks if isinstance(c, LrProbe)), trainer
+
+
+@pytest.mark.parametrize("experiment", ["txt2img", "dreambooth"])
+def test_lr_given_at_resume_applies(tmp_path, base_ckpt, vae_ckpt, experiment, caplog):  # noqa: F811
+    """What the NaN message advises: resume with a lower lr. The new rate is in effect from the first resumed
+    step (the schedule keeps its place); without it the resumed rates are the checkpoint's, untouched."""
+    args, key, group = lr_case(experiment, base_ckpt, vae_ckpt, tmp_path)
+    _, first = fit_probed(tmp_path, [*args, "trainer.max_steps=2"], "first")
+    last = Path(first.checkpoint_callback.dirpath) / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 2
+    saved_lrs = [g["lr"] for g in saved["optimizer_states"][0]["param_groups"]]
+    old = saved["lr_schedulers"][0]["base_lrs"][group]
+
+    same, _ = fit_probed(tmp_path, [*args, "trainer.max_steps=4", f"ckpt_path={last}"], "same")
+    assert same.lrs == saved_lrs  # no override: exactly the checkpoint's (exact resume stays exact)
+
+    new = old / 10
+    with caplog.at_level(logging.WARNING):
+        lowered, trainer = fit_probed(tmp_path, [*args, "trainer.max_steps=4", f"ckpt_path={last}", f"{key}={new}"],
+                                      "lowered")
+    expected = list(saved_lrs)
+    expected[group] = saved_lrs[group] * new / old
+    assert lowered.lrs == pytest.approx(expected, rel=1e-12)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs[group] == new  # later steps follow the new base
+    assert trainer.optimizers[0].param_groups[group]["initial_lr"] == new
+    assert any(f"resuming with lr {new:g} instead of the checkpoint's {old:g}" in r.getMessage()
+               for r in caplog.records)
