@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from ldm.models.safe_checkpoint_io import SafeCheckpointIO
 from ldm.utils.runs import resolve_ckpt_path
 from ldm.utils.task import run_task
 from tests.conftest import compose_train
+from tests.forked_cli import run_train_forked
 from tests.test_checkpoints_reliable import TinyRegression, saved_step
 from tests.test_dreambooth import dreambooth_overrides
 from tests.test_finetune_lora import base_ckpt  # noqa: F401 - a fixture
-from tests.test_resume_exact import QUIET, overrides, vae_ckpt  # noqa: F401 - vae_ckpt is a fixture
+from tests.test_resume_exact import QUIET, overrides, run_cli, vae_ckpt  # noqa: F401 - vae_ckpt is a fixture
 from train import train
 
 
@@ -53,6 +55,27 @@ def test_resume_into_the_same_folder_rewrites_last_ckpt_not_a_versioned_copy(tmp
     fit_in(folder, max_steps=8, ckpt_path=str(folder / "last.ckpt"))  # and again
     assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
     assert saved_step(folder / "last.ckpt") == 8
+
+
+
+def test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final(tmp_path):
+    """The issue's case through train.py: SIGKILL between the first and second checkpoint, then
+    ``hydra.run.dir=<that run> ckpt_path=last``: last.ckpt holds the final step, the summary names it, and a
+    second ``ckpt_path=last`` finds it (before: last-v1.ckpt got the final state, last.ckpt stayed at step 2)."""
+    args = [*overrides("vae", Path("unused")), "trainer.max_steps=6"]
+    killed = run_cli(args, tmp_path / "logs", "SIGKILL", 3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = next((tmp_path / "logs" / "vae" / "runs").iterdir())
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 2
+    resumed = run_train_forked([*args, f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run}",
+                                "ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 6
+    out = resumed.stdout + resumed.stderr
+    assert f"ckpt_path=last: continuing run {run.name} of vae" in out
+    assert f"checkpoint: {run / 'checkpoints' / 'last.ckpt'}" in out
+    assert resolve_ckpt_path("last", tmp_path / "logs", "vae") == str(run / "checkpoints" / "last.ckpt")
 
 
 def make_run(log_dir: Path, name: str, age_s: float, with_ckpt: bool, task: str = "vae") -> Path:
