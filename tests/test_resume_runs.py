@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.run_checkpoint import RunCheckpoint
 from ldm.models.safe_checkpoint_io import SafeCheckpointIO
-from ldm.utils.runs import resolve_ckpt_path
+from ldm.utils.runs import describe_resume, resolve_ckpt_path
 from ldm.utils.task import run_task
 from tests.conftest import compose_train
 from tests.forked_cli import run_train_forked
@@ -104,15 +104,15 @@ def test_ckpt_path_last_refuses_when_the_newest_run_has_no_checkpoint(tmp_path):
     assert "leave ckpt_path out" in message
 
 
-def test_ckpt_path_last_names_the_run_it_continues(tmp_path, caplog):
-    """The current run's own (empty) folder is not "the newest run"; a run resumed into its own folder is."""
+def test_ckpt_path_last_names_the_run_it_continues(tmp_path):
+    """The current run's own (empty) folder is not "the newest run"; a run resumed into its own folder is.
+    (train.py logs the line; test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final reads it.)"""
     make_run(tmp_path, "old", age_s=7200, with_ckpt=True)
     newest = make_run(tmp_path, "new", age_s=3600, with_ckpt=True)
     current = make_run(tmp_path, "current", age_s=0, with_ckpt=False)  # Hydra made it for this run
-    with caplog.at_level(logging.INFO):
-        found = resolve_ckpt_path("last", tmp_path, "vae", current_run=current)
+    found = resolve_ckpt_path("last", tmp_path, "vae", current_run=current)
     assert found == str(newest / "checkpoints" / "last.ckpt")
-    assert any("continuing run new of vae" in r.getMessage() and found in r.getMessage() for r in caplog.records)
+    assert describe_resume(found, "vae").startswith(f"ckpt_path=last: continuing run new of vae ({found}, written ")
     itself = make_run(tmp_path, "itself", age_s=0, with_ckpt=True)  # hydra.run.dir=<a run>: resumed into itself
     found = resolve_ckpt_path("last", tmp_path, "vae", current_run=itself)
     assert found == str(itself / "checkpoints" / "last.ckpt")

@@ -9,10 +9,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ldm.utils.logging import get_logger
-
-log = get_logger(__name__)
-
 _RUN_SUFFIX = secrets.token_hex(3)
 
 
@@ -67,16 +63,20 @@ def last_run_checkpoint(log_dir: str | Path, task_name: str, current_run: str | 
     return older
 
 
+def describe_resume(ckpt_path: str, task_name: str) -> str:
+    """The line train.py logs for ``ckpt_path=last``: which run it continues, from which file, written when."""
+    found = Path(ckpt_path)
+    written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.stat().st_mtime))
+    return f"ckpt_path=last: continuing run {found.parent.parent.name} of {task_name} ({found}, written {written})"
+
+
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str,
                       current_run: str | Path | None = None) -> str | None:
     """``None`` -> None; ``"last"`` -> the newest run's last.ckpt (``last_run_checkpoint``); a path must exist."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
-        found = last_run_checkpoint(log_dir, task_name, current_run)
-        log.info(f"ckpt_path=last: continuing run {found.parent.parent.name} of {task_name} ({found}, written "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(found.stat().st_mtime))})")
-        return str(found)
+        return str(last_run_checkpoint(log_dir, task_name, current_run))
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (cwd: {os.getcwd()})")
     return str(ckpt_path)
