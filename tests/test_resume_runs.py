@@ -118,6 +118,18 @@ def test_ckpt_path_last_names_the_run_it_continues(tmp_path):
     assert found == str(itself / "checkpoints" / "last.ckpt")
 
 
+def test_ckpt_path_last_skips_a_resume_that_saved_nothing(tmp_path):
+    """A newest run that was itself a resume (its saved config has a ckpt_path) and saved nothing (it reached
+    max_steps at once, or died first) continues what it continued; a fresh run that died is refused."""
+    finished = make_run(tmp_path, "finished", age_s=3600, with_ckpt=True)
+    resumed = make_run(tmp_path, "resumed", age_s=60, with_ckpt=False)
+    (resumed / ".hydra" / "config.yaml").write_text(f"ckpt_path: {finished / 'checkpoints' / 'last.ckpt'}\n")
+    assert resolve_ckpt_path("last", tmp_path, "vae") == str(finished / "checkpoints" / "last.ckpt")
+    (resumed / ".hydra" / "config.yaml").write_text("ckpt_path: null\n")
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        resolve_ckpt_path("last", tmp_path, "vae")
+
+
 def test_ckpt_path_last_refusal_is_one_error_line_from_train(tmp_path, caplog, monkeypatch):
     make_run(tmp_path / "logs", "finished", age_s=3600, with_ckpt=True)
     make_run(tmp_path / "logs", "died", age_s=60, with_ckpt=False)

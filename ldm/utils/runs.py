@@ -38,14 +38,26 @@ def _last_activity(run: Path) -> float:
     return max(run.stat().st_mtime, last.stat().st_mtime if last.exists() else 0.0)
 
 
+def _was_a_resume(run: Path) -> bool:
+    """The run's saved config (Hydra's ``.hydra/config.yaml``) has a ``ckpt_path``: without a checkpoint of its
+    own, it continued one of the older runs and saved nothing new (or died first): not a run of its own."""
+    saved = run / ".hydra" / "config.yaml"
+    try:
+        return saved.is_file() and OmegaConf.load(saved).get("ckpt_path") is not None
+    except Exception:  # noqa: BLE001 - an unreadable config says nothing; the run counts
+        return False
+
+
 def last_run_checkpoint(log_dir: str | Path, task_name: str, current_run: str | Path | None = None) -> Path:
     """``ckpt_path=last``: the last.ckpt of this task's newest run (the current run's own folder counts only
-    once it has one: resumed into itself). Refuses, naming the fix, when that newest run has no checkpoint
-    (it died before its first save): continuing an older run instead is rarely what was meant."""
+    once it has one: resumed into itself; a resume that saved nothing is skipped). Refuses, naming the fix,
+    when that newest run has no checkpoint (it died before its first save): continuing an older run instead
+    is rarely what was meant."""
     runs_dir = Path(log_dir) / task_name / "runs"
     current = Path(current_run).resolve() if current_run else None
     runs = [run for run in (runs_dir.iterdir() if runs_dir.is_dir() else []) if run.is_dir()
             and (run.resolve() != current or (run / "checkpoints" / "last.ckpt").exists())]
+    runs = [run for run in runs if (run / "checkpoints" / "last.ckpt").exists() or not _was_a_resume(run)]
     with_ckpt = sorted((run for run in runs if (run / "checkpoints" / "last.ckpt").exists()), key=_last_activity)
     if not with_ckpt:
         raise FileNotFoundError(
