@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldm.utils.task import run_main
+
 
 def build(config_path: str, **overrides):
     import hydra
@@ -43,7 +45,7 @@ def run_variant(variant: str, model: str, resolution: int, batch: int, steps: in
     import torch
 
     from datamodules.shapes import ShapesDataset
-    from ldm.diffusion import DiffusionSchedule, diffusion_loss
+    from ldm.diffusion import DiffusionLoss, DiffusionSchedule
     from ldm.modules.adapters.lora import UNET_ATTENTION, inject_lora, lora_parameters
 
     torch.manual_seed(0)
@@ -84,7 +86,7 @@ def run_variant(variant: str, model: str, resolution: int, batch: int, steps: in
         t = torch.randint(0, 1000, (batch,), device=device)
         noise = torch.randn_like(z)
         out = unet(schedule.q_sample(z, t, noise), t, ctx)
-        loss = diffusion_loss(out, noise, t, schedule)
+        loss = DiffusionLoss("eps")(out, z, noise, t, schedule)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from ldm.diffusion import (
+    DiffusionLoss,
     DiffusionSchedule,
+    MinSNRWeighting,
+    as_parameterization,
+    build_loss,
     classifier_free_guidance,
-    diffusion_loss,
     make_beta_schedule,
-    min_snr_weight,
     rescale_zero_terminal_snr,
     sample_noise,
 )
@@ -117,9 +119,10 @@ def test_target_prediction_round_trip(schedule, parameterization):
     noise = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 10, 200, 500, 800, 999])
     xt = schedule.q_sample(x0, t, noise)
-    target = schedule.target(x0, noise, t, parameterization)
-    torch.testing.assert_close(schedule.predict_x0(xt, t, target, parameterization), x0)
-    torch.testing.assert_close(schedule.predict_eps(xt, t, target, parameterization), noise)
+    param = as_parameterization(parameterization)
+    target = param.target(x0, noise, t, schedule)
+    torch.testing.assert_close(param.to_x0(xt, t, target, schedule), x0)
+    torch.testing.assert_close(param.to_eps(xt, t, target, schedule), noise)
 
 
 def test_v_target_closed_form(schedule):
@@ -127,9 +130,9 @@ def test_v_target_closed_form(schedule):
     t = torch.tensor([100, 900])
     a = schedule.alphas_cumprod[t].sqrt()[:, None]
     expected = a * noise - (1 - a**2).sqrt() * x0
-    torch.testing.assert_close(schedule.target(x0, noise, t, "v"), expected)
-    with pytest.raises(ValueError):
-        schedule.target(x0, noise, t, "score")
+    torch.testing.assert_close(as_parameterization("v").target(x0, noise, t, schedule), expected)
+    with pytest.raises(ValueError, match="parameterization must be one of"):
+        as_parameterization("score")
 
 
 def test_v_round_trip_with_zero_terminal_snr():
@@ -138,9 +141,10 @@ def test_v_round_trip_with_zero_terminal_snr():
     t = torch.tensor([999, 998])
     xt = s.q_sample(x0, t, noise)
     torch.testing.assert_close(xt[0], noise[0])  # pure noise at the last step
-    v = s.target(x0, noise, t, "v")
-    torch.testing.assert_close(s.predict_x0(xt, t, v, "v"), x0)
-    torch.testing.assert_close(s.predict_eps(xt, t, v, "v"), noise)
+    param = as_parameterization("v")
+    v = param.target(x0, noise, t, s)
+    torch.testing.assert_close(param.to_x0(xt, t, v, s), x0)
+    torch.testing.assert_close(param.to_eps(xt, t, v, s), noise)
 
 
 def test_snr(schedule):
@@ -187,12 +191,12 @@ def test_posterior_against_closed_form():
 
 def test_min_snr_weights_by_hand():
     snr = torch.tensor([0.5, 5.0, 20.0])
-    g = 5.0
-    torch.testing.assert_close(min_snr_weight(snr, g, "eps"), torch.tensor([1.0, 1.0, 0.25]))
-    torch.testing.assert_close(min_snr_weight(snr, g, "v"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
-    torch.testing.assert_close(min_snr_weight(snr, g, "x0"), torch.tensor([0.5, 5.0, 5.0]))
+    weighting = MinSNRWeighting(5.0)
+    torch.testing.assert_close(weighting(snr, as_parameterization("eps")), torch.tensor([1.0, 1.0, 0.25]))
+    torch.testing.assert_close(weighting(snr, as_parameterization("v")), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+    torch.testing.assert_close(weighting(snr, as_parameterization("x0")), torch.tensor([0.5, 5.0, 5.0]))
     # zero SNR (zero-terminal-SNR schedules): finite weights
-    zero = min_snr_weight(torch.tensor([0.0]), g, "eps")
+    zero = weighting(torch.tensor([0.0]), as_parameterization("eps"))
     assert torch.isfinite(zero).all() and zero.item() == 1.0
 
 
@@ -213,21 +217,25 @@ def test_offset_noise_shape_and_statistics():
 
 
 def test_diffusion_loss_plain_is_mse(schedule):
-    out, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    out, noise, x0 = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     t = torch.tensor([1, 100, 500, 999])
-    loss = diffusion_loss(out, target, t, schedule)
-    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(out, target))
-    per_sample = diffusion_loss(out, target, t, schedule, reduction="none")
+    loss = DiffusionLoss()(out, x0, noise, t, schedule)  # eps: the target is the noise
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(out, noise))
+    per_sample = DiffusionLoss("eps")(out, x0, noise, t, schedule, reduction="none")
     assert per_sample.shape == (4,)
-    torch.testing.assert_close(per_sample, ((out - target) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(per_sample, ((out - noise) ** 2).mean(dim=(1, 2, 3)))
+    x0_loss = DiffusionLoss("x0")(out, x0, noise, t, schedule, reduction="none")
+    torch.testing.assert_close(x0_loss, ((out - x0) ** 2).mean(dim=(1, 2, 3)))
 
 
 @pytest.mark.parametrize("parameterization", PARAMS)
 def test_diffusion_loss_min_snr_weighting(schedule, parameterization):
-    out, target = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
+    out, x0, noise = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4)
     t = torch.tensor([1, 100, 500, 999])
-    weights = min_snr_weight(schedule.snr(t), 5.0, parameterization)
-    loss = diffusion_loss(out, target, t, schedule, parameterization, min_snr_gamma=5.0, reduction="none")
+    loss_fn = build_loss(parameterization, min_snr_gamma=5.0)
+    weights = MinSNRWeighting(5.0)(schedule.snr(t), loss_fn.parameterization)
+    loss = loss_fn(out, x0, noise, t, schedule, reduction="none")
+    target = loss_fn.parameterization.target(x0, noise, t, schedule)
     torch.testing.assert_close(loss, ((out - target) ** 2).mean(dim=(1, 2, 3)) * weights)
     assert not torch.allclose(weights, torch.ones(4))
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from ldm.diffusion import (
+    X0,
     DDIMSampler,
     DDPMSampler,
     DiffusionSchedule,
     DPMSolverPP2MSampler,
+    as_parameterization,
     build_sampler,
     make_beta_schedule,
     make_timesteps,
@@ -43,8 +45,8 @@ def oracle(schedule, x0, parameterization, seen=None):
     def denoise(xt, t):
         if seen is not None:
             seen.append(t.clone())
-        eps = schedule.predict_eps(xt, t, x0, "x0")
-        return schedule.target(x0, eps, t, parameterization)
+        eps = X0.to_eps(xt, t, x0, schedule)
+        return as_parameterization(parameterization).target(x0, eps, t, schedule)
 
     return denoise
 
@@ -56,8 +58,8 @@ def gaussian_denoiser(schedule, mu, std, parameterization):
         abar = schedule.alphas_cumprod[t].to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
         a = abar.sqrt()
         x0_hat = mu + a * std**2 / (abar * std**2 + 1 - abar) * (xt - a * mu)
-        eps_hat = schedule.predict_eps(xt, t, x0_hat, "x0")
-        return schedule.target(x0_hat, eps_hat, t, parameterization)
+        eps_hat = X0.to_eps(xt, t, x0_hat, schedule)
+        return as_parameterization(parameterization).target(x0_hat, eps_hat, t, schedule)
 
     return denoise
 
@@ -223,7 +225,7 @@ def test_ddpm_full_matches_manual_posterior_loop():
     x = torch.randn(shape, generator=g, dtype=torch.float64)
     for step in reversed(range(20)):
         t = torch.full((3,), step, dtype=torch.long)
-        x0 = schedule.predict_x0(x, t, toy_denoiser(x, t), "eps")
+        x0 = as_parameterization("eps").to_x0(x, t, toy_denoiser(x, t), schedule)
         mean, _, log_var = schedule.posterior_mean_variance(x0, x, t)
         x = mean + (
             torch.exp(0.5 * log_var) * torch.randn(shape, generator=g, dtype=torch.float64) if step else 0
@@ -371,8 +373,8 @@ def test_schedule_convention_is_the_default_and_samplers_override_it():
     out = DDIMSampler(steps=10)(oracle(schedule, x0, "eps"), schedule, x0.shape, "eps")
     assert not torch.allclose(out, x0, atol=1e-3)
     abar0 = float(schedule.alphas_cumprod[0])  # it is the x_t of abar_0 (eps = the oracle's noise)
-    assert torch.allclose(out, abar0**0.5 * x0 + (1 - abar0) ** 0.5 * schedule.predict_eps(
-        out, torch.zeros(2, dtype=torch.long), x0, "x0"), atol=1e-4)
+    assert torch.allclose(out, abar0**0.5 * x0 + (1 - abar0) ** 0.5 * X0.to_eps(
+        out, torch.zeros(2, dtype=torch.long), x0, schedule), atol=1e-4)
     with pytest.raises(ValueError, match="spacing"):
         DiffusionSchedule.from_config(timestep_spacing="uniform")
 

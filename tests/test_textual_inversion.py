@@ -250,7 +250,7 @@ def test_experiment_trains_only_the_new_vectors(trained, base_ckpt):
     _, model, run = trained
     base = load_base_model(str(base_ckpt)).text_encoder
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
-        "text_encoder.transformer.text_model.embeddings.token_embedding.vectors"]
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.vectors"]
     # every row of the base's token embedding, and every other text-encoder weight, is bit-identical
     rows = base.token_embedding.weight.shape[0]
     assert torch.equal(model.text_encoder.token_embedding.weight[:rows], base.token_embedding.weight)

@@ -8,7 +8,16 @@ from ldm.diffusion.discretization import (
     sigma_grid,
 )
 from ldm.diffusion.guidance import Denoiser, classifier_free_guidance
-from ldm.diffusion.losses import diffusion_loss, min_snr_weight, sample_noise
+from ldm.diffusion.loss_weighting import LossWeighting, MinSNRWeighting, PlainWeighting
+from ldm.diffusion.losses import DiffusionLoss, build_loss, sample_noise
+from ldm.diffusion.parameterization import (
+    EPS,
+    PARAMETERIZATIONS,
+    X0,
+    Parameterization,
+    V,
+    as_parameterization,
+)
 from ldm.diffusion.samplers import (
     DEFAULT_TIMESTEP_SPACING,
     SAMPLERS,
@@ -21,7 +30,6 @@ from ldm.diffusion.samplers import (
     make_timesteps,
 )
 from ldm.diffusion.schedules import (
-    PARAMETERIZATIONS,
     DiffusionSchedule,
     make_beta_schedule,
     posterior_coefficients,
@@ -30,25 +38,33 @@ from ldm.diffusion.schedules import (
 
 __all__ = [
     "DEFAULT_TIMESTEP_SPACING",
+    "EPS",
     "OUR_CONVENTION",
     "PARAMETERIZATIONS",
     "SAMPLERS",
     "SD_CONVENTION",
+    "X0",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",
     "Denoiser",
+    "DiffusionLoss",
     "DiffusionSchedule",
+    "LossWeighting",
+    "MinSNRWeighting",
+    "Parameterization",
+    "PlainWeighting",
     "Sampler",
     "SigmaSampler",
     "TimestepConvention",
+    "V",
+    "as_parameterization",
+    "build_loss",
     "build_sampler",
     "classifier_free_guidance",
-    "diffusion_loss",
     "karras_sigmas",
     "make_beta_schedule",
     "make_timesteps",
-    "min_snr_weight",
     "posterior_coefficients",
     "rescale_zero_terminal_snr",
     "sample_noise",

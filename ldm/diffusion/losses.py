@@ -1,11 +1,13 @@
-"""Training noise and the weighted denoising loss."""
+"""Training noise, the denoising loss (a parameterisation and a weighting) and DreamBooth's prior term."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedules import DiffusionSchedule, check_parameterization
+from ldm.diffusion.loss_weighting import LossWeighting, MinSNRWeighting, PlainWeighting
+from ldm.diffusion.parameterization import Parameterization, as_parameterization
+from ldm.diffusion.schedules import DiffusionSchedule
 
 
 def randn(
@@ -38,43 +40,43 @@ def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generat
     return noise
 
 
-def min_snr_weight(snr: Tensor, gamma: float, parameterization: str) -> Tensor:
-    """Min-SNR-gamma loss weights ``[B]`` (Hang et al. 2023, "Efficient Diffusion Training via
-    Min-SNR Weighting"), expressed for the loss in each parameterisation:
-    eps: min(snr, g) / snr, v: min(snr, g) / (snr + 1), x0: min(snr, g).
+class DiffusionLoss:
+    """The denoising loss: a parameterisation (what the network predicts, ``ldm.diffusion.parameterization``)
+    and a weighting over noise levels (``ldm.diffusion.loss_weighting``).
+
+    ``loss(output, x0, noise, t, schedule)``: the per-sample MSE between the output and the parameterisation's
+    target (mean over all non-batch dims, computed in float32) times the weighting's ``[B]`` weights; a scalar
+    with ``reduction="mean"``, the weighted ``[B]`` with ``"none"``.
     """
-    check_parameterization(parameterization)
-    clipped = torch.clamp(snr, max=gamma)
-    if parameterization == "eps":
-        # == min(snr, g) / snr, written so that snr = 0 gives 1 instead of 0/0
-        return torch.clamp(gamma / snr, max=1.0)
-    if parameterization == "v":
-        return clipped / (snr + 1)
-    return clipped
+
+    def __init__(self, parameterization: str | Parameterization = "eps",
+                 weighting: LossWeighting | None = None):
+        self.parameterization = as_parameterization(parameterization)
+        self.weighting = weighting if weighting is not None else PlainWeighting()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.parameterization!r}, {self.weighting!r})"
+
+    def __call__(self, output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, schedule: DiffusionSchedule,
+                 reduction: str = "mean") -> Tensor:
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        target = self.parameterization.target(x0, noise, t, schedule)
+        if output.shape != target.shape:
+            raise ValueError(f"model output {tuple(output.shape)} and target {tuple(target.shape)} differ")
+        err = (output.float() - target.float()) ** 2
+        per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
+        per_sample = per_sample * self.weighting(schedule.snr(t).to(per_sample.device), self.parameterization)
+        return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def diffusion_loss(
-    model_output: Tensor,
-    target: Tensor,
-    t: Tensor,
-    schedule: DiffusionSchedule,
-    parameterization: str = "eps",
-    min_snr_gamma: float | None = None,
-    reduction: str = "mean",
-) -> Tensor:
-    """Per-sample MSE (mean over all non-batch dims, computed in float32), optionally weighted
-    by Min-SNR-gamma. ``reduction="mean"`` gives a scalar, ``"none"`` the weighted ``[B]``."""
-    check_parameterization(parameterization)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if model_output.shape != target.shape:
-        raise ValueError(f"model_output {tuple(model_output.shape)} and target {tuple(target.shape)} differ")
-    err = (model_output.float() - target.float()) ** 2
-    per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
-    if min_snr_gamma is not None:
-        weights = min_snr_weight(schedule.snr(t).to(per_sample.device), min_snr_gamma, parameterization)
-        per_sample = per_sample * weights
-    return per_sample.mean() if reduction == "mean" else per_sample
+def build_loss(parameterization: str | Parameterization = "eps",
+               min_snr_gamma: float | None = None) -> DiffusionLoss:
+    """The loss that ``model.parameterization`` and ``model.min_snr_gamma`` (or ``model/loss=...``) name:
+    ``min_snr_gamma=None`` is the plain MSE, a number Min-SNR-gamma. The one place those keys become
+    objects."""
+    weighting = PlainWeighting() if min_snr_gamma is None else MinSNRWeighting(min_snr_gamma)
+    return DiffusionLoss(parameterization, weighting)
 
 
 def prior_preservation_loss(per_sample: Tensor, is_prior: Tensor, prior_weight: float) -> Tensor:

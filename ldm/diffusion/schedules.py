@@ -3,7 +3,8 @@
 Notation: ``abar_t = prod_{s<=t} (1 - beta_s)`` (``alphas_cumprod``), ``x_t = sqrt(abar_t) x0 +
 sqrt(1 - abar_t) eps`` (Ho et al. 2020, eq. 4). Timesteps are integers in ``[0, T-1]``.
 Nothing here has ``nn.Parameter``s; the tables are float64 and every method gathers the
-per-timestep coefficient, casts it to the input's dtype/device and reshapes it to broadcast.
+per-timestep coefficient, casts it to the input's dtype/device and reshapes it to broadcast. What a network
+predicts (eps / v / x0) and its conversions live in ``ldm.diffusion.parameterization``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,6 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.discretization import OUR_CONVENTION, TimestepConvention
-
-PARAMETERIZATIONS = ("eps", "v", "x0")
-
-
-def check_parameterization(parameterization: str) -> str:
-    if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
-    return parameterization
 
 
 def make_beta_schedule(
@@ -169,7 +162,7 @@ class DiffusionSchedule:
         values = self._table(name, x.device)[t].to(x.dtype)
         return values.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
-    # -- forward process and parameterisations ---------------------------------------------
+    # -- forward process --------------------------------------------------------------------
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. 2020, eq. 4)."""
@@ -178,39 +171,10 @@ class DiffusionSchedule:
             + self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
         )
 
-    def target(self, x0: Tensor, noise: Tensor, t: Tensor, parameterization: str) -> Tensor:
-        """Regression target: eps, x0, or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022)."""
-        check_parameterization(parameterization)
-        if parameterization == "eps":
-            return noise
-        if parameterization == "x0":
-            return x0
-        return (
-            self._gather("sqrt_alphas_cumprod", t, x0) * noise
-            - self._gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0
-        )
-
-    def predict_x0(self, xt: Tensor, t: Tensor, model_output: Tensor, parameterization: str) -> Tensor:
-        """x0 from a model output (eps: undefined where abar_t = 0)."""
-        check_parameterization(parameterization)
-        if parameterization == "x0":
-            return model_output
-        a = self._gather("sqrt_alphas_cumprod", t, xt)
-        s = self._gather("sqrt_one_minus_alphas_cumprod", t, xt)
-        if parameterization == "eps":
-            return (xt - s * model_output) / a
-        return a * xt - s * model_output
-
-    def predict_eps(self, xt: Tensor, t: Tensor, model_output: Tensor, parameterization: str) -> Tensor:
-        """eps from a model output."""
-        check_parameterization(parameterization)
-        if parameterization == "eps":
-            return model_output
-        a = self._gather("sqrt_alphas_cumprod", t, xt)
-        s = self._gather("sqrt_one_minus_alphas_cumprod", t, xt)
-        if parameterization == "x0":
-            return (xt - a * model_output) / s
-        return s * xt + a * model_output
+    def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sqrt(abar_t), sqrt(1 - abar_t))`` shaped to broadcast with ``x``: ``x_t = a x0 + s eps``; the
+        parameterisations (``ldm.diffusion.parameterization``) write their targets and conversions with them."""
+        return self._gather("sqrt_alphas_cumprod", t, x), self._gather("sqrt_one_minus_alphas_cumprod", t, x)
 
     def snr(self, t: Tensor) -> Tensor:
         """abar_t / (1 - abar_t), float32 ``[B]`` on ``t``'s device."""

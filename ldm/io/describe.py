@@ -13,7 +13,7 @@ from ldm.diffusion import OUR_CONVENTION, DiffusionSchedule
 from ldm.io.sd_presets import SD_SCHEDULE, TEXT_CONFIG_FIELDS
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.text_encoder import CLIPTextEncoder
-from ldm.modules.unet import Downsample, ResBlock, UNetModel
+from ldm.modules.unet import Downsample, ResBlock, UNetModel, depth_kwargs
 from ldm.modules.vae import AutoencoderKL
 
 __all__ = ["build_schedule", "describe_schedule", "describe_text_encoder", "describe_unet", "describe_vae"]
@@ -21,12 +21,13 @@ __all__ = ["build_schedule", "describe_schedule", "describe_text_encoder", "desc
 
 def describe_unet(unet: UNetModel) -> dict[str, Any]:
     """``UNetModel(**describe_unet(unet))`` rebuilds the architecture of ``unet``."""
-    widths, per_level, attention = [], [0], set()
+    widths, per_level, attention, depths = [], [0], set(), [0]
     transformers: list[SpatialTransformer] = []
     ds = 1
     for block in list(unet.input_blocks)[1:]:
         if isinstance(block[0], Downsample):
             per_level.append(0)
+            depths.append(0)
             ds *= 2
             continue
         if not isinstance(block[0], ResBlock):
@@ -37,6 +38,7 @@ def describe_unet(unet: UNetModel) -> dict[str, Any]:
         if len(block) > 1:
             attention.add(ds)
             transformers.append(block[1])
+            depths[-1] = len(block[1].transformer_blocks)
     transformers.append(unet.middle_block[1])
     if len(set(per_level)) != 1:
         raise ValueError(f"uneven res blocks per level {per_level}")
@@ -59,12 +61,13 @@ def describe_unet(unet: UNetModel) -> dict[str, Any]:
         "attention_resolutions": sorted(attention, reverse=True),
         "num_heads": num_heads,
         "num_head_channels": num_head_channels,
-        "transformer_depth": len(transformers[0].transformer_blocks),
+        **depth_kwargs(depths, len(unet.middle_block[1].transformer_blocks)),
         "context_dim": unet.context_dim,
         "use_linear_in_transformer": bool(transformers[0].use_linear),
         "use_checkpoint": False,
         "dropout": float(first.out_layers[2].p),
         "use_scale_shift_norm": bool(first.use_scale_shift_norm),
+        **({} if unet.adm_in_channels is None else {"adm_in_channels": unet.adm_in_channels}),
     }
 
 

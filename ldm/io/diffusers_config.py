@@ -2,12 +2,18 @@
 scheduler's ``scheduler_config.json`` to our ``UNetModel`` / ``AutoencoderKL`` kwargs and
 ``DiffusionSchedule`` config, and back (``diffusers_config_from_ldm``). A diffusers config our modules
 cannot reproduce (other block types, group counts, embeddings) is refused with the offending field named.
+
+SD v1/v2/XL UNets: SDXL's ``addition_embed_type="text_time"`` is our ``adm_in_channels`` (=
+``projection_class_embeddings_input_dim``); its ``addition_time_embed_dim`` (256: the width of each size
+number's features, ``ldm.modules.size_embedding``) belongs to the conditioner, not the UNet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from ldm.modules.unet import depth_kwargs, level_depths
 
 __all__ = [
     "diffusers_config_from_ldm",
@@ -28,7 +34,7 @@ def _require(config: Mapping[str, Any], what: str, **expected: Any) -> None:
         if not ok:
             raise ValueError(
                 f"{what} config has {key}={got!r}; only {value!r} is supported (not a Stable "
-                "Diffusion v1/v2 architecture)"
+                "Diffusion v1/v2/XL architecture)"
             )
 
 
@@ -40,7 +46,7 @@ def _single(value: Any, what: str) -> Any:
     return value
 
 
-# Fields of a diffusers UNet2DConditionModel config that our UNetModel cannot change (SD v1/v2 values).
+# Fields of a diffusers UNet2DConditionModel config that our UNetModel cannot change (SD v1/v2/XL values).
 _UNET_FIXED: dict[str, Any] = {
     "norm_num_groups": 32,
     "act_fn": "silu",
@@ -48,7 +54,6 @@ _UNET_FIXED: dict[str, Any] = {
     "freq_shift": 0,
     "center_input_sample": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "num_class_embeds": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
@@ -70,7 +75,7 @@ _UNET_FIXED: dict[str, Any] = {
 
 
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``UNetModel`` kwargs for a diffusers ``UNet2DConditionModel`` config (SD v1/v2 layouts only)."""
+    """``UNetModel`` kwargs for a diffusers ``UNet2DConditionModel`` config (SD v1/v2/XL layouts only)."""
     _require(config, "UNet", **_UNET_FIXED)
     down = list(config["down_block_types"])
     up = list(config["up_block_types"])
@@ -85,19 +90,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     model_channels = widths[0]
     if any(w % model_channels for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first")
-    # diffusers' attention_head_dim is, for SD, the number of heads (num_attention_heads when set).
-    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
     attention_levels = [i for i, t in enumerate(down) if t.startswith("CrossAttn")]
-    used = [(heads[i], widths[i] // heads[i]) for i in attention_levels] + [
-        (heads[-1], widths[-1] // heads[-1])
-    ]
-    if len({h for h, _ in used}) == 1:
-        num_heads, num_head_channels = used[0][0], -1
-    elif len({d for _, d in used}) == 1:
-        num_heads, num_head_channels = -1, used[0][1]
-    else:
-        raise ValueError(f"attention heads {heads} vary in count and width: not an LDM UNet layout")
     return {
         "in_channels": config.get("in_channels", 4),
         "out_channels": config.get("out_channels", 4),
@@ -105,17 +98,62 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         "channel_mult": [w // model_channels for w in widths],
         "num_res_blocks": _single(config.get("layers_per_block", 2), "layers_per_block"),
         "attention_resolutions": [2**i for i in attention_levels],
-        "num_heads": num_heads,
-        "num_head_channels": num_head_channels,
-        "transformer_depth": _single(
-            config.get("transformer_layers_per_block", 1), "transformer_layers_per_block"
-        ),
+        **_heads_from_diffusers(config, widths, attention_levels),
+        **_depths_from_diffusers(config, attention_levels, len(widths)),
         "context_dim": _single(config.get("cross_attention_dim", 768), "cross_attention_dim"),
         "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
         "use_checkpoint": False,
         "dropout": float(config.get("dropout", 0.0)),
         "use_scale_shift_norm": config.get("resnet_time_scale_shift", "default") == "scale_shift",
+        **_label_embedding_from_diffusers(config),
     }
+
+
+def _heads_from_diffusers(config: Mapping[str, Any], widths: list[int], attention_levels: list[int]) -> dict:
+    """``num_heads`` / ``num_head_channels`` from diffusers' per-level head counts."""
+    # diffusers' attention_head_dim is, for SD, the number of heads (num_attention_heads when set).
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(widths)
+    used = [(heads[i], widths[i] // heads[i]) for i in attention_levels] + [
+        (heads[-1], widths[-1] // heads[-1])
+    ]
+    if len({h for h, _ in used}) == 1:
+        return {"num_heads": used[0][0], "num_head_channels": -1}
+    if len({d for _, d in used}) == 1:
+        return {"num_heads": -1, "num_head_channels": used[0][1]}
+    raise ValueError(f"attention heads {heads} vary in count and width: not an LDM UNet layout")
+
+
+def _depths_from_diffusers(config: Mapping[str, Any], attention_levels: list[int], levels: int) -> dict:
+    """``transformer_depth`` (one int when every transformer has the same depth, else one per level, 0 where
+    a level has no attention) and ``transformer_depth_middle`` when it differs from the last level's."""
+    if config.get("reverse_transformer_layers_per_block") is not None:
+        raise ValueError(
+            "reverse_transformer_layers_per_block (an asymmetric UNet) is not an LDM UNet layout"
+        )
+    given = config.get("transformer_layers_per_block", 1)
+    given = list(given) if isinstance(given, (list, tuple)) else [given] * levels
+    per_level = [_single(d, "transformer_layers_per_block") for d in given]
+    middle = per_level[-1]  # diffusers' mid block takes the last level's depth
+    if any(per_level[i] < 1 for i in attention_levels) or middle < 1:
+        raise ValueError(f"transformer_layers_per_block {given} gives a cross-attention block no transformer")
+    return depth_kwargs([per_level[i] if i in attention_levels else 0 for i in range(levels)], middle)
+
+
+def _label_embedding_from_diffusers(config: Mapping[str, Any]) -> dict:
+    """``adm_in_channels`` for SDXL's ``addition_embed_type="text_time"``; nothing for SD v1/v2."""
+    kind = config.get("addition_embed_type")
+    if kind is None:
+        return {}
+    if kind != "text_time":
+        raise ValueError(
+            f"UNet config has addition_embed_type={kind!r}; only None (SD v1/v2) and 'text_time' (SDXL) are supported"
+        )
+    if not config.get("projection_class_embeddings_input_dim"):
+        raise ValueError(
+            "UNet config has addition_embed_type='text_time' but no projection_class_embeddings_input_dim"
+        )
+    return {"adm_in_channels": int(config["projection_class_embeddings_input_dim"])}
 
 
 def vae_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,20 +239,26 @@ def diffusers_config_from_ldm(
     attention_resolutions=(4, 2, 1),
     num_heads: int = 8,
     num_head_channels: int = -1,
-    transformer_depth: int = 1,
+    transformer_depth=1,
     context_dim: int | None = 768,
     use_linear_in_transformer: bool = False,
     use_scale_shift_norm: bool = False,
+    transformer_depth_middle: int | None = None,
+    adm_in_channels: int | None = None,
+    addition_time_embed_dim: int = 256,
     **_ignored,
 ) -> dict:
     """``UNet2DConditionModel(**config)`` kwargs for the architecture of ``UNetModel(**kwargs)``.
 
-    diffusers' ``attention_head_dim`` is (for historical reasons) the number of heads.
+    diffusers' ``attention_head_dim`` is (for historical reasons) the number of heads. With
+    ``adm_in_channels`` (SDXL) the label embedding is ``addition_embed_type="text_time"``, whose
+    ``addition_time_embed_dim`` (features per size number; 256 in SDXL) our UNet does not hold.
     """
-    with_attention = [2**level in attention_resolutions for level in range(len(channel_mult))]
+    depths, middle = level_depths(transformer_depth, transformer_depth_middle, len(channel_mult))
+    with_attention = [2**level in attention_resolutions and d > 0 for level, d in enumerate(depths)]
     widths = [model_channels * m for m in channel_mult]
     heads = [w // num_head_channels if num_head_channels > 0 else num_heads for w in widths]
-    return {
+    config = {
         "in_channels": in_channels,
         "out_channels": out_channels,
         "block_out_channels": tuple(widths),
@@ -222,7 +266,7 @@ def diffusers_config_from_ldm(
         "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(with_attention)),
         "layers_per_block": num_res_blocks,
         "attention_head_dim": heads if num_head_channels > 0 else num_heads,
-        "transformer_layers_per_block": transformer_depth,
+        "transformer_layers_per_block": _diffusers_depths(depths, middle, with_attention),
         "cross_attention_dim": context_dim,
         "use_linear_projection": use_linear_in_transformer,
         "resnet_time_scale_shift": "scale_shift" if use_scale_shift_norm else "default",
@@ -231,3 +275,25 @@ def diffusers_config_from_ldm(
         "norm_num_groups": 32,
         "norm_eps": 1e-5,
     }
+    if adm_in_channels is not None:
+        config.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim,
+            projection_class_embeddings_input_dim=adm_in_channels,
+        )
+    return config
+
+
+def _diffusers_depths(depths: list[int], middle: int, with_attention: list[bool]) -> int | tuple[int, ...]:
+    """diffusers' ``transformer_layers_per_block``: one int when all transformers share a depth, else one per
+    level; its mid block takes the last level's value, so a different middle depth needs a last level
+    without attention."""
+    used = {d for d, a in zip(depths, with_attention) if a} | {middle}
+    if len(used) == 1:
+        return middle
+    if with_attention[-1] and depths[-1] != middle:
+        raise ValueError(
+            f"diffusers' UNet2DConditionModel cannot hold a middle transformer depth {middle} that differs "
+            f"from the last level's {depths[-1]}"
+        )
+    return tuple(depths[:-1]) + (middle,)

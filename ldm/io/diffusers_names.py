@@ -9,6 +9,8 @@
 UNet: LDM ``input_blocks`` = ``conv_in``, then per level ``num_res_blocks`` blocks and a Downsample;
 ``output_blocks`` = per level ``num_res_blocks + 1`` blocks, the last one ending in an Upsample;
 ``middle_block`` = (ResBlock, SpatialTransformer, ResBlock) = ``mid_block.resnets.0/attentions.0/resnets.1``.
+A level without attention (diffusers' ``DownBlock2D``/``UpBlock2D``; SDXL's first) has blocks of a ResBlock
+only, so its Upsample sits at position 1 instead of 2. SDXL's ``label_emb.0.0/0.2`` = ``add_embedding.linear_1/2``.
 Transformer internals (``transformer_blocks.*``, ``norm``, ``proj_in``, ``proj_out``) share their names, and
 tensors pass through unchanged (SD v1 1x1-conv and SD 2.x linear ``proj_in/out`` agree in both layouts).
 """
@@ -38,6 +40,8 @@ _UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's label embedding ("text_time")
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.diffusion import DiffusionSchedule
+from ldm.diffusion import DiffusionSchedule, Parameterization, V, as_parameterization
 from ldm.io.components import SDComponents, as_dtype
 from ldm.io.describe import describe_schedule, describe_text_encoder, describe_unet, describe_vae
 from ldm.io.openclip import hf_to_openclip
@@ -42,7 +42,7 @@ def export_single_file(
     text_encoder: CLIPTextEncoder,
     *,
     schedule: DiffusionSchedule | None = None,
-    parameterization: str = "eps",
+    parameterization: str | Parameterization = "eps",
     scale_factor: float = 0.18215,
     resolution: int | None = None,
     version: str | None = None,
@@ -146,12 +146,12 @@ def _text_encoder_tensors(
     return tensors
 
 
-def _schedule_tensors(schedule: DiffusionSchedule | None, parameterization: str) -> dict[str, torch.Tensor]:
+def _schedule_tensors(schedule: DiffusionSchedule | None, parameterization: str | Parameterization) -> dict[str, torch.Tensor]:
     tensors = {}
     if schedule is not None:
         tensors["betas"] = schedule.betas.float()
         tensors["alphas_cumprod"] = schedule.alphas_cumprod.float()
-    if parameterization == "v":
+    if as_parameterization(parameterization) is V:  # the marker SD 2.x-v files carry (ComfyUI reads it)
         tensors["v_pred"] = torch.tensor([])
     return tensors
 
@@ -161,21 +161,22 @@ def _architecture(
     vae: AutoencoderKL,
     text_config: Mapping[str, Any],
     schedule: DiffusionSchedule | None,
-    parameterization: str,
+    parameterization: str | Parameterization,
     scale_factor: float,
     resolution: int | None,
 ) -> dict[str, Any]:
     """The ``ldm.config`` metadata: everything ``load_single_file`` needs to rebuild the model."""
     unet_config = describe_unet(unet)
     arch_version = version_of(unet_config, text_config)
-    resolution = int(resolution or (768 if arch_version == "v2" and parameterization == "v" else 512))
+    parameterization = as_parameterization(parameterization)
+    resolution = int(resolution or (768 if arch_version == "v2" and parameterization is V else 512))
     return {
         "version": arch_version,
         "unet": unet_config,
         "vae": describe_vae(vae),
         "text_encoder": dict(text_config),
         "schedule": describe_schedule(schedule) if schedule is not None else dict(SD_SCHEDULE),
-        "parameterization": parameterization,
+        "parameterization": parameterization.name,
         "scale_factor": float(scale_factor),
         "resolution": resolution,
     }
@@ -185,15 +186,15 @@ def _modelspec(config: Mapping[str, Any]) -> dict[str, str]:
     """``modelspec.*`` metadata (Stability AI's model spec) for the architecture ``config``."""
     version, parameterization, resolution = (
         config["version"],
-        config["parameterization"],
+        as_parameterization(config["parameterization"]),
         config["resolution"],
     )
     architecture = {"v1": "stable-diffusion-v1", "v2": "stable-diffusion-v2"}.get(version, "ldm-custom")
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture
-        + ("-768-v" if version == "v2" and parameterization == "v" else ""),
-        "modelspec.prediction_type": {"eps": "epsilon", "v": "v"}.get(parameterization, parameterization),
+        + ("-768-v" if version == "v2" and parameterization is V else ""),
+        "modelspec.prediction_type": parameterization.modelspec_name,
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
 

@@ -30,6 +30,7 @@ from ldm.io.sources import (
 )
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.modules.conditioner import Conditioner
 from ldm.utils.logging import get_logger
 
 __all__ = ["components_from_lightning", "latent_diffusion_from_components", "load_base_model"]
@@ -120,7 +121,7 @@ def latent_diffusion_from_components(
     model = LatentDiffusion(
         unet=components.unet,
         vae=components.vae,
-        text_encoder=components.text_encoder,
+        conditioner=Conditioner([components.text_encoder]),
         schedule=components.schedule,
         sampler=sampler or build_sampler("dpmpp_2m", steps=25),
         optimizer=functools.partial(torch.optim.SGD, lr=0.0),

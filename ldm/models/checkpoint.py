@@ -1,13 +1,13 @@
-"""Rebuild a trained model from one of our Lightning checkpoints (they carry their model config)."""
+"""Rebuild a trained model from one of our Lightning checkpoints (they carry their model config, which
+``ldm.models.model_config`` checks against an allowlist before building anything)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import OmegaConf
 
+from ldm.models.model_config import build_from_config, check_config
 from ldm.models.safe_checkpoint_io import load_training_checkpoint
 from ldm.utils.logging import get_logger
 
@@ -34,7 +34,8 @@ def load_lightning_model(path: str | Path, map_location: str | torch.device = "c
     if config is None:
         raise ValueError(f"{path} has no 'model_config': it was not written by this project's train.py "
                          "(for Stable Diffusion files use a single-file or diffusers loader)")
-    model = hydra.utils.instantiate(OmegaConf.create(_for_inference(config)), _convert_="all")
+    check_config(config, str(path))  # the whole file's config, optimiser included, before anything is built
+    model = build_from_config(_for_inference(config), str(path))
     # as Lightning does on resume: the model's hook first (a fine-tune loads its base and method state there
     # and leaves nothing else), then the rest of the weights, strictly
     model.on_load_checkpoint(ckpt)

@@ -1,8 +1,9 @@
 """Text-to-image latent diffusion as a LightningModule (thin: the math is in ``ldm/diffusion``).
 
 z0 = scale_factor * VAE posterior sample; z_t = q_sample(z0, t, eps); the UNet predicts eps, v or x0 given
-the CLIP context; loss = (optionally Min-SNR weighted) MSE. Sampling: any ``ldm.diffusion`` sampler with
-classifier-free guidance over the EMA UNet, then the VAE decoder.
+the conditions of the batch (``ldm.modules.conditioner.Conditioner``: the caption's CLIP context);
+loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE, plain or Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``).
+Sampling: any ``ldm.diffusion`` sampler with classifier-free guidance over the EMA UNet, then the VAE decoder.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import lightning as L
 import torch
 from torch import nn
 
-from ldm.diffusion import DiffusionSchedule, classifier_free_guidance, diffusion_loss, sample_noise
+from ldm.diffusion import (
+    DiffusionLoss,
+    DiffusionSchedule,
+    Parameterization,
+    build_loss,
+    classifier_free_guidance,
+    sample_noise,
+)
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.models.guards import check_finite
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
+from ldm.modules.conditioner import Conditioner, as_conditioner
 from ldm.modules.ema import EMA
 from ldm.utils.batch_random import BatchRandom
 from ldm.utils.logging import get_logger
@@ -31,14 +40,15 @@ log = get_logger(__name__)
 
 class LatentDiffusion(L.LightningModule):
     # constructor arguments that are modules or factories, kept out of ``hparams``
-    MODULE_ARGS = ("unet", "vae", "text_encoder", "schedule", "sampler", "optimizer", "scheduler")
+    MODULE_ARGS = ("unet", "vae", "conditioner", "text_encoder", "schedule", "sampler", "optimizer", "scheduler")
 
     def __init__(
         self,
         unet: nn.Module | None,
         vae: nn.Module | None,
-        text_encoder: nn.Module | None,
-        schedule: DiffusionSchedule | None,
+        conditioner: Conditioner | nn.Module | None = None,
+        schedule: DiffusionSchedule | None = None,
+        *,
         sampler: Callable,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable | None = None,
@@ -56,32 +66,47 @@ class LatentDiffusion(L.LightningModule):
         log_seed: int = 0,
         optimizer_in_backward: bool = False,
         bf16_weights: bool = False,
+        text_encoder: nn.Module | None = None,
     ):
+        """``conditioner``: the embedders of the batch's conditions (a bare text encoder is wrapped as the one
+        embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of the
+        two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own."""
         super().__init__()
+        if text_encoder is not None:
+            if conditioner is not None:
+                raise ValueError("give the model a conditioner or a text_encoder, not both")
+            conditioner = text_encoder
         self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
+        build_loss(parameterization, min_snr_gamma)  # a bad name or gamma fails here, not at the first step
         self.sampler = sampler
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.unet_ema = None
         if unet is not None:  # a fine-tune attaches its parts later, from the base model (set_parts)
-            self.set_parts(unet, vae, text_encoder, schedule)
+            self.set_parts(unet, vae, conditioner, schedule)
             self.unet_ema = EMA(unet, ema_decay) if ema_decay else None
         # <= 0 means "estimate from the first training batch" (LDM's scale_by_std); saved in checkpoints
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
         self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
         self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
+        self._register_load_state_dict_pre_hook(_rename_text_encoder_keys)
 
-    def set_parts(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+    def set_parts(self, unet: nn.Module, vae: nn.Module, conditioner: Conditioner | nn.Module,
                   schedule: DiffusionSchedule) -> None:
-        context_dim = getattr(unet, "context_dim", None)
-        hidden = getattr(text_encoder, "hidden_size", None)
+        conditioner = as_conditioner(conditioner)
+        context_dim, hidden = getattr(unet, "context_dim", None), conditioner.context_dim
         if context_dim is not None and hidden is not None and context_dim != hidden:
             raise ValueError(f"the UNet's context_dim ({context_dim}) must equal the text encoder's hidden size "
                              f"({hidden}); set model.unet.context_dim={hidden}")
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = text_encoder
+        self.conditioner = conditioner
         self.schedule = schedule
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The conditioner's one text embedder (SD 1.x / 2.x): what fine-tuning methods and files act on."""
+        return self.conditioner.text_encoder
 
     # -- pretrained parts ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -151,18 +176,28 @@ class LatentDiffusion(L.LightningModule):
         with torch.autocast(z.device.type, enabled=False):  # at the VAE's precision, as vae_encode
             return self.vae.decode((z / self.scale_factor).to(dtype)).clamp(-1, 1)
 
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        encoder = self.text_encoder
-        if hasattr(encoder, "encode_cached"):  # on the model's device even when the encoder was offloaded
-            return encoder.encode_cached(list(prompts), device=self.device)
-        return encoder(list(prompts))
+    def conditions(self, batch, train: bool = False) -> dict[str, torch.Tensor]:
+        """The conditioner's output for ``batch`` (``{"crossattn": ..., "vector": ...}``), on the model's device
+        (also when a text encoder was offloaded); ``train``: with each embedder's condition dropout (its
+        ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from ``batch_random``)."""
+        draw = self.batch_random.rand if train else None
+        return self.conditioner(batch, device=self.device, ucg_rate=self.hparams.ucg_rate, draw=draw,
+                                use_cache=self.use_text_cache())
 
-    def drop_conditions(self, prompts: Sequence[str]) -> list[str]:
-        """Condition dropout for classifier-free guidance: each prompt becomes "" with prob ucg_rate."""
-        if self.hparams.ucg_rate <= 0:
-            return list(prompts)
-        keep = self.batch_random.rand((len(prompts),)) >= self.hparams.ucg_rate
-        return [p if k else "" for p, k in zip(prompts, keep.tolist())]
+    def use_text_cache(self) -> bool:
+        """Whether text is encoded through the embedders' prompt caches (fine-tunes that train text: not)."""
+        return True
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """prompts -> the cross-attention context [B, T, D]."""
+        return self.context_of(self.conditions({"caption": list(prompts)}))
+
+    @staticmethod
+    def context_of(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The UNet's input from the conditions: the context (a vector condition needs a UNet that takes one)."""
+        if "vector" in conditions:
+            raise NotImplementedError("the conditioner gives a vector condition, which this UNet does not take yet")
+        return conditions["crossattn"]
 
     def scale_factor_known(self) -> bool:
         """True once the buffer holds a factor (given, estimated, or loaded); read from the device until then."""
@@ -196,14 +231,23 @@ class LatentDiffusion(L.LightningModule):
             noise = sample_noise(z0, self.hparams.offset_noise, generator)
         zt = self.schedule.q_sample(z0, t, noise)
         output = self.unet(zt, t, context)
-        target = self.schedule.target(z0, noise, t, self.hparams.parameterization)
-        return diffusion_loss(output, target, t, self.schedule, self.hparams.parameterization,
-                              self.hparams.min_snr_gamma, reduction)
+        return self.diffusion_loss(output, z0, noise, t, self.schedule, reduction)
+
+    @property
+    def diffusion_loss(self) -> DiffusionLoss:
+        """The loss the hparams name (rebuilt on each use: a fine-tune learns its parameterisation from its
+        base after construction)."""
+        return build_loss(self.hparams.parameterization, self.hparams.min_snr_gamma)
+
+    @property
+    def parameterization(self) -> Parameterization:
+        """What the UNet predicts (``ldm.diffusion.parameterization``), from ``hparams.parameterization``."""
+        return self.diffusion_loss.parameterization
 
     def batch_latents_and_context(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = self.drop_conditions(batch["caption"]) if train else batch["caption"]
+        context = self.context_of(self.conditions(batch, train))  # its dropout draws come first
         z0 = batch["latent"] * self.scale_factor if "latent" in batch else self.encode_images(batch["image"])
-        return z0, self.encode_text(prompts)
+        return z0, context
 
     def training_step(self, batch, batch_idx):
         if not self.scale_factor_known():
@@ -301,7 +345,7 @@ class LatentDiffusion(L.LightningModule):
         scope = self.ema_scope() if use_ema else contextlib.nullcontext(self.unet)
         with scope as unet:
             denoiser = classifier_free_guidance(unet, context, uncond, scale)
-            z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.hparams.parameterization,
+            z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.parameterization,
                                           generator=generator, device=self.device, dtype=context.dtype,
                                           progress=progress, x_T=latents, callback=callback, init=init,
                                           strength=strength)
@@ -333,3 +377,10 @@ class LatentDiffusion(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._vae_loaded = True  # the checkpoint carries the VAE weights
+
+
+def _rename_text_encoder_keys(state_dict, prefix, *args) -> None:
+    """Older checkpoints: ``text_encoder.*`` (the model's one text encoder) is ``conditioner.embedders.0.*``."""
+    old, new = f"{prefix}text_encoder.", f"{prefix}conditioner.embedders.0."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[new + key[len(old):]] = state_dict.pop(key)

@@ -11,7 +11,8 @@ from torch import Tensor
 from ldm.diffusion.discretization import TIMESTEP_SPACINGS, TimestepConvention, make_timesteps
 from ldm.diffusion.guidance import Denoiser
 from ldm.diffusion.losses import randn
-from ldm.diffusion.schedules import DiffusionSchedule, check_parameterization
+from ldm.diffusion.parameterization import EPS, Parameterization, as_parameterization
+from ldm.diffusion.schedules import DiffusionSchedule
 
 DEFAULT_TIMESTEP_SPACING = "trailing"
 """The spacing of models trained here (``OUR_CONVENTION``); a schedule carries its model's own."""
@@ -91,7 +92,7 @@ class Sampler:
         denoiser: Denoiser,
         schedule: DiffusionSchedule,
         shape: tuple,
-        parameterization: str = "eps",
+        parameterization: Parameterization | str = EPS,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -101,10 +102,11 @@ class Sampler:
         init: Tensor | None = None,
         strength: float = 1.0,
     ) -> Tensor:
-        """Samples ``[shape]`` (x0 space). ``x_T``: the initial standard-normal noise (drawn from
+        """Samples ``[shape]`` (x0 space) from a denoiser whose outputs are ``parameterization``'s (an object of
+        ``ldm.diffusion.parameterization``, or its name). ``x_T``: the initial standard-normal noise (drawn from
         ``generator`` when absent). ``init`` + ``strength`` (img2img, Meng et al. 2022, "SDEdit"): noise the
         clean ``init`` with that noise to the level of the last ``int(steps * strength)`` steps and run those."""
-        check_parameterization(parameterization)
+        parameterization = as_parameterization(parameterization)
         if device is None:
             device = x_T.device if x_T is not None else torch.device("cpu")
         device = torch.device(device)

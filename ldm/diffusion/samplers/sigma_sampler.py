@@ -59,12 +59,7 @@ class SigmaSampler(Sampler):
         def model(x, sigma: float):
             alpha = 1 / math.sqrt(1 + sigma**2)  # x_vp = alpha * x; alpha_vp = alpha, sigma_vp = sigma * alpha
             out = denoiser(x * alpha, timestep_batch(grid.timestep_of(sigma), x.shape[0], x.device))
-            if parameterization == "eps":
-                denoised = x - sigma * out
-            elif parameterization == "v":
-                denoised = alpha**2 * x - sigma * alpha * out
-            else:
-                denoised = out
+            denoised = parameterization.denoised(x, sigma, out)
             return denoised.clamp(-1.0, 1.0) if self.clip_x0 else denoised
 
         solve = SOLVERS[self.solver]

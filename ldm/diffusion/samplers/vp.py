@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ldm.diffusion.parameterization import X0
 from ldm.diffusion.samplers.base import Sampler, img2img_start, sqrt, timestep_batch, track
 
 
@@ -32,7 +33,7 @@ class VPSampler(Sampler):
             if not steps:
                 return init
             x = sqrt(steps[0][1]) * init + sqrt(1 - steps[0][1]) * x
-        if parameterization == "eps" and steps[0][1] <= 0.0:
+        if not parameterization.finite_at_zero_snr and steps[0][1] <= 0.0:
             raise ValueError(
                 "eps-prediction cannot start at a timestep with zero SNR (x0 = (x_t - eps) / 0); "
                 "use v-prediction with a zero-terminal-SNR schedule (Lin et al. 2023)"
@@ -41,11 +42,11 @@ class VPSampler(Sampler):
         def predict(x, t):
             t_batch = timestep_batch(t, x.shape[0], x.device)
             out = denoiser(x, t_batch)
-            x0 = schedule.predict_x0(x, t_batch, out, parameterization)
+            x0 = parameterization.to_x0(x, t_batch, out, schedule)
             if self.clip_x0:
                 x0 = x0.clamp(-1.0, 1.0)
-                return x0, schedule.predict_eps(x, t_batch, x0, "x0")
-            return x0, schedule.predict_eps(x, t_batch, out, parameterization)
+                return x0, X0.to_eps(x, t_batch, x0, schedule)
+            return x0, parameterization.to_eps(x, t_batch, out, schedule)
 
         return self._sample(predict, noise, x, track(steps, self.name, progress), callback or (lambda _: None))
 

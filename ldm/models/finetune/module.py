@@ -23,6 +23,7 @@ from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
 from ldm.models.text_offload import cache_prompts_and_offload
+from ldm.modules.conditioner import Conditioner
 from ldm.modules.ema import ParameterEMA
 from ldm.utils.file_identity import describe_source
 from ldm.utils.hub import looks_like_hub_id
@@ -57,7 +58,7 @@ class FineTuneModule(LatentDiffusion):
                  log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0,
                  optimizer_in_backward: bool = False, ema_device: str | None = None, bf16_weights: bool = False,
                  offload_text_encoder: bool = False):
-        super().__init__(unet=None, vae=None, text_encoder=None, schedule=None, sampler=sampler,
+        super().__init__(unet=None, vae=None, conditioner=None, schedule=None, sampler=sampler,
                          optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
                          min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
                          vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed,
@@ -94,11 +95,11 @@ class FineTuneModule(LatentDiffusion):
             parts = load_base_model(source, use_ema=self.hparams.base_use_ema, **extra)
             log.info(f"Base model: {source} ({parts.version}, {parts.parameterization}, "
                      f"scale_factor {float(parts.scale_factor):.5f})")
-        self.set_parts(parts.unet, parts.vae, parts.text_encoder, parts.schedule)
+        self.set_parts(parts.unet, parts.vae, Conditioner([parts.text_encoder]), parts.schedule)
         self.hparams.parameterization = parts.parameterization
         self.scale_factor.fill_(float(parts.scale_factor))
         self.image_resolution = getattr(self, "image_resolution", None) or resolution or parts.resolution
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, self.conditioner):
             module.requires_grad_(False).eval()
         if self.hparams.gradient_checkpointing:
             if not hasattr(self.unet, "enable_gradient_checkpointing"):
@@ -132,7 +133,8 @@ class FineTuneModule(LatentDiffusion):
         if cached is None:
             raise ValueError("model.offload_text_encoder=true needs the training captions up front: turn on the "
                              "latent cache (data.cache_latents=true) or set model.offload_text_encoder=false")
-        cache_prompts_and_offload(self.text_encoder, [*cached.captions, "", *self.hparams.log_prompts])
+        for encoder in self.conditioner.text_embedders:
+            cache_prompts_and_offload(encoder, [*cached.captions, "", *self.hparams.log_prompts])
 
     def _cache_latents_once(self, datamodule) -> None:
         """Encode the training images once: under DDP rank zero encodes and writes the disk cache while the
@@ -174,16 +176,14 @@ class FineTuneModule(LatentDiffusion):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.prepared:  # the base stays in eval mode (no dropout); the method's own modules follow `mode`
-            for module in (self.unet, self.text_encoder):
+            for module in (self.unet, self.conditioner):
                 module.eval()
             for module in self.method.train_modules():
                 module.train(mode)
         return self
 
-    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        if self.method.trains_text_encoder and torch.is_grad_enabled():
-            return self.text_encoder(list(prompts))
-        return super().encode_text(prompts)
+    def use_text_cache(self) -> bool:
+        return not (self.method.trains_text_encoder and torch.is_grad_enabled())
 
     def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
         return self.method.loss(per_sample_loss, batch)
