@@ -29,6 +29,7 @@ from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weight
 from ldm.models.guards import check_finite
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
+from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
 from ldm.modules.conditioner import Conditioner, as_conditioner
 from ldm.modules.ema import EMA
 from ldm.utils.batch_random import BatchRandom
@@ -280,6 +281,12 @@ class LatentDiffusion(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self._configured_lrs = configured_lrs(self.trainer)  # before a checkpoint's optimiser state replaces them
+
+    def on_train_start(self) -> None:
+        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))  # an lr given at resume applies
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each
