@@ -1,4 +1,4 @@
-"""Read the commands a user finds in README.md, and turn each into a test-sized one.
+"""Read the commands a user finds in README.md and docs/*.md, and turn each into a test-sized one.
 
 Commands come from fenced code blocks (one per line, ``\\`` continuations joined, ``&&`` chains split), from
 inline code spans anywhere in the text that start with ``python``/``bash`` (or ``<benchmark>.py ...``), and
@@ -137,8 +137,13 @@ def _benchmark_span(span: str) -> str | None:
     return None
 
 
-def readme_commands(readme: Path = ROOT / "README.md") -> list[Command]:
-    text = readme.read_text()
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # every page a user reads commands from
+
+
+def readme_commands(pages: list[Path] | Path = DOCS) -> list[Command]:
+    """The commands of ``pages`` (README.md and docs/*.md), each once, in page order."""
+    pages = [pages] if isinstance(pages, Path) else pages
+    text = "\n\n".join(page.read_text() for page in pages)
     found: list[str] = []
     for lang, block in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.DOTALL):
         if lang in ("", "bash", "sh", "console", "shell"):

@@ -1,5 +1,5 @@
 """The import graph of ``ldm/`` (every import statement, function-level ones included, read from the AST):
-no cycles, and arrows point down the layers of DESIGN.md:
+no cycles, and arrows point down the layers of docs/design.md ("Layers"):
 
     models -> io -> modules, diffusion -> utils
 

@@ -29,7 +29,7 @@ def test_slurm_and_torchrun_recipes_compose_a_multi_node_ddp_trainer(compose_cfg
     cfg = compose_cfg(["experiment=txt2img", *[o for o in overrides if not o.startswith("hydra.")]])
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 4 and cfg.trainer.strategy == "ddp"
     assert cfg.trainer.accelerator == "gpu"
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "scale.md").read_text()
     torchrun = re.search(r"torchrun .*? train\.py (.+)", readme).group(1).split()
     cfg = compose_cfg(["experiment=lora_finetune", *torchrun])
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
