@@ -119,7 +119,7 @@ def test_builds_what_hydra_builds(tmp_path):
 
 def entry_points(evil: Path, tmp_path: Path) -> dict:
     """Every place that reads a checkpoint's config, as a callable that should refuse ``evil``."""
-    import sample
+    from ldm.models import pipeline
 
     convert = load_script("scripts/convert.py")
     fidelity = load_script("benchmarks/fidelity.py")
@@ -137,7 +137,7 @@ def entry_points(evil: Path, tmp_path: Path) -> dict:
     finetune = compose_train(tmp_path, ["experiment=lora_finetune", *common, f"model.base={evil}",
                                         "data.cache_dir=null", "callbacks.lr_monitor=null"], output_name="ft")
     return {
-        "sample.py --ckpt": lambda: sample.load_for_sampling(str(evil)),
+        "sample.py --ckpt": lambda: pipeline.load_for_sampling(str(evil)),
         "scripts/convert.py --base": lambda: convert.main(["--base", str(evil), "--out", str(tmp_path / "o.st")]),
         "train.py model.base": lambda: train(finetune),
         "benchmarks/fidelity.py --ckpt": lambda: fidelity.main(["--ckpt", str(evil), "--n", "2"]),
