@@ -161,10 +161,12 @@ class DreamBoothDataModule(FineTuneDataModule):
 
     def __init__(self, concepts: Sequence[Mapping[str, Any]], resolution: int = 32, batch_size: int = 4,
                  repeats: int = 1, cache_latents: bool = True, cache_dir: str | None = None, num_workers: int = 0,
-                 class_images: Mapping | None = None, val_size: int = 8, seed: int = 0):
+                 class_images: Mapping | None = None, val_size: int = 8, seed: int = 0,
+                 cache_check: str = "stat", cache_max_gb: float | None = 20.0):
         super().__init__(source=None, resolution=resolution, batch_size=batch_size, repeats=repeats,
                          cache_latents=cache_latents, flip_variants=False, cache_dir=cache_dir,
-                         num_workers=num_workers, validation="none")
+                         num_workers=num_workers, validation="none", cache_check=cache_check,
+                         cache_max_gb=cache_max_gb)
         if not concepts:
             raise ValueError("DreamBooth needs at least one concept (data.concepts)")
         self.concepts = [Concept.from_config(c) for c in concepts]
@@ -301,9 +303,9 @@ class DreamBoothDataModule(FineTuneDataModule):
 
 
 def _generate_fn(generator: ImageGenerator, settings: SamplerSettings, resolution: int):
-    """(prompts, seed) -> images, as ``ensure_class_images`` calls it, with the settings filled in."""
-    def generate(prompts: list[str], seed: int) -> torch.Tensor:
-        return generator(prompts, seed, sampler=settings.sampler, steps=settings.steps,
+    """(prompts, seeds) -> images, as ``ensure_class_images`` calls it, with the settings filled in."""
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return generator(prompts, seeds, sampler=settings.sampler, steps=settings.steps,
                          guidance_scale=settings.guidance_scale, resolution=resolution)
 
     return generate

@@ -98,14 +98,14 @@ def test_dreambooth_class_images_come_from_a_generator_not_a_model(tmp_path):
                                 class_images={"steps": 2, "cache_dir": str(tmp_path / "class")})
     calls = []
 
-    def generate(prompts, seed, *, sampler, steps, guidance_scale, resolution):
-        calls.append((len(prompts), seed, sampler, steps, resolution))
+    def generate(prompts, seeds, *, sampler, steps, guidance_scale, resolution):
+        calls.append((len(prompts), len(set(seeds)), sampler, steps, resolution))
         return torch.zeros(len(prompts), 3, resolution, resolution)
 
     services = DataServices(encode=None, vae_fingerprint=lambda: "", generate=generate,
                             base_fingerprint=lambda: "base0")
     data.prepare_training_data(services)
-    assert calls == [(3, 0, "ddim", 2, 16)]
+    assert calls == [(3, 3, "ddim", 2, 16)]
     assert sum(bool(data.data_train[i]["is_regularization"]) for i in range(len(data.data_train))) == 3
 
 

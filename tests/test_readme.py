@@ -201,6 +201,11 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert sample.main([*argv, *short, "--out", str(work / "samples")]).is_file()
     elif program == "scripts/convert.py":
         assert Path(load_script(program).main(argv)).is_file()
+    elif program == "scripts/clear_cache.py":
+        entry = Path(os.environ.get("LDM_ROOT", ".")) / ".cache" / "latents" / "latents_0123.pt"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_bytes(b"latents")
+        assert load_script(program).main(argv)[str(entry.parent)] == len(b"latents") and not entry.exists()
     elif program == "scripts/make_shards.py":
         out = Path(argv[argv.index("--out") + 1])
         load_script(program).main([*argv, *short])

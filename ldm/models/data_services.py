@@ -22,15 +22,16 @@ def data_services(model) -> DataServices:
         posterior = model.vae_encode(images.to(model.device))
         return posterior.mean, posterior.std
 
-    def generate(prompts: list[str], seed: int, *, sampler: str, steps: int, guidance_scale: float,
+    def generate(prompts: list[str], seeds: list[int], *, sampler: str, steps: int, guidance_scale: float,
                  resolution: int) -> torch.Tensor:
         from ldm.diffusion import build_sampler
 
         factor = getattr(model.vae, "downsample_factor", 8)
         was_training = model.training
         model.eval()
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per image: batch-independent
         try:
-            return model.generate(prompts, guidance_scale=guidance_scale, seed=seed,
+            return model.generate(prompts, guidance_scale=guidance_scale, generator=generators,
                                   sampler=build_sampler(sampler, steps=steps), use_ema=False,
                                   latent_size=resolution // factor)
         finally:

@@ -26,9 +26,10 @@ class LatentEncoder(Protocol):
 
 
 class ImageGenerator(Protocol):
-    def __call__(self, prompts: list[str], seed: int, *, sampler: str, steps: int, guidance_scale: float,
+    def __call__(self, prompts: list[str], seeds: list[int], *, sampler: str, steps: int, guidance_scale: float,
                  resolution: int) -> Any:
-        """Images [B, 3, R, R] in [-1, 1] for ``prompts`` (the batch's noise seeded ``seed``)."""
+        """Images [B, 3, R, R] in [-1, 1] for ``prompts``; image k's noise (initial and per step) from
+        ``seeds[k]`` alone, whatever the batch."""
 
 
 @dataclass(frozen=True)

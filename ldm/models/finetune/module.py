@@ -129,6 +129,7 @@ class FineTuneModule(LatentDiffusion):
             self.data_link = replace(self.data_link, facts=facts)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if not self.hparams.offload_text_encoder:
             return
         captions = self.data_link.facts.captions
