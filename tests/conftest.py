@@ -32,7 +32,8 @@ register_resolvers()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# Runnable experiments; conf/experiment/_*.yaml are the blocks they inherit (_finetune_shapes, _finetune_sd15).
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @functools.lru_cache(maxsize=1)
