@@ -48,6 +48,14 @@ def captioned_image_folder() -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def sd_schedule():
+    """Stable Diffusion's schedule (scaled linear, 1,000 steps), for the sampler tests."""
+    from ldm.diffusion import DiffusionSchedule
+
+    return DiffusionSchedule.from_config("scaled_linear", num_timesteps=1000)
+
+
 def load_script(relative: str):
     """A script of the project (``sample.py``, ``benchmarks/memory.py``) as a module, to call its functions."""
     spec = importlib.util.spec_from_file_location(Path(relative).stem + "_script", ROOT / relative)
