@@ -24,24 +24,13 @@ from ldm.io.sd_layout import released_layout
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 from ldm.modules.text_encoder import CLIPTextEncoder
+from ldm.modules.tiny_unet import tiny_unet_config
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 
 ATOL = 1e-5
 HIDDEN, MAX_LEN = 32, 12
-TINY_UNET = {
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [1],
-    "num_heads": 2,
-    "num_head_channels": -1,
-    "transformer_depth": 1,
-    "context_dim": HIDDEN,
-    "use_linear_in_transformer": False,
-}
+TINY_UNET = tiny_unet_config(attention_resolutions=[1], num_heads=2, context_dim=HIDDEN)
 TINY_VAE = {
     "embed_dim": 4,
     "ch": 32,

@@ -38,17 +38,11 @@ from ldm.modules.adapters import (
     unmerge_lora,
 )
 from ldm.modules.text_encoder import CLIPTextEncoder
+from ldm.modules.tiny_unet import tiny_unet_config
 from ldm.modules.unet import UNetModel
 
 # conf/model/unet/tiny.yaml: levels (1, 2), one ResBlock per level, attention at the 2x level only.
-TINY = {
-    "model_channels": 32,
-    "channel_mult": (1, 2),
-    "num_res_blocks": 1,
-    "attention_resolutions": (2,),
-    "num_heads": 4,
-    "context_dim": 64,
-}
+TINY = tiny_unet_config()
 TINY_SD2 = {**TINY, "num_heads": -1, "num_head_channels": 16, "use_linear_in_transformer": True}
 PROMPTS = ["a red circle on a blue background", "a sks square"]
 
