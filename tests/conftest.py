@@ -56,6 +56,21 @@ def sd_schedule():
     return DiffusionSchedule.from_config("scaled_linear", num_timesteps=1000)
 
 
+@pytest.fixture(scope="module")
+def tiny_te(tmp_path_factory):
+    """A tiny CLIP text encoder (offline tokenizer), built once per module; ``te``: a fresh copy per test."""
+    from ldm.modules.text_encoder import CLIPTextEncoder
+
+    return CLIPTextEncoder.tiny(cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def te(tiny_te):
+    import copy
+
+    return copy.deepcopy(tiny_te)
+
+
 def load_script(relative: str):
     """A script of the project (``sample.py``, ``benchmarks/memory.py``) as a module, to call its functions."""
     spec = importlib.util.spec_from_file_location(Path(relative).stem + "_script", ROOT / relative)

@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ NOT_RUN = {
     "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step on CPU)",
     "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on CPU)",
     "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS each); "
-                                        "its loader is ldm.io's, tested in test_interop.py",
+                                        "its loader is ldm.io's, tested in test_interop_single_file.py",
     "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at test size "
                                          "by tests/test_scale_benchmarks.py",
     "python benchmarks/bf16_cpu.py": "SD v1.5 UNet steps in three precisions (minutes on CPU); run at test size by "
@@ -234,7 +235,7 @@ def run_embedded_chain(root: Path) -> Path:
     variables = {"LDM_ROOT": str(root), "DOCS": str(root / "docs"), "VAE_ARGS": stage["vae"],
                  "TXT2IMG_ARGS": stage["txt2img"], "LORA_ARGS": stage["lora_finetune"],
                  "FIDELITY_ARGS": " ".join(SHORT["benchmarks/fidelity.py"]),
-                 "SAMPLE_ARGS": " ".join(SHORT["sample.py"])}
+                 "SAMPLE_ARGS": " ".join(SHORT["sample.py"]), "PYTHON": sys.executable}
     result = subprocess.run(["bash", "scripts/embedded_chain.sh", "debug=smoke", "callbacks.rich_progress_bar=null"],
                             cwd=ROOT, env={**env(), **variables}, capture_output=True, text=True, timeout=600,
                             check=False)
