@@ -4,27 +4,26 @@
 #   bash scripts/embedded_chain.sh            # extra arguments go to every train.py call, e.g. logger=csv
 # Environment (all optional): LDM_ROOT (logs go to $LDM_ROOT/logs, default: the repository), DOCS (figures,
 # default docs), VAE_ARGS / TXT2IMG_ARGS / LORA_ARGS (extra train.py overrides for one stage), FIDELITY_ARGS
-# and SAMPLE_ARGS (extra arguments of benchmarks/fidelity.py and sample.py), PYTHON (the interpreter, default
-# python). tests/test_readme.py runs it shortened this way, with the interpreter running the tests.
+# and SAMPLE_ARGS (extra arguments of benchmarks/fidelity.py and sample.py). tests/test_readme.py runs it
+# shortened this way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LDM_ROOT="${LDM_ROOT:-.}"
 LOGS="$LDM_ROOT/logs"
 DOCS="${DOCS:-docs}"
-PYTHON="${PYTHON:-python}"
 # shellcheck disable=SC2086  # the *_ARGS are word lists on purpose
-"$PYTHON" train.py experiment=vae ${VAE_ARGS:-} "$@"
+python train.py experiment=vae ${VAE_ARGS:-} "$@"
 # shellcheck disable=SC2086
-"$PYTHON" train.py experiment=txt2img ${TXT2IMG_ARGS:-} "$@"          # finds the newest VAE run by itself
+python train.py experiment=txt2img ${TXT2IMG_ARGS:-} "$@"          # finds the newest VAE run by itself
 # shellcheck disable=SC2086
-"$PYTHON" train.py experiment=lora_finetune ${LORA_ARGS:-} "$@"    # finds the newest txt2img run by itself
+python train.py experiment=lora_finetune ${LORA_ARGS:-} "$@"    # finds the newest txt2img run by itself
 LORA=$(ls -t "$LOGS"/lora_finetune/runs/*/adapters/lora_finetune.safetensors | head -1)
 # shellcheck disable=SC2086
-"$PYTHON" benchmarks/fidelity.py --ckpt last --log-dir "$LOGS" --sets heldout --grid-dir "$DOCS/fidelity" ${FIDELITY_ARGS:-}
+python benchmarks/fidelity.py --ckpt last --log-dir "$LOGS" --sets heldout --grid-dir "$DOCS/fidelity" ${FIDELITY_ARGS:-}
 # shellcheck disable=SC2086
-"$PYTHON" benchmarks/fidelity.py --ckpt last --log-dir "$LOGS" --lora "$LORA" --samplers dpmpp_2m-20 \
+python benchmarks/fidelity.py --ckpt last --log-dir "$LOGS" --lora "$LORA" --samplers dpmpp_2m-20 \
   --grid-dir "$DOCS/fidelity" ${FIDELITY_ARGS:-}
 # shellcheck disable=SC2086
-"$PYTHON" sample.py --ckpt last --log-dir "$LOGS" --lora "$LORA" --n 4 --out "$DOCS/lora_after" --overwrite \
+python sample.py --ckpt last --log-dir "$LOGS" --lora "$LORA" --n 4 --out "$DOCS/lora_after" --overwrite \
   --prompt "a red star on a blue background" --prompt "a yellow star on a black background" ${SAMPLE_ARGS:-}
 echo "LoRA: $LORA"

@@ -214,7 +214,10 @@ SHORT = {  # appended arguments (argparse: the last value wins)
 
 
 def env() -> dict:
-    out = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    """The environment of README commands run as subprocesses; ``python`` in a script (embedded_chain.sh) is
+    the interpreter running the tests, also when pytest was started as ``.venv/bin/python -m pytest``."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    out = {**os.environ, "PATH": path, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out.pop("WANDB_API_KEY", None)
     return out
@@ -235,7 +238,7 @@ def run_embedded_chain(root: Path) -> Path:
     variables = {"LDM_ROOT": str(root), "DOCS": str(root / "docs"), "VAE_ARGS": stage["vae"],
                  "TXT2IMG_ARGS": stage["txt2img"], "LORA_ARGS": stage["lora_finetune"],
                  "FIDELITY_ARGS": " ".join(SHORT["benchmarks/fidelity.py"]),
-                 "SAMPLE_ARGS": " ".join(SHORT["sample.py"]), "PYTHON": sys.executable}
+                 "SAMPLE_ARGS": " ".join(SHORT["sample.py"])}
     result = subprocess.run(["bash", "scripts/embedded_chain.sh", "debug=smoke", "callbacks.rich_progress_bar=null"],
                             cwd=ROOT, env={**env(), **variables}, capture_output=True, text=True, timeout=600,
                             check=False)
