@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -279,3 +280,12 @@ def test_lora_step_variant():
     full = lora_step.run_variant("full", "embedded", 32, 1, 1, "cpu")
     lora = lora_step.run_variant("lora", "embedded", 32, 1, 1, "cpu")
     assert 0 < lora["trainable"] < 0.2 * full["trainable"] and lora["median_s"] > 0
+
+
+def test_scripts_run_by_readme_tests_use_the_running_interpreter():
+    """``python`` inside scripts/embedded_chain.sh is the interpreter running pytest (a venv that was not
+    activated included), not whatever ``python`` comes first on the user's PATH."""
+    from tests.readme_commands import env
+
+    found = shutil.which("python", path=env()["PATH"])
+    assert found is not None and Path(found).parent == Path(sys.executable).parent

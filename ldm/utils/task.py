@@ -20,6 +20,10 @@ from typing import TypeVar
 
 T = TypeVar("T")  # no heavy import at module level: benchmarks measuring memory import run_main
 
+# Config keys that moved: Hydra's own message for the old one ("Could not override ... Key ... is not in
+# struct") does not say where the value lives now.
+RENAMED_KEYS = {"model.method.prior_loss_weight": "model.prior_loss_weight"}
+
 NO_GPU_HINT = ("this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
                "(DDP with 2 CPU processes)")
 
@@ -58,6 +62,16 @@ def hint_for(error: BaseException) -> str:
     return ""
 
 
+def renamed_override(args: list[str]) -> str | None:
+    """``error: ...`` for the first command-line override that names a key in ``RENAMED_KEYS``, else None."""
+    for arg in args:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in RENAMED_KEYS:
+            return (f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
+                    f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning method)")
+    return None
+
+
 def built_at(error: BaseException) -> str | None:
     """The config key Hydra was instantiating when ``error`` happened (its ``full_key: data.source``)."""
     match = re.search(r"full_key: (\S+)", str(error))
@@ -85,6 +99,16 @@ def close_wandb() -> None:
 
 def full_trace_asked() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def child_failure(what: str, stderr: str) -> SystemExit:
+    """The exit of a script whose child process (one benchmark variant) failed: the child's own ``error:`` line
+    when it printed one (a user error, already one line), else the tail of its stderr (a bug)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    if errors:
+        print(f"error: {what}: {errors[-1].removeprefix('error: ')}", file=sys.stderr)
+        return SystemExit(1)
+    return SystemExit(f"{what} failed:\n{stderr[-3000:]}")
 
 
 def run_main(main: Callable[..., T], *args, **kwargs) -> T:
