@@ -7,6 +7,7 @@ asked, and returns ``optimized_metric`` for Hydra sweeps (``-m``).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.models.safe_checkpoint_io import checkpoint_plugins, explain_resume_mismatch
 from ldm.utils.config_check import check_config_values
 from ldm.utils.config_tree import print_config_tree
+from ldm.utils.data_handover import connect_data
 from ldm.utils.instantiate import drop_callbacks_needing_a_logger, instantiate_callbacks, instantiate_loggers
 from ldm.utils.logging import get_logger
 from ldm.utils.quiet import quiet_known_noise
 from ldm.utils.run_summary import summarize_run
 from ldm.utils.runs import configure_wandb_mode, describe_resume, register_resolvers, resolve_ckpt_path
 from ldm.utils.stale_files import clean_run_folders
-from ldm.utils.task import run_task
+from ldm.utils.task import renamed_override, run_task
 
 log = get_logger(__name__)
 register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
@@ -48,6 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # checkpoints describe themselves
+    connect_data(model, datamodule)  # facts to the model, services to the data: neither holds the other
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = drop_callbacks_needing_a_logger(callbacks, loggers)
@@ -108,4 +111,7 @@ def print_and_train(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if renamed := renamed_override(sys.argv[1:]):  # before Hydra, whose message would not name the new key
+        print(renamed, file=sys.stderr)
+        raise SystemExit(1)
     main()

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.resumable import resumable_loader
+from ldm.utils.data_handover import DataFacts
 
 __all__ = [
     "COLORS",
@@ -467,6 +468,10 @@ class ShapesDataModule(L.LightningDataModule):
             self.heldout_combo_fraction,
             stream=stream,
         )
+
+    def data_facts(self) -> DataFacts:
+        """What a model may know of this data (``ldm/utils/data_handover.py``)."""
+        return DataFacts(resolution=self.resolution)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

@@ -13,6 +13,7 @@ import sample
 from benchmarks import dreambooth_step, subject_fidelity
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.safe_load import read_safetensors_metadata
+from ldm.models import pipeline
 from ldm.models.base_loader import load_base_model
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.finetune.full import FullUNet
@@ -72,14 +73,14 @@ def test_full_unet_state_round_trip_is_strict():
 def test_combined_loss_weights_class_items():
     per_item = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])
     batch = {"is_regularization": torch.tensor([False, False, True, True, True])}
-    assert float(FullUNet(prior_loss_weight=1.0).loss(per_item, batch)) == pytest.approx(1.5 + 13 / 3)
-    assert float(FullUNet(prior_loss_weight=0.5).loss(per_item, batch)) == pytest.approx(1.5 + 0.5 * 13 / 3)
-    assert float(FullUNet(prior_loss_weight=0.0).loss(per_item, batch)) == pytest.approx(1.5)  # prior off
+    assert float(FullUNet().loss(per_item, batch, 1.0)) == pytest.approx(1.5 + 13 / 3)
+    assert float(FullUNet().loss(per_item, batch, 0.5)) == pytest.approx(1.5 + 0.5 * 13 / 3)
+    assert float(FullUNet().loss(per_item, batch, 0.0)) == pytest.approx(1.5)  # prior off
     assert float(FullUNet().loss(per_item, batch)) == pytest.approx(16 / 5)  # no weight: one plain mean
     only_instances = {"is_regularization": [False] * 5}
-    assert float(FullUNet(prior_loss_weight=1.0).loss(per_item, only_instances)) == pytest.approx(16 / 5)
+    assert float(FullUNet().loss(per_item, only_instances, 1.0)) == pytest.approx(16 / 5)
     grad = torch.ones(5, requires_grad=True)
-    FullUNet(prior_loss_weight=2.0).loss(grad * per_item, batch).backward()
+    FullUNet().loss(grad * per_item, batch, 2.0).backward()
     torch.testing.assert_close(grad.grad, torch.tensor([0.5, 1.0, 2 / 3 * 3, 2 / 3 * 4, 2 / 3 * 6]))
 
 
@@ -161,7 +162,7 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     # the SD single file written at the end loads back (load_base_model, sample.py --ckpt) as the same model
     exported = run / "adapters" / "dreambooth.safetensors"
     assert exported.is_file()
-    single = sample.load_for_sampling(str(exported), sampler=model.sampler)
+    single = pipeline.load_for_sampling(str(exported), sampler=model.sampler)
     for key, value in model.unet.state_dict().items():
         torch.testing.assert_close(single.unet.state_dict()[key], value.half().float())
     torch.testing.assert_close(single.generate(prompts, seed=3, guidance_scale=model.hparams.guidance_scale),
@@ -179,7 +180,7 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
 def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
     cfg = compose_cfg(dreambooth_overrides("dreambooth_lora", base_ckpt, tmp_path))
     assert cfg.data == compose_cfg(dreambooth_overrides("dreambooth", base_ckpt, tmp_path)).data
-    assert cfg.model.method.prior_loss_weight == 1.0
+    assert cfg.model.prior_loss_weight == 1.0
     _, objects = train(cfg)
     model, run = objects["model"], Path(cfg.paths.output_dir)
     assert all("lora_" in k or k.endswith(".alpha") for k in model.method.state_dict())
@@ -221,14 +222,14 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
 
 
 def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
-    """`... model.method.prior_loss_weight=0` and `... model.method.train_text_encoder=true
+    """`... model.prior_loss_weight=0` and `... model.method.train_text_encoder=true
     model.method.text_encoder_lr=5e-5`, with `model.gradient_checkpointing=true`"""
     cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr",
-                       "model.method.prior_loss_weight=0", "model.method.train_text_encoder=true",
+                       "model.prior_loss_weight=0", "model.method.train_text_encoder=true",
                        "model.method.text_encoder_lr=5e-5", "model.gradient_checkpointing=true"])
     _, objects = train(cfg)
     model = objects["model"]
-    assert model.method.prior_loss_weight == 0.0
+    assert model.hparams.prior_loss_weight == 0.0
     assert any(getattr(m, "use_checkpoint", False) for m in model.unet.modules())
     optimizer = objects["trainer"].optimizers[0]
     assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder"]
