@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hypernetwork", default=None, metavar="FILE[:STRENGTH]",
                    help="AUTOMATIC1111 hypernetwork .pt (or .safetensors) to apply, optionally with a strength: "
                    "file.pt:0.7")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL size condition: the original image size (default: the output size)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("T", "L"), default=None,
+                   help="SDXL size condition: the crop offset (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL size condition: the target size (default: the output size)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
@@ -259,7 +265,9 @@ def main(argv=None) -> Path:
             [p for p, _ in batch], guidance_scale=guidance, sampler=sampler, negative_prompt=[n for _, n in batch],
             use_ema=not args.no_ema, progress=True, latents=initial_noise(model, seeds, resolution),
             generator=torch.Generator().manual_seed(seeds[0]), strength=args.strength if init is not None else 1.0,
-            init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None)
+            init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None,
+            sizes={"original_size": args.original_size, "crop_top_left": args.crop_top_left,
+                   "target_size": args.target_size})
         for j, ((prompt, negative), array) in enumerate(zip(batch, to_uint8(images))):
             text = generation_parameters(args, prompt, negative, seeds[j], resolution, guidance)
             save_image(Image.fromarray(array), out / f"{start + j:03d}_{slug(prompt)}.png", {"parameters": text})
