@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -131,3 +132,33 @@ def test_training_step_conditions_the_unet_on_the_sizes():
     assert (samples[0] - samples[1]).abs().max() > 1e-4
     with pytest.raises(KeyError, match="original_size_as_tuple"):  # a batch without its sizes: a clear error
         model.batch_latents_and_context({"image": images, "caption": PROMPTS}, train=False)
+
+
+def test_sample_py_takes_the_three_sizes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tests.conftest import load_script
+
+    cfg = compose_model("model/unet=sdxl_tiny", "model/conditioner=sdxl_tiny", "model/vae=tiny",
+                        "model.scale_factor=1.0", "model.ema_decay=null")
+    model = instantiate(cfg, _recursive_=True)
+    perturb(model.unet, 0)
+    model.image_resolution = 32
+    sample = load_script("sample.py")
+    monkeypatch.setattr(sample, "load_for_sampling", lambda *args, **kwargs: model)
+    seen = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: seen.append(k["sizes"]) or generate(*a, **k))
+
+    def grid(*sizes: str) -> torch.Tensor:
+        out = tmp_path / str(len(seen))
+        sample.main(["--ckpt", "x", "--prompt", "a red circle", "--n", "1", "--steps", "2", "--sampler", "ddim",
+                     "--out", str(out), *sizes])
+        return torch.from_numpy(np.asarray(Image.open(out / "grid.png"))).float()
+
+    default = grid()
+    assert seen[-1] == {"original_size": None, "crop_top_left": None, "target_size": None}
+    same = grid("--original-size", "32", "32", "--crop-top-left", "0", "0", "--target-size", "32", "32")
+    assert torch.equal(default, same)  # the defaults are original = target = the output size, crop (0, 0)
+    cropped = grid("--crop-top-left", "16", "8")
+    assert seen[-1]["crop_top_left"] == [16, 8] and not torch.equal(default, cropped)

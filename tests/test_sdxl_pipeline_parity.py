@@ -18,7 +18,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from ldm.diffusion import build_sampler
 from ldm.io.describe import build_schedule
-from ldm.io.diffusers_config import schedule_from_diffusers, unet_config_from_diffusers, vae_config_from_diffusers
+from ldm.io.diffusers_config import (
+    schedule_from_diffusers,
+    unet_config_from_diffusers,
+    vae_config_from_diffusers,
+)
 from ldm.io.diffusers_names import diffusers_unet_to_ldm, diffusers_vae_to_ldm
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.conditioner import Conditioner, embedder
