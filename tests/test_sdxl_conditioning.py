@@ -162,3 +162,14 @@ def test_sample_py_takes_the_three_sizes(tmp_path, monkeypatch):
     assert torch.equal(default, same)  # the defaults are original = target = the output size, crop (0, 0)
     cropped = grid("--crop-top-left", "16", "8")
     assert seen[-1]["crop_top_left"] == [16, 8] and not torch.equal(default, cropped)
+
+
+def test_logged_grids_take_model_log_sizes():
+    cfg = compose_model("model/unet=sdxl_tiny", "model/conditioner=sdxl_tiny", "model/vae=tiny", "model.scale_factor=1.0",
+                        "model.ema_decay=null", "model/sampler=ddim", "model.sampler.steps=2",
+                        "model.log_prompts=[a red circle]", "model.log_sizes={crop_top_left:[8,8]}")
+    model = instantiate(cfg, _recursive_=True)
+    perturb(model.unet, 0)
+    logged = model.log_images({"image": torch.zeros(1, 3, 32, 32)})["samples"]
+    assert torch.equal(logged, model.generate(["a red circle"], seed=0, sizes={"crop_top_left": (8, 8)}))
+    assert not torch.equal(logged, model.generate(["a red circle"], seed=0))
