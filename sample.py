@@ -33,6 +33,7 @@ from ldm.diffusion.samplers import display_name
 from ldm.models.checkpoint import load_lightning_model
 from ldm.utils.images import make_grid, save_image, to_uint8
 from ldm.utils.runs import latest_checkpoint
+from ldm.utils.task import run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -280,4 +281,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.models.safe_checkpoint_io import checkpoint_plugins
+from ldm.models.safe_checkpoint_io import checkpoint_plugins, explain_resume_mismatch
+from ldm.utils.config_check import check_config_values
 from ldm.utils.config_tree import print_config_tree
 from ldm.utils.instantiate import drop_callbacks_needing_a_logger, instantiate_callbacks, instantiate_loggers
 from ldm.utils.logging import get_logger
@@ -35,6 +36,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("extras", {}).get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.extras.matmul_precision)
     configure_wandb_mode()
+    check_config_values(cfg)  # trainer.max_steps=abc: named here, not deep inside Lightning
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
@@ -56,7 +58,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("train", True):
         if ckpt_path:
             log.info(f"Resuming from {ckpt_path}")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except RuntimeError as error:  # a checkpoint of another architecture: one line, not one per key
+            explained = explain_resume_mismatch(error, ckpt_path, model)
+            if explained is None:
+                raise
+            raise explained from error
     metrics = dict(trainer.callback_metrics)
 
     if cfg.get("test", False):
@@ -81,9 +89,14 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     quiet_known_noise()
+    return run_task(print_and_train, cfg)
+
+
+def print_and_train(cfg: DictConfig) -> float | None:
+    """``main`` inside ``run_task``: a read-only run folder fails on ``config_tree.log`` as one line too."""
     if cfg.get("extras", {}).get("print_config", True):
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
-    metrics, _ = run_task(train, cfg)
+    metrics, _ = train(cfg)
     value = metric_value(metrics, cfg.get("optimized_metric"))
     if value is not None:
         log.info(f"optimized_metric {cfg.optimized_metric} = {value:.6g}")

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
+from ldm.utils.task import run_main
 
 CASES = {"small": ("small", 8, 32), "sd15": ("sd15", 32, 1), "tiny": ("tiny", 8, 2)}  # name -> (unet preset, latent size, batch)
 MODES = ("fp32", "bf16-mixed", "bf16-weights")
@@ -98,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldm.utils.task import run_main
+
 
 def generate_folder(root: Path, n: int, seed: int = 0) -> None:
     """``n`` JPEGs of about 256x256 pixels, aspect ratios 1:2 .. 2:1, each with a caption file."""
@@ -135,4 +137,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

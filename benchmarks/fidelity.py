@@ -31,6 +31,7 @@ from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import SAMPLERS, build_sampler
 from ldm.utils.images import save_labelled_grid
+from ldm.utils.task import run_main
 from sample import load_for_sampling
 
 
@@ -158,4 +159,4 @@ def save_comparison_grid(rows: dict[str, torch.Tensor], labels: list[str], path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

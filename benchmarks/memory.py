@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldm.utils.task import run_main
+
 VARIANTS = {  # name -> (checkpointing, optimiser, in_backward, bf16 autocast, lora, bf16 weights)
     "full": (False, "adamw", False, False, False, False),
     "+ckpt": (True, "adamw", False, False, False, False),
@@ -144,4 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldm.diffusion import build_sampler
 from ldm.diffusion.samplers import display_name
+from ldm.utils.task import run_main
 
 # ours -> (diffusers scheduler class, extra config); heun: diffusers' Heun repeats timesteps its own way (same
 # number of model evaluations, another discretisation); dpmpp_2s_a has no diffusers scheduler.
@@ -175,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,6 +39,7 @@ from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import build_sampler
 from ldm.io.safe_load import safe_torch_load
 from ldm.utils.images import save_labelled_grid
+from ldm.utils.task import run_main
 from sample import load_for_sampling
 
 
@@ -173,4 +174,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldm.io.diffusers_config import diffusers_config_from_ldm
 from ldm.modules.unet import UNetModel
+from ldm.utils.task import run_main
 
 
 def unet_kwargs(config: str) -> dict:
@@ -175,4 +176,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

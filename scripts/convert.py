@@ -28,6 +28,7 @@ from ldm.io.sd_presets import PRESETS
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
 from ldm.utils.file_identity import describe_source
+from ldm.utils.task import run_main
 from sample import tokenizer_before_loading
 
 
@@ -117,4 +118,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from ldm.io.safe_load import safe_torch_load
+from ldm.io.safe_load import load_safetensors_file, open_safetensors, safe_torch_load
 from ldm.utils.files import atomic_save_safetensors
 
 __all__ = ["EMBEDDING_FORMATS", "LoadedEmbedding", "apply_embedding", "load_embedding", "parse_embedding_spec",
@@ -66,8 +64,8 @@ def load_embedding(path: str | os.PathLike, token: str | None = None) -> LoadedE
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
+        tensors = load_safetensors_file(path)
+        with open_safetensors(path) as handle:
             metadata = handle.metadata() or {}
         name, vectors = _pick_tensor(tensors, str(path))
         default = metadata.get(PLACEHOLDER_METADATA_KEY) or (name if name != A1111_KEY else path.stem)

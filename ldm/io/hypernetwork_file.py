@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldm.io.safe_load import UnsafeCheckpointError, safe_torch_load
+from ldm.io.safe_load import UnsafeCheckpointError, open_safetensors, safe_torch_load
 from ldm.modules.adapters.hypernetwork import Hypernetwork, dropout_structure_for
 from ldm.utils.files import atomic_write
 
@@ -135,9 +135,7 @@ def _read_pt(path: Path) -> tuple[dict[int, tuple[dict, dict]], dict[str, Any]]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[int, tuple[dict, dict]], dict[str, Any]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         metadata = dict(handle.metadata() or {})
         if metadata.get("format") != "hypernetwork":
             raise ValueError(f"{str(path)!r} is not a hypernetwork .safetensors (metadata format "

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from ldm.io.diffusers_names import find_unet, text_encoder_module_names, unet_module_names
 from ldm.io.lora_files import apply_lora_tensors, collect_lora_tensors, metadata_str
-from ldm.io.safe_load import read_safetensors_metadata
+from ldm.io.safe_load import load_safetensors_file, read_safetensors_metadata
 from ldm.modules.attention import SpatialTransformer
 from ldm.utils.files import atomic_save_safetensors
 
@@ -210,7 +210,7 @@ def load_kohya_lora(
         tensors, metadata, source = dict(path), {}, "LoRA state dict"
     else:
         metadata = read_safetensors_metadata(path)  # first: names a damaged file
-        tensors, source = load_file(str(path)), str(path)
+        tensors, source = load_safetensors_file(path), str(path)
     bad_prefix = [k for k in tensors if not k.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX))]
     if bad_prefix:
         raise KeyError(

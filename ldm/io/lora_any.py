@@ -11,6 +11,7 @@ from torch import nn
 
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.peft_lora import load_peft_lora
+from ldm.io.safe_load import open_safetensors
 
 __all__ = ["load_lora", "lora_format"]
 
@@ -46,9 +47,7 @@ def load_lora(path: str | os.PathLike, unet: nn.Module | None = None, text_encod
               multiplier: float = 1.0, merge: bool = False, **kwargs: Any) -> dict[str, Any]:
     """Load a kohya or diffusers/PEFT LoRA ``.safetensors`` (detected from its keys); the summary of
     ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         kind = lora_format(handle.keys(), str(path))
     loader = load_kohya_lora if kind == "kohya" else load_peft_lora
     summary = loader(path, unet=unet, text_encoder=text_encoder, multiplier=multiplier, merge=merge, **kwargs)

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ldm.io.diffusers_names import find_unet, text_encoder_module_names, unet_module_names
 from ldm.io.lora_files import apply_lora_tensors, collect_lora_tensors, metadata_str
-from ldm.io.safe_load import read_safetensors_metadata
+from ldm.io.safe_load import load_safetensors_file, read_safetensors_metadata
 from ldm.utils.files import atomic_save_safetensors
 
 __all__ = ["load_peft_lora", "peft_module_map", "save_peft_lora"]
@@ -103,7 +102,7 @@ def load_peft_lora(
         tensors, metadata, source = dict(path), {}, "LoRA state dict"
     else:
         metadata = read_safetensors_metadata(path)  # first: names a damaged file
-        tensors, source = load_file(str(path)), str(path)
+        tensors, source = load_safetensors_file(path), str(path)
     config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else {}
 
     entries: dict[str, dict[str, torch.Tensor]] = {}

@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldm.io.file_checks import check_safetensors_file, check_torch_file
+from ldm.io.file_checks import DamagedFileError, check_safetensors_file, check_torch_file
 from ldm.io.safetensors_stream import read_safetensors
 
 __all__ = [
     "PICKLE_SUFFIXES",
     "UnsafeCheckpointError",
+    "load_safetensors_file",
+    "open_safetensors",
     "read_checkpoint",
     "read_safetensors_metadata",
     "safe_torch_load",
@@ -113,10 +116,38 @@ def unwrap_state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata (str -> str) of a ``.safetensors`` file, without loading its tensors."""
-    from safetensors import safe_open
+def _named(path: str | os.PathLike, error: Exception) -> DamagedFileError:
+    return DamagedFileError(f"{path} is damaged or not a .safetensors file ({error}). Re-download or re-export it.")
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """``safetensors.safe_open(path, framework="pt")`` after :func:`check_safetensors_file`; an error of the
+    ``safetensors`` library (which names no file) becomes a ``DamagedFileError`` naming ``path``."""
+    from safetensors import SafetensorError, safe_open
 
     check_safetensors_file(path)
-    with safe_open(str(path), framework="pt") as handle:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as err:
+        raise _named(path, err) from None
+    with handle:
+        yield handle
+
+
+def load_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file(path)``, checked first; errors name ``path`` (see :func:`open_safetensors`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors_file(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise _named(path, err) from None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata (str -> str) of a ``.safetensors`` file, without loading its tensors."""
+    with open_safetensors(path) as handle:
         return dict(handle.metadata() or {})

@@ -15,7 +15,7 @@ from collections.abc import Collection
 
 import torch
 
-from ldm.io.file_checks import check_safetensors_file
+from ldm.io.file_checks import DamagedFileError, check_safetensors_file
 
 __all__ = ["read_safetensors", "safetensors_header"]
 
@@ -42,7 +42,7 @@ def _read_exactly(handle, buffer: memoryview, path: str | os.PathLike) -> None:
     while done < len(buffer):
         count = handle.readinto(buffer[done:])
         if not count:
-            raise OSError(f"{path}: the file ended while reading its tensors (truncated while loading?)")
+            raise DamagedFileError(f"{path}: the file ended while reading its tensors (truncated while loading?)")
         done += count
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import CLIPTokenizer
 
 from ldm.io.clip_bpe import OPEN_CLIP_INSTALL_HINT, clip_tokenizer_from_bpe, open_clip_bpe_path
+from ldm.io.safe_load import open_safetensors
 from ldm.io.sd_keys import CLIP_PREFIX, OPENCLIP_PREFIX
 from ldm.io.sd_presets import DEFAULT_TOKENIZERS, STANDARD_CLIP_VOCAB
 from ldm.modules.text_encoder_files import save_tokenizer
@@ -132,9 +133,7 @@ def single_file_tokenizer(path: str | os.PathLike, max_length: int = 77) -> CLIP
     """Before any weights load: None when the ``.safetensors`` file embeds a tokenizer (or is not an SD file),
     else the tokenizer ``released_tokenizer`` finds for it; ``LookupError`` (with ``TOKENIZER_HINT``) when
     there is none, so a user learns it before gigabytes are read."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         metadata = handle.metadata() or {}
         if any(k.startswith(TOKENIZER_METADATA_PREFIX) for k in metadata):
             return None

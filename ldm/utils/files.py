@@ -2,10 +2,14 @@
 
 Every file is written under a unique temporary name in its target folder and moved into place with
 ``os.replace``, so readers (other processes, DDP ranks) see either the old file or the complete new one.
+A write that fails because the disk is full or the folder is read-only raises :class:`DiskFullError` /
+``PermissionError`` naming the file being written (``torch.save`` alone says ``unexpected pos 576 vs 534``,
+safetensors names no file), and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -14,24 +18,71 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_link", "atomic_save_safetensors", "atomic_write", "atomic_write_text", "cache_dir"]
+__all__ = ["DiskFullError", "atomic_link", "atomic_save_safetensors", "atomic_write", "atomic_write_text", "cache_dir"]
+
+
+class DiskFullError(OSError):
+    """A write that failed for lack of space (``errno`` ENOSPC or EDQUOT); the message names the file."""
+
+
+# how a full disk reads when it does not arrive as OSError(ENOSPC): torch.save's zip writer, safetensors (Rust)
+_FULL_DISK_TEXT = ("unexpected pos", "PytorchStreamWriter failed", "No space left on device", "os error 28",
+                   "Disk quota exceeded", "os error 122")
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2**20:.1f} MiB"
+
+
+def write_failure(path: Path, error: BaseException) -> OSError | None:
+    """The error to raise instead of ``error`` when writing ``path`` failed for a reason the user fixes (a full
+    disk, a read-only folder); None for anything else."""
+    code = getattr(error, "errno", None)
+    if isinstance(error, DiskFullError) or str(error).startswith("cannot write "):
+        return None  # already says it
+    io_error = isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+    if code in (errno.ENOSPC, errno.EDQUOT) or (io_error and any(text in str(error) for text in _FULL_DISK_TEXT)):
+        failure = DiskFullError(
+            f"cannot write {path}: the disk is full (or over quota): {_free_space(path.parent)} free in "
+            f"{path.parent} ({' '.join(str(error).split())[:120]}). Free some space or write elsewhere "
+            "(paths.log_dir=..., --out ...); nothing already saved was changed")
+        failure.errno = errno.ENOSPC
+        return failure
+    if isinstance(error, OSError) and code in _NOT_WRITABLE:
+        denied = PermissionError(f"cannot write {path}: its folder {path.parent} is not writable "
+                                 f"({os.strerror(code)}). Make it writable or write elsewhere (paths.log_dir=..., "
+                                 "--out ...)")
+        denied.errno = code
+        return denied
+    return None
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary path)``, then move the result to ``path`` (parents are created). The file gets
-    the usual permissions (``0o666`` minus the umask); on any error the temporary file is removed."""
+    the usual permissions (``0o666`` minus the umask); on any error the temporary file is removed (a full disk
+    or a read-only folder: see the module docstring)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        failure = write_failure(path, error)
+        if failure is not None:
+            raise failure from error
         raise
     return path
 

@@ -1,10 +1,13 @@
-"""Run a task (``train``) so that a user's mistake reads as one actionable line, not a traceback.
+"""Run a task (``train``, a script's ``main``) so that a user's mistake reads as one actionable line, not a
+traceback.
 
 Pattern of lightning-hydra-template's ``task_wrapper``: the task runs inside ``run_task``; an error a user
 causes and can fix (a path that does not exist, a missing or wrong config value, a checkpoint of another
 architecture, a GPU trainer on a machine without one) is logged once as ``error: <what>. <hint>`` and the
 process exits with status 1; ``HYDRA_FULL_ERROR=1`` re-raises it with the full traceback. Anything else (a
 bug) keeps its traceback. wandb is closed in ``finally`` so a failed run does not hang on its uploader.
+``run_main`` does the same for the command-line scripts (``sample.py``, ``scripts/convert.py``, the
+benchmarks), printing the line on stderr: ``if __name__ == "__main__": run_main(main)``.
 """
 
 from __future__ import annotations
@@ -15,10 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from ldm.utils.logging import get_logger
-
-log = get_logger(__name__)
-T = TypeVar("T")
+T = TypeVar("T")  # no heavy import at module level: benchmarks measuring memory import run_main
 
 NO_GPU_HINT = ("this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
                "(DDP with 2 CPU processes)")
@@ -28,7 +28,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import OmegaConfBaseException
 
-    return (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError, ValueError,
+    from ldm.utils.files import DiskFullError
+
+    return (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError, ValueError, DiskFullError,
             MisconfigurationException, OmegaConfBaseException)
 
 
@@ -81,14 +83,32 @@ def close_wandb() -> None:
             wandb.finish()
 
 
+def full_trace_asked() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def run_main(main: Callable[..., T], *args, **kwargs) -> T:
+    """A script's ``main(*args, **kwargs)``; a user error -> ``error: ...`` on stderr and exit status 1 (see the
+    module docstring; ``HYDRA_FULL_ERROR=1`` keeps the traceback)."""
+    try:
+        return main(*args, **kwargs)
+    except Exception as error:
+        if not is_user_error(error) or full_trace_asked():
+            raise
+        print(one_line(error), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def run_task(task: Callable[..., T], *args, **kwargs) -> T:
     """``task(*args, **kwargs)``; a user error -> one logged line and exit status 1 (see module docstring)."""
     try:
         return task(*args, **kwargs)
     except Exception as error:
-        if not is_user_error(error) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if not is_user_error(error) or full_trace_asked():
             raise
-        log.error(one_line(error))
+        from ldm.utils.logging import get_logger
+
+        get_logger(__name__).error(one_line(error))
         raise SystemExit(1) from None
     finally:
         close_wandb()
