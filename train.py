@@ -22,7 +22,8 @@ from ldm.utils.instantiate import drop_callbacks_needing_a_logger, instantiate_c
 from ldm.utils.logging import get_logger
 from ldm.utils.quiet import quiet_known_noise
 from ldm.utils.run_summary import summarize_run
-from ldm.utils.runs import configure_wandb_mode, register_resolvers, resolve_ckpt_path
+from ldm.utils.runs import configure_wandb_mode, describe_resume, register_resolvers, resolve_ckpt_path
+from ldm.utils.stale_files import clean_run_folders
 from ldm.utils.task import run_task
 
 log = get_logger(__name__)
@@ -37,7 +38,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         torch.set_float32_matmul_precision(cfg.extras.matmul_precision)
     configure_wandb_mode()
     check_config_values(cfg)  # trainer.max_steps=abc: named here, not deep inside Lightning
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
+    if ckpt_path and str(cfg.get("ckpt_path")) == "last":
+        log.info(describe_resume(ckpt_path, cfg.task_name))
+    clean_run_folders(cfg.paths.output_dir, ckpt_path)  # temporary files of killed writes (README: Reliability)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm.utils.task import run_main
+from ldm.utils.task import child_failure, run_main
 
 VARIANTS = {"full": "dreambooth", "lora": "dreambooth_lora"}
 
@@ -84,7 +84,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict:
            *[f"--override={o}" for o in args.override]]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        raise child_failure(variant, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

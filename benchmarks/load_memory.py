@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm.utils.task import run_main
+from ldm.utils.task import child_failure, run_main
 
 
 def write_file(path: Path, version: str) -> int:
@@ -105,7 +105,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", way, str(path), args.preset, str(Path(tmp) / "tokenizer")]
             result = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if result.returncode != 0:
-                raise SystemExit(f"{way} failed:\n{result.stderr[-3000:]}")
+                raise child_failure(way, result.stderr)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     naive, ours = rows
     print("| load into float32 | peak RSS | float32 weights |\n|---|---|---|")

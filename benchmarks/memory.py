@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm.utils.task import run_main
+from ldm.utils.task import child_failure, run_main
 
 VARIANTS = {  # name -> (checkpointing, optimiser, in_backward, bf16 autocast, lora, bf16 weights)
     "full": (False, "adamw", False, False, False, False),
@@ -131,7 +131,7 @@ def main() -> None:
                str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise SystemExit(f"{variant} failed:\n{result.stderr[-2000:]}")
+            raise child_failure(variant, result.stderr)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(f"{variant:>14}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
               f"trainable {rows[-1]['trainable_m']:7.1f} M", flush=True)

@@ -5,6 +5,9 @@
   the last *improving* checkpoint).
 * A state whose monitored metric is NaN/inf never becomes best or last (a warning names the step); the
   stock callback ranks NaN as worst but still saves it, and always refreshes ``last.ckpt``.
+* ``last.ckpt`` is always that name: a run resumed into its own folder rewrites it (the stock callback's
+  version counter wrote ``last-v1.ckpt`` when the state it resumed from did not name ``last.ckpt`` as its last
+  file, e.g. a first checkpoint linked to the best, and left ``ckpt_path=last`` on the stale one).
 * No second write: when a new best was just saved for this step, ``last.ckpt`` becomes a hard link to it
   (a full fine-tune of SD writes GBs per checkpoint); the next save replaces the link, and removing the old
   best leaves ``last.ckpt`` whole.
@@ -72,14 +75,14 @@ class RunCheckpoint(ModelCheckpoint):
             return
         just_saved = self._last_checkpoint_saved and self._last_global_step_saved == trainer.global_step
         files = "deepspeed" not in type(trainer.strategy).__name__.lower()  # DeepSpeed saves folders
-        if self.save_last is True and just_saved and files:
-            self.save_last = "link"  # Lightning's branch that links last to the file saved last (our hard link)
-            try:
-                super()._save_last_checkpoint(trainer, monitor_candidates)
-            finally:
-                self.save_last = True
-            return
-        super()._save_last_checkpoint(trainer, monitor_candidates)
+        link = self.save_last is True and just_saved and files
+        save_last, versioned = self.save_last, self._enable_version_counter
+        self.save_last = "link" if link else save_last  # Lightning's branch linking last to the file saved last
+        self._enable_version_counter = False  # last.ckpt is replaced, never joined by last-v1.ckpt
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self.save_last, self._enable_version_counter = save_last, versioned
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:

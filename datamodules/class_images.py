@@ -4,7 +4,10 @@ The cache is one folder per key under ``cache_dir``; the key hashes everything t
 base model's weights (a fingerprint), the prompts, the sampler settings, the guidance scale, the seed and the
 resolution. The count is not in the key: a folder holds images ``00000.png``, ``00001.png``... (caption in
 ``00000.txt``), image ``i`` of prompt ``prompts[i % len(prompts)]``, so a later run that asks for more adds
-only the missing ones and a run that asks for fewer uses the first ones. Every file is written atomically.
+only the missing ones and a run that asks for fewer uses the first ones. Image ``i`` is sampled from its own
+generator, seeded by ``(seed, i)`` (:func:`image_seed`): its initial and per-step noise do not depend on the
+batch it is generated in, so a folder is the same whether it was generated at once, topped up from fewer
+images or with another ``batch_size``. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-# prompts, seed -> images [B, 3, H, W] in [-1, 1]
-GenerateFn = Callable[[list[str], int], torch.Tensor]
+# prompts, one seed per prompt -> images [B, 3, H, W] in [-1, 1]; image k from seeds[k] alone
+GenerateFn = Callable[[list[str], list[int]], torch.Tensor]
+
+KEY_VERSION = 2
+"""Part of the cache key: version 1 seeded a whole batch by ``seed + first index`` (images depended on the
+batch size); a folder of version 1 is never mixed with images of version 2."""
 
 
 @dataclass(frozen=True)
 class SamplerSettings:
     """How class images are sampled: ``sampler`` (ddim | dpmpp_2m | ddpm), ``steps``, ``guidance_scale``,
-    ``seed`` (image ``i`` belongs to the batch seeded ``seed + first index of the batch``), ``batch_size``
-    (images per ``generate`` call; not part of the cache key)."""
+    ``seed`` (image ``i`` is sampled with the seed ``image_seed(seed, i)``), ``batch_size`` (images per
+    ``generate`` call: speed and memory only, not part of the cache key)."""
 
     sampler: str = "ddim"
     steps: int = 20
@@ -45,7 +52,14 @@ class SamplerSettings:
     def key_parts(self) -> dict:
         parts = asdict(self)
         parts.pop("batch_size")
-        return parts
+        return {**parts, "version": KEY_VERSION}
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of class image ``index``: a hash of ``(seed, index)`` (63 bits), so neighbouring indices and
+    seeds get unrelated noise."""
+    digest = hashlib.sha256(f"class-image|{int(seed)}|{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def module_fingerprint(*modules: nn.Module) -> str:
@@ -111,7 +125,7 @@ def _generate(folder: Path, prompts: list[str], todo: list[int], generate: Gener
         task = progress.add_task("class images", total=len(todo))
         for chunk in chunks:
             batch_prompts = [prompts[i % len(prompts)] for i in chunk]
-            images = generate(batch_prompts, settings.seed + chunk[0])
+            images = generate(batch_prompts, [image_seed(settings.seed, i) for i in chunk])
             if images.shape[0] != len(chunk):
                 raise RuntimeError(f"generate returned {images.shape[0]} images for {len(chunk)} prompts")
             for index, prompt, image in zip(chunk, batch_prompts, images):

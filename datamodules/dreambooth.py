@@ -160,10 +160,12 @@ class DreamBoothDataModule(FineTuneDataModule):
 
     def __init__(self, concepts: Sequence[Mapping[str, Any]], resolution: int = 32, batch_size: int = 4,
                  repeats: int = 1, cache_latents: bool = True, cache_dir: str | None = None, num_workers: int = 0,
-                 class_images: Mapping | None = None, val_size: int = 8, seed: int = 0):
+                 class_images: Mapping | None = None, val_size: int = 8, seed: int = 0,
+                 cache_check: str = "stat", cache_max_gb: float | None = 20.0):
         super().__init__(source=None, resolution=resolution, batch_size=batch_size, repeats=repeats,
                          cache_latents=cache_latents, flip_variants=False, cache_dir=cache_dir,
-                         num_workers=num_workers, validation="none")
+                         num_workers=num_workers, validation="none", cache_check=cache_check,
+                         cache_max_gb=cache_max_gb)
         if not concepts:
             raise ValueError("DreamBooth needs at least one concept (data.concepts)")
         self.concepts = [Concept.from_config(c) for c in concepts]
@@ -297,12 +299,13 @@ def _generator(model, settings: SamplerSettings, resolution: int):
     sampler = build_sampler(settings.sampler, steps=settings.steps)
     factor = getattr(model.vae, "downsample_factor", 8)
 
-    def generate(prompts: list[str], seed: int) -> torch.Tensor:
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         was_training = model.training
         model.eval()
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per image: batch-independent
         try:
-            return model.generate(prompts, guidance_scale=settings.guidance_scale, seed=seed, sampler=sampler,
-                                  use_ema=False, latent_size=resolution // factor)
+            return model.generate(prompts, guidance_scale=settings.guidance_scale, generator=generators,
+                                  sampler=sampler, use_ema=False, latent_size=resolution // factor)
         finally:
             model.train(was_training)
 

@@ -8,6 +8,8 @@ Latent caching encodes every training image with the (frozen) VAE once, before t
 posterior mean and std (so each epoch still draws a fresh z = mean + std * eps). The cache also lives on
 disk, keyed by the VAE encoder, the resolution, the flip variants and every image and caption, written
 atomically and rebuilt when damaged (``datamodules/latent_cache.py``), so a second run skips the encoding.
+``cache_check``: how images are recognised as unchanged ("stat": path, size and modification time; "hash":
+their bytes); ``cache_max_gb``: the cache folder's size bound (least recently used entries go first).
 Random augmentations would break a cache: a horizontal flip is cached as a second variant
 (``flip_variants``); any other random transform in the source is refused.
 
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.bucket_sampler import BucketBatchSampler, BucketLoader, trainer_position
-from datamodules.latent_cache import cache_key, load_cache, save_cache
+from datamodules.latent_cache import cache_key, check_mode, evict, load_cache, mark_used, save_cache
 from datamodules.resumable import resumable_loader
 from datamodules.samplers import set_dataset_epoch, training_sampler
 from ldm.utils.logging import get_logger
@@ -223,10 +225,14 @@ class FineTuneDataModule(L.LightningDataModule):
                  repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
                  cache_dir: str | None = None, num_workers: int = 0,
                  regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
-                 validation: str = "auto", caption_transform: Callable[[dict, random.Random], dict] | None = None):
+                 validation: str = "auto", caption_transform: Callable[[dict, random.Random], dict] | None = None,
+                 cache_check: str = "stat", cache_max_gb: float | None = 20.0):
         super().__init__()
         if validation not in self.VALIDATION:
             raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
+        check_mode(cache_check)
+        if cache_max_gb is not None and not float(cache_max_gb) >= 0:
+            raise ValueError(f"data.cache_max_gb must be >= 0 or null (no bound), got {cache_max_gb}")
         self.save_hyperparameters(ignore=["source", "regularization", "caption_transform"], logger=False)
         self.source = source
         self.regularization = regularization
@@ -283,7 +289,8 @@ class FineTuneDataModule(L.LightningDataModule):
         path = None
         if self.hparams.cache_dir:
             sizes = str(item_sizes(self.data_train))  # every item's bucket
-            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants, sizes)
+            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants, sizes,
+                            check=self.hparams.cache_check)
             path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
             found = path.is_file()
             state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if found else None
@@ -291,6 +298,8 @@ class FineTuneDataModule(L.LightningDataModule):
                 self.cached = LatentCacheDataset(state["means"], state["stds"], state["captions"],
                                                  state["flip_variants"], state["flags"])
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
+                mark_used(path)
+                evict(path.parent, self.hparams.cache_max_gb, keep=path)
                 return
         self.cached = encode_dataset(self.data_train, encode, self.hparams.flip_variants, device=device)
         if path is not None:
@@ -298,6 +307,7 @@ class FineTuneDataModule(L.LightningDataModule):
             save_cache(path, {"means": cached.means, "stds": cached.stds, "captions": cached.captions,
                               "flip_variants": cached.flip_variants, "flags": cached.flags})
             log.info(f"Cached {len(self.cached)} latents to {path}")
+            evict(path.parent, self.hparams.cache_max_gb, keep=path)
 
     def _rewritten(self, data: Dataset) -> Dataset:
         return data if self.caption_transform is None else CaptionsRewritten(data, self.caption_transform)

@@ -27,6 +27,7 @@ from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, datas
 from datamodules.captions import kohya_subset
 from datamodules.folder_index import load_or_build_index
 from datamodules.transforms import IMAGE_EXTENSIONS, image_size
+from ldm.utils.file_identity import sha256_of
 
 __all__ = [
     "ImageFolderDataModule",
@@ -301,13 +302,18 @@ class ImageFolderDataset(BucketedImageDataset):
             return record.caption
         return record.class_name if record.class_name is not None else self.default_caption
 
-    def fingerprint(self) -> str:
-        """What the items depend on, cheaply (for latent caches): the settings, and every image's path, size
-        and modification time with its caption and repeats."""
+    def fingerprint(self, check: str = "stat") -> str:
+        """What the items depend on (for latent caches): the settings, and every image's path with its caption
+        and repeats, and its size and modification time (``check="stat"``, cheap) or the SHA-256 of its bytes
+        (``check="hash"``: also sees an image replaced by one of the same size and time, ``cp -p``)."""
         files = []
         for record in self.records:
-            stat = record.path.stat()
-            files.append((str(record.path), stat.st_size, stat.st_mtime_ns, self.caption(record), record.repeats))
+            if check == "hash":
+                identity: tuple = (sha256_of(record.path),)
+            else:
+                stat = record.path.stat()
+                identity = (stat.st_size, stat.st_mtime_ns)
+            files.append((str(record.path), *identity, self.caption(record), record.repeats))
         settings = (self.resolution, self.center_crop, self.random_flip, self.repeats, self.caption_dropout,
                     getattr(self, "buckets", None), repr(self.tags))
         return repr((settings, files))

@@ -410,8 +410,9 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def fingerprint(self) -> str:
-        """Everything the items depend on (for latent caches): they are computed from these settings."""
+    def fingerprint(self, check: str = "stat") -> str:
+        """Everything the items depend on (for latent caches): they are computed from these settings (no
+        files, so ``check`` changes nothing)."""
         return repr(("shapes-v1", self.size, self.resolution, self.seed, self.split, self.stream,
                      self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN)
                     + ((self.random_crop_margin,) if self.random_crop_margin else ()))

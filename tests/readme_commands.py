@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,7 +216,10 @@ SHORT = {  # appended arguments (argparse: the last value wins)
 
 
 def env() -> dict:
-    out = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    """The environment of README commands run as subprocesses; ``python`` in a script (embedded_chain.sh) is
+    the interpreter running the tests, also when pytest was started as ``.venv/bin/python -m pytest``."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    out = {**os.environ, "PATH": path, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out.pop("WANDB_API_KEY", None)
     return out

@@ -11,6 +11,7 @@ import yaml
 
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.model_config import ALLOWED_TARGETS, UnsafeConfigError, build_from_config, check_config
+from ldm.utils.task import run_main, run_task
 from tests.conftest import CONF, compose_train, load_script
 from train import train
 
@@ -118,14 +119,7 @@ def test_builds_what_hydra_builds(tmp_path):
 
 
 def entry_points(evil: Path, tmp_path: Path) -> dict:
-    """Every place that reads a checkpoint's config, as a callable that should refuse ``evil``."""
-    import sample
-
-    convert = load_script("scripts/convert.py")
-    fidelity = load_script("benchmarks/fidelity.py")
-    sampling = load_script("benchmarks/sampling.py")
-    dreambooth_step = load_script("benchmarks/dreambooth_step.py")
-    subject_fidelity = load_script("benchmarks/subject_fidelity.py")
+    """Every script that reads a checkpoint's config: name -> (its main, the arguments that give it ``evil``)."""
     run = tmp_path / "planted_run"  # a run folder whose saved config names the poisoned base
     (run / ".hydra").mkdir(parents=True)
     (run / "adapters").mkdir()
@@ -133,28 +127,46 @@ def entry_points(evil: Path, tmp_path: Path) -> dict:
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
         {"model": {"base": str(evil), "method": {"_target_": "ldm.models.finetune.lora.LoRA"}},
          "data": {"concepts": []}}))
-    common = ["debug=smoke", "logger=none", "callbacks.rich_progress_bar=null"]
-    finetune = compose_train(tmp_path, ["experiment=lora_finetune", *common, f"model.base={evil}",
-                                        "data.cache_dir=null", "callbacks.lr_monitor=null"], output_name="ft")
     return {
-        "sample.py --ckpt": lambda: sample.load_for_sampling(str(evil)),
-        "scripts/convert.py --base": lambda: convert.main(["--base", str(evil), "--out", str(tmp_path / "o.st")]),
-        "train.py model.base": lambda: train(finetune),
-        "benchmarks/fidelity.py --ckpt": lambda: fidelity.main(["--ckpt", str(evil), "--n", "2"]),
-        "benchmarks/sampling.py --ckpt": lambda: sampling.main(["--part", "fidelity", "--ckpt", str(evil)]),
-        "benchmarks/dreambooth_step.py --base": lambda: dreambooth_step.main(["--base", str(evil)]),
-        "benchmarks/subject_fidelity.py --run": lambda: subject_fidelity.main(["--run", str(run)]),
+        "sample.py --ckpt": (load_script("sample.py").main,
+                             ["--ckpt", str(evil), "--prompt", "x", "--out", str(tmp_path / "out")]),
+        "scripts/convert.py --base": (load_script("scripts/convert.py").main,
+                                      ["--base", str(evil), "--out", str(tmp_path / "o.safetensors")]),
+        "benchmarks/fidelity.py --ckpt": (load_script("benchmarks/fidelity.py").main, ["--ckpt", str(evil), "--n", "2"]),
+        "benchmarks/sampling.py --ckpt": (load_script("benchmarks/sampling.py").main,
+                                          ["--part", "fidelity", "--ckpt", str(evil)]),
+        "benchmarks/dreambooth_step.py --base": (load_script("benchmarks/dreambooth_step.py").main,
+                                                 ["--base", str(evil)]),
+        "benchmarks/subject_fidelity.py --run": (load_script("benchmarks/subject_fidelity.py").main,
+                                                 ["--run", str(run)]),
     }
 
 
-def test_every_entry_point_refuses_a_poisoned_config(tmp_path, victim, monkeypatch):
+def test_every_entry_point_refuses_a_poisoned_config_in_one_line(tmp_path, victim, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
-    config = payloads(marker, victim)["pathlib.Path.write_text (nested)"]
-    evil = poisoned_checkpoint(tmp_path / "evil.ckpt", config)
-    for name, run in entry_points(evil, tmp_path).items():
-        with pytest.raises((UnsafeConfigError, SystemExit)) as caught:
-            run()
-        assert "refusing to build its config" in str(caught.value) or caught.value.code != 0, name
+    evil = poisoned_checkpoint(tmp_path / "evil.ckpt", payloads(marker, victim)["pathlib.Path.write_text (nested)"])
+    for name, (main, argv) in entry_points(evil, tmp_path).items():
+        with pytest.raises(SystemExit) as stop:
+            run_main(main, argv)
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert stop.value.code == 1 and len(lines) == 1, (name, lines)
+        assert lines[0].startswith("error: ") and f"{evil}: refusing to build its config: model_config.unet._target_" \
+            in lines[0], name
         assert not marker.exists(), name
     assert (victim / "keep.txt").is_file()
+
+
+def test_train_refuses_a_poisoned_base_in_one_line(tmp_path, victim, caplog):
+    marker = tmp_path / "pwned"
+    evil = poisoned_checkpoint(tmp_path / "evil.ckpt", payloads(marker, victim)["builtins.open"])
+    cfg = compose_train(tmp_path, ["experiment=lora_finetune", "debug=smoke", "logger=none", f"model.base={evil}",
+                                   "data.cache_dir=null", "callbacks.rich_progress_bar=null",
+                                   "callbacks.lr_monitor=null"], output_name="ft")
+    with pytest.raises(SystemExit) as stop:
+        run_task(train, cfg)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert stop.value.code == 1 and len(errors) == 1 and "\n" not in errors[0], errors
+    assert errors[0].startswith(f"error: {evil}: refusing to build its config: model_config._target_ names "
+                                "'builtins.open'")
+    assert not marker.exists()

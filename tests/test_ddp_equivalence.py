@@ -85,9 +85,9 @@ def test_ddp_lora_matches_one_process_and_encodes_the_latent_cache_once(compose_
     train(single)
     caches = sorted((tmp_path / "cache").glob("latents_*.pt"))
     assert len(caches) == 1
-    stamp = caches[0].stat().st_mtime_ns
-    run_ddp([*lora, *dump(tmp_path / "lora_two")], tmp_path / "ddp")
-    assert caches[0].stat().st_mtime_ns == stamp  # same data, same VAE: read, not re-encoded
+    inode = caches[0].stat().st_ino  # a rewrite (atomic: a new file moved into place) changes it; a read only
+    run_ddp([*lora, *dump(tmp_path / "lora_two")], tmp_path / "ddp")  # marks it used (its mtime: LRU)
+    assert caches[0].stat().st_ino == inode  # same data, same VAE: read, not re-encoded
     one, rank0, rank1 = (torch.load(tmp_path / p, weights_only=True)
                          for p in ("lora_one/rank0.pt", "lora_two/rank0.pt", "lora_two/rank1.pt"))
     lora_keys = [k for k in one if "lora_" in k]

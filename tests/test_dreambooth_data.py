@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images
+from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images, image_seed
 from datamodules.dreambooth import DreamBoothDataModule
 from datamodules.shapes import COLORS, Subject, render, render_subject
 from datamodules.shapes_evaluator import ShapesEvaluator
@@ -86,14 +86,14 @@ def test_evaluator_rejects_the_wrong_pattern(evaluator):
 
 
 class CountingGenerator:
-    """Stands in for the base model's sampler: a flat image whose value encodes (seed, position)."""
+    """Stands in for the base model's sampler: a flat image whose value encodes its seed."""
 
     def __init__(self):
-        self.calls: list[tuple[list[str], int]] = []
+        self.calls: list[tuple[list[str], list[int]]] = []
 
-    def __call__(self, prompts: list[str], seed: int) -> torch.Tensor:
-        self.calls.append((list(prompts), seed))
-        values = torch.tensor([(seed * 7 + k) % 200 / 100 - 1 for k in range(len(prompts))])
+    def __call__(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        self.calls.append((list(prompts), list(seeds)))
+        values = torch.tensor([seed % 200 / 100 - 1 for seed in seeds])
         return values[:, None, None, None].expand(len(prompts), 3, 8, 8).clone()
 
     @property
@@ -107,7 +107,8 @@ def test_class_images_are_generated_once_reused_and_topped_up(tmp_path):
     generate = CountingGenerator()
     paths = ensure_class_images(tmp_path, prompts, 4, generate, settings)
     assert [p.name for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
-    assert generate.generated == 4 and [s for _, s in generate.calls] == [0, 3]  # batches of 3, seeded
+    seeds = [image_seed(0, i) for i in range(6)]  # each image its own seed
+    assert generate.generated == 4 and [s for _, s in generate.calls] == [seeds[:3], seeds[3:4]]  # batches of 3
     assert (tmp_path / "00001.txt").read_text() == prompts[1] and (tmp_path / "00002.txt").read_text() == prompts[0]
     before = {p.name: p.read_bytes() for p in paths}
 
@@ -117,14 +118,14 @@ def test_class_images_are_generated_once_reused_and_topped_up(tmp_path):
 
     more = CountingGenerator()
     paths6 = ensure_class_images(tmp_path, prompts, 6, more, settings)
-    assert more.calls == [([prompts[0], prompts[1]], 4)]  # only the two missing ones
+    assert more.calls == [([prompts[0], prompts[1]], seeds[4:6])]  # only the two missing ones
     assert {p.name: p.read_bytes() for p in paths6[:4]} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
     (tmp_path / "00005.png").unlink()  # an interrupted write: the pair is incomplete, so it is redone
     redo = CountingGenerator()
     ensure_class_images(tmp_path, prompts, 6, redo, settings)
-    assert redo.calls == [([prompts[1]], 5)]
+    assert redo.calls == [([prompts[1]], seeds[5:6])]
 
 
 def test_class_image_cache_key_covers_what_shapes_the_images():
@@ -137,6 +138,33 @@ def test_class_image_cache_key_covers_what_shapes_the_images():
                cache_key("base0", prompts, SamplerSettings(sampler="dpmpp_2m"), 32),
                cache_key("base0", prompts, SamplerSettings(seed=1), 32), cache_key("base0", prompts, settings, 64)]
     assert key not in changed and len(set(changed)) == len(changed)
+    assert SamplerSettings().key_parts()["version"] == 2  # images seeded per index: never mixed with version 1
+
+
+def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Class images after DreamBooth runs of (num_class_images, class_images.batch_size), one after another."""
+    for count, batch_size in runs:
+        data = DreamBoothDataModule(embedded_concepts(count), resolution=32, cache_latents=False,
+                                    class_images={"sampler": "ddpm", "steps": 3, "batch_size": batch_size,
+                                                  "cache_dir": str(folder)})
+        data.setup("fit")
+        data.prepare_class_images(model)
+    (key_folder,) = [p for p in folder.iterdir() if p.is_dir()]
+    return [np.asarray(Image.open(p)) for p in sorted(key_folder.glob("*.png"))]
+
+
+def test_class_images_are_the_same_at_once_topped_up_or_in_other_batches(tmp_path):
+    """Same key, same pixels: 6 images at once, 3 then topped up to 6, in batches of 4 (DDPM: fresh noise every
+    step, so each image's per-step noise must not depend on its batch either)."""
+    model = tiny_base()
+    at_once = class_image_pixels(tmp_path / "at_once", model, [(6, 6)])
+    topped_up = class_image_pixels(tmp_path / "topped_up", model, [(3, 6), (6, 6)])
+    batches_of_4 = class_image_pixels(tmp_path / "batches_of_4", model, [(6, 4)])
+    assert len(at_once) == len(topped_up) == len(batches_of_4) == 6
+    for index, image in enumerate(at_once):
+        assert np.array_equal(image, topped_up[index]), f"image {index} differs after a top-up"
+        assert np.array_equal(image, batches_of_4[index]), f"image {index} differs with batch_size 4"
+    assert not np.array_equal(at_once[0], at_once[2])  # same prompt, own noise
 
 
 def tiny_base():

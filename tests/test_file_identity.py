@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ldm.utils.file_identity import describe_source
+import hashlib
+import os
+
+from ldm.utils.file_identity import describe_source, sha256_of
 from tests.test_finetune_lora import base_ckpt  # noqa: F401 - fixture
 
 
@@ -17,6 +20,17 @@ def test_describe_source_has_name_and_hash_but_no_path(tmp_path):
     assert "secret_user" not in str(info) and len(info["sha256"]) == 64
     model.write_bytes(b"other weights")
     assert describe_source(model)["sha256"] != info["sha256"]  # content, not name
+
+
+def test_hash_of_a_file_replaced_with_the_same_size_and_mtime_is_new(tmp_path):
+    """``cp -p`` of another file of the same size and time: the remembered hash must not be reused."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"first bytes")
+    before = path.stat()
+    assert sha256_of(path) == hashlib.sha256(b"first bytes").hexdigest()
+    path.write_bytes(b"other bytes")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert sha256_of(path) == hashlib.sha256(b"other bytes").hexdigest()
 
 
 def test_folder_and_hub_id(tmp_path):

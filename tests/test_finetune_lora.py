@@ -110,6 +110,9 @@ def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypat
     # resuming at the saved step trains nothing more: the method's weights are the checkpoint's, exactly
     same = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
                                                   "ckpt_path=last"]), output_name="b")
+    from tests.test_dreambooth import save_run_config  # (a module importing this one)
+
+    save_run_config(same)  # as `python train.py` leaves it: ckpt_path=last below skips this resume (no new checkpoint)
     _, objects = train(same)
     state = objects["model"].method.state_dict()
     assert objects["trainer"].global_step == 2 and seen_steps == []

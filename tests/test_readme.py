@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -201,6 +202,11 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert sample.main([*argv, *short, "--out", str(work / "samples")]).is_file()
     elif program == "scripts/convert.py":
         assert Path(load_script(program).main(argv)).is_file()
+    elif program == "scripts/clear_cache.py":
+        entry = Path(os.environ.get("LDM_ROOT", ".")) / ".cache" / "latents" / "latents_0123.pt"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_bytes(b"latents")
+        assert load_script(program).main(argv)[str(entry.parent)] == len(b"latents") and not entry.exists()
     elif program == "scripts/make_shards.py":
         out = Path(argv[argv.index("--out") + 1])
         load_script(program).main([*argv, *short])
@@ -274,3 +280,12 @@ def test_lora_step_variant():
     full = lora_step.run_variant("full", "embedded", 32, 1, 1, "cpu")
     lora = lora_step.run_variant("lora", "embedded", 32, 1, 1, "cpu")
     assert 0 < lora["trainable"] < 0.2 * full["trainable"] and lora["median_s"] > 0
+
+
+def test_scripts_run_by_readme_tests_use_the_running_interpreter():
+    """``python`` inside scripts/embedded_chain.sh is the interpreter running pytest (a venv that was not
+    activated included), not whatever ``python`` comes first on the user's PATH."""
+    from tests.readme_commands import env
+
+    found = shutil.which("python", path=env()["PATH"])
+    assert found is not None and Path(found).parent == Path(sys.executable).parent

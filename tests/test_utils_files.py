@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +70,86 @@ def test_save_image_uses_the_suffix_format(tmp_path):
         assert back.format == "PNG" and back.size == (4, 2)
     with pytest.raises(ValueError, match="unknown image suffix"):
         save_image(image, tmp_path / "x.nope")
+
+
+# ------------------------------------------------------------------ stale temporary files of killed writes
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def killed_write(target) -> None:
+    """A process killed while ``atomic_write`` writes ``target`` (``os._exit``: no cleanup runs, as with
+    SIGKILL); -> its temporary file is left beside ``target``."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from ldm.utils.files import atomic_write\n"
+            "def write(tmp):\n    open(tmp, 'wb').write(b'x' * 4096); os._exit(9)\n"
+            "atomic_write(sys.argv[1], write)")
+    result = subprocess.run([sys.executable, "-c", code, str(target)], check=False, cwd=Path(__file__).parents[1])
+    assert result.returncode == 9
+
+
+def test_stale_temp_files_of_killed_writes_are_removed_and_live_ones_kept(tmp_path):
+    import time
+
+    from ldm.utils.files import remove_stale_temp_files
+
+    killed_write(tmp_path / "checkpoints" / "last.ckpt")
+    (left,) = (tmp_path / "checkpoints").iterdir()
+    assert left.name.startswith(".last.ckpt.") and left.name.endswith(".tmp") and left.stat().st_size == 4096
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    dead = adapters / f".lora.safetensors.{dead_pid()}.abc_1234.tmp"
+    live = adapters / f".lora.safetensors.{os.getppid()}.abc_1234.tmp"  # a running process is writing it
+    legacy_old = tmp_path / ".config.yaml.k2j4h5g6.tmp"  # names from before the pid was added: by age
+    legacy_new = tmp_path / ".summary.txt.z9y8x7w6.tmp"
+    mine = tmp_path / f".grid.png.{os.getpid()}.qwertyui.tmp"
+    keep = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / "last.ckpt", live, legacy_new, mine]
+    for path in [dead, legacy_old, *keep]:
+        path.write_bytes(b"data")
+    started = time.time()
+    os.utime(legacy_old, (started - 3600, started - 3600))
+    os.utime(legacy_new, (started + 60, started + 60))  # written after the start: maybe by a live process
+
+    removed = remove_stale_temp_files(tmp_path, before=started)
+    assert sorted(removed) == sorted([left, dead, legacy_old])
+    assert not left.exists() and not dead.exists() and not legacy_old.exists()
+    assert all(p.exists() for p in keep)
+    assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_train_removes_its_run_folders_stale_temp_files_at_start_and_resume(compose_cfg, caplog):
+    """`ckpt_path` of a run: its stale temporary files (checkpoints/, adapters/, anywhere in the run) are
+    removed and logged before training; files of other runs are left alone."""
+    import logging
+
+    from train import train
+
+    old_run = Path(compose_cfg(["experiment=vae"]).paths.log_dir) / "vae" / "runs" / "old"
+    (old_run / ".hydra").mkdir(parents=True)
+    killed_write(old_run / "checkpoints" / "last.ckpt")
+    (old_run / "checkpoints" / "last.ckpt").write_bytes(b"not read: train=false")
+    killed_write(old_run / "adapters" / "lora.safetensors")
+    other_run = old_run.parent / "other"
+    killed_write(other_run / "checkpoints" / "last.ckpt")
+    stale = sorted(old_run.rglob("*.tmp"))
+    assert len(stale) == 2
+
+    cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "logger=none", "train=false",
+                       f"ckpt_path={old_run / 'checkpoints' / 'last.ckpt'}"], output_name="new")
+    new_run = Path(cfg.paths.output_dir)
+    killed_write(new_run / "images" / "grid.png")  # e.g. a run folder reused with hydra.run.dir=
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    assert not list(old_run.rglob("*.tmp")) and not list(new_run.rglob("*.tmp"))
+    assert len(list(other_run.rglob("*.tmp"))) == 1
+    assert "Removed 3 stale temporary file(s) left by killed writes" in caplog.text
+    assert str(stale[0]) in caplog.text

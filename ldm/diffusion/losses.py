@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -12,15 +14,21 @@ from ldm.diffusion.schedules import DiffusionSchedule
 
 def randn(
     shape: tuple[int, ...],
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Standard normal noise drawn on the generator's device, then moved to ``device``.
 
-    Drawing where the generator lives makes a seeded run give the same numbers on any device.
+    Drawing where the generator lives makes a seeded run give the same numbers on any device. A sequence of
+    generators (one per item of ``shape[0]``) draws each item from its own, so an item's noise does not depend
+    on which batch it is in, or where.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([randn(tuple(shape[1:]), g, device, dtype) for g in generator])
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 

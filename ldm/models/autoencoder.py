@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.models.guards import check_finite
+from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
 from ldm.modules.autoencoder_loss import adaptive_gan_weight, hinge_d_loss, kl_loss, reconstruction_loss
 from ldm.modules.vae import AutoencoderKL
 
@@ -127,6 +128,12 @@ class AutoencoderModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
         return optimizers, [{"scheduler": self.scheduler_factory(optimizer=optimizers[0]), "interval": "step"}]
+
+    def on_fit_start(self) -> None:
+        self._configured_lrs = configured_lrs(self.trainer)  # before a checkpoint's optimiser state replaces them
+
+    def on_train_start(self) -> None:
+        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))  # an lr given at resume applies
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:

@@ -11,8 +11,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_finite(loss: torch.Tensor, module, parts: dict | None = None) -> None:
     """Raise :class:`NonFiniteLossError` naming the step and the loss terms. Checkpoints already written
-    stay on disk: resume from the last good one with ``ckpt_path=...`` after lowering the learning rate
-    (``model.optimizer.lr=...``) or enabling gradient clipping."""
+    stay on disk: resume from the last good one with ``ckpt_path=...`` and a lower learning rate
+    (``model.optimizer.lr=...``, which replaces the checkpoint's: ``ldm.models.resume_lr``) or gradient clipping."""
     if torch.isfinite(loss).all():
         return
     terms = ", ".join(f"{k}={float(v):.4g}" for k, v in (parts or {}).items())
@@ -20,5 +20,6 @@ def check_finite(loss: torch.Tensor, module, parts: dict | None = None) -> None:
         f"non-finite loss ({float(loss.detach()):.4g}) at global step {module.global_step}"
         + (f" [{terms}]" if terms else "")
         + ". Earlier checkpoints are untouched: resume from the last good one with ckpt_path=<run>/checkpoints/"
-        "last.ckpt after lowering model.optimizer.lr, enabling gradient clipping, or trying fp32 precision."
+        "last.ckpt and a lower model.optimizer.lr (a method's own rate: model.method.lr / text_encoder_lr; the "
+        "new rate replaces the checkpoint's), gradient clipping (+trainer.gradient_clip_val=1.0) or fp32 precision."
     )

@@ -31,6 +31,7 @@ from ldm.models.guards import check_finite
 from ldm.models.micro_conditions import sampling_batch, unet_condition
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
+from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
 from ldm.modules.conditioner import Conditioner, as_conditioner
 from ldm.modules.ema import EMA
 from ldm.utils.batch_random import BatchRandom
@@ -284,6 +285,12 @@ class LatentDiffusion(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        self._configured_lrs = configured_lrs(self.trainer)  # before a checkpoint's optimiser state replaces them
+
+    def on_train_start(self) -> None:
+        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))  # an lr given at resume applies
+
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each
         parameter steps inside backward and its gradient is freed at once (``OptimizerInBackward``)."""
@@ -317,12 +324,14 @@ class LatentDiffusion(L.LightningModule):
     def generate(self, prompts: Sequence[str], guidance_scale: float | None = None, seed: int = 0,
                  sampler: Callable | None = None, negative_prompt: str | Sequence[str] = "", use_ema: bool = True,
                  progress: bool = False, latent_size: int | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, init_images: torch.Tensor | None = None,
-                 strength: float = 1.0, callback: Callable | None = None, sizes: dict | None = None) -> torch.Tensor:
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 init_images: torch.Tensor | None = None, strength: float = 1.0, callback: Callable | None = None,
+                 sizes: dict | None = None) -> torch.Tensor:
         """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images.
 
         ``negative_prompt``: one for all, or one per prompt. ``latents``: the initial noise [B, c, h, w]
-        (else drawn from ``generator``, else from ``seed``). ``init_images`` [B, 3, H, W] in [-1, 1] +
+        (else drawn from ``generator``, else from ``seed``); ``generator`` may be one per prompt, which makes
+        each image independent of the batch it is in (class images). ``init_images`` [B, 3, H, W] in [-1, 1] +
         ``strength``: img2img (the images' latent means, noised to the level of the last
         ``int(steps * strength)`` steps). ``sizes``: SDXL's size conditions (``micro_conditions.sampling_batch``).
         """

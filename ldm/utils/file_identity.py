@@ -18,7 +18,9 @@ _FOLDER_FILES = (".safetensors", ".bin", ".ckpt", ".pt", ".json", ".txt", ".mode
 
 
 @lru_cache(maxsize=32)
-def _hash_cached(path: str, size: int, mtime_ns: int) -> str:
+def _hash_cached(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """Remembered by the file's stat: size and mtime alone miss a file replaced by one of the same size and
+    time (``cp -p``, ``touch -r``); its change time (which no user call can set back) and inode do not."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
@@ -31,7 +33,7 @@ def sha256_of(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_file():
         stat = path.stat()
-        return _hash_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        return _hash_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FOLDER_FILES):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")

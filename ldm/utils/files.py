@@ -5,20 +5,30 @@ Every file is written under a unique temporary name in its target folder and mov
 A write that fails because the disk is full or the folder is read-only raises :class:`DiskFullError` /
 ``PermissionError`` naming the file being written (``torch.save`` alone says ``unexpected pos 576 vs 534``,
 safetensors names no file), and leaves no temporary file behind.
+The temporary name carries the writer's process id (``.<name>.<pid>.<random>.tmp``): a process killed
+mid-write leaves it behind, and :func:`remove_stale_temp_files` removes those whose writer is gone.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-__all__ = ["DiskFullError", "atomic_link", "atomic_save_safetensors", "atomic_write", "atomic_write_text", "cache_dir"]
+__all__ = ["DiskFullError", "atomic_link", "atomic_save_safetensors", "atomic_write", "atomic_write_text",
+           "cache_dir", "remove_stale_temp_files"]
+
+# .<name>.<pid>.<mkstemp's 8 characters>.tmp; before the pid was added: .<name>.<8 characters>.tmp
+_TEMP_NAME = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp$")
 
 
 class DiskFullError(OSError):
@@ -70,7 +80,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         write(tmp)
         umask = os.umask(0)
@@ -123,3 +133,42 @@ def cache_dir(*parts: str) -> Path:
     """``$LDM_CACHE_DIR`` (default ``<system temp>/ldm-cache``) joined with ``parts``; not created."""
     root = os.environ.get("LDM_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "ldm-cache")
     return Path(root, *parts)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, before: float | None = None,
+                            recursive: bool = True) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` under ``folder`` that no live process is writing:
+    last modified before ``before`` (a time stamp; default now) and written by a process that no longer runs
+    (names without a process id: the time alone). -> the removed paths. Symbolic links are not followed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    before = time.time() if before is None else before
+    removed = []
+    walk = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
+    for root, _, names in walk:
+        for name in names:
+            match = _TEMP_NAME.match(name)
+            path = Path(root, name)
+            if match is None or path.is_symlink() or not path.is_file():
+                continue
+            pid = match.group("pid")
+            if pid is not None and (int(pid) == os.getpid() or _process_alive(int(pid))):
+                continue
+            try:
+                if path.stat().st_mtime < before:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # its writer finished (os.replace) meanwhile
+                continue
+    return removed

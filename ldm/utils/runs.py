@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -30,18 +31,64 @@ def latest_checkpoint(log_dir: str | Path, task_name: str, filename: str = "last
     return found[-1] if found else None
 
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str) -> str | None:
-    """``None`` -> None; ``"last"`` -> the newest last.ckpt of this task; a path must exist."""
+def _last_activity(run: Path) -> float:
+    """When a run last showed life: its folder's mtime (entries created in it: logs, .hydra, checkpoints/) or
+    its last.ckpt's, whichever is newer."""
+    last = run / "checkpoints" / "last.ckpt"
+    return max(run.stat().st_mtime, last.stat().st_mtime if last.exists() else 0.0)
+
+
+def _was_a_resume(run: Path) -> bool:
+    """The run's saved config (Hydra's ``.hydra/config.yaml``) has a ``ckpt_path``: without a checkpoint of its
+    own, it continued one of the older runs and saved nothing new (or died first): not a run of its own."""
+    saved = run / ".hydra" / "config.yaml"
+    try:
+        return saved.is_file() and OmegaConf.load(saved).get("ckpt_path") is not None
+    except Exception:  # noqa: BLE001 - an unreadable config says nothing; the run counts
+        return False
+
+
+def last_run_checkpoint(log_dir: str | Path, task_name: str, current_run: str | Path | None = None) -> Path:
+    """``ckpt_path=last``: the last.ckpt of this task's newest run (the current run's own folder counts only
+    once it has one: resumed into itself; a resume that saved nothing is skipped). Refuses, naming the fix,
+    when that newest run has no checkpoint (it died before its first save): continuing an older run instead
+    is rarely what was meant."""
+    runs_dir = Path(log_dir) / task_name / "runs"
+    current = Path(current_run).resolve() if current_run else None
+    runs = [run for run in (runs_dir.iterdir() if runs_dir.is_dir() else []) if run.is_dir()
+            and (run.resolve() != current or (run / "checkpoints" / "last.ckpt").exists())]
+    runs = [run for run in runs if (run / "checkpoints" / "last.ckpt").exists() or not _was_a_resume(run)]
+    with_ckpt = sorted((run for run in runs if (run / "checkpoints" / "last.ckpt").exists()), key=_last_activity)
+    if not with_ckpt:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no {runs_dir}/*/checkpoints/last.ckpt exists yet. "
+            f"Train once without ckpt_path (task_name={task_name}), or pass ckpt_path=<file>."
+        )
+    newest = max(runs, key=lambda run: (_last_activity(run), run in with_ckpt))
+    older = with_ckpt[-1] / "checkpoints" / "last.ckpt"
+    if newest != with_ckpt[-1]:
+        raise FileNotFoundError(
+            f"ckpt_path=last: the newest {task_name} run, {newest}, has no checkpoint (it stopped before its "
+            f"first save); the newest run with one is {with_ckpt[-1].name}. To continue that run pass "
+            f"ckpt_path={older}; to start afresh leave ckpt_path out."
+        )
+    return older
+
+
+def describe_resume(ckpt_path: str, task_name: str) -> str:
+    """The line train.py logs for ``ckpt_path=last``: which run it continues, from which file, written when."""
+    found = Path(ckpt_path)
+    written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.stat().st_mtime))
+    return f"ckpt_path=last: continuing run {found.parent.parent.name} of {task_name} ({found}, written {written})"
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str,
+                      current_run: str | Path | None = None) -> str | None:
+    """``None`` -> None; ``"last"`` -> the newest run's last.ckpt (``last_run_checkpoint``); a path must exist."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
-        found = latest_checkpoint(log_dir, task_name)
-        if found is None:
-            raise FileNotFoundError(
-                f"ckpt_path=last: no {Path(log_dir) / task_name / 'runs'}/*/checkpoints/last.ckpt exists yet. "
-                f"Train once without ckpt_path (task_name={task_name}), or pass ckpt_path=<file>."
-            )
-        return str(found)
+        return str(last_run_checkpoint(log_dir, task_name, current_run))
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist (cwd: {os.getcwd()})")
     return str(ckpt_path)

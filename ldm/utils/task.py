@@ -87,6 +87,16 @@ def full_trace_asked() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
+def child_failure(what: str, stderr: str) -> SystemExit:
+    """The exit of a script whose child process (one benchmark variant) failed: the child's own ``error:`` line
+    when it printed one (a user error, already one line), else the tail of its stderr (a bug)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    if errors:
+        print(f"error: {what}: {errors[-1].removeprefix('error: ')}", file=sys.stderr)
+        return SystemExit(1)
+    return SystemExit(f"{what} failed:\n{stderr[-3000:]}")
+
+
 def run_main(main: Callable[..., T], *args, **kwargs) -> T:
     """A script's ``main(*args, **kwargs)``; a user error -> ``error: ...`` on stderr and exit status 1 (see the
     module docstring; ``HYDRA_FULL_ERROR=1`` keeps the traceback)."""

@@ -53,7 +53,9 @@ class Sampler:
     ``timestep_spacing`` / ``steps_offset`` / ``set_alpha_to_one``: ``None`` takes the schedule's
     ``convention`` (the model's: ours trail, SD files lead with offset 1), a value overrides it.
     ``clip_x0`` clamps every x0 estimate to [-1, 1] (pixel-space data only; latents are unbounded).
-    A call runs under ``torch.no_grad``; all randomness comes from ``generator``.
+    A call runs under ``torch.no_grad``; all randomness comes from ``generator``: one for the batch, or a
+    sequence of one per item (item ``i``'s initial and per-step noise from ``generator[i]`` alone, so an item
+    comes out the same whatever batch it is sampled in).
     """
 
     name = "sampler"
@@ -93,7 +95,7 @@ class Sampler:
         schedule: DiffusionSchedule,
         shape: tuple,
         parameterization: Parameterization | str = EPS,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         x_T: Tensor | None = None,

@@ -126,6 +126,7 @@ class FineTuneModule(LatentDiffusion):
             self._cache_latents_once(datamodule)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if not self.hparams.offload_text_encoder:
             return
         cached = getattr(self.trainer.datamodule, "cached", None)
