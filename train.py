@@ -7,6 +7,7 @@ asked, and returns ``optimized_metric`` for Hydra sweeps (``-m``).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from ldm.utils.quiet import quiet_known_noise
 from ldm.utils.run_summary import summarize_run
 from ldm.utils.runs import configure_wandb_mode, describe_resume, register_resolvers, resolve_ckpt_path
 from ldm.utils.stale_files import clean_run_folders
-from ldm.utils.task import run_task
+from ldm.utils.task import renamed_override, run_task
 
 log = get_logger(__name__)
 register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
@@ -108,4 +109,7 @@ def print_and_train(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if renamed := renamed_override(sys.argv[1:]):  # before Hydra, whose message would not name the new key
+        print(renamed, file=sys.stderr)
+        raise SystemExit(1)
     main()

@@ -32,7 +32,8 @@ register_resolvers()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+# Runnable experiments; conf/experiment/_*.yaml are the blocks they inherit (_finetune_shapes, _finetune_sd15).
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,6 +46,29 @@ def captioned_image_folder() -> Path:
         Image.new("RGB", (40, 40), (40 * i, 200 - 30 * i, 90)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a red star number {i}")
     return folder
+
+
+@pytest.fixture(scope="module")
+def sd_schedule():
+    """Stable Diffusion's schedule (scaled linear, 1,000 steps), for the sampler tests."""
+    from ldm.diffusion import DiffusionSchedule
+
+    return DiffusionSchedule.from_config("scaled_linear", num_timesteps=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_te(tmp_path_factory):
+    """A tiny CLIP text encoder (offline tokenizer), built once per module; ``te``: a fresh copy per test."""
+    from ldm.modules.text_encoder import CLIPTextEncoder
+
+    return CLIPTextEncoder.tiny(cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def te(tiny_te):
+    import copy
+
+    return copy.deepcopy(tiny_te)
 
 
 def load_script(relative: str):

@@ -23,7 +23,7 @@ from ldm.io.single_file_export import export_components
 from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
-from tests.test_interop import TINY_UNET, TINY_VAE, perturb
+from tests.interop_parts import TINY_UNET, TINY_VAE, perturb
 
 
 @pytest.fixture

@@ -72,14 +72,14 @@ def test_full_unet_state_round_trip_is_strict():
 def test_combined_loss_weights_class_items():
     per_item = torch.tensor([1.0, 2.0, 3.0, 4.0, 6.0])
     batch = {"is_regularization": torch.tensor([False, False, True, True, True])}
-    assert float(FullUNet(prior_loss_weight=1.0).loss(per_item, batch)) == pytest.approx(1.5 + 13 / 3)
-    assert float(FullUNet(prior_loss_weight=0.5).loss(per_item, batch)) == pytest.approx(1.5 + 0.5 * 13 / 3)
-    assert float(FullUNet(prior_loss_weight=0.0).loss(per_item, batch)) == pytest.approx(1.5)  # prior off
+    assert float(FullUNet().loss(per_item, batch, 1.0)) == pytest.approx(1.5 + 13 / 3)
+    assert float(FullUNet().loss(per_item, batch, 0.5)) == pytest.approx(1.5 + 0.5 * 13 / 3)
+    assert float(FullUNet().loss(per_item, batch, 0.0)) == pytest.approx(1.5)  # prior off
     assert float(FullUNet().loss(per_item, batch)) == pytest.approx(16 / 5)  # no weight: one plain mean
     only_instances = {"is_regularization": [False] * 5}
-    assert float(FullUNet(prior_loss_weight=1.0).loss(per_item, only_instances)) == pytest.approx(16 / 5)
+    assert float(FullUNet().loss(per_item, only_instances, 1.0)) == pytest.approx(16 / 5)
     grad = torch.ones(5, requires_grad=True)
-    FullUNet(prior_loss_weight=2.0).loss(grad * per_item, batch).backward()
+    FullUNet().loss(grad * per_item, batch, 2.0).backward()
     torch.testing.assert_close(grad.grad, torch.tensor([0.5, 1.0, 2 / 3 * 3, 2 / 3 * 4, 2 / 3 * 6]))
 
 
@@ -179,7 +179,7 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
 def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
     cfg = compose_cfg(dreambooth_overrides("dreambooth_lora", base_ckpt, tmp_path))
     assert cfg.data == compose_cfg(dreambooth_overrides("dreambooth", base_ckpt, tmp_path)).data
-    assert cfg.model.method.prior_loss_weight == 1.0
+    assert cfg.model.prior_loss_weight == 1.0
     _, objects = train(cfg)
     model, run = objects["model"], Path(cfg.paths.output_dir)
     assert all("lora_" in k or k.endswith(".alpha") for k in model.method.state_dict())
@@ -221,14 +221,14 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
 
 
 def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
-    """`... model.method.prior_loss_weight=0` and `... model.method.train_text_encoder=true
+    """`... model.prior_loss_weight=0` and `... model.method.train_text_encoder=true
     model.method.text_encoder_lr=5e-5`, with `model.gradient_checkpointing=true`"""
     cfg = compose_cfg([*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr",
-                       "model.method.prior_loss_weight=0", "model.method.train_text_encoder=true",
+                       "model.prior_loss_weight=0", "model.method.train_text_encoder=true",
                        "model.method.text_encoder_lr=5e-5", "model.gradient_checkpointing=true"])
     _, objects = train(cfg)
     model = objects["model"]
-    assert model.method.prior_loss_weight == 0.0
+    assert model.hparams.prior_loss_weight == 0.0
     assert any(getattr(m, "use_checkpoint", False) for m in model.unet.modules())
     optimizer = objects["trainer"].optimizers[0]
     assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder"]

@@ -314,9 +314,9 @@ def test_prior_preservation_weighting_through_the_method_loss():
     losses = torch.tensor([1.0, 3.0, 10.0, 20.0])
     batch = {"is_regularization": torch.tensor([False, False, True, True])}
     assert float(LoRA().loss(losses, batch)) == pytest.approx(8.5)  # plain mean
-    weighted = LoRA(prior_loss_weight=0.5).loss(losses, batch)
+    weighted = LoRA().loss(losses, batch, 0.5)
     assert float(weighted) == pytest.approx(2.0 + 0.5 * 15.0)
-    only_instance = LoRA(prior_loss_weight=0.5).loss(losses[:2], {"is_regularization": torch.tensor([0, 0])})
+    only_instance = LoRA().loss(losses[:2], {"is_regularization": torch.tensor([0, 0])}, 0.5)
     assert float(only_instance) == pytest.approx(2.0)
 
 

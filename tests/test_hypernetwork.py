@@ -26,10 +26,10 @@ from ldm.modules.adapters.hypernetwork import (
     detach_hypernetwork,
     dropout_structure_for,
 )
+from ldm.modules.tiny_unet import tiny_unet_config
 from ldm.modules.unet import UNetModel
 
-TINY_UNET = {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": (1, 2),
-             "num_res_blocks": 1, "attention_resolutions": (1, 2), "num_heads": 2, "context_dim": 64}
+TINY_UNET = tiny_unet_config(attention_resolutions=[1, 2], num_heads=2)
 
 
 def unet_and_inputs(seed: int = 0):

@@ -14,7 +14,7 @@ from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.modules.ema import EMA
 from ldm.modules.text_encoder import CLIPTextEncoder
-from ldm.modules.unet import UNetModel
+from ldm.modules.tiny_unet import tiny_unet
 from ldm.modules.vae import AutoencoderKL
 from train import train
 
@@ -29,9 +29,7 @@ def tiny_vae():
 
 def tiny_model(**kw):
     text = CLIPTextEncoder.tiny()
-    unet = UNetModel(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(2,), num_heads=4, context_dim=text.hidden_size,
-                     use_linear_in_transformer=True)
+    unet = tiny_unet(context_dim=text.hidden_size, use_linear_in_transformer=True)
     return LatentDiffusion(unet=unet, vae=tiny_vae(), text_encoder=text,
                            schedule=DiffusionSchedule.from_config(), sampler=DDIMSampler(steps=3),
                            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), **kw)
@@ -39,8 +37,7 @@ def tiny_model(**kw):
 
 def test_context_dim_mismatch_is_a_clear_error():
     text = CLIPTextEncoder.tiny()
-    unet = UNetModel(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(1,),
-                     num_heads=4, context_dim=text.hidden_size + 1)
+    unet = tiny_unet(channel_mult=[1], attention_resolutions=[1], context_dim=text.hidden_size + 1)
     with pytest.raises(ValueError, match="context_dim"):
         LatentDiffusion(unet=unet, vae=tiny_vae(), text_encoder=text, schedule=DiffusionSchedule.from_config(),
                         sampler=DDIMSampler(steps=2), optimizer=torch.optim.SGD)

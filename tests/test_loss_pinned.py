@@ -10,7 +10,7 @@ import torch
 from ldm.diffusion import DiffusionSchedule, build_sampler
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.text_encoder import CLIPTextEncoder
-from ldm.modules.unet import UNetModel
+from ldm.modules.tiny_unet import tiny_unet
 from ldm.modules.vae import AutoencoderKL
 
 # (parameterization, min_snr_gamma, offset_noise) -> losses of 3 AdamW steps, then the per-item losses of a 4th
@@ -63,9 +63,7 @@ def one_thread():
 def tiny_model(**kw) -> LatentDiffusion:
     torch.manual_seed(0)
     text = CLIPTextEncoder.tiny()
-    unet = UNetModel(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(2,), num_heads=2, context_dim=text.hidden_size,
-                     use_linear_in_transformer=True)
+    unet = tiny_unet(num_heads=2, context_dim=text.hidden_size, use_linear_in_transformer=True)
     with torch.no_grad():  # the output layer starts at zero: perturb it so every weight gets a gradient
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.02)

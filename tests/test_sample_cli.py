@@ -16,7 +16,7 @@ from ldm.io.components import SDComponents
 from ldm.io.single_file_export import export_components
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
-from tests.test_interop import TINY_UNET, TINY_VAE, perturb, tiny_text_encoder
+from tests.interop_parts import TINY_UNET, TINY_VAE, perturb, tiny_text_encoder
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 

@@ -1,12 +1,10 @@
-"""Samplers: oracle recovery, determinism/seeding, cross-checks, and a Gaussian toy with an exact denoiser."""
-
-import itertools
+"""Samplers: oracle recovery, determinism/seeding, cross-checks, construction, callbacks and img2img
+(timestep grids: test_sampler_conventions.py; the Gaussian toy: test_sampler_gaussian_toy.py)."""
 
 import pytest
 import torch
 
 from ldm.diffusion import (
-    X0,
     DDIMSampler,
     DDPMSampler,
     DiffusionSchedule,
@@ -14,10 +12,9 @@ from ldm.diffusion import (
     as_parameterization,
     build_sampler,
     make_beta_schedule,
-    make_timesteps,
 )
+from tests.sampler_toys import PARAMS, oracle, toy_denoiser
 
-PARAMS = ("eps", "v", "x0")
 SAMPLER_FACTORIES = {
     "ddpm_full": lambda: DDPMSampler(),
     "ddpm_25": lambda: DDPMSampler(steps=25),
@@ -32,61 +29,6 @@ SAMPLER_FACTORIES = {
     "unipc_10": lambda: build_sampler("unipc", steps=10),
 }
 TWO_EVALS_PER_STEP = ("heun_10", "dpmpp_2s_a_10")
-
-
-@pytest.fixture(scope="module")
-def sd_schedule():
-    return DiffusionSchedule.from_config("scaled_linear", num_timesteps=1000)
-
-
-def oracle(schedule, x0, parameterization, seen=None):
-    """Denoiser that knows x0: returns the exact eps / v / x0 for the x_t it is given."""
-
-    def denoise(xt, t):
-        if seen is not None:
-            seen.append(t.clone())
-        eps = X0.to_eps(xt, t, x0, schedule)
-        return as_parameterization(parameterization).target(x0, eps, t, schedule)
-
-    return denoise
-
-
-def gaussian_denoiser(schedule, mu, std, parameterization):
-    """Exact E[x0 | x_t] for data ~ N(mu, std^2), converted to the model's parameterisation."""
-
-    def denoise(xt, t):
-        abar = schedule.alphas_cumprod[t].to(xt.dtype).view(-1, *([1] * (xt.ndim - 1)))
-        a = abar.sqrt()
-        x0_hat = mu + a * std**2 / (abar * std**2 + 1 - abar) * (xt - a * mu)
-        eps_hat = X0.to_eps(xt, t, x0_hat, schedule)
-        return as_parameterization(parameterization).target(x0_hat, eps_hat, t, schedule)
-
-    return denoise
-
-
-# -- timestep spacing ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
-@pytest.mark.parametrize("steps", [1, 7, 50, 1000])
-def test_timesteps_distinct_descending_in_range(spacing, steps):
-    ts = make_timesteps(1000, steps, spacing)
-    assert len(ts) == len(set(ts)) == steps
-    assert all(a > b for a, b in itertools.pairwise(ts))
-    assert 0 <= min(ts) and max(ts) <= 999
-    if steps == 1000:
-        assert ts == list(range(999, -1, -1))
-
-
-def test_timestep_spacing_endpoints():
-    assert make_timesteps(1000, 10, "trailing")[0] == 999
-    assert make_timesteps(1000, 10, "trailing")[-1] == 99
-    assert make_timesteps(1000, 10, "leading") == list(range(900, -1, -100))
-    assert make_timesteps(1000, 10, "linspace")[::9] == [999, 0]
-    with pytest.raises(ValueError):
-        make_timesteps(1000, 1001)
-    with pytest.raises(ValueError):
-        make_timesteps(1000, 10, "uniform")
 
 
 # -- oracle denoiser ------------------------------------------------------------------------------
@@ -158,10 +100,6 @@ def test_clip_x0(sd_schedule):
 
 # -- randomness -------------------------------------------------------------------------------------
 
-
-def toy_denoiser(xt, t):
-    """A non-oracle denoiser whose output depends on x_t and t."""
-    return 0.5 * torch.tanh(xt) + (t.float() / 1000).view(-1, *([1] * (xt.ndim - 1)))
 
 
 def test_ddim_eta0_deterministic_given_x_T(sd_schedule):
@@ -264,57 +202,6 @@ def test_ddim_eta1_equals_respaced_ddpm(sd_schedule):
     torch.testing.assert_close(ddim, ddpm)
 
 
-# -- Gaussian toy with an exact denoiser -------------------------------------------------------------
-# data ~ N(MU, STD^2) (latent-like unit scale). x_T is placed on exact quantiles of the true marginal
-# q(x_{T-1}) so that the sample moments carry no Monte-Carlo noise, only solver error.
-
-MU, STD = 1.0, 1.0
-
-
-def marginal(schedule, t):
-    """(alpha_t, std of x_t) for the Gaussian data."""
-    abar = schedule.alphas_cumprod[t].item()
-    return abar**0.5, (abar * STD**2 + 1 - abar) ** 0.5
-
-
-def quantile_z(n):
-    return torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]
-
-
-@pytest.mark.parametrize("steps", [10, 15, 20])
-@pytest.mark.parametrize("parameterization", PARAMS)
-def test_dpmpp_2m_gaussian_toy(sd_schedule, parameterization, steps):
-    z = quantile_z(4000)
-    a_T, m_T = marginal(sd_schedule, 999)
-    x_T = a_T * MU + m_T * z
-    den = gaussian_denoiser(sd_schedule, MU, STD, parameterization)
-    sampler = DPMSolverPP2MSampler(steps=steps)
-    out = sampler(den, sd_schedule, x_T.shape, parameterization, x_T=x_T, dtype=torch.float64)
-    assert out.mean().item() == pytest.approx(MU, abs=1e-3)
-    # the final jump returns E[x0 | x_{t_last}], whose std is sqrt(abar_{t_last}) * STD here:
-    # -0.054 at 10 steps (t_last = 99), -0.024 at 20 steps (t_last = 49)
-    assert out.std().item() == pytest.approx(STD, abs=0.06 if steps == 10 else 0.035)
-    # the ODE part is nearly exact: compare with the exact flow to t_last followed by that jump
-    a_l, m_l = marginal(sd_schedule, sampler.timesteps(sd_schedule)[-1])
-    ideal = MU + a_l * STD**2 / m_l * z
-    err_dpm = (out - ideal).abs().max().item()
-    ddim = DDIMSampler(steps=steps)(
-        den, sd_schedule, x_T.shape, parameterization, x_T=x_T, dtype=torch.float64
-    )
-    err_ddim = (ddim - ideal).abs().max().item()
-    assert err_dpm < 0.025
-    assert err_dpm < err_ddim / 5  # second order vs first order at the same number of steps
-
-
-def test_ddpm_gaussian_toy_from_noise(sd_schedule):
-    """All-T ancestral sampling from pure N(0, I) with the exact denoiser reproduces the data moments."""
-    std = 0.5
-    den = gaussian_denoiser(sd_schedule, MU, std, "v")
-    out = DDPMSampler()(den, sd_schedule, (2000, 1), "v", generator=torch.Generator().manual_seed(0))
-    assert out.mean().item() == pytest.approx(MU, abs=0.03)
-    assert out.std().item() == pytest.approx(std, abs=0.03)
-
-
 # -- construction, devices, progress ---------------------------------------------------------------
 
 
@@ -343,60 +230,6 @@ def test_progress_bar_and_dtype_device(sd_schedule):
         DDIMSampler(steps=4)(toy_denoiser, sd_schedule, (1, 2), x_T=torch.zeros(2, 2))
 
 
-# -- timestep conventions and sigma grids ------------------------------------------------------------
-
-
-def test_conventions_match_diffusers_timesteps():
-    """Our spacing + offset arithmetic is diffusers' (DDIM / Euler / DPM-Solver set_timesteps)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    from ldm.diffusion import TimestepConvention, sigma_grid
-
-    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    schedule = DiffusionSchedule.from_config()
-    for spacing, offset, steps in itertools.product(("leading", "trailing", "linspace"), (0, 1), (7, 10, 30)):
-        convention = TimestepConvention(spacing, offset)
-        ddim = DDIMScheduler(**config, timestep_spacing=spacing, steps_offset=offset)
-        ddim.set_timesteps(steps)
-        assert make_timesteps(1000, steps, spacing, offset) == ddim.timesteps.tolist()
-        for cls, multistep in ((EulerDiscreteScheduler, False), (DPMSolverMultistepScheduler, True)):
-            reference = cls(**config, timestep_spacing=spacing, steps_offset=offset)
-            reference.set_timesteps(steps)
-            grid = sigma_grid(schedule.alphas_cumprod, steps, convention, extra_point=multistep, integer=multistep)
-            torch.testing.assert_close(torch.tensor(grid.timesteps, dtype=torch.float64), reference.timesteps.double(), rtol=0, atol=1e-3)
-            torch.testing.assert_close(torch.tensor(grid.sigmas, dtype=torch.float64), reference.sigmas.double(), rtol=1e-5, atol=1e-6)
-
-
-def test_karras_sigmas():
-    from ldm.diffusion import karras_sigmas
-
-    sigmas = karras_sigmas(0.03, 14.6, 10)
-    assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == pytest.approx(0.03)
-    assert all(a > b for a, b in itertools.pairwise(sigmas))
-    roots = torch.tensor(sigmas) ** (1 / 7)  # uniform in sigma^(1/rho)
-    torch.testing.assert_close(roots.diff(), roots.diff()[:1].expand(9), rtol=1e-6, atol=0)
-
-
-def test_schedule_convention_is_the_default_and_samplers_override_it():
-    from ldm.diffusion import SD_CONVENTION
-
-    schedule = DiffusionSchedule.from_config(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
-    assert schedule.convention == SD_CONVENTION
-    assert DDIMSampler(steps=10).timesteps(schedule) == list(range(901, 0, -100))
-    assert DDIMSampler(steps=10, timestep_spacing="trailing", steps_offset=0).timesteps(schedule)[0] == 999
-    ours = DiffusionSchedule.from_config()
-    assert DDIMSampler(steps=10).timesteps(ours)[0] == 999
-    # set_alpha_to_one=False: DDIM's last step lands on abar_0, not on the oracle's x0
-    x0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
-    out = DDIMSampler(steps=10)(oracle(schedule, x0, "eps"), schedule, x0.shape, "eps")
-    assert not torch.allclose(out, x0, atol=1e-3)
-    abar0 = float(schedule.alphas_cumprod[0])  # it is the x_t of abar_0 (eps = the oracle's noise)
-    assert torch.allclose(out, abar0**0.5 * x0 + (1 - abar0) ** 0.5 * X0.to_eps(
-        out, torch.zeros(2, dtype=torch.long), x0, schedule), atol=1e-4)
-    with pytest.raises(ValueError, match="spacing"):
-        DiffusionSchedule.from_config(timestep_spacing="uniform")
-
-
 def test_callback_and_img2img(sd_schedule):
     x0 = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
     init = torch.zeros(2, 4)
@@ -414,32 +247,3 @@ def test_callback_and_img2img(sd_schedule):
         torch.testing.assert_close(out, x0, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="strength"):
         build_sampler("euler")(toy_denoiser, sd_schedule, (1, 2), init=torch.zeros(1, 2), strength=0.0)
-
-
-@pytest.mark.parametrize("name,steps", [("euler", 50), ("heun", 20), ("dpmpp_2m", 20), ("dpmpp_2m_karras", 20),
-                                       ("unipc", 10)])
-def test_deterministic_solvers_on_gaussian_toy(sd_schedule, name, steps):
-    """Exact denoiser for N(MU, STD^2) data: the ODE solvers land on the data's moments (first-order Euler
-    needs more steps: at 20 its std is 0.93)."""
-    z = quantile_z(2000)
-    a_T, m_T = marginal(sd_schedule, 999)
-    x_T = a_T * MU + m_T * z
-    out = build_sampler(name, steps=steps)(
-        gaussian_denoiser(sd_schedule, MU, STD, "eps"), sd_schedule, z.shape, "eps", x_T=x_T, dtype=torch.float64
-    )
-    assert out.mean().item() == pytest.approx(MU, abs=0.05)
-    assert out.std().item() == pytest.approx(STD, abs=0.05)
-
-
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "heun", "dpmpp_2s_a", "ddim",
-                                  "ddpm"])
-def test_sampler_configs_build_and_take_convention_overrides(compose_cfg, name):
-    from hydra.utils import instantiate
-
-    overrides = [f"model/sampler={name}", "model.sampler.timestep_spacing=leading", "model.sampler.steps_offset=1"]
-    cfg = compose_cfg(["experiment=txt2img", *overrides])
-    sampler = instantiate(cfg.model.sampler)
-    assert sampler.name == name
-    schedule = instantiate(cfg.model.schedule)
-    assert schedule.convention.spacing == "trailing"  # ours, from conf/model/schedule
-    assert sampler.convention(schedule).spacing == "leading" and sampler.convention(schedule).steps_offset == 1

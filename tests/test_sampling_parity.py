@@ -16,7 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from ldm.diffusion import SD_CONVENTION, build_sampler
 from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
-from tests.test_interop import HIDDEN, perturb, tiny_text_encoder
+from tests.interop_parts import HIDDEN, perturb, tiny_text_encoder
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,18 +15,12 @@ from ldm.io.diffusers_names import diffusers_unet_to_ldm
 from ldm.modules import attention as attention_module
 from ldm.modules import unet as unet_module
 from ldm.modules.attention import CrossAttention
+from ldm.modules.tiny_unet import tiny_unet_config
 from ldm.modules.unet import UNetModel, timestep_embedding
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model" / "unet"
 
-TINY = {
-    "model_channels": 32,
-    "channel_mult": (1, 2),
-    "num_res_blocks": 1,
-    "attention_resolutions": (2,),
-    "num_heads": 4,
-    "context_dim": 64,
-}
+TINY = tiny_unet_config()
 
 
 def perturb_zero_init(model: torch.nn.Module, seed: int = 0) -> None:
@@ -156,7 +150,7 @@ def test_gradient_checkpointing_same_gradients(monkeypatch):
     # The constructor flag does the same.
     assert all(
         m.use_checkpoint
-        for m in UNetModel(**TINY, use_checkpoint=True).modules()
+        for m in UNetModel(**{**TINY, "use_checkpoint": True}).modules()
         if isinstance(m, (unet_module.ResBlock, attention_module.BasicTransformerBlock))
     )
 
@@ -350,25 +344,10 @@ def test_attention_projections_are_plain_linear():
     "kwargs",
     [
         TINY,
-        {
-            "model_channels": 32,
-            "channel_mult": (1, 2, 2),
-            "num_res_blocks": 2,
-            "attention_resolutions": (1, 2),
-            "num_heads": -1,
-            "num_head_channels": 16,
-            "context_dim": 48,
-            "use_linear_in_transformer": True,
-        },
-        {
-            "model_channels": 32,
-            "channel_mult": (1, 2, 2),
-            "num_res_blocks": 1,
-            "attention_resolutions": (1,),
-            "num_heads": 2,
-            "context_dim": 48,
-            "use_scale_shift_norm": True,
-        },
+        tiny_unet_config(channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2), num_heads=-1,
+                         num_head_channels=16, context_dim=48, use_linear_in_transformer=True),
+        tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1,), num_heads=2, context_dim=48,
+                         use_scale_shift_norm=True),
     ],
     ids=["tiny", "sd2-style", "attention-top-only"],
 )

@@ -87,14 +87,14 @@ def build_loss(parameterization: str | Parameterization = "eps",
     return DiffusionLoss(parameterization, weighting)
 
 
-def prior_preservation_loss(per_sample: Tensor, is_prior: Tensor, prior_weight: float) -> Tensor:
+def prior_preservation_loss(per_sample: Tensor, is_regularization: Tensor, prior_loss_weight: float) -> Tensor:
     """DreamBooth's objective (Ruiz et al. 2022, eq. 2): mean loss over instance items plus
-    ``prior_weight`` x mean loss over class (prior-preservation) items; ``is_prior`` is a bool ``[B]``.
-    A batch without one of the two kinds contributes only the other term."""
-    is_prior = is_prior.to(device=per_sample.device, dtype=torch.bool).reshape(-1)
-    if is_prior.shape[0] != per_sample.shape[0]:
-        raise ValueError(f"is_prior has {is_prior.shape[0]} flags for {per_sample.shape[0]} losses")
+    ``prior_loss_weight`` x mean loss over class (prior-preservation) items; ``is_regularization`` is a bool
+    ``[B]`` (the batch key of that name). A batch without one of the two kinds contributes only the other term."""
+    is_regularization = is_regularization.to(device=per_sample.device, dtype=torch.bool).reshape(-1)
+    if is_regularization.shape[0] != per_sample.shape[0]:
+        raise ValueError(f"is_regularization has {is_regularization.shape[0]} flags for {per_sample.shape[0]} losses")
     zero = per_sample.sum() * 0.0
-    instance = per_sample[~is_prior].mean() if (~is_prior).any() else zero
-    prior = per_sample[is_prior].mean() if is_prior.any() else zero
-    return instance + prior_weight * prior
+    instance = per_sample[~is_regularization].mean() if (~is_regularization).any() else zero
+    prior = per_sample[is_regularization].mean() if is_regularization.any() else zero
+    return instance + prior_loss_weight * prior

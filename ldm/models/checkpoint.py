@@ -14,9 +14,18 @@ from ldm.utils.logging import get_logger
 log = get_logger(__name__)
 
 
+def _upgraded(config: dict) -> dict:
+    """A config written before ``prior_loss_weight`` moved from ``model.method`` to the fine-tuning core."""
+    method = config.get("method")
+    if isinstance(method, dict) and "prior_loss_weight" in method:
+        method = dict(method)
+        config = {**config, "method": method, "prior_loss_weight": method.pop("prior_loss_weight")}
+    return config
+
+
 def _for_inference(config: dict) -> dict:
     """Replace what is only needed to train (optimiser, LR schedule) by inert stand-ins."""
-    config = dict(config)
+    config = _upgraded(dict(config))
     if "optimizer" in config:
         config["optimizer"] = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.0}
     if "scheduler" in config:

@@ -20,6 +20,10 @@ from typing import TypeVar
 
 T = TypeVar("T")  # no heavy import at module level: benchmarks measuring memory import run_main
 
+# Config keys that moved: Hydra's own message for the old one ("Could not override ... Key ... is not in
+# struct") does not say where the value lives now.
+RENAMED_KEYS = {"model.method.prior_loss_weight": "model.prior_loss_weight"}
+
 NO_GPU_HINT = ("this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
                "(DDP with 2 CPU processes)")
 
@@ -56,6 +60,16 @@ def hint_for(error: BaseException) -> str:
         if not torch.cuda.is_available():
             return NO_GPU_HINT
     return ""
+
+
+def renamed_override(args: list[str]) -> str | None:
+    """``error: ...`` for the first command-line override that names a key in ``RENAMED_KEYS``, else None."""
+    for arg in args:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key in RENAMED_KEYS:
+            return (f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
+                    f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning method)")
+    return None
 
 
 def built_at(error: BaseException) -> str | None:

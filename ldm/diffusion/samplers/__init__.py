@@ -1,7 +1,7 @@
 """Samplers over a ``Denoiser`` (x_t, t) -> model output; each cites its paper.
 
 Names are the ones users know (AUTOMATIC1111 / ComfyUI): ``ddpm``, ``ddim``, ``euler``, ``euler_a``,
-``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``; any sigma solver with ``_karras`` appended uses Karras sigmas
+``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``; any sigma solver with ``_karras`` appended uses Karras sigmas
 (``dpmpp_2m_karras``, ``euler_a_karras``, ...).
 """
 

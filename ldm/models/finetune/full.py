@@ -24,11 +24,9 @@ class FullUNet(FineTuneMethod):
     """train_text_encoder: also train the text encoder (its prompt cache is then off).
     text_encoder_lr: its learning rate (None: the optimiser's). export_dtype: of the SD single file."""
 
-    name = "dreambooth"
-
-    def __init__(self, prior_loss_weight: float | None = None, train_text_encoder: bool = False,
-                 text_encoder_lr: float | None = None, export_dtype: str = "float16"):
-        super().__init__(prior_loss_weight)
+    def __init__(self, train_text_encoder: bool = False, text_encoder_lr: float | None = None,
+                 export_dtype: str = "float16"):
+        super().__init__()
         if text_encoder_lr is not None and not train_text_encoder:
             raise ValueError("text_encoder_lr is set but train_text_encoder is false: set "
                              "model.method.train_text_encoder=true, or drop text_encoder_lr")

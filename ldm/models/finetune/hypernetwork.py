@@ -36,7 +36,6 @@ class Hypernetwork(FineTuneMethod):
     export_format: ``pt`` (AUTOMATIC1111) or ``safetensors``.
     """
 
-    name = "hypernetwork"
     export_suffix = ".pt"
 
     def __init__(self, widths: Sequence[int] | None = None, self_attention: bool = False,
@@ -44,9 +43,8 @@ class Hypernetwork(FineTuneMethod):
                  weight_init: str = "Normal", layer_norm: bool = False, activate_output: bool = False,
                  use_dropout: bool = False, dropout: float = 0.3, last_layer_dropout: bool = False,
                  dropout_structure: Sequence[float] | None = None, zero_last_layer: bool = False,
-                 strength: float = 1.0, lr: float | None = None, export_format: str = "pt",
-                 prior_loss_weight: float | None = None):
-        super().__init__(prior_loss_weight=prior_loss_weight)
+                 strength: float = 1.0, lr: float | None = None, export_format: str = "pt"):
+        super().__init__()
         if export_format not in ("pt", "safetensors"):
             raise ValueError(f"model.method.export_format must be 'pt' or 'safetensors', got {export_format!r}")
         self.export_suffix = f".{export_format}"

@@ -35,13 +35,10 @@ class LoRA(FineTuneMethod):
     """rank/alpha (scale alpha/rank), dropout on the LoRA input, targets as presets or module globs;
     ``export_format``: "kohya" or "peft"."""
 
-    name = "lora"
-
     def __init__(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
                  unet_targets: Sequence[str] | str = "UNET_ATTENTION",
-                 text_encoder_targets: Sequence[str] | str | None = None, export_format: str = "kohya",
-                 prior_loss_weight: float | None = None):
-        super().__init__(prior_loss_weight)
+                 text_encoder_targets: Sequence[str] | str | None = None, export_format: str = "kohya"):
+        super().__init__()
         if export_format not in ("kohya", "peft"):
             raise ValueError(f"model.method.export_format must be 'kohya' or 'peft', got {export_format!r}")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout

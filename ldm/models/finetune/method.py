@@ -31,19 +31,12 @@ class MethodDisabledUnsupported(NotImplementedError):
 
 class FineTuneMethod:
     """Base class. Subclasses implement ``attach``, ``parameters``, ``state_dict``, ``load_state_dict`` and
-    ``export``; ``disabled`` and ``loss`` have defaults.
+    ``export``; ``disabled`` and ``loss`` have defaults."""
 
-    prior_loss_weight: weight of the loss on regularisation / class items (batch key ``is_regularization``)
-        relative to the other items: ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation,
-        Ruiz et al. 2022, eq. 2). ``None`` = one plain mean over every item of the batch.
-    """
-
-    name: str = "adapter"               # default stem of exported files
     export_suffix: str = ".safetensors"
     trains_text_encoder: bool = False   # True turns the text encoder's prompt cache off while training
 
-    def __init__(self, prior_loss_weight: float | None = None):
-        self.prior_loss_weight = prior_loss_weight
+    def __init__(self):
         self.model: LatentDiffusion | None = None
 
     # -- building --------------------------------------------------------------------------------------
@@ -75,13 +68,17 @@ class FineTuneMethod:
         """A context in which the model runs as the base did (before/after grids)."""
         raise MethodDisabledUnsupported(f"{type(self).__name__} cannot be switched off")
 
-    def loss(self, per_sample_loss: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        """per-sample diffusion loss [B] -> the scalar to minimise."""
+    def loss(self, per_sample_loss: Tensor, batch: Mapping[str, Any],
+             prior_loss_weight: float | None = None) -> Tensor:
+        """per-sample diffusion loss [B] -> the scalar to minimise. ``prior_loss_weight`` (the core's
+        ``model.prior_loss_weight``): weight of the loss on regularisation / class items (batch key
+        ``is_regularization``) relative to the other items, ``mean(instance) + w * mean(class)`` (DreamBooth's
+        prior preservation, Ruiz et al. 2022, eq. 2); ``None`` = one plain mean over every item of the batch."""
         flags = batch.get("is_regularization") if isinstance(batch, Mapping) else None
-        if self.prior_loss_weight is None or flags is None:
+        if prior_loss_weight is None or flags is None:
             return per_sample_loss.mean()
         return prior_preservation_loss(per_sample_loss, torch.as_tensor(flags, device=per_sample_loss.device),
-                                       self.prior_loss_weight)
+                                       prior_loss_weight)
 
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         """Write the file users exchange (kohya LoRA, A1111 embedding...); returns its path."""

@@ -39,6 +39,9 @@ class FineTuneModule(LatentDiffusion):
         base: where the base model comes from (see module docstring); ``base_tokenizer`` for SD single files
             that embed none; ``base_use_ema``: take the EMA UNet of our checkpoints.
         gradient_checkpointing: recompute the base UNet's blocks in backward (saves memory, costs time).
+        prior_loss_weight: weight of regularisation / class items (batch key ``is_regularization``) against the
+            others, ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation); None = one plain
+            mean. Passed to the method's ``loss()`` hook, whatever the method.
         ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
         ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the weights).
         optimizer_in_backward: update each parameter inside backward and free its gradient at once.
@@ -57,7 +60,7 @@ class FineTuneModule(LatentDiffusion):
                  offset_noise: float = 0.0, ema_decay: float | None = None, guidance_scale: float = 3.0,
                  log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0,
                  optimizer_in_backward: bool = False, ema_device: str | None = None, bf16_weights: bool = False,
-                 offload_text_encoder: bool = False):
+                 offload_text_encoder: bool = False, prior_loss_weight: float | None = None):
         super().__init__(unet=None, vae=None, conditioner=None, schedule=None, sampler=sampler,
                          optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
                          min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
@@ -186,7 +189,7 @@ class FineTuneModule(LatentDiffusion):
         return not (self.method.trains_text_encoder and torch.is_grad_enabled())
 
     def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
-        return self.method.loss(per_sample_loss, batch)
+        return self.method.loss(per_sample_loss, batch, self.hparams.prior_loss_weight)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.method_ema is not None:

@@ -29,12 +29,11 @@ class TextualInversion(FineTuneMethod):
     export_format: ``a1111`` (``{"emb_params": [n, dim]}``) or ``diffusers`` (``{placeholder: [n, dim]}``);
     weight_decay: on the vectors only (the rest of the embedding is not in the optimiser at all)."""
 
-    name = "embedding"
     trains_text_encoder = True
 
     def __init__(self, placeholder: str = "<concept>", num_vectors: int = 1, initializer_word: str | None = None,
-                 export_format: str = "a1111", weight_decay: float = 0.0, prior_loss_weight: float | None = None):
-        super().__init__(prior_loss_weight=prior_loss_weight)
+                 export_format: str = "a1111", weight_decay: float = 0.0):
+        super().__init__()
         if export_format not in EMBEDDING_FORMATS:
             raise ValueError(f"export_format must be one of {EMBEDDING_FORMATS}, got {export_format!r}")
         self.placeholder, self.num_vectors = str(placeholder), int(num_vectors)
