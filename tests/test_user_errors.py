@@ -8,8 +8,8 @@ import errno
 import json
 import logging
 import os
-import struct
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -150,7 +150,7 @@ def test_every_entry_point_runs_main_through_run_main(script):
     """Each script's ``__main__`` is ``run_main(main)``: the one-line behaviour above, not a copy of it."""
     text = (ROOT / script).read_text()
     assert text.rstrip().endswith('if __name__ == "__main__":\n    run_main(main)'), script
-    assert re.search(r"^from ldm\.utils\.task import .*\brun_main\b", text, flags=re.M), script
+    assert re.search(r"^from ldm\.utils\.task import .*\brun_main\b", text, flags=re.MULTILINE), script
 
 
 def test_a_benchmark_given_a_damaged_file_is_one_line(tmp_path, capsys):
