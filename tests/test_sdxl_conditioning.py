@@ -16,7 +16,7 @@ from ldm.models.micro_conditions import sampling_batch, unet_condition
 from ldm.modules.size_embedding import size_embedding
 from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
 from ldm.modules.tiny_clip import tiny_clip_tokenizer
-from tests.test_interop import perturb
+from tests.interop_parts import perturb
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PROMPTS = ["a red circle on a blue background", "a green triangle on a white background"]

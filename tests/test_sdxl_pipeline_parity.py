@@ -32,7 +32,7 @@ from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
 from ldm.modules.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
-from tests.test_interop import perturb
+from tests.interop_parts import perturb
 
 diffusers = pytest.importorskip("diffusers")
 
