@@ -24,15 +24,19 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ldm.diffusion import SAMPLERS, build_sampler
 from ldm.diffusion.samplers import display_name
-from ldm.models.checkpoint import load_lightning_model
+from ldm.models.pipeline import (
+    check_resolution,
+    generate_batches,
+    load_for_sampling,
+    load_init_image,
+    parse_lora,
+)
 from ldm.utils.images import make_grid, save_image, to_uint8
-from ldm.utils.runs import latest_checkpoint
 from ldm.utils.task import run_main
 
 
@@ -120,101 +124,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """``file.safetensors`` or ``file.safetensors:0.8`` -> (path, multiplier)."""
-    path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
-
-
-def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
-                      loras: list[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs",
-                      embeddings: list[str] = (), hypernetwork: str | None = None):
-    """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
-    ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``), textual-inversion
-    embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied (``path[:strength]``)."""
-    from ldm.io.embeddings import apply_embedding
-    from ldm.io.lora_any import load_lora
-    from ldm.io.sources import is_lightning_checkpoint
-    from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
-
-    if ckpt == "last":
-        found = latest_checkpoint(log_dir, "txt2img")
-        if found is None:
-            raise SystemExit(f"--ckpt last: no {log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
-                             "(python train.py experiment=txt2img) or pass a path")
-        ckpt = str(found)
-    if is_lightning_checkpoint(ckpt):
-        model = load_lightning_model(ckpt)
-        resolution = resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
-    else:  # a Stable Diffusion single file, a diffusers folder or a hub id
-        tokenizer = tokenizer or tokenizer_before_loading(ckpt)
-        components = load_base_model(str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {}))
-        model = latent_diffusion_from_components(components, sampler)
-        resolution = resolution or components.resolution
-    unet = model.unet_ema.module if use_ema and model.unet_ema is not None else model.unet
-    for spec in loras:
-        path, multiplier = parse_lora(spec)
-        summary = load_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier, merge=True)
-        print(f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
-              f"rank {summary['rank']})")
-    for spec in embeddings:
-        loaded = apply_embedding(model.text_encoder, spec)
-        print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
-    if hypernetwork:
-        apply_hypernetwork(model, unet, hypernetwork)
-    model.image_resolution = resolution
-    return model.to(device).eval()
-
-
-def apply_hypernetwork(model, unet, spec: str) -> None:
-    """Attach the hypernetwork ``file[:strength]`` to ``unet``; ``model`` owns it (moves with ``.to``)."""
-    from ldm.io.hypernetwork_file import load_hypernetwork
-    from ldm.modules.adapters.hypernetwork import attach_hypernetwork
-
-    path, strength = parse_lora(spec)
-    net, file = load_hypernetwork(path)
-    net.strength = strength
-    model.add_module("hypernetwork", net)
-    names = attach_hypernetwork(unet, net, self_attention=file.self_attention)
-    print(f"hypernetwork {path} x{strength} (widths {net.widths}, {len(names)} attention layers)")
-
-
-def tokenizer_before_loading(ckpt: str):
-    """For a ``.safetensors`` single file without a tokenizer: CLIP's (cache or open_clip_torch), found before
-    any weights load; none at all stops here, naming ``--tokenizer``."""
-    from ldm.io.sd_tokenizer import single_file_tokenizer
-
-    if not (str(ckpt).endswith(".safetensors") and Path(ckpt).is_file()):
-        return None
-    try:
-        return single_file_tokenizer(ckpt)
-    except LookupError as err:
-        raise SystemExit(str(err)) from None
-
-
-def vae_factor(model) -> int:
-    return int(getattr(model.vae, "downsample_factor", 8))
-
-
-def check_resolution(model, resolution: int) -> None:
-    factor = vae_factor(model)
-    if resolution % factor:
-        low = max(factor, resolution // factor * factor)
-        raise SystemExit(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}; "
-                         f"use {low} or {low + factor}")
-
-
-def load_init_image(path: str, resolution: int) -> torch.Tensor:
-    """An image file -> [1, 3, R, R] in [-1, 1] (RGB, resized to ``resolution``)."""
-    image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
 def generation_parameters(args, prompt: str, negative: str, seed: int, resolution: int, guidance: float) -> str:
     """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
     fields = {"Steps": args.steps, "Sampler": display_name(args.sampler), "CFG scale": f"{guidance:g}",
@@ -225,13 +134,6 @@ def generation_parameters(args, prompt: str, negative: str, seed: int, resolutio
         fields["Eta"] = f"{args.eta:g}"
     lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
     return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in fields.items())])
-
-
-def initial_noise(model, seeds: list[int], resolution: int) -> torch.Tensor:
-    """One standard-normal latent per seed: image i's noise depends only on its seed, not on the batching."""
-    size = resolution // vae_factor(model)
-    shape = (model.unet_channels(), size, size)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
@@ -253,30 +155,24 @@ def main(argv=None) -> Path:
     check_resolution(model, resolution)
     init = load_init_image(args.init_image, resolution) if args.init_image else None
     guidance = model.hparams.guidance_scale if args.guidance is None else args.guidance
-    negatives = args.negative_prompt or [""]
-    negatives = negatives * len(args.prompt) if len(negatives) == 1 else negatives
-    jobs = [(p, neg) for p, neg in zip(args.prompt, negatives) for _ in range(args.n)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    thumbnails = []
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
-        seeds = [args.seed + start + j for j in range(len(batch))]
-        images = model.generate(
-            [p for p, _ in batch], guidance_scale=guidance, sampler=sampler, negative_prompt=[n for _, n in batch],
-            use_ema=not args.no_ema, progress=True, latents=initial_noise(model, seeds, resolution),
-            generator=torch.Generator().manual_seed(seeds[0]), strength=args.strength if init is not None else 1.0,
-            init_images=init.expand(len(batch), -1, -1, -1) if init is not None else None,
-            sizes={"original_size": args.original_size, "crop_top_left": args.crop_top_left,
-                   "target_size": args.target_size})
-        for j, ((prompt, negative), array) in enumerate(zip(batch, to_uint8(images))):
-            text = generation_parameters(args, prompt, negative, seeds[j], resolution, guidance)
-            save_image(Image.fromarray(array), out / f"{start + j:03d}_{slug(prompt)}.png", {"parameters": text})
-        thumbnails.append(images[:, :, :: max(1, resolution // 128), :: max(1, resolution // 128)].cpu())
+    thumbnails, count = [], 0
+    for batch in generate_batches(model, sampler, args.prompt, args.negative_prompt, n=args.n, guidance=guidance,
+                                  seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
+                                  init_image=init, strength=args.strength,
+                                  sizes={"original_size": args.original_size, "crop_top_left": args.crop_top_left,
+                                         "target_size": args.target_size}):
+        for j, (prompt, negative, array) in enumerate(zip(batch.prompts, batch.negatives, to_uint8(batch.images))):
+            text = generation_parameters(args, prompt, negative, batch.seeds[j], resolution, guidance)
+            save_image(Image.fromarray(array), out / f"{batch.start + j:03d}_{slug(prompt)}.png", {"parameters": text})
+        step = max(1, resolution // 128)
+        thumbnails.append(batch.images[:, :, ::step, ::step].cpu())
+        count += len(batch.prompts)
     grid = Image.fromarray(make_grid(torch.cat(thumbnails), nrow=args.n))
     upscale = max(1, 128 // resolution)
     grid = save_image(grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST), out / "grid.png")
-    print(f"wrote {len(jobs)} images and {grid}")
+    print(f"wrote {count} images and {grid}")
     return grid
 
 

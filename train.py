@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.models.safe_checkpoint_io import checkpoint_plugins, explain_resume_mismatch
 from ldm.utils.config_check import check_config_values
 from ldm.utils.config_tree import print_config_tree
+from ldm.utils.data_handover import connect_data
 from ldm.utils.instantiate import drop_callbacks_needing_a_logger, instantiate_callbacks, instantiate_loggers
 from ldm.utils.logging import get_logger
 from ldm.utils.quiet import quiet_known_noise
@@ -49,6 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # checkpoints describe themselves
+    connect_data(model, datamodule)  # facts to the model, services to the data: neither holds the other
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = drop_callbacks_needing_a_logger(callbacks, loggers)

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ldm.utils.data_handover import connect_data
 from ldm.utils.task import child_failure, run_main
 
 VARIANTS = {"full": "dreambooth", "lora": "dreambooth_lora"}
@@ -65,6 +66,7 @@ def run_variant(variant: str, base: str, batch: int, steps: int, warmup: int, de
     cfg = compose(VARIANTS[variant], [f"model.base={base}", f"data.batch_size={batch}", *extra])
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    connect_data(model, datamodule)  # class images and latent cache from the model's services, as train.py does
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps, accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

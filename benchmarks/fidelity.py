@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import SAMPLERS, build_sampler
+from ldm.models.pipeline import load_for_sampling
 from ldm.utils.images import save_labelled_grid
 from ldm.utils.task import run_main
-from sample import load_for_sampling
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:

@@ -126,7 +126,7 @@ def speed(args) -> list[tuple]:
 
 def fidelity(args) -> dict:
     from benchmarks.fidelity import prompts_for, score
-    from sample import load_for_sampling
+    from ldm.models.pipeline import load_for_sampling
 
     model = load_for_sampling(args.ckpt, log_dir=args.log_dir)
     base = prompts_for("heldout", 10_000)

@@ -38,9 +38,9 @@ from datamodules.shapes import ShapesDataModule
 from datamodules.shapes_evaluator import ShapesEvaluator
 from ldm.diffusion import build_sampler
 from ldm.io.safe_load import safe_torch_load
+from ldm.models.pipeline import load_for_sampling
 from ldm.utils.images import save_labelled_grid
 from ldm.utils.task import run_main
-from sample import load_for_sampling
 
 
 def subject_prompts(concept: Concept, n: int) -> list[str]:

@@ -28,6 +28,7 @@ from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make
 from datamodules.captions import TagAugment
 from datamodules.resumable import resumable_loader
 from datamodules.transforms import load_rgb, preprocess, preprocess_to_size
+from ldm.utils.data_handover import DataFacts
 
 __all__ = ["BucketedDataModule", "BucketedImageDataset", "dataset_options", "split_indices"]
 
@@ -227,6 +228,10 @@ class BucketedDataModule(L.LightningDataModule):
         sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle, seed=seed,
                                      position=position, dataset=dataset if shuffle else None)
         return BucketLoader(dataset, batch_sampler=sampler, **common)
+
+    def data_facts(self) -> DataFacts:
+        """What a model may know of this data (``ldm/utils/data_handover.py``): the training size."""
+        return DataFacts(resolution=self.hparams.get("resolution"))
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from ldm.utils.files import atomic_write, atomic_write_text
 from ldm.utils.logging import get_logger
@@ -60,16 +59,6 @@ def image_seed(seed: int, index: int) -> int:
     seeds get unrelated noise."""
     digest = hashlib.sha256(f"class-image|{int(seed)}|{int(index)}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def module_fingerprint(*modules: nn.Module) -> str:
-    """A short digest of the modules' weights (names, shapes and the first values of every tensor)."""
-    digest = hashlib.sha1()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{name}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().float().cpu().flatten()[:64].numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def cache_key(base_fingerprint: str, prompts: Sequence[str], settings: SamplerSettings, resolution: int) -> str:

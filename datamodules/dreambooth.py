@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images, module_fingerprint
+from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images
 from datamodules.finetune import FineTuneDataModule
 from datamodules.image_folder import ImageFolderDataset
 from datamodules.shapes import Subject, _article, _to_tensor, caption_for, render_subject
+from ldm.utils.data_handover import DataFacts, DataServices, ImageGenerator
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -205,20 +206,21 @@ class DreamBoothDataModule(FineTuneDataModule):
         return ConcatDataset(parts) if parts else None
 
     # -- class images ----------------------------------------------------------------------------------
-    def prepare_class_images(self, model) -> None:
-        """Generate the missing class images with ``model`` (the loaded base: ``generate``, ``unet``, ``vae``,
-        ``text_encoder``) on rank zero, wait for them on the other ranks, then add them to the training data."""
+    def prepare_class_images(self, services: DataServices | None) -> None:
+        """Generate the missing class images with the base model's ``services`` (its image generator and the
+        fingerprint of its weights; None: class images from folders only) on rank zero, wait for them on the
+        other ranks, then add them to the training data."""
         if self.class_sets is not None:
             return
         self.setup()
         trainer = self.trainer
         if trainer is None or trainer.is_global_zero:
-            self._generated_class_images(model, generate=True)
+            self._generated_class_images(services, generate=True)
         if trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("dreambooth_class_images")
             if not trainer.is_global_zero:
                 log.info(f"rank {trainer.global_rank}: using the class images rank zero prepared", rank_zero=False)
-        generated = self._generated_class_images(model)
+        generated = self._generated_class_images(services)
         self.class_sets = [self._class_set(c, files) for c, files in zip(self.concepts, generated)]
         parts: list[Dataset] = []
         for instances, classes in zip(self.instance_sets, self.class_sets):
@@ -228,7 +230,8 @@ class DreamBoothDataModule(FineTuneDataModule):
                 parts.append(classes)
         self.data_train = ConcatDataset(parts)
 
-    def _generated_class_images(self, model, generate: bool = False) -> list[list[Path] | None]:
+    def _generated_class_images(self, services: DataServices | None,
+                                generate: bool = False) -> list[list[Path] | None]:
         """Per concept, the files of its generated class images (None: no class images, or a class_dir);
         ``generate``: make the missing ones first (rank zero only)."""
         files: list[list[Path] | None] = []
@@ -237,11 +240,16 @@ class DreamBoothDataModule(FineTuneDataModule):
             if concept.num_class_images == 0 or concept.class_dir is not None:
                 files.append(None)
                 continue
-            fingerprint = fingerprint or module_fingerprint(model.unet, model.vae, model.text_encoder)
-            files.append(self._generated(concept, model, fingerprint, generate))
+            if services is None or services.generate is None or services.base_fingerprint is None:
+                raise ValueError(f"concept {concept.identifier!r}: generating its {concept.num_class_images} class "
+                                 "images needs the base model's image generator, handed over at setup: run "
+                                 "through train.py (ldm.utils.data_handover.connect_data), or give a class_dir")
+            fingerprint = fingerprint or services.base_fingerprint()
+            files.append(self._generated(concept, services.generate, fingerprint, generate))
         return files
 
-    def _generated(self, concept: Concept, model, fingerprint: str, generate: bool) -> list[Path]:
+    def _generated(self, concept: Concept, generator: ImageGenerator, fingerprint: str,
+                   generate: bool) -> list[Path]:
         prompts, settings = concept.class_prompts(), self.sampler_settings
         key = cache_key(fingerprint, prompts, settings, self.resolution)
         root = Path(self.class_cache_dir) if self.class_cache_dir else Path(self._run_dir()) / "class_images"
@@ -249,9 +257,8 @@ class DreamBoothDataModule(FineTuneDataModule):
         if not generate:
             return [folder / f"{i:05d}.png" for i in range(concept.num_class_images)]
         info = {"base": fingerprint, "prompts": prompts, "resolution": self.resolution, **settings.key_parts()}
-        return ensure_class_images(folder, prompts, concept.num_class_images, _generator(model, settings,
-                                                                                         self.resolution),
-                                   settings, key_info=info)
+        return ensure_class_images(folder, prompts, concept.num_class_images,
+                                   _generate_fn(generator, settings, self.resolution), settings, key_info=info)
 
     def _run_dir(self) -> str:
         return self.trainer.default_root_dir if self.trainer is not None else "."
@@ -272,10 +279,13 @@ class DreamBoothDataModule(FineTuneDataModule):
                         f"fewer than num_class_images={concept.num_class_images}; training with {len(data)}")
         return Tagged(data, True, caption=prompts[0] if len(prompts) == 1 else None)
 
-    # -- hooks the fine-tuning model calls -------------------------------------------------------------
-    def cache_latents(self, encode, vae_fingerprint: str, device: torch.device | str = "cpu") -> None:
-        if self.class_sets is None and self.trainer is not None:
-            self.prepare_class_images(self.trainer.lightning_module)
+    # -- the model's services: class images first, then the latent cache ---------------------------------
+    def prepare_training_data(self, services: DataServices) -> DataFacts:
+        self.prepare_class_images(services)
+        return super().prepare_training_data(services)
+
+    def cache_latents(self, encode, vae_fingerprint, device: torch.device | str = "cpu") -> None:
+        self.prepare_class_images(None)  # called directly: class images from folders (or already prepared)
         super().cache_latents(encode, vae_fingerprint, device)
 
     def _fingerprint(self, vae_fingerprint: str) -> str:
@@ -288,25 +298,14 @@ class DreamBoothDataModule(FineTuneDataModule):
         return digest.hexdigest()[:16]
 
     def train_dataloader(self) -> DataLoader:
-        if self.class_sets is None and self.trainer is not None:
-            self.prepare_class_images(self.trainer.lightning_module)
+        self.prepare_class_images(None)  # prepared at setup (prepare_training_data) unless from folders only
         return super().train_dataloader()
 
 
-def _generator(model, settings: SamplerSettings, resolution: int):
-    from ldm.diffusion import build_sampler
-
-    sampler = build_sampler(settings.sampler, steps=settings.steps)
-    factor = getattr(model.vae, "downsample_factor", 8)
-
+def _generate_fn(generator: ImageGenerator, settings: SamplerSettings, resolution: int):
+    """(prompts, seeds) -> images, as ``ensure_class_images`` calls it, with the settings filled in."""
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per image: batch-independent
-        try:
-            return model.generate(prompts, guidance_scale=settings.guidance_scale, generator=generators,
-                                  sampler=sampler, use_ema=False, latent_size=resolution // factor)
-        finally:
-            model.train(was_training)
+        return generator(prompts, seeds, sampler=settings.sampler, steps=settings.steps,
+                         guidance_scale=settings.guidance_scale, resolution=resolution)
 
     return generate

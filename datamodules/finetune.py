@@ -32,6 +32,7 @@ from datamodules.bucket_sampler import BucketBatchSampler, BucketLoader, trainer
 from datamodules.latent_cache import cache_key, check_mode, evict, load_cache, mark_used, save_cache
 from datamodules.resumable import resumable_loader
 from datamodules.samplers import set_dataset_epoch, training_sampler
+from ldm.utils.data_handover import DataFacts, DataServices
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -281,15 +282,41 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
 
-    def cache_latents(self, encode: EncodeFn, vae_fingerprint: str, device: torch.device | str = "cpu") -> None:
-        """Called by the fine-tuning model once its VAE is loaded (before the dataloaders are built).
-        ``vae_fingerprint`` must identify the VAE encoder's weights (see ``datamodules/latent_cache.py``)."""
+    # -- the model's side: services in, facts out (ldm/utils/data_handover.py) ----------------------------
+    def data_facts(self) -> DataFacts:
+        """The resolution, and every training caption once the latents are cached (the text offload's)."""
+        return DataFacts(self.resolution, tuple(self.cached.captions) if self.cached is not None else None)
+
+    def prepare_training_data(self, services: DataServices) -> DataFacts:
+        """Called (through the model's ``DataLink``) once the model's weights are loaded, before the dataloaders:
+        the latent cache. Under DDP with a disk cache rank zero encodes and writes it while the others wait, then
+        they read it (without a disk cache every rank encodes in memory)."""
+        trainer = self.trainer
+        shared = trainer is not None and trainer.world_size > 1 and bool(self.hparams.cache_dir)
+
+        def cache() -> None:
+            self.cache_latents(services.encode, services.vae_fingerprint, device=services.device)
+
+        if shared and trainer.global_rank == 0:
+            cache()
+        if shared:
+            trainer.strategy.barrier("latent-cache")
+        if not shared or trainer.global_rank != 0:
+            cache()
+        return self.data_facts()
+
+    def cache_latents(self, encode: EncodeFn, vae_fingerprint: str | Callable[[], str],
+                      device: torch.device | str = "cpu") -> None:
+        """Encode the training images once with ``encode`` (or load them from the disk cache).
+        ``vae_fingerprint`` (or a function giving it) must identify the VAE encoder's weights
+        (see ``datamodules/latent_cache.py``)."""
         if not self.hparams.cache_latents or self.cached is not None:
             return
         path = None
         if self.hparams.cache_dir:
             sizes = str(item_sizes(self.data_train))  # every item's bucket
-            key = cache_key(self.data_train, vae_fingerprint, self.resolution, self.hparams.flip_variants, sizes,
+            fingerprint = vae_fingerprint() if callable(vae_fingerprint) else vae_fingerprint
+            key = cache_key(self.data_train, fingerprint, self.resolution, self.hparams.flip_variants, sizes,
                             check=self.hparams.cache_check)
             path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
             found = path.is_file()
@@ -315,6 +342,9 @@ class FineTuneDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         repeats = self.hparams.repeats
         cached = self.cached
+        if self.hparams.cache_latents and cached is None:
+            log.warning("data.cache_latents=true but no latents were cached (the model's services were never "
+                        "handed over: ldm.utils.data_handover.connect_data); training on images")
         view = cached.with_repeats(repeats) if cached is not None else Repeated(self.data_train, repeats)
         view = self._rewritten(view)
         batch_size, drop_last = self.hparams.batch_size, len(view) > self.hparams.batch_size

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.resumable import resumable_loader
+from ldm.utils.data_handover import DataFacts
 
 __all__ = [
     "COLORS",
@@ -492,6 +493,10 @@ class ShapesDataModule(L.LightningDataModule):
             size_conditions=self.hparams.size_conditions,
             random_crop_margin=self.hparams.random_crop_margin,
         )
+
+    def data_facts(self) -> DataFacts:
+        """What a model may know of this data (``ldm/utils/data_handover.py``)."""
+        return DataFacts(resolution=self.resolution)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams

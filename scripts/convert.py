@@ -27,9 +27,9 @@ from ldm.io.safe_load import safe_torch_load
 from ldm.io.sd_presets import PRESETS
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
+from ldm.models.pipeline import tokenizer_before_loading
 from ldm.utils.file_identity import describe_source
 from ldm.utils.task import run_main
-from sample import tokenizer_before_loading
 
 
 def parse_args(argv=None) -> argparse.Namespace:

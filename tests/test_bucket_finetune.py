@@ -51,7 +51,7 @@ def test_lora_on_mixed_aspect_folder_caches_latents_per_bucket(compose_cfg, base
     def must_not_encode(images):
         raise AssertionError("the latents should come from the disk cache")
 
-    again.cache_latents(must_not_encode, model._vae_fingerprint())
+    again.cache_latents(must_not_encode, model.data_services().vae_fingerprint())
     assert [tuple(m.shape) for m in again.cached.means[0]] == [tuple(m.shape) for m in dm.cached.means[0]]
     for batch in again.train_dataloader():
         assert batch["latent_mean"].ndim == 4  # stacking works: one size per batch

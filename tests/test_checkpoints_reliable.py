@@ -245,7 +245,7 @@ def test_malicious_pickle_as_vae_ckpt_is_refused_with_our_message(tmp_path, monk
 
 
 def _entry_points(evil: Path, tmp_path: Path) -> dict:
-    import sample
+    from ldm.models import pipeline
     from ldm.models.checkpoint import load_lightning_model
 
     convert = load_script("scripts/convert.py")
@@ -263,7 +263,7 @@ def _entry_points(evil: Path, tmp_path: Path) -> dict:
         output_name="ft",
     )
     return {
-        "sample.py --ckpt": lambda: sample.load_for_sampling(str(evil)),
+        "sample.py --ckpt": lambda: pipeline.load_for_sampling(str(evil)),
         "scripts/convert.py --base": lambda: convert.main(
             ["--base", str(evil), "--out", str(tmp_path / "o.safetensors")]
         ),

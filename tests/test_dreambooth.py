@@ -13,6 +13,7 @@ import sample
 from benchmarks import dreambooth_step, subject_fidelity
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.safe_load import read_safetensors_metadata
+from ldm.models import pipeline
 from ldm.models.base_loader import load_base_model
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.finetune.full import FullUNet
@@ -161,7 +162,7 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     # the SD single file written at the end loads back (load_base_model, sample.py --ckpt) as the same model
     exported = run / "adapters" / "dreambooth.safetensors"
     assert exported.is_file()
-    single = sample.load_for_sampling(str(exported), sampler=model.sampler)
+    single = pipeline.load_for_sampling(str(exported), sampler=model.sampler)
     for key, value in model.unet.state_dict().items():
         torch.testing.assert_close(single.unet.state_dict()[key], value.half().float())
     torch.testing.assert_close(single.generate(prompts, seed=3, guidance_scale=model.hparams.guidance_scale),

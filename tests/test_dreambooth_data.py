@@ -148,7 +148,7 @@ def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.nd
                                     class_images={"sampler": "ddpm", "steps": 3, "batch_size": batch_size,
                                                   "cache_dir": str(folder)})
         data.setup("fit")
-        data.prepare_class_images(model)
+        data.prepare_class_images(model.data_services())
     (key_folder,) = [p for p in folder.iterdir() if p.is_dir()]
     return [np.asarray(Image.open(p)) for p in sorted(key_folder.glob("*.png"))]
 
@@ -192,7 +192,7 @@ def test_datamodule_instance_and_class_items_with_flags(tmp_path):
     calls = []
     original = model.generate
     model.generate = lambda prompts, **kw: calls.append(len(prompts)) or original(prompts, **kw)
-    data.prepare_class_images(model)
+    data.prepare_class_images(model.data_services())
     assert calls == [4]
     items = [data.data_train[i] for i in range(len(data.data_train))]
     # concept sks: 3 instance images repeated to 4 + 4 class images; concept xyz: 2 instance images only
@@ -213,14 +213,14 @@ def test_datamodule_instance_and_class_items_with_flags(tmp_path):
     again = DreamBoothDataModule(embedded_concepts(), resolution=32, cache_latents=False,
                                  class_images={"sampler": "ddim", "steps": 2, "cache_dir": str(tmp_path)})
     calls.clear()
-    again.prepare_class_images(model)
+    again.prepare_class_images(model.data_services())
     assert calls == [] and len(again.data_train) == 10
     other = tiny_base()
     with torch.no_grad():
         other.unet.out[-1].bias.add_(0.5)
     again = DreamBoothDataModule(embedded_concepts(), resolution=32, cache_latents=False,
                                  class_images={"sampler": "ddim", "steps": 2, "cache_dir": str(tmp_path)})
-    again.prepare_class_images(other)
+    again.prepare_class_images(other.data_services())
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
@@ -236,7 +236,7 @@ def test_datamodule_from_folders(tmp_path):
     concepts = [{"identifier": "sks", "class_noun": "dog", "instance_dir": str(instances),
                  "class_dir": str(classes), "class_prompt": "a photo of a {class_noun}", "num_class_images": 4}]
     data = DreamBoothDataModule(concepts, resolution=32, cache_latents=False)
-    data.prepare_class_images(model=None)  # class images from a folder: no model needed
+    data.prepare_class_images(None)  # class images from a folder: no model needed
     items = [data.data_train[i] for i in range(len(data.data_train))]
     assert len(items) == 8 and sum(item["is_regularization"] for item in items) == 4
     captions = [item["caption"] for item in items]
@@ -245,7 +245,7 @@ def test_datamodule_from_folders(tmp_path):
     # one instance prompt for every image
     concepts[0]["instance_prompt"] = "a photo of {identifier} {class_noun}"
     data = DreamBoothDataModule(concepts, resolution=32, cache_latents=False)
-    data.prepare_class_images(model=None)
+    data.prepare_class_images(None)
     assert {data.data_train[i]["caption"] for i in range(4)} == {"a photo of sks dog"}
 
 

@@ -216,14 +216,15 @@ def test_sample_refuses_to_overwrite_an_earlier_grid(tmp_path):
 def test_sample_cli_ckpt_last_and_lora_multiplier(embedded_chain, tmp_path, monkeypatch):
     """--ckpt last finds the newest txt2img run; --lora file:0.8 merges the LoRA at 0.8 (0 = the base)."""
     import sample
+    from ldm.models import pipeline
 
     logs = embedded_chain / "logs"
     lora = next(logs.glob("lora_finetune/runs/*/adapters/lora_finetune.safetensors"))
     common = ["--ckpt", "last", "--log-dir", str(logs), "--device", "cpu"]
-    base = sample.load_for_sampling("last", log_dir=str(logs))
-    zero = sample.load_for_sampling("last", log_dir=str(logs), loras=[f"{lora}:0"])
-    scaled = sample.load_for_sampling("last", log_dir=str(logs), loras=[f"{lora}:0.8"])
-    full = sample.load_for_sampling("last", log_dir=str(logs), loras=[str(lora)])
+    base = pipeline.load_for_sampling("last", log_dir=str(logs))
+    zero = pipeline.load_for_sampling("last", log_dir=str(logs), loras=[f"{lora}:0"])
+    scaled = pipeline.load_for_sampling("last", log_dir=str(logs), loras=[f"{lora}:0.8"])
+    full = pipeline.load_for_sampling("last", log_dir=str(logs), loras=[str(lora)])
     w = lambda m: torch.cat([p.flatten() for p in m.unet_ema.module.parameters()])
     torch.testing.assert_close(w(zero), w(base))
     torch.testing.assert_close(w(scaled) - w(base), 0.8 * (w(full) - w(base)), atol=1e-6, rtol=1e-4)

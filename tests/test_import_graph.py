@@ -166,3 +166,41 @@ def test_the_checker_sees_function_level_cycles_and_upward_imports(tmp_path):
         ("ldm.modules.v", "ldm.utils.u"),
     ]
     assert upward_imports(graph) == ["ldm.io.a -> ldm.models.m", "ldm.utils.u -> ldm.modules.v"]
+
+
+ENTRY_SCRIPTS = ("sample", "train")  # command lines at the project root: nothing is built on them
+
+
+def script_imports(root: Path, folders: tuple[str, ...]) -> list[str]:
+    """``"file: sample"`` for every import of an entry script (``import sample``, ``from train import x``,
+    function-level ones included) and every ``load_script("sample.py")`` in the ``.py`` files under ``folders``."""
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name.split(".")[0] for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module.split(".")[0]]
+                elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_script" and node.args
+                      and isinstance(node.args[0], ast.Constant)):
+                    names = [Path(str(node.args[0].value)).stem]
+                found += [f"{path.relative_to(root)}: {n}" for n in names if n in ENTRY_SCRIPTS]
+    return found
+
+
+def test_nothing_is_built_on_the_entry_scripts():
+    """The library (ldm), the benchmarks, scripts, callbacks and datamodules use ``ldm`` (sampling:
+    ``ldm.models.pipeline``), never ``sample.py`` or ``train.py``; only tests drive the command lines."""
+    assert script_imports(ROOT, ("ldm", "benchmarks", "scripts", "callbacks", "datamodules")) == []
+
+
+def test_the_entry_script_check_sees_every_form(tmp_path):
+    (tmp_path / "ldm" / "models").mkdir(parents=True)
+    (tmp_path / "ldm" / "models" / "a.py").write_text(
+        "import sample\nimport samplers\ndef f():\n    from train import train\n    from .sample import x\n")
+    (tmp_path / "ldm" / "models" / "b.py").write_text("m = load_script('sample.py')\n")
+    assert script_imports(tmp_path, ("ldm",)) == [
+        "ldm/models/a.py: sample", "ldm/models/a.py: train", "ldm/models/b.py: sample"]

@@ -158,7 +158,7 @@ def lora_images(tiny_pipeline, path, multiplier=1.0):
     """(diffusers with load_lora_weights, ours through sample.py's loader) images for the same latents."""
     from diffusers import StableDiffusionPipeline
 
-    import sample
+    from ldm.models import pipeline
 
     folder = tiny_pipeline[0].folder
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
@@ -168,7 +168,7 @@ def lora_images(tiny_pipeline, path, multiplier=1.0):
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     expected = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents.clone(),
                     output_type="pt").images
-    model = sample.load_for_sampling(str(folder), loras=[f"{path}:{multiplier}"])
+    model = pipeline.load_for_sampling(str(folder), loras=[f"{path}:{multiplier}"])
     ours = model.generate([PROMPT], guidance_scale=GUIDANCE, sampler=build_sampler("ddim", steps=STEPS),
                           latents=latents)
     return (ours / 2 + 0.5).clamp(0, 1), expected

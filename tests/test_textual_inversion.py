@@ -281,6 +281,7 @@ def test_checkpoint_holds_only_the_vectors_and_resume_restores_them(trained, bas
 
 def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     import sample
+    from ldm.models import pipeline
 
     _, model, run = trained
     exported = run / "adapters" / "textual_inversion_star.safetensors"
@@ -291,7 +292,7 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     from safetensors.torch import load_file
 
     assert list(load_file(str(exported))) == ["emb_params"]
-    sampler_model = sample.load_for_sampling(str(base_ckpt), embeddings=[f"{exported}:<my-star>"])
+    sampler_model = pipeline.load_for_sampling(str(base_ckpt), embeddings=[f"{exported}:<my-star>"])
     encoder = sampler_model.text_encoder
     ids = encoder.tokenizer.convert_tokens_to_ids(placeholder_tokens("<my-star>", 4))
     torch.testing.assert_close(encoder.token_embedding.weight[ids], loaded.vectors)

@@ -35,6 +35,7 @@ from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
 from ldm.modules.conditioner import Conditioner, as_conditioner
 from ldm.modules.ema import EMA
 from ldm.utils.batch_random import BatchRandom
+from ldm.utils.data_handover import DataFacts, DataLink, DataServices
 from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -93,6 +94,7 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
         self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
         self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
+        self.data_link = DataLink(DataFacts())  # what the data tells the model (connect_data): never the datamodule
         self._register_load_state_dict_pre_hook(_rename_text_encoder_keys)
 
     def set_parts(self, unet: nn.Module, vae: nn.Module, conditioner: Conditioner | nn.Module,
@@ -111,6 +113,17 @@ class LatentDiffusion(L.LightningModule):
     def text_encoder(self) -> nn.Module:
         """The conditioner's one text embedder (SD 1.x / 2.x): what fine-tuning methods and files act on."""
         return self.conditioner.text_encoder
+
+    # -- the data: facts in, services out (ldm/utils/data_handover.py) --------------------------------------
+    def link_data(self, link: DataLink) -> None:
+        """The datamodule's facts (resolution, ...) and its preparation step, from ``connect_data``."""
+        self.data_link = link
+
+    def data_services(self) -> DataServices:
+        """What this model offers the data: the VAE encoder, a class-image generator, their fingerprints."""
+        from ldm.models.data_services import data_services
+
+        return data_services(self)
 
     # -- pretrained parts ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -363,10 +376,7 @@ class LatentDiffusion(L.LightningModule):
         return getattr(self.unet, "in_channels", 4)
 
     def latent_size(self) -> int:
-        resolution = getattr(self, "image_resolution", None)
-        if resolution is None and self._trainer is not None and self.trainer.datamodule is not None:
-            resolution = getattr(self.trainer.datamodule.hparams, "resolution", None)
-        resolution = resolution or 32
+        resolution = getattr(self, "image_resolution", None) or self.data_link.facts.resolution or 32
         return resolution // getattr(self.vae, "downsample_factor", 8)
 
     @torch.no_grad()

@@ -10,8 +10,8 @@ sampling. The module never changes per method.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -120,54 +120,27 @@ class FineTuneModule(LatentDiffusion):
         self.to(self.scale_factor.device)
 
     def setup(self, stage: str) -> None:
+        """Load the base (its resolution, without a base under fast_dev_run: the data's), then hand the data
+        this model's services once its weights are there and before a checkpoint's are restored: DreamBooth's
+        class images come from the base, the latent cache from its VAE (``ldm/utils/data_handover.py``)."""
         trainer = self._trainer
         fast_dev_run = bool(trainer.fast_dev_run) if trainer is not None else False
-        datamodule = trainer.datamodule if trainer is not None else None
         if not self.prepared:
-            self.prepare(self.resolve_base(fast_dev_run), getattr(datamodule, "resolution", None))
-        if datamodule is not None and hasattr(datamodule, "cache_latents"):
-            self._cache_latents_once(datamodule)
+            self.prepare(self.resolve_base(fast_dev_run), self.data_link.facts.resolution)
+        if self.data_link.prepare is not None:
+            facts = self.data_link.prepare(self.data_services())
+            self.data_link = replace(self.data_link, facts=facts)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if not self.hparams.offload_text_encoder:
             return
-        cached = getattr(self.trainer.datamodule, "cached", None)
-        if cached is None:
+        captions = self.data_link.facts.captions
+        if captions is None:
             raise ValueError("model.offload_text_encoder=true needs the training captions up front: turn on the "
                              "latent cache (data.cache_latents=true) or set model.offload_text_encoder=false")
         for encoder in self.conditioner.text_embedders:
-            cache_prompts_and_offload(encoder, [*cached.captions, "", *self.hparams.log_prompts])
-
-    def _cache_latents_once(self, datamodule) -> None:
-        """Encode the training images once: under DDP rank zero encodes and writes the disk cache while the
-        others wait, then they read it (without a disk cache every rank encodes in memory)."""
-        def cache() -> None:
-            datamodule.cache_latents(self._encode_moments, self._vae_fingerprint(), device=self.device)
-
-        strategy = self.trainer.strategy
-        shared = self.trainer.world_size > 1 and getattr(datamodule.hparams, "cache_dir", None)
-        if shared and self.trainer.global_rank == 0:
-            cache()
-        if shared:
-            strategy.barrier("latent-cache")
-        if not shared or self.trainer.global_rank != 0:
-            cache()
-
-    @torch.no_grad()
-    def _encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae_encode(images.to(self.device))
-        return posterior.mean, posterior.std
-
-    def _vae_fingerprint(self) -> str:
-        """Hash of every weight that shapes the cached latents (the encoder side of the VAE)."""
-        digest = hashlib.sha1()
-        for name, tensor in sorted(self.vae.state_dict().items()):
-            if name.startswith(("decoder.", "post_quant_conv.")):
-                continue
-            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()[:16]
+            cache_prompts_and_offload(encoder, [*captions, "", *self.hparams.log_prompts])
 
     # -- training: what the method says ----------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -262,8 +235,8 @@ class FineTuneModule(LatentDiffusion):
         prompts = list(self.hparams.log_prompts)[:max_images]
         if "image" in batch:
             self.image_resolution = batch["image"].shape[-1]
-        elif self._trainer is not None and getattr(self.trainer.datamodule, "resolution", None):
-            self.image_resolution = self.trainer.datamodule.resolution
+        elif self.data_link.facts.resolution:
+            self.image_resolution = self.data_link.facts.resolution
         images = {"samples": self.generate(prompts, seed=self.hparams.log_seed)}
         try:
             with self.method.disabled():
