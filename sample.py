@@ -76,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hypernetwork", default=None, metavar="FILE[:STRENGTH]",
                    help="AUTOMATIC1111 hypernetwork .pt (or .safetensors) to apply, optionally with a strength: "
                    "file.pt:0.7")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL size condition: the original image size (default: the output size)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("T", "L"), default=None,
+                   help="SDXL size condition: the crop offset (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL size condition: the target size (default: the output size)")
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
@@ -154,7 +160,9 @@ def main(argv=None) -> Path:
     thumbnails, count = [], 0
     for batch in generate_batches(model, sampler, args.prompt, args.negative_prompt, n=args.n, guidance=guidance,
                                   seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
-                                  init_image=init, strength=args.strength):
+                                  init_image=init, strength=args.strength,
+                                  sizes={"original_size": args.original_size, "crop_top_left": args.crop_top_left,
+                                         "target_size": args.target_size}):
         for j, (prompt, negative, array) in enumerate(zip(batch.prompts, batch.negatives, to_uint8(batch.images))):
             text = generation_parameters(args, prompt, negative, batch.seeds[j], resolution, guidance)
             save_image(Image.fromarray(array), out / f"{batch.start + j:03d}_{slug(prompt)}.png", {"parameters": text})

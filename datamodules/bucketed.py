@@ -50,6 +50,8 @@ class BucketedImageDataset(Dataset):
         bucket_min_side, bucket_max_side: bucket side limits (default R / 2 and 2 R).
         shuffle_tags, keep_tags, tag_dropout, tag_separator: tag-list caption augmentation
             (``datamodules.captions.TagAugment``).
+        size_conditions: items also carry SDXL's micro-conditioning of the crop really taken
+            (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``; ``transforms.size_conditions``).
     """
 
     log = logging.getLogger("datamodules.bucketed")
@@ -58,7 +60,7 @@ class BucketedImageDataset(Dataset):
                  repeats: int = 1, caption_dropout: float = 0.0, bucketing: bool = False,
                  bucket_step: int | None = None, bucket_min_side: int | None = None,
                  bucket_max_side: int | None = None, shuffle_tags: bool = False, keep_tags: int = 0,
-                 tag_dropout: float = 0.0, tag_separator: str = ","):
+                 tag_dropout: float = 0.0, tag_separator: str = ",", size_conditions: bool = False):
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if int(repeats) < 1:
@@ -71,6 +73,7 @@ class BucketedImageDataset(Dataset):
         self.random_flip = float(random_flip)
         self.repeats = int(repeats)
         self.caption_dropout = float(caption_dropout)
+        self.size_conditions = bool(size_conditions)
         self.tags = TagAugment(bool(shuffle_tags), int(keep_tags), float(tag_dropout), tag_separator)
         self._unreadable: set[int] = set()  # records found broken when loaded
         self.epoch = 0  # keys the random augmentations (set by the training sampler)
@@ -129,14 +132,18 @@ class BucketedImageDataset(Dataset):
         """The buckets in use and their image counts."""
         return bucket_summary(self.buckets, self.record_buckets)
 
-    def _load(self, record_id: int, target: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    def _load(self, record_id: int, target: tuple[int, int], generator: torch.Generator):
+        """The item's image tensor; with ``size_conditions``, (it, its size conditions)."""
         source = self.open_record(record_id)
+        sizes = {"with_sizes": self.size_conditions}
+        if self.size_conditions and not isinstance(source, Image.Image):  # its size before any draft decoding
+            sizes["original_size"] = self.record_size(record_id)
         if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
             image = load_rgb(source, min_side=self.resolution)
-            return preprocess(image, self.resolution, self.center_crop, self.random_flip, generator)
+            return preprocess(image, self.resolution, self.center_crop, self.random_flip, generator, **sizes)
         min_side = None if isinstance(source, Image.Image) else min(cover_size(*self.record_size(record_id), target))
         return preprocess_to_size(load_rgb(source, min_side=min_side), target, self.center_crop, self.random_flip,
-                                  generator)
+                                  generator, **sizes)
 
     def _stand_ins(self, record_id: int):
         """``record_id``, then the other records of its bucket (after it, cyclically) not known bad."""
@@ -152,7 +159,7 @@ class BucketedImageDataset(Dataset):
         target, generator = self.target_size(index), self.augmentation_generator(index)
         for record_id in self._stand_ins(int(self.index_to_record[index])):
             try:
-                tensor = self._load(record_id, target, generator)
+                loaded = self._load(record_id, target, generator)
                 break
             except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
                 self._unreadable.add(record_id)
@@ -164,7 +171,9 @@ class BucketedImageDataset(Dataset):
         caption = self.tags(self.record_caption(record_id), generator)
         if self.caption_dropout > 0 and float(torch.rand((), generator=generator)) < self.caption_dropout:
             caption = ""
-        return {"image": tensor, "caption": caption}
+        if self.size_conditions:
+            return {"image": loaded[0], "caption": caption, **loaded[1]}
+        return {"image": loaded, "caption": caption}
 
 
 def dataset_options(hp, train: bool) -> dict:
@@ -177,6 +186,7 @@ def dataset_options(hp, train: bool) -> dict:
         "bucket_step": hp.bucket_step, "bucket_min_side": hp.bucket_min_side, "bucket_max_side": hp.bucket_max_side,
         "shuffle_tags": hp.shuffle_tags if train else False, "keep_tags": hp.keep_tags,
         "tag_dropout": hp.tag_dropout if train else 0.0, "tag_separator": hp.tag_separator,
+        "size_conditions": hp.get("size_conditions", False),
     }
 
 

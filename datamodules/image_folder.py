@@ -367,6 +367,7 @@ class ImageFolderDataModule(BucketedDataModule):
         tag_separator: str = ",",
         check: str = "auto",
         index_dir: str | os.PathLike | None = None,
+        size_conditions: bool = False,
     ):
         super().__init__()
         _check_root(root)  # fail at construction, before anything else is built

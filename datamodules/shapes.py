@@ -368,7 +368,12 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 class ShapesDataset(Dataset):
     """Captioned shapes; item ``i`` -> {"image": [3, H, W] in [-1, 1], "caption", "color",
     "shape", "background"}. Items cycle through ``self.combos``; layout comes from
-    ``default_rng([seed, split, stream, i])`` so splits never share an item seed."""
+    ``default_rng([seed, split, stream, i])`` so splits never share an item seed.
+
+    ``size_conditions``: items also carry SDXL's micro-conditioning (``[2]`` long tensors under sgm's keys).
+    Rendered at the target size: original = target = (R, R), crop (0, 0); with ``random_crop_margin`` m
+    (a multiple of 8) an item is rendered at R + m and a random R x R window of it is taken (the draw after the
+    layout's), so original = (R + m, R + m) and the crop offset is the window's (top, left)."""
 
     def __init__(
         self,
@@ -379,8 +384,14 @@ class ShapesDataset(Dataset):
         holdout_concepts: Sequence[str] = ("star",),
         heldout_combo_fraction: float = 0.1,
         stream: int = 0,
+        size_conditions: bool = False,
+        random_crop_margin: int = 0,
     ):
         _check_resolution(resolution)
+        if random_crop_margin < 0 or random_crop_margin % 8:
+            raise ValueError(f"random_crop_margin must be a multiple of 8 >= 0, got {random_crop_margin}")
+        self.size_conditions = bool(size_conditions)
+        self.random_crop_margin = int(random_crop_margin)
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self.size = int(size)
@@ -404,7 +415,8 @@ class ShapesDataset(Dataset):
         """Everything the items depend on (for latent caches): they are computed from these settings (no
         files, so ``check`` changes nothing)."""
         return repr(("shapes-v1", self.size, self.resolution, self.seed, self.split, self.stream,
-                     self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN))
+                     self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN)
+                    + ((self.random_crop_margin,) if self.random_crop_margin else ()))
 
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
@@ -414,14 +426,23 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of size {self.size}")
         index %= self.size
         color, shape, background = self.combos[index % len(self.combos)]
-        image = render(color, shape, background, self.resolution, self.item_rng(index))
-        return {
+        rng, side, top, left = self.item_rng(index), self.resolution + self.random_crop_margin, 0, 0
+        image = render(color, shape, background, side, rng)
+        if self.random_crop_margin:
+            top, left = (int(v) for v in rng.integers(0, self.random_crop_margin + 1, size=2))
+            image = np.ascontiguousarray(image[top:top + self.resolution, left:left + self.resolution])
+        item = {
             "image": _to_tensor(image),
             "caption": caption_for(color, shape, background),
             "color": color,
             "shape": shape,
             "background": background,
         }
+        if self.size_conditions:
+            item.update({"original_size_as_tuple": torch.tensor([side, side]),
+                         "crop_coords_top_left": torch.tensor([top, left]),
+                         "target_size_as_tuple": torch.tensor([self.resolution, self.resolution])})
+        return item
 
 
 class ShapesDataModule(L.LightningDataModule):
@@ -440,6 +461,8 @@ class ShapesDataModule(L.LightningDataModule):
         heldout_combo_fraction: float = 0.1,
         train_split: str = "train",
         pin_memory: bool = False,
+        size_conditions: bool = False,
+        random_crop_margin: int = 0,
     ):
         super().__init__()
         if train_split not in ("train", "concept"):
@@ -467,6 +490,8 @@ class ShapesDataModule(L.LightningDataModule):
             self.holdout_concepts,
             self.heldout_combo_fraction,
             stream=stream,
+            size_conditions=self.hparams.size_conditions,
+            random_crop_margin=self.hparams.random_crop_margin,
         )
 
     def data_facts(self) -> DataFacts:

@@ -24,6 +24,7 @@ __all__ = [
     "preprocess_to_size",
     "random_crop_box",
     "resize_shorter_side",
+    "size_conditions",
     "to_rgb",
     "to_tensor",
 ]
@@ -118,25 +119,51 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def size_conditions(original: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int],
+                    flipped: bool) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning of one training image, under sgm's batch keys (long tensors ``[2]``):
+    ``original_size_as_tuple`` (H, W of the image as loaded, before resizing), ``crop_coords_top_left`` (top,
+    left of the crop ``box`` in the ``resized`` (w, h) image) and ``target_size_as_tuple`` (H, W of the crop).
+    A flipped image's crop is mirrored: its left is ``resized width - box right`` (kohya's rule: the offset of the
+    crop in the image the model saw; diffusers' SDXL script writes ``crop width - left`` instead)."""
+    left, top, right, bottom = box
+    return {"original_size_as_tuple": torch.tensor([original[1], original[0]]),
+            "crop_coords_top_left": torch.tensor([top, resized[0] - right if flipped else left]),
+            "target_size_as_tuple": torch.tensor([bottom - top, right - left])}
+
+
+def _crop_and_flip(image: Image.Image, box, flip_probability: float, generator, original, with_sizes: bool):
+    resized = image.size
+    if box != (0, 0, *resized):
+        image = image.crop(box)
+    flipped = flip_probability > 0 and float(torch.rand((), generator=generator)) < flip_probability
+    if flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if not with_sizes:
+        return to_tensor(image)
+    return to_tensor(image), size_conditions(original, resized, box, flipped)
+
+
 def preprocess(
     image: Image.Image,
     resolution: int,
     center_crop: bool = True,
     flip_probability: float = 0.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """RGB image -> resize shorter side -> square crop -> optional horizontal flip -> [3, R, R]."""
+    original_size: tuple[int, int] | None = None,
+    with_sizes: bool = False,
+):
+    """RGB image -> resize shorter side -> square crop -> optional horizontal flip -> [3, R, R]; with
+    ``with_sizes``, (that, its ``size_conditions``), ``original_size`` (w, h) defaulting to ``image.size`` (give
+    the file's size when the image was decoded at a reduced scale)."""
+    original = original_size or image.size
     image = resize_shorter_side(image, resolution)
     width, height = image.size
     if center_crop:
         box = center_crop_box(width, height, resolution)
     else:
         box = random_crop_box(width, height, resolution, generator)
-    if box != (0, 0, width, height):
-        image = image.crop(box)
-    if flip_probability > 0 and float(torch.rand((), generator=generator)) < flip_probability:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return _crop_and_flip(image, box, flip_probability, generator, original, with_sizes)
 
 
 def image_size(path) -> tuple[int, int]:
@@ -167,15 +194,14 @@ def preprocess_to_size(
     center_crop: bool = True,
     flip_probability: float = 0.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
+    original_size: tuple[int, int] | None = None,
+    with_sizes: bool = False,
+):
     """RGB image -> resized to cover ``target`` = (w, h) (aspect kept, Lanczos) -> crop of the excess
-    (one axis only) -> optional horizontal flip -> [3, h, w]."""
+    (one axis only) -> optional horizontal flip -> [3, h, w]; ``with_sizes``/``original_size``: as ``preprocess``."""
+    original = original_size or image.size
     size = cover_size(*image.size, target)
     if size != image.size:
         image = image.resize(size, resample=Image.Resampling.LANCZOS, reducing_gap=3.0)
     box = crop_box(size[0], size[1], target, center_crop, generator)
-    if box != (0, 0, size[0], size[1]):
-        image = image.crop(box)
-    if flip_probability > 0 and float(torch.rand((), generator=generator)) < flip_probability:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    return _crop_and_flip(image, box, flip_probability, generator, original, with_sizes)

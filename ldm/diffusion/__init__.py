@@ -7,7 +7,7 @@ from ldm.diffusion.discretization import (
     karras_sigmas,
     sigma_grid,
 )
-from ldm.diffusion.guidance import Denoiser, classifier_free_guidance
+from ldm.diffusion.guidance import Condition, Denoiser, call_model, classifier_free_guidance
 from ldm.diffusion.loss_weighting import LossWeighting, MinSNRWeighting, PlainWeighting
 from ldm.diffusion.losses import DiffusionLoss, build_loss, sample_noise
 from ldm.diffusion.parameterization import (
@@ -44,6 +44,7 @@ __all__ = [
     "SAMPLERS",
     "SD_CONVENTION",
     "X0",
+    "Condition",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPP2MSampler",
@@ -61,6 +62,7 @@ __all__ = [
     "as_parameterization",
     "build_loss",
     "build_sampler",
+    "call_model",
     "classifier_free_guidance",
     "karras_sigmas",
     "make_beta_schedule",

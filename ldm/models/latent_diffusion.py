@@ -22,11 +22,13 @@ from ldm.diffusion import (
     DiffusionSchedule,
     Parameterization,
     build_loss,
+    call_model,
     classifier_free_guidance,
     sample_noise,
 )
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.models.guards import check_finite
+from ldm.models.micro_conditions import sampling_batch, unet_condition
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
@@ -65,13 +67,15 @@ class LatentDiffusion(L.LightningModule):
         guidance_scale: float = 3.0,
         log_prompts: Sequence[str] = ("a red circle on a blue background",),
         log_seed: int = 0,
+        log_sizes: dict | None = None,
         optimizer_in_backward: bool = False,
         bf16_weights: bool = False,
         text_encoder: nn.Module | None = None,
     ):
         """``conditioner``: the embedders of the batch's conditions (a bare text encoder is wrapped as the one
         embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of the
-        two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own."""
+        two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own. ``log_sizes``: SDXL's
+        size conditions of logged grids (``original_size`` / ``crop_top_left`` / ``target_size``; null: defaults)."""
         super().__init__()
         if text_encoder is not None:
             if conditioner is not None:
@@ -189,13 +193,14 @@ class LatentDiffusion(L.LightningModule):
         with torch.autocast(z.device.type, enabled=False):  # at the VAE's precision, as vae_encode
             return self.vae.decode((z / self.scale_factor).to(dtype)).clamp(-1, 1)
 
-    def conditions(self, batch, train: bool = False) -> dict[str, torch.Tensor]:
+    def conditions(self, batch, train: bool = False, zero_empty: bool = False) -> dict[str, torch.Tensor]:
         """The conditioner's output for ``batch`` (``{"crossattn": ..., "vector": ...}``), on the model's device
         (also when a text encoder was offloaded); ``train``: with each embedder's condition dropout (its
-        ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from ``batch_random``)."""
+        ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from ``batch_random``);
+        ``zero_empty``: an unconditional branch (SDXL zeroes "" text, ``force_zeros_for_empty_prompt``)."""
         draw = self.batch_random.rand if train else None
         return self.conditioner(batch, device=self.device, ucg_rate=self.hparams.ucg_rate, draw=draw,
-                                use_cache=self.use_text_cache())
+                                use_cache=self.use_text_cache(), zero_empty=zero_empty)
 
     def use_text_cache(self) -> bool:
         """Whether text is encoded through the embedders' prompt caches (fine-tunes that train text: not)."""
@@ -206,11 +211,9 @@ class LatentDiffusion(L.LightningModule):
         return self.context_of(self.conditions({"caption": list(prompts)}))
 
     @staticmethod
-    def context_of(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The UNet's input from the conditions: the context (a vector condition needs a UNet that takes one)."""
-        if "vector" in conditions:
-            raise NotImplementedError("the conditioner gives a vector condition, which this UNet does not take yet")
-        return conditions["crossattn"]
+    def context_of(conditions: dict[str, torch.Tensor]):
+        """The UNet's condition: the context [B, T, D], or ``{"context", "y"}`` when there is a vector (SDXL)."""
+        return unet_condition(conditions)
 
     def scale_factor_known(self) -> bool:
         """True once the buffer holds a factor (given, estimated, or loaded); read from the device until then."""
@@ -243,7 +246,7 @@ class LatentDiffusion(L.LightningModule):
             t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(z0.device)
             noise = sample_noise(z0, self.hparams.offset_noise, generator)
         zt = self.schedule.q_sample(z0, t, noise)
-        output = self.unet(zt, t, context)
+        output = call_model(self.unet, zt, t, context)
         return self.diffusion_loss(output, z0, noise, t, self.schedule, reduction)
 
     @property
@@ -334,33 +337,37 @@ class LatentDiffusion(L.LightningModule):
     def generate(self, prompts: Sequence[str], guidance_scale: float | None = None, seed: int = 0,
                  sampler: Callable | None = None, negative_prompt: str | Sequence[str] = "", use_ema: bool = True,
                  progress: bool = False, latent_size: int | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | Sequence[torch.Generator] | None = None, init_images: torch.Tensor | None = None,
-                 strength: float = 1.0, callback: Callable | None = None) -> torch.Tensor:
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 init_images: torch.Tensor | None = None, strength: float = 1.0, callback: Callable | None = None,
+                 sizes: dict | None = None) -> torch.Tensor:
         """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images.
 
         ``negative_prompt``: one for all, or one per prompt. ``latents``: the initial noise [B, c, h, w]
         (else drawn from ``generator``, else from ``seed``); ``generator`` may be one per prompt, which makes
         each image independent of the batch it is in (class images). ``init_images`` [B, 3, H, W] in [-1, 1] +
         ``strength``: img2img (the images' latent means, noised to the level of the last
-        ``int(steps * strength)`` steps).
+        ``int(steps * strength)`` steps). ``sizes``: SDXL's size conditions (``micro_conditions.sampling_batch``).
         """
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        context = self.encode_text(prompts)
-        uncond = self.encode_text(negatives)
+        factor = getattr(self.vae, "downsample_factor", 8)
+        size = latent_size or (init_images.shape[-1] // factor if init_images is not None else self.latent_size())
+        batch = sampling_batch(self.conditioner.input_keys, prompts, (size * factor,) * 2, sizes, self.device)
+        context = self.context_of(self.conditions(batch))
+        uncond = self.context_of(self.conditions({**batch, "caption": negatives}, zero_empty=True))
+        dtype = (context["context"] if isinstance(context, dict) else context).dtype
         init = None
         if init_images is not None:
-            init = self.vae.encode(init_images.to(self.device, context.dtype)).mean * self.scale_factor
-        size = latent_size or (init.shape[-1] if init is not None else self.latent_size())
+            init = self.vae.encode(init_images.to(self.device, dtype)).mean * self.scale_factor
         shape = (len(prompts), self.unet_channels(), size, size)
         generator = generator or torch.Generator().manual_seed(seed)
         scope = self.ema_scope() if use_ema else contextlib.nullcontext(self.unet)
         with scope as unet:
             denoiser = classifier_free_guidance(unet, context, uncond, scale)
             z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.parameterization,
-                                          generator=generator, device=self.device, dtype=context.dtype,
+                                          generator=generator, device=self.device, dtype=dtype,
                                           progress=progress, x_T=latents, callback=callback, init=init,
                                           strength=strength)
         return self.decode_latents(z)
@@ -379,7 +386,8 @@ class LatentDiffusion(L.LightningModule):
             return {}
         prompts = list(self.hparams.log_prompts)[:max_images]
         self.image_resolution = batch["image"].shape[-1]
-        return {"samples": self.generate(prompts, seed=self.hparams.log_seed),
+        samples = self.generate(prompts, seed=self.hparams.log_seed, sizes=self.hparams.get("log_sizes"))
+        return {"samples": samples,
                 "inputs": batch["image"][:max_images]}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

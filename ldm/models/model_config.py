@@ -46,6 +46,12 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.modules.text_encoder.CLIPTextEncoder.from_pretrained": (
         "ldm.modules.text_encoder", "CLIPTextEncoder.from_pretrained"),
     "ldm.modules.text_encoder.CLIPTextEncoder.tiny": ("ldm.modules.text_encoder", "CLIPTextEncoder.tiny"),
+    "ldm.modules.text_encoder.CLIPTextEncoder.from_config": ("ldm.modules.text_encoder", "CLIPTextEncoder.from_config"),
+    "ldm.modules.text_encoder_pooled.PooledCLIPTextEncoder.tiny": (
+        "ldm.modules.text_encoder_pooled", "PooledCLIPTextEncoder.tiny"),
+    "ldm.modules.text_encoder_pooled.PooledCLIPTextEncoder.from_config": (
+        "ldm.modules.text_encoder_pooled", "PooledCLIPTextEncoder.from_config"),
+    "ldm.modules.size_embedding.SizeEmbedding": ("ldm.modules.size_embedding", "SizeEmbedding"),
     "ldm.modules.conditioner.Conditioner": ("ldm.modules.conditioner", "Conditioner"),
     "ldm.modules.conditioner.embedder": ("ldm.modules.conditioner", "embedder"),
     # diffusion: schedule and samplers

@@ -172,10 +172,10 @@ class GeneratedBatch:
 def generate_batches(model, sampler, prompts: Sequence[str], negatives: Sequence[str] | None = None, n: int = 1,
                      guidance: float | None = None, seed: int = 0, batch_size: int = 8, use_ema: bool = True,
                      init_image: torch.Tensor | None = None, strength: float = 1.0,
-                     progress: bool = True) -> Iterator[GeneratedBatch]:
+                     progress: bool = True, sizes: dict | None = None) -> Iterator[GeneratedBatch]:
     """``n`` images per prompt (prompt-major order), ``batch_size`` per forward pass. Image ``i`` starts from the
     noise of seed ``seed + i`` whatever the batching; ``init_image`` ([1, 3, R, R]) makes it img2img at
-    ``strength``. ``guidance`` None: the model's own scale."""
+    ``strength``. ``guidance`` None: the model's own scale. ``sizes``: SDXL's size conditions (``LatentDiffusion.generate``)."""
     resolution = model.image_resolution
     guidance = model.hparams.guidance_scale if guidance is None else guidance
     jobs = [(p, neg) for p, neg in zip(prompts, pair_negatives(prompts, negatives)) for _ in range(n)]
@@ -187,5 +187,5 @@ def generate_batches(model, sampler, prompts: Sequence[str], negatives: Sequence
             use_ema=use_ema, progress=progress, latents=initial_noise(model, seeds, resolution),
             generator=torch.Generator().manual_seed(seeds[0]),
             strength=strength if init_image is not None else 1.0,
-            init_images=init_image.expand(len(batch), -1, -1, -1) if init_image is not None else None)
+            init_images=init_image.expand(len(batch), -1, -1, -1) if init_image is not None else None, sizes=sizes)
         yield GeneratedBatch(start, [p for p, _ in batch], [n for _, n in batch], seeds, images)

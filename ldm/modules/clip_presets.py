@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ldm.modules.clip_layout import sd_layout
 
@@ -45,7 +45,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 49407,
         "pad_token_id": 0,  # OpenCLIP pads with "!" (id 0)
     },
+    # SDXL's first encoder: the same ViT-L/14 tower, used at its penultimate layer without final_layer_norm.
+    "vit_l_14_sdxl": {},  # filled below: = vit_l_14
+    # SDXL's second encoder: OpenCLIP ViT-bigG/14 text tower, all 32 layers, with its text projection
+    # (the HF CLIPTextModelWithProjection layout of diffusers' text_encoder_2/): penultimate layer + pooled.
+    "vit_bigg_14": {
+        "vocab_size": 49408,
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": 1280,
+        # as SDXL's text_encoder_2/config.json: eos_token_id 2 makes HF pool at argmax(input_ids), OpenCLIP's rule
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
 }
+PRESETS["vit_l_14_sdxl"] = dict(PRESETS["vit_l_14"])
 
 
 def build_config(config: str | dict | CLIPTextConfig) -> CLIPTextConfig:
@@ -62,18 +82,21 @@ def build_text_model(
     config: str | dict | CLIPTextConfig,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    with_projection: bool = False,
 ) -> CLIPTextModel:
     """A ``CLIPTextModel`` of architecture ``config`` with transformers' random init (the global RNG is left
     alone), or unallocated with ``device="meta"``; the ``position_ids`` buffer (not in checkpoints) is
-    still made real on CPU, so ``load_state_dict(sd, assign=True)`` yields a usable module."""
+    still made real on CPU, so ``load_state_dict(sd, assign=True)`` yields a usable module.
+    ``with_projection``: a ``CLIPTextModelWithProjection`` (``text_projection``, no bias; SDXL's bigG)."""
     text_config = build_config(config)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     with torch.random.fork_rng(devices=[]):
         if device is not None:
             with torch.device(device):
-                model = CLIPTextModel(text_config)
+                model = model_class(text_config)
         else:
-            model = CLIPTextModel(text_config)
+            model = model_class(text_config)
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     embeddings = sd_layout(model).text_model.embeddings

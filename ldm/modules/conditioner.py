@@ -15,7 +15,11 @@ A ``Conditioner`` holds a list of embedders (plain ``nn.Module``s). Each embedde
 ``Conditioner(batch)`` concatenates the embedders' contexts along features (``"crossattn"``: ``[B, T, sum D]``)
 and their vectors along features (``"vector"``: ``[B, sum V]``, present when any embedder gives one).
 SD 1.x is one CLIP embedder, SD 2.x one OpenCLIP embedder; SDXL two text embedders (penultimate layer, the
-second also pooled) and a size embedder.
+second also pooled: ``PooledCLIPTextEncoder``) and three size embedders (``SizeEmbedding``, one per batch key
+``original_size_as_tuple`` / ``crop_coords_top_left`` / ``target_size_as_tuple``), so its vector is
+pooled (1280) + 3 x 512 = 2816 = the UNet's ``adm_in_channels``. Condition dropout follows sgm: each embedder
+draws by its own rate (the two text embedders independently; a dropped caption is "" for that embedder, its
+pooled vector included, as diffusers' SDXL script's empty prompts give); SDXL sets the sizes' ``ucg_rate`` to 0.
 
 Text embedders (``CLIPTextEncoder``) are encoded through their prompt cache (``encode_cached``) unless the caller
 asks otherwise (a fine-tune that trains the text encoder). Parameter names: ``embedders.<i>.<the embedder's>``,
@@ -62,10 +66,14 @@ class Conditioner(nn.Module):
     Args:
         embedders: the embedders in order (a sequence, or a mapping whose keys give the order: Hydra composes
             ``embedders: {"0": ..., "1": ...}``).
+        force_zeros_for_empty_prompt: SDXL's sampling rule: an empty negative prompt gives zero context and
+            zero pooled vector from the text embedders (``forward(..., zero_empty=True)``; the sizes stay).
     """
 
-    def __init__(self, embedders: Sequence[nn.Module] | Mapping[str, nn.Module]):
+    def __init__(self, embedders: Sequence[nn.Module] | Mapping[str, nn.Module],
+                 force_zeros_for_empty_prompt: bool = False):
         super().__init__()
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         if isinstance(embedders, Mapping):
             keys = sorted(embedders, key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else 0, k))
             embedders = [embedders[k] for k in keys]
@@ -89,6 +97,11 @@ class Conditioner(nn.Module):
         return text[0]
 
     @property
+    def input_keys(self) -> list[str]:
+        """The batch keys the embedders read, in order, without repeats."""
+        return list(dict.fromkeys(input_key(e) for e in self.embedders))
+
+    @property
     def context_dim(self) -> int | None:
         """Width of the concatenated cross-attention context (the embedders' ``hidden_size``), if known."""
         widths = [getattr(e, "hidden_size", None) for e in self.text_embedders]
@@ -102,10 +115,11 @@ class Conditioner(nn.Module):
     # -- conditions ------------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], device: torch.device | str | None = None, ucg_rate: float = 0.0,
                 draw: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
-                use_cache: bool = True) -> dict[str, torch.Tensor]:
+                use_cache: bool = True, zero_empty: bool = False) -> dict[str, torch.Tensor]:
         """The conditions of ``batch``. With ``draw`` (uniform [0, 1) draws of a shape; training), each embedder
         drops its condition with its ``ucg_rate`` (default ``ucg_rate``), one draw per embedder that drops.
-        ``use_cache``: encode text through the embedders' prompt caches (where they are on)."""
+        ``use_cache``: encode text through the embedders' prompt caches (where they are on). ``zero_empty`` (the
+        unconditional branch of sampling) with ``force_zeros_for_empty_prompt``: "" gives zero text outputs."""
         outputs: dict[str, list[torch.Tensor]] = {}
         for module in self.embedders:
             key = input_key(module)
@@ -118,6 +132,8 @@ class Conditioner(nn.Module):
                 keep = draw((len(values),)) >= rate
                 if _is_text(values):
                     values, keep = [v if k else "" for v, k in zip(values, keep.tolist())], None
+            if zero_empty and self.force_zeros_for_empty_prompt and _is_text(values):
+                keep = torch.tensor([v != "" for v in values])
             for name, tensor in self._embed(module, values, device, use_cache).items():
                 if keep is not None:
                     tensor = tensor * keep.to(tensor).view(-1, *[1] * (tensor.ndim - 1))

@@ -5,6 +5,9 @@ SDXL conditions on six numbers per image: original (height, width), crop (top, l
 six are concatenated (6 x 256 = 1536); with the pooled text vector (1280) that is the UNet's
 ``y`` (``adm_in_channels`` 2816). sgm calls this ``ConcatTimestepEmbedderND`` (one per pair of
 numbers, concatenated by the conditioner); diffusers ``add_time_proj`` on the flattened ``time_ids``.
+As a conditioner embedder (``conf/model/conditioner/sdxl.yaml``), one ``SizeEmbedding`` per batch key, in
+sgm's order and names: ``original_size_as_tuple`` (H, W), ``crop_coords_top_left`` (top, left),
+``target_size_as_tuple`` (H, W), each ``[B, 2]`` -> ``[B, 512]``.
 The refiner uses five numbers (original size, crop, aesthetic score): 5 x 256 + 1280 = 2560.
 """
 
@@ -34,8 +37,11 @@ class SizeEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
 
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        return size_embedding(values, self.dim)
+    def forward(self, values) -> torch.Tensor:
+        """``values``: ``[B, N]`` numbers (a tensor, or a list of B tuples: a batch's ``original_size_as_tuple``)."""
+        if not isinstance(values, torch.Tensor):
+            values = torch.as_tensor([list(map(float, v)) for v in values])
+        return size_embedding(values.float(), self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -190,9 +190,13 @@ class CLIPTextEncoder(nn.Module):
         input_ids = input_ids.to(self.device, torch.long)
         if self.layer == "last":
             return self.transformer(input_ids=input_ids).last_hidden_state
-        outputs = self.transformer(input_ids=input_ids, output_hidden_states=True)
-        index = -2 if self.layer == "penultimate" else int(self.layer)
-        hidden = outputs.hidden_states[index]
+        return self.hidden_of(self.transformer(input_ids=input_ids, output_hidden_states=True))
+
+    def hidden_of(self, outputs: Any) -> torch.Tensor:
+        """The hidden state ``layer`` names from HF outputs that hold ``hidden_states`` (non-last layers)."""
+        if self.layer == "last":
+            return outputs.last_hidden_state
+        hidden = outputs.hidden_states[-2 if self.layer == "penultimate" else int(self.layer)]
         if self.final_layer_norm:
             hidden = self.transformer.text_model.final_layer_norm(hidden)
         return hidden
@@ -223,19 +227,22 @@ class CLIPTextEncoder(nn.Module):
         """
         prompts = self._as_list(prompts)
         if not self.cache_enabled:
-            return self(prompts).to(device or self.device)
+            return _tree(self(prompts), lambda t: t.to(device or self.device))
         dtype = self.dtype
         missing = list(OrderedDict.fromkeys(p for p in prompts if (p, dtype) not in self._cache))
         if missing:
             with torch.no_grad():
-                encoded = self(missing).detach().to("cpu")
-            for prompt, embedding in zip(missing, encoded):
-                self._cache[(prompt, dtype)] = embedding.clone()
+                encoded = _tree(self(missing), lambda t: t.detach().to("cpu"))
+            for i, prompt in enumerate(missing):  # a tensor, or a dict of them (a pooled encoder)
+                self._cache[(prompt, dtype)] = _tree(encoded, lambda t, i=i: t[i].clone())
         rows = []
         for prompt in prompts:
             self._cache.move_to_end((prompt, dtype))
             rows.append(self._cache[(prompt, dtype)])
-        result = torch.stack(rows).to(device or self.device)
+        if isinstance(rows[0], dict):
+            result = {k: torch.stack([r[k] for r in rows]).to(device or self.device) for k in rows[0]}
+        else:
+            result = torch.stack(rows).to(device or self.device)
         if self.cache_size is not None:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -431,6 +438,11 @@ class CLIPTextEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"max_length={self.max_length}, layer={self.layer!r}, frozen={self._frozen}"
+
+
+def _tree(value: Any, fn) -> Any:
+    """``fn`` on a tensor, or on each tensor of a dict."""
+    return {k: fn(v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
 
 def _clear_cache_after_load(module: CLIPTextEncoder, incompatible_keys: Any) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.utils.files import atomic_write_text, cache_dir
 
@@ -208,9 +208,10 @@ def tiny_clip_model(
     max_length: int = 20,
     seed: int = 0,
     intermediate_size: int | None = None,
+    projection_dim: int | None = None,
 ) -> CLIPTextModel:
     """A small ``CLIPTextModel`` for ``tokenizer`` (quick_gelu, ``max_length`` positions), initialised by
-    ``init_weights_seeded(model, seed)``."""
+    ``init_weights_seeded(model, seed)``; with ``projection_dim`` a ``CLIPTextModelWithProjection``."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -219,12 +220,12 @@ def tiny_clip_model(
         num_attention_heads=num_heads,
         max_position_embeddings=max_length,
         hidden_act="quick_gelu",
-        projection_dim=hidden_size,
+        projection_dim=projection_dim or hidden_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):  # transformers' own init must not disturb the global RNG
-        model = CLIPTextModel(config)
+        model = (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config)
     init_weights_seeded(model, seed)
     return model
