@@ -87,7 +87,9 @@ def load(way: str, path: str, version: str, tokenizer: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="v1", choices=("v1", "v2"))
     parser.add_argument("--file", help="where to write the fp16 file (default: a temporary folder)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -102,7 +104,15 @@ def main() -> None:
         print(f"{path.name}: {count / 1e9:.2f} G parameters, {path.stat().st_size / 2**30:.2f} GiB on disk")
         rows = []
         for way in ("naive", "ours"):
-            cmd = [sys.executable, __file__, "--child", way, str(path), args.preset, str(Path(tmp) / "tokenizer")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                way,
+                str(path),
+                args.preset,
+                str(Path(tmp) / "tokenizer"),
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise child_failure(way, result.stderr)

@@ -98,12 +98,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)  # tests: a small matmul
+    parser.add_argument(
+        "--peak-size", type=int, default=2048, help=argparse.SUPPRESS
+    )  # tests: a small matmul
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or "
-                         "use --device cpu")
+        raise SystemExit(
+            f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or "
+            "use --device cpu"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -251,8 +251,10 @@ class Subject:
             raise ValueError(f"subject shape {self.shape!r} unknown; expected one of {SHAPES}")
         colors = tuple(self.colors)
         if len(colors) != 2 or any(c not in COLORS for c in colors):
-            raise ValueError(f"subject colors must be two palette colours (the same twice for a solid subject), "
-                             f"got {self.colors!r}; palette: {list(COLORS)}")
+            raise ValueError(
+                f"subject colors must be two palette colours (the same twice for a solid subject), "
+                f"got {self.colors!r}; palette: {list(COLORS)}"
+            )
         object.__setattr__(self, "colors", colors)
         if self.split not in ("vertical", "horizontal"):
             raise ValueError(f"subject split must be 'vertical' or 'horizontal', got {self.split!r}")
@@ -277,7 +279,10 @@ def _first_half_weight(subject: Subject, resolution: int, layout: Layout) -> np.
 
 
 def render_subject(
-    subject: Subject, background: str, resolution: int, rng_or_layout: np.random.Generator | Layout | None = None
+    subject: Subject,
+    background: str,
+    resolution: int,
+    rng_or_layout: np.random.Generator | Layout | None = None,
 ) -> np.ndarray:
     """The subject on ``background`` as uint8 [H, W, 3]; layouts as in :func:`render`."""
     if background not in COLORS:
@@ -403,8 +408,21 @@ class ShapesDataset(Dataset):
     def fingerprint(self, check: str = "stat") -> str:
         """Everything the items depend on (for latent caches): they are computed from these settings (no
         files, so ``check`` changes nothing)."""
-        return repr(("shapes-v1", self.size, self.resolution, self.seed, self.split, self.stream,
-                     self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN))
+        return repr(
+            (
+                "shapes-v1",
+                self.size,
+                self.resolution,
+                self.seed,
+                self.split,
+                self.stream,
+                self.holdout_concepts,
+                self.heldout_combo_fraction,
+                SUPERSAMPLE,
+                SIZE_RANGE,
+                MARGIN,
+            )
+        )
 
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
@@ -497,8 +515,13 @@ class ShapesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return resumable_loader(self.data_train, self.batch_size, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return resumable_loader(
+            self.data_train,
+            self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

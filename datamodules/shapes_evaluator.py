@@ -203,8 +203,12 @@ class ShapesEvaluator:
         x = to_uint8_hwc(image)
         height, width = x.shape[:2]
         bg_rgb = self._border_median(x)
-        result: dict[str, str | None] = {"first": None, "second": None, "shape": None,
-                                         "background": _nearest_color(bg_rgb)}
+        result: dict[str, str | None] = {
+            "first": None,
+            "second": None,
+            "shape": None,
+            "background": _nearest_color(bg_rgb),
+        }
         # foreground: pixels nearer to another palette colour than to the background (works for a side
         # whose colour is close to the background, where a contrast threshold would drop it)
         distance = np.linalg.norm(x - bg_rgb, axis=-1)
@@ -247,8 +251,14 @@ class ShapesEvaluator:
     @staticmethod
     def _border_median(x: np.ndarray) -> np.ndarray:
         border = max(1, round(min(x.shape[:2]) / 32))
-        edge = np.concatenate([x[:border].reshape(-1, 3), x[-border:].reshape(-1, 3),
-                               x[:, :border].reshape(-1, 3), x[:, -border:].reshape(-1, 3)])
+        edge = np.concatenate(
+            [
+                x[:border].reshape(-1, 3),
+                x[-border:].reshape(-1, 3),
+                x[:, :border].reshape(-1, 3),
+                x[:, -border:].reshape(-1, 3),
+            ]
+        )
         return np.median(edge, axis=0)
 
     def read_batch(self, images) -> list[dict[str, str | None]]:

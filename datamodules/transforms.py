@@ -149,8 +149,13 @@ def image_size(path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def crop_box(width: int, height: int, target: tuple[int, int], center: bool = True,
-             generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def crop_box(
+    width: int,
+    height: int,
+    target: tuple[int, int],
+    center: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
     """A ``target`` = (w, h) box inside a width x height image: centred, or uniformly random."""
     target_w, target_h = target
     if center:

@@ -27,10 +27,16 @@ OTHER_CACHES = ("class_images", "index", "hf_datasets")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default=None, help="the latent cache folder (default: <root>/.cache/latents, "
-                                               "where data.cache_dir points)")
-    p.add_argument("--root", default=os.environ.get("LDM_ROOT", "."),
-                   help="the project root whose .cache/ to clear (paths.root_dir; default $LDM_ROOT or .)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="the latent cache folder (default: <root>/.cache/latents, where data.cache_dir points)",
+    )
+    p.add_argument(
+        "--root",
+        default=os.environ.get("LDM_ROOT", "."),
+        help="the project root whose .cache/ to clear (paths.root_dir; default $LDM_ROOT or .)",
+    )
     p.add_argument("--all", action="store_true", help=f"also .cache/{{{','.join(OTHER_CACHES)}}}")
     return p.parse_args(argv)
 

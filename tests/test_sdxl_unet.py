@@ -118,7 +118,9 @@ def test_size_embedding_is_a_timestep_embedding_per_number():
     features = size_embedding(values, 256)
     assert features.shape == (2, 1536)
     for i in range(6):
-        torch.testing.assert_close(features[:, 256 * i : 256 * (i + 1)], timestep_embedding(values[:, i], 256))
+        torch.testing.assert_close(
+            features[:, 256 * i : 256 * (i + 1)], timestep_embedding(values[:, i], 256)
+        )
     assert torch.equal(SizeEmbedding(256)(values), features)
     # a number changes only its own 256 features
     moved = values.clone()
@@ -140,7 +142,9 @@ def test_size_embedding_matches_diffusers_add_time_proj():
 # ------------------------------------------------------------------------------------------ tiny parity
 
 
-@pytest.mark.parametrize("config", [TINY_XL, THREE_LEVELS, REFINER_LIKE], ids=["two-levels", "sdxl-shape", "refiner-shape"])
+@pytest.mark.parametrize(
+    "config", [TINY_XL, THREE_LEVELS, REFINER_LIKE], ids=["two-levels", "sdxl-shape", "refiner-shape"]
+)
 def test_parity_with_diffusers_text_time(config):
     import diffusers
 
@@ -155,15 +159,21 @@ def test_parity_with_diffusers_text_time(config):
     x, t, context, text_embeds, time_ids = xl_inputs(config)
     y = torch.cat([text_embeds, size_embedding(time_ids, TIME_DIM)], dim=1)
     with torch.no_grad():
-        expected = theirs(x, t, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+        expected = theirs(
+            x, t, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}
+        ).sample
         got = ours(x, t, context, y=y)
-        other_sizes = ours(x, t, context, y=torch.cat([text_embeds, size_embedding(time_ids + 64, TIME_DIM)], 1))
+        other_sizes = ours(
+            x, t, context, y=torch.cat([text_embeds, size_embedding(time_ids + 64, TIME_DIM)], 1)
+        )
     assert expected.abs().max() > 0.1
     assert (got - expected).abs().max() <= 1e-5
     assert (other_sizes - got).abs().max() > 1e-3  # the size features reach the output
 
     # and back: our kwargs -> a diffusers config of the same architecture (the same keys and shapes)
-    again = diffusers.UNet2DConditionModel(**diffusers_config_from_ldm(**kwargs, addition_time_embed_dim=TIME_DIM))
+    again = diffusers.UNet2DConditionModel(
+        **diffusers_config_from_ldm(**kwargs, addition_time_embed_dim=TIME_DIM)
+    )
     assert state_dict_mismatches(theirs.state_dict(), again.state_dict()) == ""
 
 
@@ -174,7 +184,9 @@ def test_levels_without_attention_hold_only_resblocks():
     # level 0: input_blocks 1, 2 and output_blocks 6..8 are one ResBlock each; levels 1, 2 add a transformer
     for block in [unet.input_blocks[1], unet.input_blocks[2], *unet.output_blocks[6:]]:
         assert len(block) == 1 and isinstance(block[0], ResBlock)
-    depth = {n: len(m.transformer_blocks) for n, m in unet.named_modules() if isinstance(m, SpatialTransformer)}
+    depth = {
+        n: len(m.transformer_blocks) for n, m in unet.named_modules() if isinstance(m, SpatialTransformer)
+    }
     assert depth == {
         "input_blocks.4.1": 1, "input_blocks.5.1": 1, "input_blocks.7.1": 3, "input_blocks.8.1": 3,
         "middle_block.1": 3, "output_blocks.0.1": 3, "output_blocks.1.1": 3, "output_blocks.2.1": 3,
@@ -191,7 +203,10 @@ def test_lora_module_names_cover_the_label_embedding():
 
     theirs = dict(diffusers.UNet2DConditionModel(**THREE_LEVELS).named_modules())
     names = unet_module_names(UNetModel(**unet_config_from_diffusers(THREE_LEVELS)))
-    assert names["label_emb.0.0"] == "add_embedding.linear_1" and names["label_emb.0.2"] == "add_embedding.linear_2"
+    assert (
+        names["label_emb.0.0"] == "add_embedding.linear_1"
+        and names["label_emb.0.2"] == "add_embedding.linear_2"
+    )
     assert names["output_blocks.5.2.conv"] == "up_blocks.1.upsamplers.0.conv"
     assert all(path in theirs for path in names.values())
 
@@ -216,11 +231,21 @@ def test_label_embedding_checks_y():
 
 @pytest.mark.parametrize(
     ("depth", "middle", "message"),
-    [([1, 2, 3], None, "one depth >= 0 per level"), ([1, -1], None, "one depth >= 0"), ([2, 0], None, "middle")],
+    [
+        ([1, 2, 3], None, "one depth >= 0 per level"),
+        ([1, -1], None, "one depth >= 0"),
+        ([2, 0], None, "middle"),
+    ],
 )
 def test_bad_depths_are_refused(depth, middle, message):
     with pytest.raises(ValueError, match=message):
-        UNetModel(**{**unet_config_from_diffusers(TINY_XL), "transformer_depth": depth, "transformer_depth_middle": middle})
+        UNetModel(
+            **{
+                **unet_config_from_diffusers(TINY_XL),
+                "transformer_depth": depth,
+                "transformer_depth_middle": middle,
+            }
+        )
 
 
 def test_unsupported_diffusers_configs_are_refused():
@@ -267,7 +292,12 @@ def test_sdxl_refiner_config_matches_diffusers_architecture():
     kwargs = load_kwargs("sdxl_refiner")
     config = diffusers_config_from_ldm(**kwargs)
     assert config["attention_head_dim"] == [6, 12, 24, 24] and config["transformer_layers_per_block"] == 4
-    assert config["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert config["down_block_types"] == (
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     with torch.device("meta"):
         ours = UNetModel(**kwargs)
         theirs = diffusers.UNet2DConditionModel(**config)
@@ -276,7 +306,10 @@ def test_sdxl_refiner_config_matches_diffusers_architecture():
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert list(state["label_emb.0.0.weight"].shape) == [1536, 2560]
     assert list(state["input_blocks.4.1.transformer_blocks.3.attn2.to_k.weight"].shape) == [768, 1280]
-    assert "input_blocks.10.1.norm.weight" not in state and "middle_block.1.transformer_blocks.3.ff.net.2.bias" in state
+    assert (
+        "input_blocks.10.1.norm.weight" not in state
+        and "middle_block.1.transformer_blocks.3.ff.net.2.bias" in state
+    )
     with torch.device("meta"):
         rebuilt = UNetModel(**describe_unet(ours))
     assert state_dict_mismatches(state, rebuilt.state_dict()) == ""

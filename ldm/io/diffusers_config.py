@@ -226,7 +226,9 @@ def timestep_convention_from_diffusers(config: Mapping[str, Any]) -> dict[str, A
     return {
         "timestep_spacing": str(config.get("timestep_spacing", "leading")),
         "steps_offset": int(config.get("steps_offset", 0)),
-        "set_alpha_to_one": bool(config.get("set_alpha_to_one", config.get("_class_name") != "PNDMScheduler")),
+        "set_alpha_to_one": bool(
+            config.get("set_alpha_to_one", config.get("_class_name") != "PNDMScheduler")
+        ),
     }
 
 

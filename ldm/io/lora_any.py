@@ -38,13 +38,20 @@ def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
     seen = next((what for marker, what in hints.items() if any(marker in k for k in keys)), None)
     raise ValueError(
         f"{source}: neither a kohya LoRA (lora_unet_* / lora_te_*) nor a diffusers/PEFT LoRA (unet.* / "
-        f"text_encoder.* ... .lora_A/.lora_B.weight)" + (f"; it looks like {seen}" if seen else "")
+        f"text_encoder.* ... .lora_A/.lora_B.weight)"
+        + (f"; it looks like {seen}" if seen else "")
         + f"; first keys: {keys[:3]}"
     )
 
 
-def load_lora(path: str | os.PathLike, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
-              multiplier: float = 1.0, merge: bool = False, **kwargs: Any) -> dict[str, Any]:
+def load_lora(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    multiplier: float = 1.0,
+    merge: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Load a kohya or diffusers/PEFT LoRA ``.safetensors`` (detected from its keys); the summary of
     ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``."""
     with open_safetensors(path) as handle:

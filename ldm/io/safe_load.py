@@ -117,7 +117,9 @@ def unwrap_state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def _named(path: str | os.PathLike, error: Exception) -> DamagedFileError:
-    return DamagedFileError(f"{path} is damaged or not a .safetensors file ({error}). Re-download or re-export it.")
+    return DamagedFileError(
+        f"{path} is damaged or not a .safetensors file ({error}). Re-download or re-export it."
+    )
 
 
 @contextmanager

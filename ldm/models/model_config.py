@@ -37,14 +37,18 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.models.finetune.hypernetwork.Hypernetwork": ("ldm.models.finetune.hypernetwork", "Hypernetwork"),
     "ldm.models.finetune.lora.LoRA": ("ldm.models.finetune.lora", "LoRA"),
     "ldm.models.finetune.textual_inversion.TextualInversion": (
-        "ldm.models.finetune.textual_inversion", "TextualInversion"),
+        "ldm.models.finetune.textual_inversion",
+        "TextualInversion",
+    ),
     # networks
     "ldm.modules.unet.UNetModel": ("ldm.modules.unet", "UNetModel"),
     "ldm.modules.vae.AutoencoderKL": ("ldm.modules.vae", "AutoencoderKL"),
     "ldm.modules.discriminator.PatchDiscriminator": ("ldm.modules.discriminator", "PatchDiscriminator"),
     "ldm.modules.lpips.LPIPS.from_files": ("ldm.modules.lpips", "LPIPS.from_files"),
     "ldm.modules.text_encoder.CLIPTextEncoder.from_pretrained": (
-        "ldm.modules.text_encoder", "CLIPTextEncoder.from_pretrained"),
+        "ldm.modules.text_encoder",
+        "CLIPTextEncoder.from_pretrained",
+    ),
     "ldm.modules.text_encoder.CLIPTextEncoder.tiny": ("ldm.modules.text_encoder", "CLIPTextEncoder.tiny"),
     "ldm.modules.conditioner.Conditioner": ("ldm.modules.conditioner", "Conditioner"),
     "ldm.modules.conditioner.embedder": ("ldm.modules.conditioner", "embedder"),
@@ -94,7 +98,9 @@ def check_config(node: Any, source: str, key: str = "model_config") -> None:
             raise _refuse(source, f"{key}.{name}", "is not a key this project's configs use")
     target = node.get("_target_")
     if target is not None and (not isinstance(target, str) or target not in ALLOWED_TARGETS):
-        raise _refuse(source, f"{key}._target_", f"names {target!r}, which is not one of this project's models")
+        raise _refuse(
+            source, f"{key}._target_", f"names {target!r}, which is not one of this project's models"
+        )
     if "_partial_" in node and not isinstance(node["_partial_"], bool):
         raise _refuse(source, f"{key}._partial_", "must be true or false")
     for name, value in node.items():

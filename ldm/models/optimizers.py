@@ -16,8 +16,10 @@ def adamw_8bit(params: Iterable, lr: float = 1e-4, weight_decay: float = 0.01, *
     try:
         import bitsandbytes as bnb
     except ImportError as error:
-        raise ImportError("model/optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` "
-                          "(or use model/optimizer=adafactor, which needs nothing more)") from error
+        raise ImportError(
+            "model/optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` "
+            "(or use model/optimizer=adafactor, which needs nothing more)"
+        ) from error
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
@@ -51,6 +53,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 inner_group["lr"] = group["lr"]
             inner.step()
             inner.zero_grad(set_to_none=True)
+
         return hook
 
     def step(self, closure: Callable | None = None):
@@ -63,13 +66,14 @@ class OptimizerInBackward(torch.optim.Optimizer):
         return None  # every gradient was freed in backward
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": [o.state_dict() for o in self.inner],
-                "lrs": [g["lr"] for g in self.param_groups]}
+        return {"inner": [o.state_dict() for o in self.inner], "lrs": [g["lr"] for g in self.param_groups]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if len(state_dict["inner"]) != len(self.inner):
-            raise ValueError(f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
-                             f"{len(self.inner)}: resume with the same model and method settings")
+            raise ValueError(
+                f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
+                f"{len(self.inner)}: resume with the same model and method settings"
+            )
         for inner, state in zip(self.inner, state_dict["inner"]):
             inner.load_state_dict(state)
         for group, lr in zip(self.param_groups, state_dict["lrs"]):

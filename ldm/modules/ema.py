@@ -50,8 +50,13 @@ class ParameterEMA:
     twice to restore). Same warm-up as ``EMA``. ``device``: where the averages live -- ``"cpu"`` keeps them out
     of accelerator memory (a full SD UNet's EMA is 3.4 GB); None follows the parameters' device."""
 
-    def __init__(self, params: list[nn.Parameter], decay: float = 0.999, warmup: bool = True,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        decay: float = 0.999,
+        warmup: bool = True,
+        device: str | torch.device | None = None,
+    ):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay, self.warmup, self.device = decay, warmup, device

@@ -212,7 +212,9 @@ class CLIPTextEncoder(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def encode_cached(self, prompts: str | Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+    def encode_cached(
+        self, prompts: str | Sequence[str], device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """``forward`` with per-prompt memoisation while frozen (plain ``forward`` otherwise).
 
         Entries are keyed by ``(prompt, dtype)`` and stored detached on CPU (so GPU memory does not
@@ -296,8 +298,13 @@ class CLIPTextEncoder(nn.Module):
         self.clear_cache()
         return new_ids
 
-    def add_placeholder(self, token: str, num_vectors: int = 1, init_text: str | None = None,
-                        vectors: torch.Tensor | None = None) -> list[int]:
+    def add_placeholder(
+        self,
+        token: str,
+        num_vectors: int = 1,
+        init_text: str | None = None,
+        vectors: torch.Tensor | None = None,
+    ) -> list[int]:
         """Add a (multi-vector) placeholder token; returns the ids of its ``num_vectors`` tokens.
 
         Prompts then expand ``token`` to ``token token_1 ... token_{n-1}`` (``tokenize``). Rows: ``vectors``
@@ -310,9 +317,11 @@ class CLIPTextEncoder(nn.Module):
             vectors = torch.as_tensor(vectors).detach()
             vectors = vectors.unsqueeze(0) if vectors.ndim == 1 else vectors
             if tuple(vectors.shape) != (n, weight.shape[1]):
-                raise ValueError(f"embedding for {token!r} has shape {tuple(vectors.shape)}, but this text encoder "
-                                 f"needs [{n}, {weight.shape[1]}] (hidden size {weight.shape[1]}): it was made for "
-                                 "another base model (SD1 CLIP ViT-L = 768, SD2 OpenCLIP = 1024)")
+                raise ValueError(
+                    f"embedding for {token!r} has shape {tuple(vectors.shape)}, but this text encoder "
+                    f"needs [{n}, {weight.shape[1]}] (hidden size {weight.shape[1]}): it was made for "
+                    "another base model (SD1 CLIP ViT-L = 768, SD2 OpenCLIP = 1024)"
+                )
         else:
             init_ids = None
             if init_text:

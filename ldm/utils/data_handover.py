@@ -26,8 +26,16 @@ class LatentEncoder(Protocol):
 
 
 class ImageGenerator(Protocol):
-    def __call__(self, prompts: list[str], seeds: list[int], *, sampler: str, steps: int, guidance_scale: float,
-                 resolution: int) -> Any:
+    def __call__(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
+        resolution: int,
+    ) -> Any:
         """Images [B, 3, R, R] in [-1, 1] for ``prompts``; image k's noise (initial and per step) from
         ``seeds[k]`` alone, whatever the batch."""
 

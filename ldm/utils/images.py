@@ -58,8 +58,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, u
     return save_image(img, path)
 
 
-def save_labelled_grid(images: torch.Tensor, labels: list[str], path: str | Path, ncol: int = 4,
-                       cell: int = 128) -> Path:
+def save_labelled_grid(
+    images: torch.Tensor, labels: list[str], path: str | Path, ncol: int = 4, cell: int = 128
+) -> Path:
     """Each image upscaled to ``cell`` px with its label (e.g. the prompt) underneath; Pillow's default font."""
     from PIL import ImageDraw
 

@@ -77,7 +77,9 @@ def summarize_run(trainer, model, cfg, seconds: float) -> str:
     ckpt = trainer.checkpoint_callback
     last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
     steps = finished_steps(trainer, last)
-    lines = [f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} ({stop_reason(trainer, steps)})"]
+    lines = [
+        f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} ({stop_reason(trainer, steps)})"
+    ]
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))

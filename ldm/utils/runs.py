@@ -55,10 +55,15 @@ def last_run_checkpoint(log_dir: str | Path, task_name: str, current_run: str | 
     is rarely what was meant."""
     runs_dir = Path(log_dir) / task_name / "runs"
     current = Path(current_run).resolve() if current_run else None
-    runs = [run for run in (runs_dir.iterdir() if runs_dir.is_dir() else []) if run.is_dir()
-            and (run.resolve() != current or (run / "checkpoints" / "last.ckpt").exists())]
+    runs = [
+        run
+        for run in (runs_dir.iterdir() if runs_dir.is_dir() else [])
+        if run.is_dir() and (run.resolve() != current or (run / "checkpoints" / "last.ckpt").exists())
+    ]
     runs = [run for run in runs if (run / "checkpoints" / "last.ckpt").exists() or not _was_a_resume(run)]
-    with_ckpt = sorted((run for run in runs if (run / "checkpoints" / "last.ckpt").exists()), key=_last_activity)
+    with_ckpt = sorted(
+        (run for run in runs if (run / "checkpoints" / "last.ckpt").exists()), key=_last_activity
+    )
     if not with_ckpt:
         raise FileNotFoundError(
             f"ckpt_path=last: no {runs_dir}/*/checkpoints/last.ckpt exists yet. "
@@ -82,8 +87,9 @@ def describe_resume(ckpt_path: str, task_name: str) -> str:
     return f"ckpt_path=last: continuing run {found.parent.parent.name} of {task_name} ({found}, written {written})"
 
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str,
-                      current_run: str | Path | None = None) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, log_dir: str | Path, task_name: str, current_run: str | Path | None = None
+) -> str | None:
     """``None`` -> None; ``"last"`` -> the newest run's last.ckpt (``last_run_checkpoint``); a path must exist."""
     if ckpt_path is None:
         return None

@@ -24,8 +24,10 @@ T = TypeVar("T")  # no heavy import at module level: benchmarks measuring memory
 # struct") does not say where the value lives now.
 RENAMED_KEYS = {"model.method.prior_loss_weight": "model.prior_loss_weight"}
 
-NO_GPU_HINT = ("this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
-               "(DDP with 2 CPU processes)")
+NO_GPU_HINT = (
+    "this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
+    "(DDP with 2 CPU processes)"
+)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -34,8 +36,16 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     from ldm.utils.files import DiskFullError
 
-    return (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError, ValueError, DiskFullError,
-            MisconfigurationException, OmegaConfBaseException)
+    return (
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        IsADirectoryError,
+        ValueError,
+        DiskFullError,
+        MisconfigurationException,
+        OmegaConfBaseException,
+    )
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -67,8 +77,10 @@ def renamed_override(args: list[str]) -> str | None:
     for arg in args:
         key = arg.lstrip("+~").split("=", 1)[0]
         if key in RENAMED_KEYS:
-            return (f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
-                    f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning method)")
+            return (
+                f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
+                f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning method)"
+            )
     return None
 
 

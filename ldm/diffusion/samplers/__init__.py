@@ -14,9 +14,7 @@ from ldm.diffusion.samplers.ddpm import DDPMSampler
 from ldm.diffusion.samplers.sigma_sampler import DPMSolverPP2MSampler, SigmaSampler
 from ldm.diffusion.samplers.sigma_solvers import ANCESTRAL, SOLVERS
 
-SAMPLERS: tuple[str, ...] = (
-    "ddpm", "ddim", *SOLVERS, *(f"{name}_karras" for name in SOLVERS)
-)
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", *SOLVERS, *(f"{name}_karras" for name in SOLVERS))
 
 DISPLAY_NAMES: dict[str, tuple[str, str]] = {
     # ours: (AUTOMATIC1111 / ComfyUI-style name, diffusers scheduler [config])
