@@ -157,10 +157,12 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|")
     for name, r in (("full UNet", full), ("LoRA", lora)):
         print(
-            f"| {name} | {r['step_s'] * 1000:.0f} ms | {r['peak_gib']:.2f} GiB | {r['trainable_params'] / 1e6:.2f} M |"
+            f"| {name} | {r['step_s'] * 1000:.0f} ms | {r['peak_gib']:.2f} GiB | "
+            f"{r['trainable_params'] / 1e6:.2f} M |"
         )
     print(
-        f"| LoRA / full | {lora['step_s'] / full['step_s']:.2f} | {lora['peak_gib'] / full['peak_gib']:.2f} | |"
+        f"| LoRA / full | {lora['step_s'] / full['step_s']:.2f} | {lora['peak_gib'] / full['peak_gib']:.2f} "
+        "| |"
     )
     return results
 

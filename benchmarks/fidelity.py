@@ -1,17 +1,21 @@
 """Prompt fidelity of a text-to-image checkpoint on the embedded data, scored by the shapes evaluator
 (colour AND shape read back from the image must match the prompt).
 
-    python benchmarks/fidelity.py --ckpt last                                # held-out prompts, DPM++ 20 vs DDIM 50
-    python benchmarks/fidelity.py --ckpt last --lora logs/lora_finetune/runs/<run>/adapters/lora_finetune.safetensors
-    python benchmarks/fidelity.py --ckpt last --embedding logs/textual_inversion/runs/<run>/adapters/embedding.safetensors
-    python benchmarks/fidelity.py --ckpt last --hypernetwork logs/hypernetwork/runs/<run>/adapters/hypernetwork.pt
+    python benchmarks/fidelity.py --ckpt last          # held-out prompts, DPM++ 20 vs DDIM 50
+    python benchmarks/fidelity.py --ckpt last \
+        --lora logs/lora_finetune/runs/<run>/adapters/lora_finetune.safetensors
+    python benchmarks/fidelity.py --ckpt last \
+        --embedding logs/textual_inversion/runs/<run>/adapters/embedding.safetensors
+    python benchmarks/fidelity.py --ckpt last \
+        --hypernetwork logs/hypernetwork/runs/<run>/adapters/hypernetwork.pt
 
 Prompt sets: ``heldout`` (combinations never seen in base training), ``concept`` (the held-out concept,
 e.g. "star", what fine-tuning teaches) and ``known`` (seen combinations). With ``--lora`` (``--hypernetwork``)
 each set is scored for the base and for base + LoRA (hypernetwork), so the gain on the concept and the change
 on known prompts are side by side.
 With ``--embedding`` (textual inversion) the "base+embedding" model gets the prompts with the concept word
-(``--concept-word``, default "star") replaced by the embedding's token; the evaluator scores the original prompt.
+(``--concept-word``, default "star") replaced by the embedding's token; the evaluator scores the original
+prompt.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Peak memory of loading an fp16 Stable Diffusion single file into float32 modules: ours (``load_base_model``)
-vs the naive way (read the whole file, load it into the modules, then cast), side by side, each in its own
-process (peak resident memory, ru_maxrss).
+"""Peak memory of loading an fp16 Stable Diffusion single file into float32 modules: ours
+(``load_base_model``) vs the naive way (read the whole file, load it into the modules, then cast), side by
+side, each in its own process (peak resident memory, ru_maxrss).
 
 The file is SD v1.5's exact key layout and shapes (1.07 G parameters) with random fp16 values, written once
 to ``--file`` (2.1 GB). The float32 weights alone take 4.3 GB: the ideal peak is that plus the interpreter.

@@ -1,13 +1,14 @@
-"""Peak memory of one UNet fine-tuning step with each memory saver added in turn (SD v1.5-shaped UNet by default).
+"""Peak memory of one UNet fine-tuning step with each memory saver added in turn (SD v1.5-shaped UNet by
+default).
 
 Variants, each in its own process so its peak is its own (CPU: peak resident memory, ru_maxrss; CUDA:
 torch.cuda.max_memory_allocated); the inputs are what a cached fine-tune feeds the UNet (latents and text
 context), random, fp32 weights:
   full          every UNet weight trained, AdamW                                   (the baseline)
-  +ckpt         + gradient checkpointing of every ResBlock / transformer block     (model.gradient_checkpointing)
+  +ckpt         + gradient checkpointing of every ResBlock / transformer block (model.gradient_checkpointing)
   +adafactor    + Adafactor instead of AdamW (factored second moments)             (model/optimizer=adafactor)
-  +in_backward  + the optimiser step fused into backward, gradients freed early    (model.optimizer_in_backward)
-  +bf16         + bf16 autocast of the forward/backward (activations in bf16)      (trainer.precision=bf16-mixed)
+  +in_backward  + the optimiser step fused into backward, gradients freed early (model.optimizer_in_backward)
+  +bf16         + bf16 autocast of the forward/backward (activations in bf16) (trainer.precision=bf16-mixed)
   +bf16_weights +in_backward with the weights stored in bf16, stochastic rounding  (model.bf16_weights)
   lora          LoRA r=8 on the transformer layers + gradient checkpointing, AdamW (model/method=lora)
 

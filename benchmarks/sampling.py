@@ -1,4 +1,5 @@
-"""Sampling benchmark: speed of each sampler vs diffusers' pipeline, and prompt fidelity per sampler and step count.
+"""Sampling benchmark: speed of each sampler vs diffusers' pipeline, and prompt fidelity per sampler and step
+count.
 
     python benchmarks/sampling.py --ckpt last                # both parts
     python benchmarks/sampling.py --part speed --batch 8 --steps 20 --repeats 5
@@ -145,14 +146,16 @@ def speed(args) -> list[tuple]:
             flush=True,
         )
     print(
-        "\n| sampler (ours / AUTOMATIC1111) | diffusers scheduler | ours img/s | diffusers img/s | ours / diffusers |"
+        "\n| sampler (ours / AUTOMATIC1111) | diffusers scheduler | ours img/s | diffusers img/s | ours / "
+        "diffusers |"
     )
     print("|---|---|---|---|---|")
     for name, class_name, ours_ips, theirs_ips in rows:
         extra = " (Karras)" if name.endswith("_karras") else ""
         print(
             f"| `{name}` / {display_name(name)} | {class_name or '-'}{extra} | {ours_ips:.2f} | "
-            f"{f'{theirs_ips:.2f}' if theirs_ips else '-'} | {f'{ours_ips / theirs_ips:.2f}x' if theirs_ips else '-'} |"
+            f"{f'{theirs_ips:.2f}' if theirs_ips else '-'} | "
+            f"{f'{ours_ips / theirs_ips:.2f}x' if theirs_ips else '-'} |"
         )
     return rows
 

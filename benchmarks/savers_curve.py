@@ -165,10 +165,12 @@ def main() -> None:
     seed = next((r for r in table if r["variant"] == "seed 2" and "error" not in r), None)
     print(
         f"\nfull UNet fine-tune of the embedded task, {args.steps} steps, batch {args.batch}, lr {args.lr}; "
-        f"differences against the baseline (same seed){'' if seed is None else ', seed 2 = seed-to-seed noise'}"
+        "differences against the baseline "
+        f"(same seed){'' if seed is None else ', seed 2 = seed-to-seed noise'}"
     )
     print(
-        f"| run | max per-step loss diff | mean loss, last {args.window} steps (diff) | final val loss (diff) | time |"
+        f"| run | max per-step loss diff | mean loss, last {args.window} steps (diff) | final val loss "
+        "(diff) | time |"
     )
     print("|---|---|---|---|---|")
     for r in table:

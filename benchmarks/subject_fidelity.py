@@ -182,7 +182,8 @@ def main(argv=None) -> dict:
                 results[(concept.identifier, kind, name)] = row
                 print(
                     f"{concept.identifier} {kind:7s} {name:10s} subject {row['subject_rate']:.3f} fidelity "
-                    f"{fidelity if fidelity is None else round(fidelity, 3)} background {row['background_acc']:.3f}",
+                    f"{fidelity if fidelity is None else round(fidelity, 3)} background "
+                    f"{row['background_acc']:.3f}",
                     flush=True,
                 )
                 if kind == "subject":
@@ -200,14 +201,15 @@ def main(argv=None) -> dict:
                         Path(args.grid_dir) / f"{args.tag}{file_safe(concept.identifier)}_{kind}_{name}.png",
                     )
     print(
-        "\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background | n |"
+        "\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background | "
+        "n |"
     )
     print("|---|---|---|---|---|---|---|")
     for (identifier, kind, name), r in results.items():
         fidelity = f"{r['fidelity']:.1%}" if kind != "subject" else "-"
         print(
-            f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {fidelity} | {r['background_acc']:.1%} "
-            f"| {r['n']} |"
+            f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {fidelity} | "
+            f"{r['background_acc']:.1%} | {r['n']} |"
         )
     return results
 

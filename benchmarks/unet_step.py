@@ -159,11 +159,13 @@ def main(argv=None) -> dict:
         achieved = flops[name] / median(walls[name])
         print(
             f"| {name} | {params[name] / 1e6:.1f}M | {median(walls[name]):.3f} | {min(walls[name]):.3f} | "
-            f"{median(cpus[name]):.3f} | {flops[name] / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / peak:.1%} |"
+            f"{median(cpus[name]):.3f} | {flops[name] / 1e9:.1f} | {achieved / 1e9:.1f} | "
+            f"{achieved / peak:.1%} |"
         )
     print(
         f"\nMFU = FLOPs per step / median step time / fp32 matmul peak "
-        f"({peak / 1e9:.1f} GFLOP/s, best {args.peak_size}^3 mm in this run, {torch.get_num_threads()} threads)"
+        f"({peak / 1e9:.1f} GFLOP/s, best {args.peak_size}^3 mm in this run, {torch.get_num_threads()} "
+        "threads)"
     )
     if "diffusers" in steps:
 

@@ -128,7 +128,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def forwarded_signals(self, trainer) -> list[int]:
         """The preemption signals this callback turns into SIGTERM: not SIGTERM itself (Lightning's), and not
-        the requeue signal of a SLURM job with auto-requeue (Lightning saves an hpc checkpoint and requeues)."""
+        the requeue signal of a SLURM job with auto-requeue (Lightning saves an hpc checkpoint and
+        requeues)."""
         environment = getattr(trainer.strategy, "cluster_environment", None)
         requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
         if requeue is not None and not environment.auto_requeue:

@@ -190,7 +190,8 @@ class BucketedImageDataset(Dataset):
 
 def dataset_options(hp, train: bool) -> dict:
     """The ``BucketedImageDataset`` arguments from a datamodule's hyperparameters: the configured
-    augmentations and repeats for training, none of them (centre crops, captions as written) for validation."""
+    augmentations and repeats for training, none of them (centre crops, captions as written) for
+    validation."""
     return {
         "resolution": hp.resolution,
         "center_crop": hp.center_crop if train else True,

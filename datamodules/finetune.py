@@ -1,4 +1,5 @@
-"""Fine-tuning data: any captioned source datamodule + repeats, regularisation (class) images and latent caching.
+"""Fine-tuning data: any captioned source datamodule + repeats, regularisation (class) images and latent
+caching.
 
 Every item carries ``is_regularization`` (False for the concept's own images, True for regularisation /
 DreamBooth class images), so a method can weight the two (``FineTuneMethod.loss``). Condition dropout for
@@ -65,8 +66,8 @@ class Repeated(Dataset):
 class CaptionsRewritten(Dataset):
     """The source's items passed through ``transform`` ((item, rng) -> item) each time one is drawn, e.g.
     textual inversion's placeholder prompts (``datamodules.placeholder_captions``). ``rng`` is a
-    ``random.Random`` seeded by (epoch, index): random choices differ across epochs and items, yet are the same
-    after a resume (the global RNG would not be: the loader prefetches ahead of the checkpoint)."""
+    ``random.Random`` seeded by (epoch, index): random choices differ across epochs and items, yet are the
+    same after a resume (the global RNG would not be: the loader prefetches ahead of the checkpoint)."""
 
     def __init__(self, source: Dataset, transform: Callable[[dict, random.Random], dict]):
         self.source, self.transform, self.epoch = source, transform, 0
@@ -248,8 +249,8 @@ class FineTuneDataModule(L.LightningDataModule):
         "auto": "regularization" when regularisation data is given, else "none";
         "none": no validation loss (a few-image concept keeps every image for training; the image logger
         still shows the log prompts).
-    caption_transform: (item, rng) -> item applied whenever a training or validation item is drawn (after the latent
-        cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
+    caption_transform: (item, rng) -> item applied whenever a training or validation item is drawn (after the
+        latent cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
     """
 
     VALIDATION = ("auto", "source", "regularization", "none")
@@ -338,9 +339,9 @@ class FineTuneDataModule(L.LightningDataModule):
         return DataFacts(self.resolution, tuple(self.cached.captions) if self.cached is not None else None)
 
     def prepare_training_data(self, services: DataServices) -> DataFacts:
-        """Called (through the model's ``DataLink``) once the model's weights are loaded, before the dataloaders:
-        the latent cache. Under DDP with a disk cache rank zero encodes and writes it while the others wait, then
-        they read it (without a disk cache every rank encodes in memory)."""
+        """Called (through the model's ``DataLink``) once the model's weights are loaded, before the
+        dataloaders: the latent cache. Under DDP with a disk cache rank zero encodes and writes it while the
+        others wait, then they read it (without a disk cache every rank encodes in memory)."""
         trainer = self.trainer
         shared = trainer is not None and trainer.world_size > 1 and bool(self.hparams.cache_dir)
 
@@ -435,7 +436,8 @@ class FineTuneDataModule(L.LightningDataModule):
 
     def _declare_validation(self) -> None:
         """Without validation data this datamodule has no ``val_dataloader`` (an instance attribute ``None``
-        hides the method), so Lightning runs no validation loop - instead of an empty loader it warns about."""
+        hides the method), so Lightning runs no validation loop - instead of an empty loader it warns
+        about."""
         if self.data_val is None:
             self.val_dataloader = None
         else:

@@ -145,7 +145,8 @@ def _header_sizes(dataset, image_column: str) -> tuple[list[int], list[tuple[int
 
 
 class HFDatasetDataModule(BucketedDataModule):
-    """Train / val split of a local HF dataset (``path``, ``split``); image and caption columns found or given.
+    """Train / val split of a local HF dataset (``path``, ``split``); image and caption columns found or
+    given.
 
     The other arguments are those of ``ImageFolderDataModule`` (aspect-ratio buckets on by default).
     """

@@ -176,7 +176,10 @@ def _check(state, expected_items: int, flip_variants: bool) -> str | None:
     if (len(means), len(means[0]) if means else 0) != (variants, expected_items) or len(
         state["captions"]
     ) != expected_items:
-        return f"holds {(len(means), len(means[0]) if means else 0)} latents, expected {(variants, expected_items)}"
+        return (
+            f"holds {(len(means), len(means[0]) if means else 0)} latents, "
+            f"expected {(variants, expected_items)}"
+        )
     if len(state["flags"]) != expected_items or bool(state["flip_variants"]) != bool(flip_variants):
         return "flags or flip variants do not match"
     if not all(torch.isfinite(t).all() for v in means + stds for t in v):
@@ -185,7 +188,8 @@ def _check(state, expected_items: int, flip_variants: bool) -> str | None:
 
 
 def _per_item(latents) -> list[list[torch.Tensor]] | None:
-    """[variant, N, C, h, w] tensor or (bucketed) per variant a list of N [C, h, w] tensors -> nested lists."""
+    """[variant, N, C, h, w] tensor or (bucketed) per variant a list of N [C, h, w] tensors -> nested
+    lists."""
     if isinstance(latents, torch.Tensor):
         return [list(v) for v in latents] if latents.dim() == 5 else None
     if (

@@ -205,7 +205,8 @@ def shape_alpha(
 
 
 def _layout_for(resolution: int, rng_or_layout: np.random.Generator | Layout | None) -> Layout:
-    """The layout of :func:`render` / :func:`render_subject`: given, centred (None) or drawn from a Generator."""
+    """The layout of :func:`render` / :func:`render_subject`: given, centred (None) or drawn from a
+    Generator."""
     _check_resolution(resolution)
     if isinstance(rng_or_layout, Layout):
         return rng_or_layout

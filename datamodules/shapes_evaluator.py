@@ -12,9 +12,10 @@ Reading, robust to the blur and noise of a generative model:
    there and take the candidate with the best soft IoU.
 
 A DreamBooth subject (:class:`datamodules.shapes.Subject`, a shape split in two colour halves) is read with
-:meth:`ShapesEvaluator.read_halves`: the foreground is every pixel nearer to another palette colour than to the background, its median
-splits it in two sides (left/right or top/bottom), each side's median colour is read separately, and the
-shape is classified on the whole foreground. An ordinary single-coloured shape reads the same colour twice.
+:meth:`ShapesEvaluator.read_halves`: the foreground is every pixel nearer to another palette colour than to
+the background, its median splits it in two sides (left/right or top/bottom), each side's median colour is
+read separately, and the shape is classified on the whole foreground. An ordinary single-coloured shape reads
+the same colour twice.
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ class ShapesEvaluator:
 
     @staticmethod
     def _interior_color(x: np.ndarray, distance: np.ndarray, side: np.ndarray) -> str:
-        """Palette colour of a side's interior: its pixels farthest from the background (blurred edges mix)."""
+        """Palette colour of a side's interior: its pixels farthest from the background (blurred edges
+        mix)."""
         far = side & (distance >= np.median(distance[side]))
         return _nearest_color(np.median(x[far], axis=0))
 

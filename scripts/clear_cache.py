@@ -1,8 +1,9 @@
 """Empty the latent cache (every fine-tuning run's encoded images), or every cache the project keeps.
 
-    python scripts/clear_cache.py                  # .cache/latents under $LDM_ROOT (default: this folder)
-    python scripts/clear_cache.py --dir /fast/latents   # another data.cache_dir
-    python scripts/clear_cache.py --all            # also generated class images, folder indexes, converted datasets
+    python scripts/clear_cache.py                      # .cache/latents under $LDM_ROOT (default: this folder)
+    python scripts/clear_cache.py --dir /fast/latents  # another data.cache_dir
+    python scripts/clear_cache.py --all                # also generated class images, folder indexes,
+                                                       # converted datasets
 
 Everything removed is rebuilt by the next run that needs it (latents encoded again, class images generated
 again). Runs bound the latent cache themselves (``data.cache_max_gb``, least recently used first); this is for

@@ -3,15 +3,15 @@
     python scripts/convert.py --base runwayml/stable-diffusion-v1-5 --out sd15.safetensors
     python scripts/convert.py --base logs/txt2img/runs/<run>/checkpoints/last.ckpt --out ours.safetensors
     python scripts/convert.py --base old-model.ckpt --out model.safetensors --fp32
-    python scripts/convert.py --base sd15.safetensors --lora style.safetensors:0.8 --lora subject.safetensors \
-        --out merged.safetensors
+    python scripts/convert.py --base sd15.safetensors --lora style.safetensors:0.8 \
+        --lora subject.safetensors --out merged.safetensors
 
 ``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of our
 Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
 (SD v1 layout; SD 2.x files are written with the OpenCLIP text layout), and back here with its exact
-architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT)
-bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A fine-tuning
-run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
+architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or
+diffusers/PEFT) bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A
+fine-tuning run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def split_lora(spec: str) -> tuple[str, float]:
 
 
 def adapter_only_message(base: str) -> str | None:
-    """What to do instead, when ``base`` is a fine-tuning checkpoint (it holds only the adapter); else None."""
+    """What to do instead, when ``base`` is a fine-tuning checkpoint (it holds only the adapter); else
+    None."""
     path = Path(base)
     if path.suffix not in (".ckpt", ".pt", ".pth") or not path.is_file():
         return None

@@ -2,7 +2,8 @@
 included) that ``data=shards data.path=<out>`` trains from.
 
     python scripts/make_shards.py --folder /data/photos --out /data/photos_shards --resolution 512
-    python scripts/make_shards.py --shapes --train-size 20000 --val-size 256 --resolution 32 --out data/shapes_shards
+    python scripts/make_shards.py --shapes --train-size 20000 --val-size 256 --resolution 32 \
+        --out data/shapes_shards
 
 ``--folder``: every image under it (recursively), its caption (caption file, metadata.jsonl, kohya
 ``<repeats>_<name>`` folder name, or ``--default-caption``) and kohya repeats; the image files are stored

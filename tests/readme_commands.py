@@ -34,17 +34,19 @@ NOT_RUN = {
     "pip install": "installs packages from the network (.ci/run runs it)",
     ". .venv/bin/activate": "environment setup (.ci/run)",
     "python -m pytest tests": "the test suite itself",
-    "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step on CPU)",
-    "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on CPU)",
-    "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS each); "
-    "its loader is ldm.io's, tested in test_interop_single_file.py",
-    "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at test size "
-    "by tests/test_scale_benchmarks.py",
-    "python benchmarks/bf16_cpu.py": "SD v1.5 UNet steps in three precisions (minutes on CPU); run at test size by "
-    "tests/test_scale_benchmarks.py",
+    "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step "
+    "on CPU)",
+    "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on "
+    "CPU)",
+    "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS "
+    "each); its loader is ldm.io's, tested in test_interop_single_file.py",
+    "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at "
+    "test size by tests/test_scale_benchmarks.py",
+    "python benchmarks/bf16_cpu.py": "SD v1.5 UNet steps in three precisions (minutes on CPU); run at test "
+    "size by tests/test_scale_benchmarks.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
-    "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s even "
-    "shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
+    "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s "
+    "even shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }
 # Commands a test composes / argument-parses but does not run, with the reason.
 COMPOSE_ONLY = {

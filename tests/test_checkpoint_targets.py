@@ -132,7 +132,8 @@ def test_builds_what_hydra_builds(tmp_path):
 
 
 def entry_points(evil: Path, tmp_path: Path) -> dict:
-    """Every script that reads a checkpoint's config: name -> (its main, the arguments that give it ``evil``)."""
+    """Every script that reads a checkpoint's config: name -> (its main, the arguments that give it
+    ``evil``)."""
     run = tmp_path / "planted_run"  # a run folder whose saved config names the poisoned base
     (run / ".hydra").mkdir(parents=True)
     (run / "adapters").mkdir()

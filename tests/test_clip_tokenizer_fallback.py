@@ -56,7 +56,8 @@ def test_tokenizer_from_the_bpe_file(stand_in_open_clip):
 
 @pytest.fixture(scope="module")
 def clip_vocab_file(tmp_path_factory):
-    """A tiny SD single file whose text encoder has CLIP's 49,408-token vocabulary: no tokenizer is embedded."""
+    """A tiny SD single file whose text encoder has CLIP's 49,408-token vocabulary: no tokenizer is
+    embedded."""
     text = CLIPTextEncoder.from_config(
         {
             "vocab_size": 49408,

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def attribute_uses(folder: str, names: set[str], root: Path = ROOT) -> list[str]:
-    """``"file:line .name"`` for every access ``x.<name>`` (or ``getattr/hasattr(x, "<name>")``) in the ``.py``
-    files under ``folder``."""
+    """``"file:line .name"`` for every access ``x.<name>`` (or ``getattr/hasattr(x, "<name>")``) in the
+    ``.py`` files under ``folder``."""
     found = []
     for path in sorted((root / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

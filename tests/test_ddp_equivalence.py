@@ -115,7 +115,8 @@ def test_ddp_two_processes_match_one_process_and_resume_exactly(compose_cfg, tmp
 
 
 def test_ddp_lora_matches_one_process_and_encodes_the_latent_cache_once(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
-    """LoRA fine-tune of a txt2img model, with a disk latent cache written once (rank zero) and read by DDP."""
+    """LoRA fine-tune of a txt2img model, with a disk latent cache written once (rank zero) and read by
+    DDP."""
     lora = [*LORA, *COMMON, f"model.base={base_ckpt}", f"data.cache_dir={tmp_path / 'cache'}"]
     single = compose_cfg([*lora, "data.batch_size=4", *dump(tmp_path / "lora_one")], output_name="lora_one")
     train(single)
@@ -135,9 +136,9 @@ def test_ddp_lora_matches_one_process_and_encodes_the_latent_cache_once(compose_
 
 
 def test_ddp_sigkill_then_resume_with_a_methods_own_dropout(tmp_path, base_ckpt):  # noqa: F811
-    """A hypernetwork with dropout 0.3 (draws from the global RNG every step) under DDP: both ranks killed after
-    the step-8 checkpoint, resumed with `ckpt_path=last`: every rank ends with the uninterrupted run's MLPs (the
-    ranks' RNG streams are restored, not only rank 0's)."""
+    """A hypernetwork with dropout 0.3 (draws from the global RNG every step) under DDP: both ranks killed
+    after the step-8 checkpoint, resumed with `ckpt_path=last`: every rank ends with the uninterrupted run's
+    MLPs (the ranks' RNG streams are restored, not only rank 0's)."""
     args = [
         o
         for o in method_overrides("hypernetwork_star", base_ckpt, tmp_path / "class_images")

@@ -249,7 +249,8 @@ def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, ba
 
 
 def test_step_benchmark_full_vs_lora(base_ckpt, tmp_path):  # noqa: F811
-    """`python benchmarks/dreambooth_step.py --base <ckpt>`: both variants train, LoRA trains far fewer weights."""
+    """`python benchmarks/dreambooth_step.py --base <ckpt>`: both variants train, LoRA trains far fewer
+    weights."""
     tiny = [
         "data.concepts.0.num_class_images=2",
         "data.class_images.steps=2",
@@ -356,7 +357,8 @@ def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  
 
 
 def test_class_images_are_generated_once_under_ddp(base_ckpt, tmp_path):  # noqa: F811
-    """`trainer=ddp_sim` (two processes): rank zero generates the class images, the other waits and reads them."""
+    """`trainer=ddp_sim` (two processes): rank zero generates the class images, the other waits and reads
+    them."""
     result = run_train_forked(
         [
             *dreambooth_overrides("dreambooth", base_ckpt, tmp_path),

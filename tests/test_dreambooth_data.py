@@ -59,7 +59,8 @@ def test_evaluator_tells_the_subject_from_ordinary_class_members(evaluator, subj
 
 
 def test_solid_subject_is_one_object_the_base_can_draw(evaluator):
-    """Same colour twice: a named ordinary object (textual inversion's and hypernetworks' embedded concept)."""
+    """Same colour twice: a named ordinary object (textual inversion's and hypernetworks' embedded
+    concept)."""
     gem = Subject("diamond", ("magenta", "magenta"))
     assert gem.solid and not Subject().solid and "magenta" not in gem.backgrounds()
     image = render_subject(gem, "blue", 32, np.random.default_rng(3))
@@ -160,7 +161,8 @@ def test_class_image_cache_key_covers_what_shapes_the_images():
 
 
 def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Class images after DreamBooth runs of (num_class_images, class_images.batch_size), one after another."""
+    """Class images after DreamBooth runs of (num_class_images, class_images.batch_size), one after
+    another."""
     for count, batch_size in runs:
         data = DreamBoothDataModule(
             embedded_concepts(count),
@@ -175,8 +177,8 @@ def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.nd
 
 
 def test_class_images_are_the_same_at_once_topped_up_or_in_other_batches(tmp_path):
-    """Same key, same pixels: 6 images at once, 3 then topped up to 6, in batches of 4 (DDPM: fresh noise every
-    step, so each image's per-step noise must not depend on its batch either)."""
+    """Same key, same pixels: 6 images at once, 3 then topped up to 6, in batches of 4 (DDPM: fresh noise
+    every step, so each image's per-step noise must not depend on its batch either)."""
     model = tiny_base()
     at_once = class_image_pixels(tmp_path / "at_once", model, [(6, 6)])
     topped_up = class_image_pixels(tmp_path / "topped_up", model, [(3, 6), (6, 6)])

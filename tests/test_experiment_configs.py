@@ -1,5 +1,6 @@
-"""Experiments inherit instead of repeat: conf/experiment/_finetune*.yaml hold what the fine-tuning experiments
-share, are not runnable experiments themselves, and every fine-tune composes to the same core and export."""
+"""Experiments inherit instead of repeat: conf/experiment/_finetune*.yaml hold what the fine-tuning
+experiments share, are not runnable experiments themselves, and every fine-tune composes to the same core and
+export."""
 
 from __future__ import annotations
 

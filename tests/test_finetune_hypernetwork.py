@@ -1,6 +1,6 @@
-"""The hypernetwork method through the fine-tuning core at test size: only the MLPs train and are checkpointed,
-resume restores them, the AUTOMATIC1111 ``.pt`` export reproduces the fine-tuned UNet on a fresh base,
-``disabled()`` gives the base back, and the method's own learning rate reaches the optimiser."""
+"""The hypernetwork method through the fine-tuning core at test size: only the MLPs train and are
+checkpointed, resume restores them, the AUTOMATIC1111 ``.pt`` export reproduces the fine-tuned UNet on a
+fresh base, ``disabled()`` gives the base back, and the method's own learning rate reaches the optimiser."""
 
 from __future__ import annotations
 

@@ -323,6 +323,7 @@ def test_next_command_after_each_kind_of_run(tmp_path):
     (tmp_path / "adapters" / "lora_sd15.safetensors").write_bytes(b"")
     cfg.model.base = "/models/sd15.safetensors"
     assert next_command(txt2img, cfg, last, tmp_path) == (
-        f"python sample.py --ckpt /models/sd15.safetensors --lora {tmp_path / 'adapters' / 'lora_sd15.safetensors'}"
+        "python sample.py --ckpt /models/sd15.safetensors --lora "
+        f"{tmp_path / 'adapters' / 'lora_sd15.safetensors'}"
         ' --prompt "a red star"'
     )

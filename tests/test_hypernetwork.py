@@ -1,5 +1,6 @@
 """Hypernetworks (AUTOMATIC1111 style): the MLP layout and options, attaching to a UNet, strength, the
-``.pt`` / ``.safetensors`` files (ours and AUTOMATIC1111's, weights-only), and ``sample.py --hypernetwork``."""
+``.pt`` / ``.safetensors`` files (ours and AUTOMATIC1111's, weights-only), and
+``sample.py --hypernetwork``."""
 
 from __future__ import annotations
 
@@ -299,7 +300,8 @@ def test_reads_automatic1111_files_with_their_defaults(tmp_path):
     source.eval()
     torch.testing.assert_close(net(x)[1], source(x)[1])
 
-    # the oldest files: linear1/linear2 keys, no options at all (activation none, activate_output default True)
+    # the oldest files: linear1/linear2 keys, no options at all (activation none, activate_output default
+    # True)
     old = {
         "linear1.weight": torch.randn(1536, 768),
         "linear1.bias": torch.zeros(1536),

@@ -173,7 +173,8 @@ ENTRY_SCRIPTS = ("sample", "train")  # command lines at the project root: nothin
 
 def script_imports(root: Path, folders: tuple[str, ...]) -> list[str]:
     """``"file: sample"`` for every import of an entry script (``import sample``, ``from train import x``,
-    function-level ones included) and every ``load_script("sample.py")`` in the ``.py`` files under ``folders``."""
+    function-level ones included) and every ``load_script("sample.py")`` in the ``.py`` files under
+    ``folders``."""
     found = []
     for folder in folders:
         for path in sorted((root / folder).rglob("*.py")):

@@ -13,7 +13,8 @@ from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.tiny_unet import tiny_unet
 from ldm.modules.vae import AutoencoderKL
 
-# (parameterization, min_snr_gamma, offset_noise) -> losses of 3 AdamW steps, then the per-item losses of a 4th
+# (parameterization, min_snr_gamma, offset_noise) -> losses of 3 AdamW steps, then the per-item losses of a
+# 4th
 LOSSES: dict = {
     ("eps", None, 0.0): [
         1.007135272026062,

@@ -1,6 +1,6 @@
-"""ldm.models.pipeline as a library (what the benchmarks and scripts use without sample.py): the generate loop's
-seeding and batching, negative prompts paired per prompt, LoRA stacking on load, and the same images as the
-command line writes."""
+"""ldm.models.pipeline as a library (what the benchmarks and scripts use without sample.py): the generate
+loop's seeding and batching, negative prompts paired per prompt, LoRA stacking on load, and the same images
+as the command line writes."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def test_the_command_line_writes_what_the_library_generates(single_file, tmp_pat
 
 
 def test_stacked_loras_add_up_on_load(single_file, tmp_path):  # noqa: F811
-    """Two LoRA files given together merge both deltas: the same weights as one file at the summed multiplier."""
+    """Two LoRA files given together merge both deltas: the same weights as one file at the summed
+    multiplier."""
     from ldm.io.kohya_lora import save_kohya_lora
     from ldm.models.base_loader import load_base_model
     from ldm.modules.adapters.lora import inject_lora

@@ -1,7 +1,7 @@
 """One name for one idea: DreamBooth's prior-preservation weight is the fine-tuning core's
 ``model.prior_loss_weight`` (conf/model/finetune.yaml), passed to whichever method's ``loss()`` hook; the old
-``model.method.prior_loss_weight`` is refused with a line naming the new key, and checkpoints written before the
-move still load."""
+``model.method.prior_loss_weight`` is refused with a line naming the new key, and checkpoints written before
+the move still load."""
 
 from __future__ import annotations
 

@@ -39,9 +39,9 @@ PRIOR = {
 }
 # Run elsewhere in the suite (spawning processes from inside pytest is what those tests do, once).
 COVERED_ELSEWHERE = {
-    "trainer=ddp_sim": "composed here; run (2 CPU processes) by test_train.py::test_ddp_sim_runs_two_cpu_processes "
-    "(and with trainer.strategy=ddp_fork by test_ddp_fork_hands_the_weights_back_and_summarises_the_"
-    "workers_steps)",
+    "trainer=ddp_sim": "composed here; run (2 CPU processes) by "
+    "test_train.py::test_ddp_sim_runs_two_cpu_processes (and with trainer.strategy=ddp_fork by "
+    "test_ddp_fork_hands_the_weights_back_and_summarises_the_workers_steps)",
 }
 # Warnings a README command may print, each on purpose (substring of the message -> why).
 EXPECTED_WARNINGS = {}
@@ -83,7 +83,8 @@ def train_in_process(overrides: list[str], work: Path) -> dict:
         try:
             _, objects = train(cfg)
         finally:
-            close_wandb()  # as train.py's run_task does: the next in-process run must not reuse this wandb run
+            # as train.py's run_task does: the next in-process run must not reuse this wandb run
+            close_wandb()
     noise = [
         f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
         for w in caught
@@ -169,8 +170,9 @@ def _placeholder(flag: str, work: Path) -> str:
 
 
 def fill(argv: list[str], work: Path, runs_needed: bool = True) -> list[str]:
-    """Placeholders -> files of the copied runs: ``logs/<task>/runs/<run>``, ``<file>``, user folders, LoRA files
-    (``runs_needed=False``: a command only parsed may name runs of real models, e.g. ``logs/lora_sd15``)."""
+    """Placeholders -> files of the copied runs: ``logs/<task>/runs/<run>``, ``<file>``, user folders, LoRA
+    files (``runs_needed=False``: a command only parsed may name runs of real models, e.g.
+    ``logs/lora_sd15``)."""
     out = []
     for i, arg in enumerate(argv):
         flag = argv[i - 1] if i else ""

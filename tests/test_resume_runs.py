@@ -81,7 +81,8 @@ def test_resume_into_the_same_folder_rewrites_last_ckpt_not_a_versioned_copy(tmp
 def test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final(tmp_path):
     """The issue's case through train.py: SIGKILL between the first and second checkpoint, then
     ``hydra.run.dir=<that run> ckpt_path=last``: last.ckpt holds the final step, the summary names it, and a
-    second ``ckpt_path=last`` finds it (before: last-v1.ckpt got the final state, last.ckpt stayed at step 2)."""
+    second ``ckpt_path=last`` finds it (before: last-v1.ckpt got the final state, last.ckpt stayed at step
+    2)."""
     args = [*overrides("vae", Path("unused")), "trainer.max_steps=6"]
     killed = run_cli(args, tmp_path / "logs", "SIGKILL", 3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -127,7 +128,8 @@ def test_ckpt_path_last_refuses_when_the_newest_run_has_no_checkpoint(tmp_path):
 
 def test_ckpt_path_last_names_the_run_it_continues(tmp_path):
     """The current run's own (empty) folder is not "the newest run"; a run resumed into its own folder is.
-    (train.py logs the line; test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final reads it.)"""
+    (train.py logs the line; test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final reads
+    it.)"""
     make_run(tmp_path, "old", age_s=7200, with_ckpt=True)
     newest = make_run(tmp_path, "new", age_s=3600, with_ckpt=True)
     current = make_run(tmp_path, "current", age_s=0, with_ckpt=False)  # Hydra made it for this run

@@ -263,6 +263,6 @@ def test_convert_explains_an_adapter_only_checkpoint(tmp_path):
     message = str(stop.value)
     assert "holds only the adapter of LoRAMethod (1 tensors)" in message
     assert (
-        f"--base logs/txt2img/runs/r/checkpoints/last.ckpt --lora {run_dir / 'adapters' / 'lora_finetune.safetensors'}"
-        in message
+        "--base logs/txt2img/runs/r/checkpoints/last.ckpt --lora "
+        f"{run_dir / 'adapters' / 'lora_finetune.safetensors'}" in message
     )

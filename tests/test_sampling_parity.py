@@ -188,7 +188,8 @@ def test_other_spacings_match_diffusers(tiny_pipeline, name, spacing):
 
 @pytest.fixture(scope="module")
 def diffusers_lora(tiny_pipeline, tmp_path_factory):
-    """A PEFT LoRA on the UNet (alpha != r, from the adapter metadata) and the text encoder, saved by diffusers."""
+    """A PEFT LoRA on the UNet (alpha != r, from the adapter metadata) and the text encoder, saved by
+    diffusers."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
@@ -259,7 +260,8 @@ def test_diffusers_peft_lora_loads_like_diffusers(tiny_pipeline, diffusers_lora)
 def test_peft_text_encoder_keys_in_both_transformers_spellings(
     tiny_pipeline, diffusers_lora, tmp_path, spelling
 ):
-    """transformers 4 CLIP paths carry text_model., transformers 5 ones do not; both load to the same model."""
+    """transformers 4 CLIP paths carry text_model., transformers 5 ones do not; both load to the same
+    model."""
     import json
 
     from safetensors import safe_open

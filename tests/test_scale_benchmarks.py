@@ -1,4 +1,5 @@
-"""The bf16 and savers benchmarks run end to end at test size (benchmarks/bf16_cpu.py, benchmarks/savers_curve.py)."""
+"""The bf16 and savers benchmarks run end to end at test size (benchmarks/bf16_cpu.py,
+benchmarks/savers_curve.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def test_bf16_cpu_benchmark_times_every_mode(tmp_path, monkeypatch):
 
 def test_savers_curve_exact_saver_matches_and_approximate_one_is_compared(
     tmp_path,
-    base_ckpt,
-    monkeypatch,  # noqa: F811
+    base_ckpt,  # noqa: F811
+    monkeypatch,
     capsys,
 ):
     """The benchmark end to end; its train.py runs are forked from this process (no interpreter start-up)."""

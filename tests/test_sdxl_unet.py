@@ -56,13 +56,16 @@ SDXL_DIFFUSERS_CONFIG = {
     "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
     "center_input_sample": False, "class_embed_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
     "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "only_cross_attention": False,
     "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_time_scale_shift": "default",
     "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
 }  # fmt: skip
 # Names and shapes of the released SDXL base single file (model.diffusion_model.* without the prefix).
 SDXL_KEYS = {

@@ -52,7 +52,7 @@ def attach(encoder, **kwargs) -> TextualInversion:
     return method
 
 
-# -- placeholder tokens ----------------------------------------------------------------------------------------
+# -- placeholder tokens --------------------------------------------------------------------------------------
 
 
 def test_multi_vector_placeholder_expands_to_consecutive_tokens(encoder):
@@ -127,7 +127,7 @@ def test_sd1_and_sd2_text_encoder_layouts(tmp_path, hidden, heads, pad):
         apply_embedding(other, path)
 
 
-# -- files -----------------------------------------------------------------------------------------------------
+# -- files ---------------------------------------------------------------------------------------------------
 
 
 def test_three_file_forms_round_trip(tmp_path):
@@ -210,7 +210,7 @@ def test_several_embeddings_work_in_prompts_and_negative_prompts(encoder, tmp_pa
         assert not torch.allclose(encoder(["<a> circle"]), encoder(["<bee> circle"]))
 
 
-# -- training prompts ------------------------------------------------------------------------------------------
+# -- training prompts ----------------------------------------------------------------------------------------
 
 
 def test_placeholder_captions():

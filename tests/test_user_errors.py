@@ -1,6 +1,6 @@
 """One ``error: ...`` line for every user mistake, in every entry point (issue 26, item 7): damaged
-safetensors/checkpoints given to sample.py and convert.py, a checkpoint of another architecture, a config value
-of the wrong type, a full disk, a read-only run folder. ``HYDRA_FULL_ERROR=1`` keeps the traceback."""
+safetensors/checkpoints given to sample.py and convert.py, a checkpoint of another architecture, a config
+value of the wrong type, a full disk, a read-only run folder. ``HYDRA_FULL_ERROR=1`` keeps the traceback."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def one_error_line(capsys, call) -> str:
     return lines[0]
 
 
-# -- damaged files --------------------------------------------------------------------------------------------
+# -- damaged files -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", DAMAGED)
 def test_every_safetensors_reader_names_a_damaged_file(tmp_path, kind):
     from ldm.io.embeddings import load_embedding
@@ -243,7 +243,7 @@ def test_run_main_leaves_bugs_their_traceback(capsys):
     assert capsys.readouterr().err == ""
 
 
-# -- config values ---------------------------------------------------------------------------------------------
+# -- config values -------------------------------------------------------------------------------------------
 def _train_error(tmp_path, caplog, overrides: list[str]) -> str:
     cfg = compose_train(tmp_path, [*TINY_VAE, *overrides])
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
@@ -279,7 +279,7 @@ def test_every_experiment_passes_the_value_check(compose_cfg, experiment):
     check_config_values(compose_cfg([f"experiment={experiment}"]))  # no false alarm on our own configs
 
 
-# -- a checkpoint of another architecture ----------------------------------------------------------------------
+# -- a checkpoint of another architecture --------------------------------------------------------------------
 def test_resuming_a_checkpoint_of_another_architecture_is_one_line(embedded_chain, tmp_path, caplog):
     vae_last = next((embedded_chain / "logs" / "vae" / "runs").glob("*/checkpoints/last.ckpt"))
     cfg = compose_train(
@@ -306,7 +306,7 @@ def test_resuming_a_checkpoint_of_another_architecture_is_one_line(embedded_chai
     assert "this run builds LatentDiffusion" in line and "unet" in line and len(line) < 1500, line
 
 
-# -- a full disk, a read-only folder ----------------------------------------------------------------------------
+# -- a full disk, a read-only folder -------------------------------------------------------------------------
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 536576 vs 536468"
 
 

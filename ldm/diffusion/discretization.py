@@ -23,11 +23,11 @@ TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 class TimestepConvention:
     """How ``steps`` sampling steps map to training timesteps (diffusers' ``scheduler_config.json`` keys).
 
-    ``spacing``: ``"leading"`` ``i * (T // steps)`` (+ offset), ``"trailing"`` ``round(T - i * T / steps) - 1``
-    (starts at T-1), ``"linspace"`` ``linspace(0, T-1, steps)`` (Lin et al. 2023, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", table 2). ``steps_offset``: added to leading timesteps
-    (SD v1 / CompVis: 1). ``set_alpha_to_one``: DDIM's last step goes to ``abar = 1`` (clean data) rather
-    than to ``abar_0`` (CompVis and SD v1 configs: ``False``).
+    ``spacing``: ``"leading"`` ``i * (T // steps)`` (+ offset), ``"trailing"``
+    ``round(T - i * T / steps) - 1`` (starts at T-1), ``"linspace"`` ``linspace(0, T-1, steps)`` (Lin et al.
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2). ``steps_offset``: added
+    to leading timesteps (SD v1 / CompVis: 1). ``set_alpha_to_one``: DDIM's last step goes to ``abar = 1``
+    (clean data) rather than to ``abar_0`` (CompVis and SD v1 configs: ``False``).
     """
 
     spacing: str = "trailing"

@@ -102,7 +102,8 @@ def prior_preservation_loss(
 ) -> Tensor:
     """DreamBooth's objective (Ruiz et al. 2022, eq. 2): mean loss over instance items plus
     ``prior_loss_weight`` x mean loss over class (prior-preservation) items; ``is_regularization`` is a bool
-    ``[B]`` (the batch key of that name). A batch without one of the two kinds contributes only the other term."""
+    ``[B]`` (the batch key of that name). A batch without one of the two kinds contributes only the other
+    term."""
     is_regularization = is_regularization.to(device=per_sample.device, dtype=torch.bool).reshape(-1)
     if is_regularization.shape[0] != per_sample.shape[0]:
         raise ValueError(

@@ -55,7 +55,8 @@ def clip_tokenizer_from_bpe(
     bpe_path: str | Path, max_length: int = 77, pad_token: str | None = None
 ) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` from CLIP's gzipped merges file: vocab.json and merges.txt are written once to the
-    cache (keyed by the file's content). ``pad_token``: SD 2.x pads with ``"!"``; v1 with ``<|endoftext|>``."""
+    cache (keyed by the file's content). ``pad_token``: SD 2.x pads with ``"!"``; v1 with
+    ``<|endoftext|>``."""
     raw = Path(bpe_path).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")[1 : N_MERGES + 1]
     if len(lines) != N_MERGES:

@@ -147,7 +147,8 @@ def _label_embedding_from_diffusers(config: Mapping[str, Any]) -> dict:
         return {}
     if kind != "text_time":
         raise ValueError(
-            f"UNet config has addition_embed_type={kind!r}; only None (SD v1/v2) and 'text_time' (SDXL) are supported"
+            f"UNet config has addition_embed_type={kind!r}; only None (SD v1/v2) and 'text_time' (SDXL) are "
+            "supported"
         )
     if not config.get("projection_class_embeddings_input_dim"):
         raise ValueError(

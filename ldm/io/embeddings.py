@@ -55,7 +55,8 @@ def save_embedding(
     fmt: str = "a1111",
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``vectors`` [n, dim] (or [dim]) for ``token`` atomically as a ``.safetensors`` file; returns its path."""
+    """Write ``vectors`` [n, dim] (or [dim]) for ``token`` atomically as a ``.safetensors`` file; returns its
+    path."""
     if fmt not in EMBEDDING_FORMATS:
         raise ValueError(f"embedding format must be one of {EMBEDDING_FORMATS}, got {fmt!r}")
     path = Path(path)
@@ -70,7 +71,8 @@ def save_embedding(
 
 def load_embedding(path: str | os.PathLike, token: str | None = None) -> LoadedEmbedding:
     """Read an embedding in any form above. ``token`` overrides the placeholder; otherwise it is the diffusers
-    key, the ``ldm_placeholder`` metadata, the A1111 ``.pt`` ``name``, or the file name (AUTOMATIC1111's rule)."""
+    key, the ``ldm_placeholder`` metadata, the A1111 ``.pt`` ``name``, or the file name (AUTOMATIC1111's
+    rule)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")

@@ -6,9 +6,9 @@
 * ``{width (int): (k_state_dict, v_state_dict)}`` for every covered K/V input width (SD v1: 768, SD v2: 1024;
   320/640/1280 apply to self-attention), each state dict keyed ``linear.<i>.weight`` / ``linear.<i>.bias``;
 * ``layer_structure`` (list of multipliers), ``activation_func`` (str), ``is_layer_norm``,
-  ``weight_initialization`` (``Normal``...), ``use_dropout``, ``dropout_structure`` (list), ``last_layer_dropout``,
-  ``activate_output``, ``optional_info``, ``name``, ``step``, ``sd_checkpoint`` (the base's short hash),
-  ``sd_checkpoint_name``;
+  ``weight_initialization`` (``Normal``...), ``use_dropout``, ``dropout_structure`` (list),
+  ``last_layer_dropout``, ``activate_output``, ``optional_info``, ``name``, ``step``, ``sd_checkpoint`` (the
+  base's short hash), ``sd_checkpoint_name``;
 * ours only: ``self_attention`` (False: cross-attention only; files without it follow AUTOMATIC1111, which
   applies every width everywhere it fits). AUTOMATIC1111 ignores keys it does not know.
 
@@ -123,8 +123,8 @@ def _str_or_none(value: Any) -> str | None:
 def save_hypernetwork(
     path: str | os.PathLike, net: Hypernetwork, *, self_attention: bool = False, **info: Any
 ) -> Path:
-    """Write ``net`` as AUTOMATIC1111's ``.pt`` (or ``.safetensors`` by suffix), atomically. ``info``: ``name``,
-    ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``optional_info``."""
+    """Write ``net`` as AUTOMATIC1111's ``.pt`` (or ``.safetensors`` by suffix), atomically. ``info``:
+    ``name``, ``step``, ``sd_checkpoint``, ``sd_checkpoint_name``, ``optional_info``."""
     path = Path(path)
     unknown = sorted(set(info) - set(_INFO_KEYS))
     if unknown:

@@ -138,7 +138,8 @@ def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
 
 
 def load_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file(path)``, checked first; errors name ``path`` (see :func:`open_safetensors`)."""
+    """``safetensors.torch.load_file(path)``, checked first; errors name ``path`` (see
+    :func:`open_safetensors`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -3,7 +3,8 @@ target dtype as it arrives.
 
 Why not ``safetensors.torch.load_file``: it memory-maps the file, and every page it touches counts toward the
 process's resident memory until the map closes, so loading an fp16 file into fp32 modules peaks at file size +
-fp32 weights. Here the file's bytes are read into one scratch buffer, one tensor at a time, and converted from there, so the peak is the converted weights plus the largest tensor of the file.
+fp32 weights. Here the file's bytes are read into one scratch buffer, one tensor at a time, and converted
+from there, so the peak is the converted weights plus the largest tensor of the file.
 """
 
 from __future__ import annotations

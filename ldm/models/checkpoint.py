@@ -37,7 +37,8 @@ def load_lightning_model(
     path: str | Path, map_location: str | torch.device = "cpu", checkpoint: dict | None = None
 ):
     """A LightningModule from ``path`` (written by ``train.py``), in eval mode, weights loaded strictly.
-    ``checkpoint``: the file's contents when the caller already read them (the file is then not read again)."""
+    ``checkpoint``: the file's contents when the caller already read them (the file is then not read
+    again)."""
     path = Path(path)
     # weights-only; damaged/foreign files named
     ckpt = dict(checkpoint) if checkpoint is not None else load_training_checkpoint(path)

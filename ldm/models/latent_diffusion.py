@@ -2,7 +2,8 @@
 
 z0 = scale_factor * VAE posterior sample; z_t = q_sample(z0, t, eps); the UNet predicts eps, v or x0 given
 the conditions of the batch (``ldm.modules.conditioner.Conditioner``: the caption's CLIP context);
-loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE, plain or Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``).
+loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE, plain or
+Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``).
 Sampling: any ``ldm.diffusion`` sampler with classifier-free guidance over the EMA UNet, then the VAE decoder.
 """
 
@@ -79,8 +80,8 @@ class LatentDiffusion(L.LightningModule):
         text_encoder: nn.Module | None = None,
     ):
         """``conditioner``: the embedders of the batch's conditions (a bare text encoder is wrapped as the one
-        embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of the
-        two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own."""
+        embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of
+        the two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own."""
         super().__init__()
         if text_encoder is not None:
             if conditioner is not None:
@@ -156,7 +157,8 @@ class LatentDiffusion(L.LightningModule):
         self._vae_loaded = True
 
     def configure_model(self) -> None:
-        """``bf16_weights``: the UNet's weights stored in bf16 (the optimiser rounds updates stochastically)."""
+        """``bf16_weights``: the UNet's weights stored in bf16 (the optimiser rounds updates
+        stochastically)."""
         if self.hparams.get("bf16_weights", False) and getattr(self, "unet", None) is not None:
             use_bf16_weights(self.unet)
 
@@ -215,9 +217,10 @@ class LatentDiffusion(L.LightningModule):
             return self.vae.decode((z / self.scale_factor).to(dtype)).clamp(-1, 1)
 
     def conditions(self, batch, train: bool = False) -> dict[str, torch.Tensor]:
-        """The conditioner's output for ``batch`` (``{"crossattn": ..., "vector": ...}``), on the model's device
-        (also when a text encoder was offloaded); ``train``: with each embedder's condition dropout (its
-        ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from ``batch_random``)."""
+        """The conditioner's output for ``batch`` (``{"crossattn": ..., "vector": ...}``), on the model's
+        device (also when a text encoder was offloaded); ``train``: with each embedder's condition dropout
+        (its ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from
+        ``batch_random``)."""
         draw = self.batch_random.rand if train else None
         return self.conditioner(
             batch,
@@ -237,7 +240,8 @@ class LatentDiffusion(L.LightningModule):
 
     @staticmethod
     def context_of(conditions: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The UNet's input from the conditions: the context (a vector condition needs a UNet that takes one)."""
+        """The UNet's input from the conditions: the context (a vector condition needs a UNet that takes
+        one)."""
         if "vector" in conditions:
             raise NotImplementedError(
                 "the conditioner gives a vector condition, which this UNet does not take yet"
@@ -245,7 +249,8 @@ class LatentDiffusion(L.LightningModule):
         return conditions["crossattn"]
 
     def scale_factor_known(self) -> bool:
-        """True once the buffer holds a factor (given, estimated, or loaded); read from the device until then."""
+        """True once the buffer holds a factor (given, estimated, or loaded); read from the device until
+        then."""
         if not self._scale_factor_known:
             self._scale_factor_known = float(self.scale_factor) > 0
         return self._scale_factor_known
@@ -466,7 +471,8 @@ class LatentDiffusion(L.LightningModule):
 
 
 def _rename_text_encoder_keys(state_dict, prefix, *args) -> None:
-    """Older checkpoints: ``text_encoder.*`` (the model's one text encoder) is ``conditioner.embedders.0.*``."""
+    """Older checkpoints: ``text_encoder.*`` (the model's one text encoder) is
+    ``conditioner.embedders.0.*``."""
     old, new = f"{prefix}text_encoder.", f"{prefix}conditioner.embedders.0."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[new + key[len(old) :]] = state_dict.pop(key)

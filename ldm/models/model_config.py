@@ -25,8 +25,8 @@ from ldm.io.safe_load import UnsafeCheckpointError
 
 __all__ = ["ALLOWED_TARGETS", "UnsafeConfigError", "build_from_config", "check_config"]
 
-# target -> (module, attribute path inside it). Every ``_target_`` under conf/model is here (a test checks it),
-# plus torch.optim.SGD, the inert optimiser a model rebuilt for inference gets.
+# target -> (module, attribute path inside it). Every ``_target_`` under conf/model is here (a test checks
+# it), plus torch.optim.SGD, the inert optimiser a model rebuilt for inference gets.
 ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     # LightningModules
     "ldm.models.autoencoder.AutoencoderModule": ("ldm.models.autoencoder", "AutoencoderModule"),
@@ -71,13 +71,14 @@ _RESERVED_KEYS = {"_target_", "_partial_"}
 
 
 class UnsafeConfigError(UnsafeCheckpointError):
-    """A config read from a file names a callable we do not build, or holds something other than plain data."""
+    """A config read from a file names a callable we do not build, or holds something other than plain
+    data."""
 
 
 def _refuse(source: str, key: str, what: str) -> UnsafeConfigError:
     return UnsafeConfigError(
-        f"{source}: refusing to build its config: {key} {what}. A checkpoint may name only this project's own "
-        "model classes and plain values; this file was not written by our train.py or was altered"
+        f"{source}: refusing to build its config: {key} {what}. A checkpoint may name only this project's "
+        "own model classes and plain values; this file was not written by our train.py or was altered"
     )
 
 

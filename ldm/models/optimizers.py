@@ -26,11 +26,12 @@ def adamw_8bit(params: Iterable, lr: float = 1e-4, weight_decay: float = 0.01, *
 class OptimizerInBackward(torch.optim.Optimizer):
     """The optimiser step fused into backward: each parameter is updated by its own inner optimiser as soon as
     its gradient is accumulated, and the gradient is freed right away, so the full set of gradients never
-    exists at once (saves about the size of the trainable parameters; PyTorch's "optimizer in backward" recipe).
+    exists at once (saves about the size of the trainable parameters; PyTorch's "optimizer in backward"
+    recipe).
 
     Exact for per-parameter optimisers (Adam/AdamW/SGD/Adafactor): a run equals the plain optimiser's. Not
-    compatible with gradient clipping over all parameters or gradient accumulation. ``step(closure)`` only runs
-    the closure (forward + backward, where the updates happen); LR schedulers act on this object's
+    compatible with gradient clipping over all parameters or gradient accumulation. ``step(closure)`` only
+    runs the closure (forward + backward, where the updates happen); LR schedulers act on this object's
     ``param_groups``, whose ``lr`` is copied to the inner optimisers before each update.
     """
 

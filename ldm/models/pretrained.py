@@ -47,9 +47,8 @@ def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, 
     ckpt = safe_torch_load(checkpoint)  # weights_only=True: a malicious pickle raises UnsafeCheckpointError
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(
-            f"{checkpoint} holds a {type(ckpt).__name__}, not a state dict: is it really a {what} "  # noqa: TRY004
-            "checkpoint?"
+        raise ValueError(  # noqa: TRY004
+            f"{checkpoint} holds a {type(ckpt).__name__}, not a state dict: is it really a {what} checkpoint?"
         )
     sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not sub:

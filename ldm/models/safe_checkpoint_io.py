@@ -105,6 +105,6 @@ def explain_resume_mismatch(error: BaseException, path: str | os.PathLike | None
     return ValueError(
         f"ckpt_path={path} does not fit this run: it holds {_held(payload)} ({len(state)} tensors); this run "
         f"builds {type(model).__name__}, modules {', '.join(_prefixes(expected))} ({len(expected)} tensors). "
-        f"Differences: {problems}. Resume a checkpoint of this experiment with the model options it was trained "
-        "with (see its run's .hydra/config.yaml), or drop ckpt_path to start a new run"
+        f"Differences: {problems}. Resume a checkpoint of this experiment with the model options it was "
+        "trained with (see its run's .hydra/config.yaml), or drop ckpt_path to start a new run"
     )

@@ -10,7 +10,8 @@ from ldm.modules.distributions import DiagonalGaussian
 
 
 def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Per-sample reconstruction error summed over C, H, W: [B] (LDM's convention: sum, then mean over batch)."""
+    """Per-sample reconstruction error summed over C, H, W: [B] (LDM's convention: sum, then mean over
+    batch)."""
     if kind == "l1":
         err = (x - x_rec).abs()
     elif kind in ("l2", "mse"):

@@ -7,19 +7,20 @@ A ``Conditioner`` holds a list of embedders (plain ``nn.Module``s). Each embedde
 * has its own condition-dropout rate, ``ucg_rate`` (``None``: the model's ``ucg_rate``), applied while
   training: a dropped caption becomes ``""`` (what Stable Diffusion trained with), a dropped non-text value
   gives a zero embedding;
-* trains or not: ``is_trainable(embedder)`` is True when any of its parameters requires grad (text encoders are
-  frozen unless a fine-tuning method unfreezes them or adds parameters to them);
-* returns a tensor ``[B, T, D]`` (cross-attention context), ``[B, V]`` (a vector: pooled text, size features) or
-  a dict ``{"crossattn": ..., "vector": ...}`` with both.
+* trains or not: ``is_trainable(embedder)`` is True when any of its parameters requires grad (text encoders
+  are frozen unless a fine-tuning method unfreezes them or adds parameters to them);
+* returns a tensor ``[B, T, D]`` (cross-attention context), ``[B, V]`` (a vector: pooled text, size features)
+  or a dict ``{"crossattn": ..., "vector": ...}`` with both.
 
-``Conditioner(batch)`` concatenates the embedders' contexts along features (``"crossattn"``: ``[B, T, sum D]``)
-and their vectors along features (``"vector"``: ``[B, sum V]``, present when any embedder gives one).
-SD 1.x is one CLIP embedder, SD 2.x one OpenCLIP embedder; SDXL two text embedders (penultimate layer, the
-second also pooled) and a size embedder.
+``Conditioner(batch)`` concatenates the embedders' contexts along features (``"crossattn"``:
+``[B, T, sum D]``) and their vectors along features (``"vector"``: ``[B, sum V]``, present when any embedder
+gives one). SD 1.x is one CLIP embedder, SD 2.x one OpenCLIP embedder; SDXL two text embedders (penultimate
+layer, the second also pooled) and a size embedder.
 
-Text embedders (``CLIPTextEncoder``) are encoded through their prompt cache (``encode_cached``) unless the caller
-asks otherwise (a fine-tune that trains the text encoder). Parameter names: ``embedders.<i>.<the embedder's>``,
-so a checkpoint's keys read ``conditioner.embedders.0.transformer.text_model...`` (sgm's layout).
+Text embedders (``CLIPTextEncoder``) are encoded through their prompt cache (``encode_cached``) unless the
+caller asks otherwise (a fine-tune that trains the text encoder). Parameter names:
+``embedders.<i>.<the embedder's>``, so a checkpoint's keys read
+``conditioner.embedders.0.transformer.text_model...`` (sgm's layout).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class Conditioner(nn.Module):
 
     @property
     def text_encoder(self) -> nn.Module:
-        """The one text embedder (SD 1.x / 2.x); an error when there are several (SDXL: index ``embedders``)."""
+        """The one text embedder (SD 1.x / 2.x); an error when there are several (SDXL: index
+        ``embedders``)."""
         text = self.text_embedders
         if len(text) != 1:
             raise ValueError(
@@ -113,9 +115,9 @@ class Conditioner(nn.Module):
         draw: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
         use_cache: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """The conditions of ``batch``. With ``draw`` (uniform [0, 1) draws of a shape; training), each embedder
-        drops its condition with its ``ucg_rate`` (default ``ucg_rate``), one draw per embedder that drops.
-        ``use_cache``: encode text through the embedders' prompt caches (where they are on)."""
+        """The conditions of ``batch``. With ``draw`` (uniform [0, 1) draws of a shape; training), each
+        embedder drops its condition with its ``ucg_rate`` (default ``ucg_rate``), one draw per embedder that
+        drops. ``use_cache``: encode text through the embedders' prompt caches (where they are on)."""
         outputs: dict[str, list[torch.Tensor]] = {}
         for module in self.embedders:
             key = input_key(module)

@@ -47,8 +47,8 @@ class EMA(nn.Module):
 class ParameterEMA:
     """EMA of a list of parameters (a fine-tuning method's, not a whole module): ``update(params)`` moves the
     averages toward the live values; ``swap(params)`` exchanges live and average values in place (call it
-    twice to restore). Same warm-up as ``EMA``. ``device``: where the averages live -- ``"cpu"`` keeps them out
-    of accelerator memory (a full SD UNet's EMA is 3.4 GB); None follows the parameters' device."""
+    twice to restore). Same warm-up as ``EMA``. ``device``: where the averages live -- ``"cpu"`` keeps them
+    out of accelerator memory (a full SD UNet's EMA is 3.4 GB); None follows the parameters' device."""
 
     def __init__(
         self,

@@ -56,9 +56,10 @@ class LPIPS(nn.Module):
         for path in (vgg_path, lin_path):
             if not Path(path).is_file():
                 raise FileNotFoundError(
-                    f"LPIPS weight file not found: {path}. LPIPS needs local weights (nothing is downloaded): "
-                    "set model.lpips.vgg_path to a torchvision vgg16 state dict and model.lpips.lin_path to the "
-                    "lpips package's weights/v0.1/vgg.pth, or set model.perceptual_weight=0."
+                    f"LPIPS weight file not found: {path}. LPIPS needs local weights (nothing is "
+                    "downloaded): set model.lpips.vgg_path to a torchvision vgg16 state dict and "
+                    "model.lpips.lin_path to the lpips package's weights/v0.1/vgg.pth, or set "
+                    "model.perceptual_weight=0."
                 )
         vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
         vgg = {k[len("features.") :]: v for k, v in vgg.items() if k.startswith("features.")}

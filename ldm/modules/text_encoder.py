@@ -309,7 +309,8 @@ class CLIPTextEncoder(nn.Module):
 
         Prompts then expand ``token`` to ``token token_1 ... token_{n-1}`` (``tokenize``). Rows: ``vectors``
         ``[n, hidden]`` (a loaded embedding); else the embeddings of ``init_text``'s tokens, cycled over the n
-        vectors (AUTOMATIC1111's initialisation); else random, N(mean, std) of the existing rows per dimension.
+        vectors (AUTOMATIC1111's initialisation); else random, N(mean, std) of the existing rows per
+        dimension.
         """
         tokens = placeholder_tokens(token, num_vectors)
         n, weight = len(tokens), self.token_embedding.weight

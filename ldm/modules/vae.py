@@ -154,7 +154,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]. ``up[i]`` is resolution level i (up.0 is full size)."""
+    """z [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]. ``up[i]`` is resolution level i (up.0 is full
+    size)."""
 
     def __init__(
         self,

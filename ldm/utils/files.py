@@ -42,7 +42,8 @@ class DiskFullError(OSError):
     """A write that failed for lack of space (``errno`` ENOSPC or EDQUOT); the message names the file."""
 
 
-# how a full disk reads when it does not arrive as OSError(ENOSPC): torch.save's zip writer, safetensors (Rust)
+# how a full disk reads when it does not arrive as OSError(ENOSPC): torch.save's zip writer, safetensors
+# (Rust)
 _FULL_DISK_TEXT = (
     "unexpected pos",
     "PytorchStreamWriter failed",
@@ -63,8 +64,8 @@ def _free_space(folder: Path) -> str:
 
 
 def write_failure(path: Path, error: BaseException) -> OSError | None:
-    """The error to raise instead of ``error`` when writing ``path`` failed for a reason the user fixes (a full
-    disk, a read-only folder); None for anything else."""
+    """The error to raise instead of ``error`` when writing ``path`` failed for a reason the user fixes (a
+    full disk, a read-only folder); None for anything else."""
     code = getattr(error, "errno", None)
     if isinstance(error, DiskFullError) or str(error).startswith("cannot write "):
         return None  # already says it

@@ -21,16 +21,16 @@ IGNORED_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
         r"Found \d+ module\(s\) in eval mode at the start of training",
         Warning,
         (
-            "the frozen VAE / text encoder / base are in eval mode on purpose; callbacks.model_summary checks "
-            "instead that no module with trainable parameters is in eval mode"
+            "the frozen VAE / text encoder / base are in eval mode on purpose; callbacks.model_summary "
+            "checks instead that no module with trainable parameters is in eval mode"
         ),
     ),
     (
         r"Precision bf16-mixed is not supported by the model summary",
         Warning,
         (
-            "under trainer.precision=bf16-mixed Lightning's summary sizes the fp32 weights (which is what they are: "
-            "mixed precision keeps fp32 weights), and warns every run"
+            "under trainer.precision=bf16-mixed Lightning's summary sizes the fp32 weights (which is what "
+            "they are: mixed precision keeps fp32 weights), and warns every run"
         ),
     ),
     (

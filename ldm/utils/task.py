@@ -79,7 +79,8 @@ def renamed_override(args: list[str]) -> str | None:
         if key in RENAMED_KEYS:
             return (
                 f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
-                f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning method)"
+                f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning "
+                "method)"
             )
     return None
 
@@ -114,8 +115,8 @@ def full_trace_asked() -> bool:
 
 
 def child_failure(what: str, stderr: str) -> SystemExit:
-    """The exit of a script whose child process (one benchmark variant) failed: the child's own ``error:`` line
-    when it printed one (a user error, already one line), else the tail of its stderr (a bug)."""
+    """The exit of a script whose child process (one benchmark variant) failed: the child's own ``error:``
+    line when it printed one (a user error, already one line), else the tail of its stderr (a bug)."""
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     if errors:
         print(f"error: {what}: {errors[-1].removeprefix('error: ')}", file=sys.stderr)
@@ -124,8 +125,8 @@ def child_failure(what: str, stderr: str) -> SystemExit:
 
 
 def run_main(main: Callable[..., T], *args, **kwargs) -> T:
-    """A script's ``main(*args, **kwargs)``; a user error -> ``error: ...`` on stderr and exit status 1 (see the
-    module docstring; ``HYDRA_FULL_ERROR=1`` keeps the traceback)."""
+    """A script's ``main(*args, **kwargs)``; a user error -> ``error: ...`` on stderr and exit status 1 (see
+    the module docstring; ``HYDRA_FULL_ERROR=1`` keeps the traceback)."""
     try:
         return main(*args, **kwargs)
     except Exception as error:

@@ -112,10 +112,11 @@ class Sampler:
         init: Tensor | None = None,
         strength: float = 1.0,
     ) -> Tensor:
-        """Samples ``[shape]`` (x0 space) from a denoiser whose outputs are ``parameterization``'s (an object of
-        ``ldm.diffusion.parameterization``, or its name). ``x_T``: the initial standard-normal noise (drawn from
-        ``generator`` when absent). ``init`` + ``strength`` (img2img, Meng et al. 2022, "SDEdit"): noise the
-        clean ``init`` with that noise to the level of the last ``int(steps * strength)`` steps and run those."""
+        """Samples ``[shape]`` (x0 space) from a denoiser whose outputs are ``parameterization``'s (an object
+        of ``ldm.diffusion.parameterization``, or its name). ``x_T``: the initial standard-normal noise (drawn
+        from ``generator`` when absent). ``init`` + ``strength`` (img2img, Meng et al. 2022, "SDEdit"): noise
+        the clean ``init`` with that noise to the level of the last ``int(steps * strength)`` steps and run
+        those."""
         parameterization = as_parameterization(parameterization)
         if device is None:
             device = x_T.device if x_T is not None else torch.device("cpu")

@@ -1,4 +1,5 @@
-"""Ancestral sampling with the DDPM posterior (Ho et al. 2020, Alg. 2; respacing as in Nichol & Dhariwal 2021)."""
+"""Ancestral sampling with the DDPM posterior (Ho et al. 2020, Alg. 2; respacing as in Nichol & Dhariwal
+2021)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ from ldm.diffusion.samplers.sigma_solvers import ANCESTRAL, MULTISTEP_FAMILY, SO
 
 
 class SigmaSampler(Sampler):
-    """``solver`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``) over ``steps`` noise levels.
+    """``solver`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``) over ``steps``
+    noise levels.
 
     ``karras``: Karras et al. 2022 (eq. 5, rho 7) sigmas over the whole schedule instead of the spaced
     timesteps. ``eta``: ancestral noise of ``euler_a``/``dpmpp_2s_a``. The discretisation follows diffusers'

@@ -81,7 +81,8 @@ def sample_dpmpp_2m(
     model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-    Probabilistic Models", Alg. 2): multistep, second order in log-SNR; the first and last steps first order."""
+    Probabilistic Models", Alg. 2): multistep, second order in log-SNR; the first and last steps first
+    order."""
     previous, h_previous = None, None
     for i in _steps(sigmas, "dpmpp_2m", progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -1,6 +1,7 @@
 """The tiny random base a fine-tune uses under ``trainer.fast_dev_run`` when no base model exists: a plumbing
 check (its results mean nothing), built from the tiny UNet preset (``ldm.modules.tiny_unet``, =
-``model/unet=tiny``) and the same tiny VAE / text encoder as ``model/vae=tiny``, ``model/text_encoder=tiny`` so every method attaches to a real UNet / VAE / CLIP layout."""
+``model/unet=tiny``) and the same tiny VAE / text encoder as ``model/vae=tiny``, ``model/text_encoder=tiny``
+so every method attaches to a real UNet / VAE / CLIP layout."""
 
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ class FullUNet(FineTuneMethod):
 
     # -- output ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
-        """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps them)."""
+        """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps
+        them)."""
         model = self.model
         return export_single_file(
             Path(path).with_suffix(".safetensors"),

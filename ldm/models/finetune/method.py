@@ -74,7 +74,8 @@ class FineTuneMethod:
         """per-sample diffusion loss [B] -> the scalar to minimise. ``prior_loss_weight`` (the core's
         ``model.prior_loss_weight``): weight of the loss on regularisation / class items (batch key
         ``is_regularization``) relative to the other items, ``mean(instance) + w * mean(class)`` (DreamBooth's
-        prior preservation, Ruiz et al. 2022, eq. 2); ``None`` = one plain mean over every item of the batch."""
+        prior preservation, Ruiz et al. 2022, eq. 2); ``None`` = one plain mean over every item of the
+        batch."""
         flags = batch.get("is_regularization") if isinstance(batch, Mapping) else None
         if prior_loss_weight is None or flags is None:
             return per_sample_loss.mean()

@@ -39,16 +39,18 @@ class FineTuneModule(LatentDiffusion):
         base: where the base model comes from (see module docstring); ``base_tokenizer`` for SD single files
             that embed none; ``base_use_ema``: take the EMA UNet of our checkpoints.
         gradient_checkpointing: recompute the base UNet's blocks in backward (saves memory, costs time).
-        prior_loss_weight: weight of regularisation / class items (batch key ``is_regularization``) against the
-            others, ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation); None = one plain
-            mean. Passed to the method's ``loss()`` hook, whatever the method.
+        prior_loss_weight: weight of regularisation / class items (batch key ``is_regularization``) against
+            the others, ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation); None = one
+            plain mean. Passed to the method's ``loss()`` hook, whatever the method.
         ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
-        ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the weights).
+        ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the
+            weights).
         optimizer_in_backward: update each parameter inside backward and free its gradient at once.
-        bf16_weights: store the UNet's weights (and the method's parameters in it) in bf16; updates are computed
-            in fp32 and rounded stochastically (``ldm.models.bf16_weights``).
-        offload_text_encoder: with cached latents and a frozen text encoder, encode every training caption (and
-            "", the log prompts) once at the start of fit, then move the encoder to CPU (``ldm.models.text_offload``).
+        bf16_weights: store the UNet's weights (and the method's parameters in it) in bf16; updates are
+            computed in fp32 and rounded stochastically (``ldm.models.bf16_weights``).
+        offload_text_encoder: with cached latents and a frozen text encoder, encode every training caption
+            (and "", the log prompts) once at the start of fit, then move the encoder to CPU
+            (``ldm.models.text_offload``).
     """
 
     MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
@@ -109,7 +111,8 @@ class FineTuneModule(LatentDiffusion):
         return getattr(self, "unet", None) is not None
 
     def resolve_base(self, fast_dev_run: bool = False) -> str | None:
-        """``base`` as a path or hub id; None only under fast_dev_run when there is none (tiny random base)."""
+        """``base`` as a path or hub id; None only under fast_dev_run when there is none (tiny random
+        base)."""
         base = self.hparams.base
         if base and (Path(base).is_dir() or (not Path(base).exists() and looks_like_hub_id(str(base)))):
             return str(base)  # a diffusers folder or a hub id: load_base_model checks it

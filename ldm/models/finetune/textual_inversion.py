@@ -1,6 +1,7 @@
 """Textual inversion (Gal et al. 2022, "An Image is Worth One Word"): learn the embedding of a new
 placeholder token (``num_vectors`` consecutive tokens) so that prompts with it produce the concept; the whole
-model, every other token row included, stays frozen. Exports the files AUTOMATIC1111, ComfyUI and diffusers read.
+model, every other token row included, stays frozen. Exports the files AUTOMATIC1111, ComfyUI and diffusers
+read.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ An MLP is ``nn.Sequential`` named ``linear`` whose entries follow AUTOMATIC1111'
 ``state_dict()`` keys (``linear.0.weight``, ``linear.2.bias``...) are the ones their ``.pt`` files hold. For
 each step ``i`` of ``layer_structure`` (multipliers of ``w``, first and last 1, e.g. ``[1, 2, 1]``):
 ``Linear(w*ls[i], w*ls[i+1])``, then the activation (not after the last Linear unless ``activate_output``;
-none for ``linear``), then ``LayerNorm`` if ``layer_norm``, then ``Dropout(p)`` if ``dropout_structure[i+1] > 0``.
+none for ``linear``), then ``LayerNorm`` if ``layer_norm``, then ``Dropout(p)`` if
+``dropout_structure[i+1] > 0``.
 
 Initialisation (``weight_init``, AUTOMATIC1111's names): ``Normal`` (weights N(0, 0.01), biases 0),
 ``XavierUniform``, ``XavierNormal``, ``KaimingUniform``, ``KaimingNormal`` (biases 0; Kaiming uses the

@@ -51,9 +51,9 @@ def expand_placeholders(prompt: str, placeholders: Mapping[str, Sequence[str]]) 
 
 
 def initial_vectors(weight: Tensor, num_vectors: int, init_ids: Sequence[int] | None = None) -> Tensor:
-    """Starting rows ``[num_vectors, dim]`` for a placeholder in the embedding ``weight`` ``[vocab, dim]``: the rows
-    of ``init_ids`` (an initializer text's tokens) cycled over the vectors, as AUTOMATIC1111 does; without
-    ``init_ids``, random rows drawn from N(mean, std) of the existing rows per dimension."""
+    """Starting rows ``[num_vectors, dim]`` for a placeholder in the embedding ``weight`` ``[vocab, dim]``:
+    the rows of ``init_ids`` (an initializer text's tokens) cycled over the vectors, as AUTOMATIC1111 does;
+    without ``init_ids``, random rows drawn from N(mean, std) of the existing rows per dimension."""
     weight = weight.detach()
     if init_ids:
         rows = weight[torch.as_tensor(list(init_ids), device=weight.device)]
