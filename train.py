@@ -45,9 +45,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     )
     if ckpt_path and str(cfg.get("ckpt_path")) == "last":
         log.info(describe_resume(ckpt_path, cfg.task_name))
-    clean_run_folders(
-        cfg.paths.output_dir, ckpt_path
-    )  # temporary files of killed writes (README: Reliability)
+    # temporary files of killed writes (README: Reliability)
+    clean_run_folders(cfg.paths.output_dir, ckpt_path)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")

@@ -27,11 +27,8 @@ sys.path.insert(0, str(ROOT))
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.utils.task import run_main
 
-CASES = {
-    "small": ("small", 8, 32),
-    "sd15": ("sd15", 32, 1),
-    "tiny": ("tiny", 8, 2),
-}  # name -> (unet preset, latent size, batch)
+# name -> (unet preset, latent size, batch)
+CASES = {"small": ("small", 8, 32), "sd15": ("sd15", 32, 1), "tiny": ("tiny", 8, 2)}
 MODES = ("fp32", "bf16-mixed", "bf16-weights")
 
 

@@ -67,9 +67,8 @@ def run_variant(
     cfg = compose(VARIANTS[variant], [f"model.base={base}", f"data.batch_size={batch}", *extra])
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    connect_data(
-        model, datamodule
-    )  # class images and latent cache from the model's services, as train.py does
+    # class images and latent cache from the model's services, as train.py does
+    connect_data(model, datamodule)
     timer = StepTimer()
     trainer = L.Trainer(
         max_steps=steps,

@@ -98,9 +98,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument(
-        "--peak-size", type=int, default=2048, help=argparse.SUPPRESS
-    )  # tests: a small matmul
+    # tests: a small matmul
+    parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

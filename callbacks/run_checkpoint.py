@@ -77,9 +77,8 @@ class RunCheckpoint(ModelCheckpoint):
         files = "deepspeed" not in type(trainer.strategy).__name__.lower()  # DeepSpeed saves folders
         link = self.save_last is True and just_saved and files
         save_last, versioned = self.save_last, self._enable_version_counter
-        self.save_last = (
-            "link" if link else save_last
-        )  # Lightning's branch linking last to the file saved last
+        # Lightning's branch linking last to the file saved last
+        self.save_last = "link" if link else save_last
         self._enable_version_counter = False  # last.ckpt is replaced, never joined by last-v1.ckpt
         try:
             super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -110,11 +110,12 @@ def ensure_class_images(
         atomic_write_text(folder / "key.json", json.dumps(key_info, indent=1, sort_keys=True))
     todo = missing_indices(folder, count)
     if todo:
+        # logged by whichever process generates (only rank zero should)
         log.info(
             f"Generating {len(todo)} of {count} class images in {folder} "
             f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance_scale})",
             rank_zero=False,
-        )  # logged by whichever process generates (only rank zero should)
+        )
         _generate(folder, prompts, todo, generate, settings)
     else:
         log.info(f"Reusing {count} cached class images from {folder}")
@@ -136,8 +137,7 @@ def _generate(
             if images.shape[0] != len(chunk):
                 raise RuntimeError(f"generate returned {images.shape[0]} images for {len(chunk)} prompts")
             for index, prompt, image in zip(chunk, batch_prompts, images):
-                atomic_write_text(
-                    image_path(folder, index).with_suffix(".txt"), prompt
-                )  # caption first: the PNG
+                # caption first: the PNG
+                atomic_write_text(image_path(folder, index).with_suffix(".txt"), prompt)
                 _write_png(image_path(folder, index), image)  # marks the pair complete
             progress.advance(task, len(chunk))

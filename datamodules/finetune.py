@@ -135,9 +135,10 @@ def bucket_loader(
             drop_last=drop_last,
         )
     ids = [keys.index(size) for size in sizes]
+    # per-epoch flip variants, augmentations
     sampler = BucketBatchSampler(
         ids, batch_size, shuffle=shuffle, position=position, dataset=dataset if shuffle else None
-    )  # per-epoch flip variants, augmentations
+    )
     return (BucketLoader if shuffle else DataLoader)(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 

@@ -186,12 +186,13 @@ def _data_overrides(data, given: set[str], cache_dir: Path) -> list[str]:
             for k, v in sizes.items()
             if k in node and node[k] is not None and f"{prefix}.{k}" not in given
         ]
+        # the real-image presets' 512 px
         if (
             "resolution" in node
             and not OmegaConf.is_interpolation(node, "resolution")
             and node.resolution > 64
             and f"{prefix}.resolution" not in given
-        ):  # the real-image presets' 512 px
+        ):
             out.append(f"{prefix}.resolution=32")
     if "regularization_size" in data and "data.regularization_size" not in given:
         out.append("data.regularization_size=8")

@@ -49,9 +49,8 @@ def test_tokenizer_from_the_bpe_file(stand_in_open_clip):
     ids = tokenizer("ab").input_ids
     assert ids[0] == 49406 and ids[-1] == 49407 and tokenizer.pad_token_id == 49407  # SD v1 pads with EOS
     assert ids[1:-1] == [tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("b</w>")]
-    assert (
-        clip_tokenizer_from_bpe(stand_in_open_clip, pad_token="!").pad_token_id == 0
-    )  # SD 2.x pads with "!"
+    # SD 2.x pads with "!"
+    assert clip_tokenizer_from_bpe(stand_in_open_clip, pad_token="!").pad_token_id == 0
 
 
 @pytest.fixture(scope="module")

@@ -97,11 +97,12 @@ def test_ddp_two_processes_match_one_process_and_resume_exactly(compose_cfg, tmp
     assert all(torch.equal(rank0[k], rank1[k]) for k in ema_keys)  # the EMA is identical on every rank
     assert float(one["unet.out.2.weight"].abs().max()) > 0  # trained: the zero-initialised output layer moved
 
+    # the whole process group: both ranks, a node lost
     kill = [
         "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
         "+callbacks.signal.step=9",
         "+callbacks.signal.group=true",
-    ]  # the whole process group: both ranks, a node lost
+    ]
     run_ddp([*args, *kill], tmp_path / "ddp", expect_signal=signal.SIGKILL)
     last = next((tmp_path / "ddp").glob("*/runs/*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=True)["global_step"] == 8
@@ -139,11 +140,12 @@ def test_ddp_sigkill_then_resume_with_a_methods_own_dropout(tmp_path, base_ckpt)
     """A hypernetwork with dropout 0.3 (draws from the global RNG every step) under DDP: both ranks killed
     after the step-8 checkpoint, resumed with `ckpt_path=last`: every rank ends with the uninterrupted run's
     MLPs (the ranks' RNG streams are restored, not only rank 0's)."""
+    # dropout [0, 0.3, 0], lr 1e-2
     args = [
         o
         for o in method_overrides("hypernetwork_star", base_ckpt, tmp_path / "class_images")
         if not o.startswith("data.batch_size")
-    ]  # dropout [0, 0.3, 0], lr 1e-2
+    ]
     kill = [
         "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
         "+callbacks.signal.step=9",

@@ -200,12 +200,13 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     single = pipeline.load_for_sampling(str(exported), sampler=model.sampler)
     for key, value in model.unet.state_dict().items():
         torch.testing.assert_close(single.unet.state_dict()[key], value.half().float())
+    # fp16 weights
     torch.testing.assert_close(
         single.generate(prompts, seed=3, guidance_scale=model.hparams.guidance_scale),
         expected,
         atol=0.05,
         rtol=0.05,
-    )  # fp16 weights
+    )
 
     # `python benchmarks/subject_fidelity.py --run <run>` scores the base and the exported model
     save_run_config(cfg)
@@ -298,9 +299,8 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
     assert any(c.startswith("a sks square") for c in captions) and any(
         c.startswith("a xyz circle") for c in captions
     )
-    assert (
-        len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 2
-    )  # one per class prompt set
+    # one per class prompt set
+    assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 2
 
 
 def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
@@ -338,10 +338,11 @@ def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (48, 40), (80 * i, 100, 50)).save(folder / f"{i}.jpg")
+    # as in the README
     concept = (
         f'{{identifier: sks, class_noun: dog, instance_dir: {folder}, instance_prompt: "a {{identifier}} '
         '{class_noun}", class_prompt: "a {class_noun}", num_class_images: 2}'
-    )  # as in the README
+    )
     cfg = compose_cfg(
         [*dreambooth_overrides("dreambooth", base_ckpt, tmp_path), "debug=fdr", f"data.concepts=[{concept}]"]
     )

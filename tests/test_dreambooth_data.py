@@ -116,10 +116,8 @@ def test_class_images_are_generated_once_reused_and_topped_up(tmp_path):
     paths = ensure_class_images(tmp_path, prompts, 4, generate, settings)
     assert [p.name for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
     seeds = [image_seed(0, i) for i in range(6)]  # each image its own seed
-    assert generate.generated == 4 and [s for _, s in generate.calls] == [
-        seeds[:3],
-        seeds[3:4],
-    ]  # batches of 3
+    # batches of 3
+    assert generate.generated == 4 and [s for _, s in generate.calls] == [seeds[:3], seeds[3:4]]
     assert (tmp_path / "00001.txt").read_text() == prompts[1] and (
         tmp_path / "00002.txt"
     ).read_text() == prompts[0]
@@ -155,9 +153,8 @@ def test_class_image_cache_key_covers_what_shapes_the_images():
         cache_key("base0", prompts, settings, 64),
     ]
     assert key not in changed and len(set(changed)) == len(changed)
-    assert (
-        SamplerSettings().key_parts()["version"] == 2
-    )  # images seeded per index: never mixed with version 1
+    # images seeded per index: never mixed with version 1
+    assert SamplerSettings().key_parts()["version"] == 2
 
 
 def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.ndarray]:

@@ -36,9 +36,8 @@ def test_every_finetune_gets_the_core_and_the_export(compose_cfg, experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
     assert cfg.model._target_ == "ldm.models.finetune.module.FineTuneModule"
     assert cfg.callbacks.adapter_export._target_ == "callbacks.adapter_export.AdapterExport"
-    if (
-        experiment in SD15
-    ):  # the real-base block: no caption dropout, guidance 7.5, no demo limits, no validation
+    # the real-base block: no caption dropout, guidance 7.5, no demo limits, no validation
+    if experiment in SD15:
         assert (cfg.model.ucg_rate, cfg.model.guidance_scale, cfg.model.scheduler.warmup_steps) == (
             0.0,
             7.5,

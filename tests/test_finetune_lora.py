@@ -140,17 +140,15 @@ def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypat
     )
     from tests.test_dreambooth import save_run_config  # (a module importing this one)
 
-    save_run_config(
-        same
-    )  # as `python train.py` leaves it: ckpt_path=last below skips this resume (no new checkpoint)
+    # as `python train.py` leaves it: ckpt_path=last below skips this resume (no new checkpoint)
+    save_run_config(same)
     _, objects = train(same)
     state = objects["model"].method.state_dict()
     assert objects["trainer"].global_step == 2 and seen_steps == []
     for key, value in state.items():
         torch.testing.assert_close(value, saved["state_dict"][f"method.{key}"], rtol=0, atol=0)
-    assert any(
-        float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k
-    )  # trained, not fresh zeros
+    # trained, not fresh zeros
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k)
     # and continues to the new max_steps
     more = compose_cfg(
         lora_overrides(

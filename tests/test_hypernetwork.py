@@ -138,9 +138,8 @@ def test_strength_zero_and_zero_last_layer_leave_the_unet_unchanged():
         changed = unet(*args)
         assert (changed - reference).abs().max() > 1e-3  # the hypernetwork acts...
         net.strength = 0.0
-        torch.testing.assert_close(
-            unet(*args), reference, rtol=0, atol=0
-        )  # ...and strength 0 switches it off
+        # ...and strength 0 switches it off
+        torch.testing.assert_close(unet(*args), reference, rtol=0, atol=0)
         net.strength = 0.5
         half = unet(*args)
         assert not torch.allclose(half, reference) and not torch.allclose(half, changed)
@@ -293,9 +292,8 @@ def test_reads_automatic1111_files_with_their_defaults(tmp_path):
     }
     torch.save(payload, tmp_path / "theirs.pt")
     net, file = load_hypernetwork(tmp_path / "theirs.pt")
-    assert (
-        file.dropout_structure == [0.0, 0.3, 0.0] and file.self_attention
-    )  # theirs: every attention by width
+    # theirs: every attention by width
+    assert file.dropout_structure == [0.0, 0.3, 0.0] and file.self_attention
     x = torch.randn(1, 4, 768)
     source.eval()
     torch.testing.assert_close(net(x)[1], source(x)[1])

@@ -67,9 +67,8 @@ def test_random_crops_flips_and_caption_dropout_resume_exactly(tmp_path, vae_ckp
     resumed, resumed_step = final_state(tmp_path, [*args, "ckpt_path=last"], "resumed")
     uninterrupted, step = final_state(tmp_path / "straight", args, "straight")
     assert resumed_step == step == 10
-    assert (
-        max_difference(resumed, uninterrupted) == 0.0
-    )  # bit-exact (CPU, fp32): an RNG not restored shows here
+    # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert max_difference(resumed, uninterrupted) == 0.0
 
 
 def test_bucketed_flip_variants_per_epoch_are_the_same_after_a_resume():

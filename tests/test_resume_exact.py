@@ -119,6 +119,5 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, vae_ckpt, 
         uninterrupted = request.getfixturevalue("uninterrupted_vae")
     else:
         uninterrupted = final_weights(tmp_path / "straight", args, "straight")
-    assert (
-        max_difference(resumed, uninterrupted) == 0.0
-    )  # bit-exact (CPU, fp32): an RNG not restored shows here
+    # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert max_difference(resumed, uninterrupted) == 0.0

@@ -42,6 +42,7 @@ def method_overrides(experiment: str, base: Path, class_dir: Path) -> list[str]:
     shapes = [*common, "data.source.train_size=24", "data.source.val_size=4"]
     if experiment == "textual_inversion_star":  # a random template per item and epoch
         return [*shapes, "data.caption_transform.mode=object", "model.log_prompts=['a <star>']"]
+    # other dropout masks would move the MLPs > 1e-6
     return [
         *shapes,
         "model.method.dropout_structure=[0,0.3,0]",  # dropout after the hidden layer: draws every step
@@ -49,7 +50,7 @@ def method_overrides(experiment: str, base: Path, class_dir: Path) -> list[str]:
         "model.log_prompts=[a red star on a blue background]",
         "model.method.lr=1e-2",
         "model.scheduler.warmup_steps=0",
-    ]  # other dropout masks would move the MLPs > 1e-6
+    ]
 
 
 def trained_state(tmp_path: Path, args: list[str], name: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -82,6 +83,5 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_ckpt,
     assert any(k.startswith("method.") for k in uninterrupted) and any(
         k.startswith("method_ema.") for k in uninterrupted
     )
-    assert (
-        max_difference(resumed, uninterrupted) == 0.0
-    )  # bit-exact (CPU, fp32): an RNG not restored shows here
+    # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert max_difference(resumed, uninterrupted) == 0.0

@@ -138,9 +138,8 @@ def test_ckpt_path_last_names_the_run_it_continues(tmp_path):
     assert describe_resume(found, "vae").startswith(
         f"ckpt_path=last: continuing run new of vae ({found}, written "
     )
-    itself = make_run(
-        tmp_path, "itself", age_s=0, with_ckpt=True
-    )  # hydra.run.dir=<a run>: resumed into itself
+    # hydra.run.dir=<a run>: resumed into itself
+    itself = make_run(tmp_path, "itself", age_s=0, with_ckpt=True)
     found = resolve_ckpt_path("last", tmp_path, "vae", current_run=itself)
     assert found == str(itself / "checkpoints" / "last.ckpt")
 

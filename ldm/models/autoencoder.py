@@ -141,14 +141,12 @@ class AutoencoderModule(L.LightningModule):
         ]
 
     def on_fit_start(self) -> None:
-        self._configured_lrs = configured_lrs(
-            self.trainer
-        )  # before a checkpoint's optimiser state replaces them
+        # before a checkpoint's optimiser state replaces them
+        self._configured_lrs = configured_lrs(self.trainer)
 
     def on_train_start(self) -> None:
-        apply_configured_lrs(
-            self.trainer, getattr(self, "_configured_lrs", None)
-        )  # an lr given at resume applies
+        # an lr given at resume applies
+        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:

@@ -36,9 +36,8 @@ def data_services(model) -> DataServices:
         factor = getattr(model.vae, "downsample_factor", 8)
         was_training = model.training
         model.eval()
-        generators = [
-            torch.Generator().manual_seed(seed) for seed in seeds
-        ]  # one per image: batch-independent
+        # one per image: batch-independent
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         try:
             return model.generate(
                 prompts,

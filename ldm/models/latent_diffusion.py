@@ -100,9 +100,8 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
         self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
         self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
-        self.data_link = DataLink(
-            DataFacts()
-        )  # what the data tells the model (connect_data): never the datamodule
+        # what the data tells the model (connect_data): never the datamodule
+        self.data_link = DataLink(DataFacts())
         self._register_load_state_dict_pre_hook(_rename_text_encoder_keys)
 
     def set_parts(
@@ -343,14 +342,12 @@ class LatentDiffusion(L.LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        self._configured_lrs = configured_lrs(
-            self.trainer
-        )  # before a checkpoint's optimiser state replaces them
+        # before a checkpoint's optimiser state replaces them
+        self._configured_lrs = configured_lrs(self.trainer)
 
     def on_train_start(self) -> None:
-        apply_configured_lrs(
-            self.trainer, getattr(self, "_configured_lrs", None)
-        )  # an lr given at resume applies
+        # an lr given at resume applies
+        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each

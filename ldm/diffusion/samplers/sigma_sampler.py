@@ -73,9 +73,8 @@ class SigmaSampler(Sampler):
             x = x * self.initial_scale(sigmas[0], self.convention(schedule).spacing)
 
         def model(x, sigma: float):
-            alpha = 1 / math.sqrt(
-                1 + sigma**2
-            )  # x_vp = alpha * x; alpha_vp = alpha, sigma_vp = sigma * alpha
+            # x_vp = alpha * x; alpha_vp = alpha, sigma_vp = sigma * alpha
+            alpha = 1 / math.sqrt(1 + sigma**2)
             out = denoiser(x * alpha, timestep_batch(grid.timestep_of(sigma), x.shape[0], x.device))
             denoised = parameterization.denoised(x, sigma, out)
             return denoised.clamp(-1.0, 1.0) if self.clip_x0 else denoised

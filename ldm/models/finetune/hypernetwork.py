@@ -89,9 +89,8 @@ class Hypernetwork(FineTuneMethod):
             raise ValueError("the base UNet has no cross-attention layers for a hypernetwork to rewrite")
         self.network = hn.Hypernetwork(widths, **self.options).to(next(model.unet.parameters()).device)
         self.network.strength = self.strength
-        model.add_module(
-            "hypernetwork", self.network
-        )  # moves with the model (.to, DDP); not part of the UNet
+        # moves with the model (.to, DDP); not part of the UNet
+        model.add_module("hypernetwork", self.network)
         self.attached = hn.attach_hypernetwork(model.unet, self.network, self.self_attention)
         self.model = model
 

@@ -95,9 +95,8 @@ class PlaceholderEmbedding(nn.Embedding):
         slot = torch.full((num,), -1, dtype=torch.long)
         slot[ids] = torch.arange(ids.numel())
         self.register_buffer("token_ids", ids, persistent=False)
-        self.register_buffer(
-            "slot", slot.to(self.weight.device), persistent=False
-        )  # vocab id -> row of vectors
+        # vocab id -> row of vectors
+        self.register_buffer("slot", slot.to(self.weight.device), persistent=False)
         self.enabled = True
 
     def forward(self, input_ids: Tensor) -> Tensor:
