@@ -42,51 +42,113 @@ from ldm.utils.task import run_main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our checkpoint, 'last' for the newest txt2img run, or a Stable "
-                   "Diffusion .safetensors/.ckpt, diffusers folder or hub id")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder for a Stable Diffusion single file that "
-                   "embeds none (default: the released CLIP tokenizer from the Hugging Face cache)")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="our checkpoint, 'last' for the newest txt2img run, or a Stable "
+        "Diffusion .safetensors/.ckpt, diffusers folder or hub id",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer folder for a Stable Diffusion single file that "
+        "embeds none (default: the released CLIP tokenizer from the Hugging Face cache)",
+    )
     p.add_argument("--log-dir", default="logs", help="where 'last' looks for runs (default: logs)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    p.add_argument("--negative-prompt", action="append", default=None,
-                   help="one for every prompt, or repeat it once per --prompt (in the same order)")
+    p.add_argument(
+        "--negative-prompt",
+        action="append",
+        default=None,
+        help="one for every prompt, or repeat it once per --prompt (in the same order)",
+    )
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (bounds memory)")
     p.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS))
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0) / ancestral noise (default 1)")
-    p.add_argument("--timestep-spacing", choices=["leading", "trailing", "linspace"], default=None,
-                   help="default: the model's (ours: trailing; SD files and diffusers folders: their own)")
+    p.add_argument(
+        "--eta", type=float, default=None, help="DDIM eta (default 0) / ancestral noise (default 1)"
+    )
+    p.add_argument(
+        "--timestep-spacing",
+        choices=["leading", "trailing", "linspace"],
+        default=None,
+        help="default: the model's (ours: trailing; SD files and diffusers folders: their own)",
+    )
     p.add_argument("--steps-offset", type=int, default=None, help="default: the model's (SD v1: 1)")
-    p.add_argument("--set-alpha-to-one", choices=["true", "false"], default=None,
-                   help="DDIM's last step ends on clean data (true) or at abar_0 (false; SD v1); default: the model's")
+    p.add_argument(
+        "--set-alpha-to-one",
+        choices=["true", "false"],
+        default=None,
+        help="DDIM's last step ends on clean data (true) or at abar_0 (false; SD v1); default: the model's",
+    )
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
-    p.add_argument("--init-image", default=None, help="img2img: start from this image (resized to --resolution)")
-    p.add_argument("--strength", type=float, default=0.75,
-                   help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the image (default 0.75)")
-    p.add_argument("--lora", action="append", default=[],
-                   help="LoRA .safetensors (kohya or diffusers/PEFT, detected) to merge, optionally with a "
-                   "multiplier: file.safetensors:0.8 "
-                   "(repeat to stack several)")
-    p.add_argument("--embedding", action="append", default=[],
-                   help="textual-inversion embedding (.safetensors / A1111 .pt) whose token then works in prompts "
-                   "and negative prompts: file or file:token (default token: the file's own; repeat for several)")
-    p.add_argument("--hypernetwork", default=None, metavar="FILE[:STRENGTH]",
-                   help="AUTOMATIC1111 hypernetwork .pt (or .safetensors) to apply, optionally with a strength: "
-                   "file.pt:0.7")
-    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="SDXL size condition: the original image size (default: the output size)")
-    p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("T", "L"), default=None,
-                   help="SDXL size condition: the crop offset (default: 0 0)")
-    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="SDXL size condition: the target size (default: the output size)")
+    p.add_argument(
+        "--init-image", default=None, help="img2img: start from this image (resized to --resolution)"
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the image (default 0.75)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="LoRA .safetensors (kohya or diffusers/PEFT, detected) to merge, optionally with a "
+        "multiplier: file.safetensors:0.8 "
+        "(repeat to stack several)",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        help="textual-inversion embedding (.safetensors / A1111 .pt) whose token then works in prompts "
+        "and negative prompts: file or file:token (default token: the file's own; repeat for several)",
+    )
+    p.add_argument(
+        "--hypernetwork",
+        default=None,
+        metavar="FILE[:STRENGTH]",
+        help="AUTOMATIC1111 hypernetwork .pt (or .safetensors) to apply, optionally with a strength: "
+        "file.pt:0.7",
+    )
+    p.add_argument(
+        "--original-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="SDXL size condition: the original image size (default: the output size)",
+    )
+    p.add_argument(
+        "--crop-top-left",
+        type=int,
+        nargs=2,
+        metavar=("T", "L"),
+        default=None,
+        help="SDXL size condition: the crop offset (default: 0 0)",
+    )
+    p.add_argument(
+        "--target-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="SDXL size condition: the target size (default: the output size)",
+    )
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace the grid and images of an earlier call "
-                   "in --out (default: refuse, so earlier samples are never lost silently)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the grid and images of an earlier call "
+        "in --out (default: refuse, so earlier samples are never lost silently)",
+    )
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -113,21 +175,33 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--strength must be in (0, 1], got {args.strength}")
     for spec in args.lora:
         if not Path(parse_lora(spec)[0]).is_file():
-            parser.error(f"--lora {spec}: no such file (give path.safetensors or path.safetensors:multiplier)")
+            parser.error(
+                f"--lora {spec}: no such file (give path.safetensors or path.safetensors:multiplier)"
+            )
     negatives = args.negative_prompt or [""]
     if len(negatives) not in (1, len(args.prompt)):
-        parser.error(f"{len(negatives)} --negative-prompt for {len(args.prompt)} --prompt: give one for all, "
-                     "or one per prompt")
+        parser.error(
+            f"{len(negatives)} --negative-prompt for {len(args.prompt)} --prompt: give one for all, "
+            "or one per prompt"
+        )
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "empty"
 
 
-def generation_parameters(args, prompt: str, negative: str, seed: int, resolution: int, guidance: float) -> str:
+def generation_parameters(
+    args, prompt: str, negative: str, seed: int, resolution: int, guidance: float
+) -> str:
     """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
-    fields = {"Steps": args.steps, "Sampler": display_name(args.sampler), "CFG scale": f"{guidance:g}",
-              "Seed": seed, "Size": f"{resolution}x{resolution}", "Model": Path(str(args.ckpt)).stem}
+    fields = {
+        "Steps": args.steps,
+        "Sampler": display_name(args.sampler),
+        "CFG scale": f"{guidance:g}",
+        "Seed": seed,
+        "Size": f"{resolution}x{resolution}",
+        "Model": Path(str(args.ckpt)).stem,
+    }
     if args.init_image:
         fields["Denoising strength"] = f"{args.strength:g}"
     if args.eta is not None:
@@ -139,18 +213,35 @@ def generation_parameters(args, prompt: str, negative: str, seed: int, resolutio
 def check_output_folder(out: Path, overwrite: bool) -> None:
     """Refuse (one actionable line) to write over an earlier call's ``grid.png`` unless asked to."""
     if (out / "grid.png").exists() and not overwrite:
-        raise SystemExit(f"error: {out / 'grid.png'} exists (an earlier sample.py call): pass --out <a new "
-                         "folder>, or --overwrite to replace it")
+        raise SystemExit(
+            f"error: {out / 'grid.png'} exists (an earlier sample.py call): pass --out <a new "
+            "folder>, or --overwrite to replace it"
+        )
 
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
     check_output_folder(Path(args.out), args.overwrite)
-    sampler = build_sampler(args.sampler, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing,
-                            steps_offset=args.steps_offset,
-                            set_alpha_to_one=None if args.set_alpha_to_one is None else args.set_alpha_to_one == "true")
-    model = load_for_sampling(args.ckpt, args.device, not args.no_ema, args.tokenizer, args.lora, sampler,
-                              args.resolution, args.log_dir, args.embedding, args.hypernetwork)
+    sampler = build_sampler(
+        args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        timestep_spacing=args.timestep_spacing,
+        steps_offset=args.steps_offset,
+        set_alpha_to_one=None if args.set_alpha_to_one is None else args.set_alpha_to_one == "true",
+    )
+    model = load_for_sampling(
+        args.ckpt,
+        args.device,
+        not args.no_ema,
+        args.tokenizer,
+        args.lora,
+        sampler,
+        args.resolution,
+        args.log_dir,
+        args.embedding,
+        args.hypernetwork,
+    )
     resolution = model.image_resolution
     check_resolution(model, resolution)
     init = load_init_image(args.init_image, resolution) if args.init_image else None
@@ -158,20 +249,41 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     thumbnails, count = [], 0
-    for batch in generate_batches(model, sampler, args.prompt, args.negative_prompt, n=args.n, guidance=guidance,
-                                  seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
-                                  init_image=init, strength=args.strength,
-                                  sizes={"original_size": args.original_size, "crop_top_left": args.crop_top_left,
-                                         "target_size": args.target_size}):
-        for j, (prompt, negative, array) in enumerate(zip(batch.prompts, batch.negatives, to_uint8(batch.images))):
+    for batch in generate_batches(
+        model,
+        sampler,
+        args.prompt,
+        args.negative_prompt,
+        n=args.n,
+        guidance=guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        use_ema=not args.no_ema,
+        init_image=init,
+        strength=args.strength,
+        sizes={
+            "original_size": args.original_size,
+            "crop_top_left": args.crop_top_left,
+            "target_size": args.target_size,
+        },
+    ):
+        for j, (prompt, negative, array) in enumerate(
+            zip(batch.prompts, batch.negatives, to_uint8(batch.images))
+        ):
             text = generation_parameters(args, prompt, negative, batch.seeds[j], resolution, guidance)
-            save_image(Image.fromarray(array), out / f"{batch.start + j:03d}_{slug(prompt)}.png", {"parameters": text})
+            save_image(
+                Image.fromarray(array),
+                out / f"{batch.start + j:03d}_{slug(prompt)}.png",
+                {"parameters": text},
+            )
         step = max(1, resolution // 128)
         thumbnails.append(batch.images[:, :, ::step, ::step].cpu())
         count += len(batch.prompts)
     grid = Image.fromarray(make_grid(torch.cat(thumbnails), nrow=args.n))
     upscale = max(1, 128 // resolution)
-    grid = save_image(grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST), out / "grid.png")
+    grid = save_image(
+        grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST), out / "grid.png"
+    )
     print(f"wrote {count} images and {grid}")
     return grid
 

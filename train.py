@@ -40,10 +40,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         torch.set_float32_matmul_precision(cfg.extras.matmul_precision)
     configure_wandb_mode()
     check_config_values(cfg)  # trainer.max_steps=abc: named here, not deep inside Lightning
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir
+    )
     if ckpt_path and str(cfg.get("ckpt_path")) == "last":
         log.info(describe_resume(ckpt_path, cfg.task_name))
-    clean_run_folders(cfg.paths.output_dir, ckpt_path)  # temporary files of killed writes (README: Reliability)
+    # temporary files of killed writes (README: Reliability)
+    clean_run_folders(cfg.paths.output_dir, ckpt_path)
 
     log.info(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
@@ -55,8 +58,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = drop_callbacks_needing_a_logger(callbacks, loggers)
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 plugins=checkpoint_plugins(cfg.trainer))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=checkpoint_plugins(cfg.trainer)
+    )
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -88,7 +92,9 @@ def metric_value(metrics: dict, name: str | None) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        log.warning(f"optimized_metric={name!r} was not logged (no validation ran?); logged: {sorted(metrics)}")
+        log.warning(
+            f"optimized_metric={name!r} was not logged (no validation ran?); logged: {sorted(metrics)}"
+        )
         return None
     return float(metrics[name])
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
 from ldm.utils.task import run_main
 
-CASES = {"small": ("small", 8, 32), "sd15": ("sd15", 32, 1), "tiny": ("tiny", 8, 2)}  # name -> (unet preset, latent size, batch)
+# name -> (unet preset, latent size, batch)
+CASES = {"small": ("small", 8, 32), "sd15": ("sd15", 32, 1), "tiny": ("tiny", 8, 2)}
 MODES = ("fp32", "bf16-mixed", "bf16-weights")
 
 
@@ -73,20 +74,28 @@ def measure(case: str, steps: int) -> dict:
         times[mode] = [step(unet, optimizer, mode, size, batch) for _ in range(steps + 1)][1:]  # 1st: warm-up
         del unet, optimizer
     medians = {mode: statistics.median(values) for mode, values in times.items()}
-    return {"case": case, "latents": f"{batch}x4x{size}x{size}", "median_s": medians,
-            "spread_s": {mode: [min(v), max(v)] for mode, v in times.items()},
-            "ratio_to_fp32": {mode: medians[mode] / medians["fp32"] for mode in MODES}}
+    return {
+        "case": case,
+        "latents": f"{batch}x4x{size}x{size}",
+        "median_s": medians,
+        "spread_s": {mode: [min(v), max(v)] for mode, v in times.items()},
+        "ratio_to_fp32": {mode: medians[mode] / medians["fp32"] for mode in MODES},
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", nargs="+", default=["small", "sd15"], choices=list(CASES))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     flags = cpu_flags()
-    print(f"CPU bf16 support: avx512_bf16={'avx512_bf16' in flags} amx_bf16={'amx_bf16' in flags}; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"CPU bf16 support: avx512_bf16={'avx512_bf16' in flags} amx_bf16={'amx_bf16' in flags}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
     rows = [measure(case, args.steps) for case in args.cases]
     print(f"\n| UNet step, median of {args.steps} | " + " | ".join(MODES) + " |")
     print("|---|" + "---|" * len(MODES))
@@ -94,8 +103,12 @@ def main() -> None:
         cells = [f"{row['median_s'][m]:.3f} s ({row['ratio_to_fp32'][m]:.2f}x)" for m in MODES]
         print(f"| {row['case']} ({row['latents']}) | " + " | ".join(cells) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "flags_bf16": sorted(f for f in flags if "bf16" in f),
-                                               "rows": rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"args": vars(args), "flags_bf16": sorted(f for f in flags if "bf16" in f), "rows": rows},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ def generate_folder(root: Path, n: int, seed: int = 0) -> None:
         ratio = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
         width, height = round(256 * ratio**0.5), round(256 / ratio**0.5)
         image = Image.new("RGB", (width, height), tuple(int(c) for c in rng.integers(0, 256, 3)))
-        ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4),
-                                      fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        ImageDraw.Draw(image).ellipse(
+            (width // 4, height // 4, 3 * width // 4, 3 * height // 4),
+            fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+        )
         sub = root / f"{k // 1000:03d}"
         sub.mkdir(exist_ok=True)
         image.save(sub / f"{k:06d}.jpg", quality=90)
@@ -55,8 +57,15 @@ def _datamodule(kind: str, path: str, index_dir: str):
         return ShardsDataModule(path, resolution=128, batch_size=32, val_size=4)
     from datamodules.image_folder import ImageFolderDataModule
 
-    return ImageFolderDataModule(path, resolution=128, batch_size=32, val_size=4, num_workers=0,
-                                 check="decode" if kind == "decode" else "header", index_dir=index_dir)
+    return ImageFolderDataModule(
+        path,
+        resolution=128,
+        batch_size=32,
+        val_size=4,
+        num_workers=0,
+        check="decode" if kind == "decode" else "header",
+        index_dir=index_dir,
+    )
 
 
 def child(kind: str, path: str, index_dir: str, batches: int) -> None:
@@ -73,12 +82,26 @@ def child(kind: str, path: str, index_dir: str, batches: int) -> None:
     images, t0 = 0, time.perf_counter()
     for _ in range(batches):
         images += len(next(iterator)["caption"])
-    print(json.dumps({"startup_s": startup, "images_per_s": images / (time.perf_counter() - t0) if batches else None}))
+    print(
+        json.dumps(
+            {"startup_s": startup, "images_per_s": images / (time.perf_counter() - t0) if batches else None}
+        )
+    )
 
 
 def run_child(kind: str, path: Path, index_dir: Path, batches: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--path", str(path), "--index-dir", str(index_dir),
-           "--batches", str(batches)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--path",
+        str(path),
+        "--index-dir",
+        str(index_dir),
+        "--batches",
+        str(batches),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -122,17 +145,37 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             if case == "index":
                 shutil.rmtree(index_dir, ignore_errors=True)
-            times.append(run_child("header" if case != "decode" else "decode", folder, index_dir, 0)["startup_s"])
+            times.append(
+                run_child("header" if case != "decode" else "decode", folder, index_dir, 0)["startup_s"]
+            )
         results[case] = times
         print(f"start-up to first batch, {case:7s}: {summary(times)} s")
 
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_shards.py"), "--folder", str(folder), "--out",
-                    str(shards), "--resolution", "128", "--check", "header"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_shards.py"),
+            "--folder",
+            str(folder),
+            "--out",
+            str(shards),
+            "--resolution",
+            "128",
+            "--check",
+            "header",
+        ],
+        check=True,
+        capture_output=True,
+    )
     print(f"make_shards: {time.perf_counter() - t0:.1f} s")
     for kind, path in (("folder", folder), ("shards", shards)):
-        rates = [run_child("header" if kind == "folder" else "shards", path, index_dir, args.batches)["images_per_s"]
-                 for _ in range(args.repeats)]
+        rates = [
+            run_child("header" if kind == "folder" else "shards", path, index_dir, args.batches)[
+                "images_per_s"
+            ]
+            for _ in range(args.repeats)
+        ]
         print(f"loader throughput, {kind}: {summary(rates)} images/s")
 
 

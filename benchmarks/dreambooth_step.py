@@ -42,8 +42,9 @@ def compose(experiment: str, overrides: list[str]):
     return cfg
 
 
-def run_variant(variant: str, base: str, batch: int, steps: int, warmup: int, device: str,
-                extra: list[str]) -> dict:
+def run_variant(
+    variant: str, base: str, batch: int, steps: int, warmup: int, device: str, extra: list[str]
+) -> dict:
     import hydra
     import lightning as L
     import torch
@@ -66,24 +67,56 @@ def run_variant(variant: str, base: str, batch: int, steps: int, warmup: int, de
     cfg = compose(VARIANTS[variant], [f"model.base={base}", f"data.batch_size={batch}", *extra])
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
-    connect_data(model, datamodule)  # class images and latent cache from the model's services, as train.py does
+    # class images and latent cache from the model's services, as train.py does
+    connect_data(model, datamodule)
     timer = StepTimer()
-    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[timer], default_root_dir=cfg.paths.output_dir)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+        default_root_dir=cfg.paths.output_dir,
+    )
     trainer.fit(model, datamodule=datamodule)
     trainable = sum(p.numel() for p in model.method.parameters())
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return {"variant": variant, "step_s": statistics.median(timer.times[warmup:]), "peak_gib": peak,
-            "trainable_params": trainable, "steps": len(timer.times)}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        "variant": variant,
+        "step_s": statistics.median(timer.times[warmup:]),
+        "peak_gib": peak,
+        "trainable_params": trainable,
+        "steps": len(timer.times),
+    }
 
 
 def run_child(variant: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--variant", variant, "--base", args.base, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           *[f"--override={o}" for o in args.override]]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--base",
+        args.base,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        *[f"--override={o}" for o in args.override],
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if out.returncode != 0:
         raise child_failure(variant, out.stderr)
@@ -98,8 +131,11 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
-    p.add_argument("--in-process", action="store_true",
-                   help="run both variants in this process (quicker; peak memory is then not per variant)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run both variants in this process (quicker; peak memory is then not per variant)",
+    )
     p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # one variant, in a child
     args = p.parse_args(argv)
     measure = (args.base, args.batch, args.steps, args.warmup, args.device, args.override)
@@ -110,14 +146,23 @@ def main(argv=None) -> dict:
     for variant in VARIANTS:
         results[variant] = run_variant(variant, *measure) if args.in_process else run_child(variant, args)
         r = results[variant]
-        print(f"{variant:5s} {r['step_s'] * 1000:8.1f} ms/step  peak {r['peak_gib']:.2f} GiB  "
-              f"{r['trainable_params'] / 1e6:.2f} M trainable", flush=True)
+        print(
+            f"{variant:5s} {r['step_s'] * 1000:8.1f} ms/step  peak {r['peak_gib']:.2f} GiB  "
+            f"{r['trainable_params'] / 1e6:.2f} M trainable",
+            flush=True,
+        )
     full, lora = results["full"], results["lora"]
     print(f"\n| DreamBooth, batch {args.batch} | step time | peak memory | trainable parameters |")
     print("|---|---|---|---|")
     for name, r in (("full UNet", full), ("LoRA", lora)):
-        print(f"| {name} | {r['step_s'] * 1000:.0f} ms | {r['peak_gib']:.2f} GiB | {r['trainable_params'] / 1e6:.2f} M |")
-    print(f"| LoRA / full | {lora['step_s'] / full['step_s']:.2f} | {lora['peak_gib'] / full['peak_gib']:.2f} | |")
+        print(
+            f"| {name} | {r['step_s'] * 1000:.0f} ms | {r['peak_gib']:.2f} GiB | "
+            f"{r['trainable_params'] / 1e6:.2f} M |"
+        )
+    print(
+        f"| LoRA / full | {lora['step_s'] / full['step_s']:.2f} | {lora['peak_gib'] / full['peak_gib']:.2f} "
+        "| |"
+    )
     return results
 
 

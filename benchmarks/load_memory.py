@@ -1,6 +1,6 @@
-"""Peak memory of loading an fp16 Stable Diffusion single file into float32 modules: ours (``load_base_model``)
-vs the naive way (read the whole file, load it into the modules, then cast), side by side, each in its own
-process (peak resident memory, ru_maxrss).
+"""Peak memory of loading an fp16 Stable Diffusion single file into float32 modules: ours
+(``load_base_model``) vs the naive way (read the whole file, load it into the modules, then cast), side by
+side, each in its own process (peak resident memory, ru_maxrss).
 
 The file is SD v1.5's exact key layout and shapes (1.07 G parameters) with random fp16 values, written once
 to ``--file`` (2.1 GB). The float32 weights alone take 4.3 GB: the ideal peak is that plus the interpreter.
@@ -87,7 +87,9 @@ def load(way: str, path: str, version: str, tokenizer: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="v1", choices=("v1", "v2"))
     parser.add_argument("--file", help="where to write the fp16 file (default: a temporary folder)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
@@ -102,7 +104,15 @@ def main() -> None:
         print(f"{path.name}: {count / 1e9:.2f} G parameters, {path.stat().st_size / 2**30:.2f} GiB on disk")
         rows = []
         for way in ("naive", "ours"):
-            cmd = [sys.executable, __file__, "--child", way, str(path), args.preset, str(Path(tmp) / "tokenizer")]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                way,
+                str(path),
+                args.preset,
+                str(Path(tmp) / "tokenizer"),
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise child_failure(way, result.stderr)

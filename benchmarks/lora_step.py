@@ -68,7 +68,9 @@ def run_variant(variant: str, model: str, resolution: int, batch: int, steps: in
     if variant == "uncached":
         from ldm.modules.text_encoder import CLIPTextEncoder
 
-        vae = build("vae/sd" if sd else "vae/f4", resolution=resolution).to(device).requires_grad_(False).eval()
+        vae = (
+            build("vae/sd" if sd else "vae/f4", resolution=resolution).to(device).requires_grad_(False).eval()
+        )
         text = CLIPTextEncoder.from_config("vit_l_14") if sd else CLIPTextEncoder.tiny()
         text = text.to(device)
         data = ShapesDataset(10_000, resolution)  # what a step without caches also pays: making the images
@@ -107,15 +109,23 @@ def run_variant(variant: str, model: str, resolution: int, batch: int, steps: in
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"variant": variant, "median_s": statistics.median(times), "peak_gib": peak,
-            "trainable": sum(p.numel() for p in params)}
+    return {
+        "variant": variant,
+        "median_s": statistics.median(times),
+        "peak_gib": peak,
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sd15", choices=["sd15", "embedded"],
-                   help="sd15: SD v1.5-shaped UNet, SD VAE, CLIP ViT-L/14 (random weights); embedded: the demo's "
-                   "small UNet, f=4 VAE and tiny CLIP")
+    p.add_argument(
+        "--model",
+        default="sd15",
+        choices=["sd15", "embedded"],
+        help="sd15: SD v1.5-shaped UNet, SD VAE, CLIP ViT-L/14 (random weights); embedded: the demo's "
+        "small UNet, f=4 VAE and tiny CLIP",
+    )
     p.add_argument("--resolution", type=int, default=64, help="image size")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
@@ -123,29 +133,53 @@ def main() -> None:
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.model, args.resolution, args.batch, args.steps,
-                                     args.device)))
+        print(
+            json.dumps(
+                run_variant(args.variant, args.model, args.resolution, args.batch, args.steps, args.device)
+            )
+        )
         return
     results = {}
     for variant in ("full", "lora", "uncached"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--model", args.model,
-               "--resolution", str(args.resolution),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--model",
+            args.model,
+            "--resolution",
+            str(args.resolution),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
         print(f"  {variant}: {results[variant]}", file=sys.stderr)
     full, lora, uncached = results["full"], results["lora"], results["uncached"]
     what = "SD v1.5-shaped UNet, SD VAE, CLIP ViT-L/14" if args.model == "sd15" else "embedded demo models"
-    print(f"\n{what}, {args.resolution} px images, batch {args.batch}, fp32, {args.device}, "
-          f"median of {args.steps} steps\n")
+    print(
+        f"\n{what}, {args.resolution} px images, batch {args.batch}, fp32, {args.device}, "
+        f"median of {args.steps} steps\n"
+    )
     print("| variant | trainable params | step (s) | peak memory (GiB) |")
     print("|---|---|---|---|")
     for r in (full, lora, uncached):
-        print(f"| {r['variant']} | {r['trainable'] / 1e6:.1f} M | {r['median_s']:.3f} | {r['peak_gib']:.2f} |")
-    print(f"\nLoRA / full: time {lora['median_s'] / full['median_s']:.2f} (target <= 0.75), "
-          f"peak memory {lora['peak_gib'] / full['peak_gib']:.2f} (target <= 0.60)")
-    print(f"caching gain (uncached / cached LoRA step): {uncached['median_s'] / lora['median_s']:.2f}x "
-          "(target >= 2x)")
+        print(
+            f"| {r['variant']} | {r['trainable'] / 1e6:.1f} M | {r['median_s']:.3f} | {r['peak_gib']:.2f} |"
+        )
+    print(
+        f"\nLoRA / full: time {lora['median_s'] / full['median_s']:.2f} (target <= 0.75), "
+        f"peak memory {lora['peak_gib'] / full['peak_gib']:.2f} (target <= 0.60)"
+    )
+    print(
+        f"caching gain (uncached / cached LoRA step): {uncached['median_s'] / lora['median_s']:.2f}x "
+        "(target >= 2x)"
+    )
 
 
 if __name__ == "__main__":

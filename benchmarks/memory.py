@@ -1,13 +1,14 @@
-"""Peak memory of one UNet fine-tuning step with each memory saver added in turn (SD v1.5-shaped UNet by default).
+"""Peak memory of one UNet fine-tuning step with each memory saver added in turn (SD v1.5-shaped UNet by
+default).
 
 Variants, each in its own process so its peak is its own (CPU: peak resident memory, ru_maxrss; CUDA:
 torch.cuda.max_memory_allocated); the inputs are what a cached fine-tune feeds the UNet (latents and text
 context), random, fp32 weights:
   full          every UNet weight trained, AdamW                                   (the baseline)
-  +ckpt         + gradient checkpointing of every ResBlock / transformer block     (model.gradient_checkpointing)
+  +ckpt         + gradient checkpointing of every ResBlock / transformer block (model.gradient_checkpointing)
   +adafactor    + Adafactor instead of AdamW (factored second moments)             (model/optimizer=adafactor)
-  +in_backward  + the optimiser step fused into backward, gradients freed early    (model.optimizer_in_backward)
-  +bf16         + bf16 autocast of the forward/backward (activations in bf16)      (trainer.precision=bf16-mixed)
+  +in_backward  + the optimiser step fused into backward, gradients freed early (model.optimizer_in_backward)
+  +bf16         + bf16 autocast of the forward/backward (activations in bf16) (trainer.precision=bf16-mixed)
   +bf16_weights +in_backward with the weights stored in bf16, stochastic rounding  (model.bf16_weights)
   lora          LoRA r=8 on the transformer layers + gradient checkpointing, AdamW (model/method=lora)
 
@@ -107,12 +108,18 @@ def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     trainable = sum(p.numel() for p in params)
-    return {"variant": variant, "peak_gib": round(peak, 2), "step_s": round(sorted(times)[len(times) // 2], 2),
-            "trainable_m": round(trainable / 1e6, 1)}
+    return {
+        "variant": variant,
+        "peak_gib": round(peak, 2),
+        "step_s": round(sorted(times)[len(times) // 2], 2),
+        "trainable_m": round(trainable / 1e6, 1),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--unet", default="sd15", help="conf/model/unet preset (sd15, sd21, small, tiny)")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents: / 8)")
     parser.add_argument("--batch", type=int, default=1)
@@ -123,21 +130,44 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_variant(args.child, args.unet, args.resolution, args.batch, args.steps, args.device)))
+        print(
+            json.dumps(
+                run_variant(args.child, args.unet, args.resolution, args.batch, args.steps, args.device)
+            )
+        )
         return
     rows = []
     for variant in args.variants:
-        cmd = [sys.executable, __file__, "--child", variant, "--unet", args.unet, "--resolution",
-               str(args.resolution), "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--unet",
+            args.unet,
+            "--resolution",
+            str(args.resolution),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise child_failure(variant, result.stderr)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"{variant:>14}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
-              f"trainable {rows[-1]['trainable_m']:7.1f} M", flush=True)
+        print(
+            f"{variant:>14}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
+            f"trainable {rows[-1]['trainable_m']:7.1f} M",
+            flush=True,
+        )
     base = rows[0]["peak_gib"] if rows and rows[0]["variant"] == "full" else None
-    print(f"\n{args.unet} UNet, {args.resolution} px, batch {args.batch}, {args.device}: peak memory"
-          + (" (ratio to full)" if base else ""))
+    print(
+        f"\n{args.unet} UNet, {args.resolution} px, batch {args.batch}, {args.device}: peak memory"
+        + (" (ratio to full)" if base else "")
+    )
     for row in rows:
         ratio = f"  {row['peak_gib'] / base:.2f}x" if base else ""
         print(f"| {row['variant']} | {row['peak_gib']:.2f} GiB{ratio} | {row['step_s']:.2f} s |")

@@ -1,4 +1,5 @@
-"""Sampling benchmark: speed of each sampler vs diffusers' pipeline, and prompt fidelity per sampler and step count.
+"""Sampling benchmark: speed of each sampler vs diffusers' pipeline, and prompt fidelity per sampler and step
+count.
 
     python benchmarks/sampling.py --ckpt last                # both parts
     python benchmarks/sampling.py --part speed --batch 8 --steps 20 --repeats 5
@@ -61,16 +62,37 @@ def embedded_architecture_pipeline(folder: Path):
     unet_cfg.pop("_target_")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, **diffusers_config_from_ldm(**unet_cfg))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
     CLIPTextEncoder.tiny().save_pretrained(folder / "clip", layout="diffusers")
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel.from_pretrained(folder / "clip" / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "clip" / "tokenizer"), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(folder / "clip" / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "clip" / "tokenizer"),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder / "pipe")
     pipe.set_progress_bar_config(disable=True)
     return pipe, folder / "pipe"
@@ -96,8 +118,13 @@ def speed(args) -> list[tuple]:
             model.generate(prompts, guidance_scale=args.guidance, sampler=sampler, latents=latents)
 
         def theirs():
-            pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, latents=latents.clone(),
-                 output_type="pt")
+            pipe(
+                prompts,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                latents=latents.clone(),
+                output_type="pt",
+            )
 
         if class_name:
             pipe.scheduler = getattr(diffusers, class_name).from_config(config, **extra)
@@ -114,13 +141,22 @@ def speed(args) -> list[tuple]:
         theirs_ips = args.batch / statistics.median(times["diffusers"]) if class_name else None
         rows.append((name, class_name, ours_ips, theirs_ips))
         ratio = f"{ours_ips / theirs_ips:.2f}x" if theirs_ips else "-"
-        print(f"{name:16s} ours {ours_ips:7.2f} img/s   diffusers {theirs_ips or 0:7.2f} img/s   {ratio}", flush=True)
-    print("\n| sampler (ours / AUTOMATIC1111) | diffusers scheduler | ours img/s | diffusers img/s | ours / diffusers |")
+        print(
+            f"{name:16s} ours {ours_ips:7.2f} img/s   diffusers {theirs_ips or 0:7.2f} img/s   {ratio}",
+            flush=True,
+        )
+    print(
+        "\n| sampler (ours / AUTOMATIC1111) | diffusers scheduler | ours img/s | diffusers img/s | ours / "
+        "diffusers |"
+    )
     print("|---|---|---|---|---|")
     for name, class_name, ours_ips, theirs_ips in rows:
         extra = " (Karras)" if name.endswith("_karras") else ""
-        print(f"| `{name}` / {display_name(name)} | {class_name or '-'}{extra} | {ours_ips:.2f} | "
-              f"{f'{theirs_ips:.2f}' if theirs_ips else '-'} | {f'{ours_ips / theirs_ips:.2f}x' if theirs_ips else '-'} |")
+        print(
+            f"| `{name}` / {display_name(name)} | {class_name or '-'}{extra} | {ours_ips:.2f} | "
+            f"{f'{theirs_ips:.2f}' if theirs_ips else '-'} | "
+            f"{f'{ours_ips / theirs_ips:.2f}x' if theirs_ips else '-'} |"
+        )
     return rows
 
 
@@ -138,9 +174,16 @@ def fidelity(args) -> dict:
             start = time.perf_counter()
             result, _ = score(model, prompts, build_sampler(name, steps=steps), args.guidance, args.seed)
             results[name, steps] = result["fidelity"]
-            print(f"{name:16s} {steps:3d} steps fidelity {result['fidelity']:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
-    print("\n| sampler | " + " | ".join(f"{s} steps" for s in step_counts) + f" | fewest steps >= {args.target:.0%} |")
+            print(
+                f"{name:16s} {steps:3d} steps fidelity {result['fidelity']:.3f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+    print(
+        "\n| sampler | "
+        + " | ".join(f"{s} steps" for s in step_counts)
+        + f" | fewest steps >= {args.target:.0%} |"
+    )
     print("|---|" + "---|" * (len(step_counts) + 1))
     for name in args.samplers.split(","):
         reached = [s for s in step_counts if results[name, s] >= args.target]

@@ -49,7 +49,7 @@ def subject_prompts(concept: Concept, n: int) -> list[str]:
 
 
 def file_safe(identifier: str) -> str:
-    """"<gem>" -> "gem": the identifier as a file-name part."""
+    """ "<gem>" -> "gem": the identifier as a file-name part."""
     return re.sub(r"[^\w-]", "", identifier)
 
 
@@ -69,8 +69,12 @@ def known_prompts(n: int) -> list[str]:
 
 @torch.no_grad()
 def generate(model, prompts: list[str], sampler, guidance: float | None, seed: int, batch: int = 32):
-    return torch.cat([model.generate(prompts[i:i + batch], guidance_scale=guidance, seed=seed + i, sampler=sampler)
-                      for i in range(0, len(prompts), batch)])
+    return torch.cat(
+        [
+            model.generate(prompts[i : i + batch], guidance_scale=guidance, seed=seed + i, sampler=sampler)
+            for i in range(0, len(prompts), batch)
+        ]
+    )
 
 
 def by_background(hits: list[bool], prompts: list[str]) -> dict[str, tuple[int, int]]:
@@ -92,8 +96,11 @@ def find_run_files(run: Path) -> tuple[dict, Path, str]:
     method = next((m for m in METHODS if f".{m}." in target), None)
     if method is None:
         raise SystemExit(f"{run}: method {target} is not one of {METHODS}")
-    exported = sorted(p for p in (run / "adapters").glob("*") if p.suffix in (".safetensors", ".pt")
-                      and "-step" not in p.name)
+    exported = sorted(
+        p
+        for p in (run / "adapters").glob("*")
+        if p.suffix in (".safetensors", ".pt") and "-step" not in p.name
+    )
     if not exported:
         raise SystemExit(f"{run}/adapters has no exported file: did the run finish?")
     return config, exported[0], method
@@ -111,14 +118,19 @@ def load_models(run: Path, base: str | None):
     config, exported, method = find_run_files(run)
     base = base or base_of_run(run, config)
     if not base:
-        raise SystemExit(f"{run}: neither its config (model.base) nor checkpoints/last.ckpt names the base: "
-                         "pass --base <the base checkpoint>")
+        raise SystemExit(
+            f"{run}: neither its config (model.base) nor checkpoints/last.ckpt names the base: "
+            "pass --base <the base checkpoint>"
+        )
     models = {"base": load_for_sampling(base)}
     if method == "full":
         models[method] = load_for_sampling(str(exported), resolution=models["base"].image_resolution)
     else:
-        extra = {"lora": {"loras": [str(exported)]}, "textual_inversion": {"embeddings": [str(exported)]},
-                 "hypernetwork": {"hypernetwork": str(exported)}}[method]
+        extra = {
+            "lora": {"loras": [str(exported)]},
+            "textual_inversion": {"embeddings": [str(exported)]},
+            "hypernetwork": {"hypernetwork": str(exported)},
+        }[method]
         models[method] = load_for_sampling(base, **extra)
     concepts = [Concept.from_config(c) for c in config["data"]["concepts"]]
     return models, concepts
@@ -126,13 +138,18 @@ def load_models(run: Path, base: str | None):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="a dreambooth / dreambooth_lora / textual_inversion / "
-                   "hypernetwork run folder")
+    p.add_argument(
+        "--run",
+        required=True,
+        help="a dreambooth / dreambooth_lora / textual_inversion / hypernetwork run folder",
+    )
     p.add_argument("--base", default=None, help="base model (default: the run's model.base)")
     p.add_argument("--n", type=int, default=40, help="samples per prompt set")
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0, help="CFG scale for every model (default 3, as trained)")
+    p.add_argument(
+        "--guidance", type=float, default=3.0, help="CFG scale for every model (default 3, as trained)"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--grid-dir", default=None, help="save a grid per concept / prompt set / model here")
     p.add_argument("--tag", default="", help="prefix of the grid file names")
@@ -143,33 +160,57 @@ def main(argv=None) -> dict:
     sampler, evaluator = build_sampler(args.sampler, steps=args.steps), ShapesEvaluator()
     results = {}
     for concept in concepts:
-        prompt_sets = (("subject", subject_prompts(concept, args.n)), ("class", class_prompts(concept, args.n)),
-                       ("known", known_prompts(args.n)))
+        prompt_sets = (
+            ("subject", subject_prompts(concept, args.n)),
+            ("class", class_prompts(concept, args.n)),
+            ("known", known_prompts(args.n)),
+        )
         for kind, prompts in prompt_sets:
             for name, model in models.items():
                 images = generate(model, prompts, sampler, args.guidance, args.seed)
                 fidelity = evaluator.score(images, prompts)["fidelity"] if kind != "subject" else None
                 backgrounds = [evaluator.read(image)["background"] for image in images]
                 hits = [evaluator.is_subject(image, concept.subject) for image in images]
-                row = {"subject_rate": sum(hits) / len(hits), "fidelity": fidelity,
-                       "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts)) / len(prompts),
-                       "n": len(prompts), "by_background": by_background(hits, prompts)}
+                row = {
+                    "subject_rate": sum(hits) / len(hits),
+                    "fidelity": fidelity,
+                    "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts))
+                    / len(prompts),
+                    "n": len(prompts),
+                    "by_background": by_background(hits, prompts),
+                }
                 results[(concept.identifier, kind, name)] = row
-                print(f"{concept.identifier} {kind:7s} {name:10s} subject {row['subject_rate']:.3f} fidelity "
-                      f"{fidelity if fidelity is None else round(fidelity, 3)} background {row['background_acc']:.3f}",
-                      flush=True)
+                print(
+                    f"{concept.identifier} {kind:7s} {name:10s} subject {row['subject_rate']:.3f} fidelity "
+                    f"{fidelity if fidelity is None else round(fidelity, 3)} background "
+                    f"{row['background_acc']:.3f}",
+                    flush=True,
+                )
                 if kind == "subject":
-                    print("    read as the subject, by background: " + ", ".join(
-                        f"{bg} {hit}/{total}" for bg, (hit, total) in row["by_background"].items()), flush=True)
+                    print(
+                        "    read as the subject, by background: "
+                        + ", ".join(
+                            f"{bg} {hit}/{total}" for bg, (hit, total) in row["by_background"].items()
+                        ),
+                        flush=True,
+                    )
                 if args.grid_dir:
-                    save_labelled_grid(images[:12], prompts[:12], Path(args.grid_dir) /
-                                       f"{args.tag}{file_safe(concept.identifier)}_{kind}_{name}.png")
-    print("\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background | n |")
+                    save_labelled_grid(
+                        images[:12],
+                        prompts[:12],
+                        Path(args.grid_dir) / f"{args.tag}{file_safe(concept.identifier)}_{kind}_{name}.png",
+                    )
+    print(
+        "\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background | "
+        "n |"
+    )
     print("|---|---|---|---|---|---|---|")
     for (identifier, kind, name), r in results.items():
         fidelity = f"{r['fidelity']:.1%}" if kind != "subject" else "-"
-        print(f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {fidelity} | {r['background_acc']:.1%} "
-              f"| {r['n']} |")
+        print(
+            f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {fidelity} | "
+            f"{r['background_acc']:.1%} | {r['n']} |"
+        )
     return results
 
 

@@ -98,12 +98,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)  # tests: a small matmul
+    # tests: a small matmul
+    parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or "
-                         "use --device cpu")
+        raise SystemExit(
+            f"--device {args.device}: no CUDA device is visible here; run on a GPU machine or "
+            "use --device cpu"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -155,11 +158,13 @@ def main(argv=None) -> dict:
         achieved = flops[name] / median(walls[name])
         print(
             f"| {name} | {params[name] / 1e6:.1f}M | {median(walls[name]):.3f} | {min(walls[name]):.3f} | "
-            f"{median(cpus[name]):.3f} | {flops[name] / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / peak:.1%} |"
+            f"{median(cpus[name]):.3f} | {flops[name] / 1e9:.1f} | {achieved / 1e9:.1f} | "
+            f"{achieved / peak:.1%} |"
         )
     print(
         f"\nMFU = FLOPs per step / median step time / fp32 matmul peak "
-        f"({peak / 1e9:.1f} GFLOP/s, best {args.peak_size}^3 mm in this run, {torch.get_num_threads()} threads)"
+        f"({peak / 1e9:.1f} GFLOP/s, best {args.peak_size}^3 mm in this run, {torch.get_num_threads()} "
+        "threads)"
     )
     if "diffusers" in steps:
 

@@ -15,8 +15,13 @@ log = get_logger(__name__)
 
 
 class AdapterExport(L.Callback):
-    def __init__(self, name: str = "adapter", every_n_steps: int = 0, suffix: str | None = None,
-                 dirpath: str | None = None):
+    def __init__(
+        self,
+        name: str = "adapter",
+        every_n_steps: int = 0,
+        suffix: str | None = None,
+        dirpath: str | None = None,
+    ):
         self.name, self.every_n_steps, self.suffix, self.dirpath = name, every_n_steps, suffix, dirpath
         self.exported: list[Path] = []
 

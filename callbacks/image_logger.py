@@ -21,8 +21,14 @@ log = get_logger(__name__)
 
 
 class ImageLogger(L.Callback):
-    def __init__(self, every_n_steps: int = 500, max_images: int = 8, log_first_step: bool = True,
-                 log_on_fit_end: bool = True, save_dir: str | None = None):
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        max_images: int = 8,
+        log_first_step: bool = True,
+        log_on_fit_end: bool = True,
+        save_dir: str | None = None,
+    ):
         self.every_n_steps = every_n_steps
         self.max_images = max_images
         self.log_first_step = log_first_step

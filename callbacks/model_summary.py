@@ -21,8 +21,15 @@ log = get_logger(__name__)
 
 class ModelSummary(RichModelSummary):
     @staticmethod
-    def summarize(summary_data, total_parameters: int, trainable_parameters: int, model_size: float,
-                  total_training_modes: dict, total_flops: int, **summarize_kwargs) -> None:
+    def summarize(
+        summary_data,
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict,
+        total_flops: int,
+        **summarize_kwargs,
+    ) -> None:
         from rich import get_console
         from rich.table import Table
 
@@ -36,13 +43,20 @@ class ModelSummary(RichModelSummary):
         console = get_console()
         console.print(table)
         frozen = total_parameters - trainable_parameters
-        console.print(f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable_parameters))}   "
-                      f"[bold]Frozen params[/]: {get_human_readable_count(int(frozen))}   "
-                      f"[bold]Size[/]: {model_size:,.1f} MB")
+        console.print(
+            f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable_parameters))}   "
+            f"[bold]Frozen params[/]: {get_human_readable_count(int(frozen))}   "
+            f"[bold]Size[/]: {model_size:,.1f} MB"
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        wrong = [name for name, module in pl_module.named_modules()
-                 if not module.training and any(p.requires_grad for p in module.parameters(recurse=False))]
+        wrong = [
+            name
+            for name, module in pl_module.named_modules()
+            if not module.training and any(p.requires_grad for p in module.parameters(recurse=False))
+        ]
         if wrong:
-            log.warning(f"{len(wrong)} module(s) with trainable parameters are in eval mode at the start of "
-                        f"training (dropout/normalisation act as at inference): {wrong[:5]}")
+            log.warning(
+                f"{len(wrong)} module(s) with trainable parameters are in eval mode at the start of "
+                f"training (dropout/normalisation act as at inference): {wrong[:5]}"
+            )

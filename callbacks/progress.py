@@ -29,7 +29,11 @@ class StepProgressBar(RichProgressBar):
         return f"{description:{len(self.validation_description)}}"
 
     def _update(self, progress_bar_id, current: int, visible: bool = True, hard: bool = False) -> None:
-        if progress_bar_id is not None and progress_bar_id == self.train_progress_bar_id and self._step_bounded():
+        if (
+            progress_bar_id is not None
+            and progress_bar_id == self.train_progress_bar_id
+            and self._step_bounded()
+        ):
             current = self.trainer.global_step  # steps so far, across epochs and resumes
         super()._update(progress_bar_id, current, visible, hard)
 

@@ -77,7 +77,8 @@ class RunCheckpoint(ModelCheckpoint):
         files = "deepspeed" not in type(trainer.strategy).__name__.lower()  # DeepSpeed saves folders
         link = self.save_last is True and just_saved and files
         save_last, versioned = self.save_last, self._enable_version_counter
-        self.save_last = "link" if link else save_last  # Lightning's branch linking last to the file saved last
+        # Lightning's branch linking last to the file saved last
+        self.save_last = "link" if link else save_last
         self._enable_version_counter = False  # last.ckpt is replaced, never joined by last-v1.ckpt
         try:
             super()._save_last_checkpoint(trainer, monitor_candidates)
@@ -126,14 +127,18 @@ class RunCheckpoint(ModelCheckpoint):
 
     def forwarded_signals(self, trainer) -> list[int]:
         """The preemption signals this callback turns into SIGTERM: not SIGTERM itself (Lightning's), and not
-        the requeue signal of a SLURM job with auto-requeue (Lightning saves an hpc checkpoint and requeues)."""
+        the requeue signal of a SLURM job with auto-requeue (Lightning saves an hpc checkpoint and
+        requeues)."""
         environment = getattr(trainer.strategy, "cluster_environment", None)
         requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
         if requeue is not None and not environment.auto_requeue:
             requeue = None
         found = [getattr(signal, name, None) for name in self.preemption_signals]
-        return [s for s in found if s is not None and s not in (signal.SIGTERM, requeue)
-                and s not in self._previous_handlers]
+        return [
+            s
+            for s in found
+            if s is not None and s not in (signal.SIGTERM, requeue) and s not in self._previous_handlers
+        ]
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for signum, handler in self._previous_handlers.items():

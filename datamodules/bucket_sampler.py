@@ -51,10 +51,19 @@ class BucketBatchSampler(BatchSampler):
     not the order's, since a run stopped by ``max_steps`` mid-epoch resumes in Lightning's next epoch.
     """
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, shuffle: bool = True,
-                 drop_last: bool = False, seed: int = 0, sampler: Sampler | None = None,
-                 num_replicas: int | None = None, rank: int | None = None, position: dict | None = None,
-                 dataset: Dataset | None = None):
+    def __init__(
+        self,
+        bucket_ids: Sequence[int],
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        sampler: Sampler | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        position: dict | None = None,
+        dataset: Dataset | None = None,
+    ):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.bucket_ids = np.asarray(bucket_ids, dtype=np.int64)
@@ -86,7 +95,7 @@ class BucketBatchSampler(BatchSampler):
             if self.shuffle:
                 members = rng.permutation(members)
             for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
+                batch = members[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch.tolist())
         if self.shuffle:
@@ -104,7 +113,7 @@ class BucketBatchSampler(BatchSampler):
         batches = self.global_batches(epoch)
         needed = self._rank_count(len(batches)) * self.num_replicas
         batches = [batches[k % len(batches)] for k in range(needed)] if batches else []
-        return batches[self.rank::self.num_replicas]
+        return batches[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         """Batches of this rank per epoch (the same every epoch)."""

@@ -56,11 +56,23 @@ class BucketedImageDataset(Dataset):
 
     log = logging.getLogger("datamodules.bucketed")
 
-    def __init__(self, resolution: int = 512, center_crop: bool = True, random_flip: float = 0.0,
-                 repeats: int = 1, caption_dropout: float = 0.0, bucketing: bool = False,
-                 bucket_step: int | None = None, bucket_min_side: int | None = None,
-                 bucket_max_side: int | None = None, shuffle_tags: bool = False, keep_tags: int = 0,
-                 tag_dropout: float = 0.0, tag_separator: str = ",", size_conditions: bool = False):
+    def __init__(
+        self,
+        resolution: int = 512,
+        center_crop: bool = True,
+        random_flip: float = 0.0,
+        repeats: int = 1,
+        caption_dropout: float = 0.0,
+        bucketing: bool = False,
+        bucket_step: int | None = None,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        tag_separator: str = ",",
+        size_conditions: bool = False,
+    ):
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         if int(repeats) < 1:
@@ -141,9 +153,17 @@ class BucketedImageDataset(Dataset):
         if target[0] == target[1] == self.resolution:  # square: the classic shorter-side resize
             image = load_rgb(source, min_side=self.resolution)
             return preprocess(image, self.resolution, self.center_crop, self.random_flip, generator, **sizes)
-        min_side = None if isinstance(source, Image.Image) else min(cover_size(*self.record_size(record_id), target))
-        return preprocess_to_size(load_rgb(source, min_side=min_side), target, self.center_crop, self.random_flip,
-                                  generator, **sizes)
+        min_side = (
+            None if isinstance(source, Image.Image) else min(cover_size(*self.record_size(record_id), target))
+        )
+        return preprocess_to_size(
+            load_rgb(source, min_side=min_side),
+            target,
+            self.center_crop,
+            self.random_flip,
+            generator,
+            **sizes,
+        )
 
     def _stand_ins(self, record_id: int):
         """``record_id``, then the other records of its bucket (after it, cyclically) not known bad."""
@@ -163,11 +183,18 @@ class BucketedImageDataset(Dataset):
                 break
             except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
                 self._unreadable.add(record_id)
-                self.log.warning("skipping unreadable image %s (%s: %s); %d unreadable so far",
-                                 self.record_name(record_id), type(error).__name__, error, len(self._unreadable))
+                self.log.warning(
+                    "skipping unreadable image %s (%s: %s); %d unreadable so far",
+                    self.record_name(record_id),
+                    type(error).__name__,
+                    error,
+                    len(self._unreadable),
+                )
         else:
-            raise RuntimeError(f"every image of bucket {target[0]}x{target[1]} is unreadable (see the "
-                               f"warnings above); remove or replace the broken files")
+            raise RuntimeError(
+                f"every image of bucket {target[0]}x{target[1]} is unreadable (see the "
+                f"warnings above); remove or replace the broken files"
+            )
         caption = self.tags(self.record_caption(record_id), generator)
         if self.caption_dropout > 0 and float(torch.rand((), generator=generator)) < self.caption_dropout:
             caption = ""
@@ -180,18 +207,26 @@ def dataset_options(hp, train: bool) -> dict:
     """The ``BucketedImageDataset`` arguments from a datamodule's hyperparameters: the configured
     augmentations and repeats for training, none of them (centre crops, captions as written) for validation."""
     return {
-        "resolution": hp.resolution, "center_crop": hp.center_crop if train else True,
-        "random_flip": hp.random_flip if train else 0.0, "repeats": hp.repeats if train else 1,
-        "caption_dropout": hp.caption_dropout if train else 0.0, "bucketing": hp.bucketing,
-        "bucket_step": hp.bucket_step, "bucket_min_side": hp.bucket_min_side, "bucket_max_side": hp.bucket_max_side,
-        "shuffle_tags": hp.shuffle_tags if train else False, "keep_tags": hp.keep_tags,
-        "tag_dropout": hp.tag_dropout if train else 0.0, "tag_separator": hp.tag_separator,
+        "resolution": hp.resolution,
+        "center_crop": hp.center_crop if train else True,
+        "random_flip": hp.random_flip if train else 0.0,
+        "repeats": hp.repeats if train else 1,
+        "caption_dropout": hp.caption_dropout if train else 0.0,
+        "bucketing": hp.bucketing,
+        "bucket_step": hp.bucket_step,
+        "bucket_min_side": hp.bucket_min_side,
+        "bucket_max_side": hp.bucket_max_side,
+        "shuffle_tags": hp.shuffle_tags if train else False,
+        "keep_tags": hp.keep_tags,
+        "tag_dropout": hp.tag_dropout if train else 0.0,
+        "tag_separator": hp.tag_separator,
         "size_conditions": hp.get("size_conditions", False),
     }
 
 
-def split_indices(n: int, val_size: int, val_fraction: float | None, seed: int,
-                  log: logging.Logger, where: str) -> tuple[list[int], list[int]]:
+def split_indices(
+    n: int, val_size: int, val_fraction: float | None, seed: int, log: logging.Logger, where: str
+) -> tuple[list[int], list[int]]:
     """(train, val) record indices: ``val_size`` (or ``val_fraction``) held out with ``seed``; with none
     held out, validation shows the first few training records."""
     n_val = round(val_fraction * n) if val_fraction is not None else int(val_size)
@@ -217,16 +252,25 @@ class BucketedDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         # training: workers start afresh each epoch, so that they see the dataset's epoch (augmentations)
-        common = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                  "persistent_workers": self.num_workers > 0 and not shuffle}
+        common = {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0 and not shuffle,
+        }
         seed = self.hparams.get("seed", 0)
         if not self.hparams.get("bucketing", False):
             if shuffle:  # the seeded order that resumes mid-epoch (its position is in checkpoints)
                 return resumable_loader(dataset, self.batch_size, seed=seed, **common)
             return DataLoader(dataset, batch_size=self.batch_size, **common)
         position, self._position = (self._position, None) if shuffle else (None, self._position)
-        sampler = BucketBatchSampler(dataset.bucket_ids, self.batch_size, shuffle=shuffle, seed=seed,
-                                     position=position, dataset=dataset if shuffle else None)
+        sampler = BucketBatchSampler(
+            dataset.bucket_ids,
+            self.batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            position=position,
+            dataset=dataset if shuffle else None,
+        )
         return BucketLoader(dataset, batch_sampler=sampler, **common)
 
     def data_facts(self) -> DataFacts:

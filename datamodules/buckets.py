@@ -14,7 +14,14 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-__all__ = ["assign_buckets", "bucket_summary", "cover_size", "default_bucket_step", "make_buckets", "nearest_bucket"]
+__all__ = [
+    "assign_buckets",
+    "bucket_summary",
+    "cover_size",
+    "default_bucket_step",
+    "make_buckets",
+    "nearest_bucket",
+]
 
 Size = tuple[int, int]  # (width, height)
 
@@ -24,8 +31,9 @@ def default_bucket_step(resolution: int) -> int:
     return 64 if resolution >= 256 else max(1, int(resolution) // 4)
 
 
-def make_buckets(resolution: int, step: int | None = 64, min_side: int | None = None,
-                 max_side: int | None = None) -> list[Size]:
+def make_buckets(
+    resolution: int, step: int | None = 64, min_side: int | None = None, max_side: int | None = None
+) -> list[Size]:
     """Bucket sizes of about ``resolution``^2 pixels, sorted by aspect ratio (widest last).
 
     For every width w in [min_side, max_side] (multiples of ``step``), the tallest height that
@@ -62,9 +70,10 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> int:
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     ratio = math.log(width / height)
-    return min(range(len(buckets)),
-               key=lambda k: (abs(ratio - math.log(buckets[k][0] / buckets[k][1])),
-                              -buckets[k][0] * buckets[k][1]))
+    return min(
+        range(len(buckets)),
+        key=lambda k: (abs(ratio - math.log(buckets[k][0] / buckets[k][1])), -buckets[k][0] * buckets[k][1]),
+    )
 
 
 def assign_buckets(sizes: Sequence[Size], buckets: Sequence[Size]) -> list[int]:

@@ -71,7 +71,7 @@ class TagAugment:
         if not self.active or self.separator not in caption:
             return caption
         tags = [t.strip() for t in caption.split(self.separator) if t.strip()]
-        kept, rest = tags[: self.keep_tags], tags[self.keep_tags:]
+        kept, rest = tags[: self.keep_tags], tags[self.keep_tags :]
         if self.tag_dropout > 0 and rest:
             keep = torch.rand(len(rest), generator=generator) >= self.tag_dropout
             rest = [t for t, k in zip(rest, keep.tolist()) if k]

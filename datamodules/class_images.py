@@ -61,9 +61,15 @@ def image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def cache_key(base_fingerprint: str, prompts: Sequence[str], settings: SamplerSettings, resolution: int) -> str:
-    parts = {"base": base_fingerprint, "prompts": list(prompts), "resolution": int(resolution),
-             **settings.key_parts()}
+def cache_key(
+    base_fingerprint: str, prompts: Sequence[str], settings: SamplerSettings, resolution: int
+) -> str:
+    parts = {
+        "base": base_fingerprint,
+        "prompts": list(prompts),
+        "resolution": int(resolution),
+        **settings.key_parts(),
+    }
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,12 +85,21 @@ def image_path(folder: Path, index: int) -> Path:
 
 def missing_indices(folder: Path, count: int) -> list[int]:
     """Indices < ``count`` whose image or caption is not on disk yet."""
-    return [i for i in range(count)
-            if not image_path(folder, i).is_file() or not image_path(folder, i).with_suffix(".txt").is_file()]
+    return [
+        i
+        for i in range(count)
+        if not image_path(folder, i).is_file() or not image_path(folder, i).with_suffix(".txt").is_file()
+    ]
 
 
-def ensure_class_images(folder: str | os.PathLike, prompts: Sequence[str], count: int, generate: GenerateFn,
-                        settings: SamplerSettings, key_info: dict | None = None) -> list[Path]:
+def ensure_class_images(
+    folder: str | os.PathLike,
+    prompts: Sequence[str],
+    count: int,
+    generate: GenerateFn,
+    settings: SamplerSettings,
+    key_info: dict | None = None,
+) -> list[Path]:
     """The first ``count`` class images in ``folder``, generating only those missing; -> their paths."""
     prompts = list(prompts)
     if not prompts:
@@ -95,21 +110,25 @@ def ensure_class_images(folder: str | os.PathLike, prompts: Sequence[str], count
         atomic_write_text(folder / "key.json", json.dumps(key_info, indent=1, sort_keys=True))
     todo = missing_indices(folder, count)
     if todo:
-        log.info(f"Generating {len(todo)} of {count} class images in {folder} "
-                 f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance_scale})",
-                 rank_zero=False)  # logged by whichever process generates (only rank zero should)
+        # logged by whichever process generates (only rank zero should)
+        log.info(
+            f"Generating {len(todo)} of {count} class images in {folder} "
+            f"({settings.sampler}, {settings.steps} steps, guidance {settings.guidance_scale})",
+            rank_zero=False,
+        )
         _generate(folder, prompts, todo, generate, settings)
     else:
         log.info(f"Reusing {count} cached class images from {folder}")
     return [image_path(folder, i) for i in range(count)]
 
 
-def _generate(folder: Path, prompts: list[str], todo: list[int], generate: GenerateFn,
-              settings: SamplerSettings) -> None:
+def _generate(
+    folder: Path, prompts: list[str], todo: list[int], generate: GenerateFn, settings: SamplerSettings
+) -> None:
     from rich.progress import Progress
 
     size = max(1, int(settings.batch_size))
-    chunks = [todo[k:k + size] for k in range(0, len(todo), size)]
+    chunks = [todo[k : k + size] for k in range(0, len(todo), size)]
     with Progress(transient=True) as progress:
         task = progress.add_task("class images", total=len(todo))
         for chunk in chunks:
@@ -118,6 +137,7 @@ def _generate(folder: Path, prompts: list[str], todo: list[int], generate: Gener
             if images.shape[0] != len(chunk):
                 raise RuntimeError(f"generate returned {images.shape[0]} images for {len(chunk)} prompts")
             for index, prompt, image in zip(chunk, batch_prompts, images):
-                atomic_write_text(image_path(folder, index).with_suffix(".txt"), prompt)  # caption first: the PNG
-                _write_png(image_path(folder, index), image)                      # marks the pair complete
+                # caption first: the PNG
+                atomic_write_text(image_path(folder, index).with_suffix(".txt"), prompt)
+                _write_png(image_path(folder, index), image)  # marks the pair complete
             progress.advance(task, len(chunk))

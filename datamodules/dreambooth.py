@@ -44,7 +44,7 @@ class Concept:
     (and ``{background}`` for the embedded subject)."""
 
     identifier: str = "sks"
-    class_noun: str | None = None              # default: the subject's shape
+    class_noun: str | None = None  # default: the subject's shape
     instance_dir: str | None = None
     instance_prompt: str | None = None
     subject: Subject | None = None
@@ -73,21 +73,28 @@ class Concept:
 
     def check(self) -> None:
         if (self.instance_dir is None) == (self.subject is None):
-            raise ValueError(f"concept {self.identifier!r}: give exactly one of instance_dir (a folder of "
-                             "instance images) and subject (the embedded subject)")
+            raise ValueError(
+                f"concept {self.identifier!r}: give exactly one of instance_dir (a folder of "
+                "instance images) and subject (the embedded subject)"
+            )
         if self.class_noun is None:
             if self.subject is None:
-                raise ValueError(f"concept {self.identifier!r}: class_noun is required with instance_dir "
-                                 "(e.g. class_noun: dog)")
+                raise ValueError(
+                    f"concept {self.identifier!r}: class_noun is required with instance_dir "
+                    "(e.g. class_noun: dog)"
+                )
             self.class_noun = self.subject.shape
         if self.subject is not None:
             bad = [b for b in self.instance_backgrounds if b not in self.subject.backgrounds()]
             if bad or not self.instance_backgrounds:
-                raise ValueError(f"concept {self.identifier!r}: instance_backgrounds {bad or '[]'} must be "
-                                 f"palette colours other than the subject's: {self.subject.backgrounds()}")
+                raise ValueError(
+                    f"concept {self.identifier!r}: instance_backgrounds {bad or '[]'} must be "
+                    f"palette colours other than the subject's: {self.subject.backgrounds()}"
+                )
         if self.num_class_images < 0 or self.num_instance_images < 1:
-            raise ValueError(f"concept {self.identifier!r}: num_instance_images must be >= 1 and "
-                             "num_class_images >= 0")
+            raise ValueError(
+                f"concept {self.identifier!r}: num_instance_images must be >= 1 and num_class_images >= 0"
+            )
 
     def fill(self, template: str, **extra: str) -> str:
         return template.format(identifier=self.identifier, class_noun=self.class_noun, **extra)
@@ -98,7 +105,9 @@ class Concept:
         "a <identifier> <class noun> on a <background> background"."""
         if self.instance_prompt is None:
             return caption_for(self.identifier, self.class_noun, background)
-        return self.fill(self.instance_prompt, background=background, a_background=f"{_article(background)} {background}")
+        return self.fill(
+            self.instance_prompt, background=background, a_background=f"{_article(background)} {background}"
+        )
 
     def class_prompts(self) -> list[str]:
         prompts = self.class_prompt if self.class_prompt is not None else "a {class_noun}"
@@ -112,8 +121,15 @@ class Concept:
 class SubjectDataset(Dataset):
     """The embedded subject on ``backgrounds`` (cycled), one random layout per item ([seed, stream, i])."""
 
-    def __init__(self, concept: Concept, backgrounds: Sequence[str], size: int, resolution: int, seed: int = 0,
-                 stream: int = 0):
+    def __init__(
+        self,
+        concept: Concept,
+        backgrounds: Sequence[str],
+        size: int,
+        resolution: int,
+        seed: int = 0,
+        stream: int = 0,
+    ):
         self.concept, self.backgrounds, self.size = concept, list(backgrounds), int(size)
         self.resolution, self.seed, self.stream = int(resolution), int(seed), int(stream)
 
@@ -134,8 +150,9 @@ class Tagged(Dataset):
     """Items of ``source`` with ``is_regularization`` set (and the caption replaced when ``caption`` given);
     ``length`` > len(source) cycles through it (instance images repeated to match the class images)."""
 
-    def __init__(self, source: Dataset, is_regularization: bool, caption: str | None = None,
-                 length: int | None = None):
+    def __init__(
+        self, source: Dataset, is_regularization: bool, caption: str | None = None, length: int | None = None
+    ):
         self.source, self.is_regularization, self.caption = source, bool(is_regularization), caption
         self.length = len(source) if length is None else int(length)
 
@@ -159,14 +176,34 @@ class DreamBoothDataModule(FineTuneDataModule):
         (held out); concepts from folders keep every image for training and add no validation.
     """
 
-    def __init__(self, concepts: Sequence[Mapping[str, Any]], resolution: int = 32, batch_size: int = 4,
-                 repeats: int = 1, cache_latents: bool = True, cache_dir: str | None = None, num_workers: int = 0,
-                 class_images: Mapping | None = None, val_size: int = 8, seed: int = 0,
-                 cache_check: str = "stat", cache_max_gb: float | None = 20.0):
-        super().__init__(source=None, resolution=resolution, batch_size=batch_size, repeats=repeats,
-                         cache_latents=cache_latents, flip_variants=False, cache_dir=cache_dir,
-                         num_workers=num_workers, validation="none", cache_check=cache_check,
-                         cache_max_gb=cache_max_gb)
+    def __init__(
+        self,
+        concepts: Sequence[Mapping[str, Any]],
+        resolution: int = 32,
+        batch_size: int = 4,
+        repeats: int = 1,
+        cache_latents: bool = True,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        class_images: Mapping | None = None,
+        val_size: int = 8,
+        seed: int = 0,
+        cache_check: str = "stat",
+        cache_max_gb: float | None = 20.0,
+    ):
+        super().__init__(
+            source=None,
+            resolution=resolution,
+            batch_size=batch_size,
+            repeats=repeats,
+            cache_latents=cache_latents,
+            flip_variants=False,
+            cache_dir=cache_dir,
+            num_workers=num_workers,
+            validation="none",
+            cache_check=cache_check,
+            cache_max_gb=cache_max_gb,
+        )
         if not concepts:
             raise ValueError("DreamBooth needs at least one concept (data.concepts)")
         self.concepts = [Concept.from_config(c) for c in concepts]
@@ -182,11 +219,17 @@ class DreamBoothDataModule(FineTuneDataModule):
     # -- instance images -------------------------------------------------------------------------------
     def _instances(self, concept: Concept) -> Dataset:
         if concept.subject is not None:
-            return SubjectDataset(concept, concept.instance_backgrounds, concept.num_instance_images,
-                                  self.resolution, self.hparams.seed)
+            return SubjectDataset(
+                concept,
+                concept.instance_backgrounds,
+                concept.num_instance_images,
+                self.resolution,
+                self.hparams.seed,
+            )
         default = concept.fill(concept.instance_prompt or "a {identifier} {class_noun}")
-        folder = ImageFolderDataset(concept.instance_dir, self.resolution, center_crop=True, random_flip=0.0,
-                                    default_caption=default)
+        folder = ImageFolderDataset(
+            concept.instance_dir, self.resolution, center_crop=True, random_flip=0.0, default_caption=default
+        )
         return Tagged(folder, False, caption=default if concept.instance_prompt else None)
 
     def setup(self, stage: str | None = None) -> None:
@@ -194,15 +237,22 @@ class DreamBoothDataModule(FineTuneDataModule):
             return
         self.instance_sets = [self._instances(c) for c in self.concepts]
         for concept, data in zip(self.concepts, self.instance_sets):
-            log.info(f"DreamBooth concept {concept.identifier!r} ({concept.class_noun}): {len(data)} instance "
-                     f"images, {concept.num_class_images} class images")
+            log.info(
+                f"DreamBooth concept {concept.identifier!r} ({concept.class_noun}): {len(data)} instance "
+                f"images, {concept.num_class_images} class images"
+            )
         self.data_train = ConcatDataset(self.instance_sets)  # until class images are ready
         self.data_val = self._validation()
         self._declare_validation()
 
     def _validation(self) -> Dataset | None:
-        parts = [SubjectDataset(c, c.eval_backgrounds(), self.hparams.val_size, self.resolution, self.hparams.seed,
-                                stream=1) for c in self.concepts if c.eval_backgrounds() and self.hparams.val_size]
+        parts = [
+            SubjectDataset(
+                c, c.eval_backgrounds(), self.hparams.val_size, self.resolution, self.hparams.seed, stream=1
+            )
+            for c in self.concepts
+            if c.eval_backgrounds() and self.hparams.val_size
+        ]
         return ConcatDataset(parts) if parts else None
 
     # -- class images ----------------------------------------------------------------------------------
@@ -219,7 +269,9 @@ class DreamBoothDataModule(FineTuneDataModule):
         if trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("dreambooth_class_images")
             if not trainer.is_global_zero:
-                log.info(f"rank {trainer.global_rank}: using the class images rank zero prepared", rank_zero=False)
+                log.info(
+                    f"rank {trainer.global_rank}: using the class images rank zero prepared", rank_zero=False
+                )
         generated = self._generated_class_images(services)
         self.class_sets = [self._class_set(c, files) for c, files in zip(self.concepts, generated)]
         parts: list[Dataset] = []
@@ -230,8 +282,9 @@ class DreamBoothDataModule(FineTuneDataModule):
                 parts.append(classes)
         self.data_train = ConcatDataset(parts)
 
-    def _generated_class_images(self, services: DataServices | None,
-                                generate: bool = False) -> list[list[Path] | None]:
+    def _generated_class_images(
+        self, services: DataServices | None, generate: bool = False
+    ) -> list[list[Path] | None]:
         """Per concept, the files of its generated class images (None: no class images, or a class_dir);
         ``generate``: make the missing ones first (rank zero only)."""
         files: list[list[Path] | None] = []
@@ -241,24 +294,38 @@ class DreamBoothDataModule(FineTuneDataModule):
                 files.append(None)
                 continue
             if services is None or services.generate is None or services.base_fingerprint is None:
-                raise ValueError(f"concept {concept.identifier!r}: generating its {concept.num_class_images} class "
-                                 "images needs the base model's image generator, handed over at setup: run "
-                                 "through train.py (ldm.utils.data_handover.connect_data), or give a class_dir")
+                raise ValueError(
+                    f"concept {concept.identifier!r}: generating its {concept.num_class_images} class "
+                    "images needs the base model's image generator, handed over at setup: run "
+                    "through train.py (ldm.utils.data_handover.connect_data), or give a class_dir"
+                )
             fingerprint = fingerprint or services.base_fingerprint()
             files.append(self._generated(concept, services.generate, fingerprint, generate))
         return files
 
-    def _generated(self, concept: Concept, generator: ImageGenerator, fingerprint: str,
-                   generate: bool) -> list[Path]:
+    def _generated(
+        self, concept: Concept, generator: ImageGenerator, fingerprint: str, generate: bool
+    ) -> list[Path]:
         prompts, settings = concept.class_prompts(), self.sampler_settings
         key = cache_key(fingerprint, prompts, settings, self.resolution)
         root = Path(self.class_cache_dir) if self.class_cache_dir else Path(self._run_dir()) / "class_images"
         folder = root / key
         if not generate:
             return [folder / f"{i:05d}.png" for i in range(concept.num_class_images)]
-        info = {"base": fingerprint, "prompts": prompts, "resolution": self.resolution, **settings.key_parts()}
-        return ensure_class_images(folder, prompts, concept.num_class_images,
-                                   _generate_fn(generator, settings, self.resolution), settings, key_info=info)
+        info = {
+            "base": fingerprint,
+            "prompts": prompts,
+            "resolution": self.resolution,
+            **settings.key_parts(),
+        }
+        return ensure_class_images(
+            folder,
+            prompts,
+            concept.num_class_images,
+            _generate_fn(generator, settings, self.resolution),
+            settings,
+            key_info=info,
+        )
 
     def _run_dir(self) -> str:
         return self.trainer.default_root_dir if self.trainer is not None else "."
@@ -270,13 +337,17 @@ class DreamBoothDataModule(FineTuneDataModule):
             return Tagged(ImageFolderDataset(generated[0].parent, self.resolution, files=generated), True)
         if concept.class_dir is None or concept.num_class_images == 0:
             return None
-        data = ImageFolderDataset(concept.class_dir, self.resolution, default_caption=concept.fill("a {class_noun}"))
+        data = ImageFolderDataset(
+            concept.class_dir, self.resolution, default_caption=concept.fill("a {class_noun}")
+        )
         prompts = concept.class_prompts() if concept.class_prompt is not None else []
         if concept.num_class_images < len(data):
             data = Subset(data, range(concept.num_class_images))
         elif concept.num_class_images > len(data):
-            log.warning(f"concept {concept.identifier!r}: class_dir {concept.class_dir} holds {len(data)} images, "
-                        f"fewer than num_class_images={concept.num_class_images}; training with {len(data)}")
+            log.warning(
+                f"concept {concept.identifier!r}: class_dir {concept.class_dir} holds {len(data)} images, "
+                f"fewer than num_class_images={concept.num_class_images}; training with {len(data)}"
+            )
         return Tagged(data, True, caption=prompts[0] if len(prompts) == 1 else None)
 
     # -- the model's services: class images first, then the latent cache ---------------------------------
@@ -304,8 +375,15 @@ class DreamBoothDataModule(FineTuneDataModule):
 
 def _generate_fn(generator: ImageGenerator, settings: SamplerSettings, resolution: int):
     """(prompts, seeds) -> images, as ``ensure_class_images`` calls it, with the settings filled in."""
+
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return generator(prompts, seeds, sampler=settings.sampler, steps=settings.steps,
-                         guidance_scale=settings.guidance_scale, resolution=resolution)
+        return generator(
+            prompts,
+            seeds,
+            sampler=settings.sampler,
+            steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            resolution=resolution,
+        )
 
     return generate

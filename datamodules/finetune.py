@@ -1,4 +1,5 @@
-"""Fine-tuning data: any captioned source datamodule + repeats, regularisation (class) images and latent caching.
+"""Fine-tuning data: any captioned source datamodule + repeats, regularisation (class) images and latent
+caching.
 
 Every item carries ``is_regularization`` (False for the concept's own images, True for regularisation /
 DreamBooth class images), so a method can weight the two (``FineTuneMethod.loss``). Condition dropout for
@@ -65,8 +66,8 @@ class Repeated(Dataset):
 class CaptionsRewritten(Dataset):
     """The source's items passed through ``transform`` ((item, rng) -> item) each time one is drawn, e.g.
     textual inversion's placeholder prompts (``datamodules.placeholder_captions``). ``rng`` is a
-    ``random.Random`` seeded by (epoch, index): random choices differ across epochs and items, yet are the same
-    after a resume (the global RNG would not be: the loader prefetches ahead of the checkpoint)."""
+    ``random.Random`` seeded by (epoch, index): random choices differ across epochs and items, yet are the
+    same after a resume (the global RNG would not be: the loader prefetches ahead of the checkpoint)."""
 
     def __init__(self, source: Dataset, transform: Callable[[dict, random.Random], dict]):
         self.source, self.transform, self.epoch = source, transform, 0
@@ -113,18 +114,31 @@ def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
     return [(side, side)] * len(dataset)
 
 
-def bucket_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                  drop_last: bool = False, position: dict | None = None) -> DataLoader:
+def bucket_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    position: dict | None = None,
+) -> DataLoader:
     """Batches of one item size each when the sizes differ (aspect-ratio buckets), plain batches otherwise.
     ``position``: a saved ``BucketBatchSampler.position_state`` to resume from (bucketed batches only)."""
     sizes = item_sizes(dataset)
     keys = sorted(set(sizes))
     if len(keys) <= 1:  # one size: the seeded training order dealt to ranks (datamodules.samplers)
-        return DataLoader(dataset, batch_size=batch_size, sampler=training_sampler(dataset) if shuffle else None,
-                          num_workers=num_workers, drop_last=drop_last)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=training_sampler(dataset) if shuffle else None,
+            num_workers=num_workers,
+            drop_last=drop_last,
+        )
     ids = [keys.index(size) for size in sizes]
-    sampler = BucketBatchSampler(ids, batch_size, shuffle=shuffle, position=position,
-                                 dataset=dataset if shuffle else None)  # per-epoch flip variants, augmentations
+    # per-epoch flip variants, augmentations
+    sampler = BucketBatchSampler(
+        ids, batch_size, shuffle=shuffle, position=position, dataset=dataset if shuffle else None
+    )
     return (BucketLoader if shuffle else DataLoader)(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
@@ -138,8 +152,15 @@ class LatentCacheDataset(Dataset):
     across epochs and repeats, yet the same after a resume (no global RNG; the sampler calls ``set_epoch``).
     """
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, captions: list[str], flip_variants: bool,
-                 flags: torch.Tensor | None = None, repeats: int = 1):
+    def __init__(
+        self,
+        means: torch.Tensor,
+        stds: torch.Tensor,
+        captions: list[str],
+        flip_variants: bool,
+        flags: torch.Tensor | None = None,
+        repeats: int = 1,
+    ):
         self.means, self.stds, self.captions, self.flip_variants = means, stds, captions, flip_variants
         self.flags = flags if flags is not None else torch.zeros(len(captions), dtype=torch.bool)
         self.repeats, self.epoch = int(repeats), 0
@@ -151,14 +172,19 @@ class LatentCacheDataset(Dataset):
         self.epoch = int(epoch)
 
     def with_repeats(self, repeats: int) -> LatentCacheDataset:
-        return LatentCacheDataset(self.means, self.stds, self.captions, self.flip_variants, self.flags,
-                                  repeats)
+        return LatentCacheDataset(
+            self.means, self.stds, self.captions, self.flip_variants, self.flags, repeats
+        )
 
     def __getitem__(self, index: int) -> dict:
         item = index % len(self.captions)
         variant = random.Random(f"{self.epoch}/{index}").getrandbits(1) if self.flip_variants else 0
-        return {"latent_mean": self.means[variant][item], "latent_std": self.stds[variant][item],
-                "caption": self.captions[item], "is_regularization": bool(self.flags[item])}
+        return {
+            "latent_mean": self.means[variant][item],
+            "latent_std": self.stds[variant][item],
+            "caption": self.captions[item],
+            "is_regularization": bool(self.flags[item]),
+        }
 
 
 def _refuse_random_augmentations(dataset: Dataset) -> None:
@@ -180,8 +206,13 @@ def _refuse_random_augmentations(dataset: Dataset) -> None:
 
 
 @torch.no_grad()
-def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batch_size: int = 32,
-                   device: torch.device | str = "cpu") -> LatentCacheDataset:
+def encode_dataset(
+    dataset: Dataset,
+    encode: EncodeFn,
+    flip_variants: bool,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+) -> LatentCacheDataset:
     from rich.progress import track
 
     loader = bucket_loader(dataset, batch_size, shuffle=False)
@@ -203,7 +234,10 @@ def encode_dataset(dataset: Dataset, encode: EncodeFn, flip_variants: bool, batc
     stds = [[stds[v][k] for k in ranked] for v in range(variants)]
     captions = [captions[k] for k in ranked]
     if len({m.shape for m in means[0]}) == 1:  # one size: stacked tensors, as before
-        means, stds = torch.stack([torch.stack(m) for m in means]), torch.stack([torch.stack(s) for s in stds])
+        means, stds = (
+            torch.stack([torch.stack(m) for m in means]),
+            torch.stack([torch.stack(s) for s in stds]),
+        )
     return LatentCacheDataset(means, stds, captions, flip_variants, flags)
 
 
@@ -216,18 +250,29 @@ class FineTuneDataModule(L.LightningDataModule):
         "auto": "regularization" when regularisation data is given, else "none";
         "none": no validation loss (a few-image concept keeps every image for training; the image logger
         still shows the log prompts).
-    caption_transform: (item, rng) -> item applied whenever a training or validation item is drawn (after the latent
-        cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
+    caption_transform: (item, rng) -> item applied whenever a training or validation item is drawn (after the
+        latent cache), e.g. ``datamodules.placeholder_captions.PlaceholderCaptions`` for textual inversion.
     """
 
     VALIDATION = ("auto", "source", "regularization", "none")
 
-    def __init__(self, source: L.LightningDataModule, resolution: int | None = None, batch_size: int = 8,
-                 repeats: int = 1, cache_latents: bool = True, flip_variants: bool = False,
-                 cache_dir: str | None = None, num_workers: int = 0,
-                 regularization: L.LightningDataModule | None = None, regularization_size: int = 0,
-                 validation: str = "auto", caption_transform: Callable[[dict, random.Random], dict] | None = None,
-                 cache_check: str = "stat", cache_max_gb: float | None = 20.0):
+    def __init__(
+        self,
+        source: L.LightningDataModule,
+        resolution: int | None = None,
+        batch_size: int = 8,
+        repeats: int = 1,
+        cache_latents: bool = True,
+        flip_variants: bool = False,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        regularization: L.LightningDataModule | None = None,
+        regularization_size: int = 0,
+        validation: str = "auto",
+        caption_transform: Callable[[dict, random.Random], dict] | None = None,
+        cache_check: str = "stat",
+        cache_max_gb: float | None = 20.0,
+    ):
         super().__init__()
         if validation not in self.VALIDATION:
             raise ValueError(f"data.validation must be one of {self.VALIDATION}, got {validation!r}")
@@ -238,7 +283,9 @@ class FineTuneDataModule(L.LightningDataModule):
         self.source = source
         self.regularization = regularization
         self.caption_transform = caption_transform
-        self.resolution = resolution or getattr(source, "resolution", None) or source.hparams.get("resolution")
+        self.resolution = (
+            resolution or getattr(source, "resolution", None) or source.hparams.get("resolution")
+        )
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.cached: LatentCacheDataset | None = None
@@ -249,8 +296,9 @@ class FineTuneDataModule(L.LightningDataModule):
         if kind == "auto":
             kind = "regularization" if self._uses_regularization() else "none"
         if kind == "regularization" and not self._uses_regularization():
-            raise ValueError("data.validation=regularization needs data.regularization and "
-                             "data.regularization_size > 0")
+            raise ValueError(
+                "data.validation=regularization needs data.regularization and data.regularization_size > 0"
+            )
         return kind
 
     def _uses_regularization(self) -> bool:
@@ -271,11 +319,15 @@ class FineTuneDataModule(L.LightningDataModule):
             self.data_train = ConcatDataset([self.data_train, Flagged(Subset(reg, range(size)), True)])
             parts.append(f"{size} regularisation image(s)")
         kind = self._validation_kind()
-        self.data_val = {"source": lambda: Flagged(self.source.data_val, False),
-                         "regularization": lambda: Flagged(self.regularization.data_val, True),
-                         "none": lambda: None}[kind]()
+        self.data_val = {
+            "source": lambda: Flagged(self.source.data_val, False),
+            "regularization": lambda: Flagged(self.regularization.data_val, True),
+            "none": lambda: None,
+        }[kind]()
         if kind == "source" and hasattr(self.source, "records"):
-            log.warning("data.validation=source: validating on images held out of your folder (they do not train)")
+            log.warning(
+                "data.validation=source: validating on images held out of your folder (they do not train)"
+            )
         parts.append(f"validation: {kind}" + (f" ({len(self.data_val)} images)" if self.data_val else ""))
         log.info("Fine-tuning data: " + ", ".join(parts))
         self._declare_validation()
@@ -288,9 +340,9 @@ class FineTuneDataModule(L.LightningDataModule):
         return DataFacts(self.resolution, tuple(self.cached.captions) if self.cached is not None else None)
 
     def prepare_training_data(self, services: DataServices) -> DataFacts:
-        """Called (through the model's ``DataLink``) once the model's weights are loaded, before the dataloaders:
-        the latent cache. Under DDP with a disk cache rank zero encodes and writes it while the others wait, then
-        they read it (without a disk cache every rank encodes in memory)."""
+        """Called (through the model's ``DataLink``) once the model's weights are loaded, before the
+        dataloaders: the latent cache. Under DDP with a disk cache rank zero encodes and writes it while the
+        others wait, then they read it (without a disk cache every rank encodes in memory)."""
         trainer = self.trainer
         shared = trainer is not None and trainer.world_size > 1 and bool(self.hparams.cache_dir)
 
@@ -305,8 +357,9 @@ class FineTuneDataModule(L.LightningDataModule):
             cache()
         return self.data_facts()
 
-    def cache_latents(self, encode: EncodeFn, vae_fingerprint: str | Callable[[], str],
-                      device: torch.device | str = "cpu") -> None:
+    def cache_latents(
+        self, encode: EncodeFn, vae_fingerprint: str | Callable[[], str], device: torch.device | str = "cpu"
+    ) -> None:
         """Encode the training images once with ``encode`` (or load them from the disk cache).
         ``vae_fingerprint`` (or a function giving it) must identify the VAE encoder's weights
         (see ``datamodules/latent_cache.py``)."""
@@ -316,14 +369,21 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.hparams.cache_dir:
             sizes = str(item_sizes(self.data_train))  # every item's bucket
             fingerprint = vae_fingerprint() if callable(vae_fingerprint) else vae_fingerprint
-            key = cache_key(self.data_train, fingerprint, self.resolution, self.hparams.flip_variants, sizes,
-                            check=self.hparams.cache_check)
+            key = cache_key(
+                self.data_train,
+                fingerprint,
+                self.resolution,
+                self.hparams.flip_variants,
+                sizes,
+                check=self.hparams.cache_check,
+            )
             path = Path(self.hparams.cache_dir) / f"latents_{key}.pt"
             found = path.is_file()
             state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if found else None
             if state is not None:
-                self.cached = LatentCacheDataset(state["means"], state["stds"], state["captions"],
-                                                 state["flip_variants"], state["flags"])
+                self.cached = LatentCacheDataset(
+                    state["means"], state["stds"], state["captions"], state["flip_variants"], state["flags"]
+                )
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
                 mark_used(path)
                 evict(path.parent, self.hparams.cache_max_gb, keep=path)
@@ -331,8 +391,16 @@ class FineTuneDataModule(L.LightningDataModule):
         self.cached = encode_dataset(self.data_train, encode, self.hparams.flip_variants, device=device)
         if path is not None:
             cached = self.cached
-            save_cache(path, {"means": cached.means, "stds": cached.stds, "captions": cached.captions,
-                              "flip_variants": cached.flip_variants, "flags": cached.flags})
+            save_cache(
+                path,
+                {
+                    "means": cached.means,
+                    "stds": cached.stds,
+                    "captions": cached.captions,
+                    "flip_variants": cached.flip_variants,
+                    "flags": cached.flags,
+                },
+            )
             log.info(f"Cached {len(self.cached)} latents to {path}")
             evict(path.parent, self.hparams.cache_max_gb, keep=path)
 
@@ -343,16 +411,21 @@ class FineTuneDataModule(L.LightningDataModule):
         repeats = self.hparams.repeats
         cached = self.cached
         if self.hparams.cache_latents and cached is None:
-            log.warning("data.cache_latents=true but no latents were cached (the model's services were never "
-                        "handed over: ldm.utils.data_handover.connect_data); training on images")
+            log.warning(
+                "data.cache_latents=true but no latents were cached (the model's services were never "
+                "handed over: ldm.utils.data_handover.connect_data); training on images"
+            )
         view = cached.with_repeats(repeats) if cached is not None else Repeated(self.data_train, repeats)
         view = self._rewritten(view)
         batch_size, drop_last = self.hparams.batch_size, len(view) > self.hparams.batch_size
         if len(set(item_sizes(view))) <= 1:  # one size: the exactly resumable loader
-            return resumable_loader(view, batch_size, num_workers=self.hparams.num_workers, drop_last=drop_last)
+            return resumable_loader(
+                view, batch_size, num_workers=self.hparams.num_workers, drop_last=drop_last
+            )
         position, self._position = self._position, None  # buckets: resumed via this datamodule's state
-        return bucket_loader(view, batch_size, shuffle=True, num_workers=self.hparams.num_workers,
-                             position=position)
+        return bucket_loader(
+            view, batch_size, shuffle=True, num_workers=self.hparams.num_workers, position=position
+        )
 
     def state_dict(self) -> dict:
         """Bucketed training only (``bucket_sampler.trainer_position``; the uniform-size loader keeps its own
@@ -364,12 +437,17 @@ class FineTuneDataModule(L.LightningDataModule):
 
     def _declare_validation(self) -> None:
         """Without validation data this datamodule has no ``val_dataloader`` (an instance attribute ``None``
-        hides the method), so Lightning runs no validation loop - instead of an empty loader it warns about."""
+        hides the method), so Lightning runs no validation loop - instead of an empty loader it warns
+        about."""
         if self.data_val is None:
             self.val_dataloader = None
         else:
             self.__dict__.pop("val_dataloader", None)
 
     def val_dataloader(self) -> DataLoader:
-        return bucket_loader(self._rewritten(self.data_val), self.hparams.batch_size, shuffle=False,
-                             num_workers=self.hparams.num_workers)
+        return bucket_loader(
+            self._rewritten(self.data_val),
+            self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+        )

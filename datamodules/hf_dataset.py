@@ -29,7 +29,9 @@ def _import_datasets():
     try:
         import datasets
     except ImportError as error:  # pragma: no cover - the dev extra installs it
-        raise ImportError("data=hf_dataset needs the `datasets` package: pip install 'ldm-lightning[data]'") from error
+        raise ImportError(
+            "data=hf_dataset needs the `datasets` package: pip install 'ldm-lightning[data]'"
+        ) from error
     return datasets
 
 
@@ -38,8 +40,10 @@ def load_local_dataset(path: str | os.PathLike, split: str = "train", cache_dir:
     datasets = _import_datasets()
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"dataset {str(path)!r} does not exist: point data.path at a save_to_disk "
-                                f"folder, a .parquet file or folder, or an image folder with metadata.jsonl")
+        raise FileNotFoundError(
+            f"dataset {str(path)!r} does not exist: point data.path at a save_to_disk "
+            f"folder, a .parquet file or folder, or an image folder with metadata.jsonl"
+        )
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
     elif path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
@@ -49,7 +53,9 @@ def load_local_dataset(path: str | os.PathLike, split: str = "train", cache_dir:
         loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise KeyError(f"dataset {str(path)!r} has splits {sorted(loaded)}, not {split!r}; set data.split")
+            raise KeyError(
+                f"dataset {str(path)!r} has splits {sorted(loaded)}, not {split!r}; set data.split"
+            )
         loaded = loaded[split]
     return loaded
 
@@ -65,8 +71,10 @@ def pick_columns(dataset, image_column: str | None, caption_column: str | None) 
         caption_column = next((k for k in CAPTION_COLUMNS if k in features), None)
     for role, name in (("image", image_column), ("caption", caption_column)):
         if name is None or name not in features:
-            raise KeyError(f"no {role} column {'named ' + repr(name) + ' ' if name else ''}in the dataset "
-                           f"(columns: {list(features)}); set data.{role}_column")
+            raise KeyError(
+                f"no {role} column {'named ' + repr(name) + ' ' if name else ''}in the dataset "
+                f"(columns: {list(features)}); set data.{role}_column"
+            )
     return image_column, caption_column
 
 
@@ -74,10 +82,22 @@ class HFImageDataset(BucketedImageDataset):
     """Rows ``rows`` of an undecoded HF dataset -> {"image", "caption"} (``BucketedImageDataset`` arguments
     in ``kwargs``)."""
 
-    def __init__(self, dataset, rows: list[int], sizes: list[tuple[int, int]], image_column: str,
-                 caption_column: str, random_caption: bool = True, **kwargs):
+    def __init__(
+        self,
+        dataset,
+        rows: list[int],
+        sizes: list[tuple[int, int]],
+        image_column: str,
+        caption_column: str,
+        random_caption: bool = True,
+        **kwargs,
+    ):
         self.dataset, self.rows, self.sizes = dataset, list(rows), list(sizes)
-        self.image_column, self.caption_column, self.random_caption = image_column, caption_column, random_caption
+        self.image_column, self.caption_column, self.random_caption = (
+            image_column,
+            caption_column,
+            random_caption,
+        )
         super().__init__(**kwargs)
 
     def num_records(self) -> int:
@@ -125,19 +145,39 @@ def _header_sizes(dataset, image_column: str) -> tuple[list[int], list[tuple[int
 
 
 class HFDatasetDataModule(BucketedDataModule):
-    """Train / val split of a local HF dataset (``path``, ``split``); image and caption columns found or given.
+    """Train / val split of a local HF dataset (``path``, ``split``); image and caption columns found or
+    given.
 
     The other arguments are those of ``ImageFolderDataModule`` (aspect-ratio buckets on by default).
     """
 
-    def __init__(self, path: str, split: str = "train", image_column: str | None = None,
-                 caption_column: str | None = None, resolution: int = 512, batch_size: int = 4,
-                 num_workers: int = 0, center_crop: bool = True, random_flip: float = 0.5, val_size: int = 4,
-                 val_fraction: float | None = None, seed: int = 0, repeats: int = 1, caption_dropout: float = 0.0,
-                 bucketing: bool = True, bucket_step: int | None = None, bucket_min_side: int | None = None,
-                 bucket_max_side: int | None = None, shuffle_tags: bool = False, keep_tags: int = 0,
-                 tag_dropout: float = 0.0, tag_separator: str = ",", cache_dir: str | None = None,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        image_column: str | None = None,
+        caption_column: str | None = None,
+        resolution: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        center_crop: bool = True,
+        random_flip: float = 0.5,
+        val_size: int = 4,
+        val_fraction: float | None = None,
+        seed: int = 0,
+        repeats: int = 1,
+        caption_dropout: float = 0.0,
+        bucketing: bool = True,
+        bucket_step: int | None = None,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        tag_separator: str = ",",
+        cache_dir: str | None = None,
+        pin_memory: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
@@ -145,8 +185,9 @@ class HFDatasetDataModule(BucketedDataModule):
         self.data_val: HFImageDataset | None = None
 
     def _dataset(self, dataset, rows, sizes, columns, train: bool) -> HFImageDataset:
-        return HFImageDataset(dataset, rows, sizes, *columns, random_caption=train,
-                              **dataset_options(self.hparams, train))
+        return HFImageDataset(
+            dataset, rows, sizes, *columns, random_caption=train, **dataset_options(self.hparams, train)
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
@@ -157,12 +198,24 @@ class HFDatasetDataModule(BucketedDataModule):
         columns = pick_columns(dataset, hp.image_column, hp.caption_column)
         dataset = dataset.cast_column(columns[0], datasets.Image(decode=False))
         rows, sizes = _header_sizes(dataset, columns[0])
-        train_ids, val_ids = split_indices(len(rows), hp.val_size, hp.val_fraction, hp.seed, log, str(hp.path))
-        self.data_train = self._dataset(dataset, [rows[k] for k in train_ids], [sizes[k] for k in train_ids],
-                                        columns, train=True)
-        self.data_val = self._dataset(dataset, [rows[k] for k in val_ids], [sizes[k] for k in val_ids],
-                                      columns, train=False)
-        log.info("HF dataset %s (%s, columns %s / %s): %d train, %d validation image(s)", hp.path, hp.split,
-                 *columns, len(train_ids), len(val_ids))
+        train_ids, val_ids = split_indices(
+            len(rows), hp.val_size, hp.val_fraction, hp.seed, log, str(hp.path)
+        )
+        self.data_train = self._dataset(
+            dataset, [rows[k] for k in train_ids], [sizes[k] for k in train_ids], columns, train=True
+        )
+        self.data_val = self._dataset(
+            dataset, [rows[k] for k in val_ids], [sizes[k] for k in val_ids], columns, train=False
+        )
+        log.info(
+            "HF dataset %s (%s, columns %s / %s): %d train, %d validation image(s)",
+            hp.path,
+            hp.split,
+            *columns,
+            len(train_ids),
+            len(val_ids),
+        )
         if hp.bucketing:
-            log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())
+            log.info(
+                "aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary()
+            )

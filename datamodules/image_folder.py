@@ -157,7 +157,7 @@ def resolve_captions(
             caption = metadata.get(path.resolve())
         text, prefix = str(path), str(root) + os.sep
         if text.startswith(prefix):  # one kohya_subset per first-level folder
-            first = text[len(prefix):].split(os.sep, 1)[0]
+            first = text[len(prefix) :].split(os.sep, 1)[0]
             if first not in subsets:
                 subsets[first] = kohya_subset(root, path)
             subset = subsets[first]
@@ -186,8 +186,12 @@ def _from_index(root: Path, paths: list[Path], index_dir) -> tuple[dict, dict]:
     return sizes, {by_rel[rel]: reason for rel, reason in index["unreadable"].items()}
 
 
-def scan_image_folder(root: str | os.PathLike, caption_ext: str = ".txt", check: str = "auto",
-                      index_dir: str | os.PathLike | None = None) -> list[ImageRecord]:
+def scan_image_folder(
+    root: str | os.PathLike,
+    caption_ext: str = ".txt",
+    check: str = "auto",
+    index_dir: str | os.PathLike | None = None,
+) -> list[ImageRecord]:
     """Find, check and caption every image under ``root``; records carry the image sizes.
 
     ``check``: "decode" opens and decodes every image now; "header" reads only the headers, through
@@ -230,12 +234,20 @@ def warn_upscaled(records: Sequence[ImageRecord], resolution: int, root: Path) -
         if min(size) < resolution:
             small.append((record.path, size))
     if small:
-        names = ", ".join(f"{p.relative_to(root) if p.is_relative_to(root) else p} ({w}x{h})"
-                          for p, (w, h) in small[:_SUMMARY_NAMES])
+        names = ", ".join(
+            f"{p.relative_to(root) if p.is_relative_to(root) else p} ({w}x{h})"
+            for p, (w, h) in small[:_SUMMARY_NAMES]
+        )
         more = f" and {len(small) - _SUMMARY_NAMES} more" if len(small) > _SUMMARY_NAMES else ""
-        log.warning("%d of %d images are smaller than the training resolution %d px and will be upscaled "
-                    "(blurry): %s%s. Use larger images or a lower data.resolution.",
-                    len(small), len(records), resolution, names, more)
+        log.warning(
+            "%d of %d images are smaller than the training resolution %d px and will be upscaled "
+            "(blurry): %s%s. Use larger images or a lower data.resolution.",
+            len(small),
+            len(records),
+            resolution,
+            names,
+            more,
+        )
     return [p for p, _ in small]
 
 
@@ -257,8 +269,15 @@ class ImageFolderDataset(BucketedImageDataset):
 
     log = log
 
-    def __init__(self, root: str | os.PathLike, resolution: int = 512, default_caption: str = "",
-                 caption_ext: str = ".txt", files: Sequence | None = None, **kwargs):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        resolution: int = 512,
+        default_caption: str = "",
+        caption_ext: str = ".txt",
+        files: Sequence | None = None,
+        **kwargs,
+    ):
         self.root = Path(root)
         self.default_caption = default_caption
         self.records = self._records(files, caption_ext)
@@ -314,8 +333,15 @@ class ImageFolderDataset(BucketedImageDataset):
                 stat = record.path.stat()
                 identity = (stat.st_size, stat.st_mtime_ns)
             files.append((str(record.path), *identity, self.caption(record), record.repeats))
-        settings = (self.resolution, self.center_crop, self.random_flip, self.repeats, self.caption_dropout,
-                    getattr(self, "buckets", None), repr(self.tags))
+        settings = (
+            self.resolution,
+            self.center_crop,
+            self.random_flip,
+            self.repeats,
+            self.caption_dropout,
+            getattr(self, "buckets", None),
+            repr(self.tags),
+        )
         return repr((settings, files))
 
 
@@ -398,7 +424,9 @@ class ImageFolderDataModule(BucketedDataModule):
             return
         hp = self.hparams
         records = scan_image_folder(self.root, hp.caption_ext, hp.check, hp.index_dir)
-        train_ids, val_ids = split_indices(len(records), hp.val_size, hp.val_fraction, hp.seed, log, str(self.root))
+        train_ids, val_ids = split_indices(
+            len(records), hp.val_size, hp.val_fraction, hp.seed, log, str(self.root)
+        )
         train_records = [records[k] for k in train_ids]
         val_records = [records[k] for k in val_ids]
         self.records = records
@@ -417,4 +445,6 @@ class ImageFolderDataModule(BucketedDataModule):
         for (repeats, name), count in sorted(subsets.items()):
             log.info("kohya folder %r: %d image(s) x %d repeat(s)", f"{repeats}_{name}", count, repeats)
         if hp.bucketing:
-            log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())
+            log.info(
+                "aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary()
+            )

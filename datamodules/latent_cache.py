@@ -44,8 +44,10 @@ def _update_with_items(digest, dataset: Dataset) -> None:
 
 def check_mode(check: str) -> str:
     if check not in CHECKS:
-        raise ValueError(f"data.cache_check must be one of {CHECKS} (stat: size and modification time, cheap; "
-                         f"hash: every image's bytes), got {check!r}")
+        raise ValueError(
+            f"data.cache_check must be one of {CHECKS} (stat: size and modification time, cheap; "
+            f"hash: every image's bytes), got {check!r}"
+        )
     return check
 
 
@@ -70,8 +72,14 @@ def dataset_fingerprint(dataset: Dataset, digest=None, check: str = "stat") -> s
     return digest.hexdigest()
 
 
-def cache_key(dataset: Dataset, vae_fingerprint: str, resolution, flip_variants: bool, sizes: str = "",
-              check: str = "stat") -> str:
+def cache_key(
+    dataset: Dataset,
+    vae_fingerprint: str,
+    resolution,
+    flip_variants: bool,
+    sizes: str = "",
+    check: str = "stat",
+) -> str:
     """``sizes``: the items' latent sizes (aspect-ratio buckets), when they are not uniform."""
     fingerprint = dataset_fingerprint(dataset, check=check_mode(check))
     parts = [FORMAT, vae_fingerprint, str(resolution), str(bool(flip_variants)), fingerprint, sizes]
@@ -117,8 +125,10 @@ def evict(folder: str | os.PathLike, max_gb: float | None, keep: Path | None = N
         if total > limit:
             log.warning(f"latent cache {folder}: this run's entry alone is over data.cache_max_gb={max_gb}")
     if removed:
-        log.info(f"latent cache {folder}: removed {len(removed)} least recently used or stale file(s) "
-                 f"(data.cache_max_gb={max_gb})")
+        log.info(
+            f"latent cache {folder}: removed {len(removed)} least recently used or stale file(s) "
+            f"(data.cache_max_gb={max_gb})"
+        )
     return removed
 
 
@@ -157,11 +167,19 @@ def _check(state, expected_items: int, flip_variants: bool) -> str | None:
         return "unexpected contents"
     variants = 2 if flip_variants else 1
     means, stds = _per_item(state["means"]), _per_item(state["stds"])
-    if means is None or stds is None or [[m.shape for m in v] for v in means] != [[s.shape for s in v] for v in stds]:
+    if (
+        means is None
+        or stds is None
+        or [[m.shape for m in v] for v in means] != [[s.shape for s in v] for v in stds]
+    ):
         return "means/stds missing or of different shapes"
-    if (len(means), len(means[0]) if means else 0) != (variants, expected_items) or \
-            len(state["captions"]) != expected_items:
-        return f"holds {(len(means), len(means[0]) if means else 0)} latents, expected {(variants, expected_items)}"
+    if (len(means), len(means[0]) if means else 0) != (variants, expected_items) or len(
+        state["captions"]
+    ) != expected_items:
+        return (
+            f"holds {(len(means), len(means[0]) if means else 0)} latents, "
+            f"expected {(variants, expected_items)}"
+        )
     if len(state["flags"]) != expected_items or bool(state["flip_variants"]) != bool(flip_variants):
         return "flags or flip variants do not match"
     if not all(torch.isfinite(t).all() for v in means + stds for t in v):
@@ -170,10 +188,14 @@ def _check(state, expected_items: int, flip_variants: bool) -> str | None:
 
 
 def _per_item(latents) -> list[list[torch.Tensor]] | None:
-    """[variant, N, C, h, w] tensor or (bucketed) per variant a list of N [C, h, w] tensors -> nested lists."""
+    """[variant, N, C, h, w] tensor or (bucketed) per variant a list of N [C, h, w] tensors -> nested
+    lists."""
     if isinstance(latents, torch.Tensor):
         return [list(v) for v in latents] if latents.dim() == 5 else None
-    if isinstance(latents, list) and all(isinstance(v, list) for v in latents) and \
-            all(isinstance(t, torch.Tensor) and t.dim() == 3 for v in latents for t in v):
+    if (
+        isinstance(latents, list)
+        and all(isinstance(v, list) for v in latents)
+        and all(isinstance(t, torch.Tensor) and t.dim() == 3 for v in latents for t in v)
+    ):
         return latents
     return None

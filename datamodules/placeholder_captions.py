@@ -37,8 +37,13 @@ MODES = ("caption", "object", "style")
 class PlaceholderCaptions:
     """item dict -> item dict with the placeholder in its caption (see the module docstring)."""
 
-    def __init__(self, placeholder: str, mode: str = "caption", concept_word: str | None = None,
-                 templates: Sequence[str] | None = None):
+    def __init__(
+        self,
+        placeholder: str,
+        mode: str = "caption",
+        concept_word: str | None = None,
+        templates: Sequence[str] | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"caption mode must be one of {MODES}, got {mode!r}")
         self.placeholder, self.mode = placeholder, mode
@@ -54,9 +59,11 @@ class PlaceholderCaptions:
             caption = self.concept.sub(self.placeholder, caption)
         if self.placeholder.lower() not in caption.lower():
             word = f"the concept word ({self.concept.pattern})" if self.concept else "the placeholder"
-            raise ValueError(f"caption {caption!r} does not contain the placeholder {self.placeholder!r}: with "
-                             f"mode=caption every training caption must contain {word}. Fix the captions, set "
-                             "concept_word, or use mode=object / mode=style templates.")
+            raise ValueError(
+                f"caption {caption!r} does not contain the placeholder {self.placeholder!r}: with "
+                f"mode=caption every training caption must contain {word}. Fix the captions, set "
+                "concept_word, or use mode=object / mode=style templates."
+            )
         return caption
 
     def __call__(self, item: dict, rng: random.Random | None = None) -> dict:

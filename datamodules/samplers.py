@@ -60,7 +60,10 @@ def set_dataset_epoch(dataset: Dataset, epoch: int) -> None:
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(int(epoch))
     inner = list(getattr(dataset, "datasets", None) or [])
-    inner += [getattr(dataset, name) for name in ("dataset", "source") if isinstance(getattr(dataset, name, None),
-                                                                                       Dataset)]
+    inner += [
+        getattr(dataset, name)
+        for name in ("dataset", "source")
+        if isinstance(getattr(dataset, name, None), Dataset)
+    ]
     for part in inner:
         set_dataset_epoch(part, epoch)

@@ -251,8 +251,10 @@ class Subject:
             raise ValueError(f"subject shape {self.shape!r} unknown; expected one of {SHAPES}")
         colors = tuple(self.colors)
         if len(colors) != 2 or any(c not in COLORS for c in colors):
-            raise ValueError(f"subject colors must be two palette colours (the same twice for a solid subject), "
-                             f"got {self.colors!r}; palette: {list(COLORS)}")
+            raise ValueError(
+                f"subject colors must be two palette colours (the same twice for a solid subject), "
+                f"got {self.colors!r}; palette: {list(COLORS)}"
+            )
         object.__setattr__(self, "colors", colors)
         if self.split not in ("vertical", "horizontal"):
             raise ValueError(f"subject split must be 'vertical' or 'horizontal', got {self.split!r}")
@@ -277,7 +279,10 @@ def _first_half_weight(subject: Subject, resolution: int, layout: Layout) -> np.
 
 
 def render_subject(
-    subject: Subject, background: str, resolution: int, rng_or_layout: np.random.Generator | Layout | None = None
+    subject: Subject,
+    background: str,
+    resolution: int,
+    rng_or_layout: np.random.Generator | Layout | None = None,
 ) -> np.ndarray:
     """The subject on ``background`` as uint8 [H, W, 3]; layouts as in :func:`render`."""
     if background not in COLORS:
@@ -414,9 +419,22 @@ class ShapesDataset(Dataset):
     def fingerprint(self, check: str = "stat") -> str:
         """Everything the items depend on (for latent caches): they are computed from these settings (no
         files, so ``check`` changes nothing)."""
-        return repr(("shapes-v1", self.size, self.resolution, self.seed, self.split, self.stream,
-                     self.holdout_concepts, self.heldout_combo_fraction, SUPERSAMPLE, SIZE_RANGE, MARGIN)
-                    + ((self.random_crop_margin,) if self.random_crop_margin else ()))
+        return repr(
+            (
+                "shapes-v1",
+                self.size,
+                self.resolution,
+                self.seed,
+                self.split,
+                self.stream,
+                self.holdout_concepts,
+                self.heldout_combo_fraction,
+                SUPERSAMPLE,
+                SIZE_RANGE,
+                MARGIN,
+            )
+            + ((self.random_crop_margin,) if self.random_crop_margin else ())
+        )
 
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
@@ -430,7 +448,7 @@ class ShapesDataset(Dataset):
         image = render(color, shape, background, side, rng)
         if self.random_crop_margin:
             top, left = (int(v) for v in rng.integers(0, self.random_crop_margin + 1, size=2))
-            image = np.ascontiguousarray(image[top:top + self.resolution, left:left + self.resolution])
+            image = np.ascontiguousarray(image[top : top + self.resolution, left : left + self.resolution])
         item = {
             "image": _to_tensor(image),
             "caption": caption_for(color, shape, background),
@@ -439,9 +457,13 @@ class ShapesDataset(Dataset):
             "background": background,
         }
         if self.size_conditions:
-            item.update({"original_size_as_tuple": torch.tensor([side, side]),
-                         "crop_coords_top_left": torch.tensor([top, left]),
-                         "target_size_as_tuple": torch.tensor([self.resolution, self.resolution])})
+            item.update(
+                {
+                    "original_size_as_tuple": torch.tensor([side, side]),
+                    "crop_coords_top_left": torch.tensor([top, left]),
+                    "target_size_as_tuple": torch.tensor([self.resolution, self.resolution]),
+                }
+            )
         return item
 
 
@@ -522,8 +544,13 @@ class ShapesDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return resumable_loader(self.data_train, self.batch_size, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return resumable_loader(
+            self.data_train,
+            self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

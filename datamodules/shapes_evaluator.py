@@ -12,9 +12,10 @@ Reading, robust to the blur and noise of a generative model:
    there and take the candidate with the best soft IoU.
 
 A DreamBooth subject (:class:`datamodules.shapes.Subject`, a shape split in two colour halves) is read with
-:meth:`ShapesEvaluator.read_halves`: the foreground is every pixel nearer to another palette colour than to the background, its median
-splits it in two sides (left/right or top/bottom), each side's median colour is read separately, and the
-shape is classified on the whole foreground. An ordinary single-coloured shape reads the same colour twice.
+:meth:`ShapesEvaluator.read_halves`: the foreground is every pixel nearer to another palette colour than to
+the background, its median splits it in two sides (left/right or top/bottom), each side's median colour is
+read separately, and the shape is classified on the whole foreground. An ordinary single-coloured shape reads
+the same colour twice.
 """
 
 from __future__ import annotations
@@ -203,8 +204,12 @@ class ShapesEvaluator:
         x = to_uint8_hwc(image)
         height, width = x.shape[:2]
         bg_rgb = self._border_median(x)
-        result: dict[str, str | None] = {"first": None, "second": None, "shape": None,
-                                         "background": _nearest_color(bg_rgb)}
+        result: dict[str, str | None] = {
+            "first": None,
+            "second": None,
+            "shape": None,
+            "background": _nearest_color(bg_rgb),
+        }
         # foreground: pixels nearer to another palette colour than to the background (works for a side
         # whose colour is close to the background, where a contrast threshold would drop it)
         distance = np.linalg.norm(x - bg_rgb, axis=-1)
@@ -240,15 +245,22 @@ class ShapesEvaluator:
 
     @staticmethod
     def _interior_color(x: np.ndarray, distance: np.ndarray, side: np.ndarray) -> str:
-        """Palette colour of a side's interior: its pixels farthest from the background (blurred edges mix)."""
+        """Palette colour of a side's interior: its pixels farthest from the background (blurred edges
+        mix)."""
         far = side & (distance >= np.median(distance[side]))
         return _nearest_color(np.median(x[far], axis=0))
 
     @staticmethod
     def _border_median(x: np.ndarray) -> np.ndarray:
         border = max(1, round(min(x.shape[:2]) / 32))
-        edge = np.concatenate([x[:border].reshape(-1, 3), x[-border:].reshape(-1, 3),
-                               x[:, :border].reshape(-1, 3), x[:, -border:].reshape(-1, 3)])
+        edge = np.concatenate(
+            [
+                x[:border].reshape(-1, 3),
+                x[-border:].reshape(-1, 3),
+                x[:, :border].reshape(-1, 3),
+                x[:, -border:].reshape(-1, 3),
+            ]
+        )
         return np.median(edge, axis=0)
 
     def read_batch(self, images) -> list[dict[str, str | None]]:

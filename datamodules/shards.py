@@ -48,14 +48,28 @@ def _index_shard(path: Path, shard_id: int, columns: dict) -> None:
     for key, parts in members.items():
         image = next(m for ext, m in parts.items() if ext not in ("txt", "json"))
         text = parts["txt"]
-        values = (shard_id, image.offset_data, image.size, text.offset_data, text.size,
-                  meta[key]["width"], meta[key]["height"], meta[key].get("repeats", 1))
+        values = (
+            shard_id,
+            image.offset_data,
+            image.size,
+            text.offset_data,
+            text.size,
+            meta[key]["width"],
+            meta[key]["height"],
+            meta[key].get("repeats", 1),
+        )
         for name, value in zip(_COLUMNS, values):
             columns[name].append(int(value))
 
 
-def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], split: str = "train",
-                 shard_size: int = 1000, resolution: int = 512, bucket_step: int | None = None) -> dict:
+def write_shards(
+    out_dir: str | os.PathLike,
+    samples: Iterable[dict],
+    split: str = "train",
+    shard_size: int = 1000,
+    resolution: int = 512,
+    bucket_step: int | None = None,
+) -> dict:
     """Write ``samples`` ({"image": encoded bytes, "ext": "png", "caption", "width", "height",
     "repeats"}) as WebDataset shards of ``shard_size`` samples and add ``split`` to ``index.json``.
 
@@ -76,18 +90,27 @@ def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], split: str
             shard_names.append(f"{split}-{len(shard_names):06d}.tar")
             writer = wds.TarWriter(str(out / shard_names[-1]))
         bucket = buckets[assign_buckets([(sample["width"], sample["height"])], buckets)[0]]
-        meta = {"width": sample["width"], "height": sample["height"], "bucket": list(bucket),
-                "repeats": int(sample.get("repeats", 1))}
-        writer.write({"__key__": f"{count:09d}", sample["ext"]: sample["image"], "txt": sample["caption"],
-                      "json": meta})
+        meta = {
+            "width": sample["width"],
+            "height": sample["height"],
+            "bucket": list(bucket),
+            "repeats": int(sample.get("repeats", 1)),
+        }
+        writer.write(
+            {
+                "__key__": f"{count:09d}",
+                sample["ext"]: sample["image"],
+                "txt": sample["caption"],
+                "json": meta,
+            }
+        )
     if writer is None:
         raise ValueError(f"no samples to write for split {split!r}")
     writer.close()
     _index_shard(out / shard_names[-1], len(shard_names) - 1, columns)
     index_path = out / INDEX_FILE
     index = read_index(out) if index_path.is_file() else {"version": INDEX_VERSION, "splits": {}}
-    index.update(resolution=int(resolution), bucket_step=bucket_step,
-                 buckets=[list(b) for b in buckets])
+    index.update(resolution=int(resolution), bucket_step=bucket_step, buckets=[list(b) for b in buckets])
     index["splits"][split] = {"shards": shard_names, **columns}
     atomic_write_text(index_path, json.dumps(index))
     return index
@@ -96,12 +119,16 @@ def write_shards(out_dir: str | os.PathLike, samples: Iterable[dict], split: str
 def read_index(path: str | os.PathLike) -> dict:
     index_path = Path(path) / INDEX_FILE
     if not index_path.is_file():
-        raise FileNotFoundError(f"no {INDEX_FILE} in {str(path)!r}: make shards with "
-                                f"`python scripts/make_shards.py --folder <images> --out {path}` first")
+        raise FileNotFoundError(
+            f"no {INDEX_FILE} in {str(path)!r}: make shards with "
+            f"`python scripts/make_shards.py --folder <images> --out {path}` first"
+        )
     index = json.loads(index_path.read_text(encoding="utf-8"))
     if index.get("version") != INDEX_VERSION:
-        raise ValueError(f"{index_path} has index version {index.get('version')}, this reader needs "
-                         f"{INDEX_VERSION}: rewrite the shards with scripts/make_shards.py")
+        raise ValueError(
+            f"{index_path} has index version {index.get('version')}, this reader needs "
+            f"{INDEX_VERSION}: rewrite the shards with scripts/make_shards.py"
+        )
     return index
 
 
@@ -146,8 +173,9 @@ class ShardDataset(BucketedImageDataset):
 
     def open_record(self, record_id: int) -> io.BytesIO:
         shard = self._column("shard", record_id)
-        return io.BytesIO(self._read(shard, self._column("image_offset", record_id),
-                                     self._column("image_size", record_id)))
+        return io.BytesIO(
+            self._read(shard, self._column("image_offset", record_id), self._column("image_size", record_id))
+        )
 
     def record_caption(self, record_id: int) -> str:
         shard = self._column("shard", record_id)
@@ -165,12 +193,29 @@ class ShardsDataModule(BucketedDataModule):
     training samples (None: all). The other arguments are those of ``ImageFolderDataModule``.
     """
 
-    def __init__(self, path: str, resolution: int = 512, batch_size: int = 4, num_workers: int = 0,
-                 train_size: int | None = None, val_size: int = 4, center_crop: bool = True,
-                 random_flip: float = 0.0, seed: int = 0, repeats: int = 1, caption_dropout: float = 0.0,
-                 bucketing: bool = True, bucket_step: int | None = None, bucket_min_side: int | None = None,
-                 bucket_max_side: int | None = None, shuffle_tags: bool = False, keep_tags: int = 0,
-                 tag_dropout: float = 0.0, tag_separator: str = ",", pin_memory: bool = False):
+    def __init__(
+        self,
+        path: str,
+        resolution: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        train_size: int | None = None,
+        val_size: int = 4,
+        center_crop: bool = True,
+        random_flip: float = 0.0,
+        seed: int = 0,
+        repeats: int = 1,
+        caption_dropout: float = 0.0,
+        bucketing: bool = True,
+        bucket_step: int | None = None,
+        bucket_min_side: int | None = None,
+        bucket_max_side: int | None = None,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
+        tag_dropout: float = 0.0,
+        tag_separator: str = ",",
+        pin_memory: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.index = read_index(path)  # fail at construction when there are no shards
@@ -180,8 +225,9 @@ class ShardsDataModule(BucketedDataModule):
         self.data_val: ShardDataset | None = None
 
     def _dataset(self, split: str, rows: list[int], train: bool) -> ShardDataset:
-        return ShardDataset(self.hparams.path, self.index["splits"][split], rows,
-                            **dataset_options(self.hparams, train))
+        return ShardDataset(
+            self.hparams.path, self.index["splits"][split], rows, **dataset_options(self.hparams, train)
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
@@ -201,7 +247,15 @@ class ShardsDataModule(BucketedDataModule):
             train_rows = train_rows[: int(hp.train_size)]
         self.data_train = self._dataset("train", train_rows, train=True)
         self.data_val = self._dataset(val_split, val_rows, train=False)
-        log.info("shards %s: %d train sample(s) in %d shard(s), %d validation sample(s) (%s split)", hp.path,
-                 len(train_rows), len(splits["train"]["shards"]), len(val_rows), val_split)
+        log.info(
+            "shards %s: %d train sample(s) in %d shard(s), %d validation sample(s) (%s split)",
+            hp.path,
+            len(train_rows),
+            len(splits["train"]["shards"]),
+            len(val_rows),
+            val_split,
+        )
         if hp.bucketing:
-            log.info("aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary())
+            log.info(
+                "aspect-ratio buckets (train, resolution %d): %s", hp.resolution, self.data_train.summary()
+            )

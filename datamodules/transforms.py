@@ -119,17 +119,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def size_conditions(original: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int],
-                    flipped: bool) -> dict[str, torch.Tensor]:
+def size_conditions(
+    original: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int], flipped: bool
+) -> dict[str, torch.Tensor]:
     """SDXL's micro-conditioning of one training image, under sgm's batch keys (long tensors ``[2]``):
     ``original_size_as_tuple`` (H, W of the image as loaded, before resizing), ``crop_coords_top_left`` (top,
     left of the crop ``box`` in the ``resized`` (w, h) image) and ``target_size_as_tuple`` (H, W of the crop).
     A flipped image's crop is mirrored: its left is ``resized width - box right`` (kohya's rule: the offset of the
     crop in the image the model saw; diffusers' SDXL script writes ``crop width - left`` instead)."""
     left, top, right, bottom = box
-    return {"original_size_as_tuple": torch.tensor([original[1], original[0]]),
-            "crop_coords_top_left": torch.tensor([top, resized[0] - right if flipped else left]),
-            "target_size_as_tuple": torch.tensor([bottom - top, right - left])}
+    return {
+        "original_size_as_tuple": torch.tensor([original[1], original[0]]),
+        "crop_coords_top_left": torch.tensor([top, resized[0] - right if flipped else left]),
+        "target_size_as_tuple": torch.tensor([bottom - top, right - left]),
+    }
 
 
 def _crop_and_flip(image: Image.Image, box, flip_probability: float, generator, original, with_sizes: bool):
@@ -176,8 +179,13 @@ def image_size(path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def crop_box(width: int, height: int, target: tuple[int, int], center: bool = True,
-             generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def crop_box(
+    width: int,
+    height: int,
+    target: tuple[int, int],
+    center: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
     """A ``target`` = (w, h) box inside a width x height image: centred, or uniformly random."""
     target_w, target_h = target
     if center:

@@ -1,8 +1,9 @@
 """Empty the latent cache (every fine-tuning run's encoded images), or every cache the project keeps.
 
-    python scripts/clear_cache.py                  # .cache/latents under $LDM_ROOT (default: this folder)
-    python scripts/clear_cache.py --dir /fast/latents   # another data.cache_dir
-    python scripts/clear_cache.py --all            # also generated class images, folder indexes, converted datasets
+    python scripts/clear_cache.py                      # .cache/latents under $LDM_ROOT (default: this folder)
+    python scripts/clear_cache.py --dir /fast/latents  # another data.cache_dir
+    python scripts/clear_cache.py --all                # also generated class images, folder indexes,
+                                                       # converted datasets
 
 Everything removed is rebuilt by the next run that needs it (latents encoded again, class images generated
 again). Runs bound the latent cache themselves (``data.cache_max_gb``, least recently used first); this is for
@@ -27,10 +28,16 @@ OTHER_CACHES = ("class_images", "index", "hf_datasets")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default=None, help="the latent cache folder (default: <root>/.cache/latents, "
-                                               "where data.cache_dir points)")
-    p.add_argument("--root", default=os.environ.get("LDM_ROOT", "."),
-                   help="the project root whose .cache/ to clear (paths.root_dir; default $LDM_ROOT or .)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="the latent cache folder (default: <root>/.cache/latents, where data.cache_dir points)",
+    )
+    p.add_argument(
+        "--root",
+        default=os.environ.get("LDM_ROOT", "."),
+        help="the project root whose .cache/ to clear (paths.root_dir; default $LDM_ROOT or .)",
+    )
     p.add_argument("--all", action="store_true", help=f"also .cache/{{{','.join(OTHER_CACHES)}}}")
     return p.parse_args(argv)
 

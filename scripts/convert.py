@@ -3,15 +3,15 @@
     python scripts/convert.py --base runwayml/stable-diffusion-v1-5 --out sd15.safetensors
     python scripts/convert.py --base logs/txt2img/runs/<run>/checkpoints/last.ckpt --out ours.safetensors
     python scripts/convert.py --base old-model.ckpt --out model.safetensors --fp32
-    python scripts/convert.py --base sd15.safetensors --lora style.safetensors:0.8 --lora subject.safetensors \
-        --out merged.safetensors
+    python scripts/convert.py --base sd15.safetensors --lora style.safetensors:0.8 \
+        --lora subject.safetensors --out merged.safetensors
 
 ``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of our
 Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
 (SD v1 layout; SD 2.x files are written with the OpenCLIP text layout), and back here with its exact
-architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT)
-bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A fine-tuning
-run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
+architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or
+diffusers/PEFT) bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A
+fine-tuning run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="architecture of a single-file --base (default: detected)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for a single-file --base")
-    p.add_argument("--lora", action="append", default=[],
-                   help="LoRA .safetensors (kohya or PEFT) to bake in, optionally file:multiplier; repeatable")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        help="LoRA .safetensors (kohya or PEFT) to bake in, optionally file:multiplier; repeatable",
+    )
     args = p.parse_args(argv)
     for spec in args.lora:
         if not Path(split_lora(spec)[0]).is_file():
@@ -64,7 +68,8 @@ def split_lora(spec: str) -> tuple[str, float]:
 
 
 def adapter_only_message(base: str) -> str | None:
-    """What to do instead, when ``base`` is a fine-tuning checkpoint (it holds only the adapter); else None."""
+    """What to do instead, when ``base`` is a fine-tuning checkpoint (it holds only the adapter); else
+    None."""
     path = Path(base)
     if path.suffix not in (".ckpt", ".pt", ".pth") or not path.is_file():
         return None
@@ -75,15 +80,19 @@ def adapter_only_message(base: str) -> str | None:
     state = payload.get("state_dict", {}) if isinstance(payload, dict) else {}
     if "base" not in payload or not any(k.startswith("method.") for k in state):
         return None
-    method = str((payload.get("model_config") or {}).get("method", {}).get("_target_", "a fine-tuning method"))
+    method = str(
+        (payload.get("model_config") or {}).get("method", {}).get("_target_", "a fine-tuning method")
+    )
     exported = sorted((path.parent.parent / "adapters").glob("*.safetensors"))
     adapter = str(exported[-1]) if exported else "<run>/adapters/<name>.safetensors"
     n = sum(k.startswith("method.") for k in state)
-    return (f"{base} is a fine-tuning checkpoint: it holds only the adapter of {method.rsplit('.', 1)[-1]} "
-            f"({n} tensors), trained on the base {payload['base']!r}, not a whole model. To write a merged "
-            f"single file, pass the base and the exported adapter:\n  python scripts/convert.py --base "
-            f"{payload['base']} --lora {adapter} --out merged.safetensors\n(to sample with it instead: python "
-            f"sample.py --ckpt {base} --prompt ...)")
+    return (
+        f"{base} is a fine-tuning checkpoint: it holds only the adapter of {method.rsplit('.', 1)[-1]} "
+        f"({n} tensors), trained on the base {payload['base']!r}, not a whole model. To write a merged "
+        f"single file, pass the base and the exported adapter:\n  python scripts/convert.py --base "
+        f"{payload['base']} --lora {adapter} --out merged.safetensors\n(to sample with it instead: python "
+        f"sample.py --ckpt {base} --prompt ...)"
+    )
 
 
 def source_metadata(base: str) -> dict[str, str]:
@@ -102,16 +111,31 @@ def main(argv=None) -> Path:
     components = load_base_model(args.base, use_ema=not args.no_ema, **overrides)
     for spec in args.lora:
         path, multiplier = split_lora(spec)
-        summary = load_lora(path, unet=components.unet, text_encoder=components.text_encoder, multiplier=multiplier,
-                            merge=True)
+        summary = load_lora(
+            path,
+            unet=components.unet,
+            text_encoder=components.text_encoder,
+            multiplier=multiplier,
+            merge=True,
+        )
         print(f"baked in {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules)")
     out = export_components(
         components,
         args.out,
         dtype="float32" if args.fp32 else "float16",
-        metadata={**source_metadata(args.base), "ldm.ema": str(not args.no_ema),
-                  **({"ldm.loras": ", ".join(Path(split_lora(s)[0]).name + s[len(split_lora(s)[0]):]
-                                             for s in args.lora)} if args.lora else {})},
+        metadata={
+            **source_metadata(args.base),
+            "ldm.ema": str(not args.no_ema),
+            **(
+                {
+                    "ldm.loras": ", ".join(
+                        Path(split_lora(s)[0]).name + s[len(split_lora(s)[0]) :] for s in args.lora
+                    )
+                }
+                if args.lora
+                else {}
+            ),
+        },
     )
     print(f"wrote {out} (SD {components.version}, {components.parameterization}, {components.resolution} px)")
     return out

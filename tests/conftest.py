@@ -32,7 +32,8 @@ register_resolvers()
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-# Runnable experiments; conf/experiment/_*.yaml are the blocks they inherit (_finetune_shapes, _finetune_sd15).
+# Runnable experiments; conf/experiment/_*.yaml are the blocks they inherit (_finetune_shapes,
+# _finetune_sd15).
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))
 
 
@@ -72,7 +73,8 @@ def te(tiny_te):
 
 
 def load_script(relative: str):
-    """A script of the project (``sample.py``, ``benchmarks/memory.py``) as a module, to call its functions."""
+    """A script of the project (``sample.py``, ``benchmarks/memory.py``) as a module, to call its
+    functions."""
     spec = importlib.util.spec_from_file_location(Path(relative).stem + "_script", ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -80,7 +82,8 @@ def load_script(relative: str):
 
 
 def add_training_callback(monkeypatch, callback) -> None:
-    """Append ``callback`` to the callbacks ``train()`` instantiates from the config (for the rest of the test)."""
+    """Append ``callback`` to the callbacks ``train()`` instantiates from the config (for the rest of the
+    test)."""
     import train as train_module
 
     original = train_module.instantiate_callbacks

@@ -1,4 +1,5 @@
-"""Test helper (instantiated by Hydra in subprocesses): each rank writes its final weights at the end of fit."""
+"""Test helper (instantiated by Hydra in subprocesses): each rank writes its final weights at the end of
+fit."""
 
 from __future__ import annotations
 

@@ -43,8 +43,9 @@ def _child(argv: list[str], env: dict[str, str], cwd: Path, out, err) -> int:
         return 1
 
 
-def run_train_forked(argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT,
-                     timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train_forked(
+    argv: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Like ``subprocess.run([python, "train.py", *argv])``: returncode (negative signal number when a signal
     ended it), stdout and stderr."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:

@@ -98,5 +98,3 @@ def assert_weights_equal(module: torch.nn.Module, reference: torch.nn.Module) ->
     assert ours.keys() == theirs.keys()
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], atol=0, rtol=0, msg=key)
-
-

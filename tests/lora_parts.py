@@ -1,5 +1,6 @@
 """Shared by the LoRA tests (test_lora_*.py): the tiny UNet configs (SD1- and SD2-style attention), randomised
-models and LoRA weights, and their outputs. The text encoder fixtures (``tiny_te``, ``te``) are conftest.py's."""
+models and LoRA weights, and their outputs. The text encoder fixtures (``tiny_te``, ``te``) are
+conftest.py's."""
 
 from __future__ import annotations
 

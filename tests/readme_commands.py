@@ -34,24 +34,26 @@ NOT_RUN = {
     "pip install": "installs packages from the network (.ci/run runs it)",
     ". .venv/bin/activate": "environment setup (.ci/run)",
     "python -m pytest tests": "the test suite itself",
-    "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step on CPU)",
-    "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on CPU)",
-    "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS each); "
-                                        "its loader is ldm.io's, tested in test_interop_single_file.py",
-    "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at test size "
-                                         "by tests/test_scale_benchmarks.py",
-    "python benchmarks/bf16_cpu.py": "SD v1.5 UNet steps in three precisions (minutes on CPU); run at test size by "
-                                     "tests/test_scale_benchmarks.py",
+    "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step "
+    "on CPU)",
+    "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on "
+    "CPU)",
+    "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS "
+    "each); its loader is ldm.io's, tested in test_interop_single_file.py",
+    "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at "
+    "test size by tests/test_scale_benchmarks.py",
+    "python benchmarks/bf16_cpu.py": "SD v1.5 UNet steps in three precisions (minutes on CPU); run at test "
+    "size by tests/test_scale_benchmarks.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
-    "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s even "
-                                     "shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
+    "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s "
+    "even shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }
 # Commands a test composes / argument-parses but does not run, with the reason.
 COMPOSE_ONLY = {
     "model/optimizer=adamw8bit": "needs bitsandbytes (optional, not in the dev extra: CUDA builds); "
-                                 "test_finetune_lora.py checks the error that names the install command",
+    "test_finetune_lora.py checks the error that names the install command",
     "python benchmarks/data_loading.py": "generates 20,000 JPEGs and times fresh processes; its parts run "
-                                         "in-process, tiny, in test_shards.py::test_data_loading_benchmark_cases_run",
+    "in-process, tiny, in test_shards.py::test_data_loading_benchmark_cases_run",
 }
 # Paths a user has and a test does not: commands with them are composed / argument-parsed, not run.
 USER_FILES = ("/models/", "runwayml/")
@@ -59,7 +61,7 @@ USER_FILES = ("/models/", "runwayml/")
 
 @dataclass
 class Command:
-    text: str                      # as in the README
+    text: str  # as in the README
     argv: list[str] = field(default_factory=list)
 
     @property
@@ -83,8 +85,11 @@ class Command:
 
     @property
     def needs_gpu(self) -> bool:
-        return (bool(re.search(r"\btrainer=(gpu|ddp|fsdp|deepspeed)\b", self.text)) or "--device cuda" in self.text
-                or self.text.startswith("torchrun "))
+        return (
+            bool(re.search(r"\btrainer=(gpu|ddp|fsdp|deepspeed)\b", self.text))
+            or "--device cuda" in self.text
+            or self.text.startswith("torchrun ")
+        )
 
 
 def _split_block(block: str) -> list[str]:
@@ -158,8 +163,10 @@ def readme_commands(pages: list[Path] | Path = DOCS) -> list[Command]:
     found.extend(_table_fragments(text))
     unique = list(dict.fromkeys(" ".join(c.split()) for c in found))
     # a placeholder with spaces (`<txt2img last.ckpt>`) is one argument
-    return [Command(c, shlex.split(re.sub(r"<[^<>]*>", lambda m: m.group(0).replace(" ", "_"), c)))
-            for c in unique]
+    return [
+        Command(c, shlex.split(re.sub(r"<[^<>]*>", lambda m: m.group(0).replace(" ", "_"), c)))
+        for c in unique
+    ]
 
 
 def given_keys(overrides: list[str]) -> set[str]:
@@ -174,18 +181,31 @@ def _data_overrides(data, given: set[str], cache_dir: Path) -> list[str]:
         node = data if prefix == "data" else data.get(prefix.split(".", 1)[1])
         if node is None:
             continue
-        out += [f"{prefix}.{k}={v}" for k, v in sizes.items()
-                if k in node and node[k] is not None and f"{prefix}.{k}" not in given]
-        if ("resolution" in node and not OmegaConf.is_interpolation(node, "resolution") and node.resolution > 64
-                and f"{prefix}.resolution" not in given):  # the real-image presets' 512 px
+        out += [
+            f"{prefix}.{k}={v}"
+            for k, v in sizes.items()
+            if k in node and node[k] is not None and f"{prefix}.{k}" not in given
+        ]
+        # the real-image presets' 512 px
+        if (
+            "resolution" in node
+            and not OmegaConf.is_interpolation(node, "resolution")
+            and node.resolution > 64
+            and f"{prefix}.resolution" not in given
+        ):
             out.append(f"{prefix}.resolution=32")
     if "regularization_size" in data and "data.regularization_size" not in given:
         out.append("data.regularization_size=8")
     for i, concept in enumerate(data.get("concepts") or []):  # DreamBooth: 2 instance and 2 class images
-        out += [f"data.concepts.{i}.{k}=2" for k in ("num_instance_images", "num_class_images") if k in concept]
+        out += [
+            f"data.concepts.{i}.{k}=2" for k in ("num_instance_images", "num_class_images") if k in concept
+        ]
     if "class_images" in data:
-        out += ["data.class_images.steps=2", "data.class_images.sampler=ddim",
-                f"data.class_images.cache_dir={cache_dir / 'class_images'}"]
+        out += [
+            "data.class_images.steps=2",
+            "data.class_images.sampler=ddim",
+            f"data.class_images.cache_dir={cache_dir / 'class_images'}",
+        ]
     if "cache_dir" in data and "data.cache_dir" not in given:
         out.append(f"data.cache_dir={cache_dir}")
     return out
@@ -210,12 +230,34 @@ def tiny_overrides(cfg, given: set[str], cache_dir: Path) -> list[str]:
 SHORT = {  # appended arguments (argparse: the last value wins)
     "sample.py": ["--n", "1", "--steps", "2"],
     "benchmarks/fidelity.py": ["--n", "2", "--samplers", "ddim-2"],
-    "benchmarks/unet_step.py": ["--batch", "2", "--steps", "1", "--warmup", "0", "--context-length", "8",
-                                "--peak-size", "256"],
+    "benchmarks/unet_step.py": [
+        "--batch",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--context-length",
+        "8",
+        "--peak-size",
+        "256",
+    ],
     "benchmarks/subject_fidelity.py": ["--n", "2", "--sampler", "ddim", "--steps", "2"],
     "benchmarks/dreambooth_step.py": ["--batch", "2", "--steps", "2", "--warmup", "1", "--in-process"],
-    "benchmarks/sampling.py": ["--samplers", "ddim,euler", "--batch", "1", "--steps", "2", "--repeats", "1",
-                               "--n", "2", "--fidelity-steps", "2"],
+    "benchmarks/sampling.py": [
+        "--samplers",
+        "ddim,euler",
+        "--batch",
+        "1",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--n",
+        "2",
+        "--fidelity-steps",
+        "2",
+    ],
     "scripts/make_shards.py": ["--train-size", "8", "--val-size", "2"],
 }
 
@@ -224,8 +266,15 @@ def env() -> dict:
     """The environment of README commands run as subprocesses; ``python`` in a script (embedded_chain.sh) is
     the interpreter running the tests, also when pytest was started as ``.venv/bin/python -m pytest``."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    out = {**os.environ, "PATH": path, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = {
+        **os.environ,
+        "PATH": path,
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     out.pop("WANDB_API_KEY", None)
     return out
 
@@ -240,14 +289,26 @@ def tiny_for(overrides: list[str], workdir: Path) -> list[str]:
 def run_embedded_chain(root: Path) -> Path:
     """``bash scripts/embedded_chain.sh``, shortened: tiny VAE -> txt2img -> LoRA, fidelity and samples, with
     logs under ``root/logs`` and figures under ``root/docs`` (the conftest fixture ``embedded_chain``)."""
-    stage = {name: " ".join(tiny_for([f"experiment={name}"], root))
-             for name in ("vae", "txt2img", "lora_finetune")}
-    variables = {"LDM_ROOT": str(root), "DOCS": str(root / "docs"), "VAE_ARGS": stage["vae"],
-                 "TXT2IMG_ARGS": stage["txt2img"], "LORA_ARGS": stage["lora_finetune"],
-                 "FIDELITY_ARGS": " ".join(SHORT["benchmarks/fidelity.py"]),
-                 "SAMPLE_ARGS": " ".join(SHORT["sample.py"])}
-    result = subprocess.run(["bash", "scripts/embedded_chain.sh", "debug=smoke", "callbacks.rich_progress_bar=null"],
-                            cwd=ROOT, env={**env(), **variables}, capture_output=True, text=True, timeout=600,
-                            check=False)
+    stage = {
+        name: " ".join(tiny_for([f"experiment={name}"], root)) for name in ("vae", "txt2img", "lora_finetune")
+    }
+    variables = {
+        "LDM_ROOT": str(root),
+        "DOCS": str(root / "docs"),
+        "VAE_ARGS": stage["vae"],
+        "TXT2IMG_ARGS": stage["txt2img"],
+        "LORA_ARGS": stage["lora_finetune"],
+        "FIDELITY_ARGS": " ".join(SHORT["benchmarks/fidelity.py"]),
+        "SAMPLE_ARGS": " ".join(SHORT["sample.py"]),
+    }
+    result = subprocess.run(
+        ["bash", "scripts/embedded_chain.sh", "debug=smoke", "callbacks.rich_progress_bar=null"],
+        cwd=ROOT,
+        env={**env(), **variables},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return root

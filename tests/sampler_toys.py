@@ -38,7 +38,6 @@ def toy_denoiser(xt, t):
     return 0.5 * torch.tanh(xt) + (t.float() / 1000).view(-1, *([1] * (xt.ndim - 1)))
 
 
-
 # data ~ N(MU, STD^2) (latent-like unit scale). x_T is placed on exact quantiles of the true marginal
 # q(x_{T-1}) so that the sample moments carry no Monte-Carlo noise, only solver error.
 

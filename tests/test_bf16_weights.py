@@ -75,8 +75,11 @@ def test_training_with_bf16_weights_lowers_the_loss_also_fused_into_backward():
         unet = use_bf16_weights(tiny_unet())
         assert all(p.dtype == torch.bfloat16 for p in unet.parameters())
         factory = functools.partial(StochasticRoundingOptimizer, factory=adamw)
-        optimizer = OptimizerInBackward(list(unet.parameters()), factory) if fused else factory(
-            params=list(unet.parameters()))
+        optimizer = (
+            OptimizerInBackward(list(unet.parameters()), factory)
+            if fused
+            else factory(params=list(unet.parameters()))
+        )
         losses = fit_losses(unet, optimizer, steps=20)
         assert all(p.dtype == torch.bfloat16 for p in unet.parameters())
         assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
@@ -89,7 +92,10 @@ def test_resume_restores_the_rounding_noise_and_the_states():
     unet = use_bf16_weights(tiny_unet())
     optimizer = StochasticRoundingOptimizer(list(unet.parameters()), adamw, seed=3)
     fit_losses(unet, optimizer, steps=2)
-    weights, state = {k: v.clone() for k, v in unet.state_dict().items()}, copy.deepcopy(optimizer.state_dict())
+    weights, state = (
+        {k: v.clone() for k, v in unet.state_dict().items()},
+        copy.deepcopy(optimizer.state_dict()),
+    )
     reference = fit_losses(unet, optimizer, steps=2)
     resumed_unet = use_bf16_weights(tiny_unet())
     resumed_unet.load_state_dict(weights)
@@ -101,9 +107,21 @@ def test_resume_restores_the_rounding_noise_and_the_states():
 def test_config_toggle_trains_txt2img_with_bf16_weights(compose_cfg):
     from train import train
 
-    cfg = compose_cfg(["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "model/sampler=ddim",
-                       "model.sampler.steps=2", "callbacks.rich_progress_bar=null", "debug=smoke",
-                       "data.train_size=16", "data.val_size=4", "model.bf16_weights=true", "trainer.fast_dev_run=2"])
+    cfg = compose_cfg(
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            "model/sampler=ddim",
+            "model.sampler.steps=2",
+            "callbacks.rich_progress_bar=null",
+            "debug=smoke",
+            "data.train_size=16",
+            "data.val_size=4",
+            "model.bf16_weights=true",
+            "trainer.fast_dev_run=2",
+        ]
+    )
     _, objects = train(cfg)
     model, trainer = objects["model"], objects["trainer"]
     assert isinstance(trainer.optimizers[0], StochasticRoundingOptimizer)

@@ -30,9 +30,18 @@ def record(monkeypatch):
 
 def test_lora_on_mixed_aspect_folder_caches_latents_per_bucket(compose_cfg, base_ckpt, tmp_path, record):  # noqa: F811
     data = make_mixed_folder(tmp_path / "concept", MIXED_SIZES)
-    overrides = ["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", f"model.base={base_ckpt}",
-                 "data=finetune_folder", f"data.source.root={data}", "data.source.resolution=32",
-                 "data.batch_size=2", f"data.cache_dir={tmp_path / 'cache'}", "model.log_prompts=[image 1]"]
+    overrides = [
+        "experiment=lora_finetune",
+        *FINETUNE_PARTS,
+        "debug=smoke",
+        f"model.base={base_ckpt}",
+        "data=finetune_folder",
+        f"data.source.root={data}",
+        "data.source.resolution=32",
+        "data.batch_size=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.log_prompts=[image 1]",
+    ]
     cfg = compose_cfg(overrides)
     _, objects = train(cfg)
     dm, model = objects["datamodule"], objects["model"]

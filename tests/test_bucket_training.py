@@ -14,11 +14,24 @@ from tests.conftest import add_training_callback
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from train import train
 
-FOLDER = ["data=image_folder", "data.resolution=32", "data.batch_size=2",
-          "data.num_workers=0", "data.val_size=2", "callbacks.rich_progress_bar=null"]
+FOLDER = [
+    "data=image_folder",
+    "data.resolution=32",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.val_size=2",
+    "callbacks.rich_progress_bar=null",
+]
 VAE = ["experiment=vae", "model/vae=tiny", *FOLDER]
-TXT2IMG = ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *FOLDER,
-           "model.log_prompts=[image 1]", "model/sampler=ddim", "model.sampler.steps=2"]
+TXT2IMG = [
+    "experiment=txt2img",
+    "model/vae=tiny",
+    "model/unet=tiny",
+    *FOLDER,
+    "model.log_prompts=[image 1]",
+    "model/sampler=ddim",
+    "model.sampler.steps=2",
+]
 
 
 class RecordBatches(Callback):
@@ -40,8 +53,9 @@ def record(monkeypatch):
 def test_vae_then_txt2img_train_on_bucketed_folder(tmp_path, compose_cfg, record):
     data = make_mixed_folder(tmp_path / "mixed", MIXED_SIZES * 2)
     root = f"data.root={data}"
-    vae_cfg = compose_cfg([*VAE, root, "debug=smoke", "trainer.max_steps=6", "trainer.limit_train_batches=6"],
-                          output_name="vae")
+    vae_cfg = compose_cfg(
+        [*VAE, root, "debug=smoke", "trainer.max_steps=6", "trainer.limit_train_batches=6"], output_name="vae"
+    )
     metrics, _ = train(vae_cfg)
     assert "val/psnr" in metrics
     assert len(record.shapes) == 6 and any(h != w for h, w in record.shapes), record.shapes
@@ -58,8 +72,14 @@ def test_vae_then_txt2img_train_on_bucketed_folder(tmp_path, compose_cfg, record
 
 def test_resume_continues_at_the_next_bucket_batch(tmp_path, compose_cfg, record):
     data = make_mixed_folder(tmp_path / "mixed", MIXED_SIZES * 3)
-    base = [*VAE, f"data.root={data}", "debug=smoke", "trainer.limit_train_batches=1.0",
-            "trainer.max_epochs=-1", "trainer.val_check_interval=100"]
+    base = [
+        *VAE,
+        f"data.root={data}",
+        "debug=smoke",
+        "trainer.limit_train_batches=1.0",
+        "trainer.max_epochs=-1",
+        "trainer.val_check_interval=100",
+    ]
     train(compose_cfg([*base, "trainer.max_steps=7"], output_name="full"))
     uninterrupted = list(record.captions)
     assert len(uninterrupted) == 7

@@ -58,11 +58,15 @@ def test_nearest_bucket_and_cover_crop_is_smallest():
     buckets = make_buckets(512, 64)
     assert buckets[nearest_bucket(1000, 1000, buckets)] == (512, 512)
     portrait = buckets[nearest_bucket(600, 900, buckets)]
-    assert abs(math.log(portrait[0] / portrait[1]) - math.log(2 / 3)) <= min(
-        abs(math.log(w / h) - math.log(2 / 3)) for w, h in buckets) + 1e-12
+    assert (
+        abs(math.log(portrait[0] / portrait[1]) - math.log(2 / 3))
+        <= min(abs(math.log(w / h) - math.log(2 / 3)) for w, h in buckets) + 1e-12
+    )
     assert portrait[0] < portrait[1]
-    assert assign_buckets([(600, 900), (1200, 1800), (900, 600)], buckets)[:2] == [
-        nearest_bucket(600, 900, buckets)] * 2
+    assert (
+        assign_buckets([(600, 900), (1200, 1800), (900, 600)], buckets)[:2]
+        == [nearest_bucket(600, 900, buckets)] * 2
+    )
     w, h = cover_size(600, 900, portrait)
     assert w >= portrait[0] and h >= portrait[1] and (w == portrait[0] or h == portrait[1])
 
@@ -130,8 +134,9 @@ def test_sampler_resumes_at_the_next_batch():
 
 def test_image_folder_datamodule_bucket_batches(tmp_path, caplog):
     make_mixed_folder(tmp_path / "data")
-    dm = ImageFolderDataModule(tmp_path / "data", resolution=64, batch_size=2, val_size=2, bucket_step=16,
-                               num_workers=0)
+    dm = ImageFolderDataModule(
+        tmp_path / "data", resolution=64, batch_size=2, val_size=2, bucket_step=16, num_workers=0
+    )
     with caplog.at_level("INFO", logger="datamodules.image_folder"):
         dm.setup()
     assert "buckets used by 6 images" in caplog.text and "64x64" in caplog.text
@@ -174,7 +179,9 @@ def test_square_when_bucketing_is_off(tmp_path):
 
 def test_sampler_validation_split_covers_every_item_on_every_rank_count():
     bucket_ids = [0, 0, 0, 1]  # two batches of 3 and 1
-    per_rank = [list(BucketBatchSampler(bucket_ids, 3, shuffle=False, num_replicas=3, rank=r)) for r in range(3)]
+    per_rank = [
+        list(BucketBatchSampler(bucket_ids, 3, shuffle=False, num_replicas=3, rank=r)) for r in range(3)
+    ]
     assert [len(b) for b in per_rank] == [1, 1, 1]  # no rank without a batch
     assert {i for batches in per_rank for b in batches for i in b} == {0, 1, 2, 3}
     few = [BucketBatchSampler([0, 0], 2, shuffle=True, num_replicas=2, rank=r) for r in range(2)]

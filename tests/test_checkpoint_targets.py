@@ -53,25 +53,36 @@ def payloads(marker: Path, victim: Path) -> dict[str, dict]:
         "shutil.rmtree": {"_target_": "shutil.rmtree", "path": str(victim)},
         "pathlib.Path.write_text (nested)": {
             "_target_": "ldm.models.latent_diffusion.LatentDiffusion",
-            "unet": {"_target_": "pathlib.Path.write_text",
-                     "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]}, "data": "pwned"},
+            "unet": {
+                "_target_": "pathlib.Path.write_text",
+                "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
+                "data": "pwned",
+            },
         },
         "ldm function that is not a model": {
             "_target_": "ldm.models.finetune.module.FineTuneModule",
             "method": {"_target_": "ldm.utils.files.atomic_write_text", "path": str(marker), "text": "pwned"},
         },
-        "an allowed target's module prefix": {"_target_": "ldm.models.latent_diffusion.os.makedirs",
-                                              "name": str(marker)},
-        "a list item": {"_target_": "ldm.modules.unet.UNetModel",
-                        "channel_mult": [1, {"_target_": "os.makedirs", "name": str(marker)}]},
-        "a hydra key we never write": {"_target_": "ldm.modules.unet.UNetModel",
-                                       "_args_": [{"_target_": "os.makedirs", "name": str(marker)}]},
+        "an allowed target's module prefix": {
+            "_target_": "ldm.models.latent_diffusion.os.makedirs",
+            "name": str(marker),
+        },
+        "a list item": {
+            "_target_": "ldm.modules.unet.UNetModel",
+            "channel_mult": [1, {"_target_": "os.makedirs", "name": str(marker)}],
+        },
+        "a hydra key we never write": {
+            "_target_": "ldm.modules.unet.UNetModel",
+            "_args_": [{"_target_": "os.makedirs", "name": str(marker)}],
+        },
     }
 
 
 def poisoned_checkpoint(path: Path, model_config: dict) -> Path:
     """Pickle-free (plain types only, loads with weights_only=True) and otherwise well-formed."""
-    torch.save({"state_dict": {"unet.w": torch.zeros(1)}, "global_step": 1, "model_config": model_config}, path)
+    torch.save(
+        {"state_dict": {"unet.w": torch.zeros(1)}, "global_step": 1, "model_config": model_config}, path
+    )
     return path
 
 
@@ -95,7 +106,9 @@ def test_poisoned_model_config_is_refused_before_anything_runs(tmp_path, victim,
 
 def test_the_refusal_names_the_nested_key(tmp_path, victim):
     config = payloads(tmp_path / "pwned", victim)["pathlib.Path.write_text (nested)"]
-    with pytest.raises(UnsafeConfigError, match=r"model_config\.unet\._target_ names 'pathlib\.Path\.write_text'"):
+    with pytest.raises(
+        UnsafeConfigError, match=r"model_config\.unet\._target_ names 'pathlib\.Path\.write_text'"
+    ):
         check_config(config, "x.ckpt")
 
 
@@ -119,40 +132,63 @@ def test_builds_what_hydra_builds(tmp_path):
 
 
 def entry_points(evil: Path, tmp_path: Path) -> dict:
-    """Every script that reads a checkpoint's config: name -> (its main, the arguments that give it ``evil``)."""
+    """Every script that reads a checkpoint's config: name -> (its main, the arguments that give it
+    ``evil``)."""
     run = tmp_path / "planted_run"  # a run folder whose saved config names the poisoned base
     (run / ".hydra").mkdir(parents=True)
     (run / "adapters").mkdir()
     (run / "adapters" / "lora.safetensors").write_bytes(b"")
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"model": {"base": str(evil), "method": {"_target_": "ldm.models.finetune.lora.LoRA"}},
-         "data": {"concepts": []}}))
+    (run / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"base": str(evil), "method": {"_target_": "ldm.models.finetune.lora.LoRA"}},
+                "data": {"concepts": []},
+            }
+        )
+    )
     return {
-        "sample.py --ckpt": (load_script("sample.py").main,
-                             ["--ckpt", str(evil), "--prompt", "x", "--out", str(tmp_path / "out")]),
-        "scripts/convert.py --base": (load_script("scripts/convert.py").main,
-                                      ["--base", str(evil), "--out", str(tmp_path / "o.safetensors")]),
-        "benchmarks/fidelity.py --ckpt": (load_script("benchmarks/fidelity.py").main, ["--ckpt", str(evil), "--n", "2"]),
-        "benchmarks/sampling.py --ckpt": (load_script("benchmarks/sampling.py").main,
-                                          ["--part", "fidelity", "--ckpt", str(evil)]),
-        "benchmarks/dreambooth_step.py --base": (load_script("benchmarks/dreambooth_step.py").main,
-                                                 ["--base", str(evil)]),
-        "benchmarks/subject_fidelity.py --run": (load_script("benchmarks/subject_fidelity.py").main,
-                                                 ["--run", str(run)]),
+        "sample.py --ckpt": (
+            load_script("sample.py").main,
+            ["--ckpt", str(evil), "--prompt", "x", "--out", str(tmp_path / "out")],
+        ),
+        "scripts/convert.py --base": (
+            load_script("scripts/convert.py").main,
+            ["--base", str(evil), "--out", str(tmp_path / "o.safetensors")],
+        ),
+        "benchmarks/fidelity.py --ckpt": (
+            load_script("benchmarks/fidelity.py").main,
+            ["--ckpt", str(evil), "--n", "2"],
+        ),
+        "benchmarks/sampling.py --ckpt": (
+            load_script("benchmarks/sampling.py").main,
+            ["--part", "fidelity", "--ckpt", str(evil)],
+        ),
+        "benchmarks/dreambooth_step.py --base": (
+            load_script("benchmarks/dreambooth_step.py").main,
+            ["--base", str(evil)],
+        ),
+        "benchmarks/subject_fidelity.py --run": (
+            load_script("benchmarks/subject_fidelity.py").main,
+            ["--run", str(run)],
+        ),
     }
 
 
 def test_every_entry_point_refuses_a_poisoned_config_in_one_line(tmp_path, victim, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "pwned"
-    evil = poisoned_checkpoint(tmp_path / "evil.ckpt", payloads(marker, victim)["pathlib.Path.write_text (nested)"])
+    evil = poisoned_checkpoint(
+        tmp_path / "evil.ckpt", payloads(marker, victim)["pathlib.Path.write_text (nested)"]
+    )
     for name, (main, argv) in entry_points(evil, tmp_path).items():
         with pytest.raises(SystemExit) as stop:
             run_main(main, argv)
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert stop.value.code == 1 and len(lines) == 1, (name, lines)
-        assert lines[0].startswith("error: ") and f"{evil}: refusing to build its config: model_config.unet._target_" \
-            in lines[0], name
+        assert (
+            lines[0].startswith("error: ")
+            and f"{evil}: refusing to build its config: model_config.unet._target_" in lines[0]
+        ), name
         assert not marker.exists(), name
     assert (victim / "keep.txt").is_file()
 
@@ -160,13 +196,24 @@ def test_every_entry_point_refuses_a_poisoned_config_in_one_line(tmp_path, victi
 def test_train_refuses_a_poisoned_base_in_one_line(tmp_path, victim, caplog):
     marker = tmp_path / "pwned"
     evil = poisoned_checkpoint(tmp_path / "evil.ckpt", payloads(marker, victim)["builtins.open"])
-    cfg = compose_train(tmp_path, ["experiment=lora_finetune", "debug=smoke", "logger=none", f"model.base={evil}",
-                                   "data.cache_dir=null", "callbacks.rich_progress_bar=null",
-                                   "callbacks.lr_monitor=null"], output_name="ft")
+    cfg = compose_train(
+        tmp_path,
+        [
+            "experiment=lora_finetune",
+            "debug=smoke",
+            "logger=none",
+            f"model.base={evil}",
+            "data.cache_dir=null",
+            "callbacks.rich_progress_bar=null",
+            "callbacks.lr_monitor=null",
+        ],
+        output_name="ft",
+    )
     with pytest.raises(SystemExit) as stop:
         run_task(train, cfg)
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert stop.value.code == 1 and len(errors) == 1 and "\n" not in errors[0], errors
-    assert errors[0].startswith(f"error: {evil}: refusing to build its config: model_config._target_ names "
-                                "'builtins.open'")
+    assert errors[0].startswith(
+        f"error: {evil}: refusing to build its config: model_config._target_ names 'builtins.open'"
+    )
     assert not marker.exists()

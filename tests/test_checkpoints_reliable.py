@@ -123,8 +123,11 @@ def test_last_ckpt_is_a_hard_link_to_the_best_saved_at_the_same_step(tmp_path, m
     monkeypatch.setattr(TinyRegression, "validation_step", BetterEachTime.validation_step)
     written = []
     save = SafeCheckpointIO.save_checkpoint
-    monkeypatch.setattr(SafeCheckpointIO, "save_checkpoint",
-                        lambda self, state, path, **k: (written.append(Path(path).name), save(self, state, path, **k)))
+    monkeypatch.setattr(
+        SafeCheckpointIO,
+        "save_checkpoint",
+        lambda self, state, path, **k: (written.append(Path(path).name), save(self, state, path, **k)),
+    )
     fit_tiny(tmp_path, max_steps=4)  # validation at 2 and 4, each a new best
     folder = tmp_path / "ckpt"
     assert written == ["step_2.ckpt", "step_4.ckpt"]
@@ -342,7 +345,9 @@ def test_slurm_auto_requeue_keeps_sigusr1_for_lightning():
     checkpoint = RunCheckpoint()
     plain = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=LightningEnvironment()))
     slurm = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=True)))
-    no_requeue = SimpleNamespace(strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=False)))
+    no_requeue = SimpleNamespace(
+        strategy=SimpleNamespace(cluster_environment=SLURMEnvironment(auto_requeue=False))
+    )
     assert checkpoint.forwarded_signals(plain) == [signal.SIGUSR1]
     assert checkpoint.forwarded_signals(slurm) == []  # Lightning saves hpc_ckpt and requeues
     assert checkpoint.forwarded_signals(no_requeue) == [signal.SIGUSR1]

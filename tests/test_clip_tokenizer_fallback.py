@@ -35,7 +35,8 @@ def stand_in_open_clip(tmp_path, monkeypatch):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('never imported')\n")
     (package / "bpe_simple_vocab_16e6.txt.gz").write_bytes(
-        gzip.compress("\n".join(["bpe_simple_vocab_16e6.txt#version: 0.2", *merges, ""]).encode()))
+        gzip.compress("\n".join(["bpe_simple_vocab_16e6.txt#version: 0.2", *merges, ""]).encode())
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "cache"))
     return package / "bpe_simple_vocab_16e6.txt.gz"
@@ -48,18 +49,36 @@ def test_tokenizer_from_the_bpe_file(stand_in_open_clip):
     ids = tokenizer("ab").input_ids
     assert ids[0] == 49406 and ids[-1] == 49407 and tokenizer.pad_token_id == 49407  # SD v1 pads with EOS
     assert ids[1:-1] == [tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("b</w>")]
-    assert clip_tokenizer_from_bpe(stand_in_open_clip, pad_token="!").pad_token_id == 0  # SD 2.x pads with "!"
+    # SD 2.x pads with "!"
+    assert clip_tokenizer_from_bpe(stand_in_open_clip, pad_token="!").pad_token_id == 0
 
 
 @pytest.fixture(scope="module")
 def clip_vocab_file(tmp_path_factory):
-    """A tiny SD single file whose text encoder has CLIP's 49,408-token vocabulary: no tokenizer is embedded."""
-    text = CLIPTextEncoder.from_config({"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
-                                        "num_hidden_layers": 1, "num_attention_heads": 2,
-                                        "max_position_embeddings": 77, "hidden_act": "quick_gelu"})
+    """A tiny SD single file whose text encoder has CLIP's 49,408-token vocabulary: no tokenizer is
+    embedded."""
+    text = CLIPTextEncoder.from_config(
+        {
+            "vocab_size": 49408,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+        }
+    )
     torch.manual_seed(0)
-    components = SDComponents(perturb(UNetModel(**TINY_UNET), 4), perturb(AutoencoderKL(**TINY_VAE), 6), text,
-                              DiffusionSchedule.from_config(), "eps", 0.5, "custom", 16)
+    components = SDComponents(
+        perturb(UNetModel(**TINY_UNET), 4),
+        perturb(AutoencoderKL(**TINY_VAE), 6),
+        text,
+        DiffusionSchedule.from_config(),
+        "eps",
+        0.5,
+        "custom",
+        16,
+    )
     return export_components(components, tmp_path_factory.mktemp("sd") / "clip_vocab.safetensors")
 
 
@@ -70,13 +89,28 @@ def test_sample_py_uses_the_fallback_offline(clip_vocab_file, stand_in_open_clip
 
     monkeypatch.setattr(ldm.io.sd_tokenizer, "DEFAULT_TOKENIZERS", {})  # as offline with an empty HF cache
     built = []
-    monkeypatch.setattr(ldm.io.sd_tokenizer, "clip_tokenizer_from_bpe",
-                        lambda *a, **k: built.append(a[0]) or clip_tokenizer_from_bpe(*a, **k))
+    monkeypatch.setattr(
+        ldm.io.sd_tokenizer,
+        "clip_tokenizer_from_bpe",
+        lambda *a, **k: built.append(a[0]) or clip_tokenizer_from_bpe(*a, **k),
+    )
 
     with safe_open(str(clip_vocab_file), framework="pt") as handle:
         assert not any(k.startswith("ldm.tokenizer/") for k in handle.metadata())
-    sample.main(["--ckpt", str(clip_vocab_file), "--prompt", "a red circle", "--n", "1", "--steps", "2",
-                 "--out", str(tmp_path / "out")])
+    sample.main(
+        [
+            "--ckpt",
+            str(clip_vocab_file),
+            "--prompt",
+            "a red circle",
+            "--n",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert len(list((tmp_path / "out").glob("000_*.png"))) == 1
     assert built == [stand_in_open_clip]  # once, before loading: the instance is passed on to the loader
 

@@ -63,10 +63,19 @@ def test_a_missing_batch_key_is_named():
 
 
 def test_config_composes_the_text_encoder_preset_as_the_embedder(compose_cfg):
-    cfg = compose_cfg([*TINY_LDM, "model/text_encoder=clip_vit_l", "model.ucg_rate=0.2",
-                       "model.conditioner.embedders.0.module.path=some/folder"])
+    cfg = compose_cfg(
+        [
+            *TINY_LDM,
+            "model/text_encoder=clip_vit_l",
+            "model.ucg_rate=0.2",
+            "model.conditioner.embedders.0.module.path=some/folder",
+        ]
+    )
     entry = cfg.model.conditioner.embedders["0"]
-    assert entry.module._target_.endswith("CLIPTextEncoder.from_pretrained") and entry.module.path == "some/folder"
+    assert (
+        entry.module._target_.endswith("CLIPTextEncoder.from_pretrained")
+        and entry.module.path == "some/folder"
+    )
     assert entry.input_key == "caption" and entry.ucg_rate is None and "text_encoder" not in cfg.model
 
 
@@ -93,7 +102,9 @@ def test_an_older_checkpoint_with_text_encoder_keys_and_config_loads(compose_cfg
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": state, "model_config": old_config, "global_step": 1}, path)
     loaded = load_lightning_model(path)
-    torch.testing.assert_close(loaded.text_encoder.token_embedding.weight, model.text_encoder.token_embedding.weight)
+    torch.testing.assert_close(
+        loaded.text_encoder.token_embedding.weight, model.text_encoder.token_embedding.weight
+    )
     torch.testing.assert_close(loaded.encode_text(PROMPTS), model.encode_text(PROMPTS))
     assert set(loaded.state_dict()) == set(model.state_dict())
 

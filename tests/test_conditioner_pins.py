@@ -41,8 +41,9 @@ def direct_fingerprint() -> dict[str, str]:
         z0, context = model.batch_latents_and_context(batch, train=True)
         losses.append(model.diffusion_step(z0, context, reduction="none").detach())
     model._batch_random = None
-    samples = model.eval().generate(["a red circle on a blue background", "a green square"], seed=3,
-                                    negative_prompt="a blue circle")
+    samples = model.eval().generate(
+        ["a red circle on a blue background", "a green square"], seed=3, negative_prompt="a blue circle"
+    )
     return {"losses": digest(losses), "samples": digest([samples])}
 
 
@@ -63,13 +64,27 @@ def test_txt2img_run_is_unchanged(compose_cfg):
 
 
 def test_lora_on_the_text_encoder_run_is_unchanged(compose_cfg):
-    cfg = compose_cfg([*tiny_overrides("lora_finetune"), "debug=fdr", "trainer.fast_dev_run=2",
-                       "model.method.text_encoder_targets=[TEXT_ENCODER]", "model.ucg_rate=0.5",
-                       "model.scheduler.warmup_steps=0"])
+    cfg = compose_cfg(
+        [
+            *tiny_overrides("lora_finetune"),
+            "debug=fdr",
+            "trainer.fast_dev_run=2",
+            "model.method.text_encoder_targets=[TEXT_ENCODER]",
+            "model.ucg_rate=0.5",
+            "model.scheduler.warmup_steps=0",
+        ]
+    )
     assert run_fingerprint(cfg, "method") == {"loss": "0x1.0b31c20000000p+0", "weights": "013b4fc7cbc02cfa"}
 
 
 def test_textual_inversion_run_is_unchanged(compose_cfg):
-    cfg = compose_cfg([*tiny_overrides("textual_inversion_star"), "debug=fdr", "trainer.fast_dev_run=2",
-                       "model.ucg_rate=0.5", "model.scheduler.warmup_steps=0"])
+    cfg = compose_cfg(
+        [
+            *tiny_overrides("textual_inversion_star"),
+            "debug=fdr",
+            "trainer.fast_dev_run=2",
+            "model.ucg_rate=0.5",
+            "model.scheduler.warmup_steps=0",
+        ]
+    )
     assert run_fingerprint(cfg, "method") == {"loss": "0x1.0b31c20000000p+0", "weights": "5402c82ee165d23d"}

@@ -18,14 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def attribute_uses(folder: str, names: set[str], root: Path = ROOT) -> list[str]:
-    """``"file:line .name"`` for every access ``x.<name>`` (or ``getattr/hasattr(x, "<name>")``) in the ``.py``
-    files under ``folder``."""
+    """``"file:line .name"`` for every access ``x.<name>`` (or ``getattr/hasattr(x, "<name>")``) in the
+    ``.py`` files under ``folder``."""
     found = []
     for path in sorted((root / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             name = node.attr if isinstance(node, ast.Attribute) else None
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr")
-                    and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) in ("getattr", "hasattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+            ):
                 name = node.args[1].value
             if name in names:
                 found.append(f"{path.relative_to(root)}:{node.lineno} .{name}")
@@ -42,9 +46,14 @@ def test_datamodules_never_see_the_model():
 
 def test_the_checker_sees_attribute_access(tmp_path):
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "a.py").write_text("def f(t):\n    return t.trainer.datamodule.resolution\n"
-                                        "def g(t):\n    return hasattr(t, 'datamodule') and getattr(t, 'x')\n")
-    assert attribute_uses("pkg", {"datamodule"}, tmp_path) == ["pkg/a.py:2 .datamodule", "pkg/a.py:4 .datamodule"]
+    (tmp_path / "pkg" / "a.py").write_text(
+        "def f(t):\n    return t.trainer.datamodule.resolution\n"
+        "def g(t):\n    return hasattr(t, 'datamodule') and getattr(t, 'x')\n"
+    )
+    assert attribute_uses("pkg", {"datamodule"}, tmp_path) == [
+        "pkg/a.py:2 .datamodule",
+        "pkg/a.py:4 .datamodule",
+    ]
 
 
 class Recorder:
@@ -91,28 +100,48 @@ def test_the_latent_cache_is_built_from_services_alone(tmp_path):
 
 
 def test_dreambooth_class_images_come_from_a_generator_not_a_model(tmp_path):
-    concepts = [{"identifier": "sks", "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
-                 "instance_backgrounds": ["blue"], "num_instance_images": 2, "class_prompt": "a square",
-                 "num_class_images": 3}]
-    data = DreamBoothDataModule(concepts, resolution=16, cache_latents=False,
-                                class_images={"steps": 2, "cache_dir": str(tmp_path / "class")})
+    concepts = [
+        {
+            "identifier": "sks",
+            "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
+            "instance_backgrounds": ["blue"],
+            "num_instance_images": 2,
+            "class_prompt": "a square",
+            "num_class_images": 3,
+        }
+    ]
+    data = DreamBoothDataModule(
+        concepts,
+        resolution=16,
+        cache_latents=False,
+        class_images={"steps": 2, "cache_dir": str(tmp_path / "class")},
+    )
     calls = []
 
     def generate(prompts, seeds, *, sampler, steps, guidance_scale, resolution):
         calls.append((len(prompts), len(set(seeds)), sampler, steps, resolution))
         return torch.zeros(len(prompts), 3, resolution, resolution)
 
-    services = DataServices(encode=None, vae_fingerprint=lambda: "", generate=generate,
-                            base_fingerprint=lambda: "base0")
+    services = DataServices(
+        encode=None, vae_fingerprint=lambda: "", generate=generate, base_fingerprint=lambda: "base0"
+    )
     data.prepare_training_data(services)
     assert calls == [(3, 3, "ddim", 2, 16)]
     assert sum(bool(data.data_train[i]["is_regularization"]) for i in range(len(data.data_train))) == 3
 
 
 def test_dreambooth_without_a_generator_says_what_to_do(tmp_path):
-    concepts = [{"identifier": "sks", "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
-                 "instance_backgrounds": ["blue"], "num_instance_images": 2, "num_class_images": 2}]
-    data = DreamBoothDataModule(concepts, resolution=16, cache_latents=False,
-                                class_images={"cache_dir": str(tmp_path)})
+    concepts = [
+        {
+            "identifier": "sks",
+            "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
+            "instance_backgrounds": ["blue"],
+            "num_instance_images": 2,
+            "num_class_images": 2,
+        }
+    ]
+    data = DreamBoothDataModule(
+        concepts, resolution=16, cache_latents=False, class_images={"cache_dir": str(tmp_path)}
+    )
     with pytest.raises(ValueError, match="needs the base model's image generator.*connect_data"):
         data.train_dataloader()

@@ -193,7 +193,9 @@ def test_min_snr_weights_by_hand():
     snr = torch.tensor([0.5, 5.0, 20.0])
     weighting = MinSNRWeighting(5.0)
     torch.testing.assert_close(weighting(snr, as_parameterization("eps")), torch.tensor([1.0, 1.0, 0.25]))
-    torch.testing.assert_close(weighting(snr, as_parameterization("v")), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+    torch.testing.assert_close(
+        weighting(snr, as_parameterization("v")), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21])
+    )
     torch.testing.assert_close(weighting(snr, as_parameterization("x0")), torch.tensor([0.5, 5.0, 5.0]))
     # zero SNR (zero-terminal-SNR schedules): finite weights
     zero = weighting(torch.tensor([0.0]), as_parameterization("eps"))

@@ -60,8 +60,9 @@ def test_min_snr_is_the_same_objective_whatever_the_network_predicts(schedule, n
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
     assert snr.min() < 5.0 < snr.max()  # both sides of the clip are exercised
     plain = build_loss(name)(output, x0, noise, t, schedule, reduction="none").double()
-    torch.testing.assert_close(plain, param.x0_loss_scale(snr) * (0.1 * error).square().mean(dim=(1, 2, 3)),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        plain, param.x0_loss_scale(snr) * (0.1 * error).square().mean(dim=(1, 2, 3)), rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.parametrize("name", PARAMETERIZATIONS)
@@ -74,8 +75,9 @@ def test_sigma_space_denoised_equals_the_vp_conversion(schedule, name):
         t = torch.tensor([step])
         abar = float(schedule.alphas_cumprod[step])
         sigma = math.sqrt((1 - abar) / abar)
-        torch.testing.assert_close(param.denoised(xt / math.sqrt(abar), sigma, output),
-                                   param.to_x0(xt, t, output, schedule))
+        torch.testing.assert_close(
+            param.denoised(xt / math.sqrt(abar), sigma, output), param.to_x0(xt, t, output, schedule)
+        )
 
 
 def test_only_eps_is_undefined_at_zero_snr():
@@ -93,24 +95,45 @@ def test_build_loss_maps_the_keys_to_objects():
 
 def test_model_reads_its_parameterization_from_hparams():
     """Checkpoints store the name (hparams); a fine-tune sets it from its base after construction."""
-    model = LatentDiffusion(unet=None, vae=None, text_encoder=None, schedule=None, sampler=None,
-                            optimizer=None, parameterization="v", min_snr_gamma=5.0)
+    model = LatentDiffusion(
+        unet=None,
+        vae=None,
+        text_encoder=None,
+        schedule=None,
+        sampler=None,
+        optimizer=None,
+        parameterization="v",
+        min_snr_gamma=5.0,
+    )
     assert model.parameterization is V and model.diffusion_loss.weighting.gamma == 5.0
     model.hparams.parameterization = "x0"
     assert model.parameterization is X0
     with pytest.raises(ValueError, match="parameterization must be one of"):
-        LatentDiffusion(unet=None, vae=None, text_encoder=None, schedule=None, sampler=None, optimizer=None,
-                        parameterization="epsilon")
+        LatentDiffusion(
+            unet=None,
+            vae=None,
+            text_encoder=None,
+            schedule=None,
+            sampler=None,
+            optimizer=None,
+            parameterization="epsilon",
+        )
 
 
 def test_single_file_metadata_asks_the_object():
     spec = _modelspec({"version": "v2", "parameterization": "v", "resolution": 768})
     assert spec["modelspec.architecture"] == "stable-diffusion-v2-768-v"
     assert spec["modelspec.prediction_type"] == "v"
-    assert _modelspec({"version": "v1", "parameterization": "eps", "resolution": 512})[
-        "modelspec.prediction_type"] == "epsilon"
-    assert _modelspec({"version": "v2", "parameterization": "x0", "resolution": 512})[
-        "modelspec.architecture"] == "stable-diffusion-v2"
+    assert (
+        _modelspec({"version": "v1", "parameterization": "eps", "resolution": 512})[
+            "modelspec.prediction_type"
+        ]
+        == "epsilon"
+    )
+    assert (
+        _modelspec({"version": "v2", "parameterization": "x0", "resolution": 512})["modelspec.architecture"]
+        == "stable-diffusion-v2"
+    )
 
 
 def test_loss_presets_cover_every_parameterization_with_and_without_min_snr():
@@ -128,6 +151,7 @@ def test_loss_group_sets_the_model_keys(compose_cfg, preset):
 def test_plain_keys_still_override(compose_cfg):
     default = compose_cfg(["experiment=txt2img"])
     assert (default.model.parameterization, default.model.min_snr_gamma) == ("eps", None)
-    cfg = compose_cfg(["experiment=txt2img", "model/loss=v_min_snr", "model.parameterization=x0",
-                       "model.min_snr_gamma=2.0"])
+    cfg = compose_cfg(
+        ["experiment=txt2img", "model/loss=v_min_snr", "model.parameterization=x0", "model.min_snr_gamma=2.0"]
+    )
     assert (cfg.model.parameterization, cfg.model.min_snr_gamma) == ("x0", 2.0)

@@ -51,22 +51,30 @@ def test_evaluator_tells_the_subject_from_ordinary_class_members(evaluator, subj
         # ordinary members of the class, including ones in either of the subject's colours
         color = [c for c in COLORS if c != background][i % 9]
         ordinary = render(color, subject.shape, background, 32, np.random.default_rng([2, i]))
-        false_hits.append(evaluator.is_subject(degrade(ordinary, blur, noise, rng) if blur else ordinary, subject))
+        false_hits.append(
+            evaluator.is_subject(degrade(ordinary, blur, noise, rng) if blur else ordinary, subject)
+        )
     assert np.mean(hits) >= 0.95
     assert not any(false_hits)
 
 
 def test_solid_subject_is_one_object_the_base_can_draw(evaluator):
-    """Same colour twice: a named ordinary object (textual inversion's and hypernetworks' embedded concept)."""
+    """Same colour twice: a named ordinary object (textual inversion's and hypernetworks' embedded
+    concept)."""
     gem = Subject("diamond", ("magenta", "magenta"))
     assert gem.solid and not Subject().solid and "magenta" not in gem.backgrounds()
     image = render_subject(gem, "blue", 32, np.random.default_rng(3))
     assert np.array_equal(image, render("magenta", "diamond", "blue", 32, np.random.default_rng(3)))
-    hits = [evaluator.is_subject(render_subject(gem, b, 32, np.random.default_rng([4, i])), gem)
-            for i, b in enumerate(gem.backgrounds())]
+    hits = [
+        evaluator.is_subject(render_subject(gem, b, 32, np.random.default_rng([4, i])), gem)
+        for i, b in enumerate(gem.backgrounds())
+    ]
     assert np.mean(hits) >= 0.95
-    others = [render("red", "diamond", "blue", 32), render("magenta", "square", "blue", 32),
-              render_subject(Subject("diamond", ("magenta", "yellow")), "blue", 32)]
+    others = [
+        render("red", "diamond", "blue", 32),
+        render("magenta", "square", "blue", 32),
+        render_subject(Subject("diamond", ("magenta", "yellow")), "blue", 32),
+    ]
     assert not any(evaluator.is_subject(image, gem) for image in others)
 
 
@@ -108,8 +116,11 @@ def test_class_images_are_generated_once_reused_and_topped_up(tmp_path):
     paths = ensure_class_images(tmp_path, prompts, 4, generate, settings)
     assert [p.name for p in paths] == ["00000.png", "00001.png", "00002.png", "00003.png"]
     seeds = [image_seed(0, i) for i in range(6)]  # each image its own seed
-    assert generate.generated == 4 and [s for _, s in generate.calls] == [seeds[:3], seeds[3:4]]  # batches of 3
-    assert (tmp_path / "00001.txt").read_text() == prompts[1] and (tmp_path / "00002.txt").read_text() == prompts[0]
+    # batches of 3
+    assert generate.generated == 4 and [s for _, s in generate.calls] == [seeds[:3], seeds[3:4]]
+    assert (tmp_path / "00001.txt").read_text() == prompts[1] and (
+        tmp_path / "00002.txt"
+    ).read_text() == prompts[0]
     before = {p.name: p.read_bytes() for p in paths}
 
     again = CountingGenerator()
@@ -132,21 +143,30 @@ def test_class_image_cache_key_covers_what_shapes_the_images():
     settings, prompts = SamplerSettings(), ["a square"]
     key = cache_key("base0", prompts, settings, 32)
     assert key == cache_key("base0", prompts, SamplerSettings(batch_size=2), 32)  # batch size: same images
-    changed = [cache_key("base1", prompts, settings, 32), cache_key("base0", ["a circle"], settings, 32),
-               cache_key("base0", prompts, SamplerSettings(steps=10), 32),
-               cache_key("base0", prompts, SamplerSettings(guidance_scale=5.0), 32),
-               cache_key("base0", prompts, SamplerSettings(sampler="dpmpp_2m"), 32),
-               cache_key("base0", prompts, SamplerSettings(seed=1), 32), cache_key("base0", prompts, settings, 64)]
+    changed = [
+        cache_key("base1", prompts, settings, 32),
+        cache_key("base0", ["a circle"], settings, 32),
+        cache_key("base0", prompts, SamplerSettings(steps=10), 32),
+        cache_key("base0", prompts, SamplerSettings(guidance_scale=5.0), 32),
+        cache_key("base0", prompts, SamplerSettings(sampler="dpmpp_2m"), 32),
+        cache_key("base0", prompts, SamplerSettings(seed=1), 32),
+        cache_key("base0", prompts, settings, 64),
+    ]
     assert key not in changed and len(set(changed)) == len(changed)
-    assert SamplerSettings().key_parts()["version"] == 2  # images seeded per index: never mixed with version 1
+    # images seeded per index: never mixed with version 1
+    assert SamplerSettings().key_parts()["version"] == 2
 
 
 def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Class images after DreamBooth runs of (num_class_images, class_images.batch_size), one after another."""
+    """Class images after DreamBooth runs of (num_class_images, class_images.batch_size), one after
+    another."""
     for count, batch_size in runs:
-        data = DreamBoothDataModule(embedded_concepts(count), resolution=32, cache_latents=False,
-                                    class_images={"sampler": "ddpm", "steps": 3, "batch_size": batch_size,
-                                                  "cache_dir": str(folder)})
+        data = DreamBoothDataModule(
+            embedded_concepts(count),
+            resolution=32,
+            cache_latents=False,
+            class_images={"sampler": "ddpm", "steps": 3, "batch_size": batch_size, "cache_dir": str(folder)},
+        )
         data.setup("fit")
         data.prepare_class_images(model.data_services())
     (key_folder,) = [p for p in folder.iterdir() if p.is_dir()]
@@ -154,8 +174,8 @@ def class_image_pixels(folder, model, runs: list[tuple[int, int]]) -> list[np.nd
 
 
 def test_class_images_are_the_same_at_once_topped_up_or_in_other_batches(tmp_path):
-    """Same key, same pixels: 6 images at once, 3 then topped up to 6, in batches of 4 (DDPM: fresh noise every
-    step, so each image's per-step noise must not depend on its batch either)."""
+    """Same key, same pixels: 6 images at once, 3 then topped up to 6, in batches of 4 (DDPM: fresh noise
+    every step, so each image's per-step noise must not depend on its batch either)."""
     model = tiny_base()
     at_once = class_image_pixels(tmp_path / "at_once", model, [(6, 6)])
     topped_up = class_image_pixels(tmp_path / "topped_up", model, [(3, 6), (6, 6)])
@@ -175,18 +195,32 @@ def tiny_base():
 
 
 def embedded_concepts(num_class: int = 4):
-    return [{"identifier": "sks", "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
-             "instance_backgrounds": ["blue", "green"], "num_instance_images": 3,
-             "class_prompt": ["a yellow square on a blue background", "a red square on a white background"],
-             "num_class_images": num_class},
-            {"identifier": "xyz", "subject": {"shape": "circle", "colors": ["red", "cyan"], "split": "horizontal"},
-             "instance_backgrounds": ["black"], "num_instance_images": 2, "num_class_images": 0}]
+    return [
+        {
+            "identifier": "sks",
+            "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
+            "instance_backgrounds": ["blue", "green"],
+            "num_instance_images": 3,
+            "class_prompt": ["a yellow square on a blue background", "a red square on a white background"],
+            "num_class_images": num_class,
+        },
+        {
+            "identifier": "xyz",
+            "subject": {"shape": "circle", "colors": ["red", "cyan"], "split": "horizontal"},
+            "instance_backgrounds": ["black"],
+            "num_instance_images": 2,
+            "num_class_images": 0,
+        },
+    ]
 
 
 def test_datamodule_instance_and_class_items_with_flags(tmp_path):
-    data = DreamBoothDataModule(embedded_concepts(), resolution=32, cache_latents=False,
-                                class_images={"sampler": "ddim", "steps": 2, "batch_size": 4,
-                                              "cache_dir": str(tmp_path)})
+    data = DreamBoothDataModule(
+        embedded_concepts(),
+        resolution=32,
+        cache_latents=False,
+        class_images={"sampler": "ddim", "steps": 2, "batch_size": 4, "cache_dir": str(tmp_path)},
+    )
     data.setup("fit")
     model = tiny_base()
     calls = []
@@ -201,8 +235,10 @@ def test_datamodule_instance_and_class_items_with_flags(tmp_path):
     captions = [item["caption"] for item in items]
     assert captions.count("a sks square on a blue background") == 3  # images 0, 2 and the repeat of 0
     assert "a xyz circle on a black background" in captions
-    assert {c for c, f in zip(captions, flags) if f} == {"a yellow square on a blue background",
-                                                         "a red square on a white background"}
+    assert {c for c, f in zip(captions, flags) if f} == {
+        "a yellow square on a blue background",
+        "a red square on a white background",
+    }
     assert all(item["image"].shape == (3, 32, 32) for item in items)
     # validation: the subjects on backgrounds the instance images never had
     val_captions = {data.data_val[i]["caption"] for i in range(len(data.data_val))}
@@ -210,16 +246,24 @@ def test_datamodule_instance_and_class_items_with_flags(tmp_path):
     assert any(c.startswith("a sks square on") for c in val_captions)
 
     # a second run reuses the cache; a different base gets its own folder
-    again = DreamBoothDataModule(embedded_concepts(), resolution=32, cache_latents=False,
-                                 class_images={"sampler": "ddim", "steps": 2, "cache_dir": str(tmp_path)})
+    again = DreamBoothDataModule(
+        embedded_concepts(),
+        resolution=32,
+        cache_latents=False,
+        class_images={"sampler": "ddim", "steps": 2, "cache_dir": str(tmp_path)},
+    )
     calls.clear()
     again.prepare_class_images(model.data_services())
     assert calls == [] and len(again.data_train) == 10
     other = tiny_base()
     with torch.no_grad():
         other.unet.out[-1].bias.add_(0.5)
-    again = DreamBoothDataModule(embedded_concepts(), resolution=32, cache_latents=False,
-                                 class_images={"sampler": "ddim", "steps": 2, "cache_dir": str(tmp_path)})
+    again = DreamBoothDataModule(
+        embedded_concepts(),
+        resolution=32,
+        cache_latents=False,
+        class_images={"sampler": "ddim", "steps": 2, "cache_dir": str(tmp_path)},
+    )
     again.prepare_class_images(other.data_services())
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
@@ -233,8 +277,16 @@ def test_datamodule_from_folders(tmp_path):
         for i in range(count):
             Image.new("RGB", (40, 48), (10 * i, 20, 30)).save(folder / f"{i}.png")
     (instances / "0.txt").write_text("a photo of sks dog on the beach")
-    concepts = [{"identifier": "sks", "class_noun": "dog", "instance_dir": str(instances),
-                 "class_dir": str(classes), "class_prompt": "a photo of a {class_noun}", "num_class_images": 4}]
+    concepts = [
+        {
+            "identifier": "sks",
+            "class_noun": "dog",
+            "instance_dir": str(instances),
+            "class_dir": str(classes),
+            "class_prompt": "a photo of a {class_noun}",
+            "num_class_images": 4,
+        }
+    ]
     data = DreamBoothDataModule(concepts, resolution=32, cache_latents=False)
     data.prepare_class_images(None)  # class images from a folder: no model needed
     items = [data.data_train[i] for i in range(len(data.data_train))]

@@ -1,6 +1,6 @@
-"""The hypernetwork method through the fine-tuning core at test size: only the MLPs train and are checkpointed,
-resume restores them, the AUTOMATIC1111 ``.pt`` export reproduces the fine-tuned UNet on a fresh base,
-``disabled()`` gives the base back, and the method's own learning rate reaches the optimiser."""
+"""The hypernetwork method through the fine-tuning core at test size: only the MLPs train and are
+checkpointed, resume restores them, the AUTOMATIC1111 ``.pt`` export reproduces the fine-tuned UNet on a
+fresh base, ``disabled()`` gives the base back, and the method's own learning rate reaches the optimiser."""
 
 from __future__ import annotations
 
@@ -16,9 +16,18 @@ from ldm.modules.adapters.hypernetwork import attach_hypernetwork
 from tests.test_hypernetwork import tiny_lightning_checkpoint
 from train import train
 
-PARTS = ["model/sampler=ddim", "model.sampler.steps=2", "callbacks.rich_progress_bar=null", "debug=smoke",
-         "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4", "data.cache_dir=null",
-         "data.source.resolution=16", "model.log_prompts=[a red star on a blue background]"]
+PARTS = [
+    "model/sampler=ddim",
+    "model.sampler.steps=2",
+    "callbacks.rich_progress_bar=null",
+    "debug=smoke",
+    "data.source.train_size=16",
+    "data.source.val_size=4",
+    "data.batch_size=4",
+    "data.cache_dir=null",
+    "data.source.resolution=16",
+    "model.log_prompts=[a red star on a blue background]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,9 @@ def test_hypernetwork_trains_only_its_mlps_and_exports_automatic1111(compose_cfg
     # checkpoints hold the MLPs (+ the scale factor) and nothing of the base
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == {f"method.{k}" for k in model.method.state_dict()} | {"scale_factor"}
-    assert all(k.startswith("method.hypernetwork.layers.64.") for k in ckpt["state_dict"] if k != "scale_factor")
+    assert all(
+        k.startswith("method.hypernetwork.layers.64.") for k in ckpt["state_dict"] if k != "scale_factor"
+    )
 
     # the exported AUTOMATIC1111 file (weights-only) on a fresh base reproduces the fine-tuned UNet
     exported = run / "adapters" / "hypernetwork_star.pt"
@@ -74,8 +85,9 @@ def test_hypernetwork_trains_only_its_mlps_and_exports_automatic1111(compose_cfg
 
 
 def test_hypernetwork_resume_restores_the_mlps(compose_cfg, base_ckpt):
-    first = compose_cfg(overrides(base_ckpt, "trainer.max_steps=2", "trainer.val_check_interval=2"),
-                        output_name="a")
+    first = compose_cfg(
+        overrides(base_ckpt, "trainer.max_steps=2", "trainer.val_check_interval=2"), output_name="a"
+    )
     train(first)
     saved = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     same = compose_cfg(overrides(base_ckpt, "trainer.max_steps=2", "ckpt_path=last"), output_name="b")

@@ -20,8 +20,13 @@ from ldm.models.checkpoint import load_lightning_model
 from ldm.modules.vae import AutoencoderKL
 from train import train
 
-TINY_PARTS = ["model/vae=tiny", "model/unet=tiny", "model/sampler=ddim", "model.sampler.steps=2",
-              "callbacks.rich_progress_bar=null"]
+TINY_PARTS = [
+    "model/vae=tiny",
+    "model/unet=tiny",
+    "model/sampler=ddim",
+    "model.sampler.steps=2",
+    "callbacks.rich_progress_bar=null",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +37,18 @@ def base_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("base")
     vae = AutoencoderKL(embed_dim=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, norm_groups=4)
     torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, tmp / "vae.ckpt")
-    cfg = compose_train(tmp, ["experiment=txt2img", *TINY_PARTS, "debug=smoke", "data.train_size=16",
-                              "data.val_size=4", f"model.vae_ckpt={tmp / 'vae.ckpt'}",
-                              "model.log_prompts=[a red circle on a blue background]"])
+    cfg = compose_train(
+        tmp,
+        [
+            "experiment=txt2img",
+            *TINY_PARTS,
+            "debug=smoke",
+            "data.train_size=16",
+            "data.val_size=4",
+            f"model.vae_ckpt={tmp / 'vae.ckpt'}",
+            "model.log_prompts=[a red circle on a blue background]",
+        ],
+    )
     train(cfg)
     return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
 
@@ -43,9 +57,17 @@ FINETUNE_PARTS = ["model/sampler=ddim", "model.sampler.steps=2", "callbacks.rich
 
 
 def lora_overrides(base: Path, extra=()):
-    return ["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", f"model.base={base}",
-            "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4",
-            "model.log_prompts=[a red star on a blue background]", *extra]
+    return [
+        "experiment=lora_finetune",
+        *FINETUNE_PARTS,
+        "debug=smoke",
+        f"model.base={base}",
+        "data.source.train_size=16",
+        "data.source.val_size=4",
+        "data.batch_size=4",
+        "model.log_prompts=[a red star on a blue background]",
+        *extra,
+    ]
 
 
 def test_lora_finetune_trains_only_the_adapter_and_exports_kohya(compose_cfg, base_ckpt, tmp_path):
@@ -101,27 +123,40 @@ def test_lora_resume_restores_the_method_state(compose_cfg, base_ckpt, monkeypat
             seen_steps.append(trainer.global_step)
 
     add_training_callback(monkeypatch, Record())
-    first = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
-                                                   "trainer.val_check_interval=2"]), output_name="a")
+    first = compose_cfg(
+        lora_overrides(
+            base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+        ),
+        output_name="a",
+    )
     train(first)
     saved = torch.load(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2 and seen_steps == [0, 1]
     seen_steps.clear()
     # resuming at the saved step trains nothing more: the method's weights are the checkpoint's, exactly
-    same = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2",
-                                                  "ckpt_path=last"]), output_name="b")
+    same = compose_cfg(
+        lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=2", "ckpt_path=last"]),
+        output_name="b",
+    )
     from tests.test_dreambooth import save_run_config  # (a module importing this one)
 
-    save_run_config(same)  # as `python train.py` leaves it: ckpt_path=last below skips this resume (no new checkpoint)
+    # as `python train.py` leaves it: ckpt_path=last below skips this resume (no new checkpoint)
+    save_run_config(same)
     _, objects = train(same)
     state = objects["model"].method.state_dict()
     assert objects["trainer"].global_step == 2 and seen_steps == []
     for key, value in state.items():
         torch.testing.assert_close(value, saved["state_dict"][f"method.{key}"], rtol=0, atol=0)
-    assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k)  # trained, not fresh zeros
+    # trained, not fresh zeros
+    assert any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_up" in k)
     # and continues to the new max_steps
-    more = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "trainer.max_steps=4",
-                                                  "trainer.max_epochs=-1", "ckpt_path=last"]), output_name="c")
+    more = compose_cfg(
+        lora_overrides(
+            base_ckpt,
+            ["data.cache_dir=null", "trainer.max_steps=4", "trainer.max_epochs=-1", "ckpt_path=last"],
+        ),
+        output_name="c",
+    )
     _, objects = train(more)
     assert objects["trainer"].global_step == 4 and seen_steps == [2, 3]
 
@@ -144,15 +179,32 @@ def test_fine_tune_checkpoint_rebuilds_for_sampling(compose_cfg, base_ckpt):
 
 
 def test_missing_base_is_a_clear_error(compose_cfg):
-    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", "data.cache_dir=null",
-                       "data.source.train_size=8", "data.source.val_size=4"])
+    cfg = compose_cfg(
+        [
+            "experiment=lora_finetune",
+            *FINETUNE_PARTS,
+            "debug=smoke",
+            "data.cache_dir=null",
+            "data.source.train_size=8",
+            "data.source.val_size=4",
+        ]
+    )
     with pytest.raises(FileNotFoundError, match="experiment=txt2img"):
         train(cfg)
 
 
 def test_fast_dev_run_without_base_uses_the_tiny_preset_base(compose_cfg):
-    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=fdr", "data.cache_dir=null",
-                       "data.source.train_size=8", "data.source.val_size=4", "data.batch_size=4"])
+    cfg = compose_cfg(
+        [
+            "experiment=lora_finetune",
+            *FINETUNE_PARTS,
+            "debug=fdr",
+            "data.cache_dir=null",
+            "data.source.train_size=8",
+            "data.source.val_size=4",
+            "data.batch_size=4",
+        ]
+    )
     _, objects = train(cfg)
     model = objects["model"]
     assert model.base_source is None and model.unet.context_dim == 64 and model.vae.downsample_factor == 4
@@ -169,8 +221,9 @@ def test_unet_settings_apply_to_the_loaded_base_or_fail(compose_cfg, base_ckpt):
 
 
 def test_ema_of_the_method_is_built_after_attach_and_checkpointed(compose_cfg, base_ckpt):
-    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model.ema_decay=0.5",
-                                                 "model.ema_device=cpu"]))
+    cfg = compose_cfg(
+        lora_overrides(base_ckpt, ["data.cache_dir=null", "model.ema_decay=0.5", "model.ema_device=cpu"])
+    )
     _, objects = train(cfg)
     model = objects["model"]
     params = model.method.parameters()
@@ -201,21 +254,39 @@ def tiny_diffusers_folder(folder: Path) -> Path:
 
     from ldm.modules.text_encoder import CLIPTextEncoder
 
-    CLIPTextEncoder.tiny(hidden_size=32, num_layers=1, num_heads=2).save_pretrained(folder / "clip",
-                                                                                  layout="diffusers")
+    CLIPTextEncoder.tiny(hidden_size=32, num_layers=1, num_heads=2).save_pretrained(
+        folder / "clip", layout="diffusers"
+    )
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=32)
-    vae = DAutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                         block_out_channels=(32, 32, 32), layers_per_block=1, latent_channels=4,
-                         norm_num_groups=32, sample_size=32)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=32,
+    )
+    vae = DAutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel.from_pretrained(folder / "clip" / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "clip" / "tokenizer"), unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(folder / "clip" / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "clip" / "tokenizer"),
+        unet=unet,
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -252,20 +323,35 @@ def test_regularization_images_are_mixed_in_and_flagged(tmp_path):
 
     source = ShapesDataModule(resolution=32, train_size=12, val_size=4, train_split="concept")
     reg = ShapesDataModule(resolution=32, train_size=20, val_size=4, seed=1)
-    dm = FineTuneDataModule(source, resolution=32, regularization=reg, regularization_size=6, cache_latents=True,
-                            cache_dir=str(tmp_path), batch_size=18)
+    dm = FineTuneDataModule(
+        source,
+        resolution=32,
+        regularization=reg,
+        regularization_size=6,
+        cache_latents=True,
+        cache_dir=str(tmp_path),
+        batch_size=18,
+    )
     dm.setup("fit")
     assert len(dm.data_train) == 18
     items = [dm.data_train[i] for i in range(18)]
-    assert all("star" in it["caption"] for it in items[:12]) and not any("star" in it["caption"] for it in items[12:])
+    assert all("star" in it["caption"] for it in items[:12]) and not any(
+        "star" in it["caption"] for it in items[12:]
+    )
     assert [it["is_regularization"] for it in items] == [False] * 12 + [True] * 6
     # the flags survive latent caching (memory and disk) and reach the batch
     encode = lambda x: (x[:, :4, ::4, ::4], torch.ones_like(x[:, :4, ::4, ::4]))
     dm.cache_latents(encode, "identity")
     batch = next(iter(dm.train_dataloader()))
     assert batch["is_regularization"].sum() == 6 and "latent_mean" in batch
-    again = FineTuneDataModule(source, resolution=32, regularization=reg, regularization_size=6,
-                               cache_latents=True, cache_dir=str(tmp_path))
+    again = FineTuneDataModule(
+        source,
+        resolution=32,
+        regularization=reg,
+        regularization_size=6,
+        cache_latents=True,
+        cache_dir=str(tmp_path),
+    )
     again.setup("fit")
     again.cache_latents(lambda x: (_ for _ in ()).throw(AssertionError("re-encoded")), "identity")
     assert again.cached.flags.tolist() == [False] * 12 + [True] * 6
@@ -280,8 +366,15 @@ def test_few_image_folder_keeps_every_image_for_training(compose_cfg, tmp_path):
     for i in range(4):
         Image.new("RGB", (40, 40), (i * 60, 10, 10)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text("a photo of sks")
-    cfg = compose_cfg(["experiment=lora_finetune", "data=finetune_folder", f"data.source.root={tmp_path}",
-                       "data.source.resolution=32", "data.cache_dir=null"])
+    cfg = compose_cfg(
+        [
+            "experiment=lora_finetune",
+            "data=finetune_folder",
+            f"data.source.root={tmp_path}",
+            "data.source.resolution=32",
+            "data.cache_dir=null",
+        ]
+    )
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
     assert len(dm.data_train) == 4 and dm.data_val is None
@@ -296,9 +389,19 @@ def test_no_validation_data_runs_no_validation_loop_without_warnings(compose_cfg
     for i in range(4):
         Image.new("RGB", (40, 40), (i * 60, 10, 10)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text("a photo of sks")
-    cfg = compose_cfg(["experiment=lora_finetune", *FINETUNE_PARTS, "debug=smoke", f"model.base={base_ckpt}",
-                       "data=finetune_folder", f"data.source.root={tmp_path}", "data.source.resolution=32",
-                       "data.cache_dir=null", "model.log_prompts=[a photo of sks]"])
+    cfg = compose_cfg(
+        [
+            "experiment=lora_finetune",
+            *FINETUNE_PARTS,
+            "debug=smoke",
+            f"model.base={base_ckpt}",
+            "data=finetune_folder",
+            f"data.source.root={tmp_path}",
+            "data.source.resolution=32",
+            "data.cache_dir=null",
+            "model.log_prompts=[a photo of sks]",
+        ]
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, objects = train(cfg)
@@ -325,7 +428,9 @@ def test_lora_finetune_from_stable_diffusion_single_file(compose_cfg, base_ckpt,
     from ldm.io.single_file_export import export_components
     from ldm.models.base_loader import load_base_model
 
-    single = export_components(load_base_model(base_ckpt), tmp_path / "tiny-sd.safetensors", dtype=torch.float32)
+    single = export_components(
+        load_base_model(base_ckpt), tmp_path / "tiny-sd.safetensors", dtype=torch.float32
+    )
     cfg = compose_cfg(lora_overrides(Path(single), ["data.cache_dir=null"]))
     _, objects = train(cfg)
     model = objects["model"]
@@ -338,8 +443,17 @@ def test_optimizer_in_backward_equals_the_plain_optimizer(compose_cfg, base_ckpt
     """The step fused into backward gives the same weights as AdamW stepping after backward."""
     states = []
     for fused in ("false", "true"):
-        cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", f"model.optimizer_in_backward={fused}",
-                                                     "callbacks.image_logger=null"]), output_name=f"fused-{fused}")
+        cfg = compose_cfg(
+            lora_overrides(
+                base_ckpt,
+                [
+                    "data.cache_dir=null",
+                    f"model.optimizer_in_backward={fused}",
+                    "callbacks.image_logger=null",
+                ],
+            ),
+            output_name=f"fused-{fused}",
+        )
         _, objects = train(cfg)
         assert objects["trainer"].global_step == 4
         states.append(objects["model"].method.state_dict())
@@ -351,8 +465,11 @@ def test_optimizer_in_backward_equals_the_plain_optimizer(compose_cfg, base_ckpt
 def test_optimizer_choices_build(compose_cfg, base_ckpt):
     from transformers.optimization import Adafactor
 
-    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model/optimizer=adafactor",
-                                                 "callbacks.image_logger=null"]))
+    cfg = compose_cfg(
+        lora_overrides(
+            base_ckpt, ["data.cache_dir=null", "model/optimizer=adafactor", "callbacks.image_logger=null"]
+        )
+    )
     _, objects = train(cfg)
     assert isinstance(objects["trainer"].optimizers[0], Adafactor)
     cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", "model/optimizer=adamw8bit"]))

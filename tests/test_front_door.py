@@ -48,7 +48,11 @@ def test_gpu_trainer_without_a_gpu_says_what_to_use(compose_cfg, monkeypatch, na
     cfg = compose_cfg([*TINY_VAE, f"trainer={name}"])
     with pytest.raises(Exception) as info:
         hydra.utils.instantiate(cfg.trainer, logger=False)
-    if name == "deepspeed" and "deepspeed" in str(info.value).lower() and "gpu" not in str(info.value).lower():
+    if (
+        name == "deepspeed"
+        and "deepspeed" in str(info.value).lower()
+        and "gpu" not in str(info.value).lower()
+    ):
         assert is_user_error(info.value)  # "pip install deepspeed" comes first where it is missing
         return
     assert is_user_error(info.value)
@@ -58,9 +62,18 @@ def test_gpu_trainer_without_a_gpu_says_what_to_use(compose_cfg, monkeypatch, na
 
 # -- user errors: one line, not a traceback ----------------------------------------------------------------
 def test_user_error_is_one_actionable_line_from_the_cli(tmp_path):
-    cmd = [sys.executable, "train.py", "experiment=vae", "data=image_folder", f"data.root={tmp_path / 'nope'}",
-           "debug=smoke", f"paths.log_dir={tmp_path}"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=vae",
+        "data=image_folder",
+        f"data.root={tmp_path / 'nope'}",
+        "debug=smoke",
+        f"paths.log_dir={tmp_path}",
+    ]
+    result = subprocess.run(
+        cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, check=False
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -79,7 +92,8 @@ def test_run_task_logs_one_line_and_full_trace_on_request(monkeypatch, caplog):
         run_task(bad)
     assert exit_info.value.code == 1
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
-        "error: ckpt_path=x.ckpt does not exist (HYDRA_FULL_ERROR=1 for the full trace)"]
+        "error: ckpt_path=x.ckpt does not exist (HYDRA_FULL_ERROR=1 for the full trace)"
+    ]
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(FileNotFoundError):
         run_task(bad)
@@ -95,10 +109,20 @@ def test_vae_of_another_architecture_names_the_preset_to_pass(compose_cfg, tmp_p
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
     (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      model/vae: f8\n")
-    f8 = AutoencoderKL(embed_dim=4, ch=8, ch_mult=(1, 2, 2, 4), num_res_blocks=1, resolution=32, norm_groups=4)
-    torch.save({"state_dict": {f"vae.{k}": v for k, v in f8.state_dict().items()}}, run / "checkpoints" / "last.ckpt")
-    cfg = compose_cfg(["experiment=txt2img", "model/vae=tiny", "model/unet=tiny",
-                       f"model.vae_ckpt={run / 'checkpoints' / 'last.ckpt'}"])
+    f8 = AutoencoderKL(
+        embed_dim=4, ch=8, ch_mult=(1, 2, 2, 4), num_res_blocks=1, resolution=32, norm_groups=4
+    )
+    torch.save(
+        {"state_dict": {f"vae.{k}": v for k, v in f8.state_dict().items()}}, run / "checkpoints" / "last.ckpt"
+    )
+    cfg = compose_cfg(
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            f"model.vae_ckpt={run / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     with pytest.raises(ValueError) as info:
         model.setup("fit")
@@ -110,7 +134,9 @@ def test_vae_of_another_architecture_names_the_preset_to_pass(compose_cfg, tmp_p
 def test_fine_tune_folder_errors_name_data_source_root(compose_cfg, tmp_path):
     from ldm.utils.task import one_line
 
-    cfg = compose_cfg(["experiment=lora_finetune", "data=finetune_folder", f"data.source.root={tmp_path / 'no'}"])
+    cfg = compose_cfg(
+        ["experiment=lora_finetune", "data=finetune_folder", f"data.source.root={tmp_path / 'no'}"]
+    )
     with pytest.raises(Exception) as info:
         hydra.utils.instantiate(cfg.data, _convert_="all")
     line = one_line(info.value)
@@ -132,9 +158,20 @@ def test_vae_on_an_image_folder(compose_cfg, tmp_path):
 
     for i in range(6):
         Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(tmp_path / f"{i}.png")
-    cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "data=image_folder", f"data.root={tmp_path}",
-                       "data.resolution=32", "data.num_workers=0", "data.val_size=2", "trainer.fast_dev_run=true",
-                       "logger=none", "callbacks.rich_progress_bar=null"])
+    cfg = compose_cfg(
+        [
+            "experiment=vae",
+            "model/vae=tiny",
+            "data=image_folder",
+            f"data.root={tmp_path}",
+            "data.resolution=32",
+            "data.num_workers=0",
+            "data.val_size=2",
+            "trainer.fast_dev_run=true",
+            "logger=none",
+            "callbacks.rich_progress_bar=null",
+        ]
+    )
     metrics, objects = train(cfg)
     assert objects["trainer"].fast_dev_run and "train/loss" in metrics
 
@@ -151,9 +188,18 @@ def test_logger_none_leaves_out_the_lr_monitor():
 
 # -- console -------------------------------------------------------------------------------------------------
 def fake_trainer(**kw):
-    base = {"max_steps": 3000, "max_epochs": -1, "fast_dev_run": False, "global_step": 1200, "current_epoch": 5,
-            "progress_bar_metrics": {"train/loss": 0.5}, "loggers": [SimpleNamespace(version=7)],
-            "num_training_batches": 125, "interrupted": False, "callbacks": []}
+    base = {
+        "max_steps": 3000,
+        "max_epochs": -1,
+        "fast_dev_run": False,
+        "global_step": 1200,
+        "current_epoch": 5,
+        "progress_bar_metrics": {"train/loss": 0.5},
+        "loggers": [SimpleNamespace(version=7)],
+        "num_training_batches": 125,
+        "interrupted": False,
+        "callbacks": [],
+    }
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -173,8 +219,14 @@ def test_progress_bar_counts_steps_and_drops_v_num():
 def test_model_summary_has_no_unmeasured_flops_and_checks_train_mode(capsys, caplog):
     from callbacks.model_summary import ModelSummary
 
-    data = [(" ", ["0"]), ("Name", ["unet"]), ("Type", ["UNet"]), ("Params", ["1 M"]), ("Mode", ["train"]),
-            ("FLOPs", ["0"])]
+    data = [
+        (" ", ["0"]),
+        ("Name", ["unet"]),
+        ("Type", ["UNet"]),
+        ("Params", ["1 M"]),
+        ("Mode", ["train"]),
+        ("FLOPs", ["0"]),
+    ]
     ModelSummary.summarize(data, 100, 60, 0.4, {"train": 1, "eval": 0}, 0)
     out = capsys.readouterr().out
     assert "FLOPs" not in out and "Frozen params" in out and "unet" in out
@@ -194,9 +246,14 @@ def test_best_line_says_when_the_best_came_from_the_resumed_run(tmp_path):
     from ldm.utils.run_summary import best_line
 
     run = tmp_path / "b"
-    ckpt = SimpleNamespace(monitor="val/psnr", best_model_score=torch.tensor(30.0),
-                           best_model_path=str(tmp_path / "a" / "checkpoints" / "step_4.ckpt"))
-    assert "written by the run this one resumed from" in best_line(SimpleNamespace(checkpoint_callback=ckpt), run)
+    ckpt = SimpleNamespace(
+        monitor="val/psnr",
+        best_model_score=torch.tensor(30.0),
+        best_model_path=str(tmp_path / "a" / "checkpoints" / "step_4.ckpt"),
+    )
+    assert "written by the run this one resumed from" in best_line(
+        SimpleNamespace(checkpoint_callback=ckpt), run
+    )
     ckpt.best_model_path = str(run / "checkpoints" / "step_6.ckpt")
     line = best_line(SimpleNamespace(checkpoint_callback=ckpt), run)
     assert line == f"best val/psnr 30 ({ckpt.best_model_path})"
@@ -228,8 +285,21 @@ def test_sample_cli_ckpt_last_and_lora_multiplier(embedded_chain, tmp_path, monk
     w = lambda m: torch.cat([p.flatten() for p in m.unet_ema.module.parameters()])
     torch.testing.assert_close(w(zero), w(base))
     torch.testing.assert_close(w(scaled) - w(base), 0.8 * (w(full) - w(base)), atol=1e-6, rtol=1e-4)
-    grid = sample.main([*common, "--lora", f"{lora}:0.8", "--prompt", "a red star", "--n", "2", "--steps", "2",
-                        "--out", str(tmp_path / "s")])
+    grid = sample.main(
+        [
+            *common,
+            "--lora",
+            f"{lora}:0.8",
+            "--prompt",
+            "a red star",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert grid.is_file() and len(list((tmp_path / "s").glob("0*_a_red_star.png"))) == 2
     assert os.environ.get("WANDB_MODE") == "offline"
 
@@ -242,12 +312,18 @@ def test_next_command_after_each_kind_of_run(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     cfg = OmegaConf.create({"model": {"base": None, "log_prompts": ["a red star"]}})
     vae = SimpleNamespace(vae=object())
-    assert next_command(vae, cfg, last, tmp_path) == f"python train.py experiment=txt2img model.vae_ckpt={last}"
+    assert (
+        next_command(vae, cfg, last, tmp_path) == f"python train.py experiment=txt2img model.vae_ckpt={last}"
+    )
     txt2img = SimpleNamespace(vae=object(), unet=object(), generate=lambda: None)
-    assert next_command(txt2img, cfg, last, tmp_path) == f'python sample.py --ckpt {last} --prompt "a red star"'
+    assert (
+        next_command(txt2img, cfg, last, tmp_path) == f'python sample.py --ckpt {last} --prompt "a red star"'
+    )
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / "lora_sd15.safetensors").write_bytes(b"")
     cfg.model.base = "/models/sd15.safetensors"
     assert next_command(txt2img, cfg, last, tmp_path) == (
-        f'python sample.py --ckpt /models/sd15.safetensors --lora {tmp_path / "adapters" / "lora_sd15.safetensors"}'
-        ' --prompt "a red star"')
+        "python sample.py --ckpt /models/sd15.safetensors --lora "
+        f"{tmp_path / 'adapters' / 'lora_sd15.safetensors'}"
+        ' --prompt "a red star"'
+    )

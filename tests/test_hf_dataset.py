@@ -18,7 +18,9 @@ FEATURES = datasets.Features({"image": datasets.Image(), "text": datasets.Value(
 def tiny_dataset(n=8) -> datasets.Dataset:
     sizes = (MIXED_SIZES * 2)[:n]
     return datasets.Dataset.from_dict(
-        {"image": [gradient_image(w, h) for w, h in sizes], "text": [f"row {k}" for k in range(n)]}, features=FEATURES)
+        {"image": [gradient_image(w, h) for w, h in sizes], "text": [f"row {k}" for k in range(n)]},
+        features=FEATURES,
+    )
 
 
 @pytest.fixture
@@ -29,8 +31,15 @@ def saved(tmp_path):
 
 
 def check_module(path, tmp_path, **kwargs):
-    dm = HFDatasetDataModule(str(path), resolution=32, batch_size=2, val_size=2, num_workers=0,
-                             cache_dir=str(tmp_path / "hf_cache"), **kwargs)
+    dm = HFDatasetDataModule(
+        str(path),
+        resolution=32,
+        batch_size=2,
+        val_size=2,
+        num_workers=0,
+        cache_dir=str(tmp_path / "hf_cache"),
+        **kwargs,
+    )
     dm.setup()
     assert len(dm.data_train) == 6 and len(dm.data_val) == 2
     shapes, captions = set(), set()
@@ -60,8 +69,10 @@ def test_save_to_disk_parquet_and_imagefolder(saved, tmp_path):
 def test_columns_found_or_named_and_caption_lists(tmp_path):
     data = datasets.Dataset.from_dict(
         {"pixels": [Image.new("RGB", (20, 20))] * 4, "captions": [["a", "b"]] * 4},
-        features=datasets.Features({"pixels": datasets.Image(),
-                                    "captions": datasets.Sequence(datasets.Value("string"))}))
+        features=datasets.Features(
+            {"pixels": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))}
+        ),
+    )
     assert pick_columns(data, None, None) == ("pixels", "captions")
     with pytest.raises(KeyError, match="set data.caption_column"):
         pick_columns(data, None, "nope")
@@ -75,8 +86,18 @@ def test_columns_found_or_named_and_caption_lists(tmp_path):
 
 
 def test_vae_trains_from_hf_dataset(saved, compose_cfg):
-    cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "data=hf_dataset",
-                       f"data.path={saved}", "data.resolution=32", "data.batch_size=2", "data.num_workers=0",
-                       "data.val_size=2", "debug=fdr"])
+    cfg = compose_cfg(
+        [
+            "experiment=vae",
+            "model/vae=tiny",
+            "data=hf_dataset",
+            f"data.path={saved}",
+            "data.resolution=32",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.val_size=2",
+            "debug=fdr",
+        ]
+    )
     metrics, _ = train(cfg)
     assert "train/loss" in metrics

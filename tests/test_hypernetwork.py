@@ -1,5 +1,6 @@
 """Hypernetworks (AUTOMATIC1111 style): the MLP layout and options, attaching to a UNet, strength, the
-``.pt`` / ``.safetensors`` files (ours and AUTOMATIC1111's, weights-only), and ``sample.py --hypernetwork``."""
+``.pt`` / ``.safetensors`` files (ours and AUTOMATIC1111's, weights-only), and
+``sample.py --hypernetwork``."""
 
 from __future__ import annotations
 
@@ -60,11 +61,27 @@ def test_layer_layout_matches_automatic1111_keys():
     assert dropout == [0.0, 0.3, 0.0, 0.0]
     mlp = HypernetworkMLP(8, [1, 2, 2, 1], "relu", layer_norm=True, dropout_structure=dropout)
     kinds = [type(m).__name__ for m in mlp.linear]
-    assert kinds == ["Linear", "ReLU", "LayerNorm", "Dropout", "Linear", "ReLU", "LayerNorm", "Linear", "LayerNorm"]
-    assert sorted(mlp.state_dict()) == sorted(f"linear.{i}.{p}" for i in (0, 2, 4, 6, 7, 8) for p in ("weight", "bias"))
+    assert kinds == [
+        "Linear",
+        "ReLU",
+        "LayerNorm",
+        "Dropout",
+        "Linear",
+        "ReLU",
+        "LayerNorm",
+        "Linear",
+        "LayerNorm",
+    ]
+    assert sorted(mlp.state_dict()) == sorted(
+        f"linear.{i}.{p}" for i in (0, 2, 4, 6, 7, 8) for p in ("weight", "bias")
+    )
     assert dropout_structure_for([1, 2, 2, 1], True, True) == [0.0, 0.3, 0.3, 0.0]
-    assert [type(m).__name__ for m in HypernetworkMLP(8, [1, 2, 1], "tanh", activate_output=True).linear] == \
-        ["Linear", "Tanh", "Linear", "Tanh"]
+    assert [type(m).__name__ for m in HypernetworkMLP(8, [1, 2, 1], "tanh", activate_output=True).linear] == [
+        "Linear",
+        "Tanh",
+        "Linear",
+        "Tanh",
+    ]
     assert ACTIVATIONS["swish"] is torch.nn.Hardswish  # AUTOMATIC1111's meaning of "swish"
     # Normal init: weights N(0, 0.01), biases 0 -> an untrained MLP is close to the identity
     weights = torch.cat([m.weight.flatten() for m in HypernetworkMLP(256).linear])
@@ -85,7 +102,9 @@ def test_every_activation_builds_and_runs(activation):
 @pytest.mark.parametrize("weight_init", WEIGHT_INITS)
 def test_every_structure_and_init_builds_and_runs(structure, weight_init):
     dropout = dropout_structure_for(structure, use_dropout=True, last_layer_dropout=True)
-    net = Hypernetwork([8, 12], structure, "leakyrelu", weight_init, layer_norm=True, dropout_structure=dropout)
+    net = Hypernetwork(
+        [8, 12], structure, "leakyrelu", weight_init, layer_norm=True, dropout_structure=dropout
+    )
     linears = [m for m in net.pair(8)[0].linear if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [int(8 * s) for s in structure[1:]]
     net.train()
@@ -119,7 +138,8 @@ def test_strength_zero_and_zero_last_layer_leave_the_unet_unchanged():
         changed = unet(*args)
         assert (changed - reference).abs().max() > 1e-3  # the hypernetwork acts...
         net.strength = 0.0
-        torch.testing.assert_close(unet(*args), reference, rtol=0, atol=0)  # ...and strength 0 switches it off
+        # ...and strength 0 switches it off
+        torch.testing.assert_close(unet(*args), reference, rtol=0, atol=0)
         net.strength = 0.5
         half = unet(*args)
         assert not torch.allclose(half, reference) and not torch.allclose(half, changed)
@@ -141,7 +161,9 @@ def test_self_attention_by_width_as_automatic1111():
         everywhere = (attach_hypernetwork(unet, net, self_attention=True), unet(*args))
     assert all(n.endswith("attn2") for n in cross_only[0])
     # width 64 also covers the 64-channel level's self-attention (attn1), and only that one
-    assert sorted(set(everywhere[0]) - set(cross_only[0])) == [n for n in everywhere[0] if n.endswith("attn1")]
+    assert sorted(set(everywhere[0]) - set(cross_only[0])) == [
+        n for n in everywhere[0] if n.endswith("attn1")
+    ]
     assert everywhere[0] != cross_only[0] and not torch.allclose(everywhere[1], cross_only[1])
     with pytest.raises(ValueError, match=r"covers widths \[768\].*\[64\] wide"):
         attach_hypernetwork(unet, Hypernetwork([768]))
@@ -175,17 +197,36 @@ def test_a_deep_copied_unet_shares_the_live_hypernetwork():
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_file_round_trip(tmp_path, suffix):
     dropout = dropout_structure_for([1, 2, 2, 1], True, False)
-    net = Hypernetwork([64, 768], [1, 2, 2, 1], "elu", "XavierNormal", layer_norm=True, dropout_structure=dropout)
+    net = Hypernetwork(
+        [64, 768], [1, 2, 2, 1], "elu", "XavierNormal", layer_norm=True, dropout_structure=dropout
+    )
     randomise(net)
-    path = save_hypernetwork(tmp_path / f"hn{suffix}", net, name="stars", step=42, sd_checkpoint="abc123",
-                             sd_checkpoint_name="base.ckpt")
+    path = save_hypernetwork(
+        tmp_path / f"hn{suffix}",
+        net,
+        name="stars",
+        step=42,
+        sd_checkpoint="abc123",
+        sd_checkpoint_name="base.ckpt",
+    )
     assert not list(tmp_path.glob(".*tmp"))  # atomic: no temporary left behind
     back, file = load_hypernetwork(path)
-    assert file.info == {"name": "stars", "step": 42, "sd_checkpoint": "abc123", "sd_checkpoint_name": "base.ckpt",
-                         "optional_info": None}
-    assert (file.layer_structure, file.activation_func, file.weight_initialization, file.is_layer_norm,
-            file.dropout_structure, file.activate_output, file.self_attention) == \
-        ([1, 2, 2, 1], "elu", "XavierNormal", True, dropout, False, False)
+    assert file.info == {
+        "name": "stars",
+        "step": 42,
+        "sd_checkpoint": "abc123",
+        "sd_checkpoint_name": "base.ckpt",
+        "optional_info": None,
+    }
+    assert (
+        file.layer_structure,
+        file.activation_func,
+        file.weight_initialization,
+        file.is_layer_norm,
+        file.dropout_structure,
+        file.activate_output,
+        file.self_attention,
+    ) == ([1, 2, 2, 1], "elu", "XavierNormal", True, dropout, False, False)
     net.eval()
     x = torch.randn(2, 3, 768)
     for a, b in zip(net(x), back(x)):
@@ -196,38 +237,75 @@ def test_pt_is_automatic1111_layout_with_plain_types(tmp_path):
     net = Hypernetwork([768], [1, 2, 1], "relu")
     path = save_hypernetwork(tmp_path / "hn.pt", net, name="stars", step=7)
     payload = torch.load(path, weights_only=True)  # plain types only: no unpickling of our classes
-    assert set(payload) == {768, "layer_structure", "activation_func", "is_layer_norm", "weight_initialization",
-                            "use_dropout", "dropout_structure", "last_layer_dropout", "activate_output",
-                            "self_attention", "name", "step", "sd_checkpoint", "sd_checkpoint_name",
-                            "optional_info"}
+    assert set(payload) == {
+        768,
+        "layer_structure",
+        "activation_func",
+        "is_layer_norm",
+        "weight_initialization",
+        "use_dropout",
+        "dropout_structure",
+        "last_layer_dropout",
+        "activate_output",
+        "self_attention",
+        "name",
+        "step",
+        "sd_checkpoint",
+        "sd_checkpoint_name",
+        "optional_info",
+    }
     k_state, v_state = payload[768]
     assert type(payload[768]) is tuple and type(k_state) is dict
     assert sorted(k_state) == ["linear.0.bias", "linear.0.weight", "linear.2.bias", "linear.2.weight"]
     assert k_state["linear.0.weight"].shape == (1536, 768) and v_state["linear.2.weight"].shape == (768, 1536)
-    assert (payload["layer_structure"], payload["activation_func"], payload["name"], payload["step"]) == \
-        ([1, 2, 1], "relu", "stars", 7)
+    assert (payload["layer_structure"], payload["activation_func"], payload["name"], payload["step"]) == (
+        [1, 2, 1],
+        "relu",
+        "stars",
+        7,
+    )
 
 
 def test_reads_automatic1111_files_with_their_defaults(tmp_path):
     # as AUTOMATIC1111 saves: nn.Module.state_dict() OrderedDicts, float layer_structure
-    source = Hypernetwork([768], [1, 2, 1], "swish", layer_norm=True,
-                          dropout_structure=dropout_structure_for([1, 2, 1], True, True))
+    source = Hypernetwork(
+        [768],
+        [1, 2, 1],
+        "swish",
+        layer_norm=True,
+        dropout_structure=dropout_structure_for([1, 2, 1], True, True),
+    )
     randomise(source)
-    payload = {768: (source.pair(768)[0].state_dict(), source.pair(768)[1].state_dict()),
-               "layer_structure": [1.0, 2.0, 1.0], "activation_func": "swish", "is_layer_norm": True,
-               "weight_initialization": "Normal", "use_dropout": True, "last_layer_dropout": True,
-               "activate_output": False, "name": "theirs", "step": 1000, "sd_checkpoint": "7460a6fa",
-               "sd_checkpoint_name": "sd-v1-4"}
+    payload = {
+        768: (source.pair(768)[0].state_dict(), source.pair(768)[1].state_dict()),
+        "layer_structure": [1.0, 2.0, 1.0],
+        "activation_func": "swish",
+        "is_layer_norm": True,
+        "weight_initialization": "Normal",
+        "use_dropout": True,
+        "last_layer_dropout": True,
+        "activate_output": False,
+        "name": "theirs",
+        "step": 1000,
+        "sd_checkpoint": "7460a6fa",
+        "sd_checkpoint_name": "sd-v1-4",
+    }
     torch.save(payload, tmp_path / "theirs.pt")
     net, file = load_hypernetwork(tmp_path / "theirs.pt")
-    assert file.dropout_structure == [0.0, 0.3, 0.0] and file.self_attention  # theirs: every attention by width
+    # theirs: every attention by width
+    assert file.dropout_structure == [0.0, 0.3, 0.0] and file.self_attention
     x = torch.randn(1, 4, 768)
     source.eval()
     torch.testing.assert_close(net(x)[1], source(x)[1])
 
-    # the oldest files: linear1/linear2 keys, no options at all (activation none, activate_output default True)
-    old = {"linear1.weight": torch.randn(1536, 768), "linear1.bias": torch.zeros(1536),
-           "linear2.weight": torch.randn(768, 1536), "linear2.bias": torch.zeros(768)}
+    # the oldest files: linear1/linear2 keys, no options at all (activation none, activate_output default
+    # True)
+    old = {
+        "linear1.weight": torch.randn(1536, 768),
+        "linear1.bias": torch.zeros(1536),
+        "linear2.weight": torch.randn(768, 1536),
+        "linear2.bias": torch.zeros(768),
+    }
     torch.save({768: (old, dict(old))}, tmp_path / "old.pt")
     net, file = load_hypernetwork(tmp_path / "old.pt")
     assert file.info["name"] == "old" and file.layer_structure == [1, 2, 1]
@@ -251,7 +329,9 @@ def test_refuses_pickles_that_need_code_and_mismatched_files(tmp_path):
     payload = torch.load(save_hypernetwork(tmp_path / "a.pt", net), weights_only=True)
     payload["layer_structure"] = [1, 3, 1]
     torch.save(payload, tmp_path / "wrong.pt")
-    with pytest.raises(ValueError, match=r"k MLP for width 64 does not match layer_structure \[1.0, 3.0, 1.0\]"):
+    with pytest.raises(
+        ValueError, match=r"k MLP for width 64 does not match layer_structure \[1.0, 3.0, 1.0\]"
+    ):
         load_hypernetwork(tmp_path / "wrong.pt")
     with pytest.raises(FileNotFoundError):
         read_hypernetwork(tmp_path / "missing.pt")
@@ -268,12 +348,27 @@ def tiny_lightning_checkpoint(path: Path) -> Path:
 
     config = {
         "_target_": "ldm.models.latent_diffusion.LatentDiffusion",
-        "unet": {"_target_": "ldm.modules.unet.UNetModel", **TINY_UNET, "channel_mult": [1, 2],
-                 "attention_resolutions": [1, 2]},
-        "vae": {"_target_": "ldm.modules.vae.AutoencoderKL", "embed_dim": 4, "ch": 8, "ch_mult": [1, 2],
-                "num_res_blocks": 1, "resolution": 16, "norm_groups": 4},
-        "text_encoder": {"_target_": "ldm.modules.text_encoder.CLIPTextEncoder.tiny", "hidden_size": 64,
-                         "num_layers": 1, "num_heads": 2},
+        "unet": {
+            "_target_": "ldm.modules.unet.UNetModel",
+            **TINY_UNET,
+            "channel_mult": [1, 2],
+            "attention_resolutions": [1, 2],
+        },
+        "vae": {
+            "_target_": "ldm.modules.vae.AutoencoderKL",
+            "embed_dim": 4,
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "resolution": 16,
+            "norm_groups": 4,
+        },
+        "text_encoder": {
+            "_target_": "ldm.modules.text_encoder.CLIPTextEncoder.tiny",
+            "hidden_size": 64,
+            "num_layers": 1,
+            "num_heads": 2,
+        },
         "schedule": {"_target_": "ldm.diffusion.DiffusionSchedule.from_config", "kind": "scaled_linear"},
         "sampler": {"_target_": "ldm.diffusion.DDIMSampler", "steps": 2},
         "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4},
@@ -298,8 +393,26 @@ def test_sample_py_applies_a_hypernetwork_with_strength(tmp_path):
     hn_file = save_hypernetwork(tmp_path / "stars.pt", net, name="stars")
 
     def run(out: str, *extra: str) -> np.ndarray:
-        sample.main(["--ckpt", str(ckpt), "--prompt", "a red star on a blue background", "--n", "1", "--steps", "2",
-                     "--sampler", "ddim", "--device", "cpu", "--no-ema", "--out", str(tmp_path / out), *extra])
+        sample.main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--prompt",
+                "a red star on a blue background",
+                "--n",
+                "1",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddim",
+                "--device",
+                "cpu",
+                "--no-ema",
+                "--out",
+                str(tmp_path / out),
+                *extra,
+            ]
+        )
         return np.asarray(Image.open(next((tmp_path / out).glob("000_*.png"))), dtype=np.int16)
 
     plain = run("plain")
@@ -315,7 +428,21 @@ def test_fidelity_benchmark_scores_base_and_hypernetwork(tmp_path):
     fidelity = load_script("benchmarks/fidelity.py")
     ckpt = tiny_lightning_checkpoint(tmp_path / "last.ckpt")
     hn_file = save_hypernetwork(tmp_path / "stars.pt", Hypernetwork([64]), name="stars")
-    results = fidelity.main(["--ckpt", str(ckpt), "--hypernetwork", f"{hn_file}:0.5", "--samplers", "dpmpp_2m-20",
-                             "--n", "2", "--grid-dir", str(tmp_path / "grids")])
-    assert set(results) == {(s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+hypernetwork")}
+    results = fidelity.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--hypernetwork",
+            f"{hn_file}:0.5",
+            "--samplers",
+            "dpmpp_2m-20",
+            "--n",
+            "2",
+            "--grid-dir",
+            str(tmp_path / "grids"),
+        ]
+    )
+    assert set(results) == {
+        (s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+hypernetwork")
+    }
     assert (tmp_path / "grids" / "concept_dpmpp_2m-20_base+hypernetwork.png").is_file()

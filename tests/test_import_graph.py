@@ -173,7 +173,8 @@ ENTRY_SCRIPTS = ("sample", "train")  # command lines at the project root: nothin
 
 def script_imports(root: Path, folders: tuple[str, ...]) -> list[str]:
     """``"file: sample"`` for every import of an entry script (``import sample``, ``from train import x``,
-    function-level ones included) and every ``load_script("sample.py")`` in the ``.py`` files under ``folders``."""
+    function-level ones included) and every ``load_script("sample.py")`` in the ``.py`` files under
+    ``folders``."""
     found = []
     for folder in folders:
         for path in sorted((root / folder).rglob("*.py")):
@@ -184,8 +185,12 @@ def script_imports(root: Path, folders: tuple[str, ...]) -> list[str]:
                     names = [alias.name.split(".")[0] for alias in node.names]
                 elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
                     names = [node.module.split(".")[0]]
-                elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_script" and node.args
-                      and isinstance(node.args[0], ast.Constant)):
+                elif (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "id", None) == "load_script"
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                ):
                     names = [Path(str(node.args[0].value)).stem]
                 found += [f"{path.relative_to(root)}: {n}" for n in names if n in ENTRY_SCRIPTS]
     return found
@@ -200,7 +205,11 @@ def test_nothing_is_built_on_the_entry_scripts():
 def test_the_entry_script_check_sees_every_form(tmp_path):
     (tmp_path / "ldm" / "models").mkdir(parents=True)
     (tmp_path / "ldm" / "models" / "a.py").write_text(
-        "import sample\nimport samplers\ndef f():\n    from train import train\n    from .sample import x\n")
+        "import sample\nimport samplers\ndef f():\n    from train import train\n    from .sample import x\n"
+    )
     (tmp_path / "ldm" / "models" / "b.py").write_text("m = load_script('sample.py')\n")
     assert script_imports(tmp_path, ("ldm",)) == [
-        "ldm/models/a.py: sample", "ldm/models/a.py: train", "ldm/models/b.py: sample"]
+        "ldm/models/a.py: sample",
+        "ldm/models/a.py: train",
+        "ldm/models/b.py: sample",
+    ]

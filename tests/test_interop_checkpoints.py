@@ -53,7 +53,9 @@ def test_lightning_checkpoint_source_and_export(tmp_path):
     with pytest.raises(TypeError, match="cannot be overridden"):
         load_base_model(path, unet=TINY_UNET)
 
-    out = export_components(load_base_model(path, use_ema=True), tmp_path / "exported.safetensors", dtype=torch.float32)
+    out = export_components(
+        load_base_model(path, use_ema=True), tmp_path / "exported.safetensors", dtype=torch.float32
+    )
     back = load_base_model(out)
     assert_weights_equal(back.unet, model.unet_ema.module)
     assert_weights_equal(back.vae, model.vae)

@@ -21,18 +21,21 @@ from ldm.modules.vae import AutoencoderKL
 
 SD15_UNET_CONFIG = {  # runwayml/stable-diffusion-v1-5 unet/config.json
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False, "cross_attention_dim": 768, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], "freq_shift": 0, "in_channels": 4,
+    "center_input_sample": False, "cross_attention_dim": 768, "downsample_padding": 1,
+    "flip_sin_to_cos": True, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "freq_shift": 0, "in_channels": 4,
     "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
     "out_channels": 4, "sample_size": 64, "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
 }  # fmt: skip
 SD21_UNET_CONFIG = {  # stabilityai/stable-diffusion-2-1 unet/config.json
     **SD15_UNET_CONFIG, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
     "dual_cross_attention": False, "num_class_embeds": None, "only_cross_attention": False,
-    "resnet_time_scale_shift": "default", "sample_size": 96, "upcast_attention": True, "use_linear_projection": True,
+    "resnet_time_scale_shift": "default", "sample_size": 96, "upcast_attention": True,
+    "use_linear_projection": True,
 }  # fmt: skip
 SD_VAE_CONFIG = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
     "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
     "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }  # fmt: skip

@@ -185,7 +185,6 @@ def test_hub_id_offline_is_a_fast_clear_error(monkeypatch):
         load_base_model("./missing/model.safetensors")
 
 
-
 def test_sample_py_accepts_a_single_file(ldm_parts, tmp_path):
     import sample
     from ldm.diffusion import DiffusionSchedule

@@ -39,8 +39,9 @@ class CountingEncoder:
 
 def cached(root: Path, cache: Path, resolution: int = 16, vae: str = "vae-a", flip: bool = False, **options):
     source = ImageFolderDataModule(root, resolution=resolution, val_size=0, batch_size=2, random_flip=0.0)
-    dm = FineTuneDataModule(source, batch_size=2, cache_dir=str(cache), flip_variants=flip, validation="none",
-                            **options)
+    dm = FineTuneDataModule(
+        source, batch_size=2, cache_dir=str(cache), flip_variants=flip, validation="none", **options
+    )
     dm.setup()
     encoder = CountingEncoder()
     dm.cache_latents(encoder, vae)
@@ -174,7 +175,9 @@ def test_cache_is_bounded_least_recently_used_first(tmp_path, caplog):
     assert entry_a.exists() and not entry_b.exists() and len(list(cache.glob("latents_*.pt"))) == 2
     assert "removed 1 least recently used or stale file(s)" in caplog.text
     assert cached(root, cache, vae="vae-b", cache_max_gb=bound)[1] is True  # encoded again
-    assert cached(root, cache, vae="vae-d", cache_max_gb=None)[1] and len(list(cache.glob("latents_*.pt"))) == 3
+    assert (
+        cached(root, cache, vae="vae-d", cache_max_gb=None)[1] and len(list(cache.glob("latents_*.pt"))) == 3
+    )
 
 
 def test_clear_cache_script_empties_the_cache(tmp_path, capsys):

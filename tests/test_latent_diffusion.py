@@ -18,9 +18,18 @@ from ldm.modules.tiny_unet import tiny_unet
 from ldm.modules.vae import AutoencoderKL
 from train import train
 
-TINY_LDM = ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "data.train_size=32", "data.val_size=8",
-            "data.batch_size=4", "model/sampler=ddim", "model.sampler.steps=2",
-            "model.log_prompts=[a red circle on a blue background]", "callbacks.rich_progress_bar=null"]
+TINY_LDM = [
+    "experiment=txt2img",
+    "model/vae=tiny",
+    "model/unet=tiny",
+    "data.train_size=32",
+    "data.val_size=8",
+    "data.batch_size=4",
+    "model/sampler=ddim",
+    "model.sampler.steps=2",
+    "model.log_prompts=[a red circle on a blue background]",
+    "callbacks.rich_progress_bar=null",
+]
 
 
 def tiny_vae():
@@ -30,17 +39,29 @@ def tiny_vae():
 def tiny_model(**kw):
     text = CLIPTextEncoder.tiny()
     unet = tiny_unet(context_dim=text.hidden_size, use_linear_in_transformer=True)
-    return LatentDiffusion(unet=unet, vae=tiny_vae(), text_encoder=text,
-                           schedule=DiffusionSchedule.from_config(), sampler=DDIMSampler(steps=3),
-                           optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), **kw)
+    return LatentDiffusion(
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=text,
+        schedule=DiffusionSchedule.from_config(),
+        sampler=DDIMSampler(steps=3),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        **kw,
+    )
 
 
 def test_context_dim_mismatch_is_a_clear_error():
     text = CLIPTextEncoder.tiny()
     unet = tiny_unet(channel_mult=[1], attention_resolutions=[1], context_dim=text.hidden_size + 1)
     with pytest.raises(ValueError, match="context_dim"):
-        LatentDiffusion(unet=unet, vae=tiny_vae(), text_encoder=text, schedule=DiffusionSchedule.from_config(),
-                        sampler=DDIMSampler(steps=2), optimizer=torch.optim.SGD)
+        LatentDiffusion(
+            unet=unet,
+            vae=tiny_vae(),
+            text_encoder=text,
+            schedule=DiffusionSchedule.from_config(),
+            sampler=DDIMSampler(steps=2),
+            optimizer=torch.optim.SGD,
+        )
 
 
 def test_only_unet_is_trainable_and_vae_stays_in_eval():
@@ -95,7 +116,9 @@ def test_missing_vae_is_a_clear_error(tmp_path):
 
 
 def test_mismatched_vae_checkpoint_names_keys(tmp_path):
-    other = AutoencoderKL(embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, norm_groups=4)
+    other = AutoencoderKL(
+        embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, norm_groups=4
+    )
     path = tmp_path / "vae.ckpt"
     torch.save({"state_dict": {f"vae.{k}": v for k, v in other.state_dict().items()}}, path)
     with pytest.raises(ValueError, match="encoder.conv_in.weight"):
@@ -105,21 +128,49 @@ def test_mismatched_vae_checkpoint_names_keys(tmp_path):
 def test_vae_then_txt2img_then_sample(compose_cfg, tmp_path):
     """The embedded chain at test size: the VAE run is found automatically, the scale factor estimated,
     the checkpoint reloads by itself and sample.py writes a grid."""
-    vae_cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "debug=smoke", "data.train_size=16",
-                           "data.val_size=4", "callbacks.rich_progress_bar=null"])
+    vae_cfg = compose_cfg(
+        [
+            "experiment=vae",
+            "model/vae=tiny",
+            "debug=smoke",
+            "data.train_size=16",
+            "data.val_size=4",
+            "callbacks.rich_progress_bar=null",
+        ]
+    )
     train(vae_cfg)
     cfg = compose_cfg([*TINY_LDM, "debug=smoke"])
     _, objects = train(cfg)
     model = objects["model"]
     assert float(model.scale_factor) > 0
-    vae_ckpt = torch.load(next(Path(vae_cfg.paths.output_dir).glob("checkpoints/last.ckpt")), weights_only=True)
-    torch.testing.assert_close(model.vae.encoder.conv_in.weight, vae_ckpt["state_dict"]["vae.encoder.conv_in.weight"])
+    vae_ckpt = torch.load(
+        next(Path(vae_cfg.paths.output_dir).glob("checkpoints/last.ckpt")), weights_only=True
+    )
+    torch.testing.assert_close(
+        model.vae.encoder.conv_in.weight, vae_ckpt["state_dict"]["vae.encoder.conv_in.weight"]
+    )
     images = list((Path(cfg.paths.output_dir) / "images").glob("samples_*.png"))
     assert images, "log_images wrote no sample grid"
 
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     reloaded = load_lightning_model(ckpt)
     torch.testing.assert_close(reloaded.scale_factor, model.scale_factor)
-    grid = sample.main(["--ckpt", str(ckpt), "--prompt", "a red circle on a blue background", "--n", "2",
-                        "--steps", "2", "--sampler", "ddim", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    grid = sample.main(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--prompt",
+            "a red circle on a blue background",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--sampler",
+            "ddim",
+            "--out",
+            str(tmp_path / "out"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert grid.is_file() and len(list((tmp_path / "out").glob("0*.png"))) == 2

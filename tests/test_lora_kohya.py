@@ -34,7 +34,6 @@ from tests.lora_parts import (
 # ------------------------------------------------------------------------------------------ kohya
 
 
-
 # Written by hand from the diffusers layout of the tiny config (down_blocks.0 has no attention,
 # down_blocks.1.attentions.0 = input_blocks.3.1, mid_block.attentions.0 = middle_block.1,
 # up_blocks.0.attentions.{0,1} = output_blocks.{0,1}.1), not from the code under test.

@@ -1,6 +1,6 @@
-"""ldm.models.pipeline as a library (what the benchmarks and scripts use without sample.py): the generate loop's
-seeding and batching, negative prompts paired per prompt, LoRA stacking on load, and the same images as the
-command line writes."""
+"""ldm.models.pipeline as a library (what the benchmarks and scripts use without sample.py): the generate
+loop's seeding and batching, negative prompts paired per prompt, LoRA stacking on load, and the same images
+as the command line writes."""
 
 from __future__ import annotations
 
@@ -44,8 +44,28 @@ def test_batches_are_prompt_major_seeded_per_image_and_independent_of_batch_size
 
 
 def test_the_command_line_writes_what_the_library_generates(single_file, tmp_path):  # noqa: F811
-    sample.main(["--ckpt", str(single_file), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--n", "1",
-                 "--sampler", "ddim", "--steps", "2", "--resolution", "16", "--seed", "7", "--out", str(tmp_path)])
+    sample.main(
+        [
+            "--ckpt",
+            str(single_file),
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[1],
+            "--n",
+            "1",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "2",
+            "--resolution",
+            "16",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     model = pipeline.load_for_sampling(str(single_file), resolution=16)
     images = torch.cat([b.images for b in generate(model, n=1, seed=7)])
     for i, (array, prompt) in enumerate(zip(to_uint8(images), PROMPTS)):
@@ -54,7 +74,8 @@ def test_the_command_line_writes_what_the_library_generates(single_file, tmp_pat
 
 
 def test_stacked_loras_add_up_on_load(single_file, tmp_path):  # noqa: F811
-    """Two LoRA files given together merge both deltas: the same weights as one file at the summed multiplier."""
+    """Two LoRA files given together merge both deltas: the same weights as one file at the summed
+    multiplier."""
     from ldm.io.kohya_lora import save_kohya_lora
     from ldm.models.base_loader import load_base_model
     from ldm.modules.adapters.lora import inject_lora
@@ -65,7 +86,9 @@ def test_stacked_loras_add_up_on_load(single_file, tmp_path):  # noqa: F811
         torch.nn.init.normal_(layer.lora_up.weight, std=0.5)
     lora = save_kohya_lora(tmp_path / "a.safetensors", components.unet, None)
     base = pipeline.load_for_sampling(str(single_file), resolution=16)
-    stacked = pipeline.load_for_sampling(str(single_file), resolution=16, loras=[f"{lora}:0.5", f"{lora}:0.25"])
+    stacked = pipeline.load_for_sampling(
+        str(single_file), resolution=16, loras=[f"{lora}:0.5", f"{lora}:0.25"]
+    )
     once = pipeline.load_for_sampling(str(single_file), resolution=16, loras=[f"{lora}:0.75"])
     key = next(k for k in base.unet.state_dict() if k.endswith("attn1.to_k.weight"))
     assert not torch.equal(stacked.unet.state_dict()[key], base.unet.state_dict()[key])

@@ -1,7 +1,7 @@
 """One name for one idea: DreamBooth's prior-preservation weight is the fine-tuning core's
 ``model.prior_loss_weight`` (conf/model/finetune.yaml), passed to whichever method's ``loss()`` hook; the old
-``model.method.prior_loss_weight`` is refused with a line naming the new key, and checkpoints written before the
-move still load."""
+``model.method.prior_loss_weight`` is refused with a line naming the new key, and checkpoints written before
+the move still load."""
 
 from __future__ import annotations
 
@@ -36,8 +36,13 @@ def test_the_weight_has_one_name():
         assert "prior_loss_weight" not in OmegaConf.load(path).get("model", {}).get("method", {}), path
     from ldm.models.finetune import full, hypernetwork, lora, method, textual_inversion
 
-    classes = [method.FineTuneMethod, full.FullUNet, hypernetwork.Hypernetwork, lora.LoRA,
-               textual_inversion.TextualInversion]
+    classes = [
+        method.FineTuneMethod,
+        full.FullUNet,
+        hypernetwork.Hypernetwork,
+        lora.LoRA,
+        textual_inversion.TextualInversion,
+    ]
     assert not any(hasattr(cls, "name") for cls in classes)  # FineTuneMethod.name was never read
 
 
@@ -47,11 +52,20 @@ def test_the_old_key_is_refused_naming_the_new_one():
     assert renamed_override(["experiment=dreambooth", "model.prior_loss_weight=0"]) is None
     line = renamed_override(["experiment=dreambooth", "model.method.prior_loss_weight=0"])
     assert line.startswith("error: model.method.prior_loss_weight was renamed: use model.prior_loss_weight=0")
-    done = subprocess.run([sys.executable, "train.py", "experiment=dreambooth", "++model.method.prior_loss_weight=0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "train.py", "experiment=dreambooth", "++model.method.prior_loss_weight=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: model.method.prior_loss_weight was renamed: "
-                                                           "use model.prior_loss_weight=0")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: model.method.prior_loss_weight was renamed: use model.prior_loss_weight=0")
+    )
 
 
 def test_a_config_written_before_the_move_still_builds(compose_cfg):
@@ -59,6 +73,9 @@ def test_a_config_written_before_the_move_still_builds(compose_cfg):
     from ldm.models.model_config import build_from_config
 
     config = OmegaConf.to_container(compose_cfg(["experiment=dreambooth"]).model, resolve=True)
-    config["method"]["prior_loss_weight"] = config.pop("prior_loss_weight")  # the layout old checkpoints carry
+    # the layout old checkpoints carry
+    config["method"]["prior_loss_weight"] = config.pop("prior_loss_weight")
     model = build_from_config(_for_inference(config), "old.ckpt")
-    assert model.hparams.prior_loss_weight == 1.0 and "prior_loss_weight" not in model.hparams.get("method", {})
+    assert model.hparams.prior_loss_weight == 1.0 and "prior_loss_weight" not in model.hparams.get(
+        "method", {}
+    )

@@ -34,21 +34,30 @@ from tests.readme_commands import SHORT, Command, env, readme_commands, tiny_for
 COMMANDS = readme_commands()
 CHAIN = "bash scripts/embedded_chain.sh"
 # train.py commands that prior_runs runs (the test checks what they left).
-PRIOR = {f"python train.py experiment={name}": name for name in ("textual_inversion", "hypernetwork", "dreambooth")}
+PRIOR = {
+    f"python train.py experiment={name}": name for name in ("textual_inversion", "hypernetwork", "dreambooth")
+}
 # Run elsewhere in the suite (spawning processes from inside pytest is what those tests do, once).
 COVERED_ELSEWHERE = {
-    "trainer=ddp_sim": "composed here; run (2 CPU processes) by test_train.py::test_ddp_sim_runs_two_cpu_processes "
-                       "(and with trainer.strategy=ddp_fork by test_ddp_fork_hands_the_weights_back_and_summarises_the_"
-                       "workers_steps)",
+    "trainer=ddp_sim": "composed here; run (2 CPU processes) by "
+    "test_train.py::test_ddp_sim_runs_two_cpu_processes (and with trainer.strategy=ddp_fork by "
+    "test_ddp_fork_hands_the_weights_back_and_summarises_the_workers_steps)",
 }
 # Warnings a README command may print, each on purpose (substring of the message -> why).
-EXPECTED_WARNINGS = {
-}
+EXPECTED_WARNINGS = {}
 # Folders and files a user has, as the README names them -> what prior_runs made (longest names first).
-USER_PATHS = {"/data/photos_shards": "photos_shards", "/path/to/images": "images", "/data/photos": "images",
-              "/data/train": "images", "/data/dog": "images", "/data/hf_set": "hf_set", "in.png": "images/0.png",
-              "model.safetensors": "model.safetensors", "star.safetensors": "star.safetensors",
-              "other.pt": "other.pt"}
+USER_PATHS = {
+    "/data/photos_shards": "photos_shards",
+    "/path/to/images": "images",
+    "/data/photos": "images",
+    "/data/train": "images",
+    "/data/dog": "images",
+    "/data/hf_set": "hf_set",
+    "in.png": "images/0.png",
+    "model.safetensors": "model.safetensors",
+    "star.safetensors": "star.safetensors",
+    "other.pt": "other.pt",
+}
 
 
 def newest(root: Path, pattern: str) -> Path:
@@ -74,9 +83,13 @@ def train_in_process(overrides: list[str], work: Path) -> dict:
         try:
             _, objects = train(cfg)
         finally:
-            close_wandb()  # as train.py's run_task does: the next in-process run must not reuse this wandb run
-    noise = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
-             if not any(allowed in str(w.message) for allowed in EXPECTED_WARNINGS)]
+            # as train.py's run_task does: the next in-process run must not reuse this wandb run
+            close_wandb()
+    noise = [
+        f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})"
+        for w in caught
+        if not any(allowed in str(w.message) for allowed in EXPECTED_WARNINGS)
+    ]
     assert not noise, f"python train.py {' '.join(overrides)} prints warnings:\n" + "\n".join(noise)
     trainer = objects["trainer"]
     (Path(cfg.paths.output_dir) / ".hydra").mkdir(parents=True, exist_ok=True)  # as Hydra's run folder has it
@@ -99,15 +112,27 @@ def make_user_files(root: Path) -> None:
         picture.save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(f"a picture number {i}")
     datasets.Dataset.from_dict({"image": pictures, "text": [f"row {i}" for i in range(6)]}).save_to_disk(
-        str(root / "hf_set"))
+        str(root / "hf_set")
+    )
     txt2img = newest(root, "logs/txt2img/runs/*/checkpoints/last.ckpt")
     load_script("scripts/convert.py").main(["--base", str(txt2img), "--out", str(root / "model.safetensors")])
     embedding = newest(root, "logs/textual_inversion/runs/*/adapters/*.safetensors")
     shutil.copy(embedding, root / "star.safetensors")
     vectors = load_embedding(embedding).vectors  # an AUTOMATIC1111 .pt, as their webui writes it
     torch.save({"string_to_param": {"*": vectors.flip(0)}, "name": "other"}, root / "other.pt")
-    load_script("scripts/make_shards.py").main(["--shapes", "--train-size", "8", "--val-size", "2", "--resolution",
-                                                "32", "--out", str(root / "data" / "shapes_shards")])
+    load_script("scripts/make_shards.py").main(
+        [
+            "--shapes",
+            "--train-size",
+            "8",
+            "--val-size",
+            "2",
+            "--resolution",
+            "32",
+            "--out",
+            str(root / "data" / "shapes_shards"),
+        ]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -131,18 +156,23 @@ def prior_runs(embedded_chain: Path, tmp_path_factory) -> Path:
 
 def _placeholder(flag: str, work: Path) -> str:
     """What ``<file>``, ``<run>``, ``...`` stand for after ``flag``."""
-    patterns = {"--ckpt": "logs/txt2img/runs/*/checkpoints/last.ckpt", "--base": "logs/txt2img/runs/*/checkpoints/"
-                "last.ckpt", "--run": "logs/dreambooth/runs/*", "--lora": "logs/lora_finetune/runs/*/adapters/*.safe"
-                "tensors", "--embedding": "logs/textual_inversion/runs/*/adapters/*.safetensors",
-                "--hypernetwork": "logs/hypernetwork/runs/*/adapters/*.pt",
-                "model.vae_ckpt": "logs/vae/runs/*/checkpoints/last.ckpt"}
+    patterns = {
+        "--ckpt": "logs/txt2img/runs/*/checkpoints/last.ckpt",
+        "--base": "logs/txt2img/runs/*/checkpoints/last.ckpt",
+        "--run": "logs/dreambooth/runs/*",
+        "--lora": "logs/lora_finetune/runs/*/adapters/*.safetensors",
+        "--embedding": "logs/textual_inversion/runs/*/adapters/*.safetensors",
+        "--hypernetwork": "logs/hypernetwork/runs/*/adapters/*.pt",
+        "model.vae_ckpt": "logs/vae/runs/*/checkpoints/last.ckpt",
+    }
     assert flag in patterns, f"README placeholder after {flag!r}: tell test_readme.py what it stands for"
     return str(newest(work, patterns[flag]))
 
 
 def fill(argv: list[str], work: Path, runs_needed: bool = True) -> list[str]:
-    """Placeholders -> files of the copied runs: ``logs/<task>/runs/<run>``, ``<file>``, user folders, LoRA files
-    (``runs_needed=False``: a command only parsed may name runs of real models, e.g. ``logs/lora_sd15``)."""
+    """Placeholders -> files of the copied runs: ``logs/<task>/runs/<run>``, ``<file>``, user folders, LoRA
+    files (``runs_needed=False``: a command only parsed may name runs of real models, e.g.
+    ``logs/lora_sd15``)."""
     out = []
     for i, arg in enumerate(argv):
         flag = argv[i - 1] if i else ""
@@ -175,14 +205,22 @@ def compose_and_build(overrides: list[str], work: Path) -> None:
 
 
 def run_train(cmd: Command, work: Path, compose_only: bool) -> None:
-    overrides = fill(cmd.argv[cmd.argv.index("train.py") + 1:], work, runs_needed=not compose_only)
+    overrides = fill(cmd.argv[cmd.argv.index("train.py") + 1 :], work, runs_needed=not compose_only)
     if compose_only:
         compose_and_build(overrides, work)
         return
     if "-m" in overrides:  # a sweep: through Hydra's launcher, as typed
         full = [*overrides, *tiny_for(overrides, work), "debug=smoke"]
-        result = run_train_forked([*full, f"paths.log_dir={work / 'logs'}", f"paths.root_dir={work}",
-                                   "callbacks.rich_progress_bar=null"], env=env(), cwd=work)
+        result = run_train_forked(
+            [
+                *full,
+                f"paths.log_dir={work / 'logs'}",
+                f"paths.root_dir={work}",
+                "callbacks.rich_progress_bar=null",
+            ],
+            env=env(),
+            cwd=work,
+        )
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
         values = re.findall(r"optimized_metric (\S+) = (\S+)", result.stdout + result.stderr)
         assert len(values) == sum(o.count(",") for o in overrides if "=" in o) + 1, values
@@ -192,7 +230,7 @@ def run_train(cmd: Command, work: Path, compose_only: bool) -> None:
 
 def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
     program = cmd.program
-    argv = fill(cmd.argv[cmd.argv.index(program) + 1:], work, runs_needed=not parse_only)
+    argv = fill(cmd.argv[cmd.argv.index(program) + 1 :], work, runs_needed=not parse_only)
     short = SHORT.get(program, [])
     if program == "sample.py":
         sample = load_script("sample.py")
@@ -218,19 +256,28 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert load_script(program).main([*argv, *short])["ours"]["median_s"] > 0
     elif program == "benchmarks/subject_fidelity.py":
         results = load_script(program).main([*argv, *short])
-        assert results and all(0.0 <= v <= 1.0 for r in results.values() for v in r.values()
-                               if isinstance(v, float))
+        assert results and all(
+            0.0 <= v <= 1.0 for r in results.values() for v in r.values() if isinstance(v, float)
+        )
     elif program == "benchmarks/dreambooth_step.py":
-        tiny = ["data.concepts.0.num_class_images=2", "data.class_images.steps=2", "data.cache_dir=null",
-                f"data.class_images.cache_dir={work / 'cache'}", "model/sampler=ddim", "model.sampler.steps=2"]
+        tiny = [
+            "data.concepts.0.num_class_images=2",
+            "data.class_images.steps=2",
+            "data.cache_dir=null",
+            f"data.class_images.cache_dir={work / 'cache'}",
+            "model/sampler=ddim",
+            "model.sampler.steps=2",
+        ]
         results = load_script(program).main([*argv, *short, *[f"--override={o}" for o in tiny]])
         assert all(r["step_s"] > 0 for r in results.values()) and set(results) == {"full", "lora"}
     elif program == "benchmarks/sampling.py":
         out = load_script(program).main([*argv, *short])
         assert out and all(out.values())
     else:
-        raise AssertionError(f"README command {cmd.text!r}: no runner for {program!r}; add one to "
-                             "tests/test_readme.py or list it in tests/readme_commands.py NOT_RUN with the reason")
+        raise AssertionError(
+            f"README command {cmd.text!r}: no runner for {program!r}; add one to "
+            "tests/test_readme.py or list it in tests/readme_commands.py NOT_RUN with the reason"
+        )
 
 
 def check_prior(cmd: Command, prior: Path) -> None:

@@ -18,16 +18,38 @@ from tests.test_resume_exact import QUIET, max_difference, run_cli, vae_ckpt  # 
 from train import train
 
 # 22 training images in batches of 2, 5 batches per epoch, a checkpoint every 2 steps, killed at step 9
-SCHEDULE = ["debug=smoke", "trainer.max_steps=10", "trainer.max_epochs=-1", "trainer.limit_train_batches=5",
-            "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+SCHEDULE = [
+    "debug=smoke",
+    "trainer.max_steps=10",
+    "trainer.max_epochs=-1",
+    "trainer.limit_train_batches=5",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+]
 
 
 def folder_overrides(root: Path, vae: Path, bucketing: bool) -> list[str]:
-    return ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *QUIET, *SCHEDULE, "data=image_folder",
-            f"data.root={root}", "data.resolution=32", "data.batch_size=2", "data.val_size=2",
-            "data.num_workers=1", "data.center_crop=false", "data.random_flip=0.5", "data.caption_dropout=0.3",
-            f"data.bucketing={str(bucketing).lower()}", f"model.vae_ckpt={vae}", "model.log_prompts=[image 1]",
-            "model/sampler=ddim", "model.sampler.steps=2"]
+    return [
+        "experiment=txt2img",
+        "model/vae=tiny",
+        "model/unet=tiny",
+        *QUIET,
+        *SCHEDULE,
+        "data=image_folder",
+        f"data.root={root}",
+        "data.resolution=32",
+        "data.batch_size=2",
+        "data.val_size=2",
+        "data.num_workers=1",
+        "data.center_crop=false",
+        "data.random_flip=0.5",
+        "data.caption_dropout=0.3",
+        f"data.bucketing={str(bucketing).lower()}",
+        f"model.vae_ckpt={vae}",
+        "model.log_prompts=[image 1]",
+        "model/sampler=ddim",
+        "model.sampler.steps=2",
+    ]
 
 
 def final_state(tmp_path: Path, args: list[str], name: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -45,7 +67,8 @@ def test_random_crops_flips_and_caption_dropout_resume_exactly(tmp_path, vae_ckp
     resumed, resumed_step = final_state(tmp_path, [*args, "ckpt_path=last"], "resumed")
     uninterrupted, step = final_state(tmp_path / "straight", args, "straight")
     assert resumed_step == step == 10
-    assert max_difference(resumed, uninterrupted) == 0.0  # bit-exact (CPU, fp32): an RNG not restored shows here
+    # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert max_difference(resumed, uninterrupted) == 0.0
 
 
 def test_bucketed_flip_variants_per_epoch_are_the_same_after_a_resume():

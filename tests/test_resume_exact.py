@@ -72,14 +72,16 @@ def overrides(experiment: str, vae_ckpt: Path, base: Path | None = None) -> list
 def run_cli(args: list[str], log_dir: Path, signal_name: str, step: int) -> subprocess.CompletedProcess:
     """``python train.py <args>`` in its own process (forked: no interpreter start-up) that signals itself at
     ``step``."""
-    return run_train_forked([
-        *args,
-        f"paths.log_dir={log_dir}",
-        "hydra.job_logging.root.level=WARNING",
-        "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
-        f"+callbacks.signal.step={step}",
-        f"+callbacks.signal.signal_name={signal_name}",
-    ])
+    return run_train_forked(
+        [
+            *args,
+            f"paths.log_dir={log_dir}",
+            "hydra.job_logging.root.level=WARNING",
+            "+callbacks.signal._target_=tests.signal_at_step.SignalAtStep",
+            f"+callbacks.signal.step={step}",
+            f"+callbacks.signal.signal_name={signal_name}",
+        ]
+    )
 
 
 def final_weights(tmp_path: Path, args: list[str], name: str) -> dict[str, torch.Tensor]:
@@ -117,4 +119,5 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, vae_ckpt, 
         uninterrupted = request.getfixturevalue("uninterrupted_vae")
     else:
         uninterrupted = final_weights(tmp_path / "straight", args, "straight")
-    assert max_difference(resumed, uninterrupted) == 0.0  # bit-exact (CPU, fp32): an RNG not restored shows here
+    # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert max_difference(resumed, uninterrupted) == 0.0

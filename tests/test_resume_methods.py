@@ -18,19 +18,39 @@ from train import train
 
 
 def method_overrides(experiment: str, base: Path, class_dir: Path) -> list[str]:
-    common = [f"experiment={experiment}", *FINETUNE_PARTS, *QUIET, *SCHEDULE, f"model.base={base}",
-              "data.cache_dir=null", "model.ema_decay=0.9"]
+    common = [
+        f"experiment={experiment}",
+        *FINETUNE_PARTS,
+        *QUIET,
+        *SCHEDULE,
+        f"model.base={base}",
+        "data.cache_dir=null",
+        "model.ema_decay=0.9",
+    ]
     if experiment in ("dreambooth", "dreambooth_lora"):  # 3 instance images x 8 + 24 class images: 12 batches
-        return [*common, "data.val_size=2", "data.concepts.0.num_instance_images=3",
-                "data.concepts.0.num_class_images=24", "data.class_images.sampler=ddim",
-                "data.class_images.steps=2", "data.class_images.batch_size=8",
-                f"data.class_images.cache_dir={class_dir}", "model.log_prompts=[a sks square on a red background]"]
+        return [
+            *common,
+            "data.val_size=2",
+            "data.concepts.0.num_instance_images=3",
+            "data.concepts.0.num_class_images=24",
+            "data.class_images.sampler=ddim",
+            "data.class_images.steps=2",
+            "data.class_images.batch_size=8",
+            f"data.class_images.cache_dir={class_dir}",
+            "model.log_prompts=[a sks square on a red background]",
+        ]
     shapes = [*common, "data.source.train_size=24", "data.source.val_size=4"]
     if experiment == "textual_inversion_star":  # a random template per item and epoch
         return [*shapes, "data.caption_transform.mode=object", "model.log_prompts=['a <star>']"]
-    return [*shapes, "model.method.dropout_structure=[0,0.3,0]",  # dropout after the hidden layer: draws every step
-            "model.method.activation=relu", "model.log_prompts=[a red star on a blue background]",
-            "model.method.lr=1e-2", "model.scheduler.warmup_steps=0"]  # other dropout masks would move the MLPs > 1e-6
+    # other dropout masks would move the MLPs > 1e-6
+    return [
+        *shapes,
+        "model.method.dropout_structure=[0,0.3,0]",  # dropout after the hidden layer: draws every step
+        "model.method.activation=relu",
+        "model.log_prompts=[a red star on a blue background]",
+        "model.method.lr=1e-2",
+        "model.scheduler.warmup_steps=0",
+    ]
 
 
 def trained_state(tmp_path: Path, args: list[str], name: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -45,7 +65,9 @@ def trained_state(tmp_path: Path, args: list[str], name: str) -> tuple[dict[str,
 
 
 # the *_star experiments: template captions and dropout (the named-object demos use DreamBooth's data)
-@pytest.mark.parametrize("experiment", ["textual_inversion_star", "hypernetwork_star", "dreambooth", "dreambooth_lora"])
+@pytest.mark.parametrize(
+    "experiment", ["textual_inversion_star", "hypernetwork_star", "dreambooth", "dreambooth_lora"]
+)
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_ckpt, experiment):  # noqa: F811
     args = method_overrides(experiment, base_ckpt, tmp_path / "class_images")
     killed = run_cli(args, tmp_path / "logs", "SIGKILL", KILL_STEP)
@@ -58,5 +80,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, base_ckpt,
     straight_args = method_overrides(experiment, base_ckpt, tmp_path / "straight_class_images")
     uninterrupted, step = trained_state(tmp_path / "straight", straight_args, "straight")
     assert resumed_step == step == 10
-    assert any(k.startswith("method.") for k in uninterrupted) and any(k.startswith("method_ema.") for k in uninterrupted)
-    assert max_difference(resumed, uninterrupted) == 0.0  # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert any(k.startswith("method.") for k in uninterrupted) and any(
+        k.startswith("method_ema.") for k in uninterrupted
+    )
+    # bit-exact (CPU, fp32): an RNG not restored shows here
+    assert max_difference(resumed, uninterrupted) == 0.0

@@ -31,14 +31,35 @@ from train import train
 def fit_in(folder: Path, max_steps: int, ckpt_path: str | None = None) -> RunCheckpoint:
     """The tiny regression with validation (and a new best) every 2 steps, checkpoints in ``folder``."""
     data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
-    checkpoint = RunCheckpoint(dirpath=folder, filename="step_{step}", monitor="val/loss",
-                               auto_insert_metric_name=False, mode="max", save_last=True, save_top_k=1)
-    trainer = L.Trainer(max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
-                        limit_val_batches=1, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
-                        plugins=[SafeCheckpointIO()])
-    trainer.fit(TinyRegression(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4),
-                ckpt_path=ckpt_path, weights_only=True)
+    checkpoint = RunCheckpoint(
+        dirpath=folder,
+        filename="step_{step}",
+        monitor="val/loss",
+        auto_insert_metric_name=False,
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+        plugins=[SafeCheckpointIO()],
+    )
+    trainer.fit(
+        TinyRegression(),
+        DataLoader(data, batch_size=4),
+        DataLoader(data, batch_size=4),
+        ckpt_path=ckpt_path,
+        weights_only=True,
+    )
     return checkpoint
 
 
@@ -57,18 +78,19 @@ def test_resume_into_the_same_folder_rewrites_last_ckpt_not_a_versioned_copy(tmp
     assert saved_step(folder / "last.ckpt") == 8
 
 
-
 def test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final(tmp_path):
     """The issue's case through train.py: SIGKILL between the first and second checkpoint, then
     ``hydra.run.dir=<that run> ckpt_path=last``: last.ckpt holds the final step, the summary names it, and a
-    second ``ckpt_path=last`` finds it (before: last-v1.ckpt got the final state, last.ckpt stayed at step 2)."""
+    second ``ckpt_path=last`` finds it (before: last-v1.ckpt got the final state, last.ckpt stayed at step
+    2)."""
     args = [*overrides("vae", Path("unused")), "trainer.max_steps=6"]
     killed = run_cli(args, tmp_path / "logs", "SIGKILL", 3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run = next((tmp_path / "logs" / "vae" / "runs").iterdir())
     assert saved_step(run / "checkpoints" / "last.ckpt") == 2
-    resumed = run_train_forked([*args, f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run}",
-                                "ckpt_path=last"])
+    resumed = run_train_forked(
+        [*args, f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run}", "ckpt_path=last"]
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
     assert saved_step(run / "checkpoints" / "last.ckpt") == 6
@@ -106,14 +128,18 @@ def test_ckpt_path_last_refuses_when_the_newest_run_has_no_checkpoint(tmp_path):
 
 def test_ckpt_path_last_names_the_run_it_continues(tmp_path):
     """The current run's own (empty) folder is not "the newest run"; a run resumed into its own folder is.
-    (train.py logs the line; test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final reads it.)"""
+    (train.py logs the line; test_killed_run_resumed_into_its_own_folder_ends_with_last_ckpt_final reads
+    it.)"""
     make_run(tmp_path, "old", age_s=7200, with_ckpt=True)
     newest = make_run(tmp_path, "new", age_s=3600, with_ckpt=True)
     current = make_run(tmp_path, "current", age_s=0, with_ckpt=False)  # Hydra made it for this run
     found = resolve_ckpt_path("last", tmp_path, "vae", current_run=current)
     assert found == str(newest / "checkpoints" / "last.ckpt")
-    assert describe_resume(found, "vae").startswith(f"ckpt_path=last: continuing run new of vae ({found}, written ")
-    itself = make_run(tmp_path, "itself", age_s=0, with_ckpt=True)  # hydra.run.dir=<a run>: resumed into itself
+    assert describe_resume(found, "vae").startswith(
+        f"ckpt_path=last: continuing run new of vae ({found}, written "
+    )
+    # hydra.run.dir=<a run>: resumed into itself
+    itself = make_run(tmp_path, "itself", age_s=0, with_ckpt=True)
     found = resolve_ckpt_path("last", tmp_path, "vae", current_run=itself)
     assert found == str(itself / "checkpoints" / "last.ckpt")
 
@@ -161,8 +187,17 @@ def lr_case(experiment: str, base: Path, vae: Path, tmp_path: Path) -> tuple[lis
     schedule = ["trainer.max_epochs=-1", "model.scheduler.warmup_steps=0"]
     if experiment == "txt2img":
         return [*overrides("txt2img", vae), *schedule], "model.optimizer.lr", 0
-    return [*dreambooth_overrides("dreambooth", base, tmp_path), *QUIET, *schedule,  # per-group: the text encoder
-            "model.method.train_text_encoder=true", "model.method.text_encoder_lr=5e-5"], "model.method.text_encoder_lr", 1
+    return (
+        [
+            *dreambooth_overrides("dreambooth", base, tmp_path),
+            *QUIET,
+            *schedule,  # per-group: the text encoder
+            "model.method.train_text_encoder=true",
+            "model.method.text_encoder_lr=5e-5",
+        ],
+        "model.method.text_encoder_lr",
+        1,
+    )
 
 
 def fit_probed(tmp_path: Path, args: list[str], name: str) -> tuple[LrProbe, object]:
@@ -188,12 +223,15 @@ def test_lr_given_at_resume_applies(tmp_path, base_ckpt, vae_ckpt, experiment, c
 
     new = old / 10
     with caplog.at_level(logging.WARNING):
-        lowered, trainer = fit_probed(tmp_path, [*args, "trainer.max_steps=4", f"ckpt_path={last}", f"{key}={new}"],
-                                      "lowered")
+        lowered, trainer = fit_probed(
+            tmp_path, [*args, "trainer.max_steps=4", f"ckpt_path={last}", f"{key}={new}"], "lowered"
+        )
     expected = list(saved_lrs)
     expected[group] = saved_lrs[group] * new / old
     assert lowered.lrs == pytest.approx(expected, rel=1e-12)
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs[group] == new  # later steps follow the new base
     assert trainer.optimizers[0].param_groups[group]["initial_lr"] == new
-    assert any(f"resuming with lr {new:g} instead of the checkpoint's {old:g}" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        f"resuming with lr {new:g} instead of the checkpoint's {old:g}" in r.getMessage()
+        for r in caplog.records
+    )

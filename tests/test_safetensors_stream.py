@@ -45,5 +45,5 @@ def test_truncated_file_is_refused_with_its_name(tmp_path):
         read_safetensors(path, torch.float32)
 
 
-# The loading peak itself (ours vs safetensors.load_file) is measured by benchmarks/load_memory.py (README): an
-# RSS assertion in the suite depended on what ran before it (1.05-1.53x for the same code).
+# The loading peak itself (ours vs safetensors.load_file) is measured by benchmarks/load_memory.py (README):
+# an RSS assertion in the suite depended on what ran before it (1.05-1.53x for the same code).

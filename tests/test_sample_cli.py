@@ -24,14 +24,35 @@ PROMPTS = ["a red circle on a blue background", "a green square on a white backg
 @pytest.fixture(scope="module")
 def single_file(tmp_path_factory):
     torch.manual_seed(0)
-    components = SDComponents(perturb(UNetModel(**TINY_UNET), 4), perturb(AutoencoderKL(**TINY_VAE), 6),
-                              tiny_text_encoder(), DiffusionSchedule.from_config(), "eps", 0.5, "custom", 16)
+    components = SDComponents(
+        perturb(UNetModel(**TINY_UNET), 4),
+        perturb(AutoencoderKL(**TINY_VAE), 6),
+        tiny_text_encoder(),
+        DiffusionSchedule.from_config(),
+        "eps",
+        0.5,
+        "custom",
+        16,
+    )
     return export_components(components, tmp_path_factory.mktemp("sd") / "tiny.safetensors")
 
 
 def run(single_file, out: Path, *extra: str) -> list[Path]:
-    sample.main(["--ckpt", str(single_file), "--steps", "3", "--device", "cpu", "--out", str(out),
-                 "--resolution", "16", *extra])
+    sample.main(
+        [
+            "--ckpt",
+            str(single_file),
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--resolution",
+            "16",
+            *extra,
+        ]
+    )
     return sorted(out.glob("0*.png"))
 
 
@@ -40,8 +61,22 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def test_batching_negatives_and_png_parameters(single_file, tmp_path):
-    common = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", "blurry",
-              "--negative-prompt", "", "--n", "3", "--sampler", "dpmpp_2m_karras", "--seed", "5"]
+    common = [
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--negative-prompt",
+        "blurry",
+        "--negative-prompt",
+        "",
+        "--n",
+        "3",
+        "--sampler",
+        "dpmpp_2m_karras",
+        "--seed",
+        "5",
+    ]
     small = run(single_file, tmp_path / "b2", *common, "--batch-size", "2")
     whole = run(single_file, tmp_path / "b6", *common, "--batch-size", "6")
     assert len(small) == len(whole) == 6 and (tmp_path / "b2" / "grid.png").is_file()
@@ -57,8 +92,18 @@ def test_batching_negatives_and_png_parameters(single_file, tmp_path):
 
 def test_negative_prompt_changes_the_image(single_file, tmp_path):
     plain = run(single_file, tmp_path / "a", "--prompt", PROMPTS[0], "--n", "1", "--guidance", "7")
-    negative = run(single_file, tmp_path / "b", "--prompt", PROMPTS[0], "--n", "1", "--guidance", "7",
-                   "--negative-prompt", "a green square")
+    negative = run(
+        single_file,
+        tmp_path / "b",
+        "--prompt",
+        PROMPTS[0],
+        "--n",
+        "1",
+        "--guidance",
+        "7",
+        "--negative-prompt",
+        "a green square",
+    )
     assert np.abs(pixels(plain[0]) - pixels(negative[0])).max() > 2
 
 
@@ -74,18 +119,33 @@ def test_img2img(single_file, tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray(np.full((32, 32, 3), (250, 10, 10), dtype=np.uint8)).save(init)
     plain = run(single_file, tmp_path / "txt", "--prompt", PROMPTS[0], "--n", "1", "--sampler", "ddim")
-    light = run(single_file, tmp_path / "i2i", "--prompt", PROMPTS[0], "--n", "1", "--sampler", "ddim",
-                "--init-image", str(init), "--strength", "0.4")
+    light = run(
+        single_file,
+        tmp_path / "i2i",
+        "--prompt",
+        PROMPTS[0],
+        "--n",
+        "1",
+        "--sampler",
+        "ddim",
+        "--init-image",
+        str(init),
+        "--strength",
+        "0.4",
+    )
     assert np.abs(pixels(plain[0]) - pixels(light[0])).max() > 2
     assert "Denoising strength: 0.4" in Image.open(light[0]).text["parameters"]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--n", "0"], "--n must be >= 1"),
-    (["--guidance", "nan"], "--guidance must be a finite number"),
-    (["--negative-prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"], "give one for all"),
-    (["--init-image", "missing.png"], "--init-image missing.png: no such file"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--n", "0"], "--n must be >= 1"),
+        (["--guidance", "nan"], "--guidance must be a finite number"),
+        (["--negative-prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c"], "give one for all"),
+        (["--init-image", "missing.png"], "--init-image missing.png: no such file"),
+    ],
+)
 def test_bad_arguments_stop_before_loading(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(tmp_path / "never_loaded.safetensors"), "--prompt", "x", *flags])
@@ -94,8 +154,20 @@ def test_bad_arguments_stop_before_loading(tmp_path, capsys, flags, message):
 
 def test_resolution_not_a_multiple_of_the_vae_factor(single_file, tmp_path):
     with pytest.raises(SystemExit, match="not a multiple of the VAE's downsampling factor 2; use 14 or 16"):
-        sample.main(["--ckpt", str(single_file), "--prompt", "x", "--n", "1", "--resolution", "15",
-                     "--out", str(tmp_path)])
+        sample.main(
+            [
+                "--ckpt",
+                str(single_file),
+                "--prompt",
+                "x",
+                "--n",
+                "1",
+                "--resolution",
+                "15",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_lora_files_of_either_format_are_detected(single_file, tmp_path):
@@ -107,7 +179,10 @@ def test_lora_files_of_either_format_are_detected(single_file, tmp_path):
 
     components = load_base_model(single_file)
     torch.manual_seed(3)
-    for module, targets in ((components.unet, ["*attn1.to_q", "*attn2.to_k"]), (components.text_encoder, ["*q_proj"])):
+    for module, targets in (
+        (components.unet, ["*attn1.to_q", "*attn2.to_k"]),
+        (components.text_encoder, ["*q_proj"]),
+    ):
         for layer in inject_lora(module, targets, rank=2, alpha=1.0).values():
             torch.nn.init.normal_(layer.lora_up.weight, std=0.5)
     kohya = save_kohya_lora(tmp_path / "k.safetensors", components.unet, components.text_encoder)
@@ -155,8 +230,9 @@ def test_convert_bakes_lora_files_in(single_file, tmp_path):
             torch.nn.init.normal_(layer.lora_up.weight, std=0.3)
         files.append(save(tmp_path / f"{seed}.safetensors", components.unet))
     loras = ["--lora", f"{files[0]}:0.8", "--lora", str(files[1])]
-    merged = convert_main()(["--base", str(single_file), *loras, "--out", str(tmp_path / "merged.safetensors"),
-                             "--fp32"])
+    merged = convert_main()(
+        ["--base", str(single_file), *loras, "--out", str(tmp_path / "merged.safetensors"), "--fp32"]
+    )
     common = ["--prompt", PROMPTS[0], "--n", "1", "--sampler", "euler"]
     from_merged = run(merged, tmp_path / "merged", *common)
     with_loras = run(single_file, tmp_path / "loras", *common, *loras)
@@ -171,12 +247,22 @@ def test_convert_explains_an_adapter_only_checkpoint(tmp_path):
     (run_dir / "adapters").mkdir()
     (run_dir / "adapters" / "lora_finetune.safetensors").write_bytes(b"")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": {"method.unet.x.lora_down.weight": torch.zeros(2, 4), "scale_factor": torch.ones(())},
-                "base": "logs/txt2img/runs/r/checkpoints/last.ckpt",
-                "model_config": {"method": {"_target_": "ldm.models.finetune.lora.LoRAMethod"}}}, ckpt)
+    torch.save(
+        {
+            "state_dict": {
+                "method.unet.x.lora_down.weight": torch.zeros(2, 4),
+                "scale_factor": torch.ones(()),
+            },
+            "base": "logs/txt2img/runs/r/checkpoints/last.ckpt",
+            "model_config": {"method": {"_target_": "ldm.models.finetune.lora.LoRAMethod"}},
+        },
+        ckpt,
+    )
     with pytest.raises(SystemExit) as stop:
         convert_main()(["--base", str(ckpt), "--out", str(tmp_path / "x.safetensors")])
     message = str(stop.value)
     assert "holds only the adapter of LoRAMethod (1 tensors)" in message
-    assert (f"--base logs/txt2img/runs/r/checkpoints/last.ckpt --lora {run_dir / 'adapters' / 'lora_finetune.safetensors'}"
-            in message)
+    assert (
+        "--base logs/txt2img/runs/r/checkpoints/last.ckpt --lora "
+        f"{run_dir / 'adapters' / 'lora_finetune.safetensors'}" in message
+    )

@@ -54,9 +54,21 @@ def test_conventions_match_diffusers_timesteps():
         for cls, multistep in ((EulerDiscreteScheduler, False), (DPMSolverMultistepScheduler, True)):
             reference = cls(**config, timestep_spacing=spacing, steps_offset=offset)
             reference.set_timesteps(steps)
-            grid = sigma_grid(schedule.alphas_cumprod, steps, convention, extra_point=multistep, integer=multistep)
-            torch.testing.assert_close(torch.tensor(grid.timesteps, dtype=torch.float64), reference.timesteps.double(), rtol=0, atol=1e-3)
-            torch.testing.assert_close(torch.tensor(grid.sigmas, dtype=torch.float64), reference.sigmas.double(), rtol=1e-5, atol=1e-6)
+            grid = sigma_grid(
+                schedule.alphas_cumprod, steps, convention, extra_point=multistep, integer=multistep
+            )
+            torch.testing.assert_close(
+                torch.tensor(grid.timesteps, dtype=torch.float64),
+                reference.timesteps.double(),
+                rtol=0,
+                atol=1e-3,
+            )
+            torch.testing.assert_close(
+                torch.tensor(grid.sigmas, dtype=torch.float64),
+                reference.sigmas.double(),
+                rtol=1e-5,
+                atol=1e-6,
+            )
 
 
 def test_karras_sigmas():
@@ -72,7 +84,9 @@ def test_karras_sigmas():
 def test_schedule_convention_is_the_default_and_samplers_override_it():
     from ldm.diffusion import SD_CONVENTION
 
-    schedule = DiffusionSchedule.from_config(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    schedule = DiffusionSchedule.from_config(
+        timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False
+    )
     assert schedule.convention == SD_CONVENTION
     assert DDIMSampler(steps=10).timesteps(schedule) == list(range(901, 0, -100))
     assert DDIMSampler(steps=10, timestep_spacing="trailing", steps_offset=0).timesteps(schedule)[0] == 999
@@ -83,25 +97,34 @@ def test_schedule_convention_is_the_default_and_samplers_override_it():
     out = DDIMSampler(steps=10)(oracle(schedule, x0, "eps"), schedule, x0.shape, "eps")
     assert not torch.allclose(out, x0, atol=1e-3)
     abar0 = float(schedule.alphas_cumprod[0])  # it is the x_t of abar_0 (eps = the oracle's noise)
-    assert torch.allclose(out, abar0**0.5 * x0 + (1 - abar0) ** 0.5 * X0.to_eps(
-        out, torch.zeros(2, dtype=torch.long), x0, schedule), atol=1e-4)
+    assert torch.allclose(
+        out,
+        abar0**0.5 * x0 + (1 - abar0) ** 0.5 * X0.to_eps(out, torch.zeros(2, dtype=torch.long), x0, schedule),
+        atol=1e-4,
+    )
     with pytest.raises(ValueError, match="spacing"):
         DiffusionSchedule.from_config(timestep_spacing="uniform")
 
 
-
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "heun", "dpmpp_2s_a", "unipc",
-                                  "ddim", "ddpm"])
+@pytest.mark.parametrize(
+    "name", ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "heun", "dpmpp_2s_a", "unipc", "ddim", "ddpm"]
+)
 def test_sampler_configs_build_and_take_convention_overrides(compose_cfg, name):
     from hydra.utils import instantiate
 
-    overrides = [f"model/sampler={name}", "model.sampler.timestep_spacing=leading", "model.sampler.steps_offset=1"]
+    overrides = [
+        f"model/sampler={name}",
+        "model.sampler.timestep_spacing=leading",
+        "model.sampler.steps_offset=1",
+    ]
     cfg = compose_cfg(["experiment=txt2img", *overrides])
     sampler = instantiate(cfg.model.sampler)
     assert sampler.name == name
     schedule = instantiate(cfg.model.schedule)
     assert schedule.convention.spacing == "trailing"  # ours, from conf/model/schedule
-    assert sampler.convention(schedule).spacing == "leading" and sampler.convention(schedule).steps_offset == 1
+    assert (
+        sampler.convention(schedule).spacing == "leading" and sampler.convention(schedule).steps_offset == 1
+    )
 
 
 def test_every_sampler_has_a_config():
@@ -121,9 +144,18 @@ def test_unipc_config_builds_and_samples(compose_cfg):
 
     cfg = compose_cfg(["experiment=txt2img", "model/sampler=unipc", "model.sampler.steps=10"])
     sampler, schedule = instantiate(cfg.model.sampler), instantiate(cfg.model.schedule)
-    assert (type(sampler).__name__, sampler.solver, sampler.name, sampler.steps) == ("SigmaSampler", "unipc", "unipc", 10)
+    assert (type(sampler).__name__, sampler.solver, sampler.name, sampler.steps) == (
+        "SigmaSampler",
+        "unipc",
+        "unipc",
+        10,
+    )
     z = quantile_z(2000)
     abar = float(schedule.alphas_cumprod[-1])
     x_T = abar**0.5 * MU + (abar * STD**2 + 1 - abar) ** 0.5 * z
-    out = sampler(gaussian_denoiser(schedule, MU, STD, "eps"), schedule, z.shape, "eps", x_T=x_T, dtype=torch.float64)
-    assert out.mean().item() == pytest.approx(MU, abs=0.05) and out.std().item() == pytest.approx(STD, abs=0.05)
+    out = sampler(
+        gaussian_denoiser(schedule, MU, STD, "eps"), schedule, z.shape, "eps", x_T=x_T, dtype=torch.float64
+    )
+    assert out.mean().item() == pytest.approx(MU, abs=0.05) and out.std().item() == pytest.approx(
+        STD, abs=0.05
+    )

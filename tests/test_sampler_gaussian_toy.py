@@ -45,9 +45,9 @@ def test_ddpm_gaussian_toy_from_noise(sd_schedule):
     assert out.std().item() == pytest.approx(std, abs=0.03)
 
 
-
-@pytest.mark.parametrize("name,steps", [("euler", 50), ("heun", 20), ("dpmpp_2m", 20), ("dpmpp_2m_karras", 20),
-                                       ("unipc", 10)])
+@pytest.mark.parametrize(
+    "name,steps", [("euler", 50), ("heun", 20), ("dpmpp_2m", 20), ("dpmpp_2m_karras", 20), ("unipc", 10)]
+)
 def test_deterministic_solvers_on_gaussian_toy(sd_schedule, name, steps):
     """Exact denoiser for N(MU, STD^2) data: the ODE solvers land on the data's moments (first-order Euler
     needs more steps: at 20 its std is 0.93)."""
@@ -55,7 +55,12 @@ def test_deterministic_solvers_on_gaussian_toy(sd_schedule, name, steps):
     a_T, m_T = marginal(sd_schedule, 999)
     x_T = a_T * MU + m_T * z
     out = build_sampler(name, steps=steps)(
-        gaussian_denoiser(sd_schedule, MU, STD, "eps"), sd_schedule, z.shape, "eps", x_T=x_T, dtype=torch.float64
+        gaussian_denoiser(sd_schedule, MU, STD, "eps"),
+        sd_schedule,
+        z.shape,
+        "eps",
+        x_T=x_T,
+        dtype=torch.float64,
     )
     assert out.mean().item() == pytest.approx(MU, abs=0.05)
     assert out.std().item() == pytest.approx(STD, abs=0.05)

@@ -101,7 +101,6 @@ def test_clip_x0(sd_schedule):
 # -- randomness -------------------------------------------------------------------------------------
 
 
-
 def test_ddim_eta0_deterministic_given_x_T(sd_schedule):
     x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     sampler = DDIMSampler(steps=10, eta=0.0)
@@ -236,13 +235,27 @@ def test_callback_and_img2img(sd_schedule):
     for name in ("ddim", "euler", "dpmpp_2m_karras", "euler_a"):
         states = []
         sampler = build_sampler(name, steps=10)
-        out = sampler(oracle(sd_schedule, x0, "eps"), sd_schedule, x0.shape, "eps", callback=states.append,
-                      generator=torch.Generator().manual_seed(1))
+        out = sampler(
+            oracle(sd_schedule, x0, "eps"),
+            sd_schedule,
+            x0.shape,
+            "eps",
+            callback=states.append,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert [s["i"] for s in states] == list(range(10)) and torch.equal(states[-1]["x"], out)
         # img2img: strength 0.3 runs the last 3 steps from the noised init; the oracle still lands on x0
         states.clear()
-        out = sampler(oracle(sd_schedule, x0, "eps"), sd_schedule, x0.shape, "eps", callback=states.append,
-                      init=init, strength=0.3, generator=torch.Generator().manual_seed(1))
+        out = sampler(
+            oracle(sd_schedule, x0, "eps"),
+            sd_schedule,
+            x0.shape,
+            "eps",
+            callback=states.append,
+            init=init,
+            strength=0.3,
+            generator=torch.Generator().manual_seed(1),
+        )
         assert len(states) == 3
         torch.testing.assert_close(out, x0, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="strength"):

@@ -49,14 +49,41 @@ def test_memory_benchmark_runs_every_saver(tmp_path):
     writes the table (one variant here: each child is a fresh interpreter, ~8 s of imports)."""
     memory = load_script("benchmarks/memory.py")
     rows = [memory.run_variant(variant, "tiny", 32, 1, 1, "cpu") for variant in memory.VARIANTS]
-    assert [r["variant"] for r in rows] == ["full", "+ckpt", "+adafactor", "+in_backward", "+bf16", "+bf16_weights", "lora"]
+    assert [r["variant"] for r in rows] == [
+        "full",
+        "+ckpt",
+        "+adafactor",
+        "+in_backward",
+        "+bf16",
+        "+bf16_weights",
+        "lora",
+    ]
     assert rows[-1]["trainable_m"] < rows[0]["trainable_m"]
 
     out = tmp_path / "memory.json"
-    cmd = [sys.executable, "benchmarks/memory.py", "--unet", "tiny", "--resolution", "32", "--steps", "1",
-           "--variants", "full", "--json", str(out)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    cmd = [
+        sys.executable,
+        "benchmarks/memory.py",
+        "--unet",
+        "tiny",
+        "--resolution",
+        "32",
+        "--steps",
+        "1",
+        "--variants",
+        "full",
+        "--json",
+        str(out),
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["full"] and rows[0]["peak_gib"] > 0

@@ -33,15 +33,28 @@ def xl_conditioner():
 
 
 def sizes(n: int, original=(32, 32), crop=(0, 0), target=(32, 32)) -> dict:
-    return {"original_size_as_tuple": torch.tensor([original] * n), "crop_coords_top_left": torch.tensor([crop] * n),
-            "target_size_as_tuple": torch.tensor([target] * n)}
+    return {
+        "original_size_as_tuple": torch.tensor([original] * n),
+        "crop_coords_top_left": torch.tensor([crop] * n),
+        "target_size_as_tuple": torch.tensor([target] * n),
+    }
 
 
 def test_pooled_vector_is_the_projected_final_normed_end_token():
     tokenizer, _ = tiny_clip_tokenizer(None, 20)
-    config = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-              "num_attention_heads": 4, "max_position_embeddings": 20, "projection_dim": 24, "hidden_act": "gelu",
-              "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}  # SDXL's config: pool at argmax(input_ids)
+    config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 20,
+        "projection_dim": 24,
+        "hidden_act": "gelu",
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    }  # SDXL's config: pool at argmax(input_ids)
     torch.manual_seed(0)
     encoder = PooledCLIPTextEncoder.from_config(config, layer="penultimate", final_layer_norm=False)
     encoder.tokenizer = tokenizer
@@ -64,8 +77,14 @@ def test_pooled_vector_is_the_projected_final_normed_end_token():
 def test_real_encoder_presets_have_sdxl_shapes():
     model = compose_model("model/conditioner=sdxl", "model/unet=sdxl")
     assert model.conditioner.embedders["0"].module.config == "vit_l_14_sdxl"
-    bigg = PooledCLIPTextEncoder.from_config("vit_bigg_14", device="meta", layer="penultimate", final_layer_norm=False)
-    assert (bigg.hidden_size, bigg.projection_dim, bigg.transformer.config.num_hidden_layers) == (1280, 1280, 32)
+    bigg = PooledCLIPTextEncoder.from_config(
+        "vit_bigg_14", device="meta", layer="penultimate", final_layer_norm=False
+    )
+    assert (bigg.hidden_size, bigg.projection_dim, bigg.transformer.config.num_hidden_layers) == (
+        1280,
+        1280,
+        32,
+    )
     assert model.unet.context_dim == 768 + 1280 and model.unet.adm_in_channels == 1280 + 3 * 2 * 256
 
 
@@ -75,9 +94,15 @@ def test_sdxl_tiny_conditioner_fills_the_unet(xl_conditioner):
     assert out["crossattn"].shape == (2, 20, unet_config.context_dim)  # 32 + 48
     assert out["vector"].shape == (2, unet_config.adm_in_channels)  # pooled 40 + 3 x 2 x 32
     numbers = torch.tensor([[40.0, 48, 4, 8, 32, 32]] * 2)
-    assert torch.equal(out["vector"][:, 40:], size_embedding(numbers, 32))  # pooled first, then the six numbers
-    assert xl_conditioner.input_keys == ["caption", "original_size_as_tuple", "crop_coords_top_left",
-                                         "target_size_as_tuple"]
+    assert torch.equal(
+        out["vector"][:, 40:], size_embedding(numbers, 32)
+    )  # pooled first, then the six numbers
+    assert xl_conditioner.input_keys == [
+        "caption",
+        "original_size_as_tuple",
+        "crop_coords_top_left",
+        "target_size_as_tuple",
+    ]
 
 
 def test_condition_dropout_drops_each_text_embedder_to_empty_and_keeps_sizes(xl_conditioner):
@@ -99,10 +124,14 @@ def test_condition_dropout_drops_each_text_embedder_to_empty_and_keeps_sizes(xl_
 def test_sampling_batch_defaults_and_errors():
     keys = ["caption", "original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple"]
     batch = sampling_batch(keys, ["a", "b"], (64, 48))
-    assert batch["original_size_as_tuple"].tolist() == [[64, 48]] * 2 == batch["target_size_as_tuple"].tolist()
+    assert (
+        batch["original_size_as_tuple"].tolist() == [[64, 48]] * 2 == batch["target_size_as_tuple"].tolist()
+    )
     assert batch["crop_coords_top_left"].tolist() == [[0, 0]] * 2
     batch = sampling_batch(keys, ["a"], (64, 48), {"crop_top_left": (8, 4), "original_size": None})
-    assert batch["crop_coords_top_left"].tolist() == [[8, 4]] and batch["original_size_as_tuple"].tolist() == [[64, 48]]
+    assert batch["crop_coords_top_left"].tolist() == [[8, 4]] and batch[
+        "original_size_as_tuple"
+    ].tolist() == [[64, 48]]
     assert set(sampling_batch(["caption"], ["a"], (64, 48))) == {"caption"}  # SD 1.x: no size keys
     with pytest.raises(ValueError, match="unknown size option"):
         sampling_batch(keys, ["a"], (8, 8), {"crop": (1, 2)})
@@ -114,8 +143,15 @@ def test_sampling_batch_defaults_and_errors():
 
 
 def test_training_step_conditions_the_unet_on_the_sizes():
-    cfg = compose_model("model/unet=sdxl_tiny", "model/conditioner=sdxl_tiny", "model/vae=tiny",
-                        "model.scale_factor=1.0", "model.ema_decay=null", "model/sampler=ddim", "model.sampler.steps=2")
+    cfg = compose_model(
+        "model/unet=sdxl_tiny",
+        "model/conditioner=sdxl_tiny",
+        "model/vae=tiny",
+        "model.scale_factor=1.0",
+        "model.ema_decay=null",
+        "model/sampler=ddim",
+        "model.sampler.steps=2",
+    )
     model = instantiate(cfg, _recursive_=True)
     perturb(model.unet, 0)  # the output conv starts at zero
     images = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -126,8 +162,10 @@ def test_training_step_conditions_the_unet_on_the_sizes():
         assert set(condition) == {"context", "y"} and condition["y"].shape == (2, 232)
         losses.append(model.diffusion_step(z0, condition, torch.Generator().manual_seed(0)).item())
     assert losses[0] != losses[1]
-    samples = [model.generate(PROMPTS[:1], seed=0, latent_size=8, sizes={"crop_top_left": crop})
-               for crop in [(0, 0), (8, 8), (0, 0)]]
+    samples = [
+        model.generate(PROMPTS[:1], seed=0, latent_size=8, sizes={"crop_top_left": crop})
+        for crop in [(0, 0), (8, 8), (0, 0)]
+    ]
     assert samples[0].shape == (1, 3, 32, 32) and torch.equal(samples[0], samples[2])
     assert (samples[0] - samples[1]).abs().max() > 1e-4
     with pytest.raises(KeyError, match="original_size_as_tuple"):  # a batch without its sizes: a clear error
@@ -139,8 +177,13 @@ def test_sample_py_takes_the_three_sizes(tmp_path, monkeypatch):
 
     from tests.conftest import load_script
 
-    cfg = compose_model("model/unet=sdxl_tiny", "model/conditioner=sdxl_tiny", "model/vae=tiny",
-                        "model.scale_factor=1.0", "model.ema_decay=null")
+    cfg = compose_model(
+        "model/unet=sdxl_tiny",
+        "model/conditioner=sdxl_tiny",
+        "model/vae=tiny",
+        "model.scale_factor=1.0",
+        "model.ema_decay=null",
+    )
     model = instantiate(cfg, _recursive_=True)
     perturb(model.unet, 0)
     model.image_resolution = 32
@@ -152,8 +195,23 @@ def test_sample_py_takes_the_three_sizes(tmp_path, monkeypatch):
 
     def grid(*sizes: str) -> torch.Tensor:
         out = tmp_path / str(len(seen))
-        sample.main(["--ckpt", "x", "--prompt", "a red circle", "--n", "1", "--steps", "2", "--sampler", "ddim",
-                     "--out", str(out), *sizes])
+        sample.main(
+            [
+                "--ckpt",
+                "x",
+                "--prompt",
+                "a red circle",
+                "--n",
+                "1",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddim",
+                "--out",
+                str(out),
+                *sizes,
+            ]
+        )
         return torch.from_numpy(np.asarray(Image.open(out / "grid.png"))).float()
 
     default = grid()
@@ -165,9 +223,17 @@ def test_sample_py_takes_the_three_sizes(tmp_path, monkeypatch):
 
 
 def test_logged_grids_take_model_log_sizes():
-    cfg = compose_model("model/unet=sdxl_tiny", "model/conditioner=sdxl_tiny", "model/vae=tiny", "model.scale_factor=1.0",
-                        "model.ema_decay=null", "model/sampler=ddim", "model.sampler.steps=2",
-                        "model.log_prompts=[a red circle]", "model.log_sizes={crop_top_left:[8,8]}")
+    cfg = compose_model(
+        "model/unet=sdxl_tiny",
+        "model/conditioner=sdxl_tiny",
+        "model/vae=tiny",
+        "model.scale_factor=1.0",
+        "model.ema_decay=null",
+        "model/sampler=ddim",
+        "model.sampler.steps=2",
+        "model.log_prompts=[a red circle]",
+        "model.log_sizes={crop_top_left:[8,8]}",
+    )
     model = instantiate(cfg, _recursive_=True)
     perturb(model.unet, 0)
     logged = model.log_images({"image": torch.zeros(1, 3, 32, 32)})["samples"]

@@ -40,8 +40,15 @@ PROMPTS = ["a red circle on a blue background", "a green triangle on a white bac
 WIDTH_L, WIDTH_G, POOLED, TIME_DIM, LENGTH = 32, 48, 40, 8, 20
 STEPS, GUIDANCE = 8, 5.0
 # SDXL base's released scheduler: EulerDiscrete, scaled_linear 0.00085..0.012, leading, steps_offset 1
-SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
-             "timestep_spacing": "leading", "prediction_type": "epsilon", "num_train_timesteps": 1000}
+SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+    "num_train_timesteps": 1000,
+}
 
 
 def size_embedder(key: str) -> torch.nn.Module:
@@ -51,9 +58,16 @@ def size_embedder(key: str) -> torch.nn.Module:
 def our_conditioner(text_l, text_g, tokenizer, force_zeros: bool = True) -> Conditioner:
     clip_l = CLIPTextEncoder(text_l, tokenizer, layer="penultimate", final_layer_norm=False)
     clip_g = PooledCLIPTextEncoder(text_g, tokenizer, layer="penultimate", final_layer_norm=False)
-    return Conditioner([embedder(clip_l), embedder(clip_g), size_embedder("original_size_as_tuple"),
-                        size_embedder("crop_coords_top_left"), size_embedder("target_size_as_tuple")],
-                       force_zeros_for_empty_prompt=force_zeros)
+    return Conditioner(
+        [
+            embedder(clip_l),
+            embedder(clip_g),
+            size_embedder("original_size_as_tuple"),
+            size_embedder("crop_coords_top_left"),
+            size_embedder("target_size_as_tuple"),
+        ],
+        force_zeros_for_empty_prompt=force_zeros,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +78,48 @@ def tiny_xl():
 
     tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
     text_l = perturb(tiny_clip_model(tokenizer, WIDTH_L, 2, 4, LENGTH, seed=0), 11, 0.02).eval()
-    text_g = perturb(tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02).eval()
+    text_g = perturb(
+        tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02
+    ).eval()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(0, 2), attention_head_dim=(2, 4), cross_attention_dim=WIDTH_L + WIDTH_G,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM, norm_num_groups=32,
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(0, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=WIDTH_L + WIDTH_G,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM,
+        norm_num_groups=32,
     )
     vae = DAutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=0.13025,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=16,
+        scaling_factor=0.13025,
     )
     unet, vae = perturb(unet, 3).eval(), perturb(vae, 2).eval()
     scheduler = EulerDiscreteScheduler(**SCHEDULER)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_l, text_encoder_2=text_g, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_l,
+        text_encoder_2=text_g,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipe.set_progress_bar_config(disable=True)
 
     ours_unet = UNetModel(**unet_config_from_diffusers(unet.config))
@@ -90,10 +128,16 @@ def tiny_xl():
     ours_vae.load_state_dict(diffusers_vae_to_ldm(vae.state_dict()), strict=True)
     schedule_config, parameterization = schedule_from_diffusers(scheduler.config)
     model = LatentDiffusion(
-        unet=ours_unet, vae=ours_vae, conditioner=our_conditioner(text_l, text_g, tokenizer),
-        schedule=build_schedule(schedule_config), sampler=build_sampler("euler", steps=STEPS),
-        optimizer=functools.partial(torch.optim.SGD, lr=0.0), parameterization=parameterization,
-        scale_factor=vae.config.scaling_factor, ema_decay=None, guidance_scale=GUIDANCE,
+        unet=ours_unet,
+        vae=ours_vae,
+        conditioner=our_conditioner(text_l, text_g, tokenizer),
+        schedule=build_schedule(schedule_config),
+        sampler=build_sampler("euler", steps=STEPS),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+        parameterization=parameterization,
+        scale_factor=vae.config.scaling_factor,
+        ema_decay=None,
+        guidance_scale=GUIDANCE,
     ).eval()
     model._vae_loaded = True
     return pipe, model
@@ -101,21 +145,30 @@ def tiny_xl():
 
 def size_batch(prompts, original=(16, 16), crop=(0, 0), target=(16, 16)) -> dict:
     n = len(prompts)
-    return {"caption": list(prompts), "original_size_as_tuple": torch.tensor([original] * n),
-            "crop_coords_top_left": torch.tensor([crop] * n), "target_size_as_tuple": torch.tensor([target] * n)}
+    return {
+        "caption": list(prompts),
+        "original_size_as_tuple": torch.tensor([original] * n),
+        "crop_coords_top_left": torch.tensor([crop] * n),
+        "target_size_as_tuple": torch.tensor([target] * n),
+    }
 
 
 def test_text_embedders_match_encode_prompt(tiny_xl):
     pipe, model = tiny_xl
     context, negative, pooled, negative_pooled = pipe.encode_prompt(
-        PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
-        negative_prompt=["a blue square", "a black star on a yellow background"])
+        PROMPTS,
+        device="cpu",
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=["a blue square", "a black star on a yellow background"],
+    )
     ours = model.conditions(size_batch(PROMPTS))
     assert ours["crossattn"].shape == (2, LENGTH, WIDTH_L + WIDTH_G) == context.shape
     assert (ours["crossattn"] - context).abs().max().item() <= 1e-6
     assert (ours["vector"][:, :POOLED] - pooled).abs().max().item() <= 1e-6
-    theirs_negative = model.conditions(size_batch(["a blue square", "a black star on a yellow background"]),
-                                       zero_empty=True)
+    theirs_negative = model.conditions(
+        size_batch(["a blue square", "a black star on a yellow background"]), zero_empty=True
+    )
     assert (theirs_negative["crossattn"] - negative).abs().max().item() <= 1e-6
     assert (theirs_negative["vector"][:, :POOLED] - negative_pooled).abs().max().item() <= 1e-6
     # the penultimate layer without final LN differs from the last hidden state (the option matters)
@@ -125,8 +178,9 @@ def test_text_embedders_match_encode_prompt(tiny_xl):
 
 def test_empty_negative_prompt_is_zeros_like_the_pipeline(tiny_xl):
     pipe, model = tiny_xl
-    _, negative, _, negative_pooled = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=True, negative_prompt=None)
+    _, negative, _, negative_pooled = pipe.encode_prompt(
+        PROMPTS, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=None
+    )
     assert negative.abs().max() == 0 and negative_pooled.abs().max() == 0  # force_zeros_for_empty_prompt
     uncond = model.conditions(size_batch(["", ""], original=(64, 48)), zero_empty=True)
     assert uncond["crossattn"].abs().max() == 0 and uncond["vector"][:, :POOLED].abs().max() == 0
@@ -141,33 +195,65 @@ def test_vector_matches_add_text_embeds_and_time_ids(tiny_xl):
     original, crop, target = (48, 40), (8, 4), (16, 24)
     vector = model.conditions(size_batch(PROMPTS, original, crop, target))["vector"]
     _, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
-    time_ids = pipe._get_add_time_ids(original, crop, target, dtype=torch.float32,
-                                      text_encoder_projection_dim=POOLED).repeat(2, 1)
+    time_ids = pipe._get_add_time_ids(
+        original, crop, target, dtype=torch.float32, text_encoder_projection_dim=POOLED
+    ).repeat(2, 1)
     theirs = torch.cat([pooled, pipe.unet.add_time_proj(time_ids.flatten()).reshape(2, -1)], dim=-1)
     assert vector.shape == (2, pipe.unet.config.projection_class_embeddings_input_dim)
     assert (vector - theirs).abs().max().item() <= 1e-6
 
 
-@pytest.mark.parametrize("name,scheduler", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler"),
-                                            ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+@pytest.mark.parametrize(
+    "name,scheduler",
+    [
+        ("euler", "EulerDiscreteScheduler"),
+        ("ddim", "DDIMScheduler"),
+        ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ],
+)
 @pytest.mark.parametrize("negative", ["", "a blue square"])
 def test_sampler_matches_sdxl_pipeline(tiny_xl, name, scheduler, negative):
     pipe, model = tiny_xl
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(42))
     pipe.scheduler = getattr(diffusers, scheduler).from_config({**SCHEDULER, "clip_sample": False})
-    expected = pipe(PROMPTS, negative_prompt=None if negative == "" else [negative] * 2, num_inference_steps=STEPS,
-                    guidance_scale=GUIDANCE, latents=latents.clone(), height=16, width=16,
-                    original_size=(24, 20), crops_coords_top_left=(4, 2), target_size=(16, 16),
-                    output_type="latent").images
+    expected = pipe(
+        PROMPTS,
+        negative_prompt=None if negative == "" else [negative] * 2,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        latents=latents.clone(),
+        height=16,
+        width=16,
+        original_size=(24, 20),
+        crops_coords_top_left=(4, 2),
+        target_size=(16, 16),
+        output_type="latent",
+    ).images
     steps = []
-    model.generate(PROMPTS, negative_prompt=negative, guidance_scale=GUIDANCE, latent_size=8,
-                   sampler=build_sampler(name, steps=STEPS), latents=latents, callback=lambda s: steps.append(s["x"]),
-                   sizes={"original_size": (24, 20), "crop_top_left": (4, 2)})
+    model.generate(
+        PROMPTS,
+        negative_prompt=negative,
+        guidance_scale=GUIDANCE,
+        latent_size=8,
+        sampler=build_sampler(name, steps=STEPS),
+        latents=latents,
+        callback=lambda s: steps.append(s["x"]),
+        sizes={"original_size": (24, 20), "crop_top_left": (4, 2)},
+    )
     assert len(steps) == STEPS
     difference = (steps[-1] - expected).abs().max().item()
-    assert difference <= 1e-4, f"{name}: max latent difference {difference:.2e} (|z| {expected.abs().max():.1f})"
+    assert difference <= 1e-4, (
+        f"{name}: max latent difference {difference:.2e} (|z| {expected.abs().max():.1f})"
+    )
     # the size conditions reach the UNet: other numbers give other latents
     steps.clear()
-    model.generate(PROMPTS, negative_prompt=negative, guidance_scale=GUIDANCE, latent_size=8,
-                   sampler=build_sampler(name, steps=STEPS), latents=latents, callback=lambda s: steps.append(s["x"]))
+    model.generate(
+        PROMPTS,
+        negative_prompt=negative,
+        guidance_scale=GUIDANCE,
+        latent_size=8,
+        sampler=build_sampler(name, steps=STEPS),
+        latents=latents,
+        callback=lambda s: steps.append(s["x"]),
+    )
     assert (steps[-1] - expected).abs().max() > 1e-3

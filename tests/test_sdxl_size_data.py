@@ -27,8 +27,16 @@ def gradient(width: int, height: int) -> Image.Image:
 
 def test_size_conditions_mirror_the_crop_of_a_flipped_image():
     # a 32 x 32 crop at left 4 of a 52 x 32 resized image: flipped, the same pixels sit 52 - 36 = 16 from the left
-    assert pairs(size_conditions((104, 64), (52, 32), (4, 0, 36, 32), flipped=False)) == ((64, 104), (0, 4), (32, 32))
-    assert pairs(size_conditions((104, 64), (52, 32), (4, 0, 36, 32), flipped=True)) == ((64, 104), (0, 16), (32, 32))
+    assert pairs(size_conditions((104, 64), (52, 32), (4, 0, 36, 32), flipped=False)) == (
+        (64, 104),
+        (0, 4),
+        (32, 32),
+    )
+    assert pairs(size_conditions((104, 64), (52, 32), (4, 0, 36, 32), flipped=True)) == (
+        (64, 104),
+        (0, 16),
+        (32, 32),
+    )
 
 
 def test_preprocess_reports_the_center_crop_and_flip_it_took():
@@ -45,14 +53,17 @@ def test_random_crops_report_their_offsets_with_the_same_draws():
     image = gradient(60, 100)
     offsets = set()
     for seed in range(6):
-        plain = preprocess_to_size(image, (32, 48), center_crop=False, generator=torch.Generator().manual_seed(seed))
-        tensor, sizes = preprocess_to_size(image, (32, 48), center_crop=False, with_sizes=True,
-                                           generator=torch.Generator().manual_seed(seed))
+        plain = preprocess_to_size(
+            image, (32, 48), center_crop=False, generator=torch.Generator().manual_seed(seed)
+        )
+        tensor, sizes = preprocess_to_size(
+            image, (32, 48), center_crop=False, with_sizes=True, generator=torch.Generator().manual_seed(seed)
+        )
         assert torch.equal(plain, tensor)  # reporting the sizes draws nothing more
         original, (top, left), target = pairs(sizes)
         assert original == (100, 60) and target == (48, 32) and left == 0  # resized to 32 x 53: crops along y
         resized = np.asarray(image.resize((32, 53), Image.Resampling.LANCZOS, reducing_gap=3.0))
-        expected = torch.from_numpy(resized[top:top + 48].copy()).permute(2, 0, 1).float() / 127.5 - 1
+        expected = torch.from_numpy(resized[top : top + 48].copy()).permute(2, 0, 1).float() / 127.5 - 1
         assert torch.allclose(tensor, expected)
         offsets.add(top)
     assert len(offsets) > 1
@@ -65,15 +76,19 @@ def test_image_folder_items_carry_sizes_only_when_asked(tmp_path):
     assert set(item) == {"image", "caption"}  # SD 1.x batches unchanged
     item = ImageFolderDataset(tmp_path, resolution=32, size_conditions=True)[0]
     assert pairs(item) == ((48, 80), (0, (53 - 32) // 2), (32, 32))
-    bucketed = ImageFolderDataset(tmp_path, resolution=32, size_conditions=True, bucketing=True, bucket_step=8)[0]
+    bucketed = ImageFolderDataset(
+        tmp_path, resolution=32, size_conditions=True, bucketing=True, bucket_step=8
+    )[0]
     assert pairs(bucketed)[0] == (48, 80) and pairs(bucketed)[2] == tuple(bucketed["image"].shape[1:])
 
 
 def test_shapes_sizes_are_the_render_and_its_random_window():
     plain = ShapesDataset(4, 32, size_conditions=True)
     assert pairs(plain[1]) == ((32, 32), (0, 0), (32, 32))
-    assert torch.equal(plain[1]["image"], ShapesDataset(4, 32)[1]["image"]) and "crop_coords_top_left" not in \
-        ShapesDataset(4, 32)[1]
+    assert (
+        torch.equal(plain[1]["image"], ShapesDataset(4, 32)[1]["image"])
+        and "crop_coords_top_left" not in ShapesDataset(4, 32)[1]
+    )
     cropped = ShapesDataset(8, 32, size_conditions=True, random_crop_margin=16)
     offsets = set()
     for i in range(8):
@@ -82,7 +97,10 @@ def test_shapes_sizes_are_the_render_and_its_random_window():
         assert original == (48, 48) and target == (32, 32) and 0 <= top <= 16 and 0 <= left <= 16
         color, shape, background = cropped.combos[i % len(cropped.combos)]
         full = render(color, shape, background, 48, cropped.item_rng(i))
-        window = torch.from_numpy(full[top:top + 32, left:left + 32].copy()).permute(2, 0, 1).float() / 127.5 - 1
+        window = (
+            torch.from_numpy(full[top : top + 32, left : left + 32].copy()).permute(2, 0, 1).float() / 127.5
+            - 1
+        )
         assert torch.equal(item["image"], window)
         offsets.add((top, left))
     assert len(offsets) > 1

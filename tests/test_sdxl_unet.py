@@ -56,13 +56,16 @@ SDXL_DIFFUSERS_CONFIG = {
     "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
     "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
     "center_input_sample": False, "class_embed_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "cross_attention_dim": 2048, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
-    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
     "norm_eps": 1e-05, "norm_num_groups": 32, "num_attention_heads": None, "only_cross_attention": False,
     "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_time_scale_shift": "default",
     "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
 }  # fmt: skip
 # Names and shapes of the released SDXL base single file (model.diffusion_model.* without the prefix).
 SDXL_KEYS = {
@@ -118,7 +121,9 @@ def test_size_embedding_is_a_timestep_embedding_per_number():
     features = size_embedding(values, 256)
     assert features.shape == (2, 1536)
     for i in range(6):
-        torch.testing.assert_close(features[:, 256 * i : 256 * (i + 1)], timestep_embedding(values[:, i], 256))
+        torch.testing.assert_close(
+            features[:, 256 * i : 256 * (i + 1)], timestep_embedding(values[:, i], 256)
+        )
     assert torch.equal(SizeEmbedding(256)(values), features)
     # a number changes only its own 256 features
     moved = values.clone()
@@ -140,7 +145,9 @@ def test_size_embedding_matches_diffusers_add_time_proj():
 # ------------------------------------------------------------------------------------------ tiny parity
 
 
-@pytest.mark.parametrize("config", [TINY_XL, THREE_LEVELS, REFINER_LIKE], ids=["two-levels", "sdxl-shape", "refiner-shape"])
+@pytest.mark.parametrize(
+    "config", [TINY_XL, THREE_LEVELS, REFINER_LIKE], ids=["two-levels", "sdxl-shape", "refiner-shape"]
+)
 def test_parity_with_diffusers_text_time(config):
     import diffusers
 
@@ -155,15 +162,21 @@ def test_parity_with_diffusers_text_time(config):
     x, t, context, text_embeds, time_ids = xl_inputs(config)
     y = torch.cat([text_embeds, size_embedding(time_ids, TIME_DIM)], dim=1)
     with torch.no_grad():
-        expected = theirs(x, t, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}).sample
+        expected = theirs(
+            x, t, context, added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}
+        ).sample
         got = ours(x, t, context, y=y)
-        other_sizes = ours(x, t, context, y=torch.cat([text_embeds, size_embedding(time_ids + 64, TIME_DIM)], 1))
+        other_sizes = ours(
+            x, t, context, y=torch.cat([text_embeds, size_embedding(time_ids + 64, TIME_DIM)], 1)
+        )
     assert expected.abs().max() > 0.1
     assert (got - expected).abs().max() <= 1e-5
     assert (other_sizes - got).abs().max() > 1e-3  # the size features reach the output
 
     # and back: our kwargs -> a diffusers config of the same architecture (the same keys and shapes)
-    again = diffusers.UNet2DConditionModel(**diffusers_config_from_ldm(**kwargs, addition_time_embed_dim=TIME_DIM))
+    again = diffusers.UNet2DConditionModel(
+        **diffusers_config_from_ldm(**kwargs, addition_time_embed_dim=TIME_DIM)
+    )
     assert state_dict_mismatches(theirs.state_dict(), again.state_dict()) == ""
 
 
@@ -174,7 +187,9 @@ def test_levels_without_attention_hold_only_resblocks():
     # level 0: input_blocks 1, 2 and output_blocks 6..8 are one ResBlock each; levels 1, 2 add a transformer
     for block in [unet.input_blocks[1], unet.input_blocks[2], *unet.output_blocks[6:]]:
         assert len(block) == 1 and isinstance(block[0], ResBlock)
-    depth = {n: len(m.transformer_blocks) for n, m in unet.named_modules() if isinstance(m, SpatialTransformer)}
+    depth = {
+        n: len(m.transformer_blocks) for n, m in unet.named_modules() if isinstance(m, SpatialTransformer)
+    }
     assert depth == {
         "input_blocks.4.1": 1, "input_blocks.5.1": 1, "input_blocks.7.1": 3, "input_blocks.8.1": 3,
         "middle_block.1": 3, "output_blocks.0.1": 3, "output_blocks.1.1": 3, "output_blocks.2.1": 3,
@@ -191,7 +206,10 @@ def test_lora_module_names_cover_the_label_embedding():
 
     theirs = dict(diffusers.UNet2DConditionModel(**THREE_LEVELS).named_modules())
     names = unet_module_names(UNetModel(**unet_config_from_diffusers(THREE_LEVELS)))
-    assert names["label_emb.0.0"] == "add_embedding.linear_1" and names["label_emb.0.2"] == "add_embedding.linear_2"
+    assert (
+        names["label_emb.0.0"] == "add_embedding.linear_1"
+        and names["label_emb.0.2"] == "add_embedding.linear_2"
+    )
     assert names["output_blocks.5.2.conv"] == "up_blocks.1.upsamplers.0.conv"
     assert all(path in theirs for path in names.values())
 
@@ -216,11 +234,21 @@ def test_label_embedding_checks_y():
 
 @pytest.mark.parametrize(
     ("depth", "middle", "message"),
-    [([1, 2, 3], None, "one depth >= 0 per level"), ([1, -1], None, "one depth >= 0"), ([2, 0], None, "middle")],
+    [
+        ([1, 2, 3], None, "one depth >= 0 per level"),
+        ([1, -1], None, "one depth >= 0"),
+        ([2, 0], None, "middle"),
+    ],
 )
 def test_bad_depths_are_refused(depth, middle, message):
     with pytest.raises(ValueError, match=message):
-        UNetModel(**{**unet_config_from_diffusers(TINY_XL), "transformer_depth": depth, "transformer_depth_middle": middle})
+        UNetModel(
+            **{
+                **unet_config_from_diffusers(TINY_XL),
+                "transformer_depth": depth,
+                "transformer_depth_middle": middle,
+            }
+        )
 
 
 def test_unsupported_diffusers_configs_are_refused():
@@ -267,7 +295,12 @@ def test_sdxl_refiner_config_matches_diffusers_architecture():
     kwargs = load_kwargs("sdxl_refiner")
     config = diffusers_config_from_ldm(**kwargs)
     assert config["attention_head_dim"] == [6, 12, 24, 24] and config["transformer_layers_per_block"] == 4
-    assert config["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert config["down_block_types"] == (
+        "DownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
     with torch.device("meta"):
         ours = UNetModel(**kwargs)
         theirs = diffusers.UNet2DConditionModel(**config)
@@ -276,7 +309,10 @@ def test_sdxl_refiner_config_matches_diffusers_architecture():
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert list(state["label_emb.0.0.weight"].shape) == [1536, 2560]
     assert list(state["input_blocks.4.1.transformer_blocks.3.attn2.to_k.weight"].shape) == [768, 1280]
-    assert "input_blocks.10.1.norm.weight" not in state and "middle_block.1.transformer_blocks.3.ff.net.2.bias" in state
+    assert (
+        "input_blocks.10.1.norm.weight" not in state
+        and "middle_block.1.transformer_blocks.3.ff.net.2.bias" in state
+    )
     with torch.device("meta"):
         rebuilt = UNetModel(**describe_unet(ours))
     assert state_dict_mismatches(state, rebuilt.state_dict()) == ""

@@ -23,8 +23,21 @@ MAKE_SHARDS = load_script("scripts/make_shards.py").main  # `python scripts/make
 @pytest.fixture(scope="module")
 def shapes_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_shards")
-    MAKE_SHARDS(["--shapes", "--train-size", "40", "--val-size", "8", "--resolution", "32", "--shard-size", "16",
-                 "--out", str(out)])
+    MAKE_SHARDS(
+        [
+            "--shapes",
+            "--train-size",
+            "40",
+            "--val-size",
+            "8",
+            "--resolution",
+            "32",
+            "--shard-size",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -52,7 +65,9 @@ def test_folder_shards_keep_captions_buckets_and_repeats(tmp_path):
     for k in range(2):  # kohya folder images without caption files: the folder name is the caption
         (tmp_path / "photos" / "3_sks thing" / f"img{k}.txt").unlink()
     out = tmp_path / "shards"
-    MAKE_SHARDS(["--folder", str(tmp_path / "photos"), "--out", str(out), "--resolution", "64", "--shard-size", "4"])
+    MAKE_SHARDS(
+        ["--folder", str(tmp_path / "photos"), "--out", str(out), "--resolution", "64", "--shard-size", "4"]
+    )
     samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("train-*.tar")), shardshuffle=False))
     assert len(samples) == 10 and {"png", "txt", "json", "__key__"} <= set(samples[0])  # a plain WebDataset
     assert all(b"bucket" in s["json"] for s in samples)
@@ -61,7 +76,9 @@ def test_folder_shards_keep_captions_buckets_and_repeats(tmp_path):
     train_set = dm.data_train
     repeats = [train_set.record_repeats(k) for k in range(train_set.num_records())]
     kohya = [k for k in range(train_set.num_records()) if train_set.record_caption(k) == "sks thing"]
-    assert kohya and all(repeats[k] == 3 for k in kohya) and len(train_set) == sum(repeats) == 9 + 2 * len(kohya)
+    assert (
+        kohya and all(repeats[k] == 3 for k in kohya) and len(train_set) == sum(repeats) == 9 + 2 * len(kohya)
+    )
     captions = [train_set[k]["caption"] for k in range(len(train_set))]
     assert captions.count("sks thing") == 3 * len(kohya)
     shapes = set()
@@ -77,13 +94,29 @@ def test_missing_shards_are_a_clear_error(tmp_path):
 
 
 def test_vae_and_txt2img_train_from_shards(shapes_shards, compose_cfg):
-    data = ["data=shards", f"data.path={shapes_shards}", "data.resolution=32", "data.batch_size=4",
-            "data.num_workers=0", "callbacks.rich_progress_bar=null"]
+    data = [
+        "data=shards",
+        f"data.path={shapes_shards}",
+        "data.resolution=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "callbacks.rich_progress_bar=null",
+    ]
     metrics, _ = train(compose_cfg(["experiment=vae", "model/vae=tiny", *data, "debug=smoke"], "vae"))
     assert "val/psnr" in metrics
-    cfg = compose_cfg(["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *data, "debug=fdr",
-                       "model.log_prompts=[a red circle on a blue background]", "model/sampler=ddim",
-                       "model.sampler.steps=2"], "txt2img")
+    cfg = compose_cfg(
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            *data,
+            "debug=fdr",
+            "model.log_prompts=[a red circle on a blue background]",
+            "model/sampler=ddim",
+            "model.sampler.steps=2",
+        ],
+        "txt2img",
+    )
     metrics, objects = train(cfg)
     assert "train/loss" in metrics and len(objects["datamodule"].data_train) == 40
 
@@ -114,4 +147,6 @@ def test_a_dropped_dataset_leaves_no_open_shard_file(shapes_shards):
         warnings.simplefilter("always")
         del dm
         gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [
+        str(w.message) for w in caught
+    ]

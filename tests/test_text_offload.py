@@ -33,6 +33,7 @@ def offload_then_forbid_encoding(encoder, prompts):
 
     def encode_ids(input_ids):
         raise AssertionError("the offloaded text encoder was asked to encode")
+
     encoder.encode_ids = encode_ids
     encoder.offloaded = True
     return count
@@ -43,9 +44,18 @@ def test_lora_finetune_with_the_text_encoder_offloaded_trains_the_same(compose_c
     for offload in ("false", "true"):
         if offload == "true":  # after the offload, any use of the encoder's weights fails the run
             monkeypatch.setattr(finetune_module, "cache_prompts_and_offload", offload_then_forbid_encoding)
-        cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_dir=null", f"model.offload_text_encoder={offload}",
-                                                     "callbacks.image_logger=null", "trainer.limit_val_batches=0"]),
-                          output_name=f"offload-{offload}")
+        cfg = compose_cfg(
+            lora_overrides(
+                base_ckpt,
+                [
+                    "data.cache_dir=null",
+                    f"model.offload_text_encoder={offload}",
+                    "callbacks.image_logger=null",
+                    "trainer.limit_val_batches=0",
+                ],
+            ),
+            output_name=f"offload-{offload}",
+        )
         _, objects = train(cfg)
         model = objects["model"]
         assert objects["trainer"].global_step == 4
@@ -57,6 +67,8 @@ def test_lora_finetune_with_the_text_encoder_offloaded_trains_the_same(compose_c
 
 
 def test_offload_needs_the_latent_cache(compose_cfg, base_ckpt):  # noqa: F811
-    cfg = compose_cfg(lora_overrides(base_ckpt, ["data.cache_latents=false", "model.offload_text_encoder=true"]))
+    cfg = compose_cfg(
+        lora_overrides(base_ckpt, ["data.cache_latents=false", "model.offload_text_encoder=true"])
+    )
     with pytest.raises(ValueError, match="data.cache_latents=true"):
         train(cfg)

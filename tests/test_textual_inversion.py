@@ -32,10 +32,17 @@ def sd_layout_encoder(tmp_path, hidden: int, heads: int, pad_token_id: int | Non
     tiny = CLIPTextEncoder.tiny(cache_dir=tmp_path / "tok")
     folder = tmp_path / f"tokenizer_{hidden}"
     tiny.tokenizer.save_pretrained(str(folder))
-    config = {"vocab_size": len(tiny.tokenizer), "hidden_size": hidden, "intermediate_size": 64,
-              "num_hidden_layers": 1, "num_attention_heads": heads, "max_position_embeddings": 20,
-              "bos_token_id": tiny.tokenizer.bos_token_id, "eos_token_id": tiny.tokenizer.eos_token_id,
-              "pad_token_id": tiny.tokenizer.eos_token_id if pad_token_id is None else pad_token_id}
+    config = {
+        "vocab_size": len(tiny.tokenizer),
+        "hidden_size": hidden,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": heads,
+        "max_position_embeddings": 20,
+        "bos_token_id": tiny.tokenizer.bos_token_id,
+        "eos_token_id": tiny.tokenizer.eos_token_id,
+        "pad_token_id": tiny.tokenizer.eos_token_id if pad_token_id is None else pad_token_id,
+    }
     return CLIPTextEncoder.from_config(config, tokenizer_path=folder)
 
 
@@ -45,7 +52,8 @@ def attach(encoder, **kwargs) -> TextualInversion:
     return method
 
 
-# -- placeholder tokens ----------------------------------------------------------------------------------------
+# -- placeholder tokens --------------------------------------------------------------------------------------
+
 
 def test_multi_vector_placeholder_expands_to_consecutive_tokens(encoder):
     assert placeholder_tokens("<x>", 3) == ["<x>", "<x>_1", "<x>_2"]
@@ -54,7 +62,7 @@ def test_multi_vector_placeholder_expands_to_consecutive_tokens(encoder):
     assert ids == list(range(ids[0], ids[0] + 3))
     tokens = encoder.tokenize(["a red <shape-x> on a blue background"])[0].tolist()
     start = tokens.index(ids[0])
-    assert tokens[start:start + 3] == ids
+    assert tokens[start : start + 3] == ids
     assert encoder.tokenizer.convert_ids_to_tokens(tokens[start + 3]) == "on</w>"
     # every vector starts as the initializer word's embedding
     star = encoder.tokenizer.convert_tokens_to_ids("star</w>")
@@ -79,7 +87,7 @@ def test_only_the_new_rows_train_and_every_other_row_is_bit_identical(encoder):
     assert [p for p in encoder.parameters() if p.requires_grad] == method.parameters()
     weight = encoder.token_embedding.weight
     assert torch.equal(weight[: before.shape[0]], before)  # old rows: untouched, weight decay included
-    assert torch.equal(weight[before.shape[0]:], start)      # the base matrix keeps the initial new rows
+    assert torch.equal(weight[before.shape[0] :], start)  # the base matrix keeps the initial new rows
     assert not torch.equal(method.state_dict()[STATE_KEY], start)
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in frozen.items())
     # disabled(): the placeholder reads its initial rows again; other prompts never change
@@ -101,8 +109,9 @@ def test_random_initialisation_and_merge(encoder):
     assert torch.equal(merged(ids), embedding(ids))
 
 
-@pytest.mark.parametrize(("hidden", "heads", "pad"), [(768, 12, None), (1024, 16, 0)],
-                         ids=["sd1_clip_vit_l", "sd2_openclip"])
+@pytest.mark.parametrize(
+    ("hidden", "heads", "pad"), [(768, 12, None), (1024, 16, 0)], ids=["sd1_clip_vit_l", "sd2_openclip"]
+)
 def test_sd1_and_sd2_text_encoder_layouts(tmp_path, hidden, heads, pad):
     encoder = sd_layout_encoder(tmp_path, hidden, heads, pad)
     fresh = copy.deepcopy(encoder)
@@ -118,7 +127,8 @@ def test_sd1_and_sd2_text_encoder_layouts(tmp_path, hidden, heads, pad):
         apply_embedding(other, path)
 
 
-# -- files -----------------------------------------------------------------------------------------------------
+# -- files ---------------------------------------------------------------------------------------------------
+
 
 def test_three_file_forms_round_trip(tmp_path):
     vectors = torch.randn(3, 64)
@@ -128,8 +138,17 @@ def test_three_file_forms_round_trip(tmp_path):
 
     assert list(load_file(str(a1111))) == ["emb_params"] and list(load_file(str(diffusers))) == ["<star>"]
     pt = tmp_path / "old-star.pt"
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "old-star",
-                "step": 500, "sd_checkpoint": "abc", "sd_checkpoint_name": "model"}, pt)
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": vectors},
+            "name": "old-star",
+            "step": 500,
+            "sd_checkpoint": "abc",
+            "sd_checkpoint_name": "model",
+        },
+        pt,
+    )
     bin_file = tmp_path / "learned_embeds.bin"
     torch.save({"<toy>": vectors[0]}, bin_file)
     for path, token in [(a1111, "<star>"), (diffusers, "<star>"), (pt, "old-star")]:
@@ -169,7 +188,9 @@ def test_pt_needing_more_than_weights_only_is_refused(tmp_path):
 def test_bad_files_give_clear_errors(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    save_file(
+        {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors")
+    )
     with pytest.raises(ValueError, match="SDXL"):
         load_embedding(tmp_path / "xl.safetensors")
     with pytest.raises(FileNotFoundError):
@@ -189,11 +210,14 @@ def test_several_embeddings_work_in_prompts_and_negative_prompts(encoder, tmp_pa
         assert not torch.allclose(encoder(["<a> circle"]), encoder(["<bee> circle"]))
 
 
-# -- training prompts ------------------------------------------------------------------------------------------
+# -- training prompts ----------------------------------------------------------------------------------------
+
 
 def test_placeholder_captions():
     own = PlaceholderCaptions("<star>", "caption", concept_word="star")
-    assert own({"caption": "a red star on a blue background"})["caption"] == "a red <star> on a blue background"
+    assert (
+        own({"caption": "a red star on a blue background"})["caption"] == "a red <star> on a blue background"
+    )
     assert own({"caption": "", "image": 1}) == {"caption": "", "image": 1}  # dropped captions stay empty
     reg = {"caption": "a red circle on a blue background", "is_regularization": True}
     assert own(reg) is reg
@@ -219,18 +243,37 @@ def base_ckpt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("base")
     vae = AutoencoderKL(embed_dim=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32, norm_groups=4)
     torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, tmp / "vae.ckpt")
-    cfg = compose_train(tmp, ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", *TINY_PARTS,
-                              "debug=smoke", "data.train_size=16", "data.val_size=4",
-                              f"model.vae_ckpt={tmp / 'vae.ckpt'}",
-                              "model.log_prompts=[a red circle on a blue background]"])
+    cfg = compose_train(
+        tmp,
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            *TINY_PARTS,
+            "debug=smoke",
+            "data.train_size=16",
+            "data.val_size=4",
+            f"model.vae_ckpt={tmp / 'vae.ckpt'}",
+            "model.log_prompts=[a red circle on a blue background]",
+        ],
+    )
     train(cfg)
     return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
 
 
 def ti_overrides(base: Path, extra=()):
-    return ["experiment=textual_inversion_star", *TINY_PARTS, "debug=smoke", f"model.base={base}",
-            "data.source.train_size=16", "data.source.val_size=4", "data.batch_size=4", "data.cache_dir=null",
-            "model.log_prompts=['a red <star> on a blue background']", *extra]
+    return [
+        "experiment=textual_inversion_star",
+        *TINY_PARTS,
+        "debug=smoke",
+        f"model.base={base}",
+        "data.source.train_size=16",
+        "data.source.val_size=4",
+        "data.batch_size=4",
+        "data.cache_dir=null",
+        "model.log_prompts=['a red <star> on a blue background']",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -250,12 +293,15 @@ def test_experiment_trains_only_the_new_vectors(trained, base_ckpt):
     _, model, run = trained
     base = load_base_model(str(base_ckpt)).text_encoder
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
-        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.vectors"]
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.vectors"
+    ]
     # every row of the base's token embedding, and every other text-encoder weight, is bit-identical
     rows = base.token_embedding.weight.shape[0]
     assert torch.equal(model.text_encoder.token_embedding.weight[:rows], base.token_embedding.weight)
     trained_state = model.text_encoder.state_dict()
-    assert all(torch.equal(v, trained_state[k]) for k, v in base.state_dict().items() if "token_embedding" not in k)
+    assert all(
+        torch.equal(v, trained_state[k]) for k, v in base.state_dict().items() if "token_embedding" not in k
+    )
     # the new vectors moved away from their initialisation (the word "star")
     star = base.tokenizer.convert_tokens_to_ids("star</w>")
     vectors = model.method.state_dict()[STATE_KEY]
@@ -272,8 +318,12 @@ def test_checkpoint_holds_only_the_vectors_and_resume_restores_them(trained, bas
     assert set(ckpt["state_dict"]) == {f"method.{STATE_KEY}", "scale_factor"}
     saved = ckpt["state_dict"][f"method.{STATE_KEY}"]
     assert saved.shape == model.method.state_dict()[STATE_KEY].shape  # last.ckpt may predate the final step
-    resumed = compose_cfg(ti_overrides(base_ckpt, [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-                                                    f"trainer.max_steps={ckpt['global_step']}"]))
+    resumed = compose_cfg(
+        ti_overrides(
+            base_ckpt,
+            [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"trainer.max_steps={ckpt['global_step']}"],
+        )
+    )
     _, objects = train(resumed)  # nothing left to train: the module holds exactly what was restored
     assert objects["trainer"].global_step == ckpt["global_step"]
     assert torch.equal(objects["model"].method.state_dict()[STATE_KEY], saved)
@@ -296,9 +346,24 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     encoder = sampler_model.text_encoder
     ids = encoder.tokenizer.convert_tokens_to_ids(placeholder_tokens("<my-star>", 4))
     torch.testing.assert_close(encoder.token_embedding.weight[ids], loaded.vectors)
-    grid = sample.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--prompt",
-                        "a red <star> on a blue background", "--negative-prompt", "a <star>", "--n", "1",
-                        "--steps", "2", "--out", str(tmp_path / "samples")])
+    grid = sample.main(
+        [
+            "--ckpt",
+            str(base_ckpt),
+            "--embedding",
+            str(exported),
+            "--prompt",
+            "a red <star> on a blue background",
+            "--negative-prompt",
+            "a <star>",
+            "--n",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "samples"),
+        ]
+    )
     assert grid.is_file()
 
 
@@ -308,9 +373,25 @@ def test_fidelity_benchmark_with_an_embedding(trained, base_ckpt, tmp_path):
     _, _, run = trained
     exported = run / "adapters" / "textual_inversion_star.safetensors"
     grid = tmp_path / "before_after.png"
-    results = fidelity.main(["--ckpt", str(base_ckpt), "--embedding", str(exported), "--n", "2",
-                             "--samplers", "dpmpp_2m-20", "--compare-grid", str(grid), "--compare-columns", "2"])
-    assert set(results) == {(s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+embedding")}
+    results = fidelity.main(
+        [
+            "--ckpt",
+            str(base_ckpt),
+            "--embedding",
+            str(exported),
+            "--n",
+            "2",
+            "--samplers",
+            "dpmpp_2m-20",
+            "--compare-grid",
+            str(grid),
+            "--compare-columns",
+            "2",
+        ]
+    )
+    assert set(results) == {
+        (s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+embedding")
+    }
     # prompts without the token: the same images, so the same score
     assert results[("known", "dpmpp_2m-20", "base")] == results[("known", "dpmpp_2m-20", "base+embedding")]
     from PIL import Image
@@ -328,21 +409,38 @@ def test_named_object_demo_trains_the_token_and_is_scored_on_unseen_backgrounds(
     from tests.conftest import compose_train
     from train import train
 
-    cfg = compose_train(tmp_path_factory.mktemp("gem"), [
-        "experiment=textual_inversion", *TINY_PARTS, "debug=smoke", f"model.base={base_ckpt}", "data.batch_size=4",
-        "data.cache_dir=null", "model.log_prompts=['a <gem> on a red background']"])
+    cfg = compose_train(
+        tmp_path_factory.mktemp("gem"),
+        [
+            "experiment=textual_inversion",
+            *TINY_PARTS,
+            "debug=smoke",
+            f"model.base={base_ckpt}",
+            "data.batch_size=4",
+            "data.cache_dir=null",
+            "model.log_prompts=['a <gem> on a red background']",
+        ],
+    )
     _, objects = train(cfg)
     run = Path(cfg.paths.output_dir)
     captions = {objects["datamodule"].instance_sets[0][i]["caption"] for i in range(6)}
-    assert captions == {"a <gem> on a blue background", "a <gem> on a green background", "a <gem> on a black background"}
+    assert captions == {
+        "a <gem> on a blue background",
+        "a <gem> on a green background",
+        "a <gem> on a black background",
+    }
     assert objects["model"].method.state_dict()[STATE_KEY].shape == (2, 64)
     (run / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     grids = tmp_path_factory.mktemp("grids")
-    results = subject_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2",
-                                     "--grid-dir", str(grids)])
-    assert set(results) == {("<gem>", kind, name) for kind in ("subject", "class", "known")
-                            for name in ("base", "textual_inversion")}
+    results = subject_fidelity.main(
+        ["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2", "--grid-dir", str(grids)]
+    )
+    assert set(results) == {
+        ("<gem>", kind, name)
+        for kind in ("subject", "class", "known")
+        for name in ("base", "textual_inversion")
+    }
     assert (grids / "gem_subject_textual_inversion.png").is_file()
     by_background = results[("<gem>", "subject", "textual_inversion")]["by_background"]
     assert by_background == {"red": (by_background["red"][0], 1), "yellow": (by_background["yellow"][0], 1)}

@@ -21,7 +21,8 @@ def test_the_fast_dev_run_base_uses_the_preset():
     unet = tiny_random_base(32).unet
     reference = tiny_unet()
     assert {k: tuple(v.shape) for k, v in unet.state_dict().items()} == {
-        k: tuple(v.shape) for k, v in reference.state_dict().items()}
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
     assert unet.context_dim == TINY_UNET["context_dim"] and unet.model_channels == TINY_UNET["model_channels"]
 
 

@@ -51,7 +51,10 @@ def test_caption_extension_without_dot(tmp_path):
     save(tmp_path / "a.png")
     (tmp_path / "a.caption").write_text("from the caption file")
     (tmp_path / "a.txt").write_text("from the txt file")
-    assert ImageFolderDataset(tmp_path, resolution=16, caption_ext="caption")[0]["caption"] == "from the caption file"
+    assert (
+        ImageFolderDataset(tmp_path, resolution=16, caption_ext="caption")[0]["caption"]
+        == "from the caption file"
+    )
     assert ImageFolderDataset(tmp_path, resolution=16)[0]["caption"] == "from the txt file"
 
 
@@ -79,8 +82,9 @@ def test_tag_augmentation_in_training_not_validation(tmp_path):
     for k in range(3):
         save(tmp_path / f"{k}.png")
         (tmp_path / f"{k}.txt").write_text("trigger, a, b, c, d, e")
-    dm = ImageFolderDataModule(tmp_path, resolution=16, val_size=1, shuffle_tags=True, keep_tags=1,
-                               tag_dropout=0.2)
+    dm = ImageFolderDataModule(
+        tmp_path, resolution=16, val_size=1, shuffle_tags=True, keep_tags=1, tag_dropout=0.2
+    )
     dm.setup()
     train = set()
     for epoch in range(30):  # a new draw each epoch (the sampler calls set_epoch), the same within one

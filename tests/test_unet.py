@@ -344,10 +344,22 @@ def test_attention_projections_are_plain_linear():
     "kwargs",
     [
         TINY,
-        tiny_unet_config(channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(1, 2), num_heads=-1,
-                         num_head_channels=16, context_dim=48, use_linear_in_transformer=True),
-        tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1,), num_heads=2, context_dim=48,
-                         use_scale_shift_norm=True),
+        tiny_unet_config(
+            channel_mult=(1, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(1, 2),
+            num_heads=-1,
+            num_head_channels=16,
+            context_dim=48,
+            use_linear_in_transformer=True,
+        ),
+        tiny_unet_config(
+            channel_mult=(1, 2, 2),
+            attention_resolutions=(1,),
+            num_heads=2,
+            context_dim=48,
+            use_scale_shift_norm=True,
+        ),
     ],
     ids=["tiny", "sd2-style", "attention-top-only"],
 )

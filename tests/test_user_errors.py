@@ -1,6 +1,6 @@
 """One ``error: ...`` line for every user mistake, in every entry point (issue 26, item 7): damaged
-safetensors/checkpoints given to sample.py and convert.py, a checkpoint of another architecture, a config value
-of the wrong type, a full disk, a read-only run folder. ``HYDRA_FULL_ERROR=1`` keeps the traceback."""
+safetensors/checkpoints given to sample.py and convert.py, a checkpoint of another architecture, a config
+value of the wrong type, a full disk, a read-only run folder. ``HYDRA_FULL_ERROR=1`` keeps the traceback."""
 
 from __future__ import annotations
 
@@ -27,8 +27,16 @@ from tests.readme_commands import env
 from tests.test_sample_cli import single_file  # noqa: F401 - pytest fixture (a tiny SD single file)
 from train import train
 
-TINY_VAE = ["experiment=vae", "model/vae=tiny", "debug=smoke", "data.train_size=8", "data.val_size=4",
-            "data.batch_size=4", "logger=none", "callbacks.rich_progress_bar=null"]
+TINY_VAE = [
+    "experiment=vae",
+    "model/vae=tiny",
+    "debug=smoke",
+    "data.train_size=8",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "logger=none",
+    "callbacks.rich_progress_bar=null",
+]
 
 
 def _bytes(path: Path, data: bytes) -> Path:
@@ -46,15 +54,29 @@ def _safetensors(path: Path, header: dict, data: bytes) -> Path:
 DAMAGED = {
     "empty": (lambda p: _bytes(p, b""), "is empty"),
     "text": (lambda p: _bytes(p, b"<html>404 Not Found</html>"), "is a text file"),
-    "truncated": (lambda p: _safetensors(p, {"w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}},
-                                         bytes(100)), "is truncated"),
+    "truncated": (
+        lambda p: _safetensors(
+            p, {"w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, bytes(100)
+        ),
+        "is truncated",
+    ),
     # passes a size check, but the safetensors library refuses it with a SafetensorError that names no file
-    "bad header": (lambda p: _safetensors(p, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
-                                          bytes(8)), "needs 12 bytes but data_offsets [0, 8] give 8"),
-    "unknown dtype": (lambda p: _safetensors(p, {"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}},
-                                             bytes(8)), "unknown dtype 'Q7'"),
-    "metadata not strings": (lambda p: _safetensors(p, {"__metadata__": {"a": 1}, "w": {
-        "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)), "__metadata__ is not a map of strings"),
+    "bad header": (
+        lambda p: _safetensors(p, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+        "needs 12 bytes but data_offsets [0, 8] give 8",
+    ),
+    "unknown dtype": (
+        lambda p: _safetensors(p, {"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)),
+        "unknown dtype 'Q7'",
+    ),
+    "metadata not strings": (
+        lambda p: _safetensors(
+            p,
+            {"__metadata__": {"a": 1}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+            bytes(8),
+        ),
+        "__metadata__ is not a map of strings",
+    ),
 }
 
 
@@ -68,7 +90,7 @@ def one_error_line(capsys, call) -> str:
     return lines[0]
 
 
-# -- damaged files --------------------------------------------------------------------------------------------
+# -- damaged files -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", DAMAGED)
 def test_every_safetensors_reader_names_a_damaged_file(tmp_path, kind):
     from ldm.io.embeddings import load_embedding
@@ -84,8 +106,15 @@ def test_every_safetensors_reader_names_a_damaged_file(tmp_path, kind):
         with open_safetensors(path):
             pass
 
-    readers = [read_checkpoint, read_safetensors, load_safetensors_file, opened, load_embedding, read_hypernetwork,
-               lambda p: load_lora(p, unet=torch.nn.Linear(1, 1))]
+    readers = [
+        read_checkpoint,
+        read_safetensors,
+        load_safetensors_file,
+        opened,
+        load_embedding,
+        read_hypernetwork,
+        lambda p: load_lora(p, unet=torch.nn.Linear(1, 1)),
+    ]
     for read in readers:
         with pytest.raises(DamagedFileError) as info:
             read(bad)
@@ -99,9 +128,27 @@ def test_sample_py_damaged_file_is_one_line(single_file, tmp_path, capsys, flag,
     bad = make(tmp_path / "given.safetensors")
     ckpt = bad if flag == "--ckpt" else single_file
     extra = [] if flag == "--ckpt" else [flag, str(bad)]
-    line = one_error_line(capsys, lambda: run_main(sample.main, [
-        "--ckpt", str(ckpt), "--prompt", "x", "--n", "1", "--steps", "1", "--device", "cpu",
-        "--out", str(tmp_path / "out"), *extra]))
+    line = one_error_line(
+        capsys,
+        lambda: run_main(
+            sample.main,
+            [
+                "--ckpt",
+                str(ckpt),
+                "--prompt",
+                "x",
+                "--n",
+                "1",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "out"),
+                *extra,
+            ],
+        ),
+    )
     assert f"{bad} " in line and expected in line, line
     assert not (tmp_path / "out" / "grid.png").exists()
 
@@ -115,7 +162,9 @@ def test_convert_py_damaged_file_is_one_line(single_file, tmp_path, capsys, flag
     base = bad if flag == "--base" else single_file
     extra = [] if flag == "--base" else [flag, str(bad)]
     out = tmp_path / "out.safetensors"
-    line = one_error_line(capsys, lambda: run_main(convert.main, ["--base", str(base), "--out", str(out), *extra]))
+    line = one_error_line(
+        capsys, lambda: run_main(convert.main, ["--base", str(base), "--out", str(out), *extra])
+    )
     assert f"{bad} " in line and expected in line, line
     assert not out.exists()
 
@@ -123,29 +172,57 @@ def test_convert_py_damaged_file_is_one_line(single_file, tmp_path, capsys, flag
 def test_damaged_ckpt_to_sample_py_is_one_line(tmp_path, capsys):
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"PK\x03\x04 cut off")
-    line = one_error_line(capsys, lambda: run_main(sample.main, ["--ckpt", str(bad), "--prompt", "x",
-                                                                  "--out", str(tmp_path / "out")]))
+    line = one_error_line(
+        capsys,
+        lambda: run_main(sample.main, ["--ckpt", str(bad), "--prompt", "x", "--out", str(tmp_path / "out")]),
+    )
     assert f"{bad} is damaged or truncated" in line
 
 
 @pytest.mark.parametrize("script", ["sample.py", "scripts/convert.py"])
 def test_the_cli_prints_one_line_and_the_full_trace_on_request(tmp_path, script):
     bad = DAMAGED["bad header"][0](tmp_path / "given.safetensors")
-    args = (["--ckpt", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")] if script == "sample.py"
-            else ["--base", str(bad), "--out", str(tmp_path / "o.safetensors")])
-    quiet = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env(), capture_output=True, text=True,
-                           timeout=300, check=False)
+    args = (
+        ["--ckpt", str(bad), "--prompt", "x", "--out", str(tmp_path / "o")]
+        if script == "sample.py"
+        else ["--base", str(bad), "--out", str(tmp_path / "o.safetensors")]
+    )
+    quiet = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
     assert [line for line in quiet.stderr.splitlines() if line.strip()] == [
-        (f"error: {bad} is damaged or not a .safetensors file: tensor 'w' (F32 [3]) needs 12 bytes but "
-         "data_offsets [0, 8] give 8. Re-download or re-export it. (HYDRA_FULL_ERROR=1 for the full trace)")]
-    full = subprocess.run([sys.executable, script, *args], cwd=ROOT, env={**env(), "HYDRA_FULL_ERROR": "1"},
-                          capture_output=True, text=True, timeout=300, check=False)
+        (
+            f"error: {bad} is damaged or not a .safetensors file: tensor 'w' (F32 [3]) needs 12 bytes but "
+            "data_offsets [0, 8] give 8. Re-download or re-export it. (HYDRA_FULL_ERROR=1 for the full trace)"
+        )
+    ]
+    full = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env={**env(), "HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert full.returncode == 1 and "Traceback" in full.stderr and "DamagedFileError" in full.stderr
 
 
-@pytest.mark.parametrize("script", ["sample.py", "scripts/convert.py",
-                                    *sorted(f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py"))])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "sample.py",
+        "scripts/convert.py",
+        *sorted(f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py")),
+    ],
+)
 def test_every_entry_point_runs_main_through_run_main(script):
     """Each script's ``__main__`` is ``run_main(main)``: the one-line behaviour above, not a copy of it."""
     text = (ROOT / script).read_text()
@@ -166,7 +243,7 @@ def test_run_main_leaves_bugs_their_traceback(capsys):
     assert capsys.readouterr().err == ""
 
 
-# -- config values ---------------------------------------------------------------------------------------------
+# -- config values -------------------------------------------------------------------------------------------
 def _train_error(tmp_path, caplog, overrides: list[str]) -> str:
     cfg = compose_train(tmp_path, [*TINY_VAE, *overrides])
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
@@ -177,11 +254,20 @@ def _train_error(tmp_path, caplog, overrides: list[str]) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("trainer.max_steps=abc", "trainer.max_steps=abc is not an integer: lightning.pytorch.trainer.Trainer takes max_steps"),
-    ("model.optimizer.lr=abc", "model.optimizer.lr=abc is not a number: torch.optim.Adam takes lr as a number"),
-    ("+trainer.detect_anomaly=maybe", "trainer.detect_anomaly=maybe is not true or false"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "trainer.max_steps=abc",
+            "trainer.max_steps=abc is not an integer: lightning.pytorch.trainer.Trainer takes max_steps",
+        ),
+        (
+            "model.optimizer.lr=abc",
+            "model.optimizer.lr=abc is not a number: torch.optim.Adam takes lr as a number",
+        ),
+        ("+trainer.detect_anomaly=maybe", "trainer.detect_anomaly=maybe is not true or false"),
+    ],
+)
 def test_config_value_of_the_wrong_type_names_the_key(tmp_path, caplog, override, expected):
     assert expected in _train_error(tmp_path, caplog, [override])
 
@@ -193,12 +279,24 @@ def test_every_experiment_passes_the_value_check(compose_cfg, experiment):
     check_config_values(compose_cfg([f"experiment={experiment}"]))  # no false alarm on our own configs
 
 
-# -- a checkpoint of another architecture ----------------------------------------------------------------------
+# -- a checkpoint of another architecture --------------------------------------------------------------------
 def test_resuming_a_checkpoint_of_another_architecture_is_one_line(embedded_chain, tmp_path, caplog):
     vae_last = next((embedded_chain / "logs" / "vae" / "runs").glob("*/checkpoints/last.ckpt"))
-    cfg = compose_train(tmp_path, ["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "debug=smoke",
-                                   "logger=none", "callbacks.rich_progress_bar=null", "data.train_size=8",
-                                   "data.val_size=4", f"model.vae_ckpt={vae_last}", f"ckpt_path={vae_last}"])
+    cfg = compose_train(
+        tmp_path,
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            "debug=smoke",
+            "logger=none",
+            "callbacks.rich_progress_bar=null",
+            "data.train_size=8",
+            "data.val_size=4",
+            f"model.vae_ckpt={vae_last}",
+            f"ckpt_path={vae_last}",
+        ],
+    )
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit):
         run_task(train, cfg)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -208,13 +306,18 @@ def test_resuming_a_checkpoint_of_another_architecture_is_one_line(embedded_chai
     assert "this run builds LatentDiffusion" in line and "unet" in line and len(line) < 1500, line
 
 
-# -- a full disk, a read-only folder ----------------------------------------------------------------------------
+# -- a full disk, a read-only folder -------------------------------------------------------------------------
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 536576 vs 536468"
 
 
-@pytest.mark.parametrize("raised", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError(TORCH_FULL_DISK),
-                                    RuntimeError("Error while serializing: I/O error: No space left on device "
-                                                 "(os error 28)")])
+@pytest.mark.parametrize(
+    "raised",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(TORCH_FULL_DISK),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+)
 def test_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, raised):
     target = tmp_path / "last.ckpt"
     target.write_bytes(b"previous state")
@@ -225,7 +328,10 @@ def test_full_disk_names_the_file_and_leaves_the_old_one(tmp_path, raised):
 
     with pytest.raises(DiskFullError) as info:
         atomic_write(target, write)
-    assert str(info.value).startswith(f"cannot write {target}: the disk is full") and info.value.errno == errno.ENOSPC
+    assert (
+        str(info.value).startswith(f"cannot write {target}: the disk is full")
+        and info.value.errno == errno.ENOSPC
+    )
     assert target.read_bytes() == b"previous state"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
 
@@ -234,12 +340,18 @@ def test_full_disk_for_real_on_a_tiny_tmpfs(tmp_path):
     """torch.save and safetensors on a 64 KiB tmpfs (where this machine lets us mount one)."""
     folder = tmp_path / "tiny"
     folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                                           capture_output=True, check=False).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True, check=False
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here (the monkeypatched cases above cover the messages)")
     try:
-        for write in (lambda p: atomic_write(p, lambda tmp: torch.save({"w": torch.zeros(100_000)}, tmp)),
-                      lambda p: atomic_save_safetensors({"w": torch.zeros(100_000)}, p)):
+        for write in (
+            lambda p: atomic_write(p, lambda tmp: torch.save({"w": torch.zeros(100_000)}, tmp)),
+            lambda p: atomic_save_safetensors({"w": torch.zeros(100_000)}, p),
+        ):
             with pytest.raises(DiskFullError, match=f"cannot write {folder / 'x'}: the disk is full"):
                 write(folder / "x")
             assert list(folder.iterdir()) == []
@@ -281,8 +393,9 @@ def read_only(folder: Path, monkeypatch) -> None:
 
 def test_read_only_folder_names_the_file(tmp_path, monkeypatch):
     read_only(tmp_path / "ro", monkeypatch)
-    with pytest.raises(PermissionError, match=f"cannot write {tmp_path / 'ro' / 'a.txt'}: its folder .* is not "
-                       "writable"):
+    with pytest.raises(
+        PermissionError, match=f"cannot write {tmp_path / 'ro' / 'a.txt'}: its folder .* is not writable"
+    ):
         atomic_write(tmp_path / "ro" / "a.txt", lambda tmp: Path(tmp).write_text("x"))
 
 
@@ -295,4 +408,6 @@ def test_read_only_run_folder_is_one_line(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.ERROR), pytest.raises(SystemExit):
         train_module.main(cfg)  # hydra.main with a config given calls the task function directly
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "config_tree.log: its folder" in errors[0] and "not writable" in errors[0], errors
+    assert len(errors) == 1 and "config_tree.log: its folder" in errors[0] and "not writable" in errors[0], (
+        errors
+    )

@@ -90,10 +90,14 @@ def killed_write(target) -> None:
     import subprocess
     import sys
 
-    code = ("import os, sys; from ldm.utils.files import atomic_write\n"
-            "def write(tmp):\n    open(tmp, 'wb').write(b'x' * 4096); os._exit(9)\n"
-            "atomic_write(sys.argv[1], write)")
-    result = subprocess.run([sys.executable, "-c", code, str(target)], check=False, cwd=Path(__file__).parents[1])
+    code = (
+        "import os, sys; from ldm.utils.files import atomic_write\n"
+        "def write(tmp):\n    open(tmp, 'wb').write(b'x' * 4096); os._exit(9)\n"
+        "atomic_write(sys.argv[1], write)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(target)], check=False, cwd=Path(__file__).parents[1]
+    )
     assert result.returncode == 9
 
 
@@ -143,8 +147,16 @@ def test_train_removes_its_run_folders_stale_temp_files_at_start_and_resume(comp
     stale = sorted(old_run.rglob("*.tmp"))
     assert len(stale) == 2
 
-    cfg = compose_cfg(["experiment=vae", "model/vae=tiny", "logger=none", "train=false",
-                       f"ckpt_path={old_run / 'checkpoints' / 'last.ckpt'}"], output_name="new")
+    cfg = compose_cfg(
+        [
+            "experiment=vae",
+            "model/vae=tiny",
+            "logger=none",
+            "train=false",
+            f"ckpt_path={old_run / 'checkpoints' / 'last.ckpt'}",
+        ],
+        output_name="new",
+    )
     new_run = Path(cfg.paths.output_dir)
     killed_write(new_run / "images" / "grid.png")  # e.g. a run folder reused with hydra.run.dir=
     with caplog.at_level(logging.INFO):

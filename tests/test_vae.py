@@ -12,8 +12,15 @@ from ldm.modules.vae import AutoencoderKL
 
 
 def tiny_vae(ch_mult=(1, 2, 2), embed_dim=4, resolution=32):
-    return AutoencoderKL(embed_dim=embed_dim, ch=8, ch_mult=ch_mult, num_res_blocks=1, resolution=resolution,
-                         norm_groups=4, attn_resolutions=(resolution // 4,))
+    return AutoencoderKL(
+        embed_dim=embed_dim,
+        ch=8,
+        ch_mult=ch_mult,
+        num_res_blocks=1,
+        resolution=resolution,
+        norm_groups=4,
+        attn_resolutions=(resolution // 4,),
+    )
 
 
 def test_kl_closed_form_matches_monte_carlo():
@@ -105,9 +112,17 @@ def _module(**kw):
 
 
 def _trainer(steps):
-    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=1, check_val_every_n_epoch=1)
+    return L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        check_val_every_n_epoch=1,
+    )
 
 
 def test_training_reduces_reconstruction_loss():
@@ -126,8 +141,9 @@ def test_training_reduces_reconstruction_loss():
 def test_gan_path_updates_discriminator_with_manual_optimisation():
     torch.manual_seed(0)
     disc = PatchDiscriminator(ndf=8, n_layers=2)
-    module = _module(discriminator=disc,
-                     disc_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), disc_start=0)
+    module = _module(
+        discriminator=disc, disc_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), disc_start=0
+    )
     before = [p.detach().clone() for p in disc.parameters()]
     _trainer(4).fit(module, datamodule=_Loader())
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters()))
@@ -177,7 +193,9 @@ def test_lpips_from_local_files(tmp_path):
     assert not any(p.requires_grad for p in lpips.parameters())
     module = _module(lpips=lpips, perceptual_weight=1.0)
     batch = _batch()
-    loss, _, _ = module._generator_loss(batch["image"], batch["image"].flip(-1), module.vae.encode(batch["image"]))
+    loss, _, _ = module._generator_loss(
+        batch["image"], batch["image"].flip(-1), module.vae.encode(batch["image"])
+    )
     assert torch.isfinite(loss)
     with pytest.raises(FileNotFoundError, match="perceptual_weight=0"):
         LPIPS.from_files(tmp_path / "missing.pth", tmp_path / "vgg.pth")

@@ -23,11 +23,11 @@ TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 class TimestepConvention:
     """How ``steps`` sampling steps map to training timesteps (diffusers' ``scheduler_config.json`` keys).
 
-    ``spacing``: ``"leading"`` ``i * (T // steps)`` (+ offset), ``"trailing"`` ``round(T - i * T / steps) - 1``
-    (starts at T-1), ``"linspace"`` ``linspace(0, T-1, steps)`` (Lin et al. 2023, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", table 2). ``steps_offset``: added to leading timesteps
-    (SD v1 / CompVis: 1). ``set_alpha_to_one``: DDIM's last step goes to ``abar = 1`` (clean data) rather
-    than to ``abar_0`` (CompVis and SD v1 configs: ``False``).
+    ``spacing``: ``"leading"`` ``i * (T // steps)`` (+ offset), ``"trailing"``
+    ``round(T - i * T / steps) - 1`` (starts at T-1), ``"linspace"`` ``linspace(0, T-1, steps)`` (Lin et al.
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2). ``steps_offset``: added
+    to leading timesteps (SD v1 / CompVis: 1). ``set_alpha_to_one``: DDIM's last step goes to ``abar = 1``
+    (clean data) rather than to ``abar_0`` (CompVis and SD v1 configs: ``False``).
     """
 
     spacing: str = "trailing"
@@ -43,8 +43,11 @@ class TimestepConvention:
     def as_config(self) -> dict:
         """The ``DiffusionSchedule.from_config`` keys: timestep_spacing, steps_offset, set_alpha_to_one."""
         values = asdict(self)
-        return {"timestep_spacing": values["spacing"], "steps_offset": int(values["steps_offset"]),
-                "set_alpha_to_one": bool(values["set_alpha_to_one"])}
+        return {
+            "timestep_spacing": values["spacing"],
+            "steps_offset": int(values["steps_offset"]),
+            "set_alpha_to_one": bool(values["set_alpha_to_one"]),
+        }
 
     def replace(self, spacing=None, steps_offset=None, set_alpha_to_one=None) -> TimestepConvention:
         """A copy with the given (non-None) fields replaced."""
@@ -62,8 +65,13 @@ SD_CONVENTION = TimestepConvention("leading", 1, False)
 ``scheduler_config.json`` of the released diffusers folders and what AUTOMATIC1111's DDIM does."""
 
 
-def spaced_timesteps(num_train_timesteps: int, steps: int, convention: TimestepConvention,
-                     extra_point: bool = False, integer: bool = True) -> list[float]:
+def spaced_timesteps(
+    num_train_timesteps: int,
+    steps: int,
+    convention: TimestepConvention,
+    extra_point: bool = False,
+    integer: bool = True,
+) -> list[float]:
     """``steps`` descending timesteps in ``[0, T-1]``.
 
     ``extra_point``: space ``steps + 1`` points and drop the lowest (diffusers' DPM-Solver family, which
@@ -87,11 +95,15 @@ def spaced_timesteps(num_train_timesteps: int, steps: int, convention: TimestepC
     if integer:
         ts = [float(round(t)) for t in ts]
     if max(ts) > T - 1 + 1e-6:
-        raise ValueError(f"steps_offset {convention.steps_offset} pushes timestep {max(ts):g} past T-1 = {T - 1}")
+        raise ValueError(
+            f"steps_offset {convention.steps_offset} pushes timestep {max(ts):g} past T-1 = {T - 1}"
+        )
     return [min(t, T - 1.0) for t in ts]
 
 
-def make_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trailing", steps_offset: int = 0) -> list[int]:
+def make_timesteps(
+    num_train_timesteps: int, steps: int, spacing: str = "trailing", steps_offset: int = 0
+) -> list[int]:
     """Integer timesteps of ``spaced_timesteps`` (DDPM/DDIM)."""
     convention = TimestepConvention(spacing, steps_offset)
     return [int(t) for t in spaced_timesteps(num_train_timesteps, steps, convention)]
@@ -151,8 +163,15 @@ class SigmaGrid:
         return sigma_to_timestep(self.table, sigma)
 
 
-def sigma_grid(alphas_cumprod: Tensor, steps: int, convention: TimestepConvention, karras: bool = False,
-               extra_point: bool = False, integer: bool = True, rho: float = 7.0) -> SigmaGrid:
+def sigma_grid(
+    alphas_cumprod: Tensor,
+    steps: int,
+    convention: TimestepConvention,
+    karras: bool = False,
+    extra_point: bool = False,
+    integer: bool = True,
+    rho: float = 7.0,
+) -> SigmaGrid:
     """The sigmas of a run: sigma at the spaced timesteps (interpolated for fractional ones), or Karras
     sigmas spanning the whole table (k-diffusion's and diffusers' DPM-Solver range) with the model given
     the matching timestep (rounded when ``integer``); then a final 0."""

@@ -33,8 +33,9 @@ def randn(
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None,
-                 draw=None) -> Tensor:
+def sample_noise(
+    x0: Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None, draw=None
+) -> Tensor:
     """eps ~ N(0, I) like ``x0``; with ``offset_noise > 0`` adds ``offset * N(0, 1)`` of shape
     ``[B, C, 1, 1]`` (one shift per sample and channel, broadcast over space), which lets the
     model change the mean brightness of an image (Guttenberg 2023, "Diffusion with Offset Noise").
@@ -57,16 +58,24 @@ class DiffusionLoss:
     with ``reduction="mean"``, the weighted ``[B]`` with ``"none"``.
     """
 
-    def __init__(self, parameterization: str | Parameterization = "eps",
-                 weighting: LossWeighting | None = None):
+    def __init__(
+        self, parameterization: str | Parameterization = "eps", weighting: LossWeighting | None = None
+    ):
         self.parameterization = as_parameterization(parameterization)
         self.weighting = weighting if weighting is not None else PlainWeighting()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.parameterization!r}, {self.weighting!r})"
 
-    def __call__(self, output: Tensor, x0: Tensor, noise: Tensor, t: Tensor, schedule: DiffusionSchedule,
-                 reduction: str = "mean") -> Tensor:
+    def __call__(
+        self,
+        output: Tensor,
+        x0: Tensor,
+        noise: Tensor,
+        t: Tensor,
+        schedule: DiffusionSchedule,
+        reduction: str = "mean",
+    ) -> Tensor:
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         target = self.parameterization.target(x0, noise, t, schedule)
@@ -78,8 +87,9 @@ class DiffusionLoss:
         return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def build_loss(parameterization: str | Parameterization = "eps",
-               min_snr_gamma: float | None = None) -> DiffusionLoss:
+def build_loss(
+    parameterization: str | Parameterization = "eps", min_snr_gamma: float | None = None
+) -> DiffusionLoss:
     """The loss that ``model.parameterization`` and ``model.min_snr_gamma`` (or ``model/loss=...``) name:
     ``min_snr_gamma=None`` is the plain MSE, a number Min-SNR-gamma. The one place those keys become
     objects."""
@@ -87,13 +97,18 @@ def build_loss(parameterization: str | Parameterization = "eps",
     return DiffusionLoss(parameterization, weighting)
 
 
-def prior_preservation_loss(per_sample: Tensor, is_regularization: Tensor, prior_loss_weight: float) -> Tensor:
+def prior_preservation_loss(
+    per_sample: Tensor, is_regularization: Tensor, prior_loss_weight: float
+) -> Tensor:
     """DreamBooth's objective (Ruiz et al. 2022, eq. 2): mean loss over instance items plus
     ``prior_loss_weight`` x mean loss over class (prior-preservation) items; ``is_regularization`` is a bool
-    ``[B]`` (the batch key of that name). A batch without one of the two kinds contributes only the other term."""
+    ``[B]`` (the batch key of that name). A batch without one of the two kinds contributes only the other
+    term."""
     is_regularization = is_regularization.to(device=per_sample.device, dtype=torch.bool).reshape(-1)
     if is_regularization.shape[0] != per_sample.shape[0]:
-        raise ValueError(f"is_regularization has {is_regularization.shape[0]} flags for {per_sample.shape[0]} losses")
+        raise ValueError(
+            f"is_regularization has {is_regularization.shape[0]} flags for {per_sample.shape[0]} losses"
+        )
     zero = per_sample.sum() * 0.0
     instance = per_sample[~is_regularization].mean() if (~is_regularization).any() else zero
     prior = per_sample[is_regularization].mean() if is_regularization.any() else zero

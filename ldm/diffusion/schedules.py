@@ -173,7 +173,8 @@ class DiffusionSchedule:
 
     def coefficients(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(sqrt(abar_t), sqrt(1 - abar_t))`` shaped to broadcast with ``x``: ``x_t = a x0 + s eps``; the
-        parameterisations (``ldm.diffusion.parameterization``) write their targets and conversions with them."""
+        parameterisations (``ldm.diffusion.parameterization``) write their targets and conversions with
+        them."""
         return self._gather("sqrt_alphas_cumprod", t, x), self._gather("sqrt_one_minus_alphas_cumprod", t, x)
 
     def snr(self, t: Tensor) -> Tensor:

@@ -36,7 +36,11 @@ def open_clip_bpe_path() -> Path | None:
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (CLIP's first 256 tokens, in this order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for byte in range(256):
@@ -47,9 +51,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def clip_tokenizer_from_bpe(bpe_path: str | Path, max_length: int = 77, pad_token: str | None = None) -> CLIPTokenizer:
+def clip_tokenizer_from_bpe(
+    bpe_path: str | Path, max_length: int = 77, pad_token: str | None = None
+) -> CLIPTokenizer:
     """A ``CLIPTokenizer`` from CLIP's gzipped merges file: vocab.json and merges.txt are written once to the
-    cache (keyed by the file's content). ``pad_token``: SD 2.x pads with ``"!"``; v1 with ``<|endoftext|>``."""
+    cache (keyed by the file's content). ``pad_token``: SD 2.x pads with ``"!"``; v1 with
+    ``<|endoftext|>``."""
     raw = Path(bpe_path).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")[1 : N_MERGES + 1]
     if len(lines) != N_MERGES:
@@ -58,7 +65,13 @@ def clip_tokenizer_from_bpe(bpe_path: str | Path, max_length: int = 77, pad_toke
     merged = ["".join(line.split()) for line in lines]
     vocab = [*base, *(token + "</w>" for token in base), *merged, "<|startoftext|>", "<|endoftext|>"]
     folder = cache_dir("clip-bpe", hashlib.sha256(raw).hexdigest()[:16])
-    atomic_write_text(folder / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}), only_if_changed=True)
-    atomic_write_text(folder / "merges.txt", "\n".join(["#version: 0.2", *lines]) + "\n", only_if_changed=True)
+    atomic_write_text(
+        folder / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}), only_if_changed=True
+    )
+    atomic_write_text(
+        folder / "merges.txt", "\n".join(["#version: 0.2", *lines]) + "\n", only_if_changed=True
+    )
     options = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length, local_files_only=True, **options)
+    return CLIPTokenizer.from_pretrained(
+        str(folder), model_max_length=max_length, local_files_only=True, **options
+    )

@@ -106,8 +106,12 @@ def describe_text_encoder(text_encoder: CLIPTextEncoder) -> dict[str, Any]:
 def describe_schedule(schedule: DiffusionSchedule) -> dict[str, Any]:
     """A ``DiffusionSchedule.from_config`` dict when ``schedule`` is a standard one, else its betas."""
     for kind in ("scaled_linear", "linear"):
-        config = {**SD_SCHEDULE, "kind": kind, "num_timesteps": schedule.num_timesteps,
-                  **schedule.convention.as_config()}
+        config = {
+            **SD_SCHEDULE,
+            "kind": kind,
+            "num_timesteps": schedule.num_timesteps,
+            **schedule.convention.as_config(),
+        }
         if torch.allclose(
             DiffusionSchedule.from_config(**config).betas, schedule.betas, rtol=1e-6, atol=1e-9
         ):

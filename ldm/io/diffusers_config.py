@@ -147,7 +147,8 @@ def _label_embedding_from_diffusers(config: Mapping[str, Any]) -> dict:
         return {}
     if kind != "text_time":
         raise ValueError(
-            f"UNet config has addition_embed_type={kind!r}; only None (SD v1/v2) and 'text_time' (SDXL) are supported"
+            f"UNet config has addition_embed_type={kind!r}; only None (SD v1/v2) and 'text_time' (SDXL) are "
+            "supported"
         )
     if not config.get("projection_class_embeddings_input_dim"):
         raise ValueError(
@@ -226,7 +227,9 @@ def timestep_convention_from_diffusers(config: Mapping[str, Any]) -> dict[str, A
     return {
         "timestep_spacing": str(config.get("timestep_spacing", "leading")),
         "steps_offset": int(config.get("steps_offset", 0)),
-        "set_alpha_to_one": bool(config.get("set_alpha_to_one", config.get("_class_name") != "PNDMScheduler")),
+        "set_alpha_to_one": bool(
+            config.get("set_alpha_to_one", config.get("_class_name") != "PNDMScheduler")
+        ),
     }
 
 

@@ -10,9 +10,10 @@ UNet: LDM ``input_blocks`` = ``conv_in``, then per level ``num_res_blocks`` bloc
 ``output_blocks`` = per level ``num_res_blocks + 1`` blocks, the last one ending in an Upsample;
 ``middle_block`` = (ResBlock, SpatialTransformer, ResBlock) = ``mid_block.resnets.0/attentions.0/resnets.1``.
 A level without attention (diffusers' ``DownBlock2D``/``UpBlock2D``; SDXL's first) has blocks of a ResBlock
-only, so its Upsample sits at position 1 instead of 2. SDXL's ``label_emb.0.0/0.2`` = ``add_embedding.linear_1/2``.
-Transformer internals (``transformer_blocks.*``, ``norm``, ``proj_in``, ``proj_out``) share their names, and
-tensors pass through unchanged (SD v1 1x1-conv and SD 2.x linear ``proj_in/out`` agree in both layouts).
+only, so its Upsample sits at position 1 instead of 2. SDXL's ``label_emb.0.0/0.2`` =
+``add_embedding.linear_1/2``. Transformer internals (``transformer_blocks.*``, ``norm``, ``proj_in``,
+``proj_out``) share their names, and tensors pass through unchanged (SD v1 1x1-conv and SD 2.x linear
+``proj_in/out`` agree in both layouts).
 """
 
 from __future__ import annotations

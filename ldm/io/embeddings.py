@@ -27,8 +27,14 @@ import torch
 from ldm.io.safe_load import load_safetensors_file, open_safetensors, safe_torch_load
 from ldm.utils.files import atomic_save_safetensors
 
-__all__ = ["EMBEDDING_FORMATS", "LoadedEmbedding", "apply_embedding", "load_embedding", "parse_embedding_spec",
-           "save_embedding"]
+__all__ = [
+    "EMBEDDING_FORMATS",
+    "LoadedEmbedding",
+    "apply_embedding",
+    "load_embedding",
+    "parse_embedding_spec",
+    "save_embedding",
+]
 
 EMBEDDING_FORMATS = ("a1111", "diffusers")
 A1111_KEY = "emb_params"
@@ -37,14 +43,20 @@ PLACEHOLDER_METADATA_KEY = "ldm_placeholder"
 
 @dataclass(frozen=True)
 class LoadedEmbedding:
-    token: str             # the placeholder to write in prompts
+    token: str  # the placeholder to write in prompts
     vectors: torch.Tensor  # float32 [n, dim]
-    source: str            # file it came from
+    source: str  # file it came from
 
 
-def save_embedding(path: str | os.PathLike, vectors: torch.Tensor, token: str, fmt: str = "a1111",
-                   metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``vectors`` [n, dim] (or [dim]) for ``token`` atomically as a ``.safetensors`` file; returns its path."""
+def save_embedding(
+    path: str | os.PathLike,
+    vectors: torch.Tensor,
+    token: str,
+    fmt: str = "a1111",
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``vectors`` [n, dim] (or [dim]) for ``token`` atomically as a ``.safetensors`` file; returns its
+    path."""
     if fmt not in EMBEDDING_FORMATS:
         raise ValueError(f"embedding format must be one of {EMBEDDING_FORMATS}, got {fmt!r}")
     path = Path(path)
@@ -59,7 +71,8 @@ def save_embedding(path: str | os.PathLike, vectors: torch.Tensor, token: str, f
 
 def load_embedding(path: str | os.PathLike, token: str | None = None) -> LoadedEmbedding:
     """Read an embedding in any form above. ``token`` overrides the placeholder; otherwise it is the diffusers
-    key, the ``ldm_placeholder`` metadata, the A1111 ``.pt`` ``name``, or the file name (AUTOMATIC1111's rule)."""
+    key, the ``ldm_placeholder`` metadata, the A1111 ``.pt`` ``name``, or the file name (AUTOMATIC1111's
+    rule)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
@@ -93,8 +106,11 @@ def _from_pickle(payload: Any, path: Path) -> tuple[str, torch.Tensor, str]:
 def _pick_tensor(tensors: Mapping[str, Any], source: str) -> tuple[str, torch.Tensor]:
     found = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     if len(found) != 1:
-        hint = (" (an SDXL embedding with clip_l/clip_g parts: this project's text encoders take one)"
-                if {"clip_l", "clip_g"} <= set(found) else "")
+        hint = (
+            " (an SDXL embedding with clip_l/clip_g parts: this project's text encoders take one)"
+            if {"clip_l", "clip_g"} <= set(found)
+            else ""
+        )
         raise ValueError(f"{source}: expected one embedding tensor, found keys {sorted(found)[:6]}{hint}")
     return next(iter(found.items()))
 

@@ -57,9 +57,27 @@ def check_torch_file(path: str | os.PathLike) -> None:
 
 
 # bytes per element of the dtypes the safetensors format defines
-_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F8_E4M3FNUZ": 1,
-                         "F8_E5M2FNUZ": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4,
-                         "U64": 8, "I64": 8, "F64": 8, "C64": 8}
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+    "C64": 8,
+}
 _SUB_BYTE = ("F4", "F6_E2M3", "F6_E3M2")
 
 
@@ -72,8 +90,12 @@ def _entry_problem(name: str, entry: object) -> str:
         return f"tensor {name!r} has the unknown dtype {dtype!r}"
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         return f"tensor {name!r} has the invalid shape {shape!r}"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         return f"tensor {name!r} has the invalid data_offsets {offsets!r}"
     if dtype in _SUB_BYTE:
         return ""  # packed: the library checks their size
@@ -81,8 +103,10 @@ def _entry_problem(name: str, entry: object) -> str:
     for d in shape:
         count *= d
     if count * _SAFETENSORS_ITEMSIZE[dtype] != offsets[1] - offsets[0]:
-        return (f"tensor {name!r} ({dtype} {shape}) needs {count * _SAFETENSORS_ITEMSIZE[dtype]} bytes but "
-                f"data_offsets {offsets} give {offsets[1] - offsets[0]}")
+        return (
+            f"tensor {name!r} ({dtype} {shape}) needs {count * _SAFETENSORS_ITEMSIZE[dtype]} bytes but "
+            f"data_offsets {offsets} give {offsets[1] - offsets[0]}"
+        )
     return ""
 
 
@@ -118,16 +142,22 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         entries = None
     if not isinstance(entries, dict):
-        kind = ("empty" if size == 0 else "a text file" if _looks_like_text(prefix)
-                else "damaged or not a .safetensors file")
+        kind = (
+            "empty"
+            if size == 0
+            else "a text file"
+            if _looks_like_text(prefix)
+            else "damaged or not a .safetensors file"
+        )
         raise DamagedFileError(
             f"{path} is {kind} ({size} bytes): its safetensors header is unreadable. Check the "
             "path, or re-download / re-export the file."
         )
     problem = _header_problem(entries)
     if problem:
-        raise DamagedFileError(f"{path} is damaged or not a .safetensors file: {problem}. Re-download or "
-                               "re-export it.")
+        raise DamagedFileError(
+            f"{path} is damaged or not a .safetensors file: {problem}. Re-download or re-export it."
+        )
     ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"]
     if 8 + header_len + max(ends, default=0) > size:
         raise DamagedFileError(

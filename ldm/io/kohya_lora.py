@@ -170,8 +170,8 @@ def _group_entries(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str
         groups.setdefault(name, {})[_SUFFIXES[suffix]] = value
     if unsupported:
         raise ValueError(
-            f"{source}: {len(unsupported)} tensors are not plain LoRA (lora_down.weight / lora_up.weight / alpha), "
-            f"e.g. {unsupported[:5]}; LyCORIS (LoHa/LoKr), DoRA and full-diff files are not supported"
+            f"{source}: {len(unsupported)} tensors are not plain LoRA (lora_down.weight / lora_up.weight / "
+            f"alpha), e.g. {unsupported[:5]}; LyCORIS (LoHa/LoKr), DoRA and full-diff files are not supported"
         )
     incomplete = [n for n, g in groups.items() if "down" not in g or "up" not in g]
     if incomplete:

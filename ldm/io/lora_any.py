@@ -20,7 +20,8 @@ _PEFT_KEY = re.compile(r"(unet|text_encoder)\..+\.lora_[AB]\.weight")
 
 def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
     """``"kohya"`` (``lora_unet_*`` / ``lora_te_*``) or ``"peft"`` (``unet.*`` / ``text_encoder.*`` ending in
-    ``.lora_A.weight`` / ``.lora_B.weight``); anything else raises ``ValueError`` saying what it looks like."""
+    ``.lora_A.weight`` / ``.lora_B.weight``); anything else raises ``ValueError`` saying what it looks
+    like."""
     keys = list(keys)
     if not keys:
         raise ValueError(f"{source}: no tensors")
@@ -29,7 +30,9 @@ def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
     if all(_PEFT_KEY.fullmatch(k) for k in keys):
         return "peft"
     hints = {
-        "base_model.model.": "a raw PEFT adapter (save it with diffusers' save_lora_weights, or prefix unet.)",
+        "base_model.model.": (
+            "a raw PEFT adapter (save it with diffusers' save_lora_weights, or prefix unet.)"
+        ),
         ".lora.down.weight": "diffusers' pre-PEFT attention-processor LoRA",
         "lora_te2_": "an SDXL LoRA (SD v1/v2 only)",
         "hada_": "a LyCORIS LoHa (LoRA only)",
@@ -38,13 +41,20 @@ def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
     seen = next((what for marker, what in hints.items() if any(marker in k for k in keys)), None)
     raise ValueError(
         f"{source}: neither a kohya LoRA (lora_unet_* / lora_te_*) nor a diffusers/PEFT LoRA (unet.* / "
-        f"text_encoder.* ... .lora_A/.lora_B.weight)" + (f"; it looks like {seen}" if seen else "")
+        f"text_encoder.* ... .lora_A/.lora_B.weight)"
+        + (f"; it looks like {seen}" if seen else "")
         + f"; first keys: {keys[:3]}"
     )
 
 
-def load_lora(path: str | os.PathLike, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
-              multiplier: float = 1.0, merge: bool = False, **kwargs: Any) -> dict[str, Any]:
+def load_lora(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    multiplier: float = 1.0,
+    merge: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Load a kohya or diffusers/PEFT LoRA ``.safetensors`` (detected from its keys); the summary of
     ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``."""
     with open_safetensors(path) as handle:

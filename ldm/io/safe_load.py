@@ -117,7 +117,9 @@ def unwrap_state_dict(payload: Any, source: str) -> dict[str, torch.Tensor]:
 
 
 def _named(path: str | os.PathLike, error: Exception) -> DamagedFileError:
-    return DamagedFileError(f"{path} is damaged or not a .safetensors file ({error}). Re-download or re-export it.")
+    return DamagedFileError(
+        f"{path} is damaged or not a .safetensors file ({error}). Re-download or re-export it."
+    )
 
 
 @contextmanager
@@ -136,7 +138,8 @@ def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
 
 
 def load_safetensors_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file(path)``, checked first; errors name ``path`` (see :func:`open_safetensors`)."""
+    """``safetensors.torch.load_file(path)``, checked first; errors name ``path`` (see
+    :func:`open_safetensors`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -3,7 +3,8 @@ target dtype as it arrives.
 
 Why not ``safetensors.torch.load_file``: it memory-maps the file, and every page it touches counts toward the
 process's resident memory until the map closes, so loading an fp16 file into fp32 modules peaks at file size +
-fp32 weights. Here the file's bytes are read into one scratch buffer, one tensor at a time, and converted from there, so the peak is the converted weights plus the largest tensor of the file.
+fp32 weights. Here the file's bytes are read into one scratch buffer, one tensor at a time, and converted
+from there, so the peak is the converted weights plus the largest tensor of the file.
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ from ldm.io.file_checks import DamagedFileError, check_safetensors_file
 __all__ = ["read_safetensors", "safetensors_header"]
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -42,7 +52,9 @@ def _read_exactly(handle, buffer: memoryview, path: str | os.PathLike) -> None:
     while done < len(buffer):
         count = handle.readinto(buffer[done:])
         if not count:
-            raise DamagedFileError(f"{path}: the file ended while reading its tensors (truncated while loading?)")
+            raise DamagedFileError(
+                f"{path}: the file ended while reading its tensors (truncated while loading?)"
+            )
         done += count
 
 
@@ -57,8 +69,10 @@ def read_safetensors(
     names = sorted(entries, key=lambda n: entries[n]["data_offsets"][0])
     for name in names:
         if entries[name]["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {entries[name]['dtype']}, which this reader does "
-                             f"not know ({', '.join(SAFETENSORS_DTYPES)}); convert the file to fp16/fp32")
+            raise ValueError(
+                f"{path}: tensor {name!r} has dtype {entries[name]['dtype']}, which this reader does "
+                f"not know ({', '.join(SAFETENSORS_DTYPES)}); convert the file to fp16/fp32"
+            )
 
     def converts(name: str) -> bool:
         stored = SAFETENSORS_DTYPES[entries[name]["dtype"]]

@@ -52,8 +52,13 @@ _SD_VAE = {
 
 
 # SD files are sampled with CompVis' / AUTOMATIC1111's / the released diffusers configs' timestep conventions
-SD_SCHEDULE = {"kind": "scaled_linear", "num_timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012,
-               **SD_CONVENTION.as_config()}
+SD_SCHEDULE = {
+    "kind": "scaled_linear",
+    "num_timesteps": 1000,
+    "linear_start": 0.00085,
+    "linear_end": 0.012,
+    **SD_CONVENTION.as_config(),
+}
 
 
 # Architecture + diffusion settings of the released models. "text_encoder" is a CLIPTextConfig dict.

@@ -95,8 +95,10 @@ def resolve_tokenizer(
         return _check_tokenizer(_tokenizer_from_files(embedded), vocab_size, "the file's metadata")
     loaded, reason = released_tokenizer(version, vocab_size, max_length)
     if loaded is None:
-        log.warning(f"no tokenizer for this checkpoint: {reason}. {TOKENIZER_HINT}; without one only token ids "
-                    "can be encoded.")
+        log.warning(
+            f"no tokenizer for this checkpoint: {reason}. {TOKENIZER_HINT}; without one only token ids "
+            "can be encoded."
+        )
     return loaded
 
 
@@ -106,7 +108,9 @@ TOKENIZER_HINT = (
 )
 
 
-def released_tokenizer(version: str, vocab_size: int, max_length: int = 77) -> tuple[CLIPTokenizer | None, str]:
+def released_tokenizer(
+    version: str, vocab_size: int, max_length: int = 77
+) -> tuple[CLIPTokenizer | None, str]:
     """(CLIP's tokenizer, "") for a file that embeds none: the released one from the Hugging Face cache (hub
     when online), else one built from ``open_clip_torch``'s BPE file; else (None, why not)."""
     if vocab_size != STANDARD_CLIP_VOCAB:
@@ -138,8 +142,17 @@ def single_file_tokenizer(path: str | os.PathLike, max_length: int = 77) -> CLIP
         if any(k.startswith(TOKENIZER_METADATA_PREFIX) for k in metadata):
             return None
         keys = set(handle.keys())
-        embedding = next((k for k in (CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
-                                      OPENCLIP_PREFIX + "token_embedding.weight") if k in keys), None)
+        embedding = next(
+            (
+                k
+                for k in (
+                    CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
+                    OPENCLIP_PREFIX + "token_embedding.weight",
+                )
+                if k in keys
+            ),
+            None,
+        )
         if embedding is None:
             return None
         vocab_size = handle.get_slice(embedding).get_shape()[0]

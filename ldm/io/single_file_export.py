@@ -146,7 +146,9 @@ def _text_encoder_tensors(
     return tensors
 
 
-def _schedule_tensors(schedule: DiffusionSchedule | None, parameterization: str | Parameterization) -> dict[str, torch.Tensor]:
+def _schedule_tensors(
+    schedule: DiffusionSchedule | None, parameterization: str | Parameterization
+) -> dict[str, torch.Tensor]:
     tensors = {}
     if schedule is not None:
         tensors["betas"] = schedule.betas.float()

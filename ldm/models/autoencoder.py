@@ -37,14 +37,17 @@ class AutoencoderModule(L.LightningModule):
         grad_clip: float | None = 1.0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["vae", "lpips", "discriminator", "optimizer", "disc_optimizer",
-                                          "scheduler"], logger=False)
+        self.save_hyperparameters(
+            ignore=["vae", "lpips", "discriminator", "optimizer", "disc_optimizer", "scheduler"], logger=False
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.disc_optimizer_factory = disc_optimizer
         if perceptual_weight > 0 and lpips is None:
-            raise ValueError("model.perceptual_weight > 0 needs model.lpips (local LPIPS weight files); "
-                             "set model.perceptual_weight=0 or configure model.lpips.")
+            raise ValueError(
+                "model.perceptual_weight > 0 needs model.lpips (local LPIPS weight files); "
+                "set model.perceptual_weight=0 or configure model.lpips."
+            )
         if discriminator is not None and disc_optimizer is None:
             raise ValueError("model.discriminator is set but model.disc_optimizer is not")
         self.automatic_optimization = False
@@ -62,7 +65,9 @@ class AutoencoderModule(L.LightningModule):
         return self.vae.decode(z)
 
     # -- losses -----------------------------------------------------------------------------------------
-    def _generator_loss(self, x: torch.Tensor, x_rec: torch.Tensor, posterior) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _generator_loss(
+        self, x: torch.Tensor, x_rec: torch.Tensor, posterior
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         rec = reconstruction_loss(x, x_rec, self.hparams.rec_loss)  # [B], summed over pixels
         if self.lpips is not None and self.hparams.perceptual_weight > 0:
             rec = rec + self.hparams.perceptual_weight * self.lpips(x, x_rec) * x[0].numel()
@@ -83,14 +88,18 @@ class AutoencoderModule(L.LightningModule):
         loss, nll, logs = self._generator_loss(x, x_rec, posterior)
         if self._gan_active():
             g_loss = -self.discriminator(x_rec).mean()
-            d_weight = adaptive_gan_weight(nll, g_loss, self.vae.last_layer_weight()) * self.hparams.disc_weight
+            d_weight = (
+                adaptive_gan_weight(nll, g_loss, self.vae.last_layer_weight()) * self.hparams.disc_weight
+            )
             loss = loss + d_weight * g_loss
             logs.update(g_loss=g_loss.detach(), d_weight=d_weight)
         check_finite(loss, self, logs)
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.hparams.grad_clip:
-            self.clip_gradients(opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                opt_ae, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+            )
         opt_ae.step()
         if self.scheduler_factory is not None:  # manual optimisation: the schedule is stepped here
             schedulers = self.lr_schedulers()
@@ -127,13 +136,17 @@ class AutoencoderModule(L.LightningModule):
             optimizers.append(self.disc_optimizer_factory(params=self.discriminator.parameters()))
         if self.scheduler_factory is None:
             return optimizers[0] if len(optimizers) == 1 else optimizers
-        return optimizers, [{"scheduler": self.scheduler_factory(optimizer=optimizers[0]), "interval": "step"}]
+        return optimizers, [
+            {"scheduler": self.scheduler_factory(optimizer=optimizers[0]), "interval": "step"}
+        ]
 
     def on_fit_start(self) -> None:
-        self._configured_lrs = configured_lrs(self.trainer)  # before a checkpoint's optimiser state replaces them
+        # before a checkpoint's optimiser state replaces them
+        self._configured_lrs = configured_lrs(self.trainer)
 
     def on_train_start(self) -> None:
-        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))  # an lr given at resume applies
+        # an lr given at resume applies
+        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, torch.Tensor]:
@@ -141,5 +154,8 @@ class AutoencoderModule(L.LightningModule):
         x = batch["image"][:max_images].to(self.device)
         posterior = self.vae.encode(x)
         z = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(0)).to(x)
-        return {"inputs": x, "reconstructions": self.vae.decode(posterior.mode()).clamp(-1, 1),
-                "prior_samples": self.vae.decode(z).clamp(-1, 1)}
+        return {
+            "inputs": x,
+            "reconstructions": self.vae.decode(posterior.mode()).clamp(-1, 1),
+            "prior_samples": self.vae.decode(z).clamp(-1, 1),
+        }

@@ -77,7 +77,8 @@ def components_from_lightning(
     checkpoint: Mapping | None = None,
 ) -> SDComponents:
     """The parts of one of our Lightning checkpoints (``load_lightning_model``); the EMA UNet when ``use_ema``
-    and the model keeps one. ``checkpoint``: the file's contents when already read (each file is read once)."""
+    and the model keeps one. ``checkpoint``: the file's contents when already read (each file is read
+    once)."""
     model = load_lightning_model(path, checkpoint=checkpoint)
     missing = [name for name in ("unet", "vae", "text_encoder", "schedule") if not hasattr(model, name)]
     if missing:

@@ -26,7 +26,9 @@ def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator | None 
     truncates them (the carry lands in the kept bits exactly when the dropped fraction plus the noise
     overflows)."""
     bits = x.detach().to(torch.float32).contiguous().view(torch.int32)
-    noise = torch.randint(0, _LOW_BITS, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    noise = torch.randint(
+        0, _LOW_BITS, bits.shape, dtype=torch.int32, device=bits.device, generator=generator
+    )
     rounded = (bits + noise).bitwise_and_(-_LOW_BITS)  # -65536 == 0xFFFF0000 as int32
     return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 
@@ -44,6 +46,7 @@ def use_bf16_weights(module: nn.Module) -> nn.Module:
 
         def cast(value: Any) -> Any:
             return value.to(torch.bfloat16) if torch.is_tensor(value) and value.is_floating_point() else value
+
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
     def cast_output(mod: nn.Module, args: tuple, output: Any) -> Any:
@@ -76,7 +79,11 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer):
             options = {k: v for k, v in group.items() if k != "params"}
             group.setdefault("lr", getattr(factory, "keywords", {}).get("lr", 1e-3))
             for param in group["params"]:
-                shadow = param if param.dtype == torch.float32 else nn.Parameter(param.new_empty(0, dtype=torch.float32))
+                shadow = (
+                    param
+                    if param.dtype == torch.float32
+                    else nn.Parameter(param.new_empty(0, dtype=torch.float32))
+                )
                 inner = factory(params=[{"params": [shadow], **options}])
                 self._slots.append((param, shadow, inner, group))
 
@@ -87,8 +94,9 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer):
         return self._generators[key]
 
     @torch.no_grad()
-    def _step_one(self, param: nn.Parameter, shadow: nn.Parameter, inner: torch.optim.Optimizer,
-                  group: dict) -> None:
+    def _step_one(
+        self, param: nn.Parameter, shadow: nn.Parameter, inner: torch.optim.Optimizer, group: dict
+    ) -> None:
         for inner_group in inner.param_groups:
             inner_group["lr"] = group["lr"]
         if shadow is param:
@@ -112,14 +120,18 @@ class StochasticRoundingOptimizer(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": [inner.state_dict() for _, _, inner, _ in self._slots],
-                "lrs": [g["lr"] for g in self.param_groups],
-                "generators": {k: g.get_state() for k, g in self._generators.items()}}
+        return {
+            "inner": [inner.state_dict() for _, _, inner, _ in self._slots],
+            "lrs": [g["lr"] for g in self.param_groups],
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if len(state_dict["inner"]) != len(self._slots):
-            raise ValueError(f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
-                             f"{len(self._slots)}: resume with the same model and method settings")
+            raise ValueError(
+                f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
+                f"{len(self._slots)}: resume with the same model and method settings"
+            )
         for (_, _, inner, _), state in zip(self._slots, state_dict["inner"]):
             inner.load_state_dict(state)
         for group, lr in zip(self.param_groups, state_dict["lrs"]):

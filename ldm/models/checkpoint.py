@@ -33,16 +33,21 @@ def _for_inference(config: dict) -> dict:
     return config
 
 
-def load_lightning_model(path: str | Path, map_location: str | torch.device = "cpu", checkpoint: dict | None = None):
+def load_lightning_model(
+    path: str | Path, map_location: str | torch.device = "cpu", checkpoint: dict | None = None
+):
     """A LightningModule from ``path`` (written by ``train.py``), in eval mode, weights loaded strictly.
-    ``checkpoint``: the file's contents when the caller already read them (the file is then not read again)."""
+    ``checkpoint``: the file's contents when the caller already read them (the file is then not read
+    again)."""
     path = Path(path)
     # weights-only; damaged/foreign files named
     ckpt = dict(checkpoint) if checkpoint is not None else load_training_checkpoint(path)
     config = ckpt.get("model_config")
     if config is None:
-        raise ValueError(f"{path} has no 'model_config': it was not written by this project's train.py "
-                         "(for Stable Diffusion files use a single-file or diffusers loader)")
+        raise ValueError(
+            f"{path} has no 'model_config': it was not written by this project's train.py "
+            "(for Stable Diffusion files use a single-file or diffusers loader)"
+        )
     check_config(config, str(path))  # the whole file's config, optimiser included, before anything is built
     model = build_from_config(_for_inference(config), str(path))
     # as Lightning does on resume: the model's hook first (a fine-tune loads its base and method state there

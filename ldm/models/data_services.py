@@ -22,25 +22,41 @@ def data_services(model) -> DataServices:
         posterior = model.vae_encode(images.to(model.device))
         return posterior.mean, posterior.std
 
-    def generate(prompts: list[str], seeds: list[int], *, sampler: str, steps: int, guidance_scale: float,
-                 resolution: int) -> torch.Tensor:
+    def generate(
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
+        resolution: int,
+    ) -> torch.Tensor:
         from ldm.diffusion import build_sampler
 
         factor = getattr(model.vae, "downsample_factor", 8)
         was_training = model.training
         model.eval()
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # one per image: batch-independent
+        # one per image: batch-independent
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         try:
-            return model.generate(prompts, guidance_scale=guidance_scale, generator=generators,
-                                  sampler=build_sampler(sampler, steps=steps), use_ema=False,
-                                  latent_size=resolution // factor)
+            return model.generate(
+                prompts,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                sampler=build_sampler(sampler, steps=steps),
+                use_ema=False,
+                latent_size=resolution // factor,
+            )
         finally:
             model.train(was_training)
 
-    return DataServices(encode=encode, vae_fingerprint=cache(lambda: vae_encoder_fingerprint(model.vae)),
-                        generate=generate,
-                        base_fingerprint=cache(lambda: module_fingerprint(model.unet, model.vae, model.text_encoder)),
-                        device=model.device)
+    return DataServices(
+        encode=encode,
+        vae_fingerprint=cache(lambda: vae_encoder_fingerprint(model.vae)),
+        generate=generate,
+        base_fingerprint=cache(lambda: module_fingerprint(model.unet, model.vae, model.text_encoder)),
+        device=model.device,
+    )
 
 
 def vae_encoder_fingerprint(vae: nn.Module) -> str:

@@ -43,7 +43,16 @@ log = get_logger(__name__)
 
 class LatentDiffusion(L.LightningModule):
     # constructor arguments that are modules or factories, kept out of ``hparams``
-    MODULE_ARGS = ("unet", "vae", "conditioner", "text_encoder", "schedule", "sampler", "optimizer", "scheduler")
+    MODULE_ARGS = (
+        "unet",
+        "vae",
+        "conditioner",
+        "text_encoder",
+        "schedule",
+        "sampler",
+        "optimizer",
+        "scheduler",
+    )
 
     def __init__(
         self,
@@ -94,16 +103,25 @@ class LatentDiffusion(L.LightningModule):
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor) if scale_factor else -1.0))
         self._scale_factor_known = False  # caches "scale_factor > 0" so steps need no device sync
         self.model_config: dict | None = None  # set by train.py; stored in checkpoints for sample.py
-        self.data_link = DataLink(DataFacts())  # what the data tells the model (connect_data): never the datamodule
+        self.data_link = DataLink(
+            DataFacts()
+        )  # what the data tells the model (connect_data): never the datamodule
         self._register_load_state_dict_pre_hook(_rename_text_encoder_keys)
 
-    def set_parts(self, unet: nn.Module, vae: nn.Module, conditioner: Conditioner | nn.Module,
-                  schedule: DiffusionSchedule) -> None:
+    def set_parts(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        conditioner: Conditioner | nn.Module,
+        schedule: DiffusionSchedule,
+    ) -> None:
         conditioner = as_conditioner(conditioner)
         context_dim, hidden = getattr(unet, "context_dim", None), conditioner.context_dim
         if context_dim is not None and hidden is not None and context_dim != hidden:
-            raise ValueError(f"the UNet's context_dim ({context_dim}) must equal the text encoder's hidden size "
-                             f"({hidden}); set model.unet.context_dim={hidden}")
+            raise ValueError(
+                f"the UNet's context_dim ({context_dim}) must equal the text encoder's hidden size "
+                f"({hidden}); set model.unet.context_dim={hidden}"
+            )
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
         self.conditioner = conditioner
@@ -130,8 +148,13 @@ class LatentDiffusion(L.LightningModule):
         if stage != "fit" or getattr(self, "_vae_loaded", False):
             return
         fast_dev_run = bool(self.trainer.fast_dev_run) if self._trainer is not None else False
-        path = find_checkpoint(self.hparams.vae_ckpt, self.hparams.vae_search_dir, self.hparams.vae_task, "VAE",
-                               allow_missing=fast_dev_run)
+        path = find_checkpoint(
+            self.hparams.vae_ckpt,
+            self.hparams.vae_search_dir,
+            self.hparams.vae_task,
+            "VAE",
+            allow_missing=fast_dev_run,
+        )
         if path is not None:
             load_prefixed_state(self.vae, path, "vae", "VAE")
         self._vae_loaded = True
@@ -166,7 +189,9 @@ class LatentDiffusion(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx):
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything, inherited by DDP ranks
         index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        self._batch_random = BatchRandom.for_batch(seed, index, self.trainer.global_rank, self.trainer.world_size)
+        self._batch_random = BatchRandom.for_batch(
+            seed, index, self.trainer.global_rank, self.trainer.world_size
+        )
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -199,8 +224,14 @@ class LatentDiffusion(L.LightningModule):
         ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from ``batch_random``);
         ``zero_empty``: an unconditional branch (SDXL zeroes "" text, ``force_zeros_for_empty_prompt``)."""
         draw = self.batch_random.rand if train else None
-        return self.conditioner(batch, device=self.device, ucg_rate=self.hparams.ucg_rate, draw=draw,
-                                use_cache=self.use_text_cache(), zero_empty=zero_empty)
+        return self.conditioner(
+            batch,
+            device=self.device,
+            ucg_rate=self.hparams.ucg_rate,
+            draw=draw,
+            use_cache=self.use_text_cache(),
+            zero_empty=zero_empty,
+        )
 
     def use_text_cache(self) -> bool:
         """Whether text is encoded through the embedders' prompt caches (fine-tunes that train text: not)."""
@@ -233,15 +264,23 @@ class LatentDiffusion(L.LightningModule):
         log.info(f"scale_factor estimated from the first batch: {float(value):.5f} (1 / std of latents)")
 
     # -- training --------------------------------------------------------------------------------------
-    def diffusion_step(self, z0: torch.Tensor, context: torch.Tensor,
-                       generator: torch.Generator | None = None, reduction: str = "mean") -> torch.Tensor:
+    def diffusion_step(
+        self,
+        z0: torch.Tensor,
+        context: torch.Tensor,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         """The loss for clean latents z0 and text context (one random timestep per sample): a scalar, or the
         per-sample losses ``[B]`` with ``reduction="none"``."""
         b = z0.shape[0]
         if generator is None:  # training: rank-consistent draws (see BatchRandom)
             t = self.batch_random.randint(self.schedule.num_timesteps, (b,), z0.device)
-            noise = sample_noise(z0, self.hparams.offset_noise,
-                                 draw=lambda shape: self.batch_random.randn(shape, z0.device, z0.dtype))
+            noise = sample_noise(
+                z0,
+                self.hparams.offset_noise,
+                draw=lambda shape: self.batch_random.randn(shape, z0.device, z0.dtype),
+            )
         else:
             t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator).to(z0.device)
             noise = sample_noise(z0, self.hparams.offset_noise, generator)
@@ -295,14 +334,20 @@ class LatentDiffusion(L.LightningModule):
         optimizer = self.build_optimizer(self.optimizer_param_groups())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"},
+        }
 
     def on_fit_start(self) -> None:
-        self._configured_lrs = configured_lrs(self.trainer)  # before a checkpoint's optimiser state replaces them
+        self._configured_lrs = configured_lrs(
+            self.trainer
+        )  # before a checkpoint's optimiser state replaces them
 
     def on_train_start(self) -> None:
-        apply_configured_lrs(self.trainer, getattr(self, "_configured_lrs", None))  # an lr given at resume applies
+        apply_configured_lrs(
+            self.trainer, getattr(self, "_configured_lrs", None)
+        )  # an lr given at resume applies
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
         """``optimizer`` over ``params`` (a list or parameter groups); with ``optimizer_in_backward`` each
@@ -310,13 +355,17 @@ class LatentDiffusion(L.LightningModule):
         factory = self.optimizer_factory
         if self.hparams.get("bf16_weights", False):
             seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # the same rounding on every rank
-            factory = functools.partial(StochasticRoundingOptimizer, factory=self.optimizer_factory, seed=seed)
+            factory = functools.partial(
+                StochasticRoundingOptimizer, factory=self.optimizer_factory, seed=seed
+            )
         if not self.hparams.optimizer_in_backward:
             return factory(params=params)
         trainer = self._trainer
         if trainer is not None and (trainer.gradient_clip_val or trainer.accumulate_grad_batches > 1):
-            raise ValueError("model.optimizer_in_backward=true cannot be combined with trainer.gradient_clip_val "
-                             "or trainer.accumulate_grad_batches > 1 (gradients are freed as they arrive)")
+            raise ValueError(
+                "model.optimizer_in_backward=true cannot be combined with trainer.gradient_clip_val "
+                "or trainer.accumulate_grad_batches > 1 (gradients are freed as they arrive)"
+            )
         return OptimizerInBackward(params, factory)
 
     # -- sampling --------------------------------------------------------------------------------------
@@ -334,12 +383,23 @@ class LatentDiffusion(L.LightningModule):
             self.unet = live
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], guidance_scale: float | None = None, seed: int = 0,
-                 sampler: Callable | None = None, negative_prompt: str | Sequence[str] = "", use_ema: bool = True,
-                 progress: bool = False, latent_size: int | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                 init_images: torch.Tensor | None = None, strength: float = 1.0, callback: Callable | None = None,
-                 sizes: dict | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        guidance_scale: float | None = None,
+        seed: int = 0,
+        sampler: Callable | None = None,
+        negative_prompt: str | Sequence[str] = "",
+        use_ema: bool = True,
+        progress: bool = False,
+        latent_size: int | None = None,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
+        callback: Callable | None = None,
+        sizes: dict | None = None,
+    ) -> torch.Tensor:
         """prompts -> images [B, 3, H, W] in [-1, 1]. Seeded: the same seed gives the same images.
 
         ``negative_prompt``: one for all, or one per prompt. ``latents``: the initial noise [B, c, h, w]
@@ -349,11 +409,15 @@ class LatentDiffusion(L.LightningModule):
         ``int(steps * strength)`` steps). ``sizes``: SDXL's size conditions (``micro_conditions.sampling_batch``).
         """
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         factor = getattr(self.vae, "downsample_factor", 8)
-        size = latent_size or (init_images.shape[-1] // factor if init_images is not None else self.latent_size())
+        size = latent_size or (
+            init_images.shape[-1] // factor if init_images is not None else self.latent_size()
+        )
         batch = sampling_batch(self.conditioner.input_keys, prompts, (size * factor,) * 2, sizes, self.device)
         context = self.context_of(self.conditions(batch))
         uncond = self.context_of(self.conditions({**batch, "caption": negatives}, zero_empty=True))
@@ -366,10 +430,20 @@ class LatentDiffusion(L.LightningModule):
         scope = self.ema_scope() if use_ema else contextlib.nullcontext(self.unet)
         with scope as unet:
             denoiser = classifier_free_guidance(unet, context, uncond, scale)
-            z = (sampler or self.sampler)(denoiser, self.schedule, shape, self.parameterization,
-                                          generator=generator, device=self.device, dtype=dtype,
-                                          progress=progress, x_T=latents, callback=callback, init=init,
-                                          strength=strength)
+            z = (sampler or self.sampler)(
+                denoiser,
+                self.schedule,
+                shape,
+                self.parameterization,
+                generator=generator,
+                device=self.device,
+                dtype=dtype,
+                progress=progress,
+                x_T=latents,
+                callback=callback,
+                init=init,
+                strength=strength,
+            )
         return self.decode_latents(z)
 
     def unet_channels(self) -> int:
@@ -387,8 +461,7 @@ class LatentDiffusion(L.LightningModule):
         prompts = list(self.hparams.log_prompts)[:max_images]
         self.image_resolution = batch["image"].shape[-1]
         samples = self.generate(prompts, seed=self.hparams.log_seed, sizes=self.hparams.get("log_sizes"))
-        return {"samples": samples,
-                "inputs": batch["image"][:max_images]}
+        return {"samples": samples, "inputs": batch["image"][:max_images]}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.model_config is not None:
@@ -402,4 +475,4 @@ def _rename_text_encoder_keys(state_dict, prefix, *args) -> None:
     """Older checkpoints: ``text_encoder.*`` (the model's one text encoder) is ``conditioner.embedders.0.*``."""
     old, new = f"{prefix}text_encoder.", f"{prefix}conditioner.embedders.0."
     for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[new + key[len(old):]] = state_dict.pop(key)
+        state_dict[new + key[len(old) :]] = state_dict.pop(key)

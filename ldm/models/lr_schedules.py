@@ -7,8 +7,12 @@ import math
 import torch
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
-                  min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    min_ratio: float = 0.1,
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the base LR, then cosine decay to ``min_ratio`` x base at ``total_steps``
     (constant after warm-up when total_steps is None or <= 0)."""
 

@@ -17,8 +17,11 @@ import torch
 __all__ = ["SIZE_KEYS", "sampling_batch", "unet_condition"]
 
 # option name (sample.py / model.log_sizes) -> the batch key the size embedder reads (sgm's names)
-SIZE_KEYS = {"original_size": "original_size_as_tuple", "crop_top_left": "crop_coords_top_left",
-             "target_size": "target_size_as_tuple"}
+SIZE_KEYS = {
+    "original_size": "original_size_as_tuple",
+    "crop_top_left": "crop_coords_top_left",
+    "target_size": "target_size_as_tuple",
+}
 
 
 def _pair(name: str, value: Any) -> tuple[float, float]:
@@ -28,8 +31,13 @@ def _pair(name: str, value: Any) -> tuple[float, float]:
     return values
 
 
-def sampling_batch(input_keys: Sequence[str], prompts: Sequence[str], output_size: tuple[int, int],
-                   sizes: Mapping[str, Any] | None = None, device: torch.device | str | None = None) -> dict:
+def sampling_batch(
+    input_keys: Sequence[str],
+    prompts: Sequence[str],
+    output_size: tuple[int, int],
+    sizes: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
     """``{"caption": prompts}`` plus, for each size key an embedder reads (``input_keys``), a ``[B, 2]`` tensor:
     ``sizes[name]`` where given (``original_size`` / ``crop_top_left`` / ``target_size``), else the default
     (original = target = ``output_size`` (H, W), crop (0, 0))."""

@@ -25,8 +25,8 @@ from ldm.io.safe_load import UnsafeCheckpointError
 
 __all__ = ["ALLOWED_TARGETS", "UnsafeConfigError", "build_from_config", "check_config"]
 
-# target -> (module, attribute path inside it). Every ``_target_`` under conf/model is here (a test checks it),
-# plus torch.optim.SGD, the inert optimiser a model rebuilt for inference gets.
+# target -> (module, attribute path inside it). Every ``_target_`` under conf/model is here (a test checks
+# it), plus torch.optim.SGD, the inert optimiser a model rebuilt for inference gets.
 ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     # LightningModules
     "ldm.models.autoencoder.AutoencoderModule": ("ldm.models.autoencoder", "AutoencoderModule"),
@@ -37,20 +37,31 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.models.finetune.hypernetwork.Hypernetwork": ("ldm.models.finetune.hypernetwork", "Hypernetwork"),
     "ldm.models.finetune.lora.LoRA": ("ldm.models.finetune.lora", "LoRA"),
     "ldm.models.finetune.textual_inversion.TextualInversion": (
-        "ldm.models.finetune.textual_inversion", "TextualInversion"),
+        "ldm.models.finetune.textual_inversion",
+        "TextualInversion",
+    ),
     # networks
     "ldm.modules.unet.UNetModel": ("ldm.modules.unet", "UNetModel"),
     "ldm.modules.vae.AutoencoderKL": ("ldm.modules.vae", "AutoencoderKL"),
     "ldm.modules.discriminator.PatchDiscriminator": ("ldm.modules.discriminator", "PatchDiscriminator"),
     "ldm.modules.lpips.LPIPS.from_files": ("ldm.modules.lpips", "LPIPS.from_files"),
     "ldm.modules.text_encoder.CLIPTextEncoder.from_pretrained": (
-        "ldm.modules.text_encoder", "CLIPTextEncoder.from_pretrained"),
+        "ldm.modules.text_encoder",
+        "CLIPTextEncoder.from_pretrained",
+    ),
     "ldm.modules.text_encoder.CLIPTextEncoder.tiny": ("ldm.modules.text_encoder", "CLIPTextEncoder.tiny"),
-    "ldm.modules.text_encoder.CLIPTextEncoder.from_config": ("ldm.modules.text_encoder", "CLIPTextEncoder.from_config"),
+    "ldm.modules.text_encoder.CLIPTextEncoder.from_config": (
+        "ldm.modules.text_encoder",
+        "CLIPTextEncoder.from_config",
+    ),
     "ldm.modules.text_encoder_pooled.PooledCLIPTextEncoder.tiny": (
-        "ldm.modules.text_encoder_pooled", "PooledCLIPTextEncoder.tiny"),
+        "ldm.modules.text_encoder_pooled",
+        "PooledCLIPTextEncoder.tiny",
+    ),
     "ldm.modules.text_encoder_pooled.PooledCLIPTextEncoder.from_config": (
-        "ldm.modules.text_encoder_pooled", "PooledCLIPTextEncoder.from_config"),
+        "ldm.modules.text_encoder_pooled",
+        "PooledCLIPTextEncoder.from_config",
+    ),
     "ldm.modules.size_embedding.SizeEmbedding": ("ldm.modules.size_embedding", "SizeEmbedding"),
     "ldm.modules.conditioner.Conditioner": ("ldm.modules.conditioner", "Conditioner"),
     "ldm.modules.conditioner.embedder": ("ldm.modules.conditioner", "embedder"),
@@ -73,13 +84,14 @@ _RESERVED_KEYS = {"_target_", "_partial_"}
 
 
 class UnsafeConfigError(UnsafeCheckpointError):
-    """A config read from a file names a callable we do not build, or holds something other than plain data."""
+    """A config read from a file names a callable we do not build, or holds something other than plain
+    data."""
 
 
 def _refuse(source: str, key: str, what: str) -> UnsafeConfigError:
     return UnsafeConfigError(
-        f"{source}: refusing to build its config: {key} {what}. A checkpoint may name only this project's own "
-        "model classes and plain values; this file was not written by our train.py or was altered"
+        f"{source}: refusing to build its config: {key} {what}. A checkpoint may name only this project's "
+        "own model classes and plain values; this file was not written by our train.py or was altered"
     )
 
 
@@ -100,7 +112,9 @@ def check_config(node: Any, source: str, key: str = "model_config") -> None:
             raise _refuse(source, f"{key}.{name}", "is not a key this project's configs use")
     target = node.get("_target_")
     if target is not None and (not isinstance(target, str) or target not in ALLOWED_TARGETS):
-        raise _refuse(source, f"{key}._target_", f"names {target!r}, which is not one of this project's models")
+        raise _refuse(
+            source, f"{key}._target_", f"names {target!r}, which is not one of this project's models"
+        )
     if "_partial_" in node and not isinstance(node["_partial_"], bool):
         raise _refuse(source, f"{key}._partial_", "must be true or false")
     for name, value in node.items():

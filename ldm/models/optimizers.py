@@ -16,19 +16,22 @@ def adamw_8bit(params: Iterable, lr: float = 1e-4, weight_decay: float = 0.01, *
     try:
         import bitsandbytes as bnb
     except ImportError as error:
-        raise ImportError("model/optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` "
-                          "(or use model/optimizer=adafactor, which needs nothing more)") from error
+        raise ImportError(
+            "model/optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` "
+            "(or use model/optimizer=adafactor, which needs nothing more)"
+        ) from error
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
 class OptimizerInBackward(torch.optim.Optimizer):
     """The optimiser step fused into backward: each parameter is updated by its own inner optimiser as soon as
     its gradient is accumulated, and the gradient is freed right away, so the full set of gradients never
-    exists at once (saves about the size of the trainable parameters; PyTorch's "optimizer in backward" recipe).
+    exists at once (saves about the size of the trainable parameters; PyTorch's "optimizer in backward"
+    recipe).
 
     Exact for per-parameter optimisers (Adam/AdamW/SGD/Adafactor): a run equals the plain optimiser's. Not
-    compatible with gradient clipping over all parameters or gradient accumulation. ``step(closure)`` only runs
-    the closure (forward + backward, where the updates happen); LR schedulers act on this object's
+    compatible with gradient clipping over all parameters or gradient accumulation. ``step(closure)`` only
+    runs the closure (forward + backward, where the updates happen); LR schedulers act on this object's
     ``param_groups``, whose ``lr`` is copied to the inner optimisers before each update.
     """
 
@@ -51,6 +54,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 inner_group["lr"] = group["lr"]
             inner.step()
             inner.zero_grad(set_to_none=True)
+
         return hook
 
     def step(self, closure: Callable | None = None):
@@ -63,13 +67,14 @@ class OptimizerInBackward(torch.optim.Optimizer):
         return None  # every gradient was freed in backward
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": [o.state_dict() for o in self.inner],
-                "lrs": [g["lr"] for g in self.param_groups]}
+        return {"inner": [o.state_dict() for o in self.inner], "lrs": [g["lr"] for g in self.param_groups]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if len(state_dict["inner"]) != len(self.inner):
-            raise ValueError(f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
-                             f"{len(self.inner)}: resume with the same model and method settings")
+            raise ValueError(
+                f"optimizer state for {len(state_dict['inner'])} parameters, this run has "
+                f"{len(self.inner)}: resume with the same model and method settings"
+            )
         for inner, state in zip(self.inner, state_dict["inner"]):
             inner.load_state_dict(state)
         for group, lr in zip(self.param_groups, state_dict["lrs"]):

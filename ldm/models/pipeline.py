@@ -42,13 +42,16 @@ def resolve_last(ckpt: str, log_dir: str) -> str:
         return ckpt
     found = latest_checkpoint(log_dir, "txt2img")
     if found is None:
-        raise SystemExit(f"--ckpt last: no {log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
-                         "(python train.py experiment=txt2img) or pass a path")
+        raise SystemExit(
+            f"--ckpt last: no {log_dir}/txt2img/runs/*/checkpoints/last.ckpt; train one first "
+            "(python train.py experiment=txt2img) or pass a path"
+        )
     return str(found)
 
 
-def load_model(ckpt: str, use_ema: bool = True, tokenizer: str | None = None, sampler=None,
-               resolution: int | None = None):
+def load_model(
+    ckpt: str, use_ema: bool = True, tokenizer: str | None = None, sampler=None, resolution: int | None = None
+):
     """(LatentDiffusion, image resolution) from our Lightning checkpoint or any base ``load_base_model`` reads
     (a Stable Diffusion single file, a diffusers folder or a hub id)."""
     from ldm.io.sources import is_lightning_checkpoint
@@ -58,13 +61,24 @@ def load_model(ckpt: str, use_ema: bool = True, tokenizer: str | None = None, sa
         model = load_lightning_model(ckpt)
         return model, resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
     tokenizer = tokenizer or tokenizer_before_loading(ckpt)
-    components = load_base_model(str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {}))
+    components = load_base_model(
+        str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {})
+    )
     return latent_diffusion_from_components(components, sampler), resolution or components.resolution
 
 
-def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, tokenizer: str | None = None,
-                      loras: Sequence[str] = (), sampler=None, resolution: int | None = None, log_dir: str = "logs",
-                      embeddings: Sequence[str] = (), hypernetwork: str | None = None):
+def load_for_sampling(
+    ckpt: str,
+    device: str = "cpu",
+    use_ema: bool = True,
+    tokenizer: str | None = None,
+    loras: Sequence[str] = (),
+    sampler=None,
+    resolution: int | None = None,
+    log_dir: str = "logs",
+    embeddings: Sequence[str] = (),
+    hypernetwork: str | None = None,
+):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
     ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``), textual-inversion
     embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied (``path[:strength]``).
@@ -76,8 +90,9 @@ def load_for_sampling(ckpt: str, device: str = "cpu", use_ema: bool = True, toke
     return model.to(device).eval()
 
 
-def apply_adapters(model, unet, loras: Sequence[str] = (), embeddings: Sequence[str] = (),
-                   hypernetwork: str | None = None) -> None:
+def apply_adapters(
+    model, unet, loras: Sequence[str] = (), embeddings: Sequence[str] = (), hypernetwork: str | None = None
+) -> None:
     """Prompt-side additions, in this order: LoRA files merged (stacked: each adds to the weights the last one
     left), textual-inversion tokens added to the text encoder, a hypernetwork attached to ``unet``."""
     from ldm.io.embeddings import apply_embedding
@@ -85,9 +100,13 @@ def apply_adapters(model, unet, loras: Sequence[str] = (), embeddings: Sequence[
 
     for spec in loras:
         path, multiplier = parse_lora(spec)
-        summary = load_lora(path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier, merge=True)
-        print(f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
-              f"rank {summary['rank']})")
+        summary = load_lora(
+            path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier, merge=True
+        )
+        print(
+            f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
+            f"rank {summary['rank']})"
+        )
     for spec in embeddings:
         loaded = apply_embedding(model.text_encoder, spec)
         print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
@@ -129,8 +148,10 @@ def check_resolution(model, resolution: int) -> None:
     factor = vae_factor(model)
     if resolution % factor:
         low = max(factor, resolution // factor * factor)
-        raise SystemExit(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}; "
-                         f"use {low} or {low + factor}")
+        raise SystemExit(
+            f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}; "
+            f"use {low} or {low + factor}"
+        )
 
 
 def load_init_image(path: str, resolution: int) -> torch.Tensor:
@@ -152,8 +173,10 @@ def pair_negatives(prompts: Sequence[str], negatives: Sequence[str] | None) -> l
     if len(negatives) == 1:
         return negatives * len(prompts)
     if len(negatives) != len(prompts):
-        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one for all, "
-                         "or one per prompt")
+        raise ValueError(
+            f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one for all, "
+            "or one per prompt"
+        )
     return negatives
 
 
@@ -169,10 +192,21 @@ class GeneratedBatch:
     images: torch.Tensor
 
 
-def generate_batches(model, sampler, prompts: Sequence[str], negatives: Sequence[str] | None = None, n: int = 1,
-                     guidance: float | None = None, seed: int = 0, batch_size: int = 8, use_ema: bool = True,
-                     init_image: torch.Tensor | None = None, strength: float = 1.0,
-                     progress: bool = True, sizes: dict | None = None) -> Iterator[GeneratedBatch]:
+def generate_batches(
+    model,
+    sampler,
+    prompts: Sequence[str],
+    negatives: Sequence[str] | None = None,
+    n: int = 1,
+    guidance: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    use_ema: bool = True,
+    init_image: torch.Tensor | None = None,
+    strength: float = 1.0,
+    progress: bool = True,
+    sizes: dict | None = None,
+) -> Iterator[GeneratedBatch]:
     """``n`` images per prompt (prompt-major order), ``batch_size`` per forward pass. Image ``i`` starts from the
     noise of seed ``seed + i`` whatever the batching; ``init_image`` ([1, 3, R, R]) makes it img2img at
     ``strength``. ``guidance`` None: the model's own scale. ``sizes``: SDXL's size conditions (``LatentDiffusion.generate``)."""
@@ -180,12 +214,19 @@ def generate_batches(model, sampler, prompts: Sequence[str], negatives: Sequence
     guidance = model.hparams.guidance_scale if guidance is None else guidance
     jobs = [(p, neg) for p, neg in zip(prompts, pair_negatives(prompts, negatives)) for _ in range(n)]
     for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
+        batch = jobs[start : start + batch_size]
         seeds = [seed + start + j for j in range(len(batch))]
         images = model.generate(
-            [p for p, _ in batch], guidance_scale=guidance, sampler=sampler, negative_prompt=[n for _, n in batch],
-            use_ema=use_ema, progress=progress, latents=initial_noise(model, seeds, resolution),
+            [p for p, _ in batch],
+            guidance_scale=guidance,
+            sampler=sampler,
+            negative_prompt=[n for _, n in batch],
+            use_ema=use_ema,
+            progress=progress,
+            latents=initial_noise(model, seeds, resolution),
             generator=torch.Generator().manual_seed(seeds[0]),
             strength=strength if init_image is not None else 1.0,
-            init_images=init_image.expand(len(batch), -1, -1, -1) if init_image is not None else None, sizes=sizes)
+            init_images=init_image.expand(len(batch), -1, -1, -1) if init_image is not None else None,
+            sizes=sizes,
+        )
         yield GeneratedBatch(start, [p for p, _ in batch], [n for _, n in batch], seeds, images)

@@ -18,8 +18,9 @@ from ldm.utils.runs import latest_checkpoint
 log = get_logger(__name__)
 
 
-def find_checkpoint(explicit: str | None, log_dir: str | Path, task_name: str, what: str,
-                    allow_missing: bool = False) -> Path | None:
+def find_checkpoint(
+    explicit: str | None, log_dir: str | Path, task_name: str, what: str, allow_missing: bool = False
+) -> Path | None:
     if explicit:
         path = Path(explicit)
         if not path.is_file():
@@ -30,8 +31,10 @@ def find_checkpoint(explicit: str | None, log_dir: str | Path, task_name: str, w
         log.info(f"Using the latest {what}: {found}")
         return found
     if allow_missing:
-        log.warning(f"No {what} found under {Path(log_dir) / task_name}; fast_dev_run: using a RANDOM {what} "
-                    "(plumbing check only, the results mean nothing)")
+        log.warning(
+            f"No {what} found under {Path(log_dir) / task_name}; fast_dev_run: using a RANDOM {what} "
+            "(plumbing check only, the results mean nothing)"
+        )
         return None
     raise FileNotFoundError(
         f"No {what} checkpoint given and none found under {Path(log_dir) / task_name}/runs/*/checkpoints/. "
@@ -44,15 +47,20 @@ def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, 
     ckpt = safe_torch_load(checkpoint)  # weights_only=True: a malicious pickle raises UnsafeCheckpointError
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint} holds a {type(ckpt).__name__}, not a state dict: is it really a {what} "  # noqa: TRY004
-                         "checkpoint?")
-    sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        raise ValueError(  # noqa: TRY004
+            f"{checkpoint} holds a {type(ckpt).__name__}, not a state dict: is it really a {what} checkpoint?"
+        )
+    sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not sub:
         raise ValueError(f"{checkpoint} holds no '{prefix}.*' weights: is it really a {what} checkpoint?")
     own = module.state_dict()
     missing = [k for k in own if k not in sub]
     unexpected = [k for k in sub if k not in own]
-    wrong = [(k, tuple(sub[k].shape), tuple(v.shape)) for k, v in own.items() if k in sub and sub[k].shape != v.shape]
+    wrong = [
+        (k, tuple(sub[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if k in sub and sub[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         if prefix == "vae":
             hint = vae_mismatch_hint(sub, own, checkpoint)
@@ -60,14 +68,18 @@ def load_prefixed_state(module: nn.Module, checkpoint: Path | str, prefix: str, 
                 raise ValueError(hint)
         details = []
         if wrong:
-            details.append("shape mismatches (file vs model): " + ", ".join(f"{k} {a} vs {b}" for k, a, b in wrong[:5]))
+            details.append(
+                "shape mismatches (file vs model): " + ", ".join(f"{k} {a} vs {b}" for k, a, b in wrong[:5])
+            )
         if missing:
             details.append(f"missing in file: {missing[:5]}")
         if unexpected:
             details.append(f"not in model: {unexpected[:5]}")
-        raise ValueError(f"{what} checkpoint {checkpoint} does not match the configured architecture; "
-                         + "; ".join(details)
-                         + ". Use the same preset it was trained with (e.g. model/vae=...) or another checkpoint.")
+        raise ValueError(
+            f"{what} checkpoint {checkpoint} does not match the configured architecture; "
+            + "; ".join(details)
+            + ". Use the same preset it was trained with (e.g. model/vae=...) or another checkpoint."
+        )
     module.load_state_dict(sub, strict=True)
 
 
@@ -88,9 +100,11 @@ def vae_mismatch_hint(file_state: dict, own_state: dict, checkpoint: Path | str)
         return None
     preset = run_choice(checkpoint, "model/vae")
     trained_with = f"model/vae={preset}" if preset else "the model/vae preset it was trained with"
-    return (f"the VAE checkpoint {checkpoint} is f={theirs[0]}, c={theirs[1]}, but the configured model/vae is "
-            f"f={ours[0]}, c={ours[1]}: pass {trained_with}, or model.vae_ckpt=<a f={ours[0]}, c={ours[1]} VAE "
-            "checkpoint>")
+    return (
+        f"the VAE checkpoint {checkpoint} is f={theirs[0]}, c={theirs[1]}, but the configured model/vae is "
+        f"f={ours[0]}, c={ours[1]}: pass {trained_with}, or model.vae_ckpt=<a f={ours[0]}, c={ours[1]} VAE "
+        "checkpoint>"
+    )
 
 
 def run_choice(checkpoint: Path | str, group: str) -> str | None:

@@ -52,7 +52,9 @@ def apply_configured_lrs(trainer, configured: list[list[float]] | None) -> list[
             _set_base_lr(trainer, optimizer, index, new, old)
             name = optimizer.param_groups[index].get("name") or f"group {index}"
             where = f"{name}" + (f" of optimizer {k}" if len(trainer.optimizers) > 1 else "")
-            log.warning(f"resuming with lr {new:g} instead of the checkpoint's {old:g} ({where}): the run "
-                        "continues from the checkpoint but will not equal an uninterrupted run")
+            log.warning(
+                f"resuming with lr {new:g} instead of the checkpoint's {old:g} ({where}): the run "
+                "continues from the checkpoint but will not equal an uninterrupted run"
+            )
             changed.append((where, new, old))
     return changed

@@ -68,8 +68,12 @@ def checkpoint_plugins(trainer_cfg) -> list:
 
 
 # what a checkpoint's top-level modules say it is (first match wins)
-_KINDS = (({"method"}, "a fine-tuning checkpoint (an adapter)"), ({"unet", "vae"}, "a text-to-image model"),
-          ({"vae"}, "a VAE (autoencoder)"), ({"encoder", "decoder"}, "a VAE (autoencoder)"))
+_KINDS = (
+    ({"method"}, "a fine-tuning checkpoint (an adapter)"),
+    ({"unet", "vae"}, "a text-to-image model"),
+    ({"vae"}, "a VAE (autoencoder)"),
+    ({"encoder", "decoder"}, "a VAE (autoencoder)"),
+)
 
 
 def _prefixes(keys) -> list[str]:
@@ -101,6 +105,6 @@ def explain_resume_mismatch(error: BaseException, path: str | os.PathLike | None
     return ValueError(
         f"ckpt_path={path} does not fit this run: it holds {_held(payload)} ({len(state)} tensors); this run "
         f"builds {type(model).__name__}, modules {', '.join(_prefixes(expected))} ({len(expected)} tensors). "
-        f"Differences: {problems}. Resume a checkpoint of this experiment with the model options it was trained "
-        "with (see its run's .hydra/config.yaml), or drop ckpt_path to start a new run")
-
+        f"Differences: {problems}. Resume a checkpoint of this experiment with the model options it was "
+        "trained with (see its run's .hydra/config.yaml), or drop ckpt_path to start a new run"
+    )

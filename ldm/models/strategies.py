@@ -1,4 +1,5 @@
-"""What sharded strategies wrap: the UNet's repeated blocks (FSDP auto-wrap and activation checkpointing units)."""
+"""What sharded strategies wrap: the UNet's repeated blocks (FSDP auto-wrap and activation checkpointing
+units)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ from ldm.modules.distributions import DiagonalGaussian
 
 
 def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Per-sample reconstruction error summed over C, H, W: [B] (LDM's convention: sum, then mean over batch)."""
+    """Per-sample reconstruction error summed over C, H, W: [B] (LDM's convention: sum, then mean over
+    batch)."""
     if kind == "l1":
         err = (x - x_rec).abs()
     elif kind in ("l2", "mse"):
@@ -29,8 +30,9 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                        max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
     """lambda = ||grad_L rec|| / (||grad_L g|| + 1e-4) at the decoder's last layer L, clamped, no gradient."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]

@@ -70,15 +70,22 @@ class Conditioner(nn.Module):
             zero pooled vector from the text embedders (``forward(..., zero_empty=True)``; the sizes stay).
     """
 
-    def __init__(self, embedders: Sequence[nn.Module] | Mapping[str, nn.Module],
-                 force_zeros_for_empty_prompt: bool = False):
+    def __init__(
+        self,
+        embedders: Sequence[nn.Module] | Mapping[str, nn.Module],
+        force_zeros_for_empty_prompt: bool = False,
+    ):
         super().__init__()
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         if isinstance(embedders, Mapping):
-            keys = sorted(embedders, key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else 0, k))
+            keys = sorted(
+                embedders, key=lambda k: (not str(k).isdigit(), int(k) if str(k).isdigit() else 0, k)
+            )
             embedders = [embedders[k] for k in keys]
         if not embedders:
-            raise ValueError("a Conditioner needs at least one embedder (model.conditioner.embedders is empty)")
+            raise ValueError(
+                "a Conditioner needs at least one embedder (model.conditioner.embedders is empty)"
+            )
         self.embedders = nn.ModuleList(embedders)
 
     # -- what it holds ---------------------------------------------------------------------------------
@@ -92,8 +99,9 @@ class Conditioner(nn.Module):
         """The one text embedder (SD 1.x / 2.x); an error when there are several (SDXL: index ``embedders``)."""
         text = self.text_embedders
         if len(text) != 1:
-            raise ValueError(f"this conditioner has {len(text)} text embedders, not one: use "
-                                 "conditioner.text_embedders[i]")
+            raise ValueError(
+                f"this conditioner has {len(text)} text embedders, not one: use conditioner.text_embedders[i]"
+            )
         return text[0]
 
     @property
@@ -113,9 +121,15 @@ class Conditioner(nn.Module):
         return float(default if rate is None else rate)
 
     # -- conditions ------------------------------------------------------------------------------------
-    def forward(self, batch: Mapping[str, Any], device: torch.device | str | None = None, ucg_rate: float = 0.0,
-                draw: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
-                use_cache: bool = True, zero_empty: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        device: torch.device | str | None = None,
+        ucg_rate: float = 0.0,
+        draw: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+        use_cache: bool = True,
+        zero_empty: bool = False,
+    ) -> dict[str, torch.Tensor]:
         """The conditions of ``batch``. With ``draw`` (uniform [0, 1) draws of a shape; training), each embedder
         drops its condition with its ``ucg_rate`` (default ``ucg_rate``), one draw per embedder that drops.
         ``use_cache``: encode text through the embedders' prompt caches (where they are on). ``zero_empty`` (the
@@ -124,8 +138,10 @@ class Conditioner(nn.Module):
         for module in self.embedders:
             key = input_key(module)
             if key not in batch:
-                raise KeyError(f"the conditioner's embedder {type(module).__name__} reads batch[{key!r}], which this "
-                               f"batch lacks (it has {sorted(batch)})")
+                raise KeyError(
+                    f"the conditioner's embedder {type(module).__name__} reads batch[{key!r}], which this "
+                    f"batch lacks (it has {sorted(batch)})"
+                )
             values, keep = batch[key], None
             rate = self.ucg_rate_of(module, ucg_rate)
             if draw is not None and rate > 0:
@@ -138,7 +154,9 @@ class Conditioner(nn.Module):
                 if keep is not None:
                     tensor = tensor * keep.to(tensor).view(-1, *[1] * (tensor.ndim - 1))
                 outputs.setdefault(name, []).append(tensor)
-        return {name: parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1) for name, parts in outputs.items()}
+        return {
+            name: parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1) for name, parts in outputs.items()
+        }
 
     @staticmethod
     def _embed(module: nn.Module, values: Any, device, use_cache: bool) -> dict[str, torch.Tensor]:
@@ -153,8 +171,10 @@ class Conditioner(nn.Module):
         if isinstance(result, Mapping):
             return dict(result)
         if result.ndim not in OUTPUT_KEYS:
-            raise ValueError(f"embedder {type(module).__name__} returned a {result.ndim}-d tensor; expected "
-                             "[B, T, D] (context), [B, V] (vector) or a dict of them")
+            raise ValueError(
+                f"embedder {type(module).__name__} returned a {result.ndim}-d tensor; expected "
+                "[B, T, D] (context), [B, V] (vector) or a dict of them"
+            )
         return {OUTPUT_KEYS[result.ndim]: result}
 
 

@@ -11,13 +11,19 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         width = ndf
         for n in range(1, n_layers + 1):
             prev, width = width, ndf * min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(prev, width, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(prev, width, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():

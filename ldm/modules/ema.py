@@ -47,11 +47,16 @@ class EMA(nn.Module):
 class ParameterEMA:
     """EMA of a list of parameters (a fine-tuning method's, not a whole module): ``update(params)`` moves the
     averages toward the live values; ``swap(params)`` exchanges live and average values in place (call it
-    twice to restore). Same warm-up as ``EMA``. ``device``: where the averages live -- ``"cpu"`` keeps them out
-    of accelerator memory (a full SD UNet's EMA is 3.4 GB); None follows the parameters' device."""
+    twice to restore). Same warm-up as ``EMA``. ``device``: where the averages live -- ``"cpu"`` keeps them
+    out of accelerator memory (a full SD UNet's EMA is 3.4 GB); None follows the parameters' device."""
 
-    def __init__(self, params: list[nn.Parameter], decay: float = 0.999, warmup: bool = True,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        decay: float = 0.999,
+        warmup: bool = True,
+        device: str | torch.device | None = None,
+    ):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay, self.warmup, self.device = decay, warmup, device

@@ -41,7 +41,9 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.features = _vgg16_features()
         for k, width in enumerate(_TAP_WIDTHS):
@@ -54,18 +56,21 @@ class LPIPS(nn.Module):
         for path in (vgg_path, lin_path):
             if not Path(path).is_file():
                 raise FileNotFoundError(
-                    f"LPIPS weight file not found: {path}. LPIPS needs local weights (nothing is downloaded): "
-                    "set model.lpips.vgg_path to a torchvision vgg16 state dict and model.lpips.lin_path to the "
-                    "lpips package's weights/v0.1/vgg.pth, or set model.perceptual_weight=0."
+                    f"LPIPS weight file not found: {path}. LPIPS needs local weights (nothing is "
+                    "downloaded): set model.lpips.vgg_path to a torchvision vgg16 state dict and "
+                    "model.lpips.lin_path to the lpips package's weights/v0.1/vgg.pth, or set "
+                    "model.perceptual_weight=0."
                 )
         vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
-        vgg = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
+        vgg = {k[len("features.") :]: v for k, v in vgg.items() if k.startswith("features.")}
         model.features.load_state_dict(vgg, strict=True)
         lin = torch.load(lin_path, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(lin, strict=False)
         missing = [k for k in missing if k.startswith("lin")]
         if missing or unexpected:
-            raise ValueError(f"{lin_path} is not an LPIPS vgg lin file: missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{lin_path} is not an LPIPS vgg lin file: missing {missing}, unexpected {unexpected}"
+            )
         return model
 
     def train(self, mode: bool = True) -> LPIPS:  # always frozen in eval mode

@@ -216,7 +216,9 @@ class CLIPTextEncoder(nn.Module):
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def encode_cached(self, prompts: str | Sequence[str], device: torch.device | str | None = None) -> torch.Tensor:
+    def encode_cached(
+        self, prompts: str | Sequence[str], device: torch.device | str | None = None
+    ) -> torch.Tensor:
         """``forward`` with per-prompt memoisation while frozen (plain ``forward`` otherwise).
 
         Entries are keyed by ``(prompt, dtype)`` and stored detached on CPU (so GPU memory does not
@@ -303,13 +305,19 @@ class CLIPTextEncoder(nn.Module):
         self.clear_cache()
         return new_ids
 
-    def add_placeholder(self, token: str, num_vectors: int = 1, init_text: str | None = None,
-                        vectors: torch.Tensor | None = None) -> list[int]:
+    def add_placeholder(
+        self,
+        token: str,
+        num_vectors: int = 1,
+        init_text: str | None = None,
+        vectors: torch.Tensor | None = None,
+    ) -> list[int]:
         """Add a (multi-vector) placeholder token; returns the ids of its ``num_vectors`` tokens.
 
         Prompts then expand ``token`` to ``token token_1 ... token_{n-1}`` (``tokenize``). Rows: ``vectors``
         ``[n, hidden]`` (a loaded embedding); else the embeddings of ``init_text``'s tokens, cycled over the n
-        vectors (AUTOMATIC1111's initialisation); else random, N(mean, std) of the existing rows per dimension.
+        vectors (AUTOMATIC1111's initialisation); else random, N(mean, std) of the existing rows per
+        dimension.
         """
         tokens = placeholder_tokens(token, num_vectors)
         n, weight = len(tokens), self.token_embedding.weight
@@ -317,9 +325,11 @@ class CLIPTextEncoder(nn.Module):
             vectors = torch.as_tensor(vectors).detach()
             vectors = vectors.unsqueeze(0) if vectors.ndim == 1 else vectors
             if tuple(vectors.shape) != (n, weight.shape[1]):
-                raise ValueError(f"embedding for {token!r} has shape {tuple(vectors.shape)}, but this text encoder "
-                                 f"needs [{n}, {weight.shape[1]}] (hidden size {weight.shape[1]}): it was made for "
-                                 "another base model (SD1 CLIP ViT-L = 768, SD2 OpenCLIP = 1024)")
+                raise ValueError(
+                    f"embedding for {token!r} has shape {tuple(vectors.shape)}, but this text encoder "
+                    f"needs [{n}, {weight.shape[1]}] (hidden size {weight.shape[1]}): it was made for "
+                    "another base model (SD1 CLIP ViT-L = 768, SD2 OpenCLIP = 1024)"
+                )
         else:
             init_ids = None
             if init_text:

@@ -33,8 +33,10 @@ class PooledCLIPTextEncoder(CLIPTextEncoder):
 
     def __init__(self, transformer, tokenizer, **kwargs: Any):
         if not hasattr(transformer, "text_projection"):
-            raise ValueError(f"PooledCLIPTextEncoder needs a CLIPTextModelWithProjection, got "
-                             f"{type(transformer).__name__} (no text_projection)")
+            raise ValueError(
+                f"PooledCLIPTextEncoder needs a CLIPTextModelWithProjection, got "
+                f"{type(transformer).__name__} (no text_projection)"
+            )
         super().__init__(transformer, tokenizer, **kwargs)
 
     @property
@@ -46,24 +48,49 @@ class PooledCLIPTextEncoder(CLIPTextEncoder):
         return {"crossattn": self.hidden_of(outputs), "vector": outputs.text_embeds}
 
     @classmethod
-    def tiny(cls, vocab_words: Sequence[str] | None = None, hidden_size: int = 64, num_layers: int = 2,
-             num_heads: int = 4, max_length: int = 20, seed: int = 0, cache_dir: str | os.PathLike | None = None,
-             intermediate_size: int | None = None, projection_dim: int | None = None,
-             **encoder_kwargs: Any) -> PooledCLIPTextEncoder:
+    def tiny(
+        cls,
+        vocab_words: Sequence[str] | None = None,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        max_length: int = 20,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+        intermediate_size: int | None = None,
+        projection_dim: int | None = None,
+        **encoder_kwargs: Any,
+    ) -> PooledCLIPTextEncoder:
         """``CLIPTextEncoder.tiny`` with a text projection (``projection_dim``, default ``hidden_size``)."""
         tokenizer, _ = tiny_clip_tokenizer(vocab_words, max_length, cache_dir)
-        model = tiny_clip_model(tokenizer, hidden_size, num_layers, num_heads, max_length, seed, intermediate_size,
-                                projection_dim=projection_dim or hidden_size)
+        model = tiny_clip_model(
+            tokenizer,
+            hidden_size,
+            num_layers,
+            num_heads,
+            max_length,
+            seed,
+            intermediate_size,
+            projection_dim=projection_dim or hidden_size,
+        )
         return cls(model, tokenizer, max_length=max_length, **encoder_kwargs)
 
     @classmethod
-    def from_config(cls, config: str | dict | CLIPTextConfig = "vit_bigg_14",
-                    tokenizer_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                    dtype: torch.dtype | str | None = None, **encoder_kwargs: Any) -> PooledCLIPTextEncoder:
+    def from_config(
+        cls,
+        config: str | dict | CLIPTextConfig = "vit_bigg_14",
+        tokenizer_path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        **encoder_kwargs: Any,
+    ) -> PooledCLIPTextEncoder:
         """Architecture only (``CLIPTextEncoder.from_config`` with the projection; default SDXL's bigG)."""
         model = build_text_model(config, device, dtype, with_projection=True)
         tokenizer = None
         if tokenizer_path is not None:
-            tokenizer = CLIPTokenizer.from_pretrained(os.fspath(tokenizer_path), local_files_only=True,
-                                                      model_max_length=model.config.max_position_embeddings)
+            tokenizer = CLIPTokenizer.from_pretrained(
+                os.fspath(tokenizer_path),
+                local_files_only=True,
+                model_max_length=model.config.max_position_embeddings,
+            )
         return cls(model, tokenizer, **encoder_kwargs)

@@ -359,7 +359,8 @@ class UNetModel(nn.Module):
         if y is None or tuple(y.shape) != (batch, self.adm_in_channels):
             got = None if y is None else list(y.shape)
             raise ValueError(
-                f"this UNet adds a label embedding of y [B, adm_in_channels] = [{batch}, {self.adm_in_channels}] "
-                f"to the time embedding (SDXL: pooled text + size features); got y={got}"
+                f"this UNet adds a label embedding of y [B, adm_in_channels] = [{batch}, "
+                f"{self.adm_in_channels}] to the time embedding (SDXL: pooled text + size features); got "
+                f"y={got}"
             )
         return self.label_emb(y.to(emb.dtype))

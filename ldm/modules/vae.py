@@ -154,7 +154,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]. ``up[i]`` is resolution level i (up.0 is full size)."""
+    """z [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f]. ``up[i]`` is resolution level i (up.0 is full
+    size)."""
 
     def __init__(
         self,
@@ -225,9 +226,16 @@ class AutoencoderKL(nn.Module):
     ):
         super().__init__()
         z_channels = z_channels or embed_dim
-        common = {"ch": ch, "ch_mult": tuple(ch_mult), "num_res_blocks": num_res_blocks, "z_channels": z_channels,
-                  "attn_resolutions": tuple(attn_resolutions), "resolution": resolution, "dropout": dropout,
-                  "norm_groups": norm_groups}
+        common = {
+            "ch": ch,
+            "ch_mult": tuple(ch_mult),
+            "num_res_blocks": num_res_blocks,
+            "z_channels": z_channels,
+            "attn_resolutions": tuple(attn_resolutions),
+            "resolution": resolution,
+            "dropout": dropout,
+            "norm_groups": norm_groups,
+        }
         self.encoder = Encoder(in_channels=in_channels, double_z=True, **common)
         self.decoder = Decoder(out_ch=out_ch, **common)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
@@ -243,8 +251,9 @@ class AutoencoderKL(nn.Module):
         """z [B, embed_dim, h, w] -> image [B, 3, h*f, w*f] (roughly in [-1, 1])."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior

@@ -27,11 +27,13 @@ class BatchRandom:
         generator = torch.Generator().manual_seed((seed * 1_000_003 + batch_index) % (2**63))
         return cls(rank, world_size, generator)
 
-    def _share(self, draw: Callable[[tuple[int, ...]], torch.Tensor], shape: Sequence[int], device) -> torch.Tensor:
+    def _share(
+        self, draw: Callable[[tuple[int, ...]], torch.Tensor], shape: Sequence[int], device
+    ) -> torch.Tensor:
         shape = tuple(shape)
         if self.world_size > 1:
             shape = (shape[0] * self.world_size, *shape[1:])
-        values = draw(shape)[self.rank::self.world_size]
+        values = draw(shape)[self.rank :: self.world_size]
         return values.to(device) if device is not None else values
 
     def _device(self, device):  # a generator draws on its own device (CPU); the result is moved after
@@ -39,8 +41,9 @@ class BatchRandom:
 
     def randn(self, shape: Sequence[int], device=None, dtype=None) -> torch.Tensor:
         where = self._device(device)
-        return self._share(lambda s: torch.randn(s, generator=self.generator, device=where, dtype=dtype), shape,
-                           device)
+        return self._share(
+            lambda s: torch.randn(s, generator=self.generator, device=where, dtype=dtype), shape, device
+        )
 
     def rand(self, shape: Sequence[int], device=None) -> torch.Tensor:
         where = self._device(device)
@@ -48,5 +51,6 @@ class BatchRandom:
 
     def randint(self, high: int, shape: Sequence[int], device=None) -> torch.Tensor:
         where = self._device(device)
-        return self._share(lambda s: torch.randint(0, high, s, generator=self.generator, device=where), shape,
-                           device)
+        return self._share(
+            lambda s: torch.randint(0, high, s, generator=self.generator, device=where), shape, device
+        )

@@ -82,4 +82,5 @@ def check_config_values(cfg: DictConfig, roots: tuple[str, ...] = ("trainer", "m
                     what = {bool: "true or false", int: "an integer", float: "a number"}[kind]
                     raise ConfigValueError(
                         f"{key}.{name}={value} is not {what}: {target_node._target_} takes {name} as {what} "
-                        f"(e.g. {default!r}); fix the override or the config file that sets it")
+                        f"(e.g. {default!r}); fix the override or the config file that sets it"
+                    )

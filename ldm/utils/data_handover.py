@@ -2,13 +2,14 @@
 
 The datamodule never sees the model object: what it needs of the model (an encoder for the latent cache, an
 image generator for DreamBooth's class images, fingerprints that key both caches) comes as ``DataServices``.
-The model never reads the datamodule: what it needs of the data (the resolution, the training captions the text
-offload encodes) comes as ``DataFacts``; everything else it learns from batches.
+The model never reads the datamodule: what it needs of the data (the resolution, the training captions the
+text offload encodes) comes as ``DataFacts``; everything else it learns from batches.
 
-``connect_data(model, datamodule)`` (called by ``train.py`` before ``trainer.fit``) wires the two: the model gets
-a ``DataLink`` holding the datamodule's facts and its ``prepare_training_data``; the model calls it once, in its
-``setup`` after its weights are loaded (before a checkpoint's are restored, so class images come from the base),
-with its services, and receives the facts the prepared data adds (the captions of the latent cache).
+``connect_data(model, datamodule)`` (called by ``train.py`` before ``trainer.fit``) wires the two: the model
+gets a ``DataLink`` holding the datamodule's facts and its ``prepare_training_data``; the model calls it
+once, in its ``setup`` after its weights are loaded (before a checkpoint's are restored, so class images come
+from the base), with its services, and receives the facts the prepared data adds (the captions of the latent
+cache).
 
 This module is neutral ground: ``ldm/models`` and ``datamodules/`` both import it, neither imports the other.
 """
@@ -26,8 +27,16 @@ class LatentEncoder(Protocol):
 
 
 class ImageGenerator(Protocol):
-    def __call__(self, prompts: list[str], seeds: list[int], *, sampler: str, steps: int, guidance_scale: float,
-                 resolution: int) -> Any:
+    def __call__(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
+        resolution: int,
+    ) -> Any:
         """Images [B, 3, R, R] in [-1, 1] for ``prompts``; image k's noise (initial and per step) from
         ``seeds[k]`` alone, whatever the batch."""
 
@@ -36,9 +45,11 @@ class ImageGenerator(Protocol):
 class DataServices:
     """Model -> datamodule, once the model's weights are loaded.
 
-    encode / vae_fingerprint(): the latent cache's encoder and a digest of every weight that shapes its output.
+    encode / vae_fingerprint(): the latent cache's encoder and a digest of every weight that shapes its
+    output.
     generate / base_fingerprint(): DreamBooth's class-image generator and a digest of the weights it uses.
-    device: where ``encode`` runs. The fingerprints are functions: computed (once) only when a cache needs them.
+    device: where ``encode`` runs. The fingerprints are functions: computed (once) only when a cache needs
+    them.
     """
 
     encode: LatentEncoder
@@ -91,7 +102,8 @@ class DataConsumer(Protocol):
 
 
 def connect_data(model: Any, datamodule: Any) -> DataLink | None:
-    """Give ``model`` its link to ``datamodule`` (see the module docstring); None when either side takes none."""
+    """Give ``model`` its link to ``datamodule`` (see the module docstring); None when either side takes
+    none."""
     if not (isinstance(model, DataConsumer) and isinstance(datamodule, DataProvider)):
         return None
     prepare = datamodule.prepare_training_data if isinstance(datamodule, PreparesWithServices) else None

@@ -33,7 +33,9 @@ def sha256_of(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_file():
         stat = path.stat()
-        return _hash_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        return _hash_cached(
+            str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+        )
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FOLDER_FILES):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")

@@ -24,8 +24,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DiskFullError", "atomic_link", "atomic_save_safetensors", "atomic_write", "atomic_write_text",
-           "cache_dir", "remove_stale_temp_files"]
+__all__ = [
+    "DiskFullError",
+    "atomic_link",
+    "atomic_save_safetensors",
+    "atomic_write",
+    "atomic_write_text",
+    "cache_dir",
+    "remove_stale_temp_files",
+]
 
 # .<name>.<pid>.<mkstemp's 8 characters>.tmp; before the pid was added: .<name>.<8 characters>.tmp
 _TEMP_NAME = re.compile(r"^\..+?(?:\.(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp$")
@@ -35,9 +42,16 @@ class DiskFullError(OSError):
     """A write that failed for lack of space (``errno`` ENOSPC or EDQUOT); the message names the file."""
 
 
-# how a full disk reads when it does not arrive as OSError(ENOSPC): torch.save's zip writer, safetensors (Rust)
-_FULL_DISK_TEXT = ("unexpected pos", "PytorchStreamWriter failed", "No space left on device", "os error 28",
-                   "Disk quota exceeded", "os error 122")
+# how a full disk reads when it does not arrive as OSError(ENOSPC): torch.save's zip writer, safetensors
+# (Rust)
+_FULL_DISK_TEXT = (
+    "unexpected pos",
+    "PytorchStreamWriter failed",
+    "No space left on device",
+    "os error 28",
+    "Disk quota exceeded",
+    "os error 122",
+)
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -50,23 +64,28 @@ def _free_space(folder: Path) -> str:
 
 
 def write_failure(path: Path, error: BaseException) -> OSError | None:
-    """The error to raise instead of ``error`` when writing ``path`` failed for a reason the user fixes (a full
-    disk, a read-only folder); None for anything else."""
+    """The error to raise instead of ``error`` when writing ``path`` failed for a reason the user fixes (a
+    full disk, a read-only folder); None for anything else."""
     code = getattr(error, "errno", None)
     if isinstance(error, DiskFullError) or str(error).startswith("cannot write "):
         return None  # already says it
     io_error = isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
-    if code in (errno.ENOSPC, errno.EDQUOT) or (io_error and any(text in str(error) for text in _FULL_DISK_TEXT)):
+    if code in (errno.ENOSPC, errno.EDQUOT) or (
+        io_error and any(text in str(error) for text in _FULL_DISK_TEXT)
+    ):
         failure = DiskFullError(
             f"cannot write {path}: the disk is full (or over quota): {_free_space(path.parent)} free in "
             f"{path.parent} ({' '.join(str(error).split())[:120]}). Free some space or write elsewhere "
-            "(paths.log_dir=..., --out ...); nothing already saved was changed")
+            "(paths.log_dir=..., --out ...); nothing already saved was changed"
+        )
         failure.errno = errno.ENOSPC
         return failure
     if isinstance(error, OSError) and code in _NOT_WRITABLE:
-        denied = PermissionError(f"cannot write {path}: its folder {path.parent} is not writable "
-                                 f"({os.strerror(code)}). Make it writable or write elsewhere (paths.log_dir=..., "
-                                 "--out ...)")
+        denied = PermissionError(
+            f"cannot write {path}: its folder {path.parent} is not writable "
+            f"({os.strerror(code)}). Make it writable or write elsewhere (paths.log_dir=..., "
+            "--out ...)"
+        )
         denied.errno = code
         return denied
     return None
@@ -145,8 +164,9 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(folder: str | os.PathLike, before: float | None = None,
-                            recursive: bool = True) -> list[Path]:
+def remove_stale_temp_files(
+    folder: str | os.PathLike, before: float | None = None, recursive: bool = True
+) -> list[Path]:
     """Remove the temporary files of :func:`atomic_write` under ``folder`` that no live process is writing:
     last modified before ``before`` (a time stamp; default now) and written by a process that no longer runs
     (names without a process id: the time alone). -> the removed paths. Symbolic links are not followed."""

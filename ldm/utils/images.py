@@ -13,8 +13,9 @@ from ldm.utils.files import atomic_write
 
 
 def save_image(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> Path:
-    """``image.save(path)`` atomically, in the format the suffix names (``.png``, ``.jpg``, ...). ``text``: PNG
-    text chunks (e.g. AUTOMATIC1111's ``parameters``, which image viewers and the webui's PNG Info read)."""
+    """``image.save(path)`` atomically, in the format the suffix names (``.png``, ``.jpg``, ...). ``text``:
+    PNG text chunks (e.g. AUTOMATIC1111's ``parameters``, which image viewers and the webui's PNG Info
+    read)."""
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:
@@ -58,9 +59,11 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, u
     return save_image(img, path)
 
 
-def save_labelled_grid(images: torch.Tensor, labels: list[str], path: str | Path, ncol: int = 4,
-                       cell: int = 128) -> Path:
-    """Each image upscaled to ``cell`` px with its label (e.g. the prompt) underneath; Pillow's default font."""
+def save_labelled_grid(
+    images: torch.Tensor, labels: list[str], path: str | Path, ncol: int = 4, cell: int = 128
+) -> Path:
+    """Each image upscaled to ``cell`` px with its label (e.g. the prompt) underneath; Pillow's default
+    font."""
     from PIL import ImageDraw
 
     arr = to_uint8(images)

@@ -20,7 +20,8 @@ def _fmt_value(value) -> str:
 
 def finished_steps(trainer, last: Path | None) -> int:
     """``trainer.global_step``; under ``ddp_spawn`` / ``ddp_fork`` the workers trained and this process's
-    trainer never stepped: then the step of the last checkpoint they wrote (memory-mapped: no weights read)."""
+    trainer never stepped: then the step of the last checkpoint they wrote (memory-mapped: no weights
+    read)."""
     if trainer.global_step or last is None or not last.is_file():
         return trainer.global_step
     if type(getattr(trainer.strategy, "launcher", None)).__name__ != "_MultiProcessingLauncher":
@@ -77,7 +78,12 @@ def summarize_run(trainer, model, cfg, seconds: float) -> str:
     ckpt = trainer.checkpoint_callback
     last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
     steps = finished_steps(trainer, last)
-    lines = [f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} ({stop_reason(trainer, steps)})"]
+    lines = [
+        (
+            f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} "
+            f"({stop_reason(trainer, steps)})"
+        )
+    ]
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))

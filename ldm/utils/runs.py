@@ -39,8 +39,9 @@ def _last_activity(run: Path) -> float:
 
 
 def _was_a_resume(run: Path) -> bool:
-    """The run's saved config (Hydra's ``.hydra/config.yaml``) has a ``ckpt_path``: without a checkpoint of its
-    own, it continued one of the older runs and saved nothing new (or died first): not a run of its own."""
+    """The run's saved config (Hydra's ``.hydra/config.yaml``) has a ``ckpt_path``: without a checkpoint of
+    its own, it continued one of the older runs and saved nothing new (or died first): not a run of its
+    own."""
     saved = run / ".hydra" / "config.yaml"
     try:
         return saved.is_file() and OmegaConf.load(saved).get("ckpt_path") is not None
@@ -55,10 +56,15 @@ def last_run_checkpoint(log_dir: str | Path, task_name: str, current_run: str | 
     is rarely what was meant."""
     runs_dir = Path(log_dir) / task_name / "runs"
     current = Path(current_run).resolve() if current_run else None
-    runs = [run for run in (runs_dir.iterdir() if runs_dir.is_dir() else []) if run.is_dir()
-            and (run.resolve() != current or (run / "checkpoints" / "last.ckpt").exists())]
+    runs = [
+        run
+        for run in (runs_dir.iterdir() if runs_dir.is_dir() else [])
+        if run.is_dir() and (run.resolve() != current or (run / "checkpoints" / "last.ckpt").exists())
+    ]
     runs = [run for run in runs if (run / "checkpoints" / "last.ckpt").exists() or not _was_a_resume(run)]
-    with_ckpt = sorted((run for run in runs if (run / "checkpoints" / "last.ckpt").exists()), key=_last_activity)
+    with_ckpt = sorted(
+        (run for run in runs if (run / "checkpoints" / "last.ckpt").exists()), key=_last_activity
+    )
     if not with_ckpt:
         raise FileNotFoundError(
             f"ckpt_path=last: no {runs_dir}/*/checkpoints/last.ckpt exists yet. "
@@ -76,15 +82,21 @@ def last_run_checkpoint(log_dir: str | Path, task_name: str, current_run: str | 
 
 
 def describe_resume(ckpt_path: str, task_name: str) -> str:
-    """The line train.py logs for ``ckpt_path=last``: which run it continues, from which file, written when."""
+    """The line train.py logs for ``ckpt_path=last``: which run it continues, from which file, written
+    when."""
     found = Path(ckpt_path)
     written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.stat().st_mtime))
-    return f"ckpt_path=last: continuing run {found.parent.parent.name} of {task_name} ({found}, written {written})"
+    return (
+        f"ckpt_path=last: continuing run {found.parent.parent.name} of {task_name} "
+        f"({found}, written {written})"
+    )
 
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str,
-                      current_run: str | Path | None = None) -> str | None:
-    """``None`` -> None; ``"last"`` -> the newest run's last.ckpt (``last_run_checkpoint``); a path must exist."""
+def resolve_ckpt_path(
+    ckpt_path: str | None, log_dir: str | Path, task_name: str, current_run: str | Path | None = None
+) -> str | None:
+    """``None`` -> None; ``"last"`` -> the newest run's last.ckpt (``last_run_checkpoint``); a path must
+    exist."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":

@@ -21,7 +21,9 @@ log = get_logger(__name__)
 __all__ = ["clean_run_folders", "run_folders"]
 
 
-def run_folders(output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None = None) -> list[tuple[Path, bool]]:
+def run_folders(
+    output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None = None
+) -> list[tuple[Path, bool]]:
     """(folder, recursive) pairs a run owns: its output folder and, when resuming, the run folder of the
     checkpoint (``<run>/checkpoints/<file>`` of a run with ``.hydra/``: all of it, checkpoints and adapters
     included), else only the checkpoint's own folder."""
@@ -36,8 +38,9 @@ def run_folders(output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | No
     return folders
 
 
-def clean_run_folders(output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None = None,
-                      before: float | None = None) -> list[Path]:
+def clean_run_folders(
+    output_dir: str | os.PathLike, ckpt_path: str | os.PathLike | None = None, before: float | None = None
+) -> list[Path]:
     """Remove the stale temporary files (:func:`~ldm.utils.files.remove_stale_temp_files`: older than
     ``before``, default now, and of a writer that no longer runs) in the run's folders and log them. Rank zero
     only (the other ranks of a run would race it); -> the removed paths."""
@@ -48,6 +51,8 @@ def clean_run_folders(output_dir: str | os.PathLike, ckpt_path: str | os.PathLik
     for folder, recursive in run_folders(output_dir, ckpt_path):
         removed += remove_stale_temp_files(folder, before, recursive)
     if removed:
-        names = ", ".join(str(p) for p in removed[:5]) + (f" and {len(removed) - 5} more" if len(removed) > 5 else "")
+        names = ", ".join(str(p) for p in removed[:5]) + (
+            f" and {len(removed) - 5} more" if len(removed) > 5 else ""
+        )
         log.info(f"Removed {len(removed)} stale temporary file(s) left by killed writes: {names}")
     return removed

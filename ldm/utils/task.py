@@ -24,8 +24,10 @@ T = TypeVar("T")  # no heavy import at module level: benchmarks measuring memory
 # struct") does not say where the value lives now.
 RENAMED_KEYS = {"model.method.prior_loss_weight": "model.prior_loss_weight"}
 
-NO_GPU_HINT = ("this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
-               "(DDP with 2 CPU processes)")
+NO_GPU_HINT = (
+    "this machine has no usable GPU: use trainer=cpu (one process) or trainer=ddp_sim "
+    "(DDP with 2 CPU processes)"
+)
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -34,8 +36,16 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     from ldm.utils.files import DiskFullError
 
-    return (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError, ValueError, DiskFullError,
-            MisconfigurationException, OmegaConfBaseException)
+    return (
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        IsADirectoryError,
+        ValueError,
+        DiskFullError,
+        MisconfigurationException,
+        OmegaConfBaseException,
+    )
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -67,8 +77,11 @@ def renamed_override(args: list[str]) -> str | None:
     for arg in args:
         key = arg.lstrip("+~").split("=", 1)[0]
         if key in RENAMED_KEYS:
-            return (f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
-                    f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning method)")
+            return (
+                f"error: {key} was renamed: use {RENAMED_KEYS[key]}"
+                f"{'=' + arg.split('=', 1)[1] if '=' in arg else ''} (one weight for every fine-tuning "
+                "method)"
+            )
     return None
 
 
@@ -102,8 +115,8 @@ def full_trace_asked() -> bool:
 
 
 def child_failure(what: str, stderr: str) -> SystemExit:
-    """The exit of a script whose child process (one benchmark variant) failed: the child's own ``error:`` line
-    when it printed one (a user error, already one line), else the tail of its stderr (a bug)."""
+    """The exit of a script whose child process (one benchmark variant) failed: the child's own ``error:``
+    line when it printed one (a user error, already one line), else the tail of its stderr (a bug)."""
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     if errors:
         print(f"error: {what}: {errors[-1].removeprefix('error: ')}", file=sys.stderr)
@@ -112,8 +125,8 @@ def child_failure(what: str, stderr: str) -> SystemExit:
 
 
 def run_main(main: Callable[..., T], *args, **kwargs) -> T:
-    """A script's ``main(*args, **kwargs)``; a user error -> ``error: ...`` on stderr and exit status 1 (see the
-    module docstring; ``HYDRA_FULL_ERROR=1`` keeps the traceback)."""
+    """A script's ``main(*args, **kwargs)``; a user error -> ``error: ...`` on stderr and exit status 1 (see
+    the module docstring; ``HYDRA_FULL_ERROR=1`` keeps the traceback)."""
     try:
         return main(*args, **kwargs)
     except Exception as error:

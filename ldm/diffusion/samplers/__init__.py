@@ -1,8 +1,8 @@
 """Samplers over a ``Denoiser`` (x_t, t) -> model output; each cites its paper.
 
 Names are the ones users know (AUTOMATIC1111 / ComfyUI): ``ddpm``, ``ddim``, ``euler``, ``euler_a``,
-``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``; any sigma solver with ``_karras`` appended uses Karras sigmas
-(``dpmpp_2m_karras``, ``euler_a_karras``, ...).
+``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``; any sigma solver with ``_karras`` appended uses Karras
+sigmas (``dpmpp_2m_karras``, ``euler_a_karras``, ...).
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from ldm.diffusion.samplers.ddpm import DDPMSampler
 from ldm.diffusion.samplers.sigma_sampler import DPMSolverPP2MSampler, SigmaSampler
 from ldm.diffusion.samplers.sigma_solvers import ANCESTRAL, SOLVERS
 
-SAMPLERS: tuple[str, ...] = (
-    "ddpm", "ddim", *SOLVERS, *(f"{name}_karras" for name in SOLVERS)
-)
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", *SOLVERS, *(f"{name}_karras" for name in SOLVERS))
 
 DISPLAY_NAMES: dict[str, tuple[str, str]] = {
     # ours: (AUTOMATIC1111 / ComfyUI-style name, diffusers scheduler [config])

@@ -60,8 +60,14 @@ class Sampler:
 
     name = "sampler"
 
-    def __init__(self, steps: int | None, timestep_spacing: str | None = None, steps_offset: int | None = None,
-                 set_alpha_to_one: bool | None = None, clip_x0: bool = False):
+    def __init__(
+        self,
+        steps: int | None,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        set_alpha_to_one: bool | None = None,
+        clip_x0: bool = False,
+    ):
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
@@ -87,7 +93,9 @@ class Sampler:
     def timesteps(self, schedule: DiffusionSchedule) -> list:
         """The timesteps the denoiser is given, in order."""
         conv = self.convention(schedule)
-        return make_timesteps(schedule.num_timesteps, self.num_steps(schedule), conv.spacing, conv.steps_offset)
+        return make_timesteps(
+            schedule.num_timesteps, self.num_steps(schedule), conv.spacing, conv.steps_offset
+        )
 
     def __call__(
         self,
@@ -104,10 +112,11 @@ class Sampler:
         init: Tensor | None = None,
         strength: float = 1.0,
     ) -> Tensor:
-        """Samples ``[shape]`` (x0 space) from a denoiser whose outputs are ``parameterization``'s (an object of
-        ``ldm.diffusion.parameterization``, or its name). ``x_T``: the initial standard-normal noise (drawn from
-        ``generator`` when absent). ``init`` + ``strength`` (img2img, Meng et al. 2022, "SDEdit"): noise the
-        clean ``init`` with that noise to the level of the last ``int(steps * strength)`` steps and run those."""
+        """Samples ``[shape]`` (x0 space) from a denoiser whose outputs are ``parameterization``'s (an object
+        of ``ldm.diffusion.parameterization``, or its name). ``x_T``: the initial standard-normal noise (drawn
+        from ``generator`` when absent). ``init`` + ``strength`` (img2img, Meng et al. 2022, "SDEdit"): noise
+        the clean ``init`` with that noise to the level of the last ``int(steps * strength)`` steps and run
+        those."""
         parameterization = as_parameterization(parameterization)
         if device is None:
             device = x_T.device if x_T is not None else torch.device("cpu")
@@ -129,9 +138,13 @@ class Sampler:
             return randn(shape, generator, device, dtype)
 
         with torch.no_grad():
-            return self._run(denoiser, schedule, parameterization, x, noise, progress, callback, init, strength)
+            return self._run(
+                denoiser, schedule, parameterization, x, noise, progress, callback, init, strength
+            )
 
-    def _run(self, denoiser, schedule, parameterization, x, noise, progress, callback, init, strength) -> Tensor:
+    def _run(
+        self, denoiser, schedule, parameterization, x, noise, progress, callback, init, strength
+    ) -> Tensor:
         raise NotImplementedError
 
 
@@ -146,4 +159,12 @@ def timestep_batch(t: float, batch: int, device: torch.device) -> Tensor:
     return torch.full((batch,), float(t), dtype=torch.float32, device=device)
 
 
-__all__ = ["DEFAULT_TIMESTEP_SPACING", "Sampler", "StepCallback", "img2img_start", "sqrt", "timestep_batch", "track"]
+__all__ = [
+    "DEFAULT_TIMESTEP_SPACING",
+    "Sampler",
+    "StepCallback",
+    "img2img_start",
+    "sqrt",
+    "timestep_batch",
+    "track",
+]

@@ -16,8 +16,15 @@ class DDIMSampler(VPSampler):
     name = "ddim"
     honours_set_alpha_to_one = True
 
-    def __init__(self, steps: int = 50, eta: float = 0.0, timestep_spacing: str | None = None,
-                 steps_offset: int | None = None, set_alpha_to_one: bool | None = None, clip_x0: bool = False):
+    def __init__(
+        self,
+        steps: int = 50,
+        eta: float = 0.0,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        set_alpha_to_one: bool | None = None,
+        clip_x0: bool = False,
+    ):
         super().__init__(steps, timestep_spacing, steps_offset, set_alpha_to_one, clip_x0)
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")

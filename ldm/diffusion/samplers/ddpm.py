@@ -1,4 +1,5 @@
-"""Ancestral sampling with the DDPM posterior (Ho et al. 2020, Alg. 2; respacing as in Nichol & Dhariwal 2021)."""
+"""Ancestral sampling with the DDPM posterior (Ho et al. 2020, Alg. 2; respacing as in Nichol & Dhariwal
+2021)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ class DDPMSampler(VPSampler):
 
     name = "ddpm"
 
-    def __init__(self, steps: int | None = None, timestep_spacing: str | None = None,
-                 steps_offset: int | None = None, clip_x0: bool = False):
+    def __init__(
+        self,
+        steps: int | None = None,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        clip_x0: bool = False,
+    ):
         super().__init__(steps, timestep_spacing, steps_offset, None, clip_x0)
 
     def _sample(self, predict, noise, x, steps, callback):

@@ -11,7 +11,8 @@ from ldm.diffusion.samplers.sigma_solvers import ANCESTRAL, MULTISTEP_FAMILY, SO
 
 
 class SigmaSampler(Sampler):
-    """``solver`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``) over ``steps`` noise levels.
+    """``solver`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``) over ``steps``
+    noise levels.
 
     ``karras``: Karras et al. 2022 (eq. 5, rho 7) sigmas over the whole schedule instead of the spaced
     timesteps. ``eta``: ancestral noise of ``euler_a``/``dpmpp_2s_a``. The discretisation follows diffusers'
@@ -21,9 +22,17 @@ class SigmaSampler(Sampler):
     linspace/trailing spacing, which take k-diffusion's ``sigma_max`` (as diffusers does).
     """
 
-    def __init__(self, solver: str = "euler", steps: int = 20, karras: bool = False, eta: float = 1.0,
-                 timestep_spacing: str | None = None, steps_offset: int | None = None, clip_x0: bool = False,
-                 rho: float = 7.0):
+    def __init__(
+        self,
+        solver: str = "euler",
+        steps: int = 20,
+        karras: bool = False,
+        eta: float = 1.0,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        clip_x0: bool = False,
+        rho: float = 7.0,
+    ):
         super().__init__(steps, timestep_spacing, steps_offset, None, clip_x0)
         if solver not in SOLVERS:
             raise ValueError(f"unknown sigma solver {solver!r}; expected one of {sorted(SOLVERS)}")
@@ -34,8 +43,15 @@ class SigmaSampler(Sampler):
 
     def grid(self, schedule):
         multistep = self.solver in MULTISTEP_FAMILY
-        return sigma_grid(schedule.alphas_cumprod, self.num_steps(schedule), self.convention(schedule),
-                          karras=self.karras, extra_point=multistep, integer=multistep, rho=self.rho)
+        return sigma_grid(
+            schedule.alphas_cumprod,
+            self.num_steps(schedule),
+            self.convention(schedule),
+            karras=self.karras,
+            extra_point=multistep,
+            integer=multistep,
+            rho=self.rho,
+        )
 
     def timesteps(self, schedule) -> list:
         return [int(t) if float(t).is_integer() else t for t in self.grid(schedule).timesteps]
@@ -49,7 +65,7 @@ class SigmaSampler(Sampler):
         grid = self.grid(schedule)
         sigmas = grid.sigmas
         if init is not None:
-            sigmas = sigmas[img2img_start(len(sigmas) - 1, strength):]
+            sigmas = sigmas[img2img_start(len(sigmas) - 1, strength) :]
             if len(sigmas) < 2:
                 return init
             x = init + sigmas[0] * x
@@ -57,7 +73,8 @@ class SigmaSampler(Sampler):
             x = x * self.initial_scale(sigmas[0], self.convention(schedule).spacing)
 
         def model(x, sigma: float):
-            alpha = 1 / math.sqrt(1 + sigma**2)  # x_vp = alpha * x; alpha_vp = alpha, sigma_vp = sigma * alpha
+            # x_vp = alpha * x; alpha_vp = alpha, sigma_vp = sigma * alpha
+            alpha = 1 / math.sqrt(1 + sigma**2)
             out = denoiser(x * alpha, timestep_batch(grid.timestep_of(sigma), x.shape[0], x.device))
             denoised = parameterization.denoised(x, sigma, out)
             return denoised.clamp(-1.0, 1.0) if self.clip_x0 else denoised
@@ -71,8 +88,14 @@ class SigmaSampler(Sampler):
 class DPMSolverPP2MSampler(SigmaSampler):
     """DPM-Solver++(2M) (Lu et al. 2022); the name older configs use for ``SigmaSampler("dpmpp_2m")``."""
 
-    def __init__(self, steps: int = 20, karras: bool = False, timestep_spacing: str | None = None,
-                 steps_offset: int | None = None, clip_x0: bool = False):
+    def __init__(
+        self,
+        steps: int = 20,
+        karras: bool = False,
+        timestep_spacing: str | None = None,
+        steps_offset: int | None = None,
+        clip_x0: bool = False,
+    ):
         super().__init__("dpmpp_2m", steps, karras, 1.0, timestep_spacing, steps_offset, clip_x0)
 
 

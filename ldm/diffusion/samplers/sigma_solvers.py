@@ -46,8 +46,9 @@ def sample_euler(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None
     return x
 
 
-def sample_euler_ancestral(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False,
-                           eta: float = 1.0) -> Tensor:
+def sample_euler_ancestral(
+    model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False, eta: float = 1.0
+) -> Tensor:
     """Euler step to sigma_down, then ancestral noise sigma_up (Ho et al. 2020, "Denoising Diffusion
     Probabilistic Models", Alg. 2, in k-diffusion's Euler form)."""
     for i in _steps(sigmas, "euler_a", progress):
@@ -76,9 +77,12 @@ def sample_heun(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None,
     return x
 
 
-def sample_dpmpp_2m(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False) -> Tensor:
+def sample_dpmpp_2m(
+    model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False
+) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-    Probabilistic Models", Alg. 2): multistep, second order in log-SNR; the first and last steps first order."""
+    Probabilistic Models", Alg. 2): multistep, second order in log-SNR; the first and last steps first
+    order."""
     previous, h_previous = None, None
     for i in _steps(sigmas, "dpmpp_2m", progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -98,8 +102,9 @@ def sample_dpmpp_2m(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=N
     return x
 
 
-def sample_dpmpp_2s_ancestral(model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False,
-                              eta: float = 1.0) -> Tensor:
+def sample_dpmpp_2s_ancestral(
+    model: SigmaModel, x: Tensor, sigmas, noise=None, callback=None, progress=False, eta: float = 1.0
+) -> Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, singlestep, midpoint in log-SNR) to sigma_down, then
     ancestral noise sigma_up (as Euler ancestral)."""
     for i in _steps(sigmas, "dpmpp_2s_a", progress):

@@ -29,7 +29,7 @@ class VPSampler(Sampler):
         abar = [float(a) for a in schedule.alphas_cumprod[timesteps]]
         steps = list(zip(timesteps, abar, abar[1:] + [self.final_abar(schedule)]))
         if init is not None:
-            steps = steps[img2img_start(len(steps), strength):]
+            steps = steps[img2img_start(len(steps), strength) :]
             if not steps:
                 return init
             x = sqrt(steps[0][1]) * init + sqrt(1 - steps[0][1]) * x
@@ -48,7 +48,9 @@ class VPSampler(Sampler):
                 return x0, X0.to_eps(x, t_batch, x0, schedule)
             return x0, parameterization.to_eps(x, t_batch, out, schedule)
 
-        return self._sample(predict, noise, x, track(steps, self.name, progress), callback or (lambda _: None))
+        return self._sample(
+            predict, noise, x, track(steps, self.name, progress), callback or (lambda _: None)
+        )
 
     def _sample(self, predict, noise, x: torch.Tensor, steps: Iterator[tuple[int, float, float]], callback):
         raise NotImplementedError

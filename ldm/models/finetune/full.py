@@ -24,12 +24,18 @@ class FullUNet(FineTuneMethod):
     """train_text_encoder: also train the text encoder (its prompt cache is then off).
     text_encoder_lr: its learning rate (None: the optimiser's). export_dtype: of the SD single file."""
 
-    def __init__(self, train_text_encoder: bool = False, text_encoder_lr: float | None = None,
-                 export_dtype: str = "float16"):
+    def __init__(
+        self,
+        train_text_encoder: bool = False,
+        text_encoder_lr: float | None = None,
+        export_dtype: str = "float16",
+    ):
         super().__init__()
         if text_encoder_lr is not None and not train_text_encoder:
-            raise ValueError("text_encoder_lr is set but train_text_encoder is false: set "
-                             "model.method.train_text_encoder=true, or drop text_encoder_lr")
+            raise ValueError(
+                "text_encoder_lr is set but train_text_encoder is false: set "
+                "model.method.train_text_encoder=true, or drop text_encoder_lr"
+            )
         self.train_text_encoder = bool(train_text_encoder)
         self.trains_text_encoder = self.train_text_encoder
         self.text_encoder_lr = text_encoder_lr
@@ -37,11 +43,17 @@ class FullUNet(FineTuneMethod):
 
     def _unet(self) -> nn.Module:
         if self.model is None:
-            raise RuntimeError("FullUNet is not attached to a model yet (FineTuneModule calls attach in setup)")
+            raise RuntimeError(
+                "FullUNet is not attached to a model yet (FineTuneModule calls attach in setup)"
+            )
         return self.model.unet
 
     def _text_transformer(self) -> nn.Module | None:
-        return self.model.text_encoder.transformer if self.train_text_encoder and self.model is not None else None
+        return (
+            self.model.text_encoder.transformer
+            if self.train_text_encoder and self.model is not None
+            else None
+        )
 
     # -- building --------------------------------------------------------------------------------------
     def attach(self, model) -> None:
@@ -74,21 +86,30 @@ class FullUNet(FineTuneMethod):
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         check_state_keys(set(self.state_dict()), state, "FullUNet")
-        self._unet().load_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items()
-                                      if k.startswith(UNET_PREFIX)}, strict=True)
+        self._unet().load_state_dict(
+            {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}, strict=True
+        )
         text = self._text_transformer()
         if text is not None:
-            text.load_state_dict({k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)},
-                                 strict=True)
+            text.load_state_dict(
+                {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}, strict=True
+            )
             self.model.text_encoder.clear_cache()
 
     # -- output ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
-        """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps them)."""
+        """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps
+        them)."""
         model = self.model
         return export_single_file(
-            Path(path).with_suffix(".safetensors"), self._unet(), model.vae, model.text_encoder,
+            Path(path).with_suffix(".safetensors"),
+            self._unet(),
+            model.vae,
+            model.text_encoder,
             schedule=model.schedule,
-            parameterization=model.hparams.parameterization, scale_factor=float(model.scale_factor),
-            resolution=getattr(model, "image_resolution", None), dtype=self.export_dtype,
-            metadata={"ldm.method": "dreambooth-full-unet", **dict(metadata)})
+            parameterization=model.hparams.parameterization,
+            scale_factor=float(model.scale_factor),
+            resolution=getattr(model, "image_resolution", None),
+            dtype=self.export_dtype,
+            metadata={"ldm.method": "dreambooth-full-unet", **dict(metadata)},
+        )

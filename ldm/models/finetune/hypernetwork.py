@@ -38,23 +38,45 @@ class Hypernetwork(FineTuneMethod):
 
     export_suffix = ".pt"
 
-    def __init__(self, widths: Sequence[int] | None = None, self_attention: bool = False,
-                 layer_structure: Sequence[float] = (1, 2, 1), activation: str = "linear",
-                 weight_init: str = "Normal", layer_norm: bool = False, activate_output: bool = False,
-                 use_dropout: bool = False, dropout: float = 0.3, last_layer_dropout: bool = False,
-                 dropout_structure: Sequence[float] | None = None, zero_last_layer: bool = False,
-                 strength: float = 1.0, lr: float | None = None, export_format: str = "pt"):
+    def __init__(
+        self,
+        widths: Sequence[int] | None = None,
+        self_attention: bool = False,
+        layer_structure: Sequence[float] = (1, 2, 1),
+        activation: str = "linear",
+        weight_init: str = "Normal",
+        layer_norm: bool = False,
+        activate_output: bool = False,
+        use_dropout: bool = False,
+        dropout: float = 0.3,
+        last_layer_dropout: bool = False,
+        dropout_structure: Sequence[float] | None = None,
+        zero_last_layer: bool = False,
+        strength: float = 1.0,
+        lr: float | None = None,
+        export_format: str = "pt",
+    ):
         super().__init__()
         if export_format not in ("pt", "safetensors"):
-            raise ValueError(f"model.method.export_format must be 'pt' or 'safetensors', got {export_format!r}")
+            raise ValueError(
+                f"model.method.export_format must be 'pt' or 'safetensors', got {export_format!r}"
+            )
         self.export_suffix = f".{export_format}"
         self.widths = list(widths) if widths else None
         self.self_attention = bool(self_attention)
         if dropout_structure is None:
-            dropout_structure = hn.dropout_structure_for(layer_structure, use_dropout, last_layer_dropout, dropout)
-        self.options = {"layer_structure": list(layer_structure), "activation": activation,
-                        "weight_init": weight_init, "layer_norm": layer_norm, "activate_output": activate_output,
-                        "dropout_structure": list(dropout_structure), "zero_last_layer": zero_last_layer}
+            dropout_structure = hn.dropout_structure_for(
+                layer_structure, use_dropout, last_layer_dropout, dropout
+            )
+        self.options = {
+            "layer_structure": list(layer_structure),
+            "activation": activation,
+            "weight_init": weight_init,
+            "layer_norm": layer_norm,
+            "activate_output": activate_output,
+            "dropout_structure": list(dropout_structure),
+            "zero_last_layer": zero_last_layer,
+        }
         self.strength = float(strength)
         self.lr = lr
         self.network: hn.Hypernetwork | None = None
@@ -67,7 +89,8 @@ class Hypernetwork(FineTuneMethod):
             raise ValueError("the base UNet has no cross-attention layers for a hypernetwork to rewrite")
         self.network = hn.Hypernetwork(widths, **self.options).to(next(model.unet.parameters()).device)
         self.network.strength = self.strength
-        model.add_module("hypernetwork", self.network)  # moves with the model (.to, DDP); not part of the UNet
+        # moves with the model (.to, DDP); not part of the UNet
+        model.add_module("hypernetwork", self.network)
         self.attached = hn.attach_hypernetwork(model.unet, self.network, self.self_attention)
         self.model = model
 
@@ -94,7 +117,9 @@ class Hypernetwork(FineTuneMethod):
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         check_state_keys(set(self.state_dict()), state, "hypernetwork")
-        self._require_network().load_state_dict({k.removeprefix("hypernetwork."): v for k, v in state.items()})
+        self._require_network().load_state_dict(
+            {k.removeprefix("hypernetwork."): v for k, v in state.items()}
+        )
 
     # -- behaviour -------------------------------------------------------------------------------------
     def disabled(self) -> contextlib.AbstractContextManager:
@@ -105,8 +130,11 @@ class Hypernetwork(FineTuneMethod):
         if path.suffix not in (".pt", ".safetensors"):
             path = path.with_suffix(self.export_suffix)
         base = metadata.get("base") or metadata.get("sd_checkpoint_name")
-        info = {"name": metadata.get("name") or path.stem, "step": metadata.get("steps") or 0,
-                "sd_checkpoint": metadata.get("sd_checkpoint"),
-                "sd_checkpoint_name": Path(str(base)).name if base else None,
-                "optional_info": f"ldm-lightning hypernetwork, base: {base or 'latest run'}"}
+        info = {
+            "name": metadata.get("name") or path.stem,
+            "step": metadata.get("steps") or 0,
+            "sd_checkpoint": metadata.get("sd_checkpoint"),
+            "sd_checkpoint_name": Path(str(base)).name if base else None,
+            "optional_info": f"ldm-lightning hypernetwork, base: {base or 'latest run'}",
+        }
         return save_hypernetwork(path, self._require_network(), self_attention=self.self_attention, **info)

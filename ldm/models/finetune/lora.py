@@ -15,9 +15,19 @@ from ldm.io.peft_lora import save_peft_lora
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys, scaled
 from ldm.modules.adapters import lora as lora_lib
 
-PRESETS = {name: getattr(lora_lib, name) for name in ("UNET_ATTENTION", "UNET_ATTENTION_PROJ", "UNET_FF",
-                                                       "UNET_TRANSFORMER", "UNET_CONV", "TEXT_ENCODER",
-                                                       "TEXT_ENCODER_MLP", "TEXT_ENCODER_ALL")}
+PRESETS = {
+    name: getattr(lora_lib, name)
+    for name in (
+        "UNET_ATTENTION",
+        "UNET_ATTENTION_PROJ",
+        "UNET_FF",
+        "UNET_TRANSFORMER",
+        "UNET_CONV",
+        "TEXT_ENCODER",
+        "TEXT_ENCODER_MLP",
+        "TEXT_ENCODER_ALL",
+    )
+}
 PARTS = ("unet", "text_encoder")
 
 
@@ -35,14 +45,23 @@ class LoRA(FineTuneMethod):
     """rank/alpha (scale alpha/rank), dropout on the LoRA input, targets as presets or module globs;
     ``export_format``: "kohya" or "peft"."""
 
-    def __init__(self, rank: int = 4, alpha: float | None = None, dropout: float = 0.0,
-                 unet_targets: Sequence[str] | str = "UNET_ATTENTION",
-                 text_encoder_targets: Sequence[str] | str | None = None, export_format: str = "kohya"):
+    def __init__(
+        self,
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        unet_targets: Sequence[str] | str = "UNET_ATTENTION",
+        text_encoder_targets: Sequence[str] | str | None = None,
+        export_format: str = "kohya",
+    ):
         super().__init__()
         if export_format not in ("kohya", "peft"):
             raise ValueError(f"model.method.export_format must be 'kohya' or 'peft', got {export_format!r}")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
-        self.targets = {"unet": expand_targets(unet_targets), "text_encoder": expand_targets(text_encoder_targets)}
+        self.targets = {
+            "unet": expand_targets(unet_targets),
+            "text_encoder": expand_targets(text_encoder_targets),
+        }
         self.export_format = export_format
         self.trains_text_encoder = bool(self.targets["text_encoder"])
 
@@ -53,25 +72,34 @@ class LoRA(FineTuneMethod):
         self.model = model
         lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
         if self.targets["text_encoder"]:
-            lora_lib.inject_lora(model.text_encoder.transformer, self.targets["text_encoder"], self.rank,
-                                 self.alpha, self.dropout)
+            lora_lib.inject_lora(
+                model.text_encoder.transformer,
+                self.targets["text_encoder"],
+                self.rank,
+                self.alpha,
+                self.dropout,
+            )
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self._modules().values() for p in lora_lib.lora_parameters(part)]
 
     def train_modules(self) -> list[nn.Module]:
         return list(lora_lib.lora_modules(self.model.unet).values()) + list(
-            lora_lib.lora_modules(self.model.text_encoder).values())
+            lora_lib.lora_modules(self.model.text_encoder).values()
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {f"{part}.{k}": v for part, module in self._modules().items()
-                for k, v in lora_lib.lora_state_dict(module).items()}
+        return {
+            f"{part}.{k}": v
+            for part, module in self._modules().items()
+            for k, v in lora_lib.lora_state_dict(module).items()
+        }
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         check_state_keys(set(self.state_dict()), state, "LoRA checkpoint")
         for part, module in self._modules().items():
             prefix = f"{part}."
-            sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             if sub:
                 lora_lib.load_lora_state_dict(module, sub)
 
@@ -79,13 +107,18 @@ class LoRA(FineTuneMethod):
         def set_multiplier(value: float) -> None:
             for module in self._modules().values():
                 lora_lib.set_lora_multiplier(module, value)
+
         return scaled(set_multiplier, on=1.0)
 
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         te = self.model.text_encoder if lora_lib.lora_modules(self.model.text_encoder) else None
         base = metadata.get("base") or "unknown"  # a file name, never a local path
-        info = {"ss_training_comment": f"ldm-lightning LoRA, base: {base}", "ss_sd_model_name": base,
-                "ss_new_sd_model_hash": metadata.get("base_sha256", ""),
-                "ss_steps": metadata.get("steps", 0), "ss_resolution": metadata.get("resolution", "")}
+        info = {
+            "ss_training_comment": f"ldm-lightning LoRA, base: {base}",
+            "ss_sd_model_name": base,
+            "ss_new_sd_model_hash": metadata.get("base_sha256", ""),
+            "ss_steps": metadata.get("steps", 0),
+            "ss_resolution": metadata.get("resolution", ""),
+        }
         save = save_kohya_lora if self.export_format == "kohya" else save_peft_lora
         return save(path, unet=self.model.unet, text_encoder=te, metadata=info)

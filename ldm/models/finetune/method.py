@@ -34,7 +34,7 @@ class FineTuneMethod:
     ``export``; ``disabled`` and ``loss`` have defaults."""
 
     export_suffix: str = ".safetensors"
-    trains_text_encoder: bool = False   # True turns the text encoder's prompt cache off while training
+    trains_text_encoder: bool = False  # True turns the text encoder's prompt cache off while training
 
     def __init__(self):
         self.model: LatentDiffusion | None = None
@@ -68,17 +68,20 @@ class FineTuneMethod:
         """A context in which the model runs as the base did (before/after grids)."""
         raise MethodDisabledUnsupported(f"{type(self).__name__} cannot be switched off")
 
-    def loss(self, per_sample_loss: Tensor, batch: Mapping[str, Any],
-             prior_loss_weight: float | None = None) -> Tensor:
+    def loss(
+        self, per_sample_loss: Tensor, batch: Mapping[str, Any], prior_loss_weight: float | None = None
+    ) -> Tensor:
         """per-sample diffusion loss [B] -> the scalar to minimise. ``prior_loss_weight`` (the core's
         ``model.prior_loss_weight``): weight of the loss on regularisation / class items (batch key
         ``is_regularization``) relative to the other items, ``mean(instance) + w * mean(class)`` (DreamBooth's
-        prior preservation, Ruiz et al. 2022, eq. 2); ``None`` = one plain mean over every item of the batch."""
+        prior preservation, Ruiz et al. 2022, eq. 2); ``None`` = one plain mean over every item of the
+        batch."""
         flags = batch.get("is_regularization") if isinstance(batch, Mapping) else None
         if prior_loss_weight is None or flags is None:
             return per_sample_loss.mean()
-        return prior_preservation_loss(per_sample_loss, torch.as_tensor(flags, device=per_sample_loss.device),
-                                       prior_loss_weight)
+        return prior_preservation_loss(
+            per_sample_loss, torch.as_tensor(flags, device=per_sample_loss.device), prior_loss_weight
+        )
 
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         """Write the file users exchange (kohya LoRA, A1111 embedding...); returns its path."""
@@ -89,9 +92,11 @@ def check_state_keys(expected: set[str], given: Mapping[str, Any], what: str) ->
     """Strict key check for ``load_state_dict``: names the missing and unexpected keys."""
     missing, unexpected = sorted(expected - set(given)), sorted(set(given) - expected)
     if missing or unexpected:
-        raise ValueError(f"{what}: the state does not match this method's configuration; missing "
-                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}. Resume with the same model.method settings.")
+        raise ValueError(
+            f"{what}: the state does not match this method's configuration; missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}. Resume with the same model.method settings."
+        )
 
 
 @contextlib.contextmanager

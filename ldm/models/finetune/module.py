@@ -39,33 +39,66 @@ class FineTuneModule(LatentDiffusion):
         base: where the base model comes from (see module docstring); ``base_tokenizer`` for SD single files
             that embed none; ``base_use_ema``: take the EMA UNet of our checkpoints.
         gradient_checkpointing: recompute the base UNet's blocks in backward (saves memory, costs time).
-        prior_loss_weight: weight of regularisation / class items (batch key ``is_regularization``) against the
-            others, ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation); None = one plain
-            mean. Passed to the method's ``loss()`` hook, whatever the method.
+        prior_loss_weight: weight of regularisation / class items (batch key ``is_regularization``) against
+            the others, ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation); None = one
+            plain mean. Passed to the method's ``loss()`` hook, whatever the method.
         ema_decay: EMA of the method's parameters (None: off); sampling and validation use the average.
-        ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the weights).
+        ema_device: where the EMA lives ("cpu" keeps a full-UNet EMA out of GPU memory; None: with the
+            weights).
         optimizer_in_backward: update each parameter inside backward and free its gradient at once.
-        bf16_weights: store the UNet's weights (and the method's parameters in it) in bf16; updates are computed
-            in fp32 and rounded stochastically (``ldm.models.bf16_weights``).
-        offload_text_encoder: with cached latents and a frozen text encoder, encode every training caption (and
-            "", the log prompts) once at the start of fit, then move the encoder to CPU (``ldm.models.text_offload``).
+        bf16_weights: store the UNet's weights (and the method's parameters in it) in bf16; updates are
+            computed in fp32 and rounded stochastically (``ldm.models.bf16_weights``).
+        offload_text_encoder: with cached latents and a frozen text encoder, encode every training caption
+            (and "", the log prompts) once at the start of fit, then move the encoder to CPU
+            (``ldm.models.text_offload``).
     """
 
     MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
 
-    def __init__(self, method: FineTuneMethod, sampler: Callable, optimizer: Callable,
-                 scheduler: Callable | None = None, base: str | None = None, base_search_dir: str = "logs",
-                 base_task: str = "txt2img", base_use_ema: bool = True, base_tokenizer: str | None = None,
-                 gradient_checkpointing: bool = False, ucg_rate: float = 0.1, min_snr_gamma: float | None = None,
-                 offset_noise: float = 0.0, ema_decay: float | None = None, guidance_scale: float = 3.0,
-                 log_prompts: Sequence[str] = ("a red circle on a blue background",), log_seed: int = 0,
-                 optimizer_in_backward: bool = False, ema_device: str | None = None, bf16_weights: bool = False,
-                 offload_text_encoder: bool = False, prior_loss_weight: float | None = None):
-        super().__init__(unet=None, vae=None, conditioner=None, schedule=None, sampler=sampler,
-                         optimizer=optimizer, scheduler=scheduler, ucg_rate=ucg_rate,
-                         min_snr_gamma=min_snr_gamma, offset_noise=offset_noise, ema_decay=ema_decay,
-                         vae_ckpt=None, guidance_scale=guidance_scale, log_prompts=log_prompts, log_seed=log_seed,
-                         optimizer_in_backward=optimizer_in_backward, bf16_weights=bf16_weights)
+    def __init__(
+        self,
+        method: FineTuneMethod,
+        sampler: Callable,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        base: str | None = None,
+        base_search_dir: str = "logs",
+        base_task: str = "txt2img",
+        base_use_ema: bool = True,
+        base_tokenizer: str | None = None,
+        gradient_checkpointing: bool = False,
+        ucg_rate: float = 0.1,
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        ema_decay: float | None = None,
+        guidance_scale: float = 3.0,
+        log_prompts: Sequence[str] = ("a red circle on a blue background",),
+        log_seed: int = 0,
+        optimizer_in_backward: bool = False,
+        ema_device: str | None = None,
+        bf16_weights: bool = False,
+        offload_text_encoder: bool = False,
+        prior_loss_weight: float | None = None,
+    ):
+        super().__init__(
+            unet=None,
+            vae=None,
+            conditioner=None,
+            schedule=None,
+            sampler=sampler,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            ucg_rate=ucg_rate,
+            min_snr_gamma=min_snr_gamma,
+            offset_noise=offset_noise,
+            ema_decay=ema_decay,
+            vae_ckpt=None,
+            guidance_scale=guidance_scale,
+            log_prompts=log_prompts,
+            log_seed=log_seed,
+            optimizer_in_backward=optimizer_in_backward,
+            bf16_weights=bf16_weights,
+        )
         self.method = method
         self.method_ema: ParameterEMA | None = None
         self.base_source: str | None = None  # the resolved base, recorded in checkpoints
@@ -78,12 +111,18 @@ class FineTuneModule(LatentDiffusion):
         return getattr(self, "unet", None) is not None
 
     def resolve_base(self, fast_dev_run: bool = False) -> str | None:
-        """``base`` as a path or hub id; None only under fast_dev_run when there is none (tiny random base)."""
+        """``base`` as a path or hub id; None only under fast_dev_run when there is none (tiny random
+        base)."""
         base = self.hparams.base
         if base and (Path(base).is_dir() or (not Path(base).exists() and looks_like_hub_id(str(base)))):
             return str(base)  # a diffusers folder or a hub id: load_base_model checks it
-        found = find_checkpoint(base, self.hparams.base_search_dir, self.hparams.base_task,
-                                f"base model ({self.hparams.base_task})", allow_missing=fast_dev_run)
+        found = find_checkpoint(
+            base,
+            self.hparams.base_search_dir,
+            self.hparams.base_task,
+            f"base model ({self.hparams.base_task})",
+            allow_missing=fast_dev_run,
+        )
         return str(found) if found else None
 
     def prepare(self, source: str | None, resolution: int | None = None) -> None:
@@ -96,8 +135,10 @@ class FineTuneModule(LatentDiffusion):
         else:
             extra = {"tokenizer": self.hparams.base_tokenizer} if self.hparams.base_tokenizer else {}
             parts = load_base_model(source, use_ema=self.hparams.base_use_ema, **extra)
-            log.info(f"Base model: {source} ({parts.version}, {parts.parameterization}, "
-                     f"scale_factor {float(parts.scale_factor):.5f})")
+            log.info(
+                f"Base model: {source} ({parts.version}, {parts.parameterization}, "
+                f"scale_factor {float(parts.scale_factor):.5f})"
+            )
         self.set_parts(parts.unet, parts.vae, Conditioner([parts.text_encoder]), parts.schedule)
         self.hparams.parameterization = parts.parameterization
         self.scale_factor.fill_(float(parts.scale_factor))
@@ -106,16 +147,21 @@ class FineTuneModule(LatentDiffusion):
             module.requires_grad_(False).eval()
         if self.hparams.gradient_checkpointing:
             if not hasattr(self.unet, "enable_gradient_checkpointing"):
-                raise ValueError(f"model.gradient_checkpointing=true: {type(self.unet).__name__} cannot checkpoint")
+                raise ValueError(
+                    f"model.gradient_checkpointing=true: {type(self.unet).__name__} cannot checkpoint"
+                )
             self.unet.enable_gradient_checkpointing(True)
             count = sum(bool(getattr(m, "use_checkpoint", False)) for m in self.unet.modules())
             log.info(f"Gradient checkpointing on {count} UNet blocks")
         self.method.attach(self)
         if not self.method.parameters():
-            raise ValueError(f"{type(self.method).__name__} attached no trainable parameters: check its targets")
+            raise ValueError(
+                f"{type(self.method).__name__} attached no trainable parameters: check its targets"
+            )
         if self.hparams.ema_decay:  # built now: from the loaded base with the method attached
-            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay,
-                                           device=self.hparams.ema_device)
+            self.method_ema = ParameterEMA(
+                self.method.parameters(), self.hparams.ema_decay, device=self.hparams.ema_device
+            )
         self.base_source = source
         self.to(self.scale_factor.device)
 
@@ -137,8 +183,10 @@ class FineTuneModule(LatentDiffusion):
             return
         captions = self.data_link.facts.captions
         if captions is None:
-            raise ValueError("model.offload_text_encoder=true needs the training captions up front: turn on the "
-                             "latent cache (data.cache_latents=true) or set model.offload_text_encoder=false")
+            raise ValueError(
+                "model.offload_text_encoder=true needs the training captions up front: turn on the "
+                "latent cache (data.cache_latents=true) or set model.offload_text_encoder=false"
+            )
         for encoder in self.conditioner.text_embedders:
             cache_prompts_and_offload(encoder, [*captions, "", *self.hparams.log_prompts])
 
@@ -191,8 +239,12 @@ class FineTuneModule(LatentDiffusion):
     def export(self, path: str | Path) -> Path:
         """The method's exchange file (EMA weights when kept), with run metadata."""
         base = describe_source(self.base_source)  # file name + SHA-256: shared files never hold a local path
-        metadata = {"base": base.get("name", ""), "base_sha256": base.get("sha256", ""), "steps": self.global_step,
-                    "resolution": getattr(self, "image_resolution", None) or ""}
+        metadata = {
+            "base": base.get("name", ""),
+            "base_sha256": base.get("sha256", ""),
+            "steps": self.global_step,
+            "resolution": getattr(self, "image_resolution", None) or "",
+        }
         with self.ema_scope():
             return self.method.export(path, metadata)
 
@@ -211,21 +263,26 @@ class FineTuneModule(LatentDiffusion):
         if not self.prepared:
             self.prepare(checkpoint.get("base"))
         self.load_method_checkpoint(checkpoint["state_dict"])
-        checkpoint["state_dict"] = {}  # everything is loaded; Lightning's own (non-strict) load has nothing left
+        checkpoint[
+            "state_dict"
+        ] = {}  # everything is loaded; Lightning's own (non-strict) load has nothing left
 
     def load_method_checkpoint(self, state: dict) -> None:
-        method_state = {k[len("method."):]: v for k, v in state.items() if k.startswith("method.")}
+        method_state = {k[len("method.") :]: v for k, v in state.items() if k.startswith("method.")}
         if not method_state:
-            raise ValueError("this checkpoint holds no fine-tuning method state (keys 'method.*'): it was not "
-                             "written by a fine-tune, or by an older version; train again or pass it as model.base")
+            raise ValueError(
+                "this checkpoint holds no fine-tuning method state (keys 'method.*'): it was not "
+                "written by a fine-tune, or by an older version; train again or pass it as model.base"
+            )
         self.method.load_state_dict(method_state)
-        ema_state = {k[len("method_ema."):]: v for k, v in state.items() if k.startswith("method_ema.")}
+        ema_state = {k[len("method_ema.") :]: v for k, v in state.items() if k.startswith("method_ema.")}
         if self.method_ema is not None and ema_state:
             self.method_ema.load_state_dict(ema_state)
         elif self.method_ema is not None:
             log.warning("the checkpoint has no EMA of the method's parameters; the EMA restarts from them")
-            self.method_ema = ParameterEMA(self.method.parameters(), self.hparams.ema_decay,
-                                           device=self.hparams.ema_device)
+            self.method_ema = ParameterEMA(
+                self.method.parameters(), self.hparams.ema_decay, device=self.hparams.ema_device
+            )
         if "scale_factor" in state:
             self.scale_factor.copy_(state["scale_factor"])
 

@@ -1,6 +1,7 @@
 """Textual inversion (Gal et al. 2022, "An Image is Worth One Word"): learn the embedding of a new
 placeholder token (``num_vectors`` consecutive tokens) so that prompts with it produce the concept; the whole
-model, every other token row included, stays frozen. Exports the files AUTOMATIC1111, ComfyUI and diffusers read.
+model, every other token row included, stays frozen. Exports the files AUTOMATIC1111, ComfyUI and diffusers
+read.
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ class TextualInversion(FineTuneMethod):
 
     trains_text_encoder = True
 
-    def __init__(self, placeholder: str = "<concept>", num_vectors: int = 1, initializer_word: str | None = None,
-                 export_format: str = "a1111", weight_decay: float = 0.0):
+    def __init__(
+        self,
+        placeholder: str = "<concept>",
+        num_vectors: int = 1,
+        initializer_word: str | None = None,
+        export_format: str = "a1111",
+        weight_decay: float = 0.0,
+    ):
         super().__init__()
         if export_format not in EMBEDDING_FORMATS:
             raise ValueError(f"export_format must be one of {EMBEDDING_FORMATS}, got {export_format!r}")
@@ -70,9 +77,11 @@ class TextualInversion(FineTuneMethod):
         check_state_keys({STATE_KEY}, state, "textual inversion")
         vectors = state[STATE_KEY]
         if vectors.shape != embedding.vectors.shape:
-            raise ValueError(f"textual inversion: checkpoint vectors have shape {tuple(vectors.shape)}, this run "
-                             f"needs {tuple(embedding.vectors.shape)} (num_vectors x hidden size); resume with the "
-                             "same model.method.num_vectors and base model")
+            raise ValueError(
+                f"textual inversion: checkpoint vectors have shape {tuple(vectors.shape)}, this run "
+                f"needs {tuple(embedding.vectors.shape)} (num_vectors x hidden size); resume with the "
+                "same model.method.num_vectors and base model"
+            )
         with torch.no_grad():
             embedding.vectors.copy_(vectors)
         self.model.text_encoder.clear_cache()
@@ -92,6 +101,12 @@ class TextualInversion(FineTuneMethod):
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         path = Path(path)
         path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-        meta = {**metadata, "ldm_method": "textual_inversion", "ldm_num_vectors": self.num_vectors,
-                "ldm_initializer_word": self.initializer_word or ""}
-        return save_embedding(path, self._require_attached().vectors, self.placeholder, self.export_format, meta)
+        meta = {
+            **metadata,
+            "ldm_method": "textual_inversion",
+            "ldm_num_vectors": self.num_vectors,
+            "ldm_initializer_word": self.initializer_word or "",
+        }
+        return save_embedding(
+            path, self._require_attached().vectors, self.placeholder, self.export_format, meta
+        )

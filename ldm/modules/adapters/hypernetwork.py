@@ -12,7 +12,8 @@ An MLP is ``nn.Sequential`` named ``linear`` whose entries follow AUTOMATIC1111'
 ``state_dict()`` keys (``linear.0.weight``, ``linear.2.bias``...) are the ones their ``.pt`` files hold. For
 each step ``i`` of ``layer_structure`` (multipliers of ``w``, first and last 1, e.g. ``[1, 2, 1]``):
 ``Linear(w*ls[i], w*ls[i+1])``, then the activation (not after the last Linear unless ``activate_output``;
-none for ``linear``), then ``LayerNorm`` if ``layer_norm``, then ``Dropout(p)`` if ``dropout_structure[i+1] > 0``.
+none for ``linear``), then ``LayerNorm`` if ``layer_norm``, then ``Dropout(p)`` if
+``dropout_structure[i+1] > 0``.
 
 Initialisation (``weight_init``, AUTOMATIC1111's names): ``Normal`` (weights N(0, 0.01), biases 0),
 ``XavierUniform``, ``XavierNormal``, ``KaimingUniform``, ``KaimingNormal`` (biases 0; Kaiming uses the
@@ -53,12 +54,23 @@ __all__ = [
 #: constructor argument (so not glu, softmax, threshold, multiheadattention).
 _WIDTH_CHANGING = {"glu", "softmax", "softmax2d", "logsoftmax", "softmin", "multiheadattention", "threshold"}
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    name.lower(): cls for name, cls in inspect.getmembers(nn.modules.activation, inspect.isclass)
-    if cls.__module__ == nn.modules.activation.__name__ and issubclass(cls, nn.Module)
+    name.lower(): cls
+    for name, cls in inspect.getmembers(nn.modules.activation, inspect.isclass)
+    if cls.__module__ == nn.modules.activation.__name__
+    and issubclass(cls, nn.Module)
     and name.lower() not in _WIDTH_CHANGING
 }
-ACTIVATIONS.update({"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU,
-                    "swish": nn.Hardswish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid})
+ACTIVATIONS.update(
+    {
+        "linear": nn.Identity,
+        "relu": nn.ReLU,
+        "leakyrelu": nn.LeakyReLU,
+        "elu": nn.ELU,
+        "swish": nn.Hardswish,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+    }
+)
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
@@ -67,19 +79,24 @@ def _canonical_init(weight_init: str) -> str:
     for name in WEIGHT_INITS:
         if weight_init.replace("_", "").lower() == name.lower():
             return name
-    raise ValueError(f"unknown hypernetwork weight_init {weight_init!r}; use one of {', '.join(WEIGHT_INITS)}")
+    raise ValueError(
+        f"unknown hypernetwork weight_init {weight_init!r}; use one of {', '.join(WEIGHT_INITS)}"
+    )
 
 
 def _check_layer_structure(layer_structure: Sequence[float]) -> list[float]:
     structure = [float(x) for x in layer_structure]
     if len(structure) < 2 or structure[0] != 1 or structure[-1] != 1 or any(x <= 0 for x in structure):
-        raise ValueError(f"hypernetwork layer_structure {list(layer_structure)} must be positive width "
-                         "multipliers that start and end with 1, e.g. [1, 2, 1]")
+        raise ValueError(
+            f"hypernetwork layer_structure {list(layer_structure)} must be positive width "
+            "multipliers that start and end with 1, e.g. [1, 2, 1]"
+        )
     return structure
 
 
-def dropout_structure_for(layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool,
-                          p: float = 0.3) -> list[float]:
+def dropout_structure_for(
+    layer_structure: Sequence[float], use_dropout: bool, last_layer_dropout: bool, p: float = 0.3
+) -> list[float]:
     """AUTOMATIC1111's rule: dropout ``p`` after every hidden layer but the last one (which gets it only with
     ``last_layer_dropout``), never after the input or the output; one entry per ``layer_structure`` entry."""
     n = len(layer_structure)
@@ -91,20 +108,30 @@ def dropout_structure_for(layer_structure: Sequence[float], use_dropout: bool, l
 class HypernetworkMLP(nn.Module):
     """``x -> x + strength * linear(x)`` on ``[..., dim]`` (layout in the module docstring)."""
 
-    def __init__(self, dim: int, layer_structure: Sequence[float] = (1, 2, 1), activation: str | None = "linear",
-                 weight_init: str = "Normal", layer_norm: bool = False,
-                 dropout_structure: Sequence[float] | None = None, activate_output: bool = False,
-                 zero_last_layer: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        layer_structure: Sequence[float] = (1, 2, 1),
+        activation: str | None = "linear",
+        weight_init: str = "Normal",
+        layer_norm: bool = False,
+        dropout_structure: Sequence[float] | None = None,
+        activate_output: bool = False,
+        zero_last_layer: bool = False,
+    ):
         super().__init__()
         structure = _check_layer_structure(layer_structure)
         activation = (activation or "linear").lower()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown hypernetwork activation {activation!r}; use one of "
-                             f"{', '.join(sorted(ACTIVATIONS))}")
+            raise ValueError(
+                f"unknown hypernetwork activation {activation!r}; use one of {', '.join(sorted(ACTIVATIONS))}"
+            )
         dropouts = list(dropout_structure) if dropout_structure is not None else [0.0] * len(structure)
         if len(dropouts) != len(structure) or any(not 0 <= p < 1 for p in dropouts):
-            raise ValueError(f"dropout_structure {dropouts} needs one probability in [0, 1) per layer_structure "
-                             f"entry ({len(structure)})")
+            raise ValueError(
+                f"dropout_structure {dropouts} needs one probability in [0, 1) per layer_structure "
+                f"entry ({len(structure)})"
+            )
         self.strength = 1.0  # a plain float: not in state_dict (AUTOMATIC1111's files have no such key)
         layers: list[nn.Module] = []
         for i in range(len(structure) - 1):
@@ -127,9 +154,12 @@ class HypernetworkMLP(nn.Module):
             if isinstance(layer, nn.LayerNorm) or (isinstance(layer, nn.Linear) and weight_init == "Normal"):
                 nn.init.normal_(layer.weight, mean=0.0, std=0.01)
             elif isinstance(layer, nn.Linear):
-                init = {"XavierUniform": nn.init.xavier_uniform_, "XavierNormal": nn.init.xavier_normal_,
-                        "KaimingUniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity=nonlinearity),
-                        "KaimingNormal": lambda w: nn.init.kaiming_normal_(w, nonlinearity=nonlinearity)}
+                init = {
+                    "XavierUniform": nn.init.xavier_uniform_,
+                    "XavierNormal": nn.init.xavier_normal_,
+                    "KaimingUniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity=nonlinearity),
+                    "KaimingNormal": lambda w: nn.init.kaiming_normal_(w, nonlinearity=nonlinearity),
+                }
                 init[weight_init](layer.weight)
             else:
                 continue
@@ -152,23 +182,34 @@ class Hypernetwork(nn.Module):
     ``dropout_structure``, ``activate_output``); files store them beside the weights.
     """
 
-    def __init__(self, widths: Iterable[int], layer_structure: Sequence[float] = (1, 2, 1),
-                 activation: str | None = "linear", weight_init: str = "Normal", layer_norm: bool = False,
-                 dropout_structure: Sequence[float] | None = None, activate_output: bool = False,
-                 zero_last_layer: bool = False):
+    def __init__(
+        self,
+        widths: Iterable[int],
+        layer_structure: Sequence[float] = (1, 2, 1),
+        activation: str | None = "linear",
+        weight_init: str = "Normal",
+        layer_norm: bool = False,
+        dropout_structure: Sequence[float] | None = None,
+        activate_output: bool = False,
+        zero_last_layer: bool = False,
+    ):
         super().__init__()
         widths = sorted({int(w) for w in widths})
         if not widths:
             raise ValueError("a hypernetwork needs at least one width (the attention K/V input widths)")
         structure = _check_layer_structure(layer_structure)
-        self.options = {"layer_structure": [int(x) if x == int(x) else x for x in structure],
-                        "activation": (activation or "linear").lower(), "weight_init": _canonical_init(weight_init),
-                        "layer_norm": bool(layer_norm),
-                        "dropout_structure": [float(p) for p in dropout_structure or [0.0] * len(structure)],
-                        "activate_output": bool(activate_output)}
+        self.options = {
+            "layer_structure": [int(x) if x == int(x) else x for x in structure],
+            "activation": (activation or "linear").lower(),
+            "weight_init": _canonical_init(weight_init),
+            "layer_norm": bool(layer_norm),
+            "dropout_structure": [float(p) for p in dropout_structure or [0.0] * len(structure)],
+            "activate_output": bool(activate_output),
+        }
         mlp = dict(self.options, zero_last_layer=zero_last_layer)
-        self.layers = nn.ModuleDict({str(w): nn.ModuleList([HypernetworkMLP(w, **mlp), HypernetworkMLP(w, **mlp)])
-                                     for w in widths})
+        self.layers = nn.ModuleDict(
+            {str(w): nn.ModuleList([HypernetworkMLP(w, **mlp), HypernetworkMLP(w, **mlp)]) for w in widths}
+        )
         self._strength = 1.0
 
     @property
@@ -215,8 +256,10 @@ class _HypernetworkHook:
     def hypernetwork(self) -> Hypernetwork:
         net = self._ref()
         if net is None:
-            raise RuntimeError("the hypernetwork attached to this UNet no longer exists; keep a reference to it "
-                               "(or call detach_hypernetwork) while the UNet is in use")
+            raise RuntimeError(
+                "the hypernetwork attached to this UNet no longer exists; keep a reference to it "
+                "(or call detach_hypernetwork) while the UNet is in use"
+            )
         return net
 
     def __call__(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +268,11 @@ class _HypernetworkHook:
 
 def _attentions(unet: nn.Module, self_attention: bool) -> list[tuple[str, CrossAttention]]:
     """Cross-attention layers (``*.attn2``), plus the self-attention ones when ``self_attention``."""
-    return [(name, m) for name, m in unet.named_modules()
-            if isinstance(m, CrossAttention) and (self_attention or name.rsplit(".", 1)[-1] == "attn2")]
+    return [
+        (name, m)
+        for name, m in unet.named_modules()
+        if isinstance(m, CrossAttention) and (self_attention or name.rsplit(".", 1)[-1] == "attn2")
+    ]
 
 
 def attention_widths(unet: nn.Module, self_attention: bool = False) -> list[int]:
@@ -234,7 +280,9 @@ def attention_widths(unet: nn.Module, self_attention: bool = False) -> list[int]
     return sorted({m.to_k.in_features for _, m in _attentions(unet, self_attention)})
 
 
-def attach_hypernetwork(unet: nn.Module, hypernetwork: Hypernetwork, self_attention: bool = False) -> list[str]:
+def attach_hypernetwork(
+    unet: nn.Module, hypernetwork: Hypernetwork, self_attention: bool = False
+) -> list[str]:
     """Install ``hypernetwork`` on every attention of ``unet`` whose K/V input width it covers; returns their
     names. Replaces a hypernetwork attached before; raises if it covers no attention of this UNet."""
     detach_hypernetwork(unet)
@@ -246,15 +294,20 @@ def attach_hypernetwork(unet: nn.Module, hypernetwork: Hypernetwork, self_attent
             attention.context_transform = hook
             names.append(name)
     if not names:
-        raise ValueError(f"the hypernetwork covers widths {hypernetwork.widths}, but this UNet's "
-                         f"{'' if self_attention else 'cross-'}attention K/V inputs are "
-                         f"{attention_widths(unet, self_attention)} wide: it was made for another model")
+        raise ValueError(
+            f"the hypernetwork covers widths {hypernetwork.widths}, but this UNet's "
+            f"{'' if self_attention else 'cross-'}attention K/V inputs are "
+            f"{attention_widths(unet, self_attention)} wide: it was made for another model"
+        )
     return names
 
 
 def attached_attentions(unet: nn.Module) -> list[str]:
-    return [name for name, m in unet.named_modules()
-            if isinstance(m, CrossAttention) and isinstance(m.context_transform, _HypernetworkHook)]
+    return [
+        name
+        for name, m in unet.named_modules()
+        if isinstance(m, CrossAttention) and isinstance(m.context_transform, _HypernetworkHook)
+    ]
 
 
 def detach_hypernetwork(unet: nn.Module) -> int:

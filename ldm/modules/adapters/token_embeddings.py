@@ -27,7 +27,9 @@ def placeholder_tokens(token: str, num_vectors: int) -> list[str]:
     """``("<x>", 3)`` -> ``["<x>", "<x>_1", "<x>_2"]``: the tokens a multi-vector placeholder expands to."""
     token = str(token).strip()
     if not token or any(c.isspace() for c in token):
-        raise ValueError(f"placeholder token {token!r} must be one non-empty word without spaces, e.g. '<my-cat>'")
+        raise ValueError(
+            f"placeholder token {token!r} must be one non-empty word without spaces, e.g. '<my-cat>'"
+        )
     if int(num_vectors) < 1:
         raise ValueError(f"num_vectors must be >= 1, got {num_vectors}")
     return [token] + [f"{token}_{i}" for i in range(1, int(num_vectors))]
@@ -49,9 +51,9 @@ def expand_placeholders(prompt: str, placeholders: Mapping[str, Sequence[str]]) 
 
 
 def initial_vectors(weight: Tensor, num_vectors: int, init_ids: Sequence[int] | None = None) -> Tensor:
-    """Starting rows ``[num_vectors, dim]`` for a placeholder in the embedding ``weight`` ``[vocab, dim]``: the rows
-    of ``init_ids`` (an initializer text's tokens) cycled over the vectors, as AUTOMATIC1111 does; without
-    ``init_ids``, random rows drawn from N(mean, std) of the existing rows per dimension."""
+    """Starting rows ``[num_vectors, dim]`` for a placeholder in the embedding ``weight`` ``[vocab, dim]``:
+    the rows of ``init_ids`` (an initializer text's tokens) cycled over the vectors, as AUTOMATIC1111 does;
+    without ``init_ids``, random rows drawn from N(mean, std) of the existing rows per dimension."""
     weight = weight.detach()
     if init_ids:
         rows = weight[torch.as_tensor(list(init_ids), device=weight.device)]
@@ -70,19 +72,31 @@ class PlaceholderEmbedding(nn.Embedding):
 
     def __init__(self, base: nn.Embedding, token_ids: Sequence[int], init: Tensor | None = None):
         num, dim = base.weight.shape
-        super().__init__(num, dim, padding_idx=base.padding_idx, _weight=base.weight.detach(), _freeze=True,
-                         device=base.weight.device, dtype=base.weight.dtype)
+        super().__init__(
+            num,
+            dim,
+            padding_idx=base.padding_idx,
+            _weight=base.weight.detach(),
+            _freeze=True,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         ids = torch.as_tensor([int(i) for i in token_ids], dtype=torch.long)
         if ids.numel() == 0 or ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= num:
-            raise ValueError(f"token_ids must be distinct rows of the {num}-row embedding, got {ids.tolist()}")
+            raise ValueError(
+                f"token_ids must be distinct rows of the {num}-row embedding, got {ids.tolist()}"
+            )
         start = self.weight[ids.to(self.weight.device)] if init is None else torch.as_tensor(init)
         if tuple(start.shape) != (ids.numel(), dim):
-            raise ValueError(f"initial vectors have shape {tuple(start.shape)}, expected ({ids.numel()}, {dim})")
+            raise ValueError(
+                f"initial vectors have shape {tuple(start.shape)}, expected ({ids.numel()}, {dim})"
+            )
         self.vectors = nn.Parameter(start.detach().to(self.weight.device, self.weight.dtype).clone())
         slot = torch.full((num,), -1, dtype=torch.long)
         slot[ids] = torch.arange(ids.numel())
         self.register_buffer("token_ids", ids, persistent=False)
-        self.register_buffer("slot", slot.to(self.weight.device), persistent=False)  # vocab id -> row of vectors
+        # vocab id -> row of vectors
+        self.register_buffer("slot", slot.to(self.weight.device), persistent=False)
         self.enabled = True
 
     def forward(self, input_ids: Tensor) -> Tensor:
