@@ -10,8 +10,8 @@ a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, o
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of a cat" --steps 25 --n 1
 
 (512 px for SD v1, 768 for SD 2.x 768-v). ``--lora file.safetensors:0.8`` merges LoRA files (kohya or PEFT);
-``--embedding file[:token]`` adds textual-inversion tokens; ``--hypernetwork file.pt:0.7`` applies an AUTOMATIC1111
-hypernetwork. Writes ``grid.png`` (one row per prompt) and single PNGs, each with
+``--embedding file[:token]`` adds textual-inversion tokens; ``--hypernetwork file.pt:0.7`` applies an
+AUTOMATIC1111 hypernetwork. Writes ``grid.png`` (one row per prompt) and single PNGs, each with
 its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` starts
 from the noise of seed ``--seed + i`` whatever ``--batch-size`` is (so deterministic samplers give the same
 image for any batching; the ancestral ones draw their per-step noise per batch).

@@ -51,7 +51,8 @@ class BucketedImageDataset(Dataset):
         shuffle_tags, keep_tags, tag_dropout, tag_separator: tag-list caption augmentation
             (``datamodules.captions.TagAugment``).
         size_conditions: items also carry SDXL's micro-conditioning of the crop really taken
-            (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``; ``transforms.size_conditions``).
+            (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``;
+            ``transforms.size_conditions``).
     """
 
     log = logging.getLogger("datamodules.bucketed")
@@ -205,7 +206,8 @@ class BucketedImageDataset(Dataset):
 
 def dataset_options(hp, train: bool) -> dict:
     """The ``BucketedImageDataset`` arguments from a datamodule's hyperparameters: the configured
-    augmentations and repeats for training, none of them (centre crops, captions as written) for validation."""
+    augmentations and repeats for training, none of them (centre crops, captions as written) for
+    validation."""
     return {
         "resolution": hp.resolution,
         "center_crop": hp.center_crop if train else True,

@@ -205,7 +205,8 @@ def shape_alpha(
 
 
 def _layout_for(resolution: int, rng_or_layout: np.random.Generator | Layout | None) -> Layout:
-    """The layout of :func:`render` / :func:`render_subject`: given, centred (None) or drawn from a Generator."""
+    """The layout of :func:`render` / :func:`render_subject`: given, centred (None) or drawn from a
+    Generator."""
     _check_resolution(resolution)
     if isinstance(rng_or_layout, Layout):
         return rng_or_layout
@@ -377,8 +378,8 @@ class ShapesDataset(Dataset):
 
     ``size_conditions``: items also carry SDXL's micro-conditioning (``[2]`` long tensors under sgm's keys).
     Rendered at the target size: original = target = (R, R), crop (0, 0); with ``random_crop_margin`` m
-    (a multiple of 8) an item is rendered at R + m and a random R x R window of it is taken (the draw after the
-    layout's), so original = (R + m, R + m) and the crop offset is the window's (top, left)."""
+    (a multiple of 8) an item is rendered at R + m and a random R x R window of it is taken (the draw after
+    the layout's), so original = (R + m, R + m) and the crop offset is the window's (top, left)."""
 
     def __init__(
         self,

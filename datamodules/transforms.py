@@ -125,8 +125,8 @@ def size_conditions(
     """SDXL's micro-conditioning of one training image, under sgm's batch keys (long tensors ``[2]``):
     ``original_size_as_tuple`` (H, W of the image as loaded, before resizing), ``crop_coords_top_left`` (top,
     left of the crop ``box`` in the ``resized`` (w, h) image) and ``target_size_as_tuple`` (H, W of the crop).
-    A flipped image's crop is mirrored: its left is ``resized width - box right`` (kohya's rule: the offset of the
-    crop in the image the model saw; diffusers' SDXL script writes ``crop width - left`` instead)."""
+    A flipped image's crop is mirrored: its left is ``resized width - box right`` (kohya's rule: the offset of
+    the crop in the image the model saw; diffusers' SDXL script writes ``crop width - left`` instead)."""
     left, top, right, bottom = box
     return {
         "original_size_as_tuple": torch.tensor([original[1], original[0]]),
@@ -157,8 +157,8 @@ def preprocess(
     with_sizes: bool = False,
 ):
     """RGB image -> resize shorter side -> square crop -> optional horizontal flip -> [3, R, R]; with
-    ``with_sizes``, (that, its ``size_conditions``), ``original_size`` (w, h) defaulting to ``image.size`` (give
-    the file's size when the image was decoded at a reduced scale)."""
+    ``with_sizes``, (that, its ``size_conditions``), ``original_size`` (w, h) defaulting to ``image.size``
+    (give the file's size when the image was decoded at a reduced scale)."""
     original = original_size or image.size
     image = resize_shorter_side(image, resolution)
     width, height = image.size
@@ -206,7 +206,8 @@ def preprocess_to_size(
     with_sizes: bool = False,
 ):
     """RGB image -> resized to cover ``target`` = (w, h) (aspect kept, Lanczos) -> crop of the excess
-    (one axis only) -> optional horizontal flip -> [3, h, w]; ``with_sizes``/``original_size``: as ``preprocess``."""
+    (one axis only) -> optional horizontal flip -> [3, h, w]; ``with_sizes``/``original_size``: as
+    ``preprocess``."""
     original = original_size or image.size
     size = cover_size(*image.size, target)
     if size != image.size:

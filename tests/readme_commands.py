@@ -217,7 +217,8 @@ def tiny_overrides(cfg, given: set[str], cache_dir: Path) -> list[str]:
     model = cfg.model
     for part in ("unet", "vae"):
         if part == "unet" and "unet" in model and model.unet.get("adm_in_channels"):
-            continue  # an SDXL-architecture UNet: its experiment's is already test-sized (model/unet=sdxl_tiny)
+            # an SDXL-architecture UNet: its experiment's is already test-sized (model/unet=sdxl_tiny)
+            continue
         if part in model and f"model/{part}" not in given:
             out.append(f"model/{part}=tiny")
     if "sampler" in model and "model/sampler" not in given:

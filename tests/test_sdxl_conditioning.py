@@ -1,5 +1,6 @@
 """SDXL conditioning: the pooled bigG-style embedder, the size embedders, the conditioner of
-``model/conditioner=sdxl_tiny`` with its condition dropout, and ``y`` reaching the UNet in training and sampling."""
+``model/conditioner=sdxl_tiny`` with its condition dropout, and ``y`` reaching the UNet in training and
+sampling."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""SDXL conditioning and sampling against diffusers, on a tiny random ``StableDiffusionXLPipeline`` built here.
+"""SDXL conditioning and sampling against diffusers, on a tiny random ``StableDiffusionXLPipeline`` built
+here.
 
 Our two text embedders (CLIP-L penultimate; bigG penultimate + pooled, projected) reproduce the pipeline's
-``encode_prompt``; our conditioner's vector (pooled + size features) its ``add_text_embeds`` + ``add_time_ids``;
-and our samplers over the same weights (the UNet renamed by ``ldm.io.diffusers_names``, the VAE by its mapping,
-the text encoders shared in the HF layout) reach the pipeline's final latents from the same initial latents.
+``encode_prompt``; our conditioner's vector (pooled + size features) its ``add_text_embeds`` +
+``add_time_ids``; and our samplers over the same weights (the UNet renamed by ``ldm.io.diffusers_names``, the
+VAE by its mapping, the text encoders shared in the HF layout) reach the pipeline's final latents from the
+same initial latents.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""SDXL micro-conditioning from the data really used: each training item's original size, crop offset and target
-size, under sgm's batch keys, for center / random crops, flips (the crop mirrored, kohya's rule), buckets and the
-shapes data (rendered at the target size, or larger and randomly cropped)."""
+"""SDXL micro-conditioning from the data really used: each training item's original size, crop offset and
+target size, under sgm's batch keys, for center / random crops, flips (the crop mirrored, kohya's rule),
+buckets and the shapes data (rendered at the target size, or larger and randomly cropped)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def gradient(width: int, height: int) -> Image.Image:
 
 
 def test_size_conditions_mirror_the_crop_of_a_flipped_image():
-    # a 32 x 32 crop at left 4 of a 52 x 32 resized image: flipped, the same pixels sit 52 - 36 = 16 from the left
+    # a 32 x 32 crop at left 4 of a 52 x 32 resized image: flipped, the same pixels sit 52 - 36 = 16
+    # from the left
     assert pairs(size_conditions((104, 64), (52, 32), (4, 0, 36, 32), flipped=False)) == (
         (64, 104),
         (0, 4),

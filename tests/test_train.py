@@ -229,8 +229,8 @@ def test_cli_smoke_run_writes_artifacts(tmp_path):
 
 
 def test_ddp_fork_hands_the_weights_back_and_summarises_the_workers_steps(tmp_path):
-    """`trainer.strategy=ddp_fork` (and ddp_spawn: the same launcher): the workers train; the main process loads
-    rank 0's final weights (not a training checkpoint) and its summary counts the workers' steps."""
+    """`trainer.strategy=ddp_fork` (and ddp_spawn: the same launcher): the workers train; the main process
+    loads rank 0's final weights (not a training checkpoint) and its summary counts the workers' steps."""
     result = run_train_forked(
         [
             *tiny_overrides("vae"),

@@ -1,7 +1,8 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper.
 
-A condition is the cross-attention context ``[B, L, D]`` (SD 1.x / 2.x: ``model(x, t, context)``), or a dict of
-the model's keyword inputs, ``{"context": [B, L, D], "y": [B, V]}`` (SDXL: ``model(x, t, context=..., y=...)``).
+A condition is the cross-attention context ``[B, L, D]`` (SD 1.x / 2.x: ``model(x, t, context)``), or a dict
+of the model's keyword inputs, ``{"context": [B, L, D], "y": [B, V]}`` (SDXL: ``model(x, t, context=...,
+y=...)``).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 z0 = scale_factor * VAE posterior sample; z_t = q_sample(z0, t, eps); the UNet predicts eps, v or x0 given
 the conditions of the batch (``ldm.modules.conditioner.Conditioner``: the caption's CLIP context);
-loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE, plain or Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``).
-Sampling: any ``ldm.diffusion`` sampler with classifier-free guidance over the EMA UNet, then the VAE decoder.
+loss = ``diffusion_loss`` (``ldm.diffusion.losses.DiffusionLoss``: the parameterisation's MSE, plain or
+Min-SNR weighted, from ``model.parameterization`` / ``model.min_snr_gamma``, or ``model/loss=...``). Sampling:
+any ``ldm.diffusion`` sampler with classifier-free guidance over the EMA UNet, then the VAE decoder.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ class LatentDiffusion(L.LightningModule):
         text_encoder: nn.Module | None = None,
     ):
         """``conditioner``: the embedders of the batch's conditions (a bare text encoder is wrapped as the one
-        embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of the
-        two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own. ``log_sizes``: SDXL's
-        size conditions of logged grids (``original_size`` / ``crop_top_left`` / ``target_size``; null: defaults)."""
+        embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of
+        the two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own.
+        ``log_sizes``: SDXL's size conditions of logged grids (``original_size`` / ``crop_top_left`` /
+        ``target_size``; null: defaults)."""
         super().__init__()
         if text_encoder is not None:
             if conditioner is not None:
@@ -160,7 +162,8 @@ class LatentDiffusion(L.LightningModule):
         self._vae_loaded = True
 
     def configure_model(self) -> None:
-        """``bf16_weights``: the UNet's weights stored in bf16 (the optimiser rounds updates stochastically)."""
+        """``bf16_weights``: the UNet's weights stored in bf16 (the optimiser rounds updates
+        stochastically)."""
         if self.hparams.get("bf16_weights", False) and getattr(self, "unet", None) is not None:
             use_bf16_weights(self.unet)
 
@@ -219,10 +222,11 @@ class LatentDiffusion(L.LightningModule):
             return self.vae.decode((z / self.scale_factor).to(dtype)).clamp(-1, 1)
 
     def conditions(self, batch, train: bool = False, zero_empty: bool = False) -> dict[str, torch.Tensor]:
-        """The conditioner's output for ``batch`` (``{"crossattn": ..., "vector": ...}``), on the model's device
-        (also when a text encoder was offloaded); ``train``: with each embedder's condition dropout (its
-        ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from ``batch_random``);
-        ``zero_empty``: an unconditional branch (SDXL zeroes "" text, ``force_zeros_for_empty_prompt``)."""
+        """The conditioner's output for ``batch`` (``{"crossattn": ..., "vector": ...}``), on the model's
+        device (also when a text encoder was offloaded); ``train``: with each embedder's condition dropout
+        (its ``ucg_rate``, else ``model.ucg_rate``: a dropped caption becomes "", drawn from
+        ``batch_random``); ``zero_empty``: an unconditional branch (SDXL zeroes "" text,
+        ``force_zeros_for_empty_prompt``)."""
         draw = self.batch_random.rand if train else None
         return self.conditioner(
             batch,
@@ -243,11 +247,13 @@ class LatentDiffusion(L.LightningModule):
 
     @staticmethod
     def context_of(conditions: dict[str, torch.Tensor]):
-        """The UNet's condition: the context [B, T, D], or ``{"context", "y"}`` when there is a vector (SDXL)."""
+        """The UNet's condition: the context [B, T, D], or ``{"context", "y"}`` when there is a vector
+        (SDXL)."""
         return unet_condition(conditions)
 
     def scale_factor_known(self) -> bool:
-        """True once the buffer holds a factor (given, estimated, or loaded); read from the device until then."""
+        """True once the buffer holds a factor (given, estimated, or loaded); read from the device until
+        then."""
         if not self._scale_factor_known:
             self._scale_factor_known = float(self.scale_factor) > 0
         return self._scale_factor_known
@@ -406,7 +412,8 @@ class LatentDiffusion(L.LightningModule):
         (else drawn from ``generator``, else from ``seed``); ``generator`` may be one per prompt, which makes
         each image independent of the batch it is in (class images). ``init_images`` [B, 3, H, W] in [-1, 1] +
         ``strength``: img2img (the images' latent means, noised to the level of the last
-        ``int(steps * strength)`` steps). ``sizes``: SDXL's size conditions (``micro_conditions.sampling_batch``).
+        ``int(steps * strength)`` steps). ``sizes``: SDXL's size conditions
+        (``micro_conditions.sampling_batch``).
         """
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
         negatives = (
@@ -472,7 +479,8 @@ class LatentDiffusion(L.LightningModule):
 
 
 def _rename_text_encoder_keys(state_dict, prefix, *args) -> None:
-    """Older checkpoints: ``text_encoder.*`` (the model's one text encoder) is ``conditioner.embedders.0.*``."""
+    """Older checkpoints: ``text_encoder.*`` (the model's one text encoder) is
+    ``conditioner.embedders.0.*``."""
     old, new = f"{prefix}text_encoder.", f"{prefix}conditioner.embedders.0."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[new + key[len(old) :]] = state_dict.pop(key)

@@ -1,9 +1,10 @@
 """SDXL's size conditions at sampling time, and the UNet input from the conditioner's output.
 
-Training batches carry each image's ``original_size_as_tuple`` (H, W before resizing), ``crop_coords_top_left``
-(top, left of the crop in the resized image) and ``target_size_as_tuple`` (H, W of the training image); see
-``datamodules/transforms.py``. Sampling has no data, so ``sampling_batch`` fills them: by default original =
-target = the output size and crop (0, 0) (what SDXL's pipeline does), each settable (``sample.py
+Training batches carry each image's ``original_size_as_tuple`` (H, W before resizing),
+``crop_coords_top_left`` (top, left of the crop in the resized image) and ``target_size_as_tuple`` (H, W of
+the training image); see ``datamodules/transforms.py``. Sampling has no data, so ``sampling_batch`` fills
+them: by default original = target = the output size and crop (0, 0) (what SDXL's pipeline does), each
+settable (``sample.py
 --original-size H W --crop-top-left T L --target-size H W``, ``model.log_sizes`` for logged grids).
 """
 
@@ -38,9 +39,9 @@ def sampling_batch(
     sizes: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> dict:
-    """``{"caption": prompts}`` plus, for each size key an embedder reads (``input_keys``), a ``[B, 2]`` tensor:
-    ``sizes[name]`` where given (``original_size`` / ``crop_top_left`` / ``target_size``), else the default
-    (original = target = ``output_size`` (H, W), crop (0, 0))."""
+    """``{"caption": prompts}`` plus, for each size key an embedder reads (``input_keys``), a ``[B, 2]``
+    tensor: ``sizes[name]`` where given (``original_size`` / ``crop_top_left`` / ``target_size``), else the
+    default (original = target = ``output_size`` (H, W), crop (0, 0))."""
     sizes = {k: v for k, v in (sizes or {}).items() if v is not None}
     unknown = sorted(set(sizes) - set(SIZE_KEYS))
     if unknown:
@@ -55,7 +56,8 @@ def sampling_batch(
 
 
 def unet_condition(conditions: Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The UNet's condition: the context alone (SD 1.x / 2.x), or ``{"context", "y"}`` with a vector (SDXL)."""
+    """The UNet's condition: the context alone (SD 1.x / 2.x), or ``{"context", "y"}`` with a vector
+    (SDXL)."""
     if "vector" in conditions:
         return {"context": conditions["crossattn"], "y": conditions["vector"]}
     return conditions["crossattn"]

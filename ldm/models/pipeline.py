@@ -25,8 +25,8 @@ from ldm.utils.runs import latest_checkpoint
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
-    """``file.safetensors`` or ``file.safetensors:0.8`` -> (path, multiplier); hypernetworks' ``file:strength``
-    too."""
+    """``file.safetensors`` or ``file.safetensors:0.8`` -> (path, multiplier); hypernetworks'
+    ``file:strength`` too."""
     path, sep, scale = spec.rpartition(":")
     if sep:
         try:
@@ -80,9 +80,10 @@ def load_for_sampling(
     hypernetwork: str | None = None,
 ):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
-    ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``), textual-inversion
-    embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied (``path[:strength]``).
-    ``model.image_resolution`` is the size to sample at (``resolution``, else the model's training size)."""
+    ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``),
+    textual-inversion embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied
+    (``path[:strength]``). ``model.image_resolution`` is the size to sample at (``resolution``, else the
+    model's training size)."""
     model, resolution = load_model(resolve_last(ckpt, log_dir), use_ema, tokenizer, sampler, resolution)
     unet = model.unet_ema.module if use_ema and model.unet_ema is not None else model.unet
     apply_adapters(model, unet, loras, embeddings, hypernetwork)
@@ -207,9 +208,10 @@ def generate_batches(
     progress: bool = True,
     sizes: dict | None = None,
 ) -> Iterator[GeneratedBatch]:
-    """``n`` images per prompt (prompt-major order), ``batch_size`` per forward pass. Image ``i`` starts from the
-    noise of seed ``seed + i`` whatever the batching; ``init_image`` ([1, 3, R, R]) makes it img2img at
-    ``strength``. ``guidance`` None: the model's own scale. ``sizes``: SDXL's size conditions (``LatentDiffusion.generate``)."""
+    """``n`` images per prompt (prompt-major order), ``batch_size`` per forward pass. Image ``i`` starts from
+    the noise of seed ``seed + i`` whatever the batching; ``init_image`` ([1, 3, R, R]) makes it img2img at
+    ``strength``. ``guidance`` None: the model's own scale. ``sizes``: SDXL's size conditions
+    (``LatentDiffusion.generate``)."""
     resolution = model.image_resolution
     guidance = model.hparams.guidance_scale if guidance is None else guidance
     jobs = [(p, neg) for p, neg in zip(prompts, pair_negatives(prompts, negatives)) for _ in range(n)]

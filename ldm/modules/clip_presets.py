@@ -59,7 +59,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,
         "projection_dim": 1280,
-        # as SDXL's text_encoder_2/config.json: eos_token_id 2 makes HF pool at argmax(input_ids), OpenCLIP's rule
+        # as SDXL's text_encoder_2/config.json: eos_token_id 2 makes HF pool at argmax(input_ids),
+        # OpenCLIP's rule
         "bos_token_id": 0,
         "eos_token_id": 2,
         "pad_token_id": 1,

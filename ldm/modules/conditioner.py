@@ -7,23 +7,27 @@ A ``Conditioner`` holds a list of embedders (plain ``nn.Module``s). Each embedde
 * has its own condition-dropout rate, ``ucg_rate`` (``None``: the model's ``ucg_rate``), applied while
   training: a dropped caption becomes ``""`` (what Stable Diffusion trained with), a dropped non-text value
   gives a zero embedding;
-* trains or not: ``is_trainable(embedder)`` is True when any of its parameters requires grad (text encoders are
+* trains or not: ``is_trainable(embedder)`` is True when any of its parameters requires grad (text encoders
+are
   frozen unless a fine-tuning method unfreezes them or adds parameters to them);
-* returns a tensor ``[B, T, D]`` (cross-attention context), ``[B, V]`` (a vector: pooled text, size features) or
+* returns a tensor ``[B, T, D]`` (cross-attention context), ``[B, V]`` (a vector: pooled text, size features)
+or
   a dict ``{"crossattn": ..., "vector": ...}`` with both.
 
-``Conditioner(batch)`` concatenates the embedders' contexts along features (``"crossattn"``: ``[B, T, sum D]``)
-and their vectors along features (``"vector"``: ``[B, sum V]``, present when any embedder gives one).
+``Conditioner(batch)`` concatenates the embedders' contexts along features (``"crossattn"``: ``[B, T, sum
+D]``) and their vectors along features (``"vector"``: ``[B, sum V]``, present when any embedder gives one).
 SD 1.x is one CLIP embedder, SD 2.x one OpenCLIP embedder; SDXL two text embedders (penultimate layer, the
 second also pooled: ``PooledCLIPTextEncoder``) and three size embedders (``SizeEmbedding``, one per batch key
 ``original_size_as_tuple`` / ``crop_coords_top_left`` / ``target_size_as_tuple``), so its vector is
 pooled (1280) + 3 x 512 = 2816 = the UNet's ``adm_in_channels``. Condition dropout follows sgm: each embedder
 draws by its own rate (the two text embedders independently; a dropped caption is "" for that embedder, its
-pooled vector included, as diffusers' SDXL script's empty prompts give); SDXL sets the sizes' ``ucg_rate`` to 0.
+pooled vector included, as diffusers' SDXL script's empty prompts give); SDXL sets the sizes' ``ucg_rate`` to
+0.
 
-Text embedders (``CLIPTextEncoder``) are encoded through their prompt cache (``encode_cached``) unless the caller
-asks otherwise (a fine-tune that trains the text encoder). Parameter names: ``embedders.<i>.<the embedder's>``,
-so a checkpoint's keys read ``conditioner.embedders.0.transformer.text_model...`` (sgm's layout).
+Text embedders (``CLIPTextEncoder``) are encoded through their prompt cache (``encode_cached``) unless the
+caller asks otherwise (a fine-tune that trains the text encoder). Parameter names: ``embedders.<i>.<the
+embedder's>``, so a checkpoint's keys read ``conditioner.embedders.0.transformer.text_model...`` (sgm's
+layout).
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ class Conditioner(nn.Module):
 
     @property
     def text_encoder(self) -> nn.Module:
-        """The one text embedder (SD 1.x / 2.x); an error when there are several (SDXL: index ``embedders``)."""
+        """The one text embedder (SD 1.x / 2.x); an error when there are several (SDXL: index
+        ``embedders``)."""
         text = self.text_embedders
         if len(text) != 1:
             raise ValueError(
@@ -130,10 +135,11 @@ class Conditioner(nn.Module):
         use_cache: bool = True,
         zero_empty: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The conditions of ``batch``. With ``draw`` (uniform [0, 1) draws of a shape; training), each embedder
-        drops its condition with its ``ucg_rate`` (default ``ucg_rate``), one draw per embedder that drops.
-        ``use_cache``: encode text through the embedders' prompt caches (where they are on). ``zero_empty`` (the
-        unconditional branch of sampling) with ``force_zeros_for_empty_prompt``: "" gives zero text outputs."""
+        """The conditions of ``batch``. With ``draw`` (uniform [0, 1) draws of a shape; training), each
+        embedder drops its condition with its ``ucg_rate`` (default ``ucg_rate``), one draw per embedder that
+        drops. ``use_cache``: encode text through the embedders' prompt caches (where they are on).
+        ``zero_empty`` (the unconditional branch of sampling) with ``force_zeros_for_empty_prompt``: "" gives
+        zero text outputs."""
         outputs: dict[str, list[torch.Tensor]] = {}
         for module in self.embedders:
             key = input_key(module)

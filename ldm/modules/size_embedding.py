@@ -38,7 +38,8 @@ class SizeEmbedding(nn.Module):
         self.dim = dim
 
     def forward(self, values) -> torch.Tensor:
-        """``values``: ``[B, N]`` numbers (a tensor, or a list of B tuples: a batch's ``original_size_as_tuple``)."""
+        """``values``: ``[B, N]`` numbers (a tensor, or a list of B tuples: a batch's
+        ``original_size_as_tuple``)."""
         if not isinstance(values, torch.Tensor):
             values = torch.as_tensor([list(map(float, v)) for v in values])
         return size_embedding(values.float(), self.dim)

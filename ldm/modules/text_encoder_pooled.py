@@ -1,8 +1,9 @@
 """SDXL's second text embedder: a CLIP text tower with its projection, giving the context AND a pooled vector.
 
 ``PooledCLIPTextEncoder`` is a ``CLIPTextEncoder`` whose transformer is a transformers
-``CLIPTextModelWithProjection`` (parameters ``transformer.text_model.*`` and ``transformer.text_projection.weight``,
-no bias: diffusers' ``text_encoder_2/`` keys under ``transformer.``, one to one). Prompts ->
+``CLIPTextModelWithProjection`` (parameters ``transformer.text_model.*`` and
+``transformer.text_projection.weight``, no bias: diffusers' ``text_encoder_2/`` keys under ``transformer.``,
+one to one). Prompts ->
 
 * ``"crossattn"``: the hidden state ``layer`` names (SDXL: ``"penultimate"``, ``final_layer_norm=False``), and
 * ``"vector"``: the pooled, projected text: the final-layer-normed last hidden state at the end token
@@ -29,7 +30,8 @@ __all__ = ["PooledCLIPTextEncoder"]
 
 
 class PooledCLIPTextEncoder(CLIPTextEncoder):
-    """Prompts -> ``{"crossattn": [B, L, hidden], "vector": [B, projection_dim]}`` (see the module docstring)."""
+    """Prompts -> ``{"crossattn": [B, L, hidden], "vector": [B, projection_dim]}`` (see the module
+    docstring)."""
 
     def __init__(self, transformer, tokenizer, **kwargs: Any):
         if not hasattr(transformer, "text_projection"):
