@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import CONF, EXPERIMENTS
 
 BASES = {"_finetune", "_finetune_shapes", "_finetune_sd15"}
-FINETUNES = [name for name in EXPERIMENTS if name not in ("vae", "txt2img")]
+FINETUNES = [name for name in EXPERIMENTS if not name.startswith(("vae", "txt2img"))]  # txt2img_sdxl too
 SD15 = [name for name in EXPERIMENTS if name.endswith("_sd15")]
 
 
