@@ -89,9 +89,12 @@ def train_vae(args) -> Path:
     return last
 
 
-def txt2img_argv(option: str, seed: int, args, vae: Path, run_dir: Path) -> list[str]:
+def txt2img_argv(option: str, seed: int, cap: int, args, vae: Path, run_dir: Path) -> list[str]:
+    """One round of a run: on to step ``cap`` (resuming from last.ckpt), the LR schedule always ``--steps`` long,
+    so a run trained in rounds is the run trained at once (exact resume)."""
     return ["experiment=txt2img", f"model.vae_ckpt={vae}", f"seed={seed}", *OPTIONS[option],
-            f"trainer.max_steps={args.steps}", f"data.batch_size={args.batch}", "++trainer.limit_val_batches=0",
+            f"trainer.max_steps={cap}", f"model.scheduler.total_steps={args.steps}", f"data.batch_size={args.batch}",
+            "++trainer.limit_val_batches=0",
             "trainer.log_every_n_steps=50", f"++callbacks.model_checkpoint.every_n_train_steps={args.every}",
             "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.monitor=null",
             *common_overrides(run_dir), *args.override, *resume_override(run_dir)]
@@ -240,14 +243,16 @@ def reached(curve: list[tuple[int, float]], target: float) -> int | None:
 
 # -- the grid -----------------------------------------------------------------------------------------------
 class Grid:
-    """Seed 0 of every option first, then seed 1, ...; ``--jobs`` training processes at a time, checkpoints
-    scored between polls (earliest run first), a run stopped (SIGTERM: it saves last.ckpt) once its last two
-    checkpoints reach the target."""
+    """Runs advance in rounds of ``--round`` steps: every run to the first round's end (seed 0 of each option
+    first, then seed 1, ...), then every run to the next, so a grid stopped at any time has all runs about
+    equally far. ``--jobs`` training processes at a time; checkpoints are scored between polls (earliest run
+    first); a run is stopped (SIGTERM: it saves last.ckpt) once its last two checkpoints reach the target."""
 
     def __init__(self, args, vae: Path, results: Results, scorer):
         self.args, self.vae, self.results, self.scorer = args, vae, results, scorer
         self.runs = [(option, seed) for seed in args.seeds for option in args.options]
-        self.active: dict[tuple[str, int], subprocess.Popen] = {}
+        self.caps = sorted({*range(args.round, args.max_steps, args.round), args.max_steps})
+        self.active: dict[tuple[str, int], tuple[subprocess.Popen, int]] = {}
         self.stopping: set[tuple[str, int]] = set()
         self.failed: set[tuple[str, int]] = set()
         self.launched = 0
@@ -255,13 +260,21 @@ class Grid:
     def run_dir(self, key: tuple[str, int]) -> Path:
         return Path(self.args.out) / "runs" / f"{key[0]}_s{key[1]}"
 
+    def state(self, key) -> dict:
+        """``{"steps": trained so far, "reason": ...}`` from done.json and the checkpoints (a killed round)."""
+        path = self.run_dir(key) / "done.json"
+        state = json.loads(path.read_text()) if path.is_file() else {"steps": 0, "reason": None}
+        found = checkpoints(self.run_dir(key))
+        state["steps"] = max(state["steps"], found[-1][0] if found else 0)
+        return state
+
     def target_met(self, key) -> bool:
         curve = self.results.curve(*key)
         return len(curve) >= 2 and min(curve[-1][1], curve[-2][1]) >= self.args.target
 
-    def mark_done(self, key, code: int | None, reason: str) -> None:
+    def mark_done(self, key, steps: int, reason: str) -> None:
         atomic_write_text(self.run_dir(key) / "done.json",
-                          json.dumps({"exit": code, "reason": reason, "finished": time.time()}))
+                          json.dumps({"steps": steps, "reason": reason, "finished": time.time()}))
 
     def loop(self) -> None:
         while True:
@@ -273,34 +286,43 @@ class Grid:
                 return
             time.sleep(self.args.poll)
 
+    def next_round(self, key) -> int | None:
+        """The step the run's next round trains to, or None when it is finished (or failed, or running)."""
+        if key in self.active or key in self.failed:
+            return None
+        state = self.state(key)
+        if state["reason"] == "target":
+            return None
+        if self.target_met(key):  # scored to the target in an earlier session, stopped before done.json
+            self.mark_done(key, state["steps"], "target")
+            return None
+        return next((cap for cap in self.caps if cap > state["steps"]), None)
+
     def start(self) -> None:
-        for key in self.runs:
-            if len(self.active) >= self.args.jobs:
-                return
+        waiting = sorted((cap, i, key) for i, key in enumerate(self.runs)
+                         if (cap := self.next_round(key)) is not None)
+        for cap, _, key in waiting[:max(0, self.args.jobs - len(self.active))]:
             run_dir = self.run_dir(key)
-            if key in self.active or key in self.failed or (run_dir / "done.json").is_file():
-                continue
-            if self.target_met(key):  # scored to the target in an earlier session, stopped before done.json
-                self.mark_done(key, None, "target")
-                continue
             run_dir.mkdir(parents=True, exist_ok=True)
             if not (run_dir / "started.json").is_file():
                 atomic_write_text(run_dir / "started.json", json.dumps({"started": time.time()}))
-            argv = txt2img_argv(*key, self.args, self.vae, run_dir)
-            print(f"start {key[0]} seed {key[1]}{' (resuming)' if 'ckpt_path' in argv[-1] else ''}: {run_dir}",
-                  flush=True)
-            self.active[key] = launch(argv, run_dir / "train.log", self.args.nice)
+            argv = txt2img_argv(*key, cap, self.args, self.vae, run_dir)
+            resuming = " (resuming)" if argv[-1].startswith("ckpt_path=") else ""
+            print(f"start {key[0]} seed {key[1]} to step {cap}{resuming}: {run_dir}", flush=True)
+            self.active[key] = (launch(argv, run_dir / "train.log", self.args.nice), cap)
             self.launched += 1
 
     def reap(self) -> None:
-        for key, proc in list(self.active.items()):
+        for key, (proc, cap) in list(self.active.items()):
             code = proc.poll()
             if code is None:
                 continue
             del self.active[key]
             if code == 0 or key in self.stopping:
-                self.mark_done(key, code, "target" if key in self.stopping else "max_steps")
-                print(f"done {key[0]} seed {key[1]} (exit {code})", flush=True)
+                target = key in self.stopping
+                self.mark_done(key, self.state(key)["steps"] if target else cap, "target" if target else "round")
+                print(f"{key[0]} seed {key[1]}: {'stopped at the target' if target else f'at step {cap}'}",
+                      flush=True)
             else:
                 self.failed.add(key)
                 log = (self.run_dir(key) / "train.log").read_text(errors="replace")[-2000:]
@@ -319,7 +341,7 @@ class Grid:
                   f"({row['eval_s']} s)", flush=True)
             if key in self.active and key not in self.stopping and self.target_met(key):
                 print(f"stop {key[0]} seed {key[1]}: two checkpoints >= {self.args.target:.0%}", flush=True)
-                self.active[key].send_signal(signal.SIGTERM)
+                self.active[key][0].send_signal(signal.SIGTERM)
                 self.stopping.add(key)
             return True
         return False
@@ -455,7 +477,10 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--options", default=",".join(OPTIONS), help=f"comma list from {list(OPTIONS)}")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=2000, help="trainer.max_steps (also the LR schedule's length)")
+    p.add_argument("--steps", type=int, default=2000, help="the LR schedule's length (warm-up, cosine to 0.1x)")
+    p.add_argument("--max-steps", type=int, default=None, help="train runs only this far in this session "
+                   "(default --steps; a later session with a larger one continues them)")
+    p.add_argument("--round", type=int, default=500, help="steps each run advances per round")
     p.add_argument("--every", type=int, default=250, help="checkpoint and score every N steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--target", type=float, default=0.95)
@@ -476,6 +501,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--options: unknown {unknown}; choose from {list(OPTIONS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.max_steps = args.max_steps or args.steps
     return args
 
 
