@@ -39,6 +39,8 @@ NOT_RUN = {
                                         "its loader is ldm.io's, tested in test_interop.py",
     "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at test size "
                                          "by tests/test_scale_benchmarks.py",
+    "python benchmarks/convergence.py": "the objective-options grid: a VAE and 10 txt2img runs of up to 2,000 steps "
+                                        "(CPU hours); run end to end at test size by tests/test_convergence.py",
     "python benchmarks/bf16_cpu.py": "SD v1.5 UNet steps in three precisions (minutes on CPU); run at test size by "
                                      "tests/test_scale_benchmarks.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
