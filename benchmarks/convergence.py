@@ -243,10 +243,10 @@ def reached(curve: list[tuple[int, float]], target: float) -> int | None:
 
 # -- the grid -----------------------------------------------------------------------------------------------
 class Grid:
-    """Runs advance in rounds of ``--round`` steps: every run to the first round's end (seed 0 of each option
-    first, then seed 1, ...), then every run to the next, so a grid stopped at any time has all runs about
-    equally far. ``--jobs`` training processes at a time; checkpoints are scored between polls (earliest run
-    first); a run is stopped (SIGTERM: it saves last.ckpt) once its last two checkpoints reach the target."""
+    """Runs advance in rounds of ``--round`` steps (one process per round, resumed from last.ckpt), seed by seed
+    (``--order seed``: seed 0 of every option round by round to the end, then seed 1) or all together
+    (``--order round``: a grid stopped at any time has all runs about equally far). ``--jobs`` training
+    processes at a time; checkpoints are scored between polls (earliest run first); a run is stopped (SIGTERM: it saves last.ckpt) once its last two checkpoints reach the target."""
 
     def __init__(self, args, vae: Path, results: Results, scorer):
         self.args, self.vae, self.results, self.scorer = args, vae, results, scorer
@@ -298,10 +298,19 @@ class Grid:
             return None
         return next((cap for cap in self.caps if cap > state["steps"]), None)
 
+    def waiting(self) -> list[tuple[int, tuple[str, int]]]:
+        """(next round's end, run) of every run that can start now, in the order they should: ``--order seed``:
+        seed 0 of every option to the end first (in rounds), then seed 1; ``round``: every run round by round."""
+        found = []
+        for i, key in enumerate(self.runs):
+            cap = self.next_round(key)
+            if cap is not None:
+                first = self.args.seeds.index(key[1]) if self.args.order == "seed" else 0
+                found.append(((first, cap, i), cap, key))
+        return [(cap, key) for _, cap, key in sorted(found)]
+
     def start(self) -> None:
-        waiting = sorted((cap, i, key) for i, key in enumerate(self.runs)
-                         if (cap := self.next_round(key)) is not None)
-        for cap, _, key in waiting[:max(0, self.args.jobs - len(self.active))]:
+        for cap, key in self.waiting()[:max(0, self.args.jobs - len(self.active))]:
             run_dir = self.run_dir(key)
             run_dir.mkdir(parents=True, exist_ok=True)
             if not (run_dir / "started.json").is_file():
@@ -481,6 +490,8 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="train runs only this far in this session "
                    "(default --steps; a later session with a larger one continues them)")
     p.add_argument("--round", type=int, default=500, help="steps each run advances per round")
+    p.add_argument("--order", choices=("seed", "round"), default="seed", help="seed: seed 0 of every option to "
+                   "--max-steps first, then seed 1, ...; round: all runs advance round by round")
     p.add_argument("--every", type=int, default=250, help="checkpoint and score every N steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--target", type=float, default=0.95)

@@ -95,3 +95,20 @@ def test_grid_scores_every_checkpoint_skips_finished_runs_and_resumes(tmp_path, 
     (run / "done.json").unlink()
     conv.main([*argv, "--target", "0.0", "--options", "v+minsnr5", "--steps", "6"])
     assert launches == [] and json.loads((run / "done.json").read_text())["reason"] == "target"
+
+
+def test_grid_order_seed_first_or_round_by_round(tmp_path):
+    """``--order seed`` takes seed 0 of every option to the end before seed 1; ``--order round`` first brings
+    every run to the end of the current round."""
+    conv = load_script("benchmarks/convergence.py")
+    orders = {}
+    for order in ("seed", "round"):
+        args = conv.parse_args(["--out", str(tmp_path / order), "--options", "eps,v", "--seeds", "0,1",
+                                "--steps", "4", "--round", "2", "--order", order])
+        grid = conv.Grid(args, tmp_path / "vae.ckpt", conv.Results(tmp_path / order / "c.csv"), scorer=None)
+        for option in ("eps", "v"):  # seed 0 of both options trained to step 2
+            grid.run_dir((option, 0)).mkdir(parents=True)
+            grid.mark_done((option, 0), 2, "round")
+        orders[order] = grid.waiting()
+    assert orders["seed"] == [(4, ("eps", 0)), (4, ("v", 0)), (2, ("eps", 1)), (2, ("v", 1))]
+    assert orders["round"] == [(2, ("eps", 1)), (2, ("v", 1)), (4, ("eps", 0)), (4, ("v", 0))]
