@@ -364,28 +364,46 @@ def spread(values: list[float], fmt) -> str:
     return mean if len(values) == 1 else f"{mean} ({fmt(min(values))}-{fmt(max(values))})"
 
 
+def steps_to_target(runs: dict[int, list[tuple[int, float]]], target: float) -> tuple[str, str]:
+    """("mean (min-max)" over seeds, or "not reached by N"), and the per-seed steps."""
+    hits = {seed: reached(curve, target) for seed, curve in runs.items()}
+    per_seed = ", ".join(f"s{seed}: {hit:,}" if hit else f"s{seed}: not by {runs[seed][-1][0]:,}"
+                         for seed, hit in hits.items())
+    found = [h for h in hits.values() if h]
+    if len(found) == len(hits):
+        return spread(found, lambda v: f"{v:,.0f}"), per_seed
+    if not found:
+        return f"not reached by {min(curve[-1][0] for curve in runs.values()):,}", per_seed
+    return f"{len(found)}/{len(hits)} seeds", per_seed
+
+
 def summary(results: Results, options: list[str], seeds: list[int], target: float) -> str:
-    header = (f"| option | steps to {target:.0%} held-out fidelity: mean (min-max) | per seed | "
-              "fidelity at each seed's last checkpoint | val eps-MSE by t bucket, last checkpoint |")
-    lines = [header, "|---|---|---|---|---|"]
+    """Steps to the target per option; at the last step every seed of it reached: fidelity (colour / shape /
+    background right) and the validation losses by timestep bucket (means over seeds)."""
+    header = (f"| option | steps to {target:.0%} held-out fidelity: mean (min-max) | per seed | step | fidelity: "
+              "mean (min-max) | colour / shape / background | val eps-MSE, t in 4 buckets | val x0-MSE, same |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for option in options:
         runs = {seed: results.curve(option, seed) for seed in seeds if results.curve(option, seed)}
         if not runs:
-            lines.append(f"| {option} | not run | | | |")
+            lines.append(f"| {option} | not run | | | | | | |")
             continue
-        hits = {seed: reached(curve, target) for seed, curve in runs.items()}
-        per_seed = ", ".join(f"s{seed}: {hit:,}" if hit else f"s{seed}: not reached by {runs[seed][-1][0]:,}"
-                             for seed, hit in hits.items())
-        found = [h for h in hits.values() if h]
-        steps = spread(found, lambda v: f"{v:,.0f}") if len(found) == len(hits) else (
-            f"not reached by all seeds ({len(found)}/{len(hits)})")
-        last = [curve[-1][1] for curve in runs.values()]
-        rows = [r for r in results.rows if r["option"] == option]
-        lasts = [max((r for r in rows if int(r["seed"]) == s), key=lambda r: int(r["step"])) for s in runs]
-        columns = sorted((c for c in lasts[0] if c.startswith("val_eps_t")), key=lambda c: int(c[9:]))
-        buckets = [f"{sum(float(r[c]) for r in lasts) / len(lasts):.3f}" for c in columns]
-        lines.append(f"| {option} | {steps} | {per_seed} | {spread(last, lambda v: f'{v:.1%}')} | "
-                     f"{' / '.join(buckets)} |")
+        steps, per_seed = steps_to_target(runs, target)
+        common = min(curve[-1][0] for curve in runs.values())
+        rows = [r for r in results.rows if r["option"] == option and int(r["step"]) == common
+                and int(r["seed"]) in runs]
+
+        def mean(column, rows=rows):
+            return sum(float(r[column]) for r in rows) / len(rows)
+
+        def buckets(kind, rows=rows):
+            columns = sorted((c for c in rows[0] if c.startswith(f"val_{kind}_t") and rows[0][c]),
+                             key=lambda c: int(c.rsplit("_t", 1)[1]))
+            return " / ".join(f"{mean(c):.3f}" for c in columns)
+        fidelity = spread([float(r["fidelity"]) for r in rows], lambda v: f"{v:.1%}")
+        lines.append(f"| {option} | {steps} | {per_seed} | {common:,} ({len(rows)} seed{'s' * (len(rows) > 1)}) | "
+                     f"{fidelity} | {mean('color'):.0%} / {mean('shape'):.0%} / {mean('background'):.0%} | "
+                     f"{buckets('eps')} | {buckets('x0')} |")
     return "\n".join(lines) + "\n\n" + brightness_table(results, options)
 
 

@@ -70,7 +70,7 @@ def test_grid_scores_every_checkpoint_skips_finished_runs_and_resumes(tmp_path, 
     assert 0.0 <= float(rows[1]["white_match"]) <= 1.0 and float(rows[1]["black_real_mean"]) < 100
     with Image.open(png) as image:
         assert image.size == (960, 600)
-    assert "| eps | not reached by all seeds (0/1) | s0: not reached by 4 |" in first["table"]
+    assert "| eps | not reached by 4 | s0: not by 4 | 4 (1 seed) |" in first["table"]
     assert (out / "convergence.md").read_text() in first["table"] + "\n"
 
     # the same command again: everything is done, nothing is trained or scored
