@@ -433,7 +433,7 @@ def draw(results: Results, options: list[str], seeds: list[int], target: float, 
     """Fidelity vs step per option: the mean over seeds as a line, min-max over seeds as a band."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height, left, right, top, bottom = 960, 600, 80, 30, 50, 60
+    width, height, left, right, top, bottom = 1100, 600, 80, 240, 50, 60
     font = ImageFont.load_default(size=15)
     steps = [s for o in options for seed in seeds for s, _ in results.curve(o, seed)] or [1]
     x_max = max(steps)
@@ -446,14 +446,15 @@ def draw(results: Results, options: list[str], seeds: list[int], target: float, 
     for value in np.linspace(0, 1, 6):
         axes.line([xy(0, value), xy(x_max, value)], fill=(225, 225, 225))
         axes.text((left - 8, xy(0, value)[1]), f"{value:.0%}", fill="black", font=font, anchor="rm")
-    for step in np.linspace(0, x_max, 5):
+    ticks = sorted({0, *steps}) if len(set(steps)) <= 12 else np.linspace(0, x_max, 5)
+    for step in ticks:
         axes.text((xy(step, 0)[0], height - bottom + 8), f"{step:,.0f}", fill="black", font=font, anchor="mt")
     x0, y_target = xy(0, target)
     for x in range(int(x0), int(xy(x_max, target)[0]), 12):
         axes.line([(x, y_target), (x + 6, y_target)], fill=(120, 120, 120), width=1)
     axes.rectangle([xy(0, 1), xy(x_max, 0)], outline="black")
-    axes.text((width / 2, height - 22), "training step", fill="black", font=font, anchor="mm")
-    axes.text((width / 2, 22), f"held-out prompt fidelity (DPM++ 2M 20 steps) vs step; mean and min-max over "
+    axes.text(((left + width - right) / 2, height - 22), "training step", fill="black", font=font, anchor="mm")
+    axes.text(((left + width - right) / 2, 22), f"held-out prompt fidelity (DPM++ 2M 20 steps) vs step; mean and min-max over "
               f"seeds; dashed: {target:.0%}", fill="black", font=font, anchor="mm")
     for i, option in enumerate(options):
         colour = COLOURS[i % len(COLOURS)]
@@ -476,9 +477,9 @@ def draw(results: Results, options: list[str], seeds: list[int], target: float, 
         for point in line:
             pen.ellipse([point[0] - 3, point[1] - 3, point[0] + 3, point[1] + 3], fill=colour)
         n_seeds = max(len(v) for v in by_step.values())
-        y = height - bottom - 20 - 22 * (len(options) - 1 - i)  # legend bottom right, where curves have risen
-        pen.line([(width - right - 250, y), (width - right - 220, y)], fill=colour, width=3)
-        pen.text((width - right - 212, y), f"{option} ({n_seeds} seed{'s' if n_seeds > 1 else ''})",
+        y = top + 12 + 22 * i  # the legend right of the plot
+        pen.line([(width - right + 14, y), (width - right + 44, y)], fill=colour, width=3)
+        pen.text((width - right + 52, y), f"{option} ({n_seeds} seed{'s' if n_seeds > 1 else ''})",
                  fill="black", font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

@@ -69,7 +69,7 @@ def test_grid_scores_every_checkpoint_skips_finished_runs_and_resumes(tmp_path, 
     assert [r["black_match"] != "" for r in rows] == [False, True, False, True]
     assert 0.0 <= float(rows[1]["white_match"]) <= 1.0 and float(rows[1]["black_real_mean"]) < 100
     with Image.open(png) as image:
-        assert image.size == (960, 600)
+        assert image.size == (1100, 600)
     assert "| eps | not reached by 4 | s0: not by 4 | 4 (1 seed) |" in first["table"]
     assert (out / "convergence.md").read_text() in first["table"] + "\n"
 
