@@ -67,9 +67,16 @@ def common_overrides(run_dir: Path) -> list[str]:
             "extras.print_config=false", f"hydra.run.dir={run_dir}"]
 
 
+def global_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+
+
 def resume_override(run_dir: Path) -> list[str]:
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return [f"ckpt_path={last}"] if last.is_file() else []
+    """``ckpt_path=`` the run's checkpoint with the highest global step (the newest of those). Not ``last.ckpt``
+    by name: a run resumed from a ``last.ckpt`` that was linked to its first checkpoint writes ``last-v1.ckpt``
+    (Lightning's version counter), and the next resume from ``last.ckpt`` would go back to the old state."""
+    found = [(global_step(p), p.stat().st_mtime, p) for p in (run_dir / "checkpoints").glob("*.ckpt")]
+    return [f"ckpt_path={max(found)[2]}"] if found else []
 
 
 def train_vae(args) -> Path:
@@ -233,7 +240,10 @@ class Results:
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    return sorted((int(p.stem.split("_")[1]), p) for p in (run_dir / "checkpoints").glob("step_*.ckpt"))
+    """(step, file) of the run's step checkpoints (``step_000500.ckpt``; a second save of a step, ``-v1``, is
+    the same state of an exact resume, skipped)."""
+    found = ((p.stem.split("_")[1], p) for p in (run_dir / "checkpoints").glob("step_*.ckpt"))
+    return sorted((int(step), p) for step, p in found if step.isdigit())
 
 
 def reached(curve: list[tuple[int, float]], target: float) -> int | None:

@@ -80,8 +80,10 @@ def test_grid_scores_every_checkpoint_skips_finished_runs_and_resumes(tmp_path, 
 
     # a run killed after its first checkpoint was scored: resumed from last.ckpt, only the rest scored
     run = out / "runs" / "v+minsnr5_s0"
-    for name in ("done.json", "checkpoints/step_000004.ckpt", "checkpoints/last.ckpt"):
-        (run / name).unlink()
+    (run / "done.json").unlink()
+    for path in (run / "checkpoints").glob("*.ckpt"):  # step_000004, last.ckpt, last-v1.ckpt (round 2's last)
+        if path.name != "step_000002.ckpt":
+            path.unlink()
     shutil.copyfile(run / "checkpoints" / "step_000002.ckpt", run / "checkpoints" / "last.ckpt")
     (out / "convergence.csv").write_text("".join((out / "convergence.csv").read_text().splitlines(True)[:4]))
     third = conv.main(argv)
@@ -112,3 +114,21 @@ def test_grid_order_seed_first_or_round_by_round(tmp_path):
         orders[order] = grid.waiting()
     assert orders["seed"] == [(4, ("eps", 0)), (4, ("v", 0)), (2, ("eps", 1)), (2, ("v", 1))]
     assert orders["round"] == [(2, ("eps", 1)), (2, ("v", 1)), (4, ("eps", 0)), (4, ("v", 0))]
+
+
+def test_resume_takes_the_checkpoint_with_the_highest_step_not_last_ckpt_by_name(tmp_path):
+    """A run resumed from a last.ckpt linked to its first checkpoint writes last-v1.ckpt (Lightning's version
+    counter); resuming from last.ckpt by name would go back to that first state."""
+    import os
+
+    import torch
+
+    conv = load_script("benchmarks/convergence.py")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for i, (name, step) in enumerate([("step_000250.ckpt", 250), ("last.ckpt", 250), ("step_000500.ckpt", 500),
+                                      ("last-v1.ckpt", 500), ("step_000500-v1.ckpt", 500), ("last-v2.ckpt", 380)]):
+        torch.save({"global_step": step}, folder / name)
+        os.utime(folder / name, (1000 + i, 1000 + i))  # last-v2 (a stale run stopped by a signal) is the newest
+    assert conv.resume_override(tmp_path) == [f"ckpt_path={folder / 'step_000500-v1.ckpt'}"]
+    assert [step for step, _ in conv.checkpoints(tmp_path)] == [250, 500]  # the -v1 copy of a step is skipped
