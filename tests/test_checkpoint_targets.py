@@ -112,6 +112,23 @@ def test_the_refusal_names_the_nested_key(tmp_path, victim):
         check_config(config, "x.ckpt")
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        "a string",
+        {"no": "target"},
+        {"_target_": "ldm.modules.unet.UNetModel"},
+        {"_target_": "torch.optim.SGD"},
+    ],
+)
+def test_a_checkpoint_config_must_build_one_of_our_lightning_modules(tmp_path, config):
+    evil = poisoned_checkpoint(tmp_path / "odd.ckpt", config)
+    with pytest.raises(
+        UnsafeConfigError, match=r"odd\.ckpt: refusing to build its config: model_config\._target_"
+    ):
+        load_lightning_model(evil)
+
+
 @pytest.mark.parametrize("value", [b"bytes", torch.zeros(1), {1: "int key"}, {"_partial_": "yes"}])
 def test_only_plain_data_is_accepted(value):
     with pytest.raises(UnsafeConfigError):

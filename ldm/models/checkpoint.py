@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.models.model_config import build_from_config, check_config
+from ldm.models.model_config import MODEL_TARGETS, build_from_config, check_config
 from ldm.models.safe_checkpoint_io import load_training_checkpoint
 from ldm.utils.logging import get_logger
 
@@ -49,7 +49,9 @@ def load_lightning_model(
             "(for Stable Diffusion files use a single-file or diffusers loader)"
         )
     check_config(config, str(path))  # the whole file's config, optimiser included, before anything is built
-    model = build_from_config(_for_inference(config), str(path))
+    if not isinstance(config, dict):
+        build_from_config(config, str(path), top_level=MODEL_TARGETS)  # refuses: not a model's config
+    model = build_from_config(_for_inference(config), str(path), top_level=MODEL_TARGETS)
     # as Lightning does on resume: the model's hook first (a fine-tune loads its base and method state there
     # and leaves nothing else), then the rest of the weights, strictly
     model.on_load_checkpoint(ckpt)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ldm.io.safe_load import UnsafeCheckpointError
 
-__all__ = ["ALLOWED_TARGETS", "UnsafeConfigError", "build_from_config", "check_config"]
+__all__ = ["ALLOWED_TARGETS", "MODEL_TARGETS", "UnsafeConfigError", "build_from_config", "check_config"]
 
 # target -> (module, attribute path inside it). Every ``_target_`` under conf/model is here (a test checks
 # it), plus torch.optim.SGD, the inert optimiser a model rebuilt for inference gets.
@@ -79,6 +79,12 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.models.lr_schedules.warmup_cosine": ("ldm.models.lr_schedules", "warmup_cosine"),
 }
 
+# what a checkpoint's model_config may build at its top level: one of our LightningModules
+MODEL_TARGETS = (
+    "ldm.models.autoencoder.AutoencoderModule",
+    "ldm.models.latent_diffusion.LatentDiffusion",
+    "ldm.models.finetune.module.FineTuneModule",
+)
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
 _RESERVED_KEYS = {"_target_", "_partial_"}
 
@@ -142,9 +148,13 @@ def _build(node: Any) -> Any:
     return functools.partial(factory, **arguments) if node.get("_partial_") else factory(**arguments)
 
 
-def build_from_config(config: Mapping, source: str) -> Any:
+def build_from_config(config: Mapping, source: str, top_level: tuple[str, ...] | None = None) -> Any:
     """The object ``config`` describes (Hydra's ``instantiate(config, _convert_="all")`` semantics for the
     ``_target_`` / ``_partial_`` keys), after :func:`check_config` found nothing to refuse. ``source`` (the
-    file's path) is named in errors."""
+    file's path) is named in errors. ``top_level``: the targets the config itself may name (e.g.
+    ``MODEL_TARGETS``)."""
     check_config(config, source)
+    target = config.get("_target_") if isinstance(config, Mapping) else None
+    if top_level is not None and target not in top_level:
+        raise _refuse(source, "model_config._target_", f"is {target!r}, not one of {', '.join(top_level)}")
     return _build(config)
