@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm.utils.files import atomic_write_text
+from ldm.utils.task import run_main
 
 OPTIONS = {  # name -> train.py overrides
     "eps": [],
@@ -243,7 +244,7 @@ class Scorer:
 
     def __call__(self, ckpt: Path, step: int) -> dict:
         from ldm.diffusion import build_sampler
-        from sample import load_for_sampling
+        from ldm.models.pipeline import load_for_sampling
 
         start = time.perf_counter()
         model = load_for_sampling(str(ckpt))
@@ -692,4 +693,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
