@@ -48,14 +48,25 @@ class TinyRegression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit_tiny(tmp_path: Path, max_steps: int, nan_at=(), checkpoint_cls=RunCheckpoint) -> RunCheckpoint:
+def fit_tiny(
+    tmp_path: Path,
+    max_steps: int,
+    nan_at=(),
+    checkpoint_cls=RunCheckpoint,
+    *,
+    mode: str = "min",
+    dirpath: Path | None = None,
+    ckpt_path: str | None = None,
+) -> RunCheckpoint:
+    """The tiny regression, validated (``val/loss`` = the step) every 2 steps; checkpoints in ``dirpath``
+    (default ``tmp_path/ckpt``); ``ckpt_path``: resume from it."""
     data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
     checkpoint = checkpoint_cls(
-        dirpath=tmp_path / "ckpt",
+        dirpath=dirpath or tmp_path / "ckpt",
         filename="step_{step}",
         monitor="val/loss",
         auto_insert_metric_name=False,
-        mode="min",
+        mode=mode,
         save_last=True,
         save_top_k=1,
     )
@@ -72,7 +83,9 @@ def fit_tiny(tmp_path: Path, max_steps: int, nan_at=(), checkpoint_cls=RunCheckp
         num_sanity_val_steps=0,
         plugins=[SafeCheckpointIO()],
     )
-    trainer.fit(TinyRegression(nan_at), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4))
+    resume = {"ckpt_path": ckpt_path, "weights_only": True} if ckpt_path else {}
+    loaders = DataLoader(data, batch_size=4), DataLoader(data, batch_size=4)
+    trainer.fit(TinyRegression(nan_at), *loaders, **resume)
     return checkpoint
 
 

@@ -13,15 +13,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.run_checkpoint import RunCheckpoint
-from ldm.models.safe_checkpoint_io import SafeCheckpointIO
 from ldm.utils.runs import describe_resume, resolve_ckpt_path
 from ldm.utils.task import run_task
 from tests.conftest import compose_train
 from tests.forked_cli import run_train_forked
-from tests.test_checkpoints_reliable import TinyRegression, saved_step
+from tests.test_checkpoints_reliable import fit_tiny, saved_step
 from tests.test_dreambooth import dreambooth_overrides
 from tests.test_finetune_lora import base_ckpt  # noqa: F401 - a fixture
 from tests.test_resume_exact import QUIET, overrides, run_cli, vae_ckpt  # noqa: F401 - vae_ckpt is a fixture
@@ -30,37 +28,7 @@ from train import train
 
 def fit_in(folder: Path, max_steps: int, ckpt_path: str | None = None) -> RunCheckpoint:
     """The tiny regression with validation (and a new best) every 2 steps, checkpoints in ``folder``."""
-    data = TensorDataset(torch.randn(32, 2), torch.randn(32, 1))
-    checkpoint = RunCheckpoint(
-        dirpath=folder,
-        filename="step_{step}",
-        monitor="val/loss",
-        auto_insert_metric_name=False,
-        mode="max",
-        save_last=True,
-        save_top_k=1,
-    )
-    trainer = L.Trainer(
-        max_steps=max_steps,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        callbacks=[checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        num_sanity_val_steps=0,
-        plugins=[SafeCheckpointIO()],
-    )
-    trainer.fit(
-        TinyRegression(),
-        DataLoader(data, batch_size=4),
-        DataLoader(data, batch_size=4),
-        ckpt_path=ckpt_path,
-        weights_only=True,
-    )
-    return checkpoint
+    return fit_tiny(folder.parent, max_steps, mode="max", dirpath=folder, ckpt_path=ckpt_path)
 
 
 def test_resume_into_the_same_folder_rewrites_last_ckpt_not_a_versioned_copy(tmp_path):
