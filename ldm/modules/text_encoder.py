@@ -264,6 +264,7 @@ class CLIPTextEncoder(PlaceholderTokens, nn.Module):
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         intermediate_size: int | None = None,
+        projection_dim: int | None = None,
         **encoder_kwargs: Any,
     ) -> CLIPTextEncoder:
         """A small randomly initialised CLIP text encoder, fully offline and deterministic.
@@ -274,11 +275,19 @@ class CLIPTextEncoder(PlaceholderTokens, nn.Module):
         then ``tiny-clip-tokenizer/``), written once and reused. Weights are drawn from a
         ``torch.Generator`` seeded with ``seed`` in a fixed parameter order (the global RNG is left
         alone), so the same arguments give the same weights and embeddings on every machine.
-        ``max_length`` (default 20) is also the number of position embeddings.
+        ``max_length`` (default 20) is also the number of position embeddings. ``projection_dim``: a
+        ``CLIPTextModelWithProjection`` (the pooled encoder's layout).
         """
         tokenizer, _ = tiny_clip_tokenizer(vocab_words, max_length, cache_dir)
         model = tiny_clip_model(
-            tokenizer, hidden_size, num_layers, num_heads, max_length, seed, intermediate_size
+            tokenizer,
+            hidden_size,
+            num_layers,
+            num_heads,
+            max_length,
+            seed,
+            intermediate_size,
+            projection_dim=projection_dim,
         )
         return cls(model, tokenizer, max_length=max_length, **encoder_kwargs)
 

@@ -24,7 +24,6 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 
 from ldm.modules.clip_presets import build_text_model
 from ldm.modules.text_encoder import CLIPTextEncoder
-from ldm.modules.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 
 __all__ = ["PooledCLIPTextEncoder"]
 
@@ -64,18 +63,18 @@ class PooledCLIPTextEncoder(CLIPTextEncoder):
         **encoder_kwargs: Any,
     ) -> PooledCLIPTextEncoder:
         """``CLIPTextEncoder.tiny`` with a text projection (``projection_dim``, default ``hidden_size``)."""
-        tokenizer, _ = tiny_clip_tokenizer(vocab_words, max_length, cache_dir)
-        model = tiny_clip_model(
-            tokenizer,
+        return super().tiny(
+            vocab_words,
             hidden_size,
             num_layers,
             num_heads,
             max_length,
             seed,
+            cache_dir,
             intermediate_size,
             projection_dim=projection_dim or hidden_size,
+            **encoder_kwargs,
         )
-        return cls(model, tokenizer, max_length=max_length, **encoder_kwargs)
 
     @classmethod
     def from_config(
