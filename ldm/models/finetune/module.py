@@ -63,7 +63,7 @@ class FineTuneModule(LatentDiffusion):
         scheduler: Callable | None = None,
         base: str | None = None,
         base_search_dir: str = "logs",
-        base_task: str = "txt2img",
+        base_task: str | None = "txt2img",
         base_use_ema: bool = True,
         base_tokenizer: str | None = None,
         gradient_checkpointing: bool = False,
@@ -116,6 +116,14 @@ class FineTuneModule(LatentDiffusion):
         base = self.hparams.base
         if base and (Path(base).is_dir() or (not Path(base).exists() and looks_like_hub_id(str(base)))):
             return str(base)  # a diffusers folder or a hub id: load_base_model checks it
+        if not base and self.hparams.base_task is None:  # a preset for the user's own base: no run to find
+            if fast_dev_run:
+                return None
+            raise FileNotFoundError(
+                "model.base is required: give the base model to fine-tune, e.g. "
+                "model.base=/models/v1-5-pruned-emaonly.safetensors (an SD .safetensors/.ckpt, a diffusers "
+                "folder or a hub id; docs/real_models.md)"
+            )
         found = find_checkpoint(
             base,
             self.hparams.base_search_dir,
