@@ -30,7 +30,6 @@ from ldm.io.sources import (
 )
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.modules.conditioner import Conditioner
 from ldm.utils.logging import get_logger
 
 __all__ = ["components_from_lightning", "latent_diffusion_from_components", "load_base_model"]
@@ -80,7 +79,7 @@ def components_from_lightning(
     and the model keeps one. ``checkpoint``: the file's contents when already read (each file is read
     once)."""
     model = load_lightning_model(path, checkpoint=checkpoint)
-    missing = [name for name in ("unet", "vae", "text_encoder", "schedule") if not hasattr(model, name)]
+    missing = [name for name in ("unet", "vae", "conditioner", "schedule") if not hasattr(model, name)]
     if missing:
         raise ValueError(f"{path}: {type(model).__name__} has no {missing}; not a text-to-image model")
     ema = getattr(model, "unet_ema", None)
@@ -95,14 +94,18 @@ def components_from_lightning(
         )
     config = getattr(model, "model_config", None) or {}
     unet_config = describe_unet(unet)
+    texts = model.conditioner.text_embedders
+    if len(texts) not in (1, 2):
+        raise ValueError(f"{path}: {len(texts)} text embedders; SD 1.x/2.x have one, SDXL two")
     components = SDComponents(
         unet=unet,
         vae=model.vae,
-        text_encoder=model.text_encoder,
+        text_encoder=texts[0],
+        text_encoder_2=texts[1] if len(texts) == 2 else None,
         schedule=DiffusionSchedule.from_config(**schedule) if schedule else model.schedule,
         parameterization=parameterization or model.hparams.get("parameterization", "eps"),
         scale_factor=factor,
-        version=version_of(unet_config, describe_text_encoder(model.text_encoder)),
+        version=version_of(unet_config, describe_text_encoder(texts[0])),
         resolution=int(resolution or config.get("vae", {}).get("resolution", 32)),
     )
     return finalize(components, dtype)
@@ -114,7 +117,7 @@ def latent_diffusion_from_components(
     """A ``LatentDiffusion`` for sampling (or a starting point) from ``components``: no EMA copy, an inert
     SGD(lr=0) optimiser, ``image_resolution`` = the components' resolution. ``kwargs`` go to the
     constructor."""
-    if getattr(components.text_encoder, "tokenizer", None) is None:
+    if any(getattr(text, "tokenizer", None) is None for text in components.text_encoders):
         raise ValueError(
             f"the text encoder has no tokenizer, so prompts cannot be encoded. {TOKENIZER_HINT} "
             f"(in Python: load_base_model(..., tokenizer=<folder>)), or {OPEN_CLIP_INSTALL_HINT}"
@@ -122,7 +125,7 @@ def latent_diffusion_from_components(
     model = LatentDiffusion(
         unet=components.unet,
         vae=components.vae,
-        conditioner=Conditioner([components.text_encoder]),
+        conditioner=components.conditioner(),
         schedule=components.schedule,
         sampler=sampler or build_sampler("dpmpp_2m", steps=25),
         optimizer=functools.partial(torch.optim.SGD, lr=0.0),
