@@ -14,7 +14,7 @@ from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 
-__all__ = ["SDXL_SIZE_KEYS", "SDComponents", "as_dtype", "finalize"]
+__all__ = ["SDXL_SIZE_KEYS", "VAE_FP32_NOTE", "SDComponents", "as_dtype", "finalize", "vae_dtype"]
 
 # the batch keys of SDXL's three size embedders, in sgm's order
 SDXL_SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
@@ -87,11 +87,23 @@ def as_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float
     return result
 
 
+VAE_FP32_NOTE = (
+    "SDXL's VAE overflows in float16 (inf/NaN latents and black images), as diffusers' force_upcast notes; "
+    "it is kept at float32 while the UNet and text encoders take float16"
+)
+
+
+def vae_dtype(components: SDComponents, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype for weights of ``dtype``: float32 for SDXL (two text encoders) under float16."""
+    return torch.float32 if components.text_encoder_2 is not None and dtype == torch.float16 else dtype
+
+
 def finalize(components: SDComponents, dtype: torch.dtype | str | None) -> SDComponents:
-    """Cast to ``dtype`` (default float32), eval mode, UNet trainable, VAE and text encoder frozen."""
+    """Cast to ``dtype`` (default float32), eval mode, UNet trainable, VAE and text encoder frozen. SDXL's VAE
+    stays float32 when ``dtype`` is float16 (it overflows in fp16: ``VAE_FP32_NOTE``)."""
     target = as_dtype(dtype)
     components.unet.to(dtype=target).eval().requires_grad_(True)
-    components.vae.to(dtype=target).eval().requires_grad_(False)
+    components.vae.to(dtype=vae_dtype(components, target)).eval().requires_grad_(False)
     for text_encoder in components.text_encoders:
         text_encoder.to(dtype=target)
         if hasattr(text_encoder, "freeze"):

@@ -28,6 +28,7 @@ from ldm.io.sources import (
     load_pretrained,
     plain_overrides,
 )
+from ldm.io.vae_file import load_replacement_vae
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.utils.logging import get_logger
@@ -41,13 +42,16 @@ def load_base_model(
     source: str | os.PathLike,
     use_ema: bool = True,
     dtype: torch.dtype | str | None = None,
+    vae_path: str | os.PathLike | None = None,
     **preset_overrides: Any,
 ) -> SDComponents:
     """The ``SDComponents`` (unet, vae, text_encoder, schedule, parameterization, scale_factor, version,
     resolution) of ``source``: an SD single file, one of our Lightning checkpoints, a diffusers folder or a
     hub id (``ldm.io.sources`` describes them).
 
-    ``use_ema``: take the EMA UNet weights when the source has them. ``dtype``: default float32.
+    ``use_ema``: take the EMA UNet weights when the source has them. ``dtype``: default float32 (SDXL's VAE
+    stays float32 under float16). ``vae_path``: a replacement VAE (``ldm.io.vae_file``: a VAE file in LDM or
+    diffusers names, or a diffusers VAE folder) of the same architecture, used instead of the source's.
     ``preset_overrides``:
       single files -- ``preset`` ("v1" | "v2" | "v2-v"), ``unet``/``vae``/``text_encoder``/``schedule``
         (dicts updating the preset), ``parameterization``, ``scale_factor``, ``resolution``, ``tokenizer``;
@@ -58,10 +62,17 @@ def load_base_model(
     """
     found = identify_source(source)
     if found.kind != "lightning":
-        return load_pretrained(found, use_ema, dtype, **preset_overrides)
-    overrides = plain_overrides(preset_overrides)
-    check_overrides(overrides, COMMON_OVERRIDES, "our Lightning checkpoint")
-    return components_from_lightning(found.path, use_ema, dtype, checkpoint=found.payload, **overrides)
+        components = load_pretrained(found, use_ema, dtype, **preset_overrides)
+    else:
+        overrides = plain_overrides(preset_overrides)
+        check_overrides(overrides, COMMON_OVERRIDES, "our Lightning checkpoint")
+        components = components_from_lightning(
+            found.path, use_ema, dtype, checkpoint=found.payload, **overrides
+        )
+    if vae_path:
+        components.vae = load_replacement_vae(vae_path, components.vae)
+        log.info(f"VAE replaced by {vae_path}")
+    return components
 
 
 def components_from_lightning(
