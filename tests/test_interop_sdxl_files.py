@@ -195,3 +195,53 @@ def test_sample_py_samples_an_sdxl_folder_and_file(xl, tmp_path):
             + ["--steps", "2", "--sampler", "euler", "--device", "cpu", "--out", str(out)]
         )
         assert grid.is_file() and len(list(out.glob("000_*.png"))) == 1
+
+
+SDXL_REAL_KEYS = {  # names and shapes in the released sd_xl_base_1.0.safetensors
+    "model.diffusion_model.label_emb.0.0.weight": [1280, 2816],
+    "model.diffusion_model.input_blocks.4.1.proj_in.weight": [640, 640],
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": [1280, 2048],
+    "first_stage_model.encoder.mid.attn_1.q.weight": [512, 512, 1, 1],
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": [768, 3072],
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": [768],
+    "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": [3840, 1280],
+    "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight": [5120, 1280],
+    "conditioner.embedders.1.model.text_projection": [1280, 1280],
+    "conditioner.embedders.1.model.positional_embedding": [77, 1280],
+    "conditioner.embedders.1.model.token_embedding.weight": [49408, 1280],
+    "conditioner.embedders.1.model.ln_final.weight": [1280],
+}
+
+
+def test_released_sdxl_layout_matches_the_preset_and_is_detected():
+    from ldm.io.openclip import openclip_to_hf_projected
+    from ldm.io.sd_keys import split_single_file
+    from ldm.io.sd_layout import released_layout
+    from ldm.io.sd_presets import PRESETS
+    from ldm.io.strict_load import state_dict_mismatches
+    from ldm.modules.text_encoder import CLIPTextEncoder
+    from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
+
+    state = released_layout("sdxl")  # meta tensors: nothing allocated
+    for key, shape in SDXL_REAL_KEYS.items():
+        assert list(state[key].shape) == shape, key
+    assert detect_version(state) == "sdxl"
+    groups = split_single_file(state, "sd_xl_base_1.0.safetensors")
+    preset = PRESETS["sdxl"]
+    clip_l = CLIPTextEncoder.from_config(preset["text_encoder"], device="meta").transformer.state_dict()
+    bigg = PooledCLIPTextEncoder.from_config(preset["text_encoder_2"], device="meta").transformer.state_dict()
+    assert state_dict_mismatches(clip_l, groups["clip"]) == ""
+    assert state_dict_mismatches(bigg, openclip_to_hf_projected(groups["clip_g"], 32)) == ""
+    assert (preset["scale_factor"], preset["resolution"]) == (0.13025, 1024)
+
+
+def test_convert_py_writes_an_sdxl_single_file(xl, tmp_path):
+    from safetensors import safe_open
+
+    from scripts import convert
+
+    folder, pipe = xl
+    out = convert.main(["--base", str(folder), "--out", str(tmp_path / "xl.safetensors"), "--fp32"])
+    with safe_open(str(out), framework="pt") as f:
+        assert "conditioner.embedders.1.model.text_projection" in set(f.keys())
+    assert_same_xl_outputs(load_base_model(out), pipe)
