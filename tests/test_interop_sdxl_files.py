@@ -18,7 +18,7 @@ from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import load_base_model
 from tests.interop_parts import assert_weights_equal, ldm_layout_state, perturb
 from tests.interop_parts import tiny_text_encoder as sd1_text_encoder
-from tests.sdxl_parts import POOLED, WIDTH_G, assert_same_xl_outputs, tiny_xl_pipeline
+from tests.sdxl_parts import POOLED, WIDTH_G, assert_same_xl_outputs, size_batch, tiny_xl_pipeline
 
 pytest.importorskip("diffusers")
 
@@ -245,3 +245,43 @@ def test_convert_py_writes_an_sdxl_single_file(xl, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         assert "conditioner.embedders.1.model.text_projection" in set(f.keys())
     assert_same_xl_outputs(load_base_model(out), pipe)
+
+
+def test_finetune_base_takes_an_sdxl_file_and_a_replacement_vae(xl, compose_cfg, tmp_path):
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from hydra.utils import instantiate
+
+    folder, pipe = xl
+    path = export_components(load_base_model(folder), tmp_path / "xl.safetensors")
+    perturb(DiffusersVAE.from_config(pipe.vae.config), 31).save_pretrained(tmp_path / "vae")
+    cfg = compose_cfg(
+        [
+            "experiment=lora_finetune",
+            "model/method=full",
+            f"model.base={path}",
+            f"model.vae_path={tmp_path / 'vae'}",
+        ]
+    )
+    model = instantiate(cfg.model)
+    model.prepare(str(path))
+    assert len(model.conditioner.text_embedders) == 2 and len(model.conditioner.embedders) == 5
+    assert_weights_equal(model.vae, load_base_model(folder, vae_path=tmp_path / "vae").vae)
+    conditions = model.conditions(size_batch(["a red circle"]))
+    assert conditions["crossattn"].shape[-1] == 32 + WIDTH_G and conditions["vector"].shape[-1] == POOLED + 48
+
+
+def test_sample_py_vae_flag_replaces_the_vae(xl, tmp_path, capsys):
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    import sample
+    from ldm.models.pipeline import load_for_sampling
+
+    folder, pipe = xl
+    perturb(DiffusersVAE.from_config(pipe.vae.config), 41).save_pretrained(tmp_path / "vae")
+    model = load_for_sampling(str(folder), vae=str(tmp_path / "vae"))
+    assert_weights_equal(model.vae, load_base_model(folder, vae_path=tmp_path / "vae").vae)
+    with pytest.raises(AssertionError):
+        assert_weights_equal(model.vae, load_base_model(folder).vae)
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(folder), "--prompt", "x", "--vae", str(tmp_path / "missing.safetensors")])
+    assert "--vae" in (err := capsys.readouterr().err) and "no such file or folder" in err

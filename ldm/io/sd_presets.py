@@ -201,5 +201,6 @@ def version_of(unet_config: Mapping[str, Any], text_config: Mapping[str, Any] | 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return a is not None and b is not None and list(a) == list(b)
+        sequences = isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+        return sequences and list(a) == list(b)
     return a == b
