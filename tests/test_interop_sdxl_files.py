@@ -245,6 +245,10 @@ def test_convert_py_writes_an_sdxl_single_file(xl, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         assert "conditioner.embedders.1.model.text_projection" in set(f.keys())
     assert_same_xl_outputs(load_base_model(out), pipe)
+    folder_out = convert.main(["--base", str(out), "--diffusers", "--out", str(tmp_path / "xl_folder")])
+    index = json.loads((folder_out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and (folder_out / "text_encoder_2").is_dir()
+    assert_same_xl_outputs(load_base_model(folder_out), pipe, atol=1e-4)
 
 
 def test_finetune_base_takes_an_sdxl_file_and_a_replacement_vae(xl, compose_cfg, tmp_path):
@@ -285,3 +289,53 @@ def test_sample_py_vae_flag_replaces_the_vae(xl, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", str(folder), "--prompt", "x", "--vae", str(tmp_path / "missing.safetensors")])
     assert "--vae" in (err := capsys.readouterr().err) and "no such file or folder" in err
+
+
+def test_sdxl_diffusers_folder_export_loads_in_diffusers_and_back(xl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.io.diffusers_export import export_diffusers_folder
+
+    folder, pipe = xl
+    components = load_base_model(folder)
+    perturb(components.unet, 51, 0.01)  # so the written weights, not a copy of the folder's, are compared
+    out = export_diffusers_folder(components, tmp_path / "out")
+    loaded = StableDiffusionXLPipeline.from_pretrained(out)
+    scheduler = loaded.scheduler.config
+    assert type(loaded.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert (scheduler.timestep_spacing, scheduler.steps_offset) == ("leading", 1)
+    assert loaded.vae.config.scaling_factor == pytest.approx(0.13025) and loaded.vae.config.force_upcast
+    assert_same_xl_outputs(components, loaded)
+    assert_same_xl_outputs(load_base_model(out), loaded)
+    with pytest.raises(AssertionError):
+        assert_same_xl_outputs(components, pipe)
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        export_diffusers_folder(components, out)
+
+
+def test_sd1_diffusers_folder_export_round_trip(sd1_file, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.io.diffusers_export import export_diffusers_folder
+    from tests.interop_parts import tiny_overrides, unet_inputs
+
+    path, text = sd1_file
+    tokenizer_dir = tmp_path / "tok"
+    text.tokenizer.save_pretrained(tokenizer_dir)
+    components = load_base_model(path, use_ema=False, tokenizer=tokenizer_dir, **tiny_overrides(text))
+    out = export_diffusers_folder(components, tmp_path / "sd1", dtype="fp16")
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("conv_in.weight").dtype == torch.float16
+    back = load_base_model(out)
+    assert back.text_encoder_2 is None
+    torch.testing.assert_close(back.schedule.alphas_cumprod, components.schedule.alphas_cumprod)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = components.unet(x, t, context)
+        torch.testing.assert_close(back.unet(x, t, context), expected, atol=2e-2, rtol=1e-2)
+        theirs = pipe.unet.float()(x, t, encoder_hidden_states=context).sample
+        torch.testing.assert_close(theirs, expected, atol=2e-2, rtol=1e-2)
