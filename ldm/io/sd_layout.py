@@ -12,10 +12,10 @@ from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 
 
-def released_layout(version: str) -> dict[str, torch.Tensor]:
+def released_layout(version: str, preset: dict | None = None) -> dict[str, torch.Tensor]:
     """The single-file state dict of a released model (``"v1"``, ``"v2"`` or ``"sdxl"`` preset), as meta
-    tensors."""
-    preset = PRESETS[version]
+    tensors; ``preset``: that preset changed (e.g. a narrower UNet), in the same layout."""
+    preset = preset or PRESETS[version]
     with torch.device("meta"):
         unet, vae = UNetModel(**preset["unet"]), AutoencoderKL(**preset["vae"])
     text = CLIPTextEncoder.from_config(preset["text_encoder"], device="meta").transformer.state_dict()
