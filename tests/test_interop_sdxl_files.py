@@ -339,3 +339,24 @@ def test_sd1_diffusers_folder_export_round_trip(sd1_file, tmp_path):
         torch.testing.assert_close(back.unet(x, t, context), expected, atol=2e-2, rtol=1e-2)
         theirs = pipe.unet.float()(x, t, encoder_hidden_states=context).sample
         torch.testing.assert_close(theirs, expected, atol=2e-2, rtol=1e-2)
+
+
+def test_released_vocabulary_gives_bigg_a_tokenizer_padding_with_bang(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from ldm.io.single_file import _bigg_tokenizer
+
+    vocab = {
+        "!": 0,
+        **{f"t{i}</w>": i for i in range(1, 49406)},
+        "<|startoftext|>": 49406,
+        "<|endoftext|>": 49407,
+    }
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    clip = CLIPTokenizer.from_pretrained(str(tmp_path), pad_token="<|endoftext|>")
+    bigg = _bigg_tokenizer(clip, embedded=False)
+    ids = lambda tok: tok("t5", padding="max_length", max_length=6).input_ids
+    assert ids(clip)[-1] == 49407 and ids(bigg)[-1] == 0  # SDXL's tokenizer_2 pads with "!" (id 0)
+    assert ids(clip)[:3] == ids(bigg)[:3]
+    assert _bigg_tokenizer(clip, embedded=True) is clip  # our exports' embedded tokenizer serves both
