@@ -140,6 +140,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="SDXL size condition: the target size (default: the output size)",
     )
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="a replacement VAE of the same architecture: a VAE .safetensors (LDM or diffusers names) or a "
+        "diffusers VAE folder (e.g. a fine-tuned or fp16-fixed SDXL VAE)",
+    )
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
@@ -168,6 +174,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.resolution is not None and args.resolution < 8:
         parser.error(f"--resolution must be a positive multiple of the VAE factor, got {args.resolution}")
+    if args.vae is not None and not Path(args.vae).exists():
+        parser.error(f"--vae {args.vae}: no such file or folder")
     if args.init_image is not None:
         if not Path(args.init_image).is_file():
             parser.error(f"--init-image {args.init_image}: no such file")
@@ -241,6 +249,7 @@ def main(argv=None) -> Path:
         args.log_dir,
         args.embedding,
         args.hypernetwork,
+        vae=args.vae,
     )
     resolution = model.image_resolution
     check_resolution(model, resolution)

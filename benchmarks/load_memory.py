@@ -7,6 +7,12 @@ to ``--file`` (2.1 GB). The float32 weights alone take 4.3 GB: the ideal peak is
 
     python benchmarks/load_memory.py                 # SD v1.5 layout (2.1 GB file, ~1-2 minutes)
     python benchmarks/load_memory.py --preset v2     # SD 2.x layout
+    python benchmarks/load_memory.py --preset sdxl --unet-channels 64 --text-layers 8   # SDXL, narrowed
+
+``--preset sdxl`` is SDXL base 1.0's layout (CLIP-L + OpenCLIP bigG in sgm's names, 3.5 G parameters at full
+size). ``--unet-channels`` narrows the UNet (``model_channels``) and ``--text-layers`` shortens the text
+encoders (``num_hidden_layers``, both), keeping every name and every other shape, so both loads fit a small
+machine.
 """
 
 from __future__ import annotations
@@ -25,7 +31,21 @@ sys.path.insert(0, str(ROOT))
 from ldm.utils.task import child_failure, run_main
 
 
-def write_file(path: Path, version: str) -> int:
+def preset_of(version: str, unet_channels: int | None, text_layers: int | None) -> dict:
+    from ldm.io.sd_presets import resolve_preset
+
+    text = {"num_hidden_layers": text_layers} if text_layers else None
+    return resolve_preset(
+        version,
+        unet={"model_channels": unet_channels} if unet_channels else None,
+        text_encoder=text,
+        text_encoder_2=text if version == "sdxl" else None,
+    )
+
+
+def write_file(
+    path: Path, version: str, unet_channels: int | None = None, text_layers: int | None = None
+) -> int:
     import torch
     from safetensors.torch import save_file
 
@@ -33,7 +53,7 @@ def write_file(path: Path, version: str) -> int:
 
     generator = torch.Generator().manual_seed(0)
     tensors = {}
-    for key, meta in released_layout(version).items():
+    for key, meta in released_layout(version, preset_of(version, unet_channels, text_layers)).items():
         if meta.dtype.is_floating_point:
             tensors[key] = (torch.randn(meta.shape, generator=generator) * 0.02).to(torch.float16)
         else:
@@ -51,27 +71,27 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def load(way: str, path: str, version: str, tokenizer: str) -> dict:
+def load(way: str, path: str, version: str, tokenizer: str, unet_channels: str, text_layers: str) -> dict:
     import torch
 
+    preset = preset_of(version, int(unet_channels) or None, int(text_layers) or None)
     if way == "ours":
         from ldm.models.base_loader import load_base_model
 
-        parts = load_base_model(path, tokenizer=tokenizer, preset=version)
-        modules = [parts.unet, parts.vae, parts.text_encoder]
+        parts = load_base_model(path, tokenizer=tokenizer, preset=preset)
+        modules = [parts.unet, parts.vae, *parts.text_encoders]
     else:  # naive: whole file in memory, modules at full size, load, cast
         from safetensors.torch import load_file
 
-        from ldm.io.openclip import openclip_to_hf
+        from ldm.io.openclip import openclip_to_hf, openclip_to_hf_projected
         from ldm.io.sd_keys import split_single_file
-        from ldm.io.sd_presets import PRESETS
         from ldm.modules.text_encoder import CLIPTextEncoder
+        from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
         from ldm.modules.unet import UNetModel
         from ldm.modules.vae import AutoencoderKL
 
         state = load_file(path)
         groups = split_single_file(state, path)
-        preset = PRESETS[version]
         unet, vae = UNetModel(**preset["unet"]), AutoencoderKL(**preset["vae"])
         text = CLIPTextEncoder.from_config(preset["text_encoder"])
         unet.load_state_dict(groups["unet"])
@@ -80,6 +100,11 @@ def load(way: str, path: str, version: str, tokenizer: str) -> dict:
         clip = openclip_to_hf(groups["openclip"], layers) if groups["openclip"] else groups["clip"]
         text.transformer.load_state_dict(clip)
         modules = [unet.float(), vae.float(), text.float()]
+        if "text_encoder_2" in preset:
+            text_2 = PooledCLIPTextEncoder.from_config(preset["text_encoder_2"])
+            layers_2 = text_2.transformer.config.num_hidden_layers
+            text_2.transformer.load_state_dict(openclip_to_hf_projected(groups["clip_g"], layers_2))
+            modules.append(text_2.float())
     floats = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     assert all(p.dtype == torch.float32 for m in modules for p in m.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -90,16 +115,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="v1", choices=("v1", "v2"))
+    parser.add_argument("--preset", default="v1", choices=("v1", "v2", "sdxl"))
+    parser.add_argument(
+        "--unet-channels", type=int, default=0, help="the UNet's model_channels (default: the released)"
+    )
+    parser.add_argument(
+        "--text-layers", type=int, default=0, help="the text encoders' layers (default: the released)"
+    )
     parser.add_argument("--file", help="where to write the fp16 file (default: a temporary folder)")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(load(*args.child)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.file or Path(tmp) / f"sd-{args.preset}-fp16.safetensors")
-        count = write_file(path, args.preset)
+        count = write_file(path, args.preset, args.unet_channels or None, args.text_layers or None)
         write_tokenizer(Path(tmp) / "tokenizer")
         print(f"{path.name}: {count / 1e9:.2f} G parameters, {path.stat().st_size / 2**30:.2f} GiB on disk")
         rows = []
@@ -112,6 +143,8 @@ def main() -> None:
                 str(path),
                 args.preset,
                 str(Path(tmp) / "tokenizer"),
+                str(args.unet_channels),
+                str(args.text_layers),
             ]
             result = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if result.returncode != 0:

@@ -5,13 +5,16 @@
     python scripts/convert.py --base old-model.ckpt --out model.safetensors --fp32
     python scripts/convert.py --base sd15.safetensors --lora style.safetensors:0.8 \
         --lora subject.safetensors --out merged.safetensors
+    python scripts/convert.py --base sd_xl_base_1.0.safetensors --diffusers --out sdxl-base/
 
-``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of our
-Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
-(SD v1 layout; SD 2.x files are written with the OpenCLIP text layout), and back here with its exact
-architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or
-diffusers/PEFT) bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A
-fine-tuning run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
+``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of
+our Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
+(SD v1 layout; SD 2.x files are written with the OpenCLIP text layout, SDXL bases in sgm's SDXL layout),
+and back here with its exact architecture (``ldm.config`` metadata). ``--diffusers`` writes a diffusers
+model folder instead (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, float32 unless
+``--fp16``). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT) bakes LoRA files
+into the weights first, the merge users otherwise run kohya's scripts for. A fine-tuning run's checkpoint
+holds only its adapter: given one, this says so and what to pass instead.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.io.diffusers_export import export_diffusers_folder
 from ldm.io.lora_any import load_lora
 from ldm.io.safe_load import safe_torch_load
 from ldm.io.sd_presets import PRESETS
@@ -38,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--no-ema", action="store_true", help="take the raw instead of the EMA UNet weights")
     p.add_argument("--fp32", action="store_true", help="write float32 (default float16)")
+    p.add_argument(
+        "--diffusers",
+        action="store_true",
+        help="write a diffusers model folder at --out (UNet and VAE float32 unless --fp16)",
+    )
+    p.add_argument("--fp16", action="store_true", help="with --diffusers: UNet and VAE weights in float16")
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -119,6 +129,10 @@ def main(argv=None) -> Path:
             merge=True,
         )
         print(f"baked in {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules)")
+    if args.diffusers:
+        out = export_diffusers_folder(components, args.out, dtype="float16" if args.fp16 else "float32")
+        print(f"wrote {out} (a diffusers {components.version} folder)")
+        return out
     out = export_components(
         components,
         args.out,

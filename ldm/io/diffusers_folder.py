@@ -2,8 +2,10 @@
 
 A folder holds ``model_index.json``, ``unet/`` and ``vae/`` (``config.json`` + weights), ``text_encoder/``
 and ``tokenizer/`` (transformers CLIP, already our layout) and ``scheduler/scheduler_config.json`` (beta
-schedule and ``prediction_type``). Keys are renamed by ``ldm.io.diffusers_names``, configs translated by
-``ldm.io.diffusers_config``.
+schedule and ``prediction_type``). SDXL pipelines (``StableDiffusionXLPipeline``) add ``text_encoder_2/``
+(a transformers ``CLIPTextModelWithProjection``: OpenCLIP bigG) and ``tokenizer_2/``; both text encoders are
+then used at their penultimate layer without the final layer norm, as the pipeline does. Keys are renamed by
+``ldm.io.diffusers_names``, configs translated by ``ldm.io.diffusers_config``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ldm.io.safe_load import read_checkpoint
 from ldm.io.sd_presets import version_of
 from ldm.io.strict_load import build_on_meta, load_strict
 from ldm.modules.text_encoder import CLIPTextEncoder
+from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 from ldm.utils.hub import hub_offline
@@ -104,12 +107,7 @@ def load_diffusers_folder(
         raise ValueError(f"{name}/vae: {err.args[0]}") from None
     vae = load_strict(build_on_meta(AutoencoderKL, vae_config), vae_state, "VAE", f"{name}/vae")
 
-    text_encoder = CLIPTextEncoder.from_pretrained(root)
-    if text_encoder.hidden_size != unet_config["context_dim"]:
-        raise ValueError(
-            f"{name}: text encoder width {text_encoder.hidden_size} != UNet cross_attention_dim "
-            f"{unet_config['context_dim']}"
-        )
+    text_encoder, text_encoder_2 = _text_encoders(root, int(unet_config["context_dim"]))
     schedule_config, detected = _scheduler_config(root)
     factor = 2 ** (len(vae_config["ch_mult"]) - 1)
     components = SDComponents(
@@ -123,18 +121,50 @@ def load_diffusers_folder(
         ),
         version=version_of(unet_config, {"hidden_size": text_encoder.hidden_size}),
         resolution=int(resolution or int(unet_cfg.get("sample_size", 64)) * factor),
+        text_encoder_2=text_encoder_2,
     )
     return finalize(components, dtype)
 
 
-def _check_pipeline(root: Path) -> None:
-    """Refuse SDXL pipelines and folders that lack a part we load."""
-    index = _read_json(root / "model_index.json")
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+def _text_encoders(root: Path, context_dim: int) -> tuple[CLIPTextEncoder, PooledCLIPTextEncoder | None]:
+    """``text_encoder/`` (+ ``text_encoder_2/`` for SDXL: both at the penultimate layer without the final
+    layer norm); their widths must add up to the UNet's ``cross_attention_dim``."""
+    if not (root / "text_encoder_2").is_dir():
+        text_encoder = CLIPTextEncoder.from_pretrained(root)
+        if text_encoder.hidden_size != context_dim:
+            raise ValueError(
+                f"{root}: text encoder width {text_encoder.hidden_size} != UNet cross_attention_dim "
+                f"{context_dim}"
+            )
+        return text_encoder, None
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    options = {"layer": "penultimate", "final_layer_norm": False}
+    text_encoder = CLIPTextEncoder.from_pretrained(root, **options)
+    model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"), local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
+    text_encoder_2 = PooledCLIPTextEncoder(model.eval(), tokenizer, **options)
+    widths = (text_encoder.hidden_size, text_encoder_2.hidden_size)
+    if sum(widths) != context_dim:
         raise ValueError(
-            f"{root} is an SDXL pipeline ({index.get('_class_name')}); only SD v1/v2 are supported"
+            f"{root}: text encoder widths {widths[0]} + {widths[1]} != UNet cross_attention_dim {context_dim}"
         )
-    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+    return text_encoder, text_encoder_2
+
+
+def _check_pipeline(root: Path) -> None:
+    """Refuse the SDXL refiner and folders that lack a part we load."""
+    index = _read_json(root / "model_index.json")
+    parts = ["unet", "vae", "text_encoder", "tokenizer"]
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        if not (index.get("text_encoder") or [None])[0] or index.get("requires_aesthetics_score"):
+            raise ValueError(
+                f"{root} is an SDXL refiner ({index.get('_class_name')}: text_encoder_2 only, "
+                "aesthetic-score conditioning); this project loads SDXL base folders (text_encoder/ and "
+                "text_encoder_2/), SD 1.x and SD 2.x. Pass the SDXL base model instead."
+            )
+        parts += ["text_encoder_2", "tokenizer_2"]
+    for part in parts:
         if not (root / part).is_dir():
             raise FileNotFoundError(
                 f"{root} has no {part}/ folder: not a complete diffusers Stable Diffusion model"
@@ -189,10 +219,12 @@ def download_from_hub(
         "*/config.json",
         "*/*.txt",
         "tokenizer/*.json",
+        "tokenizer_2/*.json",
         "scheduler/*.json",
         f"unet/{weights}",
         f"vae/{weights}",
         f"text_encoder/{weights}",
+        f"text_encoder_2/{weights}",
         "*/*.safetensors.index.json",
     ]
     if not use_ema and not variant:

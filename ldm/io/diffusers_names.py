@@ -2,6 +2,7 @@
 
 * state dicts, diffusers -> LDM: ``diffusers_unet_to_ldm`` (``UNet2DConditionModel`` -> ``UNetModel``),
   ``diffusers_vae_to_ldm`` (``AutoencoderKL`` -> ``ldm.modules.vae.AutoencoderKL``); unknown keys raise.
+  LDM -> diffusers (diffusers folder export): ``ldm_unet_to_diffusers``, ``ldm_vae_to_diffusers``.
 * module names, LDM -> diffusers: ``unet_module_names`` (every Linear / Conv2d / LoRA layer of a UNet),
   ``text_encoder_module_names`` (CLIP encoder layers -> ``text_model.encoder.layers...``), used by the
   LoRA file formats (kohya ``lora_unet_<diffusers path>``, PEFT ``unet.<diffusers path>``).
@@ -32,6 +33,8 @@ __all__ = [
     "diffusers_unet_to_ldm",
     "diffusers_vae_to_ldm",
     "find_unet",
+    "ldm_unet_to_diffusers",
+    "ldm_vae_to_diffusers",
     "text_encoder_module_names",
     "unet_module_names",
 ]
@@ -252,3 +255,68 @@ def text_encoder_module_names(text_encoder: nn.Module) -> dict[str, str]:
     if not out:
         raise ValueError(f"no CLIP encoder layers (`encoder.layers.N`) in {type(text_encoder).__name__}")
     return out
+
+
+# ------------------------------------------------------------------------------------------ LDM -> diffusers
+
+
+def ldm_unet_to_diffusers(state: Mapping[str, torch.Tensor], unet: UNetModel) -> dict[str, torch.Tensor]:
+    """Inverse of ``diffusers_unet_to_ldm`` for the UNet ``unet`` whose state dict ``state`` is: every key's
+    module renamed as ``unet_module_names`` does, the parameter name kept. Checked by mapping back."""
+    levels = 1 + sum(isinstance(m, Downsample) for m in unet.input_blocks.modules())
+    layers = len(unet.input_blocks) // levels - 1
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        try:
+            out[f"{_ldm_to_diffusers(module, unet, layers)}.{param}"] = value
+        except (KeyError, IndexError) as err:
+            raise KeyError(f"no diffusers name for UNet key {key!r}") from err
+    back = diffusers_unet_to_ldm(out, {"layers_per_block": layers})
+    if set(back) != set(state):
+        raise KeyError(f"UNet names do not map back: {sorted(set(state) ^ set(back))[:5]}")
+    return out
+
+
+_LDM_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def ldm_vae_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``diffusers_vae_to_ldm`` (diffusers' current names: ``to_q`` ..., ``group_norm``; the
+    attention projections as Linear ``[C, C]``). Checked by mapping back."""
+    num_up = 1 + max((int(m[1]) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))), default=-1)
+    out = {}
+    for key, value in state.items():
+        new = _vae_name_to_diffusers(key, num_up)
+        if (
+            re.search(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$", new)
+            and value.ndim == 4
+        ):
+            value = value[:, :, 0, 0]
+        out[new] = value
+    back = diffusers_vae_to_ldm(out)
+    if set(back) != set(state):
+        raise KeyError(f"VAE names do not map back: {sorted(set(state) ^ set(back))[:5]}")
+    return out
+
+
+def _vae_name_to_diffusers(key: str, num_up: int) -> str:
+    if re.fullmatch(r"(quant_conv|post_quant_conv|(encoder|decoder)\.conv_(in|out))\.(weight|bias)", key):
+        return key
+    resnet = {"nin_shortcut": "conv_shortcut"}
+    if m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", key):
+        return f"{m[1]}.conv_norm_out.{m[2]}"
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", key):
+        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{resnet.get(m[3], m[3])}.{m[4]}"
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)", key):
+        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", key):
+        return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{resnet.get(m[3], m[3])}.{m[4]}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", key):
+        return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)", key):
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{resnet.get(m[3], m[3])}.{m[4]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)", key)
+    if m and m[2] in _LDM_VAE_ATTENTION:
+        return f"{m[1]}.mid_block.attentions.0.{_LDM_VAE_ATTENTION[m[2]]}.{m[3]}"
+    raise KeyError(f"no diffusers name for VAE key {key!r}")

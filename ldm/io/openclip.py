@@ -1,5 +1,6 @@
-"""SD 2.x text encoder layouts: OpenCLIP (``cond_stage_model.model.*`` in single files) <-> the transformers
-CLIP layout (``text_model.*``) of ``CLIPTextEncoder``."""
+"""OpenCLIP text towers <-> the transformers CLIP layout (``text_model.*``) of ``CLIPTextEncoder``: SD 2.x's
+ViT-H (``cond_stage_model.model.*`` in single files) and SDXL's ViT-bigG (``conditioner.embedders.1.model.*``,
+whose ``text_projection`` [width, proj] is the transpose of HF's ``text_projection.weight``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["hf_to_openclip", "openclip_to_hf"]
+__all__ = ["hf_to_openclip", "hf_to_openclip_projected", "openclip_to_hf", "openclip_to_hf_projected"]
 
 _OPENCLIP_TO_HF = {
     "ln_1": "layer_norm1",
@@ -83,4 +84,25 @@ def hf_to_openclip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
             raise KeyError(f"no OpenCLIP name for text encoder key {key!r}")
     for key, parts in fused.items():
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def openclip_to_hf_projected(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """SDXL's bigG (OpenCLIP names, without the prefix) -> a ``CLIPTextModelWithProjection`` state dict: every
+    block kept, ``text_projection`` [width, proj] -> ``text_projection.weight`` [proj, width]. A file without
+    ``text_projection`` leaves it missing (the strict load names it)."""
+    rest = {k: v for k, v in state.items() if k != "text_projection"}
+    out = openclip_to_hf(rest, num_layers)
+    if "text_projection" in state:
+        out["text_projection.weight"] = state["text_projection"].t().contiguous()
+    return out
+
+
+def hf_to_openclip_projected(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``openclip_to_hf_projected``: OpenCLIP names with ``text_projection`` [width, proj]."""
+    rest = {k: v for k, v in state.items() if k != "text_projection.weight"}
+    out = hf_to_openclip(rest)
+    if "text_projection.weight" not in state:
+        raise KeyError("the pooled text encoder has no text_projection.weight")
+    out["text_projection"] = state["text_projection.weight"].t().contiguous()
     return out

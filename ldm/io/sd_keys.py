@@ -4,10 +4,14 @@
     first_stage_model.*                          VAE (kl-f8)    -> ldm.modules.vae.AutoencoderKL (same names)
     cond_stage_model.transformer.text_model.*    SD v1 CLIP     -> CLIPTextEncoder.transformer.text_model.*
     cond_stage_model.model.*                     SD v2 OpenCLIP -> converted to the HF CLIP layout (23 layers)
+    conditioner.embedders.0.transformer.*        SDXL CLIP-L    -> as SD v1 CLIP (``text_model.*``)
+    conditioner.embedders.1.model.*              SDXL bigG      -> OpenCLIP names -> HF layout (+ projection)
     model_ema.<name without dots>                EMA UNet (``model_ema.diffusion_modelinput_blocks00weight``)
     betas, alphas_cumprod, ...                   schedule buffers (used when they differ from the preset)
 
-Splitting a file into these groups, and telling SD v1 from v2 (and eps from v) by the keys.
+Splitting a file into these groups, and telling SD v1 from v2 from SDXL (and eps from v) by the keys. An SDXL
+refiner file (one bigG text encoder at ``conditioner.embedders.0.model.*``, aesthetic-score conditioning) is
+refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ __all__ = [
     "EMA_PREFIX",
     "OPENCLIP_PREFIX",
     "SCHEDULE_BUFFERS",
+    "SDXL_CLIP_PREFIX",
+    "SDXL_OPENCLIP_PREFIX",
+    "SDXL_REFINER_PREFIX",
     "UNET_PREFIX",
     "VAE_PREFIX",
     "detect_version",
     "ema_key",
     "guess_v2_parameterization",
+    "refuse_refiner",
     "split_single_file",
 ]
 
@@ -40,6 +48,9 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # + text_model.*  (SD v1)
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD v2
 EMA_PREFIX = "model_ema."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # + text_model.*  (SDXL base CLIP-L)
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL base OpenCLIP bigG
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # SDXL refiner: bigG only
 
 SCHEDULE_BUFFERS = {
     "betas",
@@ -69,12 +80,19 @@ def ema_key(unet_key: str) -> str:
 
 def split_single_file(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
     """Group a single-file state dict: ``unet``, ``ema`` (raw ``model_ema.*`` names), ``vae``, ``clip``
-    (``text_model.*``), ``openclip`` (OpenCLIP names), ``extra`` (schedule buffers). Unknown keys raise."""
+    (``text_model.*``; SD v1's or SDXL's CLIP-L), ``openclip`` (SD v2's OpenCLIP names), ``clip_g`` (SDXL's
+    bigG, OpenCLIP names), ``extra`` (schedule buffers). Unknown keys raise; so does an SDXL refiner."""
     groups: dict[str, dict[str, torch.Tensor]] = {
-        g: {} for g in ("unet", "ema", "vae", "clip", "openclip", "extra")
+        g: {} for g in ("unet", "ema", "vae", "clip", "openclip", "clip_g", "extra")
     }
+    refuse_refiner(state, source)
     unknown = []
     for key, value in state.items():
+        if key.startswith(SDXL_CLIP_PREFIX):
+            key = CLIP_PREFIX + key[len(SDXL_CLIP_PREFIX) :]
+        elif key.startswith(SDXL_OPENCLIP_PREFIX):
+            groups["clip_g"][key[len(SDXL_OPENCLIP_PREFIX) :]] = value
+            continue
         if key in SCHEDULE_BUFFERS:
             groups["extra"][key] = value
         elif key.startswith(UNET_PREFIX):
@@ -97,9 +115,9 @@ def split_single_file(state: Mapping[str, torch.Tensor], source: str) -> dict[st
             unknown.append(key)
     if unknown:
         what = (
-            "an SDXL checkpoint (not supported)"
+            "conditioner keys other than SDXL base's two text encoders"
             if any(k.startswith("conditioner.") for k in unknown)
-            else "not a Stable Diffusion v1/v2 single file"
+            else "not a Stable Diffusion v1/v2/XL single file"
         )
         raise ValueError(
             f"{source}: {len(unknown)} keys outside the Stable Diffusion layout ({what}), e.g. "
@@ -114,8 +132,27 @@ def split_single_file(state: Mapping[str, torch.Tensor], source: str) -> dict[st
     return groups
 
 
+def refuse_refiner(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``ValueError`` for an SDXL refiner file: what it is and what loads instead."""
+    if any(k.startswith(SDXL_REFINER_PREFIX) for k in state):
+        raise ValueError(
+            f"{source} is an SDXL refiner (one OpenCLIP-bigG text encoder at {SDXL_REFINER_PREFIX}*, "
+            "aesthetic-score conditioning); this project loads SDXL base files (two text encoders, "
+            "conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*), SD 1.x and SD 2.x. "
+            "Pass the SDXL base model instead."
+        )
+
+
 def detect_version(state: Mapping[str, torch.Tensor]) -> str:
-    """``"v1"`` or ``"v2"`` from the keys (OpenCLIP text tower, linear proj_in, 1024-wide context)."""
+    """``"v1"``, ``"v2"``, ``"sdxl"`` (base) or ``"sdxl_refiner"`` from the keys (conditioner text towers,
+    OpenCLIP text tower, label embedding, linear proj_in, 1024-wide context)."""
+    if any(k.startswith(SDXL_REFINER_PREFIX) for k in state):
+        return "sdxl_refiner"
+    if any(k.startswith((SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX)) for k in state):
+        return "sdxl"
+    label = state.get(UNET_PREFIX + "label_emb.0.0.weight")
+    if label is not None:
+        return "sdxl_refiner" if label.shape[-1] == 2560 else "sdxl"
     if any(k.startswith(OPENCLIP_PREFIX) for k in state):
         return "v2"
     to_k = state.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")

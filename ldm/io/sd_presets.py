@@ -104,10 +104,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["v2-v"] = {**PRESETS["v2"], "parameterization": "v", "resolution": 768}
 
 
+# SDXL base 1.0 (sgm's sd_xl_base.yaml = conf/model/unet/sdxl.yaml + conf/model/conditioner/sdxl.yaml): CLIP-L
+# and OpenCLIP bigG (with its projection: the pooled vector), both at the penultimate layer without the final
+# layer norm; the same kl-f8 VAE architecture with scale 0.13025; eps at 1024 px; SD's schedule (leading, +1).
+_SDXL_TEXT_OPTIONS = {"layer": "penultimate", "final_layer_norm": False}
+PRESETS["sdxl"] = {
+    "version": "sdxl",
+    "unet": {
+        **_SD_UNET,
+        "channel_mult": [1, 2, 4],
+        "attention_resolutions": [4, 2],
+        "num_heads": -1,
+        "num_head_channels": 64,
+        "transformer_depth": [0, 2, 10],
+        "context_dim": 2048,
+        "adm_in_channels": 2816,
+        "use_linear_in_transformer": True,
+    },
+    "vae": _SD_VAE,
+    "text_encoder": {**TEXT_PRESETS["vit_l_14_sdxl"], **_SDXL_TEXT_OPTIONS},
+    "text_encoder_2": {**TEXT_PRESETS["vit_bigg_14"], **_SDXL_TEXT_OPTIONS},
+    "schedule": SD_SCHEDULE,
+    "parameterization": "eps",
+    "scale_factor": 0.13025,
+    "resolution": 1024,
+}
+
+
 # Where the tokenizer of a single file comes from when none is given (hub cache or download).
 DEFAULT_TOKENIZERS = {
     "v1": ("openai/clip-vit-large-patch14", ""),
     "v2": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
 }
 
 
@@ -142,8 +170,8 @@ def resolve_preset(preset: str | Mapping | None = None, **overrides: Any) -> dic
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in ("unet", "vae", "text_encoder", "schedule"):
-            if isinstance(value, str) and key == "text_encoder":
+        if key in ("unet", "vae", "text_encoder", "text_encoder_2", "schedule"):
+            if isinstance(value, str) and key.startswith("text_encoder"):
                 value = TEXT_PRESETS[value]
             base[key] = {**base.get(key, {}), **to_plain(value)}
         elif key in ("parameterization", "scale_factor", "resolution", "version"):
@@ -154,15 +182,16 @@ def resolve_preset(preset: str | Mapping | None = None, **overrides: Any) -> dic
 
 
 def version_of(unet_config: Mapping[str, Any], text_config: Mapping[str, Any] | None = None) -> str:
-    """``"v1"``/``"v2"`` when the architecture is that of the released models, else ``"custom"``."""
-    keys = set(PRESETS["v1"]["unet"]) - {"use_checkpoint", "dropout"}
-    for version in ("v1", "v2"):
+    """``"v1"``/``"v2"``/``"sdxl"`` when the architecture is that of the released models, else
+    ``"custom"``."""
+    config = {
+        **unet_config,
+        "attention_resolutions": sorted(unet_config.get("attention_resolutions", ()), reverse=True),
+    }
+    for version in ("v1", "v2", "sdxl"):
         preset = PRESETS[version]
-        config = {
-            **unet_config,
-            "attention_resolutions": sorted(unet_config.get("attention_resolutions", ()), reverse=True),
-        }
-        if all(_same(config.get(k), preset["unet"][k]) for k in keys) and (
+        keys = (set(preset["unet"]) | {"adm_in_channels"}) - {"use_checkpoint", "dropout"}
+        if all(_same(config.get(k), preset["unet"].get(k)) for k in keys) and (
             text_config is None
             or int(text_config.get("hidden_size", 0)) == preset["text_encoder"]["hidden_size"]
         ):
@@ -172,5 +201,6 @@ def version_of(unet_config: Mapping[str, Any], text_config: Mapping[str, Any] | 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return a is not None and b is not None and list(a) == list(b)
+        sequences = isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+        return sequences and list(a) == list(b)
     return a == b

@@ -16,7 +16,7 @@ from transformers import CLIPTokenizer
 
 from ldm.io.clip_bpe import OPEN_CLIP_INSTALL_HINT, clip_tokenizer_from_bpe, open_clip_bpe_path
 from ldm.io.safe_load import open_safetensors
-from ldm.io.sd_keys import CLIP_PREFIX, OPENCLIP_PREFIX
+from ldm.io.sd_keys import CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_CLIP_PREFIX
 from ldm.io.sd_presets import DEFAULT_TOKENIZERS, STANDARD_CLIP_VOCAB
 from ldm.modules.text_encoder_files import save_tokenizer
 from ldm.utils.files import atomic_write_text, cache_dir
@@ -148,6 +148,7 @@ def single_file_tokenizer(path: str | os.PathLike, max_length: int = 77) -> CLIP
                 for k in (
                     CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
                     OPENCLIP_PREFIX + "token_embedding.weight",
+                    SDXL_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight",
                 )
                 if k in keys
             ),
@@ -156,7 +157,14 @@ def single_file_tokenizer(path: str | os.PathLike, max_length: int = 77) -> CLIP
         if embedding is None:
             return None
         vocab_size = handle.get_slice(embedding).get_shape()[0]
-    version = "v2" if embedding.startswith(OPENCLIP_PREFIX) else "v1"
+    version = next(
+        (
+            v
+            for prefix, v in ((OPENCLIP_PREFIX, "v2"), (SDXL_CLIP_PREFIX, "sdxl"))
+            if embedding.startswith(prefix)
+        ),
+        "v1",
+    )
     loaded, reason = released_tokenizer(version, vocab_size, max_length)
     if loaded is None:
         raise LookupError(f"{path} embeds no tokenizer and none is available: {reason}. {TOKENIZER_HINT}")

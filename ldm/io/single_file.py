@@ -8,6 +8,7 @@ metadata, else the preset detected from the keys.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import torch
 from ldm.diffusion import DiffusionSchedule
 from ldm.io.components import SDComponents, as_dtype, finalize
 from ldm.io.describe import build_schedule
-from ldm.io.openclip import openclip_to_hf
+from ldm.io.openclip import openclip_to_hf, openclip_to_hf_projected
 from ldm.io.safe_load import read_checkpoint, unwrap_state_dict
 from ldm.io.sd_keys import (
     SCHEDULE_BUFFERS,
@@ -28,10 +29,17 @@ from ldm.io.sd_keys import (
     guess_v2_parameterization,
     split_single_file,
 )
-from ldm.io.sd_presets import PRESETS, TEXT_CONFIG_FIELDS, resolve_preset, version_of
-from ldm.io.sd_tokenizer import resolve_tokenizer
+from ldm.io.sd_presets import (
+    PRESETS,
+    STANDARD_CLIP_VOCAB,
+    TEXT_CONFIG_FIELDS,
+    resolve_preset,
+    version_of,
+)
+from ldm.io.sd_tokenizer import TOKENIZER_METADATA_PREFIX, resolve_tokenizer
 from ldm.io.strict_load import build_on_meta, load_strict
 from ldm.modules.text_encoder import CLIPTextEncoder
+from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 from ldm.utils.logging import get_logger
@@ -52,6 +60,7 @@ def load_single_file(
     unet: Mapping | None = None,
     vae: Mapping | None = None,
     text_encoder: str | Mapping | None = None,
+    text_encoder_2: str | Mapping | None = None,
     schedule: Mapping | None = None,
     parameterization: str | None = None,
     scale_factor: float | None = None,
@@ -63,12 +72,15 @@ def load_single_file(
     """Components of a Stable Diffusion single file (path or an already read state dict).
 
     Architecture, in order of precedence: the keyword overrides (``unet``, ``vae``, ``text_encoder``,
-    ``schedule`` dicts update the preset), ``preset`` (``"v1"``; ``"v2"`` = 2.x 512-base; ``"v2-v"`` =
-    2.x 768-v), the file's own ``ldm.config`` metadata (our exports), else the preset detected from the
-    keys. ``use_ema`` takes the ``model_ema.*`` UNet weights when the file has them. ``dtype``: default
-    float32. ``tokenizer``: a ``CLIPTokenizer`` or a folder; default: embedded in the file, else the
-    released one from the Hugging Face cache. ``metadata``/``name``: for an already read state dict, its
-    file's metadata and name (for messages). Any mismatch raises ``ValueError`` naming keys and shapes.
+    ``text_encoder_2``, ``schedule`` dicts update the preset), ``preset`` (``"v1"``; ``"v2"`` = 2.x 512-base;
+    ``"v2-v"`` = 2.x 768-v; ``"sdxl"`` = SDXL base 1.0), the file's own ``ldm.config`` metadata (our exports),
+    else the preset detected from the keys. SDXL files (``conditioner.embedders.0.transformer.*`` CLIP-L,
+    ``conditioner.embedders.1.model.*`` OpenCLIP bigG) give ``text_encoder_2`` as well.
+    ``use_ema`` takes the ``model_ema.*`` UNet weights when the file has them. ``dtype``: default float32.
+    ``tokenizer``: a ``CLIPTokenizer`` or a folder; default: embedded in the file, else the released one from
+    the Hugging Face cache (SDXL's bigG gets a copy padding with "!"). ``metadata``/``name``: for an already
+    read state dict, its file's metadata and name (for messages). Any mismatch raises ``ValueError`` naming
+    keys and shapes.
     """
     state, metadata, name = _read_source(source, metadata, name, as_dtype(dtype))
     groups = split_single_file(state, name)
@@ -76,6 +88,7 @@ def load_single_file(
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
         "schedule": schedule,
         "parameterization": parameterization,
         "scale_factor": scale_factor,
@@ -90,6 +103,11 @@ def load_single_file(
     text_module.tokenizer = resolve_tokenizer(
         tokenizer, version, metadata, int(text_config["vocab_size"]), text_module.max_length
     )
+    text_module_2 = None
+    if "text_encoder_2" in config:
+        text_module_2 = _load_text_encoder_2(groups["clip_g"], config["text_encoder_2"], name, hint)
+        embedded = any(k.startswith(TOKENIZER_METADATA_PREFIX) for k in metadata)
+        text_module_2.tokenizer = _bigg_tokenizer(text_module.tokenizer, embedded)
     components = SDComponents(
         unet=unet_module,
         vae=vae_module,
@@ -99,6 +117,7 @@ def load_single_file(
         scale_factor=float(config["scale_factor"]),
         version=version,
         resolution=int(config["resolution"]),
+        text_encoder_2=text_module_2,
     )
     return finalize(components, dtype)
 
@@ -141,13 +160,47 @@ def _architecture(
             base = "v2-v" if guess == "v" else "v2"
         config = resolve_preset(base, **overrides)
         origin = f"preset {base!r} (detected from the keys)"
-    if any(overrides.get(k) is not None for k in ("unet", "vae", "text_encoder")):
+    if any(overrides.get(k) is not None for k in ("unet", "vae", "text_encoder", "text_encoder_2")):
         origin += " with overrides"
+    _check_family(detected, "text_encoder_2" in config, name, origin)
     hint = (
         f"The architecture came from {origin}; the keys look like SD {detected}. Pick the matching "
         f"preset ({', '.join(sorted(PRESETS))}) or override unet=/vae=/text_encoder=."
     )
     return config, hint
+
+
+def _check_family(detected: str, config_is_xl: bool, name: str, origin: str) -> None:
+    """An SDXL file read as SD 1.x/2.x (or the reverse) stops here, before any weights are matched."""
+    file_is_xl = detected == "sdxl"
+    if file_is_xl == config_is_xl:
+        return
+    found = "an SDXL base file" if file_is_xl else f"an SD {detected} file (no SDXL conditioner keys)"
+    wanted = "SDXL" if config_is_xl else "SD 1.x/2.x"
+    fits = "preset 'sdxl'" if file_is_xl else "preset 'v1', 'v2' or 'v2-v'"
+    raise ValueError(f"{name} is {found}, but {origin} is an {wanted} architecture; use {fits}.")
+
+
+def _bigg_tokenizer(tokenizer: Any, embedded: bool) -> Any:
+    """The bigG embedder's tokenizer: CLIP's, padding with "!" as OpenCLIP (and diffusers' ``tokenizer_2/``)
+    does; a tokenizer embedded in our export (small custom vocabularies) serves both encoders as is."""
+    if tokenizer is None or embedded or len(tokenizer) != STANDARD_CLIP_VOCAB:
+        return tokenizer
+    second = copy.deepcopy(tokenizer)
+    second.pad_token = "!"
+    return second
+
+
+def _load_text_encoder_2(
+    state: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str, hint: str
+) -> PooledCLIPTextEncoder:
+    """SDXL's OpenCLIP bigG (all its blocks, with the text projection), without a tokenizer yet."""
+    text_config = {k: v for k, v in config.items() if k in TEXT_CONFIG_FIELDS}
+    options = {k: config[k] for k in ("max_length", "layer", "final_layer_norm") if k in config}
+    hf_state = openclip_to_hf_projected(state, int(text_config["num_hidden_layers"]))
+    module = PooledCLIPTextEncoder.from_config(dict(text_config), device="meta", **options)
+    load_strict(module.transformer, hf_state, "text encoder 2 (OpenCLIP bigG)", name, hint)
+    return module
 
 
 def _load_unet(

@@ -18,13 +18,21 @@ from torch import nn
 from ldm.diffusion import DiffusionSchedule, Parameterization, V, as_parameterization
 from ldm.io.components import SDComponents, as_dtype
 from ldm.io.describe import describe_schedule, describe_text_encoder, describe_unet, describe_vae
-from ldm.io.openclip import hf_to_openclip
-from ldm.io.sd_keys import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ldm.io.openclip import hf_to_openclip, hf_to_openclip_projected
+from ldm.io.sd_keys import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 from ldm.io.sd_presets import SD_SCHEDULE, STANDARD_CLIP_VOCAB, TEXT_CONFIG_FIELDS, version_of
 from ldm.io.sd_tokenizer import TOKENIZER_METADATA_PREFIX, tokenizer_files
 from ldm.io.single_file import CONFIG_METADATA_KEY
 from ldm.io.strict_load import build_on_meta, state_dict_mismatches
 from ldm.modules.text_encoder import CLIPTextEncoder
+from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 from ldm.utils.files import atomic_save_safetensors
@@ -49,12 +57,17 @@ def export_single_file(
     dtype: torch.dtype | str = torch.float16,
     metadata: Mapping[str, Any] | None = None,
     embed_tokenizer: bool | None = None,
+    text_encoder_2: CLIPTextEncoder | None = None,
 ) -> Path:
     """Write a Stable Diffusion single ``.safetensors`` file (original LDM layout).
 
     ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE), and the text encoder as
     ``cond_stage_model.transformer.text_model.*`` (SD v1 CLIP layout) or, with ``version="v2"`` (the
     default when the text encoder is 1024 wide), ``cond_stage_model.model.*`` (OpenCLIP layout, 23 blocks).
+    With ``text_encoder_2`` (SDXL's pooled bigG; ``version="sdxl"``): sgm's SDXL layout,
+    ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L) and ``conditioner.embedders.1.model.*``
+    (OpenCLIP names, fused ``in_proj``, ``text_projection``), what ComfyUI, AUTOMATIC1111 and
+    ``StableDiffusionXLPipeline.from_single_file`` read.
     Floating tensors are cast to ``dtype`` (default fp16). The schedule's ``betas``/``alphas_cumprod`` are
     stored as in the released files; ``v_pred`` marks v-prediction. Metadata: ``ldm.config`` (the
     architecture, so the file loads back without presets), ``modelspec.*``, the small custom tokenizer when
@@ -67,16 +80,26 @@ def export_single_file(
     target = as_dtype(dtype)
     text_config = describe_text_encoder(text_encoder)
     if version is None:
-        version = "v2" if text_config["hidden_size"] == 1024 else "v1"
-    if version not in ("v1", "v2"):
-        raise ValueError(f"version must be 'v1' or 'v2' (the text encoder layout), got {version!r}")
+        version = (
+            "sdxl" if text_encoder_2 is not None else "v2" if text_config["hidden_size"] == 1024 else "v1"
+        )
+    if version not in ("v1", "v2", "sdxl") or (version == "sdxl") != (text_encoder_2 is not None):
+        raise ValueError(
+            f"version must be 'v1' or 'v2' (the text encoder layout), or 'sdxl' with text_encoder_2; got "
+            f"{version!r} with {'two text encoders' if text_encoder_2 is not None else 'one text encoder'}"
+        )
     tensors = {
         **_unet_vae_tensors(unet, vae),
         **_text_encoder_tensors(text_encoder, text_config, version),
         **_schedule_tensors(schedule, parameterization),
     }
-    tensors = {k: _tensor_for_file(v, target) for k, v in tensors.items()}
     config = _architecture(unet, vae, text_config, schedule, parameterization, scale_factor, resolution)
+    if text_encoder_2 is not None:
+        tensors.update(_bigg_tensors(text_encoder_2))
+        config["text_encoder_2"] = describe_text_encoder(text_encoder_2)
+        config["version"] = version_of(config["unet"], text_config)
+        config["resolution"] = int(resolution or 1024)
+    tensors = {k: _tensor_for_file(v, target) for k, v in tensors.items()}
     header = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config), **_modelspec(config)}
     header.update(_tokenizer_metadata(text_encoder, embed_tokenizer))
     for key, value in (metadata or {}).items():
@@ -95,6 +118,7 @@ def export_components(components: SDComponents, path: str | os.PathLike, **kwarg
         "resolution": components.resolution,
         **kwargs,
     }
+    kwargs.setdefault("text_encoder_2", components.text_encoder_2)
     return export_single_file(path, components.unet, components.vae, components.text_encoder, **kwargs)
 
 
@@ -140,10 +164,24 @@ def _text_encoder_tensors(
         raise ValueError(f"cannot export the text encoder: not a plain CLIP text model ({problems})")
     if version == "v2":
         return {OPENCLIP_PREFIX + key: value for key, value in hf_to_openclip(text_state).items()}
-    tensors = {CLIP_PREFIX + key: value for key, value in text_state.items()}
+    prefix = SDXL_CLIP_PREFIX if version == "sdxl" else CLIP_PREFIX
+    tensors = {prefix + key: value for key, value in text_state.items()}
     positions = int(text_config["max_position_embeddings"])
-    tensors[CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    tensors[prefix + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
     return tensors
+
+
+def _bigg_tensors(text_encoder: CLIPTextEncoder) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a ``CLIPTextModelWithProjection``) in the OpenCLIP layout of its files."""
+    config = describe_text_encoder(text_encoder)
+    state = {k: v for k, v in text_encoder.transformer.state_dict().items() if not k.endswith("position_ids")}
+    expected = PooledCLIPTextEncoder.from_config({k: config[k] for k in TEXT_CONFIG_FIELDS}, device="meta")
+    problems = state_dict_mismatches(expected.transformer.state_dict(), state)
+    if problems:
+        raise ValueError(
+            f"cannot export text encoder 2: not a plain CLIP text model with projection ({problems})"
+        )
+    return {SDXL_OPENCLIP_PREFIX + key: value for key, value in hf_to_openclip_projected(state).items()}
 
 
 def _schedule_tensors(
@@ -191,7 +229,11 @@ def _modelspec(config: Mapping[str, Any]) -> dict[str, str]:
         as_parameterization(config["parameterization"]),
         config["resolution"],
     )
-    architecture = {"v1": "stable-diffusion-v1", "v2": "stable-diffusion-v2"}.get(version, "ldm-custom")
+    architecture = {
+        "v1": "stable-diffusion-v1",
+        "v2": "stable-diffusion-v2",
+        "sdxl": "stable-diffusion-xl-v1-base",
+    }.get(version, "ldm-custom")
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture

@@ -28,9 +28,9 @@ from ldm.io.sources import (
     load_pretrained,
     plain_overrides,
 )
+from ldm.io.vae_file import load_replacement_vae
 from ldm.models.checkpoint import load_lightning_model
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.modules.conditioner import Conditioner
 from ldm.utils.logging import get_logger
 
 __all__ = ["components_from_lightning", "latent_diffusion_from_components", "load_base_model"]
@@ -42,13 +42,16 @@ def load_base_model(
     source: str | os.PathLike,
     use_ema: bool = True,
     dtype: torch.dtype | str | None = None,
+    vae_path: str | os.PathLike | None = None,
     **preset_overrides: Any,
 ) -> SDComponents:
     """The ``SDComponents`` (unet, vae, text_encoder, schedule, parameterization, scale_factor, version,
     resolution) of ``source``: an SD single file, one of our Lightning checkpoints, a diffusers folder or a
     hub id (``ldm.io.sources`` describes them).
 
-    ``use_ema``: take the EMA UNet weights when the source has them. ``dtype``: default float32.
+    ``use_ema``: take the EMA UNet weights when the source has them. ``dtype``: default float32 (SDXL's VAE
+    stays float32 under float16). ``vae_path``: a replacement VAE (``ldm.io.vae_file``: a VAE file in LDM or
+    diffusers names, or a diffusers VAE folder) of the same architecture, used instead of the source's.
     ``preset_overrides``:
       single files -- ``preset`` ("v1" | "v2" | "v2-v"), ``unet``/``vae``/``text_encoder``/``schedule``
         (dicts updating the preset), ``parameterization``, ``scale_factor``, ``resolution``, ``tokenizer``;
@@ -59,10 +62,17 @@ def load_base_model(
     """
     found = identify_source(source)
     if found.kind != "lightning":
-        return load_pretrained(found, use_ema, dtype, **preset_overrides)
-    overrides = plain_overrides(preset_overrides)
-    check_overrides(overrides, COMMON_OVERRIDES, "our Lightning checkpoint")
-    return components_from_lightning(found.path, use_ema, dtype, checkpoint=found.payload, **overrides)
+        components = load_pretrained(found, use_ema, dtype, **preset_overrides)
+    else:
+        overrides = plain_overrides(preset_overrides)
+        check_overrides(overrides, COMMON_OVERRIDES, "our Lightning checkpoint")
+        components = components_from_lightning(
+            found.path, use_ema, dtype, checkpoint=found.payload, **overrides
+        )
+    if vae_path:
+        components.vae = load_replacement_vae(vae_path, components.vae)
+        log.info(f"VAE replaced by {vae_path}")
+    return components
 
 
 def components_from_lightning(
@@ -80,7 +90,7 @@ def components_from_lightning(
     and the model keeps one. ``checkpoint``: the file's contents when already read (each file is read
     once)."""
     model = load_lightning_model(path, checkpoint=checkpoint)
-    missing = [name for name in ("unet", "vae", "text_encoder", "schedule") if not hasattr(model, name)]
+    missing = [name for name in ("unet", "vae", "conditioner", "schedule") if not hasattr(model, name)]
     if missing:
         raise ValueError(f"{path}: {type(model).__name__} has no {missing}; not a text-to-image model")
     ema = getattr(model, "unet_ema", None)
@@ -95,14 +105,18 @@ def components_from_lightning(
         )
     config = getattr(model, "model_config", None) or {}
     unet_config = describe_unet(unet)
+    texts = model.conditioner.text_embedders
+    if len(texts) not in (1, 2):
+        raise ValueError(f"{path}: {len(texts)} text embedders; SD 1.x/2.x have one, SDXL two")
     components = SDComponents(
         unet=unet,
         vae=model.vae,
-        text_encoder=model.text_encoder,
+        text_encoder=texts[0],
+        text_encoder_2=texts[1] if len(texts) == 2 else None,
         schedule=DiffusionSchedule.from_config(**schedule) if schedule else model.schedule,
         parameterization=parameterization or model.hparams.get("parameterization", "eps"),
         scale_factor=factor,
-        version=version_of(unet_config, describe_text_encoder(model.text_encoder)),
+        version=version_of(unet_config, describe_text_encoder(texts[0])),
         resolution=int(resolution or config.get("vae", {}).get("resolution", 32)),
     )
     return finalize(components, dtype)
@@ -114,7 +128,7 @@ def latent_diffusion_from_components(
     """A ``LatentDiffusion`` for sampling (or a starting point) from ``components``: no EMA copy, an inert
     SGD(lr=0) optimiser, ``image_resolution`` = the components' resolution. ``kwargs`` go to the
     constructor."""
-    if getattr(components.text_encoder, "tokenizer", None) is None:
+    if any(getattr(text, "tokenizer", None) is None for text in components.text_encoders):
         raise ValueError(
             f"the text encoder has no tokenizer, so prompts cannot be encoded. {TOKENIZER_HINT} "
             f"(in Python: load_base_model(..., tokenizer=<folder>)), or {OPEN_CLIP_INSTALL_HINT}"
@@ -122,7 +136,7 @@ def latent_diffusion_from_components(
     model = LatentDiffusion(
         unet=components.unet,
         vae=components.vae,
-        conditioner=Conditioner([components.text_encoder]),
+        conditioner=components.conditioner(),
         schedule=components.schedule,
         sampler=sampler or build_sampler("dpmpp_2m", steps=25),
         optimizer=functools.partial(torch.optim.SGD, lr=0.0),

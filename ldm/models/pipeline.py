@@ -50,19 +50,28 @@ def resolve_last(ckpt: str, log_dir: str) -> str:
 
 
 def load_model(
-    ckpt: str, use_ema: bool = True, tokenizer: str | None = None, sampler=None, resolution: int | None = None
+    ckpt: str,
+    use_ema: bool = True,
+    tokenizer: str | None = None,
+    sampler=None,
+    resolution: int | None = None,
+    vae: str | None = None,
 ):
     """(LatentDiffusion, image resolution) from our Lightning checkpoint or any base ``load_base_model`` reads
-    (a Stable Diffusion single file, a diffusers folder or a hub id)."""
+    (a Stable Diffusion single file, a diffusers folder or a hub id). ``vae``: a replacement VAE
+    (``ldm.io.vae_file``)."""
     from ldm.io.sources import is_lightning_checkpoint
+    from ldm.io.vae_file import load_replacement_vae
     from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
 
     if is_lightning_checkpoint(ckpt):
         model = load_lightning_model(ckpt)
+        if vae:
+            model.vae = load_replacement_vae(vae, model.vae)
         return model, resolution or int(model.model_config.get("vae", {}).get("resolution", 32))
     tokenizer = tokenizer or tokenizer_before_loading(ckpt)
     components = load_base_model(
-        str(ckpt), use_ema=use_ema, **({"tokenizer": tokenizer} if tokenizer else {})
+        str(ckpt), use_ema=use_ema, vae_path=vae, **({"tokenizer": tokenizer} if tokenizer else {})
     )
     return latent_diffusion_from_components(components, sampler), resolution or components.resolution
 
@@ -78,13 +87,14 @@ def load_for_sampling(
     log_dir: str = "logs",
     embeddings: Sequence[str] = (),
     hypernetwork: str | None = None,
+    vae: str | None = None,
 ):
     """A LatentDiffusion ready to ``generate``: our checkpoint ('last' = newest txt2img run) or any base
     ``load_base_model`` reads, with LoRA files (kohya or PEFT) merged in (``path[:multiplier]``),
     textual-inversion embeddings added (``path[:token]``) and an AUTOMATIC1111 hypernetwork applied
     (``path[:strength]``). ``model.image_resolution`` is the size to sample at (``resolution``, else the
     model's training size)."""
-    model, resolution = load_model(resolve_last(ckpt, log_dir), use_ema, tokenizer, sampler, resolution)
+    model, resolution = load_model(resolve_last(ckpt, log_dir), use_ema, tokenizer, sampler, resolution, vae)
     unet = model.unet_ema.module if use_ema and model.unet_ema is not None else model.unet
     apply_adapters(model, unet, loras, embeddings, hypernetwork)
     model.image_resolution = resolution

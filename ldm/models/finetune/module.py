@@ -23,7 +23,6 @@ from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
 from ldm.models.text_offload import cache_prompts_and_offload
-from ldm.modules.conditioner import Conditioner
 from ldm.modules.ema import ParameterEMA
 from ldm.utils.file_identity import describe_source
 from ldm.utils.hub import looks_like_hub_id
@@ -38,6 +37,8 @@ class FineTuneModule(LatentDiffusion):
         method: the fine-tuning method (``model/method=lora|textual_inversion|hypernetwork|full``).
         base: where the base model comes from (see module docstring); ``base_tokenizer`` for SD single files
             that embed none; ``base_use_ema``: take the EMA UNet of our checkpoints.
+        vae_path: a replacement VAE for the base's (a VAE file or diffusers folder of the same architecture,
+            ``ldm.io.vae_file``).
         gradient_checkpointing: recompute the base UNet's blocks in backward (saves memory, costs time).
         prior_loss_weight: weight of regularisation / class items (batch key ``is_regularization``) against
             the others, ``mean(instance) + w * mean(class)`` (DreamBooth's prior preservation); None = one
@@ -79,6 +80,7 @@ class FineTuneModule(LatentDiffusion):
         bf16_weights: bool = False,
         offload_text_encoder: bool = False,
         prior_loss_weight: float | None = None,
+        vae_path: str | None = None,
     ):
         super().__init__(
             unet=None,
@@ -142,12 +144,13 @@ class FineTuneModule(LatentDiffusion):
             parts = tiny_random_base(resolution or 32)
         else:
             extra = {"tokenizer": self.hparams.base_tokenizer} if self.hparams.base_tokenizer else {}
-            parts = load_base_model(source, use_ema=self.hparams.base_use_ema, **extra)
+            vae_path = self.hparams.get("vae_path")
+            parts = load_base_model(source, use_ema=self.hparams.base_use_ema, vae_path=vae_path, **extra)
             log.info(
                 f"Base model: {source} ({parts.version}, {parts.parameterization}, "
                 f"scale_factor {float(parts.scale_factor):.5f})"
             )
-        self.set_parts(parts.unet, parts.vae, Conditioner([parts.text_encoder]), parts.schedule)
+        self.set_parts(parts.unet, parts.vae, parts.conditioner(), parts.schedule)
         self.hparams.parameterization = parts.parameterization
         self.scale_factor.fill_(float(parts.scale_factor))
         self.image_resolution = getattr(self, "image_resolution", None) or resolution or parts.resolution
