@@ -4,6 +4,7 @@ returns them."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -32,9 +33,12 @@ class SDComponents:
     scale_factor: float
     version: str
     resolution: int = 512
+    # the whole conditioner when the model has more than the one text encoder (SDXL: two text embedders + the
+    # size embedders; ``text_encoder`` is then its first text embedder); None: ``Conditioner([text_encoder])``
+    conditioner: Any = None
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> SDComponents:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, self.conditioner or self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
 
@@ -58,11 +62,15 @@ def finalize(components: SDComponents, dtype: torch.dtype | str | None) -> SDCom
     target = as_dtype(dtype)
     components.unet.to(dtype=target).eval().requires_grad_(True)
     components.vae.to(dtype=target).eval().requires_grad_(False)
-    components.text_encoder.to(dtype=target)
-    if hasattr(components.text_encoder, "freeze"):
-        components.text_encoder.freeze()
-    else:
-        components.text_encoder.eval().requires_grad_(False)
-    if hasattr(components.text_encoder, "clear_cache"):
-        components.text_encoder.clear_cache()
+    if components.conditioner is not None:
+        components.conditioner.to(dtype=target).eval().requires_grad_(False)
+    texts = getattr(components.conditioner, "text_embedders", None) or [components.text_encoder]
+    for text in texts:
+        text.to(dtype=target)
+        if hasattr(text, "freeze"):
+            text.freeze()
+        else:
+            text.eval().requires_grad_(False)
+        if hasattr(text, "clear_cache"):
+            text.clear_cache()
     return components

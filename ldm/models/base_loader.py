@@ -80,7 +80,7 @@ def components_from_lightning(
     and the model keeps one. ``checkpoint``: the file's contents when already read (each file is read
     once)."""
     model = load_lightning_model(path, checkpoint=checkpoint)
-    missing = [name for name in ("unet", "vae", "text_encoder", "schedule") if not hasattr(model, name)]
+    missing = [name for name in ("unet", "vae", "conditioner", "schedule") if not hasattr(model, name)]
     if missing:
         raise ValueError(f"{path}: {type(model).__name__} has no {missing}; not a text-to-image model")
     ema = getattr(model, "unet_ema", None)
@@ -95,14 +95,16 @@ def components_from_lightning(
         )
     config = getattr(model, "model_config", None) or {}
     unet_config = describe_unet(unet)
+    text = model.conditioner.text_embedders  # SDXL: several (the whole conditioner goes with the parts)
     components = SDComponents(
         unet=unet,
         vae=model.vae,
-        text_encoder=model.text_encoder,
+        text_encoder=text[0],
+        conditioner=model.conditioner if len(model.conditioner.embedders) > 1 else None,
         schedule=DiffusionSchedule.from_config(**schedule) if schedule else model.schedule,
         parameterization=parameterization or model.hparams.get("parameterization", "eps"),
         scale_factor=factor,
-        version=version_of(unet_config, describe_text_encoder(model.text_encoder)),
+        version=version_of(unet_config, describe_text_encoder(text[0])),
         resolution=int(resolution or config.get("vae", {}).get("resolution", 32)),
     )
     return finalize(components, dtype)
@@ -122,7 +124,7 @@ def latent_diffusion_from_components(
     model = LatentDiffusion(
         unet=components.unet,
         vae=components.vae,
-        conditioner=Conditioner([components.text_encoder]),
+        conditioner=components.conditioner or Conditioner([components.text_encoder]),
         schedule=components.schedule,
         sampler=sampler or build_sampler("dpmpp_2m", steps=25),
         optimizer=functools.partial(torch.optim.SGD, lr=0.0),
