@@ -117,7 +117,9 @@ def save_sdxl_lora(
         raise ValueError(f"SDXL LoRA layout must be 'kohya' or 'peft', got {layout!r}")
     path = Path(path)
     parts = {k: (find_unet(v) if k == "unet" else v) for k, v in parts.items() if v is not None}
-    name_of = {v: k for k, v in sdxl_module_map(parts, layout).items()}
+    name_of: dict[tuple[str, str], str] = {}
+    for key, target in sdxl_module_map(parts, layout).items():
+        name_of.setdefault(target, key)  # the first name of a module is the one written
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     for component, module in parts.items():
@@ -145,8 +147,10 @@ def save_sdxl_lora(
 def is_sdxl_lora(keys, metadata: Mapping[str, str]) -> bool:
     """Whether a LoRA file is for SDXL: its metadata says so, or it has keys only SDXL files have."""
     version = str(metadata.get("ss_base_model_version", "")) + str(metadata.get("modelspec.architecture", ""))
-    return "sdxl" in version or "xl-v1" in version or any(
-        k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys
+    return (
+        "sdxl" in version
+        or "xl-v1" in version
+        or any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys)
     )
 
 

@@ -123,11 +123,15 @@ class FullUNet(FineTuneMethod):
         dtype = getattr(torch, self.export_dtype)
         tensors = {f"model.diffusion_model.{k}": v for k, v in self._unet().state_dict().items()}
         for i, text in enumerate(self._text_transformers().values()):
-            tensors.update({f"conditioner.embedders.{i}.transformer.{k}": v for k, v in text.state_dict().items()})
+            tensors.update(
+                {f"conditioner.embedders.{i}.transformer.{k}": v for k, v in text.state_dict().items()}
+            )
         tensors = {
             k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
             for k, v in tensors.items()
         }
         info = {str(k): str(v) for k, v in metadata.items()}
-        info.update({"ldm.method": "dreambooth-full-unet", "modelspec.architecture": "stable-diffusion-xl-v1-base"})
+        info.update(
+            {"ldm.method": "dreambooth-full-unet", "modelspec.architecture": "stable-diffusion-xl-v1-base"}
+        )
         return atomic_save_safetensors(tensors, path, info)
