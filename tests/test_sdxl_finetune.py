@@ -163,7 +163,7 @@ def test_sdxl_textual_inversion_writes_clip_l_and_clip_g_and_reads_back(tmp_path
     perturb_method(model)
     path = model.export(tmp_path / "toy.safetensors")
     with safe_open(path, "pt") as handle:
-        shapes = {k: tuple(handle.get_tensor(k).shape) for k in handle.keys()}
+        shapes = {k: tuple(handle.get_tensor(k).shape) for k in handle.keys()}  # noqa: SIM118 - a safe_open handle
     assert shapes == {"clip_l": (1, 32), "clip_g": (1, 48)}  # one vector per encoder, each its width
 
     sampled = load_for_sampling(str(sdxl_base), embeddings=[str(path)])

@@ -69,7 +69,8 @@ def load_lora(
         keys = list(handle.keys())
     if is_sdxl_lora(keys, read_safetensors_metadata(path)):
         raise ValueError(
-            f"{path} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys, or SDXL metadata); this base "
+            f"{path} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys, or SDXL metadata); "
+            "this base "
             "is an SD 1.x/2.x model (one text encoder), which takes SD 1.x/2.x LoRAs (lora_unet_* + "
             "lora_te_*, or unet.* / text_encoder.*). Use it with an SDXL base"
         )

@@ -1,4 +1,5 @@
-"""SDXL textual-inversion files: one vector set per text encoder, ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``
+"""SDXL textual-inversion files: one vector set per text encoder,
+``{"clip_l": [n, 768], "clip_g": [n, 1280]}``
 (``.safetensors``; what AUTOMATIC1111, ComfyUI, kohya's sd-scripts and diffusers' advanced SDXL scripts read
 and write). ``clip_l`` is for the first text encoder (CLIP ViT-L), ``clip_g`` for the second (OpenCLIP bigG);
 the placeholder is kept in the metadata (``ldm_placeholder``), else it is the file name.
@@ -32,7 +33,8 @@ def save_sdxl_embedding(
     token: str,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``vectors`` (``[clip_l [n, d_l], clip_g [n, d_g]]``) for ``token`` atomically; returns the path."""
+    """Write ``vectors`` (``[clip_l [n, d_l], clip_g [n, d_g]]``) for ``token`` atomically; returns its
+    path."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"embeddings are written as .safetensors; got {str(path)!r}")
