@@ -10,8 +10,9 @@ Two layouts, written by ``save_sdxl_lora`` and read by ``load_sdxl_lora``:
   ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` per module; metadata
   ``ss_base_model_version: sdxl_base_v1-0``, ``modelspec.architecture: stable-diffusion-xl-v1-base/lora``.
 * diffusers / PEFT (``StableDiffusionXLPipeline.save_lora_weights`` / ``load_lora_weights``):
-  ``unet.<diffusers UNet path>``, ``text_encoder.<transformers path>``, ``text_encoder_2.<transformers
-  path>``, each ``.lora_A.weight`` / ``.lora_B.weight``, ``alpha / rank`` folded into ``lora_B`` (as ``ldm.io.peft_lora``).
+  ``unet.<diffusers UNet path>``, ``text_encoder.<transformers path>``,
+  ``text_encoder_2.<transformers path>``, each ``.lora_A.weight`` / ``.lora_B.weight``, ``alpha / rank``
+  folded into ``lora_B`` (as ``ldm.io.peft_lora``).
 
 A file of the other family (an SD 1.x/2.x LoRA: ``lora_te_*`` keys, ``ss_base_model_version: sd_v1``) is one
 clear error naming what it is and what fits.
