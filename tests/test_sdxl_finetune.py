@@ -11,15 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from lightning import Callback
 from safetensors import safe_open
 
 from ldm.io.sdxl_embeddings import apply_any_embedding
 from ldm.models.finetune.fallback import tiny_random_base
-from ldm.models.finetune.text_parts import check_family
+from ldm.models.finetune.text_parts import SIZE_KEYS, check_family, fill_size_conditions
 from ldm.models.pipeline import load_for_sampling
 from ldm.modules.conditioner import Conditioner
 from ldm.modules.vae import AutoencoderKL
-from tests.conftest import captioned_image_folder, compose_train
+from tests.conftest import add_training_callback, captioned_image_folder, compose_train
+from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from tests.test_resume_exact import KILL_STEP, QUIET, SCHEDULE, max_difference, run_cli
 from train import train
 
@@ -255,3 +258,68 @@ def test_sdxl_lora_resumes_exactly_after_a_kill(tmp_path, sdxl_base):
 
 def straight_objects_step(output_dir: Path) -> int:
     return torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+class RecordSizes(Callback):
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append({k: batch[k].clone() for k in SIZE_KEYS} | {"latent": batch["latent_mean"].shape})
+
+
+def test_size_conditions_of_the_crops_taken_reach_the_batches_through_the_latent_cache(
+    tmp_path, sdxl_base, monkeypatch
+):
+    recorder = RecordSizes()
+    add_training_callback(monkeypatch, recorder)
+    folder = make_mixed_folder(tmp_path / "concept", MIXED_SIZES)
+    args = [
+        *folder_overrides("lora_sdxl", sdxl_base, "model.offload_text_encoder=false"),
+        f"data.source.root={folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.repeats=1",
+        "data.batch_size=1",
+        "trainer.max_steps=8",
+        "trainer.limit_train_batches=8",
+    ]
+    cfg = compose_train(tmp_path, args)
+    _, objects = train(cfg)
+    dm, model = objects["datamodule"], objects["model"]
+    source = dm.source.data_train
+    expected = [source[i] for i in range(len(source))]  # the bucketed dataset's own sizes per image
+    for i, item in enumerate(expected):  # the cache holds each image's sizes beside its latent
+        for key in SIZE_KEYS:
+            assert dm.cached.sizes[key][i].tolist() == item[key].tolist(), (i, key)
+    originals = {tuple(item["original_size_as_tuple"].tolist()) for item in expected}
+    assert originals == {(h, w) for w, h in MIXED_SIZES}  # the files' sizes, not the bucket's
+    factor = model.vae.downsample_factor
+    assert len(recorder.batches) == objects["trainer"].global_step >= 4
+    for batch in recorder.batches:  # every batch carries them, its target the size of its latent
+        target = batch["target_size_as_tuple"][0].tolist()
+        assert target == [side * factor for side in batch["latent"][-2:]]
+        assert tuple(batch["original_size_as_tuple"][0].tolist()) in originals
+    assert any(batch["crop_coords_top_left"].abs().sum() > 0 for batch in recorder.batches)
+
+    again = instantiate(cfg.data, _convert_="all")  # the disk cache gives them back without encoding
+    again.setup("fit")
+    again.cache_latents(lambda images: pytest.fail("encoded again"), model.data_services().vae_fingerprint())
+    for key in SIZE_KEYS:
+        assert torch.equal(again.cached.sizes[key], dm.cached.sizes[key])
+
+
+def test_batches_without_size_conditions_get_the_sampling_defaults():
+    batch = {"caption": ["a", "b"]}
+    filled = fill_size_conditions(batch, ["caption", *SIZE_KEYS], (48, 64))
+    assert filled["original_size_as_tuple"].tolist() == [[48, 64]] * 2
+    assert filled["target_size_as_tuple"].tolist() == [[48, 64]] * 2
+    assert filled["crop_coords_top_left"].tolist() == [[0, 0]] * 2
+
+
+def test_fast_dev_run_of_an_sdxl_preset_without_a_base_stands_in_a_tiny_sdxl_one(compose_cfg):
+    from tests.test_train import tiny_overrides
+
+    _, objects = train(compose_cfg([*tiny_overrides("lora_sdxl"), "debug=fdr"]))
+    model = objects["model"]
+    assert len(model.conditioner.text_embedders) == 2 and model.unet.adm_in_channels == 232
+    assert {k.split(".")[0] for k in model.method.state_dict()} == {"unet"}

@@ -249,8 +249,7 @@ class FineTuneModule(LatentDiffusion):
         """(h, w) of the batch's images (from the latents: x the VAE's downsampling)."""
         if "image" in batch:
             return tuple(batch["image"].shape[-2:])
-        factor = 2 ** sum(type(m).__name__ == "Downsample" for m in self.vae.encoder.modules())
-        return tuple(int(side) * factor for side in batch["latent"].shape[-2:])
+        return tuple(int(side) * self.vae.downsample_factor for side in batch["latent"].shape[-2:])
 
     def export(self, path: str | Path) -> Path:
         """The method's exchange file (EMA weights when kept), with run metadata."""
