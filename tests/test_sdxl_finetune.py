@@ -323,3 +323,21 @@ def test_fast_dev_run_of_an_sdxl_preset_without_a_base_stands_in_a_tiny_sdxl_one
     model = objects["model"]
     assert len(model.conditioner.text_embedders) == 2 and model.unet.adm_in_channels == 232
     assert {k.split(".")[0] for k in model.method.state_dict()} == {"unet"}
+
+
+def test_sdxl_hypernetwork_keys_the_context_width_and_reads_back(tmp_path, sdxl_base):
+    from ldm.io.hypernetwork_file import load_hypernetwork
+
+    model, _ = run(
+        tmp_path, folder_overrides("hypernetwork_sdxl", sdxl_base, "model.offload_text_encoder=false")
+    )
+    perturb_method(model)
+    path = model.export(tmp_path / "style.pt")
+    net, _ = load_hypernetwork(path)
+    assert list(net.widths) == [80]  # SDXL's context width (tiny: 32 + 48; the real one 768 + 1280 = 2048)
+    model.eval()
+    sampled = load_for_sampling(str(sdxl_base), hypernetwork=str(path))
+    plain = load_for_sampling(str(sdxl_base))
+    ours, theirs, base = (denoise(m) for m in (model, sampled, plain))
+    same, changed = (ours["unet"] - theirs["unet"]).abs().max(), (ours["unet"] - base["unet"]).abs().max()
+    assert changed > 100 * same, (same, changed)  # read back exactly, and the file matters
