@@ -341,3 +341,61 @@ def test_sdxl_hypernetwork_keys_the_context_width_and_reads_back(tmp_path, sdxl_
     ours, theirs, base = (denoise(m) for m in (model, sampled, plain))
     same, changed = (ours["unet"] - theirs["unet"]).abs().max(), (ours["unet"] - base["unet"]).abs().max()
     assert changed > 100 * same, (same, changed)  # read back exactly, and the file matters
+
+
+def attached(method):
+    """``method`` attached to a tiny random SDXL base (as ``FineTuneModule.prepare`` does)."""
+    from ldm.models.base_loader import latent_diffusion_from_components
+
+    parts = tiny_random_base(32, "sdxl")
+    model = latent_diffusion_from_components(parts)
+    method.attach(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "chosen,parts", [(None, {"text_encoder", "text_encoder_2"}), ([2], {"text_encoder_2"})]
+)
+def test_lora_text_encoder_targets_apply_to_the_chosen_text_encoders(chosen, parts):
+    from ldm.models.finetune.lora import LoRA
+
+    method = LoRA(rank=2, text_encoder_targets=["TEXT_ENCODER"], text_encoders=chosen)
+    attached(method)
+    assert {k.split(".")[0] for k in method.state_dict()} == {"unet", *parts}
+    with pytest.raises(ValueError, match="has 2 text encoder"):
+        attached(LoRA(rank=2, text_encoder_targets=["TEXT_ENCODER"], text_encoders=[3]))
+
+
+def test_dreambooth_full_with_text_encoders_trains_and_exports_both(tmp_path):
+    from ldm.models.finetune.full import FullUNet
+
+    method = FullUNet(train_text_encoder=True, text_encoder_lr=1e-5)
+    model = attached(method)
+    assert [g["name"] for g in method.param_groups()] == ["unet", "text_encoder", "text_encoder_2"]
+    assert all(p.requires_grad for e in model.conditioner.text_embedders for p in e.transformer.parameters())
+    state = method.state_dict()
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
+    method.load_state_dict(state)  # what a resume does
+    path = method.export(tmp_path / "db.safetensors", {"steps": 1})
+    with safe_open(path, "pt") as handle:
+        keys = list(handle.keys())  # noqa: SIM118 - a safe_open handle
+    for prefix in ("model.diffusion_model.", *(f"conditioner.embedders.{i}.transformer." for i in (0, 1))):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert all(k.startswith(("model.diffusion_model.", "conditioner.embedders.")) for k in keys)
+
+
+def test_an_sdxl_finetune_checkpoint_samples_as_base_plus_method(tmp_path, sdxl_base):
+    model, run_dir = run(
+        tmp_path,
+        folder_overrides(
+            "lora_sdxl",
+            sdxl_base,
+            "model.method.text_encoder_targets=[TEXT_ENCODER]",
+            "model.offload_text_encoder=false",
+        ),
+    )
+    rebuilt = load_for_sampling(str(run_dir / "checkpoints" / "last.ckpt"))  # sample.py --ckpt <last.ckpt>
+    assert len(rebuilt.conditioner.text_embedders) == 2
+    theirs = rebuilt.method.state_dict()
+    assert any(k.startswith("text_encoder_2.") for k in theirs)
+    assert max_difference(theirs, model.method.state_dict()) == 0
