@@ -378,7 +378,7 @@ def test_dreambooth_full_with_text_encoders_trains_and_exports_both(tmp_path):
     method.load_state_dict(state)  # what a resume does
     path = method.export(tmp_path / "db.safetensors", {"steps": 1})
     with safe_open(path, "pt") as handle:
-        keys = list(handle.keys())  # noqa: SIM118 - a safe_open handle
+        keys = list(handle.keys())
     for prefix in ("model.diffusion_model.", *(f"conditioner.embedders.{i}.transformer." for i in (0, 1))):
         assert any(k.startswith(prefix) for k in keys), prefix
     assert all(k.startswith(("model.diffusion_model.", "conditioner.embedders.")) for k in keys)
