@@ -74,15 +74,15 @@ class LoRA(FineTuneMethod):
         return {"unet": self.model.unet, **text_parts(self.model)}
 
     def attach(self, model) -> None:
-        self.model = model
-        lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
         texts = list(text_parts(model).values())
         chosen = range(1, len(texts) + 1) if self.text_encoders is None else self.text_encoders
-        if any(not 1 <= i <= len(texts) for i in chosen):
+        if any(not 1 <= i <= len(texts) for i in chosen):  # checked before anything is injected
             raise ValueError(
                 f"model.method.text_encoders={self.text_encoders}: this base has {len(texts)} text "
                 f"encoder(s), numbered 1..{len(texts)} (SDXL: 1 = CLIP-L, 2 = bigG)"
             )
+        self.model = model
+        lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
         for i in chosen if self.targets["text_encoder"] else ():
             targets, rank, alpha = self.targets["text_encoder"], self.rank, self.alpha
             lora_lib.inject_lora(texts[i - 1].transformer, targets, rank, alpha, self.dropout)
