@@ -174,6 +174,8 @@ class DreamBoothDataModule(FineTuneDataModule):
         class images live; null = under the run's folder, regenerated each run).
     val_size: validation items per embedded concept: the subject on backgrounds its instance images never had
         (held out); concepts from folders keep every image for training and add no validation.
+    size_conditions: items from folders (instance and class images) carry SDXL's micro-conditioning of the
+        crop really taken (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``).
     """
 
     def __init__(
@@ -190,7 +192,9 @@ class DreamBoothDataModule(FineTuneDataModule):
         seed: int = 0,
         cache_check: str = "stat",
         cache_max_gb: float | None = 20.0,
+        size_conditions: bool = False,
     ):
+        self.size_conditions = bool(size_conditions)
         super().__init__(
             source=None,
             resolution=resolution,
@@ -228,7 +232,12 @@ class DreamBoothDataModule(FineTuneDataModule):
             )
         default = concept.fill(concept.instance_prompt or "a {identifier} {class_noun}")
         folder = ImageFolderDataset(
-            concept.instance_dir, self.resolution, center_crop=True, random_flip=0.0, default_caption=default
+            concept.instance_dir,
+            self.resolution,
+            center_crop=True,
+            random_flip=0.0,
+            default_caption=default,
+            size_conditions=self.size_conditions,
         )
         return Tagged(folder, False, caption=default if concept.instance_prompt else None)
 
@@ -334,11 +343,17 @@ class DreamBoothDataModule(FineTuneDataModule):
         """Generated images keep their prompt (sidecar .txt); a user's folder takes ``class_prompt`` when it
         is one prompt, else its sidecar captions (default "a <class noun>"), and its first N images."""
         if generated is not None:
-            return Tagged(ImageFolderDataset(generated[0].parent, self.resolution, files=generated), True)
+            folder = ImageFolderDataset(
+                generated[0].parent, self.resolution, files=generated, size_conditions=self.size_conditions
+            )
+            return Tagged(folder, True)
         if concept.class_dir is None or concept.num_class_images == 0:
             return None
         data = ImageFolderDataset(
-            concept.class_dir, self.resolution, default_caption=concept.fill("a {class_noun}")
+            concept.class_dir,
+            self.resolution,
+            default_caption=concept.fill("a {class_noun}"),
+            size_conditions=self.size_conditions,
         )
         prompts = concept.class_prompts() if concept.class_prompt is not None else []
         if concept.num_class_images < len(data):

@@ -142,8 +142,13 @@ def bucket_loader(
     return (BucketLoader if shuffle else DataLoader)(dataset, batch_sampler=sampler, num_workers=num_workers)
 
 
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+
+
 class LatentCacheDataset(Dataset):
-    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once.
+    """Items {"latent_mean", "latent_std", "caption", "is_regularization"} from tensors encoded once, plus
+    SDXL's size conditions when the source items carried them (``sizes``: batch key -> [N, 2], the crop each
+    image's latent was encoded from; a flipped variant keeps its centre crop's offset).
 
     ``means`` / ``stds``: [variant, N, C, h, w] tensors, or (bucketed data) per variant a list of N
     [C, h, w] tensors of each item's bucket size.
@@ -160,8 +165,10 @@ class LatentCacheDataset(Dataset):
         flip_variants: bool,
         flags: torch.Tensor | None = None,
         repeats: int = 1,
+        sizes: dict[str, torch.Tensor] | None = None,
     ):
         self.means, self.stds, self.captions, self.flip_variants = means, stds, captions, flip_variants
+        self.sizes = dict(sizes or {})
         self.flags = flags if flags is not None else torch.zeros(len(captions), dtype=torch.bool)
         self.repeats, self.epoch = int(repeats), 0
 
@@ -173,7 +180,7 @@ class LatentCacheDataset(Dataset):
 
     def with_repeats(self, repeats: int) -> LatentCacheDataset:
         return LatentCacheDataset(
-            self.means, self.stds, self.captions, self.flip_variants, self.flags, repeats
+            self.means, self.stds, self.captions, self.flip_variants, self.flags, repeats, self.sizes
         )
 
     def __getitem__(self, index: int) -> dict:
@@ -184,6 +191,7 @@ class LatentCacheDataset(Dataset):
             "latent_std": self.stds[variant][item],
             "caption": self.captions[item],
             "is_regularization": bool(self.flags[item]),
+            **{key: values[item] for key, values in self.sizes.items()},
         }
 
 
@@ -218,6 +226,7 @@ def encode_dataset(
     loader = bucket_loader(dataset, batch_size, shuffle=False)
     order = [i for batch in loader.batch_sampler for i in batch]  # dataset indices in loader order
     means, stds, captions, flags = [[], []], [[], []], [], []
+    sizes: dict[str, list[torch.Tensor]] = {}
     for batch in track(loader, description="caching latents", disable=len(loader) < 2):
         images = batch["image"].to(device)
         for variant, imgs in enumerate([images, images.flip(-1)] if flip_variants else [images]):
@@ -226,6 +235,8 @@ def encode_dataset(
             stds[variant] += list(std.cpu())
         captions += list(batch["caption"])
         flags.append(torch.as_tensor(batch.get("is_regularization", [False] * len(images)), dtype=torch.bool))
+        for key in SIZE_KEYS if all(k in batch for k in SIZE_KEYS) else ():
+            sizes.setdefault(key, []).append(torch.as_tensor(batch[key], dtype=torch.long))
     variants = 2 if flip_variants else 1
     position = {index: k for k, index in enumerate(order)}
     ranked = [position[i] for i in range(len(order))]  # back to dataset order
@@ -233,12 +244,13 @@ def encode_dataset(
     means = [[means[v][k] for k in ranked] for v in range(variants)]
     stds = [[stds[v][k] for k in ranked] for v in range(variants)]
     captions = [captions[k] for k in ranked]
+    sizes = {key: torch.cat(parts)[ranked] for key, parts in sizes.items()}
     if len({m.shape for m in means[0]}) == 1:  # one size: stacked tensors, as before
         means, stds = (
             torch.stack([torch.stack(m) for m in means]),
             torch.stack([torch.stack(s) for s in stds]),
         )
-    return LatentCacheDataset(means, stds, captions, flip_variants, flags)
+    return LatentCacheDataset(means, stds, captions, flip_variants, flags, sizes=sizes)
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -382,7 +394,12 @@ class FineTuneDataModule(L.LightningDataModule):
             state = load_cache(path, len(self.data_train), self.hparams.flip_variants) if found else None
             if state is not None:
                 self.cached = LatentCacheDataset(
-                    state["means"], state["stds"], state["captions"], state["flip_variants"], state["flags"]
+                    state["means"],
+                    state["stds"],
+                    state["captions"],
+                    state["flip_variants"],
+                    state["flags"],
+                    sizes=state.get("sizes"),
                 )
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
                 mark_used(path)
@@ -399,6 +416,7 @@ class FineTuneDataModule(L.LightningDataModule):
                     "captions": cached.captions,
                     "flip_variants": cached.flip_variants,
                     "flags": cached.flags,
+                    "sizes": cached.sizes,
                 },
             )
             log.info(f"Cached {len(self.cached)} latents to {path}")

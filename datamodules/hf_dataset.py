@@ -177,6 +177,7 @@ class HFDatasetDataModule(BucketedDataModule):
         tag_separator: str = ",",
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        size_conditions: bool = False,  # SDXL: items carry the crop's size conditions
     ):
         super().__init__()
         self.save_hyperparameters()

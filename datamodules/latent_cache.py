@@ -28,7 +28,7 @@ from ldm.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-FORMAT = "latent-cache-v3"
+FORMAT = "latent-cache-v4"  # v4: + SDXL's size conditions of every item ("sizes")
 _KEYS = ("means", "stds", "captions", "flip_variants", "flags")
 CHECKS = ("stat", "hash")
 ENTRY_GLOB = "latents_*.pt"
@@ -184,6 +184,9 @@ def _check(state, expected_items: int, flip_variants: bool) -> str | None:
         return "flags or flip variants do not match"
     if not all(torch.isfinite(t).all() for v in means + stds for t in v):
         return "non-finite latents"
+    sizes = state.get("sizes") or {}
+    if not isinstance(sizes, dict) or any(tuple(v.shape) != (expected_items, 2) for v in sizes.values()):
+        return "size conditions missing or of the wrong shape"
     return None
 
 

@@ -215,6 +215,7 @@ class ShardsDataModule(BucketedDataModule):
         tag_dropout: float = 0.0,
         tag_separator: str = ",",
         pin_memory: bool = False,
+        size_conditions: bool = False,  # SDXL: items carry the crop's size conditions
     ):
         super().__init__()
         self.save_hyperparameters()

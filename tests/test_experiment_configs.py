@@ -8,15 +8,17 @@ import pytest
 
 from tests.conftest import CONF, EXPERIMENTS
 
-BASES = {"_finetune", "_finetune_shapes", "_finetune_sd15"}
+BASES = {"_finetune", "_finetune_shapes", "_finetune_sd15", "_finetune_sdxl"}
 FINETUNES = [name for name in EXPERIMENTS if not name.startswith(("vae", "txt2img"))]  # txt2img_sdxl too
 SD15 = [name for name in EXPERIMENTS if name.endswith("_sd15")]
+SDXL = [name for name in EXPERIMENTS if name.endswith("_sdxl") and not name.startswith("txt2img")]
+REAL_BASE = SD15 + SDXL  # the presets for a base the user gives
 
 
 def test_bases_are_building_blocks_not_experiments():
     files = {p.stem for p in (CONF / "experiment").glob("*.yaml")}
     assert BASES <= files and not BASES & set(EXPERIMENTS)
-    assert len(FINETUNES) == 12 and len(SD15) == 5
+    assert len(FINETUNES) == 17 and len(SD15) == 5 and len(SDXL) == 5
 
 
 def test_the_finetune_defaults_pair_is_written_once():
@@ -26,7 +28,7 @@ def test_the_finetune_defaults_pair_is_written_once():
     inherits = {
         n
         for n, t in texts.items()
-        if any(f"  - {b}\n" in t for b in BASES | {"dreambooth", "dreambooth_sd15"})
+        if any(f"  - {b}\n" in t for b in BASES | {"dreambooth", "dreambooth_sd15", "dreambooth_sdxl"})
     }
     assert set(FINETUNES) <= inherits
 
@@ -48,6 +50,11 @@ def test_every_finetune_gets_the_core_and_the_export(compose_cfg, experiment):
             cfg.trainer.limit_val_batches,
             cfg.callbacks.model_checkpoint.monitor,
         ) == (None, 0, None)
+    elif experiment in SDXL:  # the SDXL real-base block: guidance 5.0, an SDXL base only, size conditions
+        assert (cfg.model.ucg_rate, cfg.model.guidance_scale, cfg.model.base_family) == (0.0, 5.0, "sdxl")
+        assert cfg.trainer.max_time is None and cfg.trainer.limit_val_batches == 0
+        data = cfg.data if "concepts" in cfg.data else cfg.data.source
+        assert data.size_conditions and data.resolution == 1024
     else:  # the embedded block: a 15-minute budget, the best val/loss kept
         assert cfg.trainer.max_time == "00:00:15:00" and cfg.trainer.check_val_every_n_epoch is None
         assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.model_checkpoint.mode) == (
@@ -56,10 +63,10 @@ def test_every_finetune_gets_the_core_and_the_export(compose_cfg, experiment):
         )
 
 
-@pytest.mark.parametrize("experiment", SD15)
+@pytest.mark.parametrize("experiment", REAL_BASE)
 def test_a_real_base_preset_requires_model_base(compose_cfg, experiment, tmp_path):
-    """The *_sd15 presets never fall back to a txt2img run of ours: without model.base the error names the
-    key (a `???` in an experiment file is dropped by OmegaConf's merge: the preset says base_task: null)."""
+    """The *_sd15 / *_sdxl presets never fall back to a txt2img run of ours: without model.base the error
+    names the key (a `???` in an experiment file is dropped by OmegaConf's merge, so: base_task: null)."""
     import hydra
 
     # an embedded txt2img run lies where the default search would look: it must not be picked up

@@ -101,3 +101,16 @@ def test_vae_trains_from_hf_dataset(saved, compose_cfg):
     )
     metrics, _ = train(cfg)
     assert "train/loss" in metrics
+
+
+def test_size_conditions_give_each_rows_original_size_and_crop(saved, tmp_path):
+    dm = HFDatasetDataModule(
+        str(saved), resolution=32, val_size=2, cache_dir=str(tmp_path / "hf_cache"), size_conditions=True
+    )
+    dm.setup()
+    originals = set()
+    for k in range(len(dm.data_train)):
+        item = dm.data_train[k]
+        assert item["target_size_as_tuple"].tolist() == list(item["image"].shape[-2:])  # the bucket taken
+        originals.add(tuple(item["original_size_as_tuple"].tolist()))
+    assert originals <= {(h, w) for w, h in MIXED_SIZES} and len(originals) > 2  # the rows' own sizes

@@ -150,3 +150,14 @@ def test_a_dropped_dataset_leaves_no_open_shard_file(shapes_shards):
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [
         str(w.message) for w in caught
     ]
+
+
+def test_folder_shards_give_size_conditions(tmp_path):
+    folder = make_mixed_folder(tmp_path / "images", MIXED_SIZES)
+    MAKE_SHARDS(["--folder", str(folder), "--out", str(tmp_path / "shards"), "--val-size", "0"])
+    dm = ShardsDataModule(str(tmp_path / "shards"), resolution=32, val_size=0, size_conditions=True)
+    dm.setup()
+    items = [dm.data_train[k] for k in range(len(dm.data_train))]
+    assert {tuple(i["original_size_as_tuple"].tolist()) for i in items} == {(h, w) for w, h in MIXED_SIZES}
+    for item in items:
+        assert item["target_size_as_tuple"].tolist() == list(item["image"].shape[-2:])

@@ -103,6 +103,12 @@ REAL_BASE_PRESETS = {
     ],
 }
 REAL_BASE_PRESETS["dreambooth_lora_sd15"] = REAL_BASE_PRESETS["dreambooth_sd15"]
+# SDXL presets: under fast_dev_run without a base, a tiny random SDXL base (two text encoders, sizes)
+for _name in ("lora", "textual_inversion", "hypernetwork", "dreambooth", "dreambooth_lora"):
+    REAL_BASE_PRESETS[f"{_name}_sdxl"] = [
+        *(["data.source.resolution=32"] if not _name.startswith("dreambooth") else []),
+        *REAL_BASE_PRESETS[f"{_name}_sd15"],
+    ]
 
 
 def tiny_overrides(name: str) -> list[str]:

@@ -107,7 +107,7 @@ def _pick_tensor(tensors: Mapping[str, Any], source: str) -> tuple[str, torch.Te
     found = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     if len(found) != 1:
         hint = (
-            " (an SDXL embedding with clip_l/clip_g parts: this project's text encoders take one)"
+            " (an SDXL embedding with clip_l/clip_g parts: it fits an SDXL base)"
             if {"clip_l", "clip_g"} <= set(found)
             else ""
         )

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
 
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.peft_lora import load_peft_lora
-from ldm.io.safe_load import open_safetensors
+from ldm.io.safe_load import open_safetensors, read_safetensors_metadata
+from ldm.io.sdxl_lora import is_sdxl_lora, load_sdxl_lora
 
 __all__ = ["load_lora", "lora_format"]
 
@@ -34,7 +35,7 @@ def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
             "a raw PEFT adapter (save it with diffusers' save_lora_weights, or prefix unet.)"
         ),
         ".lora.down.weight": "diffusers' pre-PEFT attention-processor LoRA",
-        "lora_te2_": "an SDXL LoRA (SD v1/v2 only)",
+        "lora_te2_": "an SDXL LoRA (it fits an SDXL base)",
         "hada_": "a LyCORIS LoHa (LoRA only)",
         "lokr_": "a LyCORIS LoKr (LoRA only)",
     }
@@ -53,13 +54,28 @@ def load_lora(
     text_encoder: nn.Module | None = None,
     multiplier: float = 1.0,
     merge: bool = False,
+    text_encoders: Sequence[nn.Module] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load a kohya or diffusers/PEFT LoRA ``.safetensors`` (detected from its keys); the summary of
-    ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``."""
+    ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``. ``text_encoders``: the base's text encoders in
+    order (instead of ``text_encoder``); with two (SDXL) the file is read by ``ldm.io.sdxl_lora``. A file
+    of the other family (an SDXL LoRA on an SD 1.x/2.x base, or the reverse) is a ``ValueError`` saying so."""
+    texts = list(text_encoders) if text_encoders is not None else [text_encoder]
+    if len(texts) > 1:
+        parts = {"unet": unet, **{f"text_encoder{f'_{i + 1}' if i else ''}": t for i, t in enumerate(texts)}}
+        return load_sdxl_lora(path, parts, multiplier=multiplier, merge=merge, **kwargs)
     with open_safetensors(path) as handle:
-        kind = lora_format(handle.keys(), str(path))
+        keys = list(handle.keys())
+    if is_sdxl_lora(keys, read_safetensors_metadata(path)):
+        raise ValueError(
+            f"{path} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys, or SDXL metadata); "
+            "this base "
+            "is an SD 1.x/2.x model (one text encoder), which takes SD 1.x/2.x LoRAs (lora_unet_* + "
+            "lora_te_*, or unet.* / text_encoder.*). Use it with an SDXL base"
+        )
+    kind = lora_format(keys, str(path))
     loader = load_kohya_lora if kind == "kohya" else load_peft_lora
-    summary = loader(path, unet=unet, text_encoder=text_encoder, multiplier=multiplier, merge=merge, **kwargs)
+    summary = loader(path, unet=unet, text_encoder=texts[0], multiplier=multiplier, merge=merge, **kwargs)
     summary["format"] = kind
     return summary

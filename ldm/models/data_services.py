@@ -54,7 +54,9 @@ def data_services(model) -> DataServices:
         encode=encode,
         vae_fingerprint=cache(lambda: vae_encoder_fingerprint(model.vae)),
         generate=generate,
-        base_fingerprint=cache(lambda: module_fingerprint(model.unet, model.vae, model.text_encoder)),
+        base_fingerprint=cache(
+            lambda: module_fingerprint(model.unet, model.vae, *model.conditioner.text_embedders)
+        ),
         device=model.device,
     )
 

@@ -106,20 +106,19 @@ def apply_adapters(
 ) -> None:
     """Prompt-side additions, in this order: LoRA files merged (stacked: each adds to the weights the last one
     left), textual-inversion tokens added to the text encoder, a hypernetwork attached to ``unet``."""
-    from ldm.io.embeddings import apply_embedding
     from ldm.io.lora_any import load_lora
+    from ldm.io.sdxl_embeddings import apply_any_embedding
 
     for spec in loras:
         path, multiplier = parse_lora(spec)
-        summary = load_lora(
-            path, unet=unet, text_encoder=model.text_encoder, multiplier=multiplier, merge=True
-        )
+        texts = model.conditioner.text_embedders  # SDXL: two
+        summary = load_lora(path, unet=unet, text_encoders=texts, multiplier=multiplier, merge=True)
         print(
             f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
             f"rank {summary['rank']})"
         )
     for spec in embeddings:
-        loaded = apply_embedding(model.text_encoder, spec)
+        loaded = apply_any_embedding(model.conditioner.text_embedders, spec)
         print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
     if hypernetwork:
         apply_hypernetwork(model, unet, hypernetwork)

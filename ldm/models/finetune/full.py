@@ -12,12 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ldm.io.single_file_export import export_single_file
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys
+from ldm.models.finetune.text_parts import text_parts
+from ldm.utils.files import atomic_save_safetensors
 
-UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."
+UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."  # SDXL's second text encoder: text_encoder_2.
 
 
 class FullUNet(FineTuneMethod):
@@ -48,40 +51,38 @@ class FullUNet(FineTuneMethod):
             )
         return self.model.unet
 
-    def _text_transformer(self) -> nn.Module | None:
-        return (
-            self.model.text_encoder.transformer
-            if self.train_text_encoder and self.model is not None
-            else None
-        )
+    def _text_transformers(self) -> dict[str, nn.Module]:
+        """``{"text_encoder": its transformer, ("text_encoder_2": ...)}`` when they train, else empty."""
+        if not self.train_text_encoder or self.model is None:
+            return {}
+        return {name: encoder.transformer for name, encoder in text_parts(self.model).items()}
 
     # -- building --------------------------------------------------------------------------------------
     def attach(self, model) -> None:
         self.model = model
         model.unet.requires_grad_(True)
         if self.train_text_encoder:
-            model.text_encoder.unfreeze()  # also clears its prompt cache
+            for encoder in text_parts(model).values():
+                encoder.unfreeze()  # also clears its prompt cache
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for group in self.param_groups() for p in group["params"]]
 
     def param_groups(self) -> list[dict[str, Any]]:
         groups: list[dict[str, Any]] = [{"params": list(self._unet().parameters()), "name": "unet"}]
-        text = self._text_transformer()
-        if text is not None:
-            lr = {} if self.text_encoder_lr is None else {"lr": float(self.text_encoder_lr)}
-            groups.append({"params": list(text.parameters()), "name": "text_encoder", **lr})
+        lr = {} if self.text_encoder_lr is None else {"lr": float(self.text_encoder_lr)}
+        for name, text in self._text_transformers().items():
+            groups.append({"params": list(text.parameters()), "name": name, **lr})
         return groups
 
     def train_modules(self) -> list[nn.Module]:
-        return [self._unet()] + ([self.model.text_encoder] if self.train_text_encoder else [])
+        return [self._unet(), *(text_parts(self.model).values() if self.train_text_encoder else ())]
 
     # -- what checkpoints hold -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         state = {UNET_PREFIX + k: v for k, v in self._unet().state_dict().items()}
-        text = self._text_transformer()
-        if text is not None:
-            state.update({TEXT_PREFIX + k: v for k, v in text.state_dict().items()})
+        for name, text in self._text_transformers().items():
+            state.update({f"{name}.{k}": v for k, v in text.state_dict().items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -89,18 +90,18 @@ class FullUNet(FineTuneMethod):
         self._unet().load_state_dict(
             {k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}, strict=True
         )
-        text = self._text_transformer()
-        if text is not None:
-            text.load_state_dict(
-                {k[len(TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}, strict=True
-            )
-            self.model.text_encoder.clear_cache()
+        for name, text in self._text_transformers().items():
+            prefix = f"{name}."
+            text.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            text_parts(self.model)[name].clear_cache()
 
     # -- output ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps
         them)."""
         model = self.model
+        if len(text_parts(model)) > 1:
+            return self._export_sdxl(Path(path).with_suffix(".safetensors"), metadata)
         return export_single_file(
             Path(path).with_suffix(".safetensors"),
             self._unet(),
@@ -113,3 +114,24 @@ class FullUNet(FineTuneMethod):
             dtype=self.export_dtype,
             metadata={"ldm.method": "dreambooth-full-unet", **dict(metadata)},
         )
+
+    def _export_sdxl(self, path: Path, metadata: Mapping[str, Any]) -> Path:
+        """SDXL: the fine-tuned UNet in the SDXL single file's layout (``model.diffusion_model.*``: what
+        ComfyUI's "Load Diffusion Model" and a single file's UNet part hold), with the trained text encoders
+        under ``conditioner.embedders.<i>.transformer.*`` (transformers' CLIP layout), in ``export_dtype``.
+        The VAE and any frozen text encoder are the base's, unchanged."""
+        dtype = getattr(torch, self.export_dtype)
+        tensors = {f"model.diffusion_model.{k}": v for k, v in self._unet().state_dict().items()}
+        for i, text in enumerate(self._text_transformers().values()):
+            tensors.update(
+                {f"conditioner.embedders.{i}.transformer.{k}": v for k, v in text.state_dict().items()}
+            )
+        tensors = {
+            k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+            for k, v in tensors.items()
+        }
+        info = {str(k): str(v) for k, v in metadata.items()}
+        info.update(
+            {"ldm.method": "dreambooth-full-unet", "modelspec.architecture": "stable-diffusion-xl-v1-base"}
+        )
+        return atomic_save_safetensors(tensors, path, info)

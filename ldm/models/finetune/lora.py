@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from ldm.io.kohya_lora import save_kohya_lora
 from ldm.io.peft_lora import save_peft_lora
+from ldm.io.sdxl_lora import save_sdxl_lora
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys, scaled
+from ldm.models.finetune.text_parts import text_parts
 from ldm.modules.adapters import lora as lora_lib
 
 PRESETS = {
@@ -28,7 +30,6 @@ PRESETS = {
         "TEXT_ENCODER_ALL",
     )
 }
-PARTS = ("unet", "text_encoder")
 
 
 def expand_targets(targets: Sequence[str] | str | None) -> list[str]:
@@ -43,7 +44,8 @@ def expand_targets(targets: Sequence[str] | str | None) -> list[str]:
 
 class LoRA(FineTuneMethod):
     """rank/alpha (scale alpha/rank), dropout on the LoRA input, targets as presets or module globs;
-    ``export_format``: "kohya" or "peft"."""
+    ``text_encoder_targets`` apply to each text encoder of the base, or to those ``text_encoders`` lists
+    (SDXL: ``[1]`` CLIP-L, ``[2]`` bigG, null both); ``export_format``: "kohya" or "peft"."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class LoRA(FineTuneMethod):
         unet_targets: Sequence[str] | str = "UNET_ATTENTION",
         text_encoder_targets: Sequence[str] | str | None = None,
         export_format: str = "kohya",
+        text_encoders: Sequence[int] | None = None,
     ):
         super().__init__()
         if export_format not in ("kohya", "peft"):
@@ -63,30 +66,32 @@ class LoRA(FineTuneMethod):
             "text_encoder": expand_targets(text_encoder_targets),
         }
         self.export_format = export_format
+        self.text_encoders = None if text_encoders is None else [int(i) for i in text_encoders]
         self.trains_text_encoder = bool(self.targets["text_encoder"])
 
     def _modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        """``unet``, ``text_encoder`` (and SDXL's ``text_encoder_2``): the names checkpoints and files use."""
+        return {"unet": self.model.unet, **text_parts(self.model)}
 
     def attach(self, model) -> None:
+        texts = list(text_parts(model).values())
+        chosen = range(1, len(texts) + 1) if self.text_encoders is None else self.text_encoders
+        if any(not 1 <= i <= len(texts) for i in chosen):  # checked before anything is injected
+            raise ValueError(
+                f"model.method.text_encoders={self.text_encoders}: this base has {len(texts)} text "
+                f"encoder(s), numbered 1..{len(texts)} (SDXL: 1 = CLIP-L, 2 = bigG)"
+            )
         self.model = model
         lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
-        if self.targets["text_encoder"]:
-            lora_lib.inject_lora(
-                model.text_encoder.transformer,
-                self.targets["text_encoder"],
-                self.rank,
-                self.alpha,
-                self.dropout,
-            )
+        for i in chosen if self.targets["text_encoder"] else ():
+            targets, rank, alpha = self.targets["text_encoder"], self.rank, self.alpha
+            lora_lib.inject_lora(texts[i - 1].transformer, targets, rank, alpha, self.dropout)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self._modules().values() for p in lora_lib.lora_parameters(part)]
 
     def train_modules(self) -> list[nn.Module]:
-        return list(lora_lib.lora_modules(self.model.unet).values()) + list(
-            lora_lib.lora_modules(self.model.text_encoder).values()
-        )
+        return [m for part in self._modules().values() for m in lora_lib.lora_modules(part).values()]
 
     def state_dict(self) -> dict[str, Tensor]:
         return {
@@ -111,7 +116,7 @@ class LoRA(FineTuneMethod):
         return scaled(set_multiplier, on=1.0)
 
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
-        te = self.model.text_encoder if lora_lib.lora_modules(self.model.text_encoder) else None
+        parts = {k: v for k, v in self._modules().items() if k == "unet" or lora_lib.lora_modules(v)}
         base = metadata.get("base") or "unknown"  # a file name, never a local path
         info = {
             "ss_training_comment": f"ldm-lightning LoRA, base: {base}",
@@ -120,5 +125,7 @@ class LoRA(FineTuneMethod):
             "ss_steps": metadata.get("steps", 0),
             "ss_resolution": metadata.get("resolution", ""),
         }
+        if len(text_parts(self.model)) > 1:  # SDXL: lora_te1_ / lora_te2_, or text_encoder(_2).
+            return save_sdxl_lora(path, parts, info, self.export_format)
         save = save_kohya_lora if self.export_format == "kohya" else save_peft_lora
-        return save(path, unet=self.model.unet, text_encoder=te, metadata=info)
+        return save(path, unet=self.model.unet, text_encoder=parts.get("text_encoder"), metadata=info)

@@ -20,6 +20,7 @@ from torch import nn
 from ldm.models.base_loader import load_base_model
 from ldm.models.finetune.fallback import tiny_random_base
 from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
+from ldm.models.finetune.text_parts import SIZE_KEYS, check_family, fill_size_conditions
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.models.pretrained import find_checkpoint
 from ldm.models.text_offload import cache_prompts_and_offload
@@ -52,6 +53,9 @@ class FineTuneModule(LatentDiffusion):
         offload_text_encoder: with cached latents and a frozen text encoder, encode every training caption
             (and "", the log prompts) once at the start of fit, then move the encoder to CPU
             (``ldm.models.text_offload``).
+        base_family: ``"sd"`` (one text encoder: SD 1.x/2.x) or ``"sdxl"`` (two): the family a preset is
+            for; a base of the other family is an error, and the fast_dev_run stand-in is of this family
+            (None: any base; the stand-in is an SD-like one).
     """
 
     MODULE_ARGS = (*LatentDiffusion.MODULE_ARGS, "method")
@@ -81,6 +85,7 @@ class FineTuneModule(LatentDiffusion):
         offload_text_encoder: bool = False,
         prior_loss_weight: float | None = None,
         vae_path: str | None = None,
+        base_family: str | None = None,
     ):
         super().__init__(
             unet=None,
@@ -141,7 +146,7 @@ class FineTuneModule(LatentDiffusion):
             return
         if source is None:
             log.warning("fast_dev_run without a base model: using a tiny RANDOM base (plumbing check only)")
-            parts = tiny_random_base(resolution or 32)
+            parts = tiny_random_base(resolution or 32, self.hparams.base_family or "sd")
         else:
             extra = {"tokenizer": self.hparams.base_tokenizer} if self.hparams.base_tokenizer else {}
             vae_path = self.hparams.get("vae_path")
@@ -150,7 +155,9 @@ class FineTuneModule(LatentDiffusion):
                 f"Base model: {source} ({parts.version}, {parts.parameterization}, "
                 f"scale_factor {float(parts.scale_factor):.5f})"
             )
-        self.set_parts(parts.unet, parts.vae, parts.conditioner(), parts.schedule)
+        conditioner = parts.conditioner()
+        check_family(conditioner, self.hparams.base_family, source)
+        self.set_parts(parts.unet, parts.vae, conditioner, parts.schedule)
         self.hparams.parameterization = parts.parameterization
         self.scale_factor.fill_(float(parts.scale_factor))
         self.image_resolution = getattr(self, "image_resolution", None) or resolution or parts.resolution
@@ -245,7 +252,15 @@ class FineTuneModule(LatentDiffusion):
             mean = batch["latent_mean"]
             noise = self.batch_random.randn(mean.shape, mean.device, mean.dtype)
             batch = {**batch, "latent": batch["latent_mean"] + batch["latent_std"] * noise}
+        if any(key in SIZE_KEYS for key in self.conditioner.input_keys):  # SDXL: sizes (data without them)
+            batch = fill_size_conditions(batch, self.conditioner.input_keys, self._image_size(batch))
         return super().batch_latents_and_context(batch, train)
+
+    def _image_size(self, batch) -> tuple[int, int]:
+        """(h, w) of the batch's images (from the latents: x the VAE's downsampling)."""
+        if "image" in batch:
+            return tuple(batch["image"].shape[-2:])
+        return tuple(int(side) * self.vae.downsample_factor for side in batch["latent"].shape[-2:])
 
     def export(self, path: str | Path) -> Path:
         """The method's exchange file (EMA weights when kept), with run metadata."""
