@@ -12,9 +12,9 @@ a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, o
 (512 px for SD v1, 768 for SD 2.x 768-v). ``--lora file.safetensors:0.8`` merges LoRA files (kohya or PEFT);
 ``--embedding file[:token]`` adds textual-inversion tokens; ``--hypernetwork file.pt:0.7`` applies an
 AUTOMATIC1111 hypernetwork. Writes ``grid.png`` (one row per prompt) and single PNGs, each with
-its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` starts
-from the noise of seed ``--seed + i`` whatever ``--batch-size`` is (so deterministic samplers give the same
-image for any batching; the ancestral ones draw their per-step noise per batch).
+its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` draws
+its initial latents and then its per-step noise from one generator seeded ``--seed + i``, whatever
+``--batch-size`` is: diffusers' image for ``generator=torch.manual_seed(seed + i)``.
 """
 
 from __future__ import annotations
@@ -73,9 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--timestep-spacing",
         choices=["leading", "trailing", "linspace"],
         default=None,
-        help="default: the model's (ours: trailing; SD files and diffusers folders: their own)",
+        help="default: the model's (ours: trailing; SD files: each sampler's diffusers default, DDIM/DDPM "
+        "leading, the others linspace; diffusers folders: their scheduler_config.json's)",
     )
     p.add_argument("--steps-offset", type=int, default=None, help="default: the model's (SD v1: 1)")
+    p.add_argument(
+        "--karras-convention",
+        choices=["a1111", "diffusers"],
+        default=None,
+        help="*_karras samplers: sigmas over the model's whole range (a1111, k-diffusion; default) or the "
+        "range diffusers' scheduler with use_karras_sigmas=True takes (diffusers)",
+    )
     p.add_argument(
         "--set-alpha-to-one",
         choices=["true", "false"],
@@ -228,6 +236,7 @@ def main(argv=None) -> Path:
         eta=args.eta,
         timestep_spacing=args.timestep_spacing,
         steps_offset=args.steps_offset,
+        karras_convention=args.karras_convention,
         set_alpha_to_one=None if args.set_alpha_to_one is None else args.set_alpha_to_one == "true",
     )
     model = load_for_sampling(
