@@ -327,3 +327,13 @@ def test_next_command_after_each_kind_of_run(tmp_path):
         f"{tmp_path / 'adapters' / 'lora_sd15.safetensors'}"
         ' --prompt "a red star"'
     )
+    # intermediate exports sort before the final one by name; next: names the final one (issue 27)
+    for step in (100, 200):
+        (tmp_path / "adapters" / f"lora_sd15-step{step:06d}.safetensors").write_bytes(b"")
+    assert f"--lora {tmp_path / 'adapters' / 'lora_sd15.safetensors'} " in next_command(
+        txt2img, cfg, last, tmp_path
+    )
+    (
+        tmp_path / "adapters" / "lora_sd15.safetensors"
+    ).unlink()  # a run stopped before its end: the newest step
+    assert "lora_sd15-step000200.safetensors" in next_command(txt2img, cfg, last, tmp_path)
