@@ -4,10 +4,14 @@ embedding that ``weights_only`` refuses, and a Stable Diffusion single file with
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 import sample
 from ldm.utils.task import run_main
+from tests.test_clip_tokenizer_fallback import clip_vocab_file  # noqa: F401 - fixture (no tokenizer inside)
 from tests.test_sample_cli import single_file  # noqa: F401 - pytest fixture (a tiny SD single file)
 from tests.test_user_errors import one_error_line
 
@@ -39,3 +43,37 @@ def test_legacy_pickled_embedding_is_one_line(single_file, tmp_path, capsys):  #
 
     converted = load_embedding(legacy.with_suffix(".safetensors"))
     assert converted.token == "old-style" and torch.equal(converted.vectors, params["*"].detach())
+
+
+def test_train_py_on_a_single_file_without_tokenizer_is_one_line(
+    clip_vocab_file,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+):
+    """Before: a warning, then RuntimeError "this CLIPTextEncoder has no tokenizer" deep in training. Now one
+    line naming model.base_tokenizer and open_clip_torch, before the weights load."""
+    import ldm.io.sd_tokenizer
+    import ldm.models.finetune.module
+    from ldm.utils.task import run_task
+    from tests.conftest import compose_train
+    from train import train
+
+    monkeypatch.setattr(ldm.io.sd_tokenizer, "open_clip_bpe_path", lambda: None)
+    monkeypatch.setattr(ldm.io.sd_tokenizer, "DEFAULT_TOKENIZERS", {})
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the tokenizer check")
+
+    monkeypatch.setattr(ldm.models.finetune.module, "load_base_model", no_loading)
+    cfg = compose_train(
+        tmp_path,
+        ["experiment=lora_finetune", f"model.base={clip_vocab_file}", "debug=smoke", "logger=none"],
+    )
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+        run_task(train, cfg)
+    assert stop.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "embeds no tokenizer" in errors[0] and "model.base_tokenizer" in errors[0], errors[0]
+    assert "pip install --no-deps open_clip_torch" in errors[0], errors[0]
