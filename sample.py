@@ -29,12 +29,14 @@ from PIL import Image
 
 from ldm.diffusion import SAMPLERS, build_sampler
 from ldm.diffusion.samplers import display_name
+from ldm.io.infotext import adapter_fields, format_infotext, model_hash
 from ldm.models.pipeline import (
     check_resolution,
     generate_batches,
     load_for_sampling,
     load_init_image,
     parse_lora,
+    resolve_last,
 )
 from ldm.utils.images import make_grid, save_image, to_uint8
 from ldm.utils.task import run_main
@@ -199,23 +201,39 @@ def slug(text: str) -> str:
 
 
 def generation_parameters(
-    args, prompt: str, negative: str, seed: int, resolution: int, guidance: float
+    args, prompt: str, negative: str, seed: int, resolution: int, guidance: float, made_with=("", {})
 ) -> str:
-    """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
+    """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``.
+    ``made_with``: (prompt tags, fields) of the model and adapters (``infotext_of_models``)."""
+    tags, model_fields = made_with
     fields = {
         "Steps": args.steps,
         "Sampler": display_name(args.sampler),
         "CFG scale": f"{guidance:g}",
         "Seed": seed,
         "Size": f"{resolution}x{resolution}",
+        "Model hash": model_fields.get("Model hash"),
         "Model": Path(str(args.ckpt)).stem,
     }
     if args.init_image:
         fields["Denoising strength"] = f"{args.strength:g}"
     if args.eta is not None:
         fields["Eta"] = f"{args.eta:g}"
-    lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
-    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in fields.items())])
+    fields.update({k: v for k, v in model_fields.items() if k != "Model hash"})
+    return format_infotext(f"{prompt} {tags}" if tags else prompt, negative, fields)
+
+
+def infotext_of_models(args) -> tuple[str, dict]:
+    """(prompt tags, fields): the checkpoint's ``Model hash``, LoRA / embedding / hypernetwork hashes."""
+    from ldm.io.embeddings import load_embedding, parse_embedding_spec
+
+    embeddings = [parse_embedding_spec(spec) for spec in args.embedding]
+    tags, fields = adapter_fields(
+        [parse_lora(spec) for spec in args.lora],
+        [(path, load_embedding(path, token).token) for path, token in embeddings],
+        parse_lora(args.hypernetwork) if args.hypernetwork else None,
+    )
+    return tags, {"Model hash": model_hash(resolve_last(args.ckpt, args.log_dir)), **fields}
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
@@ -255,6 +273,7 @@ def main(argv=None) -> Path:
     check_resolution(model, resolution)
     init = load_init_image(args.init_image, resolution) if args.init_image else None
     guidance = model.hparams.guidance_scale if args.guidance is None else args.guidance
+    made_with = infotext_of_models(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     thumbnails, count = [], 0
@@ -279,7 +298,9 @@ def main(argv=None) -> Path:
         for j, (prompt, negative, array) in enumerate(
             zip(batch.prompts, batch.negatives, to_uint8(batch.images))
         ):
-            text = generation_parameters(args, prompt, negative, batch.seeds[j], resolution, guidance)
+            text = generation_parameters(
+                args, prompt, negative, batch.seeds[j], resolution, guidance, made_with
+            )
             save_image(
                 Image.fromarray(array),
                 out / f"{batch.start + j:03d}_{slug(prompt)}.png",
