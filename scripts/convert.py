@@ -7,9 +7,11 @@
         --lora subject.safetensors --out merged.safetensors
 
 ``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of our
-Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
-(SD v1 layout; SD 2.x files are written with the OpenCLIP text layout), and back here with its exact
-architecture (``ldm.config`` metadata). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or
+Lightning checkpoints. An SD v1/v2-shaped model's output loads in AUTOMATIC1111, ComfyUI, kohya and
+diffusers' ``from_single_file`` (SD v1 layout; SD 2.x files are written with the OpenCLIP text layout); any
+other architecture (the embedded model, custom UNets) is written in the same layout but loads only back here
+(``ldm.config`` metadata holds its exact architecture): those tools know the released shapes only, and this
+script says so. ``--lora`` (repeatable, ``file[:multiplier]``, kohya or
 diffusers/PEFT) bakes LoRA files into the weights first, the merge users otherwise run kohya's scripts for. A
 fine-tuning run's checkpoint holds only its adapter: given one, this says so and what to pass instead.
 """
@@ -138,7 +140,18 @@ def main(argv=None) -> Path:
         },
     )
     print(f"wrote {out} (SD {components.version}, {components.parameterization}, {components.resolution} px)")
+    if components.version == "custom":
+        print(scope_note(out))
     return out
+
+
+def scope_note(out: Path) -> str:
+    """What a file of an architecture other than the released SD v1/v2 ones is good for."""
+    return (
+        f"note: {out} is not an SD v1/v2 architecture: sample.py --ckpt and this project load it (its "
+        "ldm.config metadata), but AUTOMATIC1111, ComfyUI, kohya and diffusers' from_single_file only "
+        "know the released model shapes and will not"
+    )
 
 
 if __name__ == "__main__":
