@@ -12,9 +12,9 @@ a Stable Diffusion ``.safetensors``/``.ckpt`` single file, a diffusers folder, o
 (512 px for SD v1, 768 for SD 2.x 768-v). ``--lora file.safetensors:0.8`` merges LoRA files (kohya or PEFT);
 ``--embedding file[:token]`` adds textual-inversion tokens; ``--hypernetwork file.pt:0.7`` applies an
 AUTOMATIC1111 hypernetwork. Writes ``grid.png`` (one row per prompt) and single PNGs, each with
-its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` starts
-from the noise of seed ``--seed + i`` whatever ``--batch-size`` is (so deterministic samplers give the same
-image for any batching; the ancestral ones draw their per-step noise per batch).
+its generation parameters in the PNG text chunk ``parameters`` (AUTOMATIC1111's format). Image ``i`` draws
+its initial latents and then its per-step noise from one generator seeded ``--seed + i``, whatever
+``--batch-size`` is: diffusers' image for ``generator=torch.manual_seed(seed + i)``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from PIL import Image
 
 from ldm.diffusion import SAMPLERS, build_sampler
 from ldm.diffusion.samplers import display_name
+from ldm.io.infotext import adapter_fields, format_infotext, model_hash
 from ldm.models.pipeline import (
     check_resolution,
     generate_batches,
     load_for_sampling,
     load_init_image,
     parse_lora,
+    resolve_last,
 )
 from ldm.utils.images import make_grid, save_image, to_uint8
 from ldm.utils.task import run_main
@@ -73,9 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--timestep-spacing",
         choices=["leading", "trailing", "linspace"],
         default=None,
-        help="default: the model's (ours: trailing; SD files and diffusers folders: their own)",
+        help="default: the model's (ours: trailing; SD files: each sampler's diffusers default, DDIM/DDPM "
+        "leading, the others linspace; diffusers folders: their scheduler_config.json's)",
     )
     p.add_argument("--steps-offset", type=int, default=None, help="default: the model's (SD v1: 1)")
+    p.add_argument(
+        "--karras-convention",
+        choices=["a1111", "diffusers"],
+        default=None,
+        help="*_karras samplers: sigmas over the model's whole range (a1111, k-diffusion; default) or the "
+        "range diffusers' scheduler with use_karras_sigmas=True takes (diffusers)",
+    )
     p.add_argument(
         "--set-alpha-to-one",
         choices=["true", "false"],
@@ -199,23 +209,39 @@ def slug(text: str) -> str:
 
 
 def generation_parameters(
-    args, prompt: str, negative: str, seed: int, resolution: int, guidance: float
+    args, prompt: str, negative: str, seed: int, resolution: int, guidance: float, made_with=("", {})
 ) -> str:
-    """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
+    """AUTOMATIC1111's ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``.
+    ``made_with``: (prompt tags, fields) of the model and adapters (``infotext_of_models``)."""
+    tags, model_fields = made_with
     fields = {
         "Steps": args.steps,
         "Sampler": display_name(args.sampler),
         "CFG scale": f"{guidance:g}",
         "Seed": seed,
         "Size": f"{resolution}x{resolution}",
+        "Model hash": model_fields.get("Model hash"),
         "Model": Path(str(args.ckpt)).stem,
     }
     if args.init_image:
         fields["Denoising strength"] = f"{args.strength:g}"
     if args.eta is not None:
         fields["Eta"] = f"{args.eta:g}"
-    lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
-    return "\n".join([*lines, ", ".join(f"{k}: {v}" for k, v in fields.items())])
+    fields.update({k: v for k, v in model_fields.items() if k != "Model hash"})
+    return format_infotext(f"{prompt} {tags}" if tags else prompt, negative, fields)
+
+
+def infotext_of_models(args) -> tuple[str, dict]:
+    """(prompt tags, fields): the checkpoint's ``Model hash``, LoRA / embedding / hypernetwork hashes."""
+    from ldm.io.embeddings import load_embedding, parse_embedding_spec
+
+    embeddings = [parse_embedding_spec(spec) for spec in args.embedding]
+    tags, fields = adapter_fields(
+        [parse_lora(spec) for spec in args.lora],
+        [(path, load_embedding(path, token).token) for path, token in embeddings],
+        parse_lora(args.hypernetwork) if args.hypernetwork else None,
+    )
+    return tags, {"Model hash": model_hash(resolve_last(args.ckpt, args.log_dir)), **fields}
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
@@ -236,6 +262,7 @@ def main(argv=None) -> Path:
         eta=args.eta,
         timestep_spacing=args.timestep_spacing,
         steps_offset=args.steps_offset,
+        karras_convention=args.karras_convention,
         set_alpha_to_one=None if args.set_alpha_to_one is None else args.set_alpha_to_one == "true",
     )
     model = load_for_sampling(
@@ -255,6 +282,7 @@ def main(argv=None) -> Path:
     check_resolution(model, resolution)
     init = load_init_image(args.init_image, resolution) if args.init_image else None
     guidance = model.hparams.guidance_scale if args.guidance is None else args.guidance
+    made_with = infotext_of_models(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     thumbnails, count = [], 0
@@ -279,7 +307,9 @@ def main(argv=None) -> Path:
         for j, (prompt, negative, array) in enumerate(
             zip(batch.prompts, batch.negatives, to_uint8(batch.images))
         ):
-            text = generation_parameters(args, prompt, negative, batch.seeds[j], resolution, guidance)
+            text = generation_parameters(
+                args, prompt, negative, batch.seeds[j], resolution, guidance, made_with
+            )
             save_image(
                 Image.fromarray(array),
                 out / f"{batch.start + j:03d}_{slug(prompt)}.png",

@@ -128,7 +128,8 @@ def load_models(run: Path, base: str | None):
     else:
         extra = {
             "lora": {"loras": [str(exported)]},
-            "textual_inversion": {"embeddings": [str(exported)]},
+            # the token the run trained (the file alone would trigger under its file name)
+            "textual_inversion": {"embeddings": [f"{exported}:{config['model']['method']['placeholder']}"]},
             "hypernetwork": {"hypernetwork": str(exported)},
         }[method]
         models[method] = load_for_sampling(base, **extra)

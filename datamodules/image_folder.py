@@ -408,13 +408,22 @@ class ImageFolderDataModule(BucketedDataModule):
         self.data_train: ImageFolderDataset | None = None
         self.data_val: ImageFolderDataset | None = None
         self._position: dict | None = None  # where a resumed run continues (from a checkpoint)
+        self.read_captions = True
+
+    def skip_captions(self) -> None:
+        """The model reads no text (a VAE): caption files are then never opened (``connect_data``)."""
+        self.read_captions = False
+
+    @property
+    def caption_ext(self) -> str:
+        return self.hparams.caption_ext if self.read_captions else ""
 
     def _dataset(self, records: list[ImageRecord], train: bool) -> ImageFolderDataset:
         hp = self.hparams
         return ImageFolderDataset(
             self.root,
             default_caption=hp.default_caption,
-            caption_ext=hp.caption_ext,
+            caption_ext=self.caption_ext,
             files=records if train else [replace(r, repeats=1) for r in records],
             **dataset_options(hp, train),
         )
@@ -423,7 +432,7 @@ class ImageFolderDataModule(BucketedDataModule):
         if self.records is not None:
             return
         hp = self.hparams
-        records = scan_image_folder(self.root, hp.caption_ext, hp.check, hp.index_dir)
+        records = scan_image_folder(self.root, self.caption_ext, hp.check, hp.index_dir)
         train_ids, val_ids = split_indices(
             len(records), hp.val_size, hp.val_fraction, hp.seed, log, str(self.root)
         )

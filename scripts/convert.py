@@ -7,14 +7,16 @@
         --lora subject.safetensors --out merged.safetensors
     python scripts/convert.py --base sd_xl_base_1.0.safetensors --diffusers --out sdxl-base/
 
-``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of
-our Lightning checkpoints. The output loads in AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file``
-(SD v1 layout; SD 2.x files are written with the OpenCLIP text layout, SDXL bases in sgm's SDXL layout),
-and back here with its exact architecture (``ldm.config`` metadata). ``--diffusers`` writes a diffusers
-model folder instead (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, float32 unless
-``--fp16``). ``--lora`` (repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT) bakes LoRA files
-into the weights first, the merge users otherwise run kohya's scripts for. A fine-tuning run's checkpoint
-holds only its adapter: given one, this says so and what to pass instead.
+``--base``: a single file (.safetensors / weights-only .ckpt), a diffusers folder, a hub id, or one of our
+Lightning checkpoints. An SD v1/v2/XL-shaped model's output loads in AUTOMATIC1111, ComfyUI, kohya and
+diffusers' ``from_single_file`` (SD v1 layout; SD 2.x files are written with the OpenCLIP text layout, SDXL
+bases in sgm's SDXL layout); any other architecture (the embedded model, custom UNets) is written in the same
+layout but loads only back here (``ldm.config`` metadata holds its exact architecture): those tools know the
+released shapes only, and this script says so. ``--diffusers`` writes a diffusers model folder instead
+(``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, float32 unless ``--fp16``). ``--lora``
+(repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT) bakes LoRA files into the weights first, the
+merge users otherwise run kohya's scripts for. A fine-tuning run's checkpoint holds only its adapter: given
+one, this says so and what to pass instead.
 """
 
 from __future__ import annotations
@@ -152,7 +154,18 @@ def main(argv=None) -> Path:
         },
     )
     print(f"wrote {out} (SD {components.version}, {components.parameterization}, {components.resolution} px)")
+    if components.version == "custom":
+        print(scope_note(out))
     return out
+
+
+def scope_note(out: Path) -> str:
+    """What a file of an architecture other than the released SD v1/v2/XL ones is good for."""
+    return (
+        f"note: {out} is not an SD v1/v2/XL architecture: sample.py --ckpt and this project load it (its "
+        "ldm.config metadata), but AUTOMATIC1111, ComfyUI, kohya and diffusers' from_single_file only "
+        "know the released model shapes and will not"
+    )
 
 
 if __name__ == "__main__":

@@ -176,6 +176,38 @@ def test_vae_on_an_image_folder(compose_cfg, tmp_path):
     assert objects["trainer"].fast_dev_run and "train/loss" in metrics
 
 
+def test_vae_run_never_reads_the_captions_it_does_not_use(compose_cfg, tmp_path):
+    """A non-UTF-8 caption file stops a text-to-image run (one clear error) but not a VAE run, whose model
+    reads no text (issue 27)."""
+    from PIL import Image
+
+    from datamodules.image_folder import ImageFolderDataModule
+    from train import train
+
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "0.txt").write_bytes(b"caf\xe9 au lait")  # cp1252, not UTF-8
+    data = ImageFolderDataModule(root=str(tmp_path), resolution=32, num_workers=0, val_size=2)
+    with pytest.raises(ValueError, match=r"0.txt is not UTF-8"):
+        data.setup("fit")
+    cfg = compose_cfg(
+        [
+            "experiment=vae",
+            "model/vae=tiny",
+            "data=image_folder",
+            f"data.root={tmp_path}",
+            "data.resolution=32",
+            "data.num_workers=0",
+            "data.val_size=2",
+            "trainer.fast_dev_run=true",
+            "logger=none",
+            "callbacks.rich_progress_bar=null",
+        ]
+    )
+    metrics, objects = train(cfg)
+    assert "train/loss" in metrics and objects["datamodule"].read_captions is False
+
+
 def test_logger_none_leaves_out_the_lr_monitor():
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -327,3 +359,13 @@ def test_next_command_after_each_kind_of_run(tmp_path):
         f"{tmp_path / 'adapters' / 'lora_sd15.safetensors'}"
         ' --prompt "a red star"'
     )
+    # intermediate exports sort before the final one by name; next: names the final one (issue 27)
+    for step in (100, 200):
+        (tmp_path / "adapters" / f"lora_sd15-step{step:06d}.safetensors").write_bytes(b"")
+    assert f"--lora {tmp_path / 'adapters' / 'lora_sd15.safetensors'} " in next_command(
+        txt2img, cfg, last, tmp_path
+    )
+    (
+        tmp_path / "adapters" / "lora_sd15.safetensors"
+    ).unlink()  # a run stopped before its end: the newest step
+    assert "lora_sd15-step000200.safetensors" in next_command(txt2img, cfg, last, tmp_path)

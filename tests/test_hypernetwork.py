@@ -446,3 +446,23 @@ def test_fidelity_benchmark_scores_base_and_hypernetwork(tmp_path):
         (s, "dpmpp_2m-20", v) for s in ("concept", "known") for v in ("base", "base+hypernetwork")
     }
     assert (tmp_path / "grids" / "concept_dpmpp_2m-20_base+hypernetwork.png").is_file()
+
+
+def test_method_refuses_widths_that_would_never_train():
+    """model.method.widths with a self-attention width and self_attention=false: that MLP would be saved
+    untrained and AUTOMATIC1111 would apply it (issue 27); refused in one line naming the fix."""
+    from ldm.models.finetune.hypernetwork import Hypernetwork as HypernetworkMethod
+
+    unet, _ = unet_and_inputs()
+    holder = torch.nn.Module()
+    holder.unet = unet
+    with pytest.raises(ValueError, match=r"\[32\] are only self-attention widths.*self_attention=true"):
+        HypernetworkMethod(widths=[32, 64]).attach(holder)
+    with pytest.raises(ValueError, match=r"no attention layer of this UNet takes \[100\]"):
+        HypernetworkMethod(widths=[64, 100], self_attention=True).attach(holder)
+    method = HypernetworkMethod(widths=[32, 64], self_attention=True)  # both train: both are saved
+    method.attach(holder)
+    assert sorted(method.network.widths) == [32, 64]
+    method = HypernetworkMethod()  # default: the widths the UNet's cross-attention takes
+    method.attach(holder)
+    assert method.network.widths == [64]

@@ -43,6 +43,23 @@ def test_batches_are_prompt_major_seeded_per_image_and_independent_of_batch_size
     torch.testing.assert_close(other_seed[0], whole[0].images[1], atol=1e-5, rtol=0)  # image i <- seed + i
 
 
+def test_ancestral_images_depend_on_their_seed_alone(single_file):  # noqa: F811
+    """Euler a draws each step's noise from the image's own generator (after its initial latents), so image
+    i is seed + i's image in any batch; before, the per-step noise restarted from the batch's first seed."""
+    model = pipeline.load_for_sampling(str(single_file), resolution=16)
+    sampler = build_sampler("euler_a", steps=3)
+
+    def images(seed, batch_size):
+        batches = pipeline.generate_batches(
+            model, sampler, PROMPTS[:1], n=2, seed=seed, batch_size=batch_size, progress=False
+        )
+        return torch.cat([b.images for b in batches])
+
+    together, alone = images(3, 2), images(4, 1)
+    torch.testing.assert_close(together, images(3, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=0)
+
+
 def test_the_command_line_writes_what_the_library_generates(single_file, tmp_path):  # noqa: F811
     sample.main(
         [

@@ -117,7 +117,7 @@ def make_user_files(root: Path) -> None:
     txt2img = newest(root, "logs/txt2img/runs/*/checkpoints/last.ckpt")
     load_script("scripts/convert.py").main(["--base", str(txt2img), "--out", str(root / "model.safetensors")])
     embedding = newest(root, "logs/textual_inversion/runs/*/adapters/*.safetensors")
-    shutil.copy(embedding, root / "star.safetensors")
+    shutil.copy(embedding, root / "my-star.safetensors")  # triggered by its file name, as in AUTOMATIC1111
     vectors = load_embedding(embedding).vectors  # an AUTOMATIC1111 .pt, as their webui writes it
     torch.save({"string_to_param": {"*": vectors.flip(0)}, "name": "other"}, root / "other.pt")
     load_script("scripts/make_shards.py").main(

@@ -266,3 +266,15 @@ def test_convert_explains_an_adapter_only_checkpoint(tmp_path):
         "--base logs/txt2img/runs/r/checkpoints/last.ckpt --lora "
         f"{run_dir / 'adapters' / 'lora_finetune.safetensors'}" in message
     )
+
+
+def test_convert_states_the_scope_of_a_custom_architecture(single_file, tmp_path, capsys):
+    """Only SD v1/v2 shapes load in AUTOMATIC1111 / ComfyUI / kohya / from_single_file: convert.py says so for
+    any other architecture (issue 27), and the file still loads here."""
+    out = convert_main()(["--base", str(single_file), "--out", str(tmp_path / "custom.safetensors")])
+    printed = capsys.readouterr().out
+    assert "(SD custom," in printed
+    assert f"note: {out} is not an SD v1/v2/XL architecture" in printed and "AUTOMATIC1111, ComfyUI" in printed
+    from ldm.models.base_loader import load_base_model
+
+    assert load_base_model(out).version == "custom"

@@ -81,13 +81,74 @@ def test_karras_sigmas():
     torch.testing.assert_close(roots.diff(), roots.diff()[:1].expand(9), rtol=1e-6, atol=0)
 
 
+def test_sd_convention_leaves_the_spacing_to_each_sampler():
+    """SD 1.x/2.x bases (SD_CONVENTION): DDIM/DDPM lead with offset 1 (diffusers' DDIM/DDPM default, CompVis'
+    and AUTOMATIC1111's DDIM), the k-samplers take linspace (their diffusers schedulers' default, A1111's
+    k-diffusion grid); an explicit override still wins."""
+    from ldm.diffusion import SD_CONVENTION, build_sampler
+
+    schedule = DiffusionSchedule.from_config(kind="scaled_linear", **SD_CONVENTION.as_config())
+    assert build_sampler("ddim", steps=10).timesteps(schedule) == list(range(901, 0, -100))
+    assert build_sampler("ddpm", steps=10).timesteps(schedule)[0] == 901
+    for name in ("euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2s_a", "unipc"):
+        sampler = build_sampler(name, steps=10)
+        assert sampler.convention(schedule).spacing == "linspace" and sampler.timesteps(schedule)[0] == 999
+    assert build_sampler("euler", steps=10, timestep_spacing="leading").timesteps(schedule)[0] == 901
+    with pytest.raises(ValueError, match="resolves"):
+        make_timesteps(1000, 10, "sampler_default")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_karras_conventions_span_their_references_ranges(spacing):
+    """karras_convention="a1111": k-diffusion's get_sigmas_karras(n, model sigma_min, sigma_max) whatever the
+    spacing (diffusers' DPM-Solver++ uses that range too); "diffusers": EulerDiscreteScheduler's
+    use_karras_sigmas=True range, the spaced steps' sigmas (8.39 -> 0.041 at 10 leading steps)."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from ldm.diffusion import TimestepConvention, build_sampler
+
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+    schedule = DiffusionSchedule.from_config(
+        kind="scaled_linear", **TimestepConvention(spacing, 1, False).as_config()
+    )
+    full = DPMSolverMultistepScheduler(**config, timestep_spacing=spacing, use_karras_sigmas=True)
+    spaced = EulerDiscreteScheduler(**config, timestep_spacing=spacing, use_karras_sigmas=True)
+    for reference in (full, spaced):
+        reference.set_timesteps(10)
+    a1111 = torch.tensor(build_sampler("euler_karras", steps=10).grid(schedule).sigmas, dtype=torch.float64)
+    diffusers_euler = build_sampler("euler_karras", steps=10, karras_convention="diffusers").grid(schedule)
+    table = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
+    assert a1111[0] == pytest.approx(float(table[-1])) and a1111[-2] == pytest.approx(float(table[0]))
+    torch.testing.assert_close(a1111, full.sigmas.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(diffusers_euler.sigmas, dtype=torch.float64),
+        spaced.sigmas.double(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        torch.tensor(diffusers_euler.timesteps, dtype=torch.float64),
+        spaced.timesteps.double(),
+        rtol=0,
+        atol=2e-3,
+    )
+    if spacing == "leading":
+        assert diffusers_euler.sigmas[0] == pytest.approx(8.39, abs=0.01) and a1111[0] > 14.6
+    try:  # the A1111 convention's own reference, where k-diffusion installs (it pins its own torch)
+        from k_diffusion.sampling import get_sigmas_karras
+    except ImportError:
+        return
+    expected = get_sigmas_karras(10, float(table[0]), float(table[-1])).double()
+    torch.testing.assert_close(a1111, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_schedule_convention_is_the_default_and_samplers_override_it():
     from ldm.diffusion import SD_CONVENTION
 
     schedule = DiffusionSchedule.from_config(
         timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False
     )
-    assert schedule.convention == SD_CONVENTION
+    assert schedule.convention == SD_CONVENTION.replace(spacing="leading")
     assert DDIMSampler(steps=10).timesteps(schedule) == list(range(901, 0, -100))
     assert DDIMSampler(steps=10, timestep_spacing="trailing", steps_offset=0).timesteps(schedule)[0] == 999
     ours = DiffusionSchedule.from_config()

@@ -118,7 +118,7 @@ def test_sd1_and_sd2_text_encoder_layouts(tmp_path, hidden, heads, pad):
     method = attach(encoder, placeholder="<cat-toy>", num_vectors=2, initializer_word="red")
     assert method.state_dict()[STATE_KEY].shape == (2, hidden)
     assert encoder(["a <cat-toy>"]).shape == (1, 20, hidden)
-    path = method.export(tmp_path / "toy.safetensors", {})
+    path = method.export(tmp_path / "<cat-toy>.safetensors", {})  # the token is the file name
     apply_embedding(fresh, path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(["a <cat-toy>"]), encoder(["a <cat-toy>"]))
@@ -151,7 +151,8 @@ def test_three_file_forms_round_trip(tmp_path):
     )
     bin_file = tmp_path / "learned_embeds.bin"
     torch.save({"<toy>": vectors[0]}, bin_file)
-    for path, token in [(a1111, "<star>"), (diffusers, "<star>"), (pt, "old-star")]:
+    # AUTOMATIC1111's rule: the token is the file name, whatever the file holds inside (issue 27)
+    for path, token in [(a1111, "my-star"), (diffusers, "learned"), (pt, "old-star")]:
         loaded = load_embedding(path)
         assert loaded.token == token and torch.equal(loaded.vectors, vectors)
     assert load_embedding(bin_file).vectors.shape == (1, 64)
@@ -163,6 +164,33 @@ def test_three_file_forms_round_trip(tmp_path):
     assert load_embedding(a1111, token="<s2>").token == "<s2>"
     assert parse_embedding_spec(f"{a1111}:<s3>") == (str(a1111), "<s3>")
     assert parse_embedding_spec(str(a1111)) == (str(a1111), None)
+
+
+def test_a_renamed_file_triggers_under_its_new_name(tmp_path):
+    """AUTOMATIC1111 takes the token from the file name, not from the name stored inside (issue 27)."""
+    vectors = torch.randn(2, 64)
+    for fmt, suffix in (("a1111", ".safetensors"), ("diffusers", ".safetensors"), ("a1111_pt", ".pt")):
+        written = save_embedding(tmp_path / f"trained{suffix}", vectors, "<star>", fmt)
+        renamed = written.rename(tmp_path / f"my-concept{suffix}")
+        assert load_embedding(renamed).token == "my-concept", fmt
+        assert load_embedding(renamed, token="<star>").token == "<star>"
+        assert parse_embedding_spec(f"{renamed}:<x>") == (str(renamed), "<x>")
+
+
+def test_a1111_pt_export_loads_with_weights_only(tmp_path):
+    """export_format=a1111_pt writes AUTOMATIC1111's .pt dict, plain tensors / strings / numbers only."""
+    vectors = torch.randn(3, 64)
+    meta = {"steps": 40, "base": "sd15.safetensors", "base_sha256": "0123456789abcdef"}
+    path = save_embedding(tmp_path / "gem.pt", vectors, "<gem>", "a1111_pt", meta)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["string_to_token"] == {"*": 265} and payload["name"] == "gem" and payload["step"] == 40
+    assert (payload["sd_checkpoint"], payload["sd_checkpoint_name"]) == ("0123456789", "sd15.safetensors")
+    assert torch.equal(payload["string_to_param"]["*"], vectors)
+    assert load_embedding(path).token == "gem" and torch.equal(load_embedding(path).vectors, vectors)
+    with pytest.raises(ValueError, match=r"a1111_pt embeddings are written as \.pt"):
+        save_embedding(tmp_path / "gem.safetensors", vectors, "<gem>", "a1111_pt")
+    method = TextualInversion(placeholder="<gem>", export_format="a1111_pt")
+    assert method.export_suffix == ".pt"
 
 
 class _RunsCode:
@@ -200,7 +228,7 @@ def test_bad_files_give_clear_errors(tmp_path):
 
 
 def test_several_embeddings_work_in_prompts_and_negative_prompts(encoder, tmp_path):
-    first = save_embedding(tmp_path / "a.safetensors", torch.randn(2, 64), "<a>")
+    first = save_embedding(tmp_path / "<a>.safetensors", torch.randn(2, 64), "<a>")
     second = save_embedding(tmp_path / "b.safetensors", torch.randn(1, 64), "<b>", "diffusers")
     apply_embedding(encoder, first)
     apply_embedding(encoder, f"{second}:<bee>")
@@ -336,7 +364,7 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
     _, model, run = trained
     exported = run / "adapters" / "textual_inversion_star.safetensors"
     loaded = load_embedding(exported)
-    assert loaded.token == "<star>"
+    assert loaded.token == "textual_inversion_star"  # the file name, as in AUTOMATIC1111
     torch.testing.assert_close(loaded.vectors, model.method.state_dict()[STATE_KEY])
     # the file's single key is A1111/kohya's
     from safetensors.torch import load_file
@@ -351,7 +379,7 @@ def test_exported_embedding_works_in_sample_py(trained, base_ckpt, tmp_path):
             "--ckpt",
             str(base_ckpt),
             "--embedding",
-            str(exported),
+            f"{exported}:<star>",
             "--prompt",
             "a red <star> on a blue background",
             "--negative-prompt",

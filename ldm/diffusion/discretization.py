@@ -17,6 +17,10 @@ import torch
 from torch import Tensor
 
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+SAMPLER_DEFAULT = "sampler_default"
+"""A schedule's spacing when its model names none: each sampler takes its own default (``Sampler.
+default_spacing``: leading for DDPM/DDIM, linspace for the sigma solvers), as diffusers' schedulers do when
+swapped in with ``from_config`` on a config without ``timestep_spacing`` and as AUTOMATIC1111 samples."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,8 @@ class TimestepConvention:
 
     ``spacing``: ``"leading"`` ``i * (T // steps)`` (+ offset), ``"trailing"``
     ``round(T - i * T / steps) - 1`` (starts at T-1), ``"linspace"`` ``linspace(0, T-1, steps)`` (Lin et al.
-    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2). ``steps_offset``: added
+    2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2), ``SAMPLER_DEFAULT``
+    each sampler's own (a schedule's value only; ``Sampler.convention`` resolves it). ``steps_offset``: added
     to leading timesteps (SD v1 / CompVis: 1). ``set_alpha_to_one``: DDIM's last step goes to ``abar = 1``
     (clean data) rather than to ``abar_0`` (CompVis and SD v1 configs: ``False``).
     """
@@ -35,8 +40,9 @@ class TimestepConvention:
     set_alpha_to_one: bool = True
 
     def __post_init__(self):
-        if self.spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.spacing!r}")
+        if self.spacing not in (*TIMESTEP_SPACINGS, SAMPLER_DEFAULT):
+            expected = (*TIMESTEP_SPACINGS, SAMPLER_DEFAULT)
+            raise ValueError(f"timestep_spacing must be one of {expected}, got {self.spacing!r}")
         if int(self.steps_offset) != self.steps_offset or self.steps_offset < 0:
             raise ValueError(f"steps_offset must be a non-negative integer, got {self.steps_offset!r}")
 
@@ -60,9 +66,10 @@ class TimestepConvention:
 
 OUR_CONVENTION = TimestepConvention("trailing", 0, True)
 """Models trained here: start at the noisiest level, end on clean data."""
-SD_CONVENTION = TimestepConvention("leading", 1, False)
-"""Stable Diffusion v1/v2 files: CompVis' DDIM ("uniform" + 1, last step to abar_0), which is also the
-``scheduler_config.json`` of the released diffusers folders and what AUTOMATIC1111's DDIM does."""
+SD_CONVENTION = TimestepConvention(SAMPLER_DEFAULT, 1, False)
+"""Stable Diffusion v1/v2 files: each sampler's own spacing, offset 1, DDIM's last step to abar_0 -- the
+released ``scheduler_config.json`` (no ``timestep_spacing`` key) under any diffusers scheduler, and
+AUTOMATIC1111: DDIM/DDPM lead ("uniform" + 1, CompVis'), the k-samplers space linearly."""
 
 
 def spaced_timesteps(
@@ -82,6 +89,8 @@ def spaced_timesteps(
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
     spacing, n = convention.spacing, steps + int(extra_point)
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"spacing {spacing!r} is a schedule's; a sampler resolves it (Sampler.convention)")
     if spacing == "trailing":
         ts = [float(round(T - i * T / steps) - 1) for i in range(steps)]
     elif spacing == "leading":
@@ -171,23 +180,28 @@ def sigma_grid(
     extra_point: bool = False,
     integer: bool = True,
     rho: float = 7.0,
+    karras_spaced: bool = False,
 ) -> SigmaGrid:
     """The sigmas of a run: sigma at the spaced timesteps (interpolated for fractional ones), or Karras
-    sigmas spanning the whole table (k-diffusion's and diffusers' DPM-Solver range) with the model given
-    the matching timestep (rounded when ``integer``); then a final 0."""
+    sigmas with the model given the matching timestep (rounded when ``integer``); then a final 0.
+
+    Karras sigmas span the whole table (k-diffusion's ``get_sigmas_karras`` over the model's sigmas, as
+    AUTOMATIC1111 and diffusers' DPM-Solver/UniPC do), or with ``karras_spaced`` the range of the spaced
+    steps' sigmas (diffusers' Euler and Heun with ``use_karras_sigmas=True``)."""
     table = sigma_table(alphas_cumprod)
+    timesteps = spaced_timesteps(len(table), steps, convention, extra_point, integer)
+    sigmas = [interpolate_sigma(table, t) for t in timesteps]
     if karras:
-        sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps, rho)
+        low, high = (sigmas[-1], sigmas[0]) if karras_spaced else (float(table[0]), float(table[-1]))
+        sigmas = karras_sigmas(low, high, steps, rho)
         timesteps = [sigma_to_timestep(table, s) for s in sigmas]
         timesteps = [float(round(t)) for t in timesteps] if integer else timesteps
-    else:
-        timesteps = spaced_timesteps(len(table), steps, convention, extra_point, integer)
-        sigmas = [interpolate_sigma(table, t) for t in timesteps]
     return SigmaGrid(sigmas + [0.0], timesteps, table)
 
 
 __all__ = [
     "OUR_CONVENTION",
+    "SAMPLER_DEFAULT",
     "SD_CONVENTION",
     "TIMESTEP_SPACINGS",
     "SigmaGrid",

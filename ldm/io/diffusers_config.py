@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ldm.diffusion.discretization import SAMPLER_DEFAULT
 from ldm.modules.unet import depth_kwargs, level_depths
 
 __all__ = [
@@ -223,9 +224,10 @@ def schedule_from_diffusers(config: Mapping[str, Any]) -> tuple[dict[str, Any], 
 
 def timestep_convention_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """``timestep_spacing``/``steps_offset``/``set_alpha_to_one`` of a ``scheduler_config.json``; absent keys
-    take diffusers' defaults for its class (configs older than ``timestep_spacing`` were all "leading")."""
+    take diffusers' defaults: no ``timestep_spacing`` (SD 1.x/2.x folders) is each scheduler's own default,
+    so every sampler spaces as its diffusers scheduler swapped in with ``from_config`` would."""
     return {
-        "timestep_spacing": str(config.get("timestep_spacing", "leading")),
+        "timestep_spacing": str(config.get("timestep_spacing", SAMPLER_DEFAULT)),
         "steps_offset": int(config.get("steps_offset", 0)),
         "set_alpha_to_one": bool(
             config.get("set_alpha_to_one", config.get("_class_name") != "PNDMScheduler")

@@ -21,6 +21,8 @@ from ldm.modules.vae import AutoencoderKL
 
 
 class AutoencoderModule(L.LightningModule):
+    uses_captions = False  # images only: its data skips caption files (``connect_data``)
+
     def __init__(
         self,
         vae: AutoencoderKL,

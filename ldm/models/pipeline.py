@@ -170,11 +170,11 @@ def load_init_image(path: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
-def initial_noise(model, seeds: list[int], resolution: int) -> torch.Tensor:
-    """One standard-normal latent per seed: image i's noise depends only on its seed, not on the batching."""
-    size = resolution // vae_factor(model)
-    shape = (model.unet_channels(), size, size)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed: the image's initial latents, then each step's noise,
+    all from that one stream -- what diffusers' ``generator=torch.manual_seed(seed)`` draws for one image (and
+    ``generator=[torch.manual_seed(s) for s in seeds]`` for a batch), so image i depends on its seed alone."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 def pair_negatives(prompts: Sequence[str], negatives: Sequence[str] | None) -> list[str]:
@@ -217,8 +217,10 @@ def generate_batches(
     progress: bool = True,
     sizes: dict | None = None,
 ) -> Iterator[GeneratedBatch]:
-    """``n`` images per prompt (prompt-major order), ``batch_size`` per forward pass. Image ``i`` starts from
-    the noise of seed ``seed + i`` whatever the batching; ``init_image`` ([1, 3, R, R]) makes it img2img at
+    """``n`` images per prompt (prompt-major order), ``batch_size`` per forward pass. Image ``i`` draws its
+    initial latents and then its per-step noise from one generator seeded ``seed + i`` (``image_generators``),
+    so it is the same image whatever the batching, for every sampler, and diffusers' image for
+    ``generator=torch.manual_seed(seed + i)``; ``init_image`` ([1, 3, R, R]) makes it img2img at
     ``strength``. ``guidance`` None: the model's own scale. ``sizes``: SDXL's size conditions
     (``LatentDiffusion.generate``)."""
     resolution = model.image_resolution
@@ -234,8 +236,8 @@ def generate_batches(
             negative_prompt=[n for _, n in batch],
             use_ema=use_ema,
             progress=progress,
-            latents=initial_noise(model, seeds, resolution),
-            generator=torch.Generator().manual_seed(seeds[0]),
+            latent_size=resolution // vae_factor(model),
+            generator=image_generators(seeds),
             strength=strength if init_image is not None else 1.0,
             init_images=init_image.expand(len(batch), -1, -1, -1) if init_image is not None else None,
             sizes=sizes,

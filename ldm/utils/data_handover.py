@@ -103,7 +103,9 @@ class DataConsumer(Protocol):
 
 def connect_data(model: Any, datamodule: Any) -> DataLink | None:
     """Give ``model`` its link to ``datamodule`` (see the module docstring); None when either side takes
-    none."""
+    none. A model with ``uses_captions = False`` has a datamodule with ``skip_captions()`` read no caption."""
+    if not getattr(model, "uses_captions", True) and hasattr(datamodule, "skip_captions"):
+        datamodule.skip_captions()  # a model without text (a VAE): its data need not read any
     if not (isinstance(model, DataConsumer) and isinstance(datamodule, DataProvider)):
         return None
     prepare = datamodule.prepare_training_data if isinstance(datamodule, PreparesWithServices) else None

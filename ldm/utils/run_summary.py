@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -57,6 +58,17 @@ def best_line(trainer, run_dir: Path) -> str | None:
     return line
 
 
+def final_export(files: list[Path]) -> Path:
+    """The run's last export among ``files``: the fit-end file (``<name>.safetensors``), else the
+    intermediate one (``<name>-step000200.safetensors``) of the highest step; ties by modification time."""
+
+    def order(path: Path) -> tuple:
+        step = re.search(r"-step(\d+)$", path.stem)
+        return (step is None, int(step.group(1)) if step else 0, path.stat().st_mtime)
+
+    return max(files, key=order)
+
+
 def next_command(model, cfg, last_ckpt: Path, run_dir: Path) -> str | None:
     """What a user would run next after this kind of model (None when nothing obvious)."""
     if hasattr(model, "vae") and not hasattr(model, "unet"):  # a VAE run
@@ -66,7 +78,7 @@ def next_command(model, cfg, last_ckpt: Path, run_dir: Path) -> str | None:
     lora = [a for a in adapters if "lora" in a.name.lower()]
     if lora:  # the exported file on its base, as other tools will use it
         base = cfg.model.get("base") or "last"
-        return f'python sample.py --ckpt {base} --lora {lora[0]} --prompt "{prompt}"'
+        return f'python sample.py --ckpt {base} --lora {final_export(lora)} --prompt "{prompt}"'
     if hasattr(model, "generate"):  # txt2img, or any fine-tune checkpoint (rebuilt from its base + method)
         return f'python sample.py --ckpt {last_ckpt} --prompt "{prompt}"'
     return None

@@ -11,7 +11,7 @@ from ldm.diffusion.discretization import TIMESTEP_SPACINGS, make_timesteps
 from ldm.diffusion.samplers.base import DEFAULT_TIMESTEP_SPACING, Sampler
 from ldm.diffusion.samplers.ddim import DDIMSampler
 from ldm.diffusion.samplers.ddpm import DDPMSampler
-from ldm.diffusion.samplers.sigma_sampler import DPMSolverPP2MSampler, SigmaSampler
+from ldm.diffusion.samplers.sigma_sampler import KARRAS_CONVENTIONS, DPMSolverPP2MSampler, SigmaSampler
 from ldm.diffusion.samplers.sigma_solvers import ANCESTRAL, SOLVERS
 
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", *SOLVERS, *(f"{name}_karras" for name in SOLVERS))
@@ -39,10 +39,15 @@ def display_name(name: str) -> str:
 def build_sampler(name: str, steps: int | None = None, eta: float | None = None, **kwargs) -> Sampler:
     """Sampler by name (see ``SAMPLERS``). ``eta``: DDIM's eta (default 0) or the ancestral solvers' noise
     (default 1); ignored by the deterministic ones. ``kwargs`` (``timestep_spacing``, ``steps_offset``,
-    ``set_alpha_to_one`` for DDIM, ``clip_x0``) go to the constructor."""
+    ``set_alpha_to_one`` for DDIM, ``karras_convention`` for ``*_karras``, ``clip_x0``) go to the
+    constructor."""
     key = name.lower()
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
+    if kwargs.get("karras_convention") is None:
+        kwargs.pop("karras_convention", None)
+    elif not key.endswith("_karras"):
+        raise ValueError(f"karras_convention applies to the *_karras samplers, not to {name}")
     if steps is not None:
         kwargs["steps"] = steps
     if key == "ddim":
@@ -61,6 +66,7 @@ def build_sampler(name: str, steps: int | None = None, eta: float | None = None,
 __all__ = [
     "DEFAULT_TIMESTEP_SPACING",
     "DISPLAY_NAMES",
+    "KARRAS_CONVENTIONS",
     "SAMPLERS",
     "TIMESTEP_SPACINGS",
     "DDIMSampler",

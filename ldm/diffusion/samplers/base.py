@@ -8,7 +8,12 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ldm.diffusion.discretization import TIMESTEP_SPACINGS, TimestepConvention, make_timesteps
+from ldm.diffusion.discretization import (
+    SAMPLER_DEFAULT,
+    TIMESTEP_SPACINGS,
+    TimestepConvention,
+    make_timesteps,
+)
 from ldm.diffusion.guidance import Denoiser
 from ldm.diffusion.losses import randn
 from ldm.diffusion.parameterization import EPS, Parameterization, as_parameterization
@@ -51,7 +56,8 @@ class Sampler:
     """Base for samplers over a ``Denoiser``; subclasses implement ``_run``.
 
     ``timestep_spacing`` / ``steps_offset`` / ``set_alpha_to_one``: ``None`` takes the schedule's
-    ``convention`` (the model's: ours trail, SD files lead with offset 1), a value overrides it.
+    ``convention`` (the model's: ours trail; SD files take each sampler's ``default_spacing``, offset 1), a
+    value overrides it.
     ``clip_x0`` clamps every x0 estimate to [-1, 1] (pixel-space data only; latents are unbounded).
     A call runs under ``torch.no_grad``; all randomness comes from ``generator``: one for the batch, or a
     sequence of one per item (item ``i``'s initial and per-step noise from ``generator[i]`` alone, so an item
@@ -59,6 +65,8 @@ class Sampler:
     """
 
     name = "sampler"
+    default_spacing = "linspace"
+    """The spacing taken when the schedule's is ``SAMPLER_DEFAULT`` (diffusers' default for the scheduler)."""
 
     def __init__(
         self,
@@ -84,8 +92,11 @@ class Sampler:
         return f"{type(self).__name__}({args})"
 
     def convention(self, schedule: DiffusionSchedule) -> TimestepConvention:
-        """The schedule's convention with this sampler's overrides."""
-        return schedule.convention.replace(self.timestep_spacing, self.steps_offset, self.set_alpha_to_one)
+        """The schedule's convention with this sampler's overrides (``SAMPLER_DEFAULT``: its own spacing)."""
+        convention = schedule.convention
+        if convention.spacing == SAMPLER_DEFAULT:
+            convention = convention.replace(spacing=self.default_spacing)
+        return convention.replace(self.timestep_spacing, self.steps_offset, self.set_alpha_to_one)
 
     def num_steps(self, schedule: DiffusionSchedule) -> int:
         return schedule.num_timesteps if self.steps is None else self.steps

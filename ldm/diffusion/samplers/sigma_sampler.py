@@ -9,15 +9,22 @@ from ldm.diffusion.discretization import sigma_grid
 from ldm.diffusion.samplers.base import Sampler, img2img_start, timestep_batch
 from ldm.diffusion.samplers.sigma_solvers import ANCESTRAL, MULTISTEP_FAMILY, SOLVERS
 
+KARRAS_CONVENTIONS = ("a1111", "diffusers")
+"""Where ``_karras`` sigmas span: AUTOMATIC1111's / k-diffusion's range, or diffusers' for the solver."""
+
 
 class SigmaSampler(Sampler):
     """``solver`` (``euler``, ``euler_a``, ``heun``, ``dpmpp_2m``, ``dpmpp_2s_a``, ``unipc``) over ``steps``
     noise levels.
 
-    ``karras``: Karras et al. 2022 (eq. 5, rho 7) sigmas over the whole schedule instead of the spaced
-    timesteps. ``eta``: ancestral noise of ``euler_a``/``dpmpp_2s_a``. The discretisation follows diffusers'
-    scheduler of the same solver, so the same latents give the same image: DPM-Solver++ spaces ``steps + 1``
-    points and evaluates whole timesteps; Euler/Heun interpolate sigma at fractional (linspace) timesteps.
+    ``karras``: Karras et al. 2022 (eq. 5, rho 7) sigmas instead of the spaced timesteps', over the range
+    ``karras_convention`` names: ``"a1111"`` the model's whole sigma range (k-diffusion's
+    ``get_sigmas_karras`` as AUTOMATIC1111 calls it), ``"diffusers"`` the range diffusers' scheduler of this
+    solver takes with ``use_karras_sigmas=True`` (Euler, Euler a, Heun: the spaced steps' sigmas; DPM-Solver++
+    and UniPC: the whole range, as A1111). ``eta``: ancestral noise of ``euler_a``/``dpmpp_2s_a``. The
+    discretisation follows diffusers' scheduler of the same solver, so the same latents give the same
+    image: DPM-Solver++ spaces ``steps + 1`` points and evaluates whole timesteps; Euler/Heun interpolate
+    sigma at fractional (linspace) timesteps.
     x_T is scaled to ``sqrt(1 + sigma_max^2)`` (the VP marginal), except for Euler-family solvers with
     linspace/trailing spacing, which take k-diffusion's ``sigma_max`` (as diffusers does).
     """
@@ -32,10 +39,16 @@ class SigmaSampler(Sampler):
         steps_offset: int | None = None,
         clip_x0: bool = False,
         rho: float = 7.0,
+        karras_convention: str = "a1111",
     ):
         super().__init__(steps, timestep_spacing, steps_offset, None, clip_x0)
         if solver not in SOLVERS:
             raise ValueError(f"unknown sigma solver {solver!r}; expected one of {sorted(SOLVERS)}")
+        if karras_convention not in KARRAS_CONVENTIONS:
+            raise ValueError(
+                f"karras_convention must be one of {KARRAS_CONVENTIONS}, got {karras_convention!r}"
+            )
+        self.karras_convention = karras_convention
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.solver, self.karras, self.eta, self.rho = solver, bool(karras), float(eta), float(rho)
@@ -51,6 +64,7 @@ class SigmaSampler(Sampler):
             extra_point=multistep,
             integer=multistep,
             rho=self.rho,
+            karras_spaced=self.karras_convention == "diffusers" and not multistep,
         )
 
     def timesteps(self, schedule) -> list:
@@ -99,4 +113,4 @@ class DPMSolverPP2MSampler(SigmaSampler):
         super().__init__("dpmpp_2m", steps, karras, 1.0, timestep_spacing, steps_offset, clip_x0)
 
 
-__all__ = ["DPMSolverPP2MSampler", "SigmaSampler"]
+__all__ = ["KARRAS_CONVENTIONS", "DPMSolverPP2MSampler", "SigmaSampler"]

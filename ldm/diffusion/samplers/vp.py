@@ -18,6 +18,7 @@ class VPSampler(Sampler):
     """
 
     honours_set_alpha_to_one = False
+    default_spacing = "leading"  # DDPMScheduler's and DDIMScheduler's default; CompVis' "uniform"
 
     def final_abar(self, schedule) -> float:
         if self.honours_set_alpha_to_one and not self.convention(schedule).set_alpha_to_one:

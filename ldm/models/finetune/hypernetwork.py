@@ -87,12 +87,32 @@ class Hypernetwork(FineTuneMethod):
         widths = self.widths or hn.attention_widths(model.unet, self.self_attention)
         if not widths:
             raise ValueError("the base UNet has no cross-attention layers for a hypernetwork to rewrite")
+        self._check_widths_train(model.unet, widths)
         self.network = hn.Hypernetwork(widths, **self.options).to(next(model.unet.parameters()).device)
         self.network.strength = self.strength
         # moves with the model (.to, DDP); not part of the UNet
         model.add_module("hypernetwork", self.network)
         self.attached = hn.attach_hypernetwork(model.unet, self.network, self.self_attention)
         self.model = model
+
+    def _check_widths_train(self, unet: nn.Module, widths: Sequence[int]) -> None:
+        """Every width must reach an attention layer: an MLP that never trains would still be saved, and
+        AUTOMATIC1111 applies every width a file holds (to its self-attention layers of that width)."""
+        reached = hn.attention_widths(unet, self.self_attention)
+        unused = [w for w in widths if w not in reached]
+        if not unused:
+            return
+        if not self.self_attention and set(unused) <= set(hn.attention_widths(unet, True)):
+            raise ValueError(
+                f"model.method.widths {list(widths)}: {unused} are only self-attention widths of this "
+                "UNet, which model.method.self_attention=false leaves alone, so their MLPs would be saved "
+                "untrained (and AUTOMATIC1111 applies every width in a file): drop them from "
+                "model.method.widths or set model.method.self_attention=true"
+            )
+        raise ValueError(
+            f"model.method.widths {list(widths)}: no attention layer of this UNet takes {unused} wide K/V "
+            f"inputs (it has {hn.attention_widths(unet, True)}): drop them from model.method.widths"
+        )
 
     def _require_network(self) -> hn.Hypernetwork:
         if self.network is None:

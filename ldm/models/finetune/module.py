@@ -148,9 +148,11 @@ class FineTuneModule(LatentDiffusion):
             log.warning("fast_dev_run without a base model: using a tiny RANDOM base (plumbing check only)")
             parts = tiny_random_base(resolution or 32, self.hparams.base_family or "sd")
         else:
-            extra = {"tokenizer": self.hparams.base_tokenizer} if self.hparams.base_tokenizer else {}
+            tokenizer = training_tokenizer(source, self.hparams.base_tokenizer)
+            extra = {"tokenizer": tokenizer} if tokenizer is not None else {}
             vae_path = self.hparams.get("vae_path")
             parts = load_base_model(source, use_ema=self.hparams.base_use_ema, vae_path=vae_path, **extra)
+            require_tokenizer(source, parts.text_encoder)
             log.info(
                 f"Base model: {source} ({parts.version}, {parts.parameterization}, "
                 f"scale_factor {float(parts.scale_factor):.5f})"
@@ -327,3 +329,28 @@ class FineTuneModule(LatentDiffusion):
         except MethodDisabledUnsupported:
             pass  # e.g. a full UNet fine-tune: the base is gone, only the result is shown
         return images
+
+
+def training_tokenizer(source: str, given: str | None):
+    """``model.base_tokenizer`` when set; else, for a ``.safetensors`` single file that embeds none, CLIP's
+    tokenizer found before any weights load (``ValueError`` naming the fix when there is none)."""
+    from ldm.io.sd_tokenizer import single_file_tokenizer
+
+    if given or not (str(source).endswith(".safetensors") and Path(source).is_file()):
+        return given
+    try:
+        return single_file_tokenizer(source)
+    except LookupError as err:
+        raise ValueError(str(err)) from None
+
+
+def require_tokenizer(source: str, text_encoder) -> None:
+    """Training encodes captions: a base whose text encoder has no tokenizer stops here, naming the fix."""
+    from ldm.io.clip_bpe import OPEN_CLIP_INSTALL_HINT
+    from ldm.io.sd_tokenizer import TOKENIZER_HINT
+
+    if hasattr(text_encoder, "tokenizer") and text_encoder.tokenizer is None:
+        raise ValueError(
+            f"base model {source}: its text encoder has no tokenizer, so captions cannot be encoded. "
+            f"{TOKENIZER_HINT}, or {OPEN_CLIP_INSTALL_HINT}"
+        )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ldm.io.embeddings import EMBEDDING_FORMATS, save_embedding
+from ldm.io.embeddings import EMBEDDING_FORMATS, EMBEDDING_SUFFIXES, save_embedding
 from ldm.io.sdxl_embeddings import save_sdxl_embedding
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys
 from ldm.modules.adapters.token_embeddings import PlaceholderEmbedding
@@ -33,9 +33,10 @@ def state_key(index: int) -> str:
 class TextualInversion(FineTuneMethod):
     """placeholder: the token to write in prompts (e.g. ``<star>``); num_vectors: embedding vectors it stands
     for; initializer_word: text whose token embeddings start the vectors (cycled), None = random;
-    export_format: ``a1111`` (``{"emb_params": [n, dim]}``) or ``diffusers`` (``{placeholder: [n, dim]}``) --
-    an SDXL base always writes ``{"clip_l", "clip_g"}``; weight_decay: on the vectors only (the rest of the
-    embedding is not in the optimiser at all)."""
+    export_format: ``a1111`` (``{"emb_params": [n, dim]}`` .safetensors), ``diffusers`` (``{placeholder: [n,
+    dim]}``) or ``a1111_pt`` (AUTOMATIC1111's ``.pt``) -- an SDXL base always writes ``{"clip_l", "clip_g"}``
+    .safetensors; AUTOMATIC1111 names the token after the file; weight_decay: on the vectors only (the rest of
+    the embedding is not in the optimiser at all)."""
 
     trains_text_encoder = True
 
@@ -52,6 +53,7 @@ class TextualInversion(FineTuneMethod):
             raise ValueError(f"export_format must be one of {EMBEDDING_FORMATS}, got {export_format!r}")
         self.placeholder, self.num_vectors = str(placeholder), int(num_vectors)
         self.initializer_word, self.export_format = initializer_word, export_format
+        self.export_suffix = EMBEDDING_SUFFIXES[export_format]
         self.weight_decay = float(weight_decay)
         self.embeddings: list[PlaceholderEmbedding] = []
         self.encoders: list[nn.Module] = []
@@ -123,7 +125,7 @@ class TextualInversion(FineTuneMethod):
 
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         path = Path(path)
-        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+        path = path if path.suffix == self.export_suffix else path.with_suffix(self.export_suffix)
         meta = {
             **metadata,
             "ldm_method": "textual_inversion",
