@@ -11,9 +11,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from ldm.io.kohya_lora import save_kohya_lora
+from ldm.io.lycoris_lora import save_lycoris_lora
+from ldm.io.peft_dora import save_peft_dora
 from ldm.io.peft_lora import save_peft_lora
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys, scaled
 from ldm.modules.adapters import lora as lora_lib
+from ldm.modules.adapters.algorithms import ALGORITHMS, adapter_factory
 
 PRESETS = {
     name: getattr(lora_lib, name)
@@ -43,7 +46,10 @@ def expand_targets(targets: Sequence[str] | str | None) -> list[str]:
 
 class LoRA(FineTuneMethod):
     """rank/alpha (scale alpha/rank), dropout on the LoRA input, targets as presets or module globs;
-    ``export_format``: "kohya" or "peft"."""
+    ``export_format``: "kohya" or "peft". ``algo``: lora, locon (LoRA with ``UNET_CONV`` added to the UNet
+    targets), loha, lokr or dora (``ldm.modules.adapters.algorithms``); ``conv_rank`` / ``conv_alpha``: the
+    3x3 convolutions' own rank and alpha (kohya's ``conv_dim`` / ``conv_alpha``; default ``rank`` /
+    ``alpha``); ``factor``, ``decompose_both``, ``full_matrix``: LoKr's."""
 
     def __init__(
         self,
@@ -53,15 +59,33 @@ class LoRA(FineTuneMethod):
         unet_targets: Sequence[str] | str = "UNET_ATTENTION",
         text_encoder_targets: Sequence[str] | str | None = None,
         export_format: str = "kohya",
+        algo: str = "lora",
+        conv_rank: int | None = None,
+        conv_alpha: float | None = None,
+        factor: int = -1,
+        decompose_both: bool = False,
+        full_matrix: bool = False,
     ):
         super().__init__()
         if export_format not in ("kohya", "peft"):
             raise ValueError(f"model.method.export_format must be 'kohya' or 'peft', got {export_format!r}")
+        if algo not in ALGORITHMS:
+            raise ValueError(f"model.method.algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+        if export_format == "peft" and algo in ("loha", "lokr"):
+            raise ValueError(
+                f"model.method.algo={algo} has no PEFT layout: use model.method.export_format=kohya"
+            )
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.targets = {
             "unet": expand_targets(unet_targets),
             "text_encoder": expand_targets(text_encoder_targets),
         }
+        if algo == "locon":
+            self.targets["unet"] += [t for t in PRESETS["UNET_CONV"] if t not in self.targets["unet"]]
+        self.algo, self.factor = algo, factor
+        self.factory = adapter_factory(
+            algo, rank, alpha, dropout, conv_rank, conv_alpha, factor, decompose_both, full_matrix
+        )
         self.export_format = export_format
         self.trains_text_encoder = bool(self.targets["text_encoder"])
 
@@ -70,14 +94,10 @@ class LoRA(FineTuneMethod):
 
     def attach(self, model) -> None:
         self.model = model
-        lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
+        lora_lib.inject_lora(model.unet, self.targets["unet"], factory=self.factory)
         if self.targets["text_encoder"]:
             lora_lib.inject_lora(
-                model.text_encoder.transformer,
-                self.targets["text_encoder"],
-                self.rank,
-                self.alpha,
-                self.dropout,
+                model.text_encoder.transformer, self.targets["text_encoder"], factory=self.factory
             )
 
     def parameters(self) -> list[nn.Parameter]:
@@ -120,5 +140,10 @@ class LoRA(FineTuneMethod):
             "ss_steps": metadata.get("steps", 0),
             "ss_resolution": metadata.get("resolution", ""),
         }
-        save = save_kohya_lora if self.export_format == "kohya" else save_peft_lora
+        if self.export_format == "peft":
+            save = save_peft_dora if self.algo == "dora" else save_peft_lora
+        elif self.algo in ("lora", "locon"):
+            save = save_kohya_lora
+        else:
+            return save_lycoris_lora(path, self.model.unet, te, info, factor=self.factor)
         return save(path, unet=self.model.unet, text_encoder=te, metadata=info)
