@@ -128,6 +128,7 @@ def apply_lora_tensors(
         "text_encoder_modules": sum(c == "text_encoder" for c, *_ in loaded),
         "rank": ranks[0] if len(ranks) == 1 else ranks,
         "alpha": alphas[0] if len(alphas) == 1 else alphas,
+        "algo": ["lora"],
         "module_names": [f"{c}.{n}" for c, n, *_ in loaded],
         "skipped": skipped,
         "multiplier": float(multiplier),
