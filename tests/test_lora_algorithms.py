@@ -1,14 +1,15 @@
 """Adapter algorithms (ldm/modules/adapters/{loha,lokr,dora,algorithms}.py) and their files
 (ldm/io/lycoris_lora.py, peft_dora.py): each layer starts as the base, merges/unmerges exactly and honours its
-multiplier; LyCORIS files round-trip through our loader and agree with the ``lycoris-lora`` package (its loader
-reads our files, ours reads the files it writes); DoRA agrees with ``peft`` both ways; algorithms we do not read
-fail with one error naming them."""
+multiplier; LyCORIS files round-trip through our loader and agree with the ``lycoris-lora`` package (its
+loader reads our files, ours reads the files it writes); DoRA agrees with ``peft`` both ways; algorithms we
+do not read fail with one error naming them."""
 
 from __future__ import annotations
 
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,6 +25,7 @@ from ldm.modules.adapters import UNET_CONV, UNET_TRANSFORMER, inject_lora, lora_
 from ldm.modules.adapters.algorithms import adapter_factory
 from ldm.modules.adapters.lokr import factorization
 from tests.lora_parts import make_unet, unet_inputs, unet_out
+from tests.test_sample_cli import single_file  # noqa: F401 - a fixture
 
 ALGOS = ["lora", "loha", "lokr", "dora"]
 TARGETS = UNET_TRANSFORMER + UNET_CONV
@@ -212,8 +214,8 @@ def test_lycoris_reads_our_files(algo, tmp_path):
 
 @pytest.mark.parametrize("algo", ALGOS)
 def test_lycoris_merge_equals_ours_at_alpha_equal_rank(algo, tmp_path):
-    """LyCORIS 4.1's ``merge_to`` applies alpha/rank twice for LoHa/LoKr (its forward, AUTOMATIC1111 and ComfyUI
-    apply it once), so weights are compared where alpha = rank."""
+    """LyCORIS 4.1's ``merge_to`` applies alpha/rank twice for LoHa/LoKr (its forward, AUTOMATIC1111 and
+    ComfyUI apply it once), so weights are compared where alpha = rank."""
     lycoris = pytest.importorskip("lycoris")
     unet, base = adapted_unet(algo, rank=4, alpha=4.0)
     for layer in lora_modules(unet).values():
@@ -317,3 +319,45 @@ def test_peft_reads_our_dora_and_we_read_theirs(tmp_path):
     assert load_lora(tmp_path / "theirs.safetensors", unet=ours, merge=True)["algo"] == ["dora"]
     with torch.no_grad():
         torch.testing.assert_close(unet_out(ours), peft_model(*unet_inputs()), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ the scripts
+
+
+def test_convert_bakes_lycoris_files_as_sample_applies_them(single_file, tmp_path):  # noqa: F811
+    """convert.py --lora loha:0.8 --lora dora bakes what sample.py --lora (same files) samples with."""
+    from ldm.models.base_loader import load_base_model
+    from tests.test_sample_cli import PROMPTS, convert_main, pixels, run
+
+    files = []
+    for seed, algo in ((1, "loha"), (2, "dora")):
+        components = load_base_model(single_file)
+        factory = adapter_factory(algo, rank=2, alpha=1.0)
+        layers = inject_lora(components.unet, ["*attn2.to_v", "*ff.net.2", "*in_layers.2"], factory=factory)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in layers.values():
+                for p in layer.adapter_parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+        files.append(save_lycoris_lora(tmp_path / f"{algo}.safetensors", components.unet))
+    loras = ["--lora", f"{files[0]}:0.8", "--lora", str(files[1])]
+    out = tmp_path / "merged.safetensors"
+    merged = convert_main()(["--base", str(single_file), *loras, "--out", str(out), "--fp32"])
+    common = ["--prompt", PROMPTS[0], "--n", "1", "--sampler", "euler"]
+    from_merged = run(merged, tmp_path / "merged", *common)
+    with_loras = run(single_file, tmp_path / "loras", *common, *loras)
+    plain = run(single_file, tmp_path / "plain", *common)
+    assert np.abs(pixels(from_merged[0]) - pixels(with_loras[0])).max() <= 1
+    assert np.abs(pixels(from_merged[0]) - pixels(plain[0])).max() > 2
+
+
+def test_method_options_are_checked():
+    from ldm.models.finetune.lora import LoRA
+
+    with pytest.raises(ValueError, match="model.method.algo must be one of lora, locon, loha, lokr, dora"):
+        LoRA(algo="glora")
+    with pytest.raises(
+        ValueError, match="algo=loha has no PEFT layout: use model.method.export_format=kohya"
+    ):
+        LoRA(algo="loha", export_format="peft")
+    assert "*.in_layers.2" in LoRA(algo="locon", unet_targets=["UNET_ATTENTION"]).targets["unet"]
