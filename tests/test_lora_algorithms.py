@@ -361,3 +361,15 @@ def test_method_options_are_checked():
     ):
         LoRA(algo="loha", export_format="peft")
     assert "*.in_layers.2" in LoRA(algo="locon", unet_targets=["UNET_ATTENTION"]).targets["unet"]
+
+
+def test_lora_step_benchmark_per_algorithm():
+    """``benchmarks/lora_step.py --algo``'s measuring code: each algorithm trains, with its file size."""
+    from tests.conftest import load_script
+
+    lora_step = load_script("benchmarks/lora_step.py")
+    runs = {
+        algo: lora_step.run_variant("lora", "embedded", 32, 1, 1, "cpu", algo) for algo in ("lora", "loha")
+    }
+    assert runs["loha"]["variant"] == "loha" and runs["loha"]["trainable"] == runs["lora"]["trainable"]
+    assert all(r["file_bytes"] > 4 * r["trainable"] and r["median_s"] > 0 for r in runs.values())
