@@ -12,6 +12,9 @@ Each variant runs in its own process so its peak resident memory (ru_maxrss) is 
     python benchmarks/lora_step.py                       # 64 px images (8x8 latents), batch 2, 4 steps
     python benchmarks/lora_step.py --resolution 128 --batch 1 --steps 3
     python benchmarks/lora_step.py --model embedded --resolution 64 --batch 16 --steps 10
+    python benchmarks/lora_step.py --model embedded --algo all    # lora / locon / loha / lokr / dora
+``--algo``: the adapter step per algorithm at comparable sizes (``ALGO_SETTINGS``) instead, with the size of
+the file each exports (fp32; kohya layout for lora / locon, LyCORIS for the others).
 On a GPU (``--device cuda``) peak memory is torch.cuda.max_memory_allocated.
 """
 
@@ -41,7 +44,38 @@ def build(config_path: str, **overrides):
     return hydra.utils.instantiate(cfg)
 
 
-def run_variant(variant: str, model: str, resolution: int, batch: int, steps: int, device: str) -> dict:
+# Per algorithm, on the attention projections (locon: + the ResBlock / sampling convs): ranks chosen so the
+# trainable counts are comparable (LoHa's 4 factors at rank 4 = LoRA's 2 at rank 8; LoKr is smaller by
+# design).
+ALGO_SETTINGS = {
+    "lora": {"rank": 8, "alpha": 8},
+    "locon": {"rank": 8, "alpha": 8, "conv_rank": 4, "conv_alpha": 4},
+    "loha": {"rank": 4, "alpha": 4},
+    "lokr": {"rank": 8, "alpha": 8, "factor": 4, "full_matrix": True},
+    "dora": {"rank": 8, "alpha": 8},
+}
+
+
+def attach_adapter(unet, algo: str) -> tuple[list, int]:
+    """``algo`` adapters (``ALGO_SETTINGS``) on ``unet``; (their parameters, the exported file's bytes)."""
+    import tempfile
+
+    from ldm.io.kohya_lora import save_kohya_lora
+    from ldm.io.lycoris_lora import save_lycoris_lora
+    from ldm.modules.adapters.algorithms import adapter_factory
+    from ldm.modules.adapters.lora import UNET_ATTENTION, UNET_CONV, inject_lora, lora_parameters
+
+    targets = UNET_ATTENTION + (UNET_CONV if algo == "locon" else ())
+    inject_lora(unet, targets, factory=adapter_factory(algo, **ALGO_SETTINGS[algo]))
+    save = save_kohya_lora if algo in ("lora", "locon") else save_lycoris_lora
+    with tempfile.TemporaryDirectory() as tmp:
+        size = save(Path(tmp) / "adapter.safetensors", unet).stat().st_size
+    return lora_parameters(unet), size
+
+
+def run_variant(
+    variant: str, model: str, resolution: int, batch: int, steps: int, device: str, algo: str | None = None
+) -> dict:
     import torch
 
     from datamodules.shapes import ShapesDataset
@@ -54,8 +88,11 @@ def run_variant(variant: str, model: str, resolution: int, batch: int, steps: in
     with torch.no_grad():  # non-zero outputs so the backward is not trivially sparse
         for p in unet.parameters():
             p.normal_(0, 0.02)
+    file_bytes = 0
     if variant == "full":
         params = list(unet.parameters())
+    elif algo:
+        params, file_bytes = attach_adapter(unet, algo)
     else:
         inject_lora(unet, UNET_ATTENTION, rank=8, alpha=8)
         params = lora_parameters(unet)
@@ -98,20 +135,23 @@ def run_variant(variant: str, model: str, resolution: int, batch: int, steps: in
             torch.cuda.synchronize()
 
     step()  # warm-up (allocates optimiser state)
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # CPU seconds: steadier on a shared machine
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {
-        "variant": variant,
+        "variant": algo or variant,
+        "file_bytes": file_bytes,
         "median_s": statistics.median(times),
+        "median_cpu_s": statistics.median(cpu_times),
         "peak_gib": peak,
         "trainable": sum(p.numel() for p in params),
     }
@@ -130,36 +170,72 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--algo", choices=["all", *ALGO_SETTINGS], help="time the adapter algorithms (all, or one) instead"
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
-        print(
-            json.dumps(
-                run_variant(args.variant, args.model, args.resolution, args.batch, args.steps, args.device)
-            )
+        algo = None if args.algo in (None, "all") else args.algo
+        run = run_variant(
+            args.variant, args.model, args.resolution, args.batch, args.steps, args.device, algo
         )
+        print(json.dumps(run))
+        return
+    if args.algo:
+        compare_algos(args)
         return
     results = {}
     for variant in ("full", "lora", "uncached"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--model",
-            args.model,
-            "--resolution",
-            str(args.resolution),
-            "--batch",
-            str(args.batch),
-            "--steps",
-            str(args.steps),
-            "--device",
-            args.device,
-        ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results[variant] = json.loads(out)
+        results[variant] = measure(variant, args)
         print(f"  {variant}: {results[variant]}", file=sys.stderr)
+    report(results, args)
+
+
+def measure(variant: str, args, algo: str | None = None) -> dict:
+    """``run_variant`` in a fresh process (its own peak memory)."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--model",
+        args.model,
+        "--resolution",
+        str(args.resolution),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        *(["--algo", algo] if algo else []),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
+
+
+def compare_algos(args) -> None:
+    algos = list(ALGO_SETTINGS) if args.algo == "all" else [args.algo]
+    rows = []
+    for algo in algos:
+        rows.append(measure("lora", args, algo))
+        print(f"  {algo}: {rows[-1]}", file=sys.stderr)
+    print(
+        f"\n{args.model} UNet, {args.resolution} px images, batch {args.batch}, fp32, {args.device}, "
+        f"median of {args.steps} steps\n"
+    )
+    print("| algo | settings | trainable params | file (KiB) | step (s) | step CPU (s) | peak memory (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in ALGO_SETTINGS[r["variant"]].items())
+        print(
+            f"| {r['variant']} | {settings} | {r['trainable'] / 1e3:.1f} k | {r['file_bytes'] / 1024:.0f} | "
+            f"{r['median_s']:.3f} | {r['median_cpu_s']:.3f} | {r['peak_gib']:.2f} |"
+        )
+
+
+def report(results: dict, args) -> None:
     full, lora, uncached = results["full"], results["lora"], results["uncached"]
     what = "SD v1.5-shaped UNet, SD VAE, CLIP ViT-L/14" if args.model == "sd15" else "embedded demo models"
     print(

@@ -240,6 +240,8 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert sample.main([*argv, *short, "--out", str(work / "samples")]).is_file()
     elif program == "scripts/convert.py":
         assert Path(load_script(program).main(argv)).is_file()
+    elif program == "scripts/lora_tools.py":
+        assert load_script(program).main(argv)["modules"] > 0
     elif program == "scripts/clear_cache.py":
         entry = Path(os.environ.get("LDM_ROOT", ".")) / ".cache" / "latents" / "latents_0123.pt"
         entry.parent.mkdir(parents=True, exist_ok=True)

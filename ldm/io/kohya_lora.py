@@ -171,7 +171,8 @@ def _group_entries(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str
     if unsupported:
         raise ValueError(
             f"{source}: {len(unsupported)} tensors are not plain LoRA (lora_down.weight / lora_up.weight / "
-            f"alpha), e.g. {unsupported[:5]}; LyCORIS (LoHa/LoKr), DoRA and full-diff files are not supported"
+            f"alpha), e.g. {unsupported[:5]}; LyCORIS files (LoHa, LoKr, DoRA) load with "
+            "ldm.io.lycoris_lora.load_lycoris_lora (or ldm.io.lora_any.load_lora, which picks the reader)"
         )
     incomplete = [n for n, g in groups.items() if "down" not in g or "up" not in g]
     if incomplete:

@@ -10,24 +10,27 @@ from typing import Any
 from torch import nn
 
 from ldm.io.kohya_lora import load_kohya_lora
+from ldm.io.lycoris_lora import load_lycoris_lora
 from ldm.io.peft_lora import load_peft_lora
 from ldm.io.safe_load import open_safetensors, read_safetensors_metadata
 from ldm.io.sdxl_lora import is_sdxl_lora, load_sdxl_lora
 
 __all__ = ["load_lora", "lora_format"]
 
-_PEFT_KEY = re.compile(r"(unet|text_encoder)\..+\.lora_[AB]\.weight")
+_PEFT_KEY = re.compile(r"(unet|text_encoder)\..+\.(lora_[AB]\.weight|lora_magnitude_vector)")
+_KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
 def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
-    """``"kohya"`` (``lora_unet_*`` / ``lora_te_*``) or ``"peft"`` (``unet.*`` / ``text_encoder.*`` ending in
-    ``.lora_A.weight`` / ``.lora_B.weight``); anything else raises ``ValueError`` saying what it looks
-    like."""
+    """``"kohya"`` (``lora_unet_*`` / ``lora_te_*``), ``"lycoris"`` (kohya names with LyCORIS tensors: LoHa,
+    LoKr, DoRA, or ones we do not read, which its loader names) or ``"peft"`` (``unet.*`` /
+    ``text_encoder.*`` ending in ``.lora_A.weight`` / ``.lora_B.weight``); anything else raises
+    ``ValueError`` saying what it looks like."""
     keys = list(keys)
     if not keys:
         raise ValueError(f"{source}: no tensors")
     if all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
-        return "kohya"
+        return "kohya" if all(k.partition(".")[2] in _KOHYA_SUFFIXES for k in keys) else "lycoris"
     if all(_PEFT_KEY.fullmatch(k) for k in keys):
         return "peft"
     hints = {
@@ -36,8 +39,6 @@ def lora_format(keys: Iterable[str], source: str = "LoRA file") -> str:
         ),
         ".lora.down.weight": "diffusers' pre-PEFT attention-processor LoRA",
         "lora_te2_": "an SDXL LoRA (it fits an SDXL base)",
-        "hada_": "a LyCORIS LoHa (LoRA only)",
-        "lokr_": "a LyCORIS LoKr (LoRA only)",
     }
     seen = next((what for marker, what in hints.items() if any(marker in k for k in keys)), None)
     raise ValueError(
@@ -57,8 +58,9 @@ def load_lora(
     text_encoders: Sequence[nn.Module] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Load a kohya or diffusers/PEFT LoRA ``.safetensors`` (detected from its keys); the summary of
-    ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``. ``text_encoders``: the base's text encoders in
+    """Load a kohya LoRA, LyCORIS (LoHa / LoKr / DoRA) or diffusers/PEFT LoRA (DoRA too) ``.safetensors``
+    (detected from its keys); the summary of ``load_kohya_lora`` / ``load_lycoris_lora`` / ``load_peft_lora``
+    plus ``format``. ``text_encoders``: the base's text encoders in
     order (instead of ``text_encoder``); with two (SDXL) the file is read by ``ldm.io.sdxl_lora``. A file
     of the other family (an SDXL LoRA on an SD 1.x/2.x base, or the reverse) is a ``ValueError`` saying so."""
     texts = list(text_encoders) if text_encoders is not None else [text_encoder]
@@ -75,7 +77,7 @@ def load_lora(
             "lora_te_*, or unet.* / text_encoder.*). Use it with an SDXL base"
         )
     kind = lora_format(keys, str(path))
-    loader = load_kohya_lora if kind == "kohya" else load_peft_lora
+    loader = {"kohya": load_kohya_lora, "lycoris": load_lycoris_lora, "peft": load_peft_lora}[kind]
     summary = loader(path, unet=unet, text_encoder=texts[0], multiplier=multiplier, merge=merge, **kwargs)
     summary["format"] = kind
     return summary

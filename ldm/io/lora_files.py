@@ -40,6 +40,11 @@ def collect_lora_tensors(
             key = (component, name)
             if key not in name_of:
                 raise KeyError(f"LoRA layer {component}.{name} has no name in the file format")
+            if layer.algo != "lora":  # their other tensors would be lost
+                raise ValueError(
+                    f"{component}.{name} is a {layer.algo} adapter: save it with "
+                    "ldm.io.lycoris_lora.save_lycoris_lora (or ldm.io.peft_dora.save_peft_dora for DoRA)"
+                )
             entries[name_of[key]] = (layer.lora_down.weight, layer.lora_up.weight, layer.alpha)
             layers.append(layer)
     if not entries:
@@ -123,6 +128,7 @@ def apply_lora_tensors(
         "text_encoder_modules": sum(c == "text_encoder" for c, *_ in loaded),
         "rank": ranks[0] if len(ranks) == 1 else ranks,
         "alpha": alphas[0] if len(alphas) == 1 else alphas,
+        "algo": ["lora"],
         "module_names": [f"{c}.{n}" for c, n, *_ in loaded],
         "skipped": skipped,
         "multiplier": float(multiplier),

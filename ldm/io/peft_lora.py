@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.io.adapter_files import apply_adapter_tensors
 from ldm.io.diffusers_names import find_unet, text_encoder_module_names, unet_module_names
 from ldm.io.lora_files import apply_lora_tensors, collect_lora_tensors, metadata_str
 from ldm.io.safe_load import load_safetensors_file, read_safetensors_metadata
@@ -32,6 +33,7 @@ from ldm.utils.files import atomic_save_safetensors
 __all__ = ["load_peft_lora", "peft_module_map", "save_peft_lora"]
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+_PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_magnitude_vector": "dora_scale"}
 
 
 def peft_module_map(unet: nn.Module | None = None, text_encoder: nn.Module | None = None) -> dict:
@@ -94,7 +96,8 @@ def load_peft_lora(
     strict: bool = True,
 ) -> dict[str, Any]:
     """Apply a diffusers/PEFT LoRA file (or tensor dict) to ``unet`` / ``text_encoder``; same
-    semantics and summary as ``ldm.io.kohya_lora.load_kohya_lora`` (inject, or ``merge`` to fold)."""
+    semantics and summary as ``ldm.io.kohya_lora.load_kohya_lora`` (inject, or ``merge`` to fold). A file with
+    ``lora_magnitude_vector`` entries is DoRA (``ldm.modules.adapters.dora``)."""
     if unet is None and text_encoder is None:
         raise ValueError("pass a unet and/or a text_encoder to load the LoRA into")
     unet = None if unet is None else find_unet(unet)
@@ -108,11 +111,13 @@ def load_peft_lora(
     entries: dict[str, dict[str, torch.Tensor]] = {}
     unsupported = []
     for key, value in tensors.items():
-        match = re.fullmatch(r"((unet|text_encoder)\..+)\.lora_([AB])\.weight", key)
+        match = re.fullmatch(
+            r"((unet|text_encoder)\..+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", key
+        )
         if match is None:
             unsupported.append(key)
             continue
-        entries.setdefault(match[1], {})["down" if match[3] == "A" else "up"] = value
+        entries.setdefault(match[1], {})[_PEFT_PARTS[match[3]]] = value
     if unsupported:
         raise KeyError(
             f"{source}: {len(unsupported)} keys are not PEFT LoRA keys "
@@ -133,7 +138,16 @@ def load_peft_lora(
         scale = peft_alpha / (math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank)
         entry["alpha"] = torch.tensor(scale * rank)
 
-    summary = apply_lora_tensors(
+    dora = any("dora_scale" in entry for entry in entries.values())  # DoRA: lora_magnitude_vector
+    if dora:
+        names = {
+            "down": "lora_down.weight",
+            "up": "lora_up.weight",
+            "dora_scale": "dora_scale",
+            "alpha": "alpha",
+        }
+        entries = {n: {names[k]: v for k, v in entry.items()} for n, entry in entries.items()}
+    summary = (apply_adapter_tensors if dora else apply_lora_tensors)(
         entries,
         peft_module_map(unet, text_encoder),
         {"unet": unet, "text_encoder": text_encoder},

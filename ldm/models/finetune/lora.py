@@ -11,11 +11,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ldm.io.kohya_lora import save_kohya_lora
+from ldm.io.lycoris_lora import save_lycoris_lora
+from ldm.io.peft_dora import save_peft_dora
 from ldm.io.peft_lora import save_peft_lora
 from ldm.io.sdxl_lora import save_sdxl_lora
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys, scaled
 from ldm.models.finetune.text_parts import text_parts
 from ldm.modules.adapters import lora as lora_lib
+from ldm.modules.adapters.algorithms import ALGORITHMS, adapter_factory
 
 PRESETS = {
     name: getattr(lora_lib, name)
@@ -45,7 +48,11 @@ def expand_targets(targets: Sequence[str] | str | None) -> list[str]:
 class LoRA(FineTuneMethod):
     """rank/alpha (scale alpha/rank), dropout on the LoRA input, targets as presets or module globs;
     ``text_encoder_targets`` apply to each text encoder of the base, or to those ``text_encoders`` lists
-    (SDXL: ``[1]`` CLIP-L, ``[2]`` bigG, null both); ``export_format``: "kohya" or "peft"."""
+    (SDXL: ``[1]`` CLIP-L, ``[2]`` bigG, null both); ``export_format``: "kohya" or "peft". ``algo``: lora,
+    locon (LoRA with ``UNET_CONV`` added to the UNet targets), loha, lokr or dora
+    (``ldm.modules.adapters.algorithms``; on SDXL: lora and locon); ``conv_rank`` / ``conv_alpha``: the 3x3
+    convolutions' own rank and alpha (kohya's ``conv_dim`` / ``conv_alpha``; default ``rank`` / ``alpha``);
+    ``factor``, ``decompose_both``, ``full_matrix``: LoKr's."""
 
     def __init__(
         self,
@@ -56,15 +63,33 @@ class LoRA(FineTuneMethod):
         text_encoder_targets: Sequence[str] | str | None = None,
         export_format: str = "kohya",
         text_encoders: Sequence[int] | None = None,
+        algo: str = "lora",
+        conv_rank: int | None = None,
+        conv_alpha: float | None = None,
+        factor: int = -1,
+        decompose_both: bool = False,
+        full_matrix: bool = False,
     ):
         super().__init__()
         if export_format not in ("kohya", "peft"):
             raise ValueError(f"model.method.export_format must be 'kohya' or 'peft', got {export_format!r}")
+        if algo not in ALGORITHMS:
+            raise ValueError(f"model.method.algo must be one of {', '.join(ALGORITHMS)}, got {algo!r}")
+        if export_format == "peft" and algo in ("loha", "lokr"):
+            raise ValueError(
+                f"model.method.algo={algo} has no PEFT layout: use model.method.export_format=kohya"
+            )
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.targets = {
             "unet": expand_targets(unet_targets),
             "text_encoder": expand_targets(text_encoder_targets),
         }
+        if algo == "locon":
+            self.targets["unet"] += [t for t in PRESETS["UNET_CONV"] if t not in self.targets["unet"]]
+        self.algo, self.factor = algo, factor
+        self.factory = adapter_factory(
+            algo, rank, alpha, dropout, conv_rank, conv_alpha, factor, decompose_both, full_matrix
+        )
         self.export_format = export_format
         self.text_encoders = None if text_encoders is None else [int(i) for i in text_encoders]
         self.trains_text_encoder = bool(self.targets["text_encoder"])
@@ -81,11 +106,15 @@ class LoRA(FineTuneMethod):
                 f"model.method.text_encoders={self.text_encoders}: this base has {len(texts)} text "
                 f"encoder(s), numbered 1..{len(texts)} (SDXL: 1 = CLIP-L, 2 = bigG)"
             )
+        if len(texts) > 1 and self.algo not in ("lora", "locon"):
+            raise ValueError(
+                f"model.method.algo={self.algo} on an SDXL base: its LyCORIS file layout is written for SD "
+                "1.x/2.x bases only so far; use algo=lora or locon on SDXL"
+            )
         self.model = model
-        lora_lib.inject_lora(model.unet, self.targets["unet"], self.rank, self.alpha, self.dropout)
+        lora_lib.inject_lora(model.unet, self.targets["unet"], factory=self.factory)
         for i in chosen if self.targets["text_encoder"] else ():
-            targets, rank, alpha = self.targets["text_encoder"], self.rank, self.alpha
-            lora_lib.inject_lora(texts[i - 1].transformer, targets, rank, alpha, self.dropout)
+            lora_lib.inject_lora(texts[i - 1].transformer, self.targets["text_encoder"], factory=self.factory)
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self._modules().values() for p in lora_lib.lora_parameters(part)]
@@ -127,5 +156,11 @@ class LoRA(FineTuneMethod):
         }
         if len(text_parts(self.model)) > 1:  # SDXL: lora_te1_ / lora_te2_, or text_encoder(_2).
             return save_sdxl_lora(path, parts, info, self.export_format)
-        save = save_kohya_lora if self.export_format == "kohya" else save_peft_lora
-        return save(path, unet=self.model.unet, text_encoder=parts.get("text_encoder"), metadata=info)
+        te = parts.get("text_encoder")
+        if self.export_format == "peft":
+            save = save_peft_dora if self.algo == "dora" else save_peft_lora
+        elif self.algo in ("lora", "locon"):
+            save = save_kohya_lora
+        else:
+            return save_lycoris_lora(path, self.model.unet, te, info, factor=self.factor)
+        return save(path, unet=self.model.unet, text_encoder=te, metadata=info)

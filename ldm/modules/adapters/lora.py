@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -155,6 +155,7 @@ def inject_lora(
     *,
     freeze_base: bool = True,
     lora_dtype: torch.dtype | None = None,
+    factory: Callable[[nn.Module], LoRALayer] | None = None,
 ) -> dict[str, LoRALayer]:
     """Replace the layers of ``model`` matching ``targets`` by LoRA layers, in place.
 
@@ -167,6 +168,8 @@ def inject_lora(
             ``model`` (the wrapped layers' own base weights are always frozen), so that the LoRA
             parameters are the only trainable ones.
         lora_dtype: dtype of the new parameters (default: each base weight's dtype).
+        factory: builds the adapter layer for a base module instead of ``make_lora_layer`` (other
+            algorithms, per-kind ranks: ``ldm.modules.adapters.algorithms.adapter_factory``).
 
     Returns ``{qualified name: LoRA layer}``. Raises ``ValueError`` if nothing matches or if a
     matching layer already carries a LoRA (``remove_lora`` it first).
@@ -179,7 +182,8 @@ def inject_lora(
         raise ValueError(f"these modules already carry a LoRA (call remove_lora first): {already[:5]}")
     injected: dict[str, LoRALayer] = {}
     for name in names:
-        layer = make_lora_layer(model.get_submodule(name), rank, alpha, dropout, lora_dtype)
+        base = model.get_submodule(name)
+        layer = factory(base) if factory else make_lora_layer(base, rank, alpha, dropout, lora_dtype)
         _set_submodule(model, name, layer)
         injected[name] = layer
     if freeze_base:
@@ -200,18 +204,18 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter parameters only (every ``lora_down`` / ``lora_up`` weight), for the optimiser."""
     params: list[nn.Parameter] = []
     for layer in lora_modules(model).values():
-        params.extend(layer.lora_down.parameters())
-        params.extend(layer.lora_up.parameters())
+        params.extend(layer.adapter_parameters())
     return params
 
 
 def lora_state_dict(model: nn.Module, include_alpha: bool = True) -> dict[str, torch.Tensor]:
     """Adapter tensors only, under the model's own names: ``<module>.lora_down.weight``,
-    ``<module>.lora_up.weight`` and (``include_alpha``) ``<module>.alpha`` (0-d float32)."""
+    ``<module>.lora_up.weight`` (other algorithms: their ``adapter_tensors`` names, e.g. ``hada_w1_a``,
+    ``dora_scale``) and (``include_alpha``) ``<module>.alpha`` (0-d float32)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_modules(model).items():
-        out[f"{name}.lora_down.weight"] = layer.lora_down.weight.detach()
-        out[f"{name}.lora_up.weight"] = layer.lora_up.weight.detach()
+        for suffix, tensor in layer.adapter_tensors().items():
+            out[f"{name}.{suffix}"] = tensor.detach()
         if include_alpha:
             out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     return out
@@ -226,7 +230,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     Merged layers are unmerged first and re-merged after.
     """
     layers = lora_modules(model)
-    expected = {f"{n}.lora_{part}.weight" for n in layers for part in ("down", "up")}
+    expected = {f"{n}.{suffix}" for n, layer in layers.items() for suffix in layer.adapter_tensors()}
     unexpected = [k for k in state_dict if k not in expected and k.removesuffix(".alpha") not in layers]
     missing = sorted(expected - set(state_dict))
     if unexpected or missing:
@@ -234,8 +238,8 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     for name, layer in layers.items():
         was_merged = layer.merged
         layer.unmerge()
-        layer.lora_down.weight.copy_(state_dict[f"{name}.lora_down.weight"])
-        layer.lora_up.weight.copy_(state_dict[f"{name}.lora_up.weight"])
+        for suffix, tensor in layer.adapter_tensors().items():
+            tensor.copy_(state_dict[f"{name}.{suffix}"])
         if f"{name}.alpha" in state_dict:
             layer.alpha = float(state_dict[f"{name}.alpha"])
         if was_merged:

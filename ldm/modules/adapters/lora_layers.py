@@ -42,6 +42,7 @@ class LoRALayer(nn.Module):
     bias: nn.Parameter | None
     lora_down: nn.Module
     lora_up: nn.Module
+    algo = "lora"  # which adapter algorithm (lora, loha, lokr, dora): file layouts and metadata follow it
 
     def _init_common(self, base: nn.Module, rank: int, alpha: float | None, dropout: float) -> None:
         if rank < 1:
@@ -68,6 +69,14 @@ class LoRALayer(nn.Module):
     def _reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors under their file / checkpoint names (the kohya / LyCORIS suffixes)."""
+        return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser trains (every tensor of ``adapter_tensors``)."""
+        return list(self.adapter_tensors().values())
 
     # -------------------------------------------------------------- scale and multiplier
 
