@@ -29,6 +29,7 @@ from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weight
 from ldm.models.guards import check_finite
 from ldm.models.latent_diffusion_sampling import LatentDiffusionSampling
 from ldm.models.micro_conditions import unet_condition
+from ldm.models.optimizer_modes import save_in_eval_mode, set_mode, trainer_optimizers
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
@@ -170,6 +171,7 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         super().train(mode)
         if getattr(self, "vae", None) is not None:
             self.vae.eval()
+        set_mode(trainer_optimizers(self), mode)  # schedule-free: evaluate and keep x, step at y
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -189,6 +191,7 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         return getattr(self, "_batch_random", None) or BatchRandom()
 
     def on_train_batch_start(self, batch, batch_idx):
+        set_mode(trainer_optimizers(self), True)
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything, inherited by DDP ranks
         index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         self._batch_random = BatchRandom.for_batch(
@@ -373,7 +376,11 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
             )
         return OptimizerInBackward(params, factory)
 
+    def on_train_end(self) -> None:
+        set_mode(trainer_optimizers(self), False)  # the weights left in memory (export, sampling) are x
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_in_eval_mode(self, checkpoint)
         if self.model_config is not None:
             checkpoint["model_config"] = self.model_config
 

@@ -76,6 +76,9 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "torch.optim.AdamW": ("torch.optim", "AdamW"),
     "transformers.optimization.Adafactor": ("transformers.optimization", "Adafactor"),
     "ldm.models.optimizers.adamw_8bit": ("ldm.models.optimizers", "adamw_8bit"),
+    "ldm.models.optimizers.prodigy": ("ldm.models.optimizers", "prodigy"),
+    "ldm.models.optimizers.schedulefree_adamw": ("ldm.models.optimizers", "schedulefree_adamw"),
+    "ldm.models.optimizers.lion": ("ldm.models.optimizers", "lion"),
     "ldm.models.lr_schedules.warmup_cosine": ("ldm.models.lr_schedules", "warmup_cosine"),
 }
 
