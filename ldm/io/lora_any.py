@@ -9,9 +9,10 @@ from typing import Any
 
 from torch import nn
 
+from ldm.io.bundled_embeddings import BUNDLE_PREFIX, has_bundled, split_bundled
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.peft_lora import load_peft_lora
-from ldm.io.safe_load import open_safetensors
+from ldm.io.safe_load import load_safetensors_file, open_safetensors
 
 __all__ = ["load_lora", "lora_format"]
 
@@ -56,10 +57,16 @@ def load_lora(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load a kohya or diffusers/PEFT LoRA ``.safetensors`` (detected from its keys); the summary of
-    ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``."""
+    ``load_kohya_lora`` / ``load_peft_lora`` plus ``format``. Bundled embeddings (``bundle_emb.*``,
+    ``ldm.io.bundled_embeddings``) are left out here: ``read_bundled_embeddings`` reads them."""
     with open_safetensors(path) as handle:
-        kind = lora_format(handle.keys(), str(path))
+        names = handle.keys()
+    keys = [k for k in names if not k.startswith(BUNDLE_PREFIX)]
+    kind = lora_format(keys, str(path))
     loader = load_kohya_lora if kind == "kohya" else load_peft_lora
-    summary = loader(path, unet=unet, text_encoder=text_encoder, multiplier=multiplier, merge=merge, **kwargs)
+    source = split_bundled(load_safetensors_file(path), str(path))[0] if has_bundled(path) else path
+    summary = loader(
+        source, unet=unet, text_encoder=text_encoder, multiplier=multiplier, merge=merge, **kwargs
+    )
     summary["format"] = kind
     return summary

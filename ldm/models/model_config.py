@@ -36,6 +36,7 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.models.finetune.full.FullUNet": ("ldm.models.finetune.full", "FullUNet"),
     "ldm.models.finetune.hypernetwork.Hypernetwork": ("ldm.models.finetune.hypernetwork", "Hypernetwork"),
     "ldm.models.finetune.lora.LoRA": ("ldm.models.finetune.lora", "LoRA"),
+    "ldm.models.finetune.pivotal.PivotalTuning": ("ldm.models.finetune.pivotal", "PivotalTuning"),
     "ldm.models.finetune.textual_inversion.TextualInversion": (
         "ldm.models.finetune.textual_inversion",
         "TextualInversion",

@@ -10,6 +10,7 @@ sampling. The module never changes per method.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from ldm.models.base_loader import load_base_model
 from ldm.models.finetune.fallback import tiny_random_base
 from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.optimizer_modes import set_mode, trainer_optimizers
 from ldm.models.pretrained import find_checkpoint
 from ldm.models.text_offload import cache_prompts_and_offload
 from ldm.modules.conditioner import Conditioner
@@ -206,6 +208,14 @@ class FineTuneModule(LatentDiffusion):
                 module.train(mode)
         return self
 
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        if not hasattr(self, "_total_steps"):  # max_steps, else the epochs' steps (None: only max_time)
+            total = self.trainer.max_steps
+            total = total if total > 0 else self.trainer.estimated_stepping_batches
+            self._total_steps = int(total) if math.isfinite(total) else None
+        self.method.before_step(self.global_step, self._total_steps)
+
     def use_text_cache(self) -> bool:
         return not (self.method.trains_text_encoder and torch.is_grad_enabled())
 
@@ -245,6 +255,7 @@ class FineTuneModule(LatentDiffusion):
             "steps": self.global_step,
             "resolution": getattr(self, "image_resolution", None) or "",
         }
+        set_mode(trainer_optimizers(self), False)  # schedule-free: export x (the next step goes back to y)
         with self.ema_scope():
             return self.method.export(path, metadata)
 
