@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.diffusion.losses import weight_on_latent_grid
 from ldm.models.base_loader import load_base_model
 from ldm.models.finetune.fallback import tiny_random_base
 from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
@@ -218,6 +219,12 @@ class FineTuneModule(LatentDiffusion):
 
     def use_text_cache(self) -> bool:
         return not (self.method.trains_text_encoder and torch.is_grad_enabled())
+
+    def loss_element_weight(self, batch, z0: torch.Tensor) -> torch.Tensor | None:
+        """Masked loss: the batch's ``loss_weight`` ``[B, 1, H, W]`` (1 inside each image's mask,
+        ``data.unmasked_weight`` outside; ``datamodules/masks.py``) on the latent grid (area average when
+        given at image size)."""
+        return weight_on_latent_grid(batch.get("loss_weight") if isinstance(batch, dict) else None, z0)
 
     def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
         return self.method.loss(per_sample_loss, batch, self.hparams.prior_loss_weight)
