@@ -16,7 +16,7 @@ SD15 = [name for name in EXPERIMENTS if name.endswith("_sd15")]
 def test_bases_are_building_blocks_not_experiments():
     files = {p.stem for p in (CONF / "experiment").glob("*.yaml")}
     assert BASES <= files and not BASES & set(EXPERIMENTS)
-    assert len(FINETUNES) == 12 and len(SD15) == 5
+    assert len(FINETUNES) == 13 and len(SD15) == 5  # pivotal_tuning: the 13th
 
 
 def test_the_finetune_defaults_pair_is_written_once():
