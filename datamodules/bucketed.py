@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.bucket_sampler import BucketBatchSampler, BucketLoader, trainer_position
 from datamodules.buckets import assign_buckets, bucket_summary, cover_size, make_buckets
 from datamodules.captions import TagAugment
+from datamodules.masks import mask_tensor
 from datamodules.resumable import resumable_loader
 from datamodules.transforms import load_rgb, preprocess, preprocess_to_size
 from ldm.utils.data_handover import DataFacts
@@ -145,9 +146,20 @@ class BucketedImageDataset(Dataset):
         """The buckets in use and their image counts."""
         return bucket_summary(self.buckets, self.record_buckets)
 
-    def _load(self, record_id: int, target: tuple[int, int], generator: torch.Generator):
-        """The item's image tensor; with ``size_conditions``, (it, its size conditions)."""
-        source = self.open_record(record_id)
+    def open_mask(self, record_id: int):
+        """The record's mask as a PIL image (subclasses that have masks; ``datamodules/masks.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no masks")
+
+    def _load_mask(self, record_id: int, target: tuple[int, int], generator_state: torch.Tensor):
+        """The mask ``[1, H, W]`` through the resize, crop and flip its image got (the same random draws)."""
+        generator = torch.Generator().set_state(generator_state)
+        loaded = self._load(record_id, target, generator, source=self.open_mask(record_id))
+        return mask_tensor(loaded[0] if isinstance(loaded, tuple) else loaded)
+
+    def _load(self, record_id: int, target: tuple[int, int], generator: torch.Generator, source=None):
+        """The item's image tensor; with ``size_conditions``, (it, its size conditions). ``source``: another
+        picture of the record (its mask) instead of the record's image."""
+        source = self.open_record(record_id) if source is None else source
         sizes = {"with_sizes": self.size_conditions}
         if self.size_conditions and not isinstance(source, Image.Image):  # its size before any draft decoding
             sizes["original_size"] = self.record_size(record_id)
@@ -180,6 +192,7 @@ class BucketedImageDataset(Dataset):
         target, generator = self.target_size(index), self.augmentation_generator(index)
         for record_id in self._stand_ins(int(self.index_to_record[index])):
             try:
+                state = generator.get_state()
                 loaded = self._load(record_id, target, generator)
                 break
             except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this image"
@@ -199,9 +212,10 @@ class BucketedImageDataset(Dataset):
         caption = self.tags(self.record_caption(record_id), generator)
         if self.caption_dropout > 0 and float(torch.rand((), generator=generator)) < self.caption_dropout:
             caption = ""
+        mask = {"mask": self._load_mask(record_id, target, state)} if getattr(self, "masks", False) else {}
         if self.size_conditions:
-            return {"image": loaded[0], "caption": caption, **loaded[1]}
-        return {"image": loaded, "caption": caption}
+            return {"image": loaded[0], "caption": caption, **loaded[1], **mask}
+        return {"image": loaded, "caption": caption, **mask}
 
 
 def dataset_options(hp, train: bool) -> dict:

@@ -31,7 +31,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images
 from datamodules.finetune import FineTuneDataModule
 from datamodules.image_folder import ImageFolderDataset
-from datamodules.shapes import Subject, _article, _to_tensor, caption_for, render_subject
+from datamodules.shapes import (
+    Subject,
+    _article,
+    _layout_for,
+    _to_tensor,
+    caption_for,
+    render_subject,
+    shape_alpha,
+)
 from ldm.utils.data_handover import DataFacts, DataServices, ImageGenerator
 from ldm.utils.logging import get_logger
 
@@ -132,9 +140,14 @@ class SubjectDataset(Dataset):
     ):
         self.concept, self.backgrounds, self.size = concept, list(backgrounds), int(size)
         self.resolution, self.seed, self.stream = int(resolution), int(seed), int(stream)
+        self.masks = False
 
     def __len__(self) -> int:
         return self.size
+
+    def enable_masks(self) -> None:
+        """Items also carry ``mask``: the subject's coverage (the renderer knows it exactly)."""
+        self.masks = True
 
     def caption(self, background: str) -> str:
         return self.concept.instance_caption(background)
@@ -142,8 +155,14 @@ class SubjectDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         background = self.backgrounds[index % len(self.backgrounds)]
         rng = np.random.default_rng([self.seed, 9001, self.stream, index])
-        image = render_subject(self.concept.subject, background, self.resolution, rng)
-        return {"image": _to_tensor(image), "caption": self.caption(background), "is_regularization": False}
+        layout = _layout_for(self.resolution, rng)
+        image = render_subject(self.concept.subject, background, self.resolution, layout)
+        item = {"image": _to_tensor(image), "caption": self.caption(background), "is_regularization": False}
+        if self.masks:
+            item["mask"] = torch.from_numpy(shape_alpha(self.concept.subject.shape, self.resolution, layout))[
+                None
+            ]
+        return item
 
 
 class Tagged(Dataset):
@@ -193,6 +212,8 @@ class DreamBoothDataModule(FineTuneDataModule):
         cache_check: str = "stat",
         cache_max_gb: float | None = 20.0,
         size_conditions: bool = False,
+        masked_loss: bool = False,
+        unmasked_weight: float = 0.0,
     ):
         self.size_conditions = bool(size_conditions)
         super().__init__(
@@ -207,6 +228,8 @@ class DreamBoothDataModule(FineTuneDataModule):
             validation="none",
             cache_check=cache_check,
             cache_max_gb=cache_max_gb,
+            masked_loss=masked_loss,
+            unmasked_weight=unmasked_weight,
         )
         if not concepts:
             raise ValueError("DreamBooth needs at least one concept (data.concepts)")
@@ -250,7 +273,7 @@ class DreamBoothDataModule(FineTuneDataModule):
                 f"DreamBooth concept {concept.identifier!r} ({concept.class_noun}): {len(data)} instance "
                 f"images, {concept.num_class_images} class images"
             )
-        self.data_train = ConcatDataset(self.instance_sets)  # until class images are ready
+        self.data_train = self.masked(ConcatDataset(self.instance_sets))  # until class images are ready
         self.data_val = self._validation()
         self._declare_validation()
 
@@ -289,7 +312,7 @@ class DreamBoothDataModule(FineTuneDataModule):
             parts.append(Tagged(instances, False, length=length))
             if classes is not None:
                 parts.append(classes)
-        self.data_train = ConcatDataset(parts)
+        self.data_train = self.masked(ConcatDataset(parts))
 
     def _generated_class_images(
         self, services: DataServices | None, generate: bool = False

@@ -31,8 +31,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from datamodules.bucket_sampler import BucketBatchSampler, BucketLoader, trainer_position
 from datamodules.latent_cache import cache_key, check_mode, evict, load_cache, mark_used, save_cache
+from datamodules.masks import MaskWeighted
 from datamodules.resumable import resumable_loader
 from datamodules.samplers import set_dataset_epoch, training_sampler
+from ldm.diffusion.losses import weight_on_latent_grid
 from ldm.utils.data_handover import DataFacts, DataServices
 from ldm.utils.logging import get_logger
 
@@ -104,7 +106,7 @@ def item_sizes(dataset: Dataset) -> list[tuple[int, int]]:
         return [inner[i] for i in dataset.indices]
     if isinstance(dataset, Repeated):
         return item_sizes(dataset.source) * dataset.repeats
-    if isinstance(dataset, (Flagged, CaptionsRewritten)):
+    if isinstance(dataset, (Flagged, CaptionsRewritten, MaskWeighted)):
         return item_sizes(dataset.source)
     if isinstance(dataset, LatentCacheDataset):
         return [(m.shape[-1], m.shape[-2]) for m in dataset.means[0]] * dataset.repeats
@@ -166,9 +168,11 @@ class LatentCacheDataset(Dataset):
         flags: torch.Tensor | None = None,
         repeats: int = 1,
         sizes: dict[str, torch.Tensor] | None = None,
+        weights: list | None = None,
     ):
         self.means, self.stds, self.captions, self.flip_variants = means, stds, captions, flip_variants
         self.sizes = dict(sizes or {})
+        self.weights = weights  # masked loss: per variant, each item's loss weight [1, h, w] (latent grid)
         self.flags = flags if flags is not None else torch.zeros(len(captions), dtype=torch.bool)
         self.repeats, self.epoch = int(repeats), 0
 
@@ -180,19 +184,29 @@ class LatentCacheDataset(Dataset):
 
     def with_repeats(self, repeats: int) -> LatentCacheDataset:
         return LatentCacheDataset(
-            self.means, self.stds, self.captions, self.flip_variants, self.flags, repeats, self.sizes
+            self.means,
+            self.stds,
+            self.captions,
+            self.flip_variants,
+            self.flags,
+            repeats,
+            self.sizes,
+            self.weights,
         )
 
     def __getitem__(self, index: int) -> dict:
         item = index % len(self.captions)
         variant = random.Random(f"{self.epoch}/{index}").getrandbits(1) if self.flip_variants else 0
-        return {
+        out = {
             "latent_mean": self.means[variant][item],
             "latent_std": self.stds[variant][item],
             "caption": self.captions[item],
             "is_regularization": bool(self.flags[item]),
             **{key: values[item] for key, values in self.sizes.items()},
         }
+        if self.weights is not None:
+            out["loss_weight"] = self.weights[variant][item]
+        return out
 
 
 def _refuse_random_augmentations(dataset: Dataset) -> None:
@@ -225,7 +239,7 @@ def encode_dataset(
 
     loader = bucket_loader(dataset, batch_size, shuffle=False)
     order = [i for batch in loader.batch_sampler for i in batch]  # dataset indices in loader order
-    means, stds, captions, flags = [[], []], [[], []], [], []
+    means, stds, captions, flags, weights = [[], []], [[], []], [], [], [[], []]
     sizes: dict[str, list[torch.Tensor]] = {}
     for batch in track(loader, description="caching latents", disable=len(loader) < 2):
         images = batch["image"].to(device)
@@ -233,6 +247,9 @@ def encode_dataset(
             mean, std = encode(imgs)
             means[variant] += list(mean.cpu())
             stds[variant] += list(std.cpu())
+            if "loss_weight" in batch:  # masked loss: the weights on the latent grid, flipped with the image
+                weight = batch["loss_weight"].flip(-1) if variant else batch["loss_weight"]
+                weights[variant] += list(weight_on_latent_grid(weight, mean).cpu())
         captions += list(batch["caption"])
         flags.append(torch.as_tensor(batch.get("is_regularization", [False] * len(images)), dtype=torch.bool))
         for key in SIZE_KEYS if all(k in batch for k in SIZE_KEYS) else ():
@@ -245,12 +262,13 @@ def encode_dataset(
     stds = [[stds[v][k] for k in ranked] for v in range(variants)]
     captions = [captions[k] for k in ranked]
     sizes = {key: torch.cat(parts)[ranked] for key, parts in sizes.items()}
+    weights = [[weights[v][k] for k in ranked] for v in range(variants)] if weights[0] else None
     if len({m.shape for m in means[0]}) == 1:  # one size: stacked tensors, as before
         means, stds = (
             torch.stack([torch.stack(m) for m in means]),
             torch.stack([torch.stack(s) for s in stds]),
         )
-    return LatentCacheDataset(means, stds, captions, flip_variants, flags, sizes=sizes)
+    return LatentCacheDataset(means, stds, captions, flip_variants, flags, sizes=sizes, weights=weights)
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -284,6 +302,8 @@ class FineTuneDataModule(L.LightningDataModule):
         caption_transform: Callable[[dict, random.Random], dict] | None = None,
         cache_check: str = "stat",
         cache_max_gb: float | None = 20.0,
+        masked_loss: bool = False,
+        unmasked_weight: float = 0.0,
     ):
         super().__init__()
         if validation not in self.VALIDATION:
@@ -345,6 +365,13 @@ class FineTuneDataModule(L.LightningDataModule):
         self._declare_validation()
         if self.hparams.cache_latents:
             _refuse_random_augmentations(self.data_train)
+        self.data_train = self.masked(self.data_train)
+
+    def masked(self, data: Dataset) -> Dataset:
+        """With ``masked_loss``: items carry ``loss_weight`` from their masks (``datamodules/masks.py``)."""
+        if not self.hparams.get("masked_loss", False):
+            return data
+        return MaskWeighted(data, self.hparams.get("unmasked_weight", 0.0))
 
     # -- the model's side: services in, facts out (ldm/utils/data_handover.py) ----------------------------
     def data_facts(self) -> DataFacts:
@@ -400,6 +427,7 @@ class FineTuneDataModule(L.LightningDataModule):
                     state["flip_variants"],
                     state["flags"],
                     sizes=state.get("sizes"),
+                    weights=state.get("weights"),
                 )
                 log.info(f"Loaded {len(self.cached)} cached latents from {path}")
                 mark_used(path)
@@ -417,6 +445,7 @@ class FineTuneDataModule(L.LightningDataModule):
                     "flip_variants": cached.flip_variants,
                     "flags": cached.flags,
                     "sizes": cached.sizes,
+                    **({"weights": cached.weights} if cached.weights is not None else {}),
                 },
             )
             log.info(f"Cached {len(self.cached)} latents to {path}")

@@ -26,6 +26,7 @@ from PIL import Image
 from datamodules.bucketed import BucketedDataModule, BucketedImageDataset, dataset_options, split_indices
 from datamodules.captions import kohya_subset
 from datamodules.folder_index import load_or_build_index
+from datamodules.masks import is_mask_file, open_mask
 from datamodules.transforms import IMAGE_EXTENSIONS, image_size
 from ldm.utils.file_identity import sha256_of
 
@@ -83,7 +84,8 @@ def find_image_files(root: str | os.PathLike) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            extension = os.path.splitext(name)[1].lower()
+            if not name.startswith(".") and extension in IMAGE_EXTENSIONS and not is_mask_file(name):
                 found.append(os.path.join(dirpath, name))
     found.sort(key=lambda path: path.split(os.sep))  # Path's order (by parts), on strings: much faster
     return [Path(path) for path in found]
@@ -305,6 +307,15 @@ class ImageFolderDataset(BucketedImageDataset):
 
     def record_name(self, record_id: int) -> str:
         return str(self.records[record_id].path)
+
+    def enable_masks(self) -> None:
+        """Items also carry ``mask`` (``cat.mask.png`` or the alpha channel); every mask is checked now."""
+        for record in self.records:
+            open_mask(record.path)
+        self.masks = True
+
+    def open_mask(self, record_id: int):
+        return open_mask(self.records[record_id].path)[0]
 
     def record_repeats(self, record_id: int) -> int:
         return self.records[record_id].repeats

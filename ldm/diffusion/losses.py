@@ -75,13 +75,18 @@ class DiffusionLoss:
         t: Tensor,
         schedule: DiffusionSchedule,
         reduction: str = "mean",
+        element_weight: Tensor | None = None,
     ) -> Tensor:
+        """``element_weight``: a per-element weight broadcastable to the output (e.g. a mask ``[B, 1, h, w]``
+        on the latent grid, kohya's masked loss): the per-sample loss is then ``mean(weight x err)``."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         target = self.parameterization.target(x0, noise, t, schedule)
         if output.shape != target.shape:
             raise ValueError(f"model output {tuple(output.shape)} and target {tuple(target.shape)} differ")
         err = (output.float() - target.float()) ** 2
+        if element_weight is not None:
+            err = err * element_weight.to(err.device, err.dtype)
         per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
         per_sample = per_sample * self.weighting(schedule.snr(t).to(per_sample.device), self.parameterization)
         return per_sample.mean() if reduction == "mean" else per_sample
@@ -113,3 +118,18 @@ def prior_preservation_loss(
     instance = per_sample[~is_regularization].mean() if (~is_regularization).any() else zero
     prior = per_sample[is_regularization].mean() if is_regularization.any() else zero
     return instance + prior_loss_weight * prior
+
+
+def weight_on_latent_grid(weight: Tensor | None, z0: Tensor) -> Tensor | None:
+    """A per-pixel loss weight ``[B, 1, H, W]`` (or ``[B, H, W]``; e.g. a masked loss's mask at image size)
+    -> ``[B, 1, h, w]`` on ``z0``'s grid (area average of each latent pixel's image pixels); None stays
+    None."""
+    if weight is None:
+        return None
+    weight = weight.to(z0.device, torch.float32)
+    weight = weight.unsqueeze(1) if weight.dim() == 3 else weight
+    if weight.shape[0] != z0.shape[0] or weight.shape[1] != 1:
+        raise ValueError(f"loss_weight {tuple(weight.shape)} does not fit latents {tuple(z0.shape)}")
+    if weight.shape[-2:] != z0.shape[-2:]:
+        weight = torch.nn.functional.interpolate(weight, size=z0.shape[-2:], mode="area")
+    return weight

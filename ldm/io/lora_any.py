@@ -9,10 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from ldm.io.bundled_embeddings import BUNDLE_PREFIX, has_bundled, split_bundled
 from ldm.io.kohya_lora import load_kohya_lora
 from ldm.io.lycoris_lora import load_lycoris_lora
 from ldm.io.peft_lora import load_peft_lora
-from ldm.io.safe_load import open_safetensors, read_safetensors_metadata
+from ldm.io.safe_load import load_safetensors_file, open_safetensors, read_safetensors_metadata
 from ldm.io.sdxl_lora import is_sdxl_lora, load_sdxl_lora
 
 __all__ = ["load_lora", "lora_format"]
@@ -60,7 +61,8 @@ def load_lora(
 ) -> dict[str, Any]:
     """Load a kohya LoRA, LyCORIS (LoHa / LoKr / DoRA) or diffusers/PEFT LoRA (DoRA too) ``.safetensors``
     (detected from its keys); the summary of ``load_kohya_lora`` / ``load_lycoris_lora`` / ``load_peft_lora``
-    plus ``format``. ``text_encoders``: the base's text encoders in
+    plus ``format``. Bundled embeddings (``bundle_emb.*``, ``ldm.io.bundled_embeddings``) are left out here:
+    ``read_bundled_embeddings`` reads them. ``text_encoders``: the base's text encoders in
     order (instead of ``text_encoder``); with two (SDXL) the file is read by ``ldm.io.sdxl_lora``. A file
     of the other family (an SDXL LoRA on an SD 1.x/2.x base, or the reverse) is a ``ValueError`` saying so."""
     texts = list(text_encoders) if text_encoders is not None else [text_encoder]
@@ -68,7 +70,8 @@ def load_lora(
         parts = {"unet": unet, **{f"text_encoder{f'_{i + 1}' if i else ''}": t for i, t in enumerate(texts)}}
         return load_sdxl_lora(path, parts, multiplier=multiplier, merge=merge, **kwargs)
     with open_safetensors(path) as handle:
-        keys = list(handle.keys())
+        names = handle.keys()
+    keys = [k for k in names if not k.startswith(BUNDLE_PREFIX)]
     if is_sdxl_lora(keys, read_safetensors_metadata(path)):
         raise ValueError(
             f"{path} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys, or SDXL metadata); "
@@ -78,6 +81,7 @@ def load_lora(
         )
     kind = lora_format(keys, str(path))
     loader = {"kohya": load_kohya_lora, "lycoris": load_lycoris_lora, "peft": load_peft_lora}[kind]
-    summary = loader(path, unet=unet, text_encoder=texts[0], multiplier=multiplier, merge=merge, **kwargs)
+    source = split_bundled(load_safetensors_file(path), str(path))[0] if has_bundled(path) else path
+    summary = loader(source, unet=unet, text_encoder=texts[0], multiplier=multiplier, merge=merge, **kwargs)
     summary["format"] = kind
     return summary

@@ -29,6 +29,7 @@ from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weight
 from ldm.models.guards import check_finite
 from ldm.models.latent_diffusion_sampling import LatentDiffusionSampling
 from ldm.models.micro_conditions import unet_condition
+from ldm.models.optimizer_modes import save_in_eval_mode, set_mode, trainer_optimizers
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
@@ -170,6 +171,7 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         super().train(mode)
         if getattr(self, "vae", None) is not None:
             self.vae.eval()
+        set_mode(trainer_optimizers(self), mode)  # schedule-free: evaluate and keep x, step at y
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -189,6 +191,7 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         return getattr(self, "_batch_random", None) or BatchRandom()
 
     def on_train_batch_start(self, batch, batch_idx):
+        set_mode(trainer_optimizers(self), True)
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything, inherited by DDP ranks
         index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         self._batch_random = BatchRandom.for_batch(
@@ -275,9 +278,10 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         context: torch.Tensor,
         generator: torch.Generator | None = None,
         reduction: str = "mean",
+        element_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss for clean latents z0 and text context (one random timestep per sample): a scalar, or the
-        per-sample losses ``[B]`` with ``reduction="none"``."""
+        per-sample losses ``[B]`` with ``reduction="none"``; ``element_weight``: per latent element."""
         b = z0.shape[0]
         if generator is None:  # training: rank-consistent draws (see BatchRandom)
             t = self.batch_random.randint(self.schedule.num_timesteps, (b,), z0.device)
@@ -291,7 +295,7 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
             noise = sample_noise(z0, self.hparams.offset_noise, generator)
         zt = self.schedule.q_sample(z0, t, noise)
         output = call_model(self.unet, zt, t, context)
-        return self.diffusion_loss(output, z0, noise, t, self.schedule, reduction)
+        return self.diffusion_loss(output, z0, noise, t, self.schedule, reduction, element_weight)
 
     @property
     def diffusion_loss(self) -> DiffusionLoss:
@@ -313,10 +317,17 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         if not self.scale_factor_known():
             self._estimate_scale_factor(batch["image"])
         z0, context = self.batch_latents_and_context(batch, train=True)
-        loss = self.reduce_loss(self.diffusion_step(z0, context, reduction="none"), batch)
+        weight = self.loss_element_weight(batch, z0)
+        loss = self.reduce_loss(
+            self.diffusion_step(z0, context, reduction="none", element_weight=weight), batch
+        )
         check_finite(loss, self, {"loss": loss.detach()})
         self.log("train/loss", loss, prog_bar=True, batch_size=z0.shape[0])
         return loss
+
+    def loss_element_weight(self, batch, z0: torch.Tensor) -> torch.Tensor | None:
+        """Per latent element weights of the loss (None: uniform); fine-tunes read masks from the batch."""
+        return None
 
     def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
         """Per-sample losses ``[B]`` -> the training loss (fine-tuning methods weight class items)."""
@@ -373,7 +384,11 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
             )
         return OptimizerInBackward(params, factory)
 
+    def on_train_end(self) -> None:
+        set_mode(trainer_optimizers(self), False)  # the weights left in memory (export, sampling) are x
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_in_eval_mode(self, checkpoint)
         if self.model_config is not None:
             checkpoint["model_config"] = self.model_config
 

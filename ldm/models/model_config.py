@@ -36,6 +36,7 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.models.finetune.full.FullUNet": ("ldm.models.finetune.full", "FullUNet"),
     "ldm.models.finetune.hypernetwork.Hypernetwork": ("ldm.models.finetune.hypernetwork", "Hypernetwork"),
     "ldm.models.finetune.lora.LoRA": ("ldm.models.finetune.lora", "LoRA"),
+    "ldm.models.finetune.pivotal.PivotalTuning": ("ldm.models.finetune.pivotal", "PivotalTuning"),
     "ldm.models.finetune.textual_inversion.TextualInversion": (
         "ldm.models.finetune.textual_inversion",
         "TextualInversion",
@@ -76,6 +77,9 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "torch.optim.AdamW": ("torch.optim", "AdamW"),
     "transformers.optimization.Adafactor": ("transformers.optimization", "Adafactor"),
     "ldm.models.optimizers.adamw_8bit": ("ldm.models.optimizers", "adamw_8bit"),
+    "ldm.models.optimizers.prodigy": ("ldm.models.optimizers", "prodigy"),
+    "ldm.models.optimizers.schedulefree_adamw": ("ldm.models.optimizers", "schedulefree_adamw"),
+    "ldm.models.optimizers.lion": ("ldm.models.optimizers", "lion"),
     "ldm.models.lr_schedules.warmup_cosine": ("ldm.models.lr_schedules", "warmup_cosine"),
 }
 

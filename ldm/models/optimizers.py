@@ -1,26 +1,94 @@
-"""Optimisers for memory-bound training: AdamW 8-bit (bitsandbytes, optional) and the optimiser step fused
-into the backward pass (``OptimizerInBackward``)."""
+"""Optimisers beyond torch's: AdamW 8-bit (bitsandbytes), Prodigy, schedule-free AdamW and Lion (each an
+optional package; a clear error names the pip command), and the optimiser step fused into the backward pass
+(``OptimizerInBackward``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ldm.utils.logging import get_logger
+from ldm.utils.optional import require
+
+log = get_logger(__name__)
+
 
 def adamw_8bit(params: Iterable, lr: float = 1e-4, weight_decay: float = 0.01, **kwargs: Any):
     """bitsandbytes' AdamW with 8-bit block-wise quantised states (Dettmers et al. 2022, "8-bit Optimizers via
     Block-wise Quantization")."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as error:
-        raise ImportError(
-            "model/optimizer=adamw8bit needs bitsandbytes: `pip install bitsandbytes` "
-            "(or use model/optimizer=adafactor, which needs nothing more)"
-        ) from error
+    bnb = require(
+        "bitsandbytes",
+        "bitsandbytes",
+        "model/optimizer=adamw8bit",
+        "use model/optimizer=adafactor, which needs nothing more",
+    )
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def prodigy(
+    params: Iterable,
+    lr: float = 1.0,
+    betas: Sequence[float] = (0.9, 0.99),
+    weight_decay: float = 0.01,
+    d_coef: float = 1.0,
+    use_bias_correction: bool = True,
+    safeguard_warmup: bool = True,
+    **kwargs: Any,
+):
+    """Prodigy (Mishchenko & Defazio 2023, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner"): Adam
+    whose step size d is estimated on the fly; ``lr`` multiplies d (1.0 as the authors use it, ``d_coef``
+    scales the estimate). ``safeguard_warmup`` and ``use_bias_correction`` as kohya and OneTrainer recommend
+    for diffusion fine-tunes with a warm-up."""
+    module = require("prodigyopt", "prodigyopt", "model/optimizer=prodigy")
+    if lr < 0.1:
+        log.warning(
+            f"Prodigy lr={lr}: Prodigy's lr multiplies the step size it estimates (1.0 is usual); an "
+            "experiment's AdamW lr was probably kept: pass model.optimizer.lr=1.0"
+        )
+    return module.Prodigy(
+        params,
+        lr=lr,
+        betas=tuple(betas),
+        weight_decay=weight_decay,
+        d_coef=d_coef,
+        use_bias_correction=use_bias_correction,
+        safeguard_warmup=safeguard_warmup,
+        **kwargs,
+    )
+
+
+def schedulefree_adamw(
+    params: Iterable,
+    lr: float = 1e-4,
+    betas: Sequence[float] = (0.9, 0.999),
+    weight_decay: float = 0.01,
+    warmup_steps: int = 0,
+    **kwargs: Any,
+):
+    """Schedule-free AdamW (Defazio et al. 2024, "The Road Less Scheduled"): no learning-rate schedule; the
+    weights to evaluate (x, an average) differ from the ones gradients are taken at (y), so the optimiser has
+    ``train()`` / ``eval()`` modes. The LightningModule switches them (``ldm.models.optimizer_modes``)."""
+    module = require("schedulefree", "schedulefree", "model/optimizer=schedulefree_adamw")
+    return module.AdamWScheduleFree(
+        params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, warmup_steps=warmup_steps, **kwargs
+    )
+
+
+def lion(
+    params: Iterable,
+    lr: float = 3e-5,
+    betas: Sequence[float] = (0.9, 0.99),
+    weight_decay: float = 0.1,
+    **kwargs: Any,
+):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an interpolated
+    momentum, one state tensor per parameter; its updates are larger than AdamW's, so lr ~3-10x smaller and
+    weight decay ~3-10x larger than AdamW's (the paper's advice)."""
+    module = require("lion_pytorch", "lion-pytorch", "model/optimizer=lion")
+    return module.Lion(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
 
 
 class OptimizerInBackward(torch.optim.Optimizer):

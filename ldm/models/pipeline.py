@@ -117,11 +117,22 @@ def apply_adapters(
             f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
             f"rank {summary['rank']})"
         )
+        add_bundled_tokens(model.text_encoder, path)
     for spec in embeddings:
         loaded = apply_any_embedding(model.conditioner.text_embedders, spec)
         print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
     if hypernetwork:
         apply_hypernetwork(model, unet, hypernetwork)
+
+
+def add_bundled_tokens(text_encoder, path: str) -> None:
+    """The textual-inversion tokens a LoRA file bundles (pivotal tuning: ``bundle_emb.<token>.*``) then work
+    in prompts."""
+    from ldm.io.bundled_embeddings import read_bundled_embeddings
+
+    for token, vectors in read_bundled_embeddings(path).items():
+        text_encoder.add_placeholder(token, num_vectors=vectors.shape[0], vectors=vectors)
+        print(f"added embedding {token} bundled in {path} ({vectors.shape[0]} vector(s))")
 
 
 def apply_hypernetwork(model, unet, spec: str) -> None:

@@ -35,6 +35,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from omegaconf.errors import OmegaConfBaseException
 
     from ldm.utils.files import DiskFullError
+    from ldm.utils.optional import MissingOptionalPackage
 
     return (
         FileNotFoundError,
@@ -43,6 +44,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         IsADirectoryError,
         ValueError,
         DiskFullError,
+        MissingOptionalPackage,
         MisconfigurationException,
         OmegaConfBaseException,
     )

@@ -56,6 +56,10 @@ class FineTuneMethod:
         """Modules put in train mode while training (dropout inside the method); the base stays in eval."""
         return []
 
+    def before_step(self, step: int, total_steps: int | None) -> None:
+        """Called before each training step with the global step and the run's total (None: unknown); a
+        method whose parameters change role during the run (pivotal tuning stops its token) acts here."""
+
     # -- what checkpoints hold -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
         raise NotImplementedError

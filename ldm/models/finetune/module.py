@@ -10,6 +10,7 @@ sampling. The module never changes per method.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.diffusion.losses import weight_on_latent_grid
 from ldm.models.base_loader import load_base_model
 from ldm.models.finetune.fallback import tiny_random_base
 from ldm.models.finetune.method import FineTuneMethod, MethodDisabledUnsupported
 from ldm.models.finetune.text_parts import SIZE_KEYS, check_family, fill_size_conditions
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.models.optimizer_modes import set_mode, trainer_optimizers
 from ldm.models.pretrained import find_checkpoint
 from ldm.models.text_offload import cache_prompts_and_offload
 from ldm.modules.ema import ParameterEMA
@@ -226,8 +229,22 @@ class FineTuneModule(LatentDiffusion):
                 module.train(mode)
         return self
 
+    def on_train_batch_start(self, batch, batch_idx):
+        super().on_train_batch_start(batch, batch_idx)
+        if not hasattr(self, "_total_steps"):  # max_steps, else the epochs' steps (None: only max_time)
+            total = self.trainer.max_steps
+            total = total if total > 0 else self.trainer.estimated_stepping_batches
+            self._total_steps = int(total) if math.isfinite(total) else None
+        self.method.before_step(self.global_step, self._total_steps)
+
     def use_text_cache(self) -> bool:
         return not (self.method.trains_text_encoder and torch.is_grad_enabled())
+
+    def loss_element_weight(self, batch, z0: torch.Tensor) -> torch.Tensor | None:
+        """Masked loss: the batch's ``loss_weight`` ``[B, 1, H, W]`` (1 inside each image's mask,
+        ``data.unmasked_weight`` outside; ``datamodules/masks.py``) on the latent grid (area average when
+        given at image size)."""
+        return weight_on_latent_grid(batch.get("loss_weight") if isinstance(batch, dict) else None, z0)
 
     def reduce_loss(self, per_sample_loss: torch.Tensor, batch) -> torch.Tensor:
         return self.method.loss(per_sample_loss, batch, self.hparams.prior_loss_weight)
@@ -273,6 +290,7 @@ class FineTuneModule(LatentDiffusion):
             "steps": self.global_step,
             "resolution": getattr(self, "image_resolution", None) or "",
         }
+        set_mode(trainer_optimizers(self), False)  # schedule-free: export x (the next step goes back to y)
         with self.ema_scope():
             return self.method.export(path, metadata)
 
