@@ -22,7 +22,8 @@ FAMILY_NAMES = {"sd": "an SD 1.x/2.x model (one text encoder)", "sdxl": "an SDXL
 def text_parts(model) -> dict[str, nn.Module]:
     """``{"text_encoder": first, "text_encoder_2": second, ...}``: the conditioner's text embedders, in
     order."""
-    texts = model.conditioner.text_embedders
+    conditioner = getattr(model, "conditioner", None)  # a bare host with .text_encoder: that one
+    texts = conditioner.text_embedders if conditioner is not None else [model.text_encoder]
     return {("text_encoder" if i == 0 else f"text_encoder_{i + 1}"): t for i, t in enumerate(texts)}
 
 

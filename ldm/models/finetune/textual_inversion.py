@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ldm.io.embeddings import EMBEDDING_FORMATS, EMBEDDING_SUFFIXES, save_embedding
 from ldm.io.sdxl_embeddings import save_sdxl_embedding
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys
+from ldm.models.finetune.text_parts import text_parts
 from ldm.modules.adapters.token_embeddings import PlaceholderEmbedding
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class TextualInversion(FineTuneMethod):
         return self.embeddings[0] if self.embeddings else None
 
     def attach(self, model: FineTuneModule) -> None:
-        encoders = list(model.conditioner.text_embedders)
+        encoders = list(text_parts(model).values())
         for encoder in encoders:
             if not hasattr(encoder, "add_placeholder"):
                 raise TypeError(f"textual inversion needs a CLIPTextEncoder, got {type(encoder).__name__}")
