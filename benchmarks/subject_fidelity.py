@@ -126,12 +126,12 @@ def load_models(run: Path, base: str | None):
     if method == "full":
         models[method] = load_for_sampling(str(exported), resolution=models["base"].image_resolution)
     else:
-        extra = {
-            "lora": {"loras": [str(exported)]},
-            # the token the run trained (the file alone would trigger under its file name)
-            "textual_inversion": {"embeddings": [f"{exported}:{config['model']['method']['placeholder']}"]},
-            "hypernetwork": {"hypernetwork": str(exported)},
-        }[method]
+        if method == "textual_inversion":  # the token the run trained (the file alone: its file name)
+            extra = {"embeddings": [f"{exported}:{config['model']['method']['placeholder']}"]}
+        else:
+            extra = {"lora": {"loras": [str(exported)]}, "hypernetwork": {"hypernetwork": str(exported)}}[
+                method
+            ]
         models[method] = load_for_sampling(base, **extra)
     concepts = [Concept.from_config(c) for c in config["data"]["concepts"]]
     return models, concepts

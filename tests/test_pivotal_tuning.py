@@ -101,8 +101,12 @@ def test_export_bundles_the_token_in_the_lora_and_writes_it_alone(trained, base_
     assert all(k.startswith("lora_unet_") for k in keys - {f"bundle_emb.{TOKEN}.string_to_param.*"})
     vectors = model.method.textual_inversion.parameters()[0].detach()
     assert torch.equal(read_bundled_embeddings(lora_file)[TOKEN], vectors)
-    alone = load_embedding(emb_file)
-    assert alone.token == TOKEN and torch.equal(alone.vectors, vectors)
+    alone = load_embedding(emb_file)  # AUTOMATIC1111's rule: the token is the file's name
+    assert alone.token == emb_file.stem and torch.equal(alone.vectors, vectors)
+    from safetensors import safe_open
+
+    with safe_open(str(emb_file), "pt") as handle:  # the trained placeholder stays in the metadata
+        assert TOKEN in str(handle.metadata())
     # loading the LoRA back gives the trained LoRA tensors (the bundled token is not a LoRA key)
     base = load_base_model(str(base_ckpt))
     load_kohya_lora(

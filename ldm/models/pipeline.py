@@ -117,7 +117,7 @@ def apply_adapters(
             f"merged {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules, "
             f"rank {summary['rank']})"
         )
-        add_bundled_tokens(model.text_encoder, path)
+        add_bundled_tokens(texts, path)
     for spec in embeddings:
         loaded = apply_any_embedding(model.conditioner.text_embedders, spec)
         print(f"added embedding {loaded.source} as {loaded.token} ({loaded.vectors.shape[0]} vector(s))")
@@ -125,13 +125,19 @@ def apply_adapters(
         apply_hypernetwork(model, unet, hypernetwork)
 
 
-def add_bundled_tokens(text_encoder, path: str) -> None:
+def add_bundled_tokens(text_encoders, path: str) -> None:
     """The textual-inversion tokens a LoRA file bundles (pivotal tuning: ``bundle_emb.<token>.*``) then work
-    in prompts."""
+    in prompts. One text encoder's vectors: an SDXL base (two) refuses a file that bundles any."""
     from ldm.io.bundled_embeddings import read_bundled_embeddings
 
-    for token, vectors in read_bundled_embeddings(path).items():
-        text_encoder.add_placeholder(token, num_vectors=vectors.shape[0], vectors=vectors)
+    bundled = read_bundled_embeddings(path)
+    if bundled and len(text_encoders) != 1:
+        raise ValueError(
+            f"{path} bundles the embedding(s) {sorted(bundled)} of one text encoder; this base has "
+            f"{len(text_encoders)}: bundled embeddings are read for SD 1.x/2.x bases only"
+        )
+    for token, vectors in bundled.items():
+        text_encoders[0].add_placeholder(token, num_vectors=vectors.shape[0], vectors=vectors)
         print(f"added embedding {token} bundled in {path} ({vectors.shape[0]} vector(s))")
 
 
