@@ -54,11 +54,19 @@ SAMPLE = "sample"  # not a training step: one UNet forward at batch 2 x --batch 
 SDXL_VARIANTS = ["lora", "lora_bf16", "+in_backward", "+bf16_weights", SAMPLE]
 
 
-def build_unet(name: str):
+def build_unet(name: str, dtype=None):
+    """The conf/model/unet preset ``name``, random weights, created in ``dtype`` (default float32): a bf16
+    UNet built in bf16 never holds an fp32 copy, which would otherwise be the process's peak."""
     import hydra
+    import torch
     from omegaconf import OmegaConf
 
-    return hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/model/unet" / f"{name}.yaml"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default)
+    try:
+        return hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/model/unet" / f"{name}.yaml"))
+    finally:
+        torch.set_default_dtype(default)
 
 
 def optimizer_factory(name: str):
@@ -83,11 +91,12 @@ def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps
     from ldm.modules.adapters.lora import inject_lora, lora_parameters
 
     torch.manual_seed(0)
-    unet = build_unet(unet_name).to(device)
     size = resolution // 8
     if variant == SAMPLE:
+        unet = build_unet(unet_name).to(device)
         return _result(variant, _sample_times(unet, 2 * batch, size, steps, device), [], device)
     checkpointing, opt_name, in_backward, bf16, lora, bf16_weights = VARIANTS[variant]
+    unet = build_unet(unet_name, torch.bfloat16 if bf16_weights else None).to(device)
     if checkpointing:
         unet.enable_gradient_checkpointing(True)
     if lora:

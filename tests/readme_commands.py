@@ -38,6 +38,8 @@ NOT_RUN = {
     "on CPU)",
     "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on "
     "CPU)",
+    "python benchmarks/sdxl_crops.py": "samples a trained experiment=txt2img_sdxl checkpoint at 5 size "
+    "conditions (minutes on CPU); its criterion and sampling run tiny in tests/test_sdxl_demo.py",
     "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS "
     "each); its loader is ldm.io's, tested in test_interop_single_file.py",
     "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at "
