@@ -11,9 +11,16 @@ context), random, fp32 weights:
   +bf16         + bf16 autocast of the forward/backward (activations in bf16) (trainer.precision=bf16-mixed)
   +bf16_weights +in_backward with the weights stored in bf16, stochastic rounding  (model.bf16_weights)
   lora          LoRA r=8 on the transformer layers + gradient checkpointing, AdamW (model/method=lora)
+  lora_bf16     lora + the UNet (LoRA included) stored in bf16, stochastic rounding (model.bf16_weights=true)
+  sample        one sampling step: UNet forward, no gradients, batch 2 x --batch (classifier-free guidance)
+
+SDXL (``--unet sdxl``, or any UNet with a label embedding): the inputs are what a fine-tune with cached text
+outputs feeds it, context [B, 77, 2048] and the vector y [B, 2816] (pooled text + size features), random. Its
+default variants leave out full / +ckpt / +adafactor (fp32 AdamW on 2.6 G parameters needs ~41 GB).
 
     python benchmarks/memory.py                               # SD v1.5 UNet, 512 px (64x64 latents), batch 1
     python benchmarks/memory.py --unet small --resolution 32  # the embedded demo's UNet (seconds)
+    python benchmarks/memory.py --unet sdxl --resolution 1024 --steps 1  # real-size SDXL base UNet
     python benchmarks/memory.py --device cuda                 # on a GPU
 Prints one table and writes ``--json`` if given.
 """
@@ -41,14 +48,25 @@ VARIANTS = {  # name -> (checkpointing, optimiser, in_backward, bf16 autocast, l
     "+bf16": (True, "adafactor", True, True, False, False),
     "+bf16_weights": (True, "adafactor", True, False, False, True),
     "lora": (True, "adamw", False, False, True, False),
+    "lora_bf16": (True, "adamw", False, False, True, True),
 }
+SAMPLE = "sample"  # not a training step: one UNet forward at batch 2 x --batch under no_grad
+SDXL_VARIANTS = ["lora", "lora_bf16", "+in_backward", "+bf16_weights", SAMPLE]
 
 
-def build_unet(name: str):
+def build_unet(name: str, dtype=None):
+    """The conf/model/unet preset ``name``, random weights, created in ``dtype`` (default float32): a bf16
+    UNet built in bf16 never holds an fp32 copy, which would otherwise be the process's peak."""
     import hydra
+    import torch
     from omegaconf import OmegaConf
 
-    return hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/model/unet" / f"{name}.yaml"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or default)
+    try:
+        return hydra.utils.instantiate(OmegaConf.load(ROOT / "conf/model/unet" / f"{name}.yaml"))
+    finally:
+        torch.set_default_dtype(default)
 
 
 def optimizer_factory(name: str):
@@ -72,11 +90,13 @@ def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps
     from ldm.models.optimizers import OptimizerInBackward
     from ldm.modules.adapters.lora import inject_lora, lora_parameters
 
-    checkpointing, opt_name, in_backward, bf16, lora, bf16_weights = VARIANTS[variant]
     torch.manual_seed(0)
-    unet = build_unet(unet_name).to(device)
-    if bf16_weights:
-        use_bf16_weights(unet)
+    size = resolution // 8
+    if variant == SAMPLE:
+        unet = build_unet(unet_name).to(device)
+        return _result(variant, _sample_times(unet, 2 * batch, size, steps, device), [], device)
+    checkpointing, opt_name, in_backward, bf16, lora, bf16_weights = VARIANTS[variant]
+    unet = build_unet(unet_name, torch.bfloat16 if bf16_weights else None).to(device)
     if checkpointing:
         unet.enable_gradient_checkpointing(True)
     if lora:
@@ -84,25 +104,71 @@ def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps
         params = lora_parameters(unet)
     else:
         params = list(unet.parameters())
+    if bf16_weights:  # after the LoRA layers, as model.bf16_weights does (configure_model): they go bf16 too
+        use_bf16_weights(unet)
     factory = optimizer_factory(opt_name)
     if bf16_weights:
         factory = functools.partial(StochasticRoundingOptimizer, factory=factory)
     optimizer = OptimizerInBackward(params, factory) if in_backward else factory(params=params)
-    size = resolution // 8
-    z = torch.randn(batch, unet.in_channels, size, size, device=device)
-    context = torch.randn(batch, 77, unet.context_dim, device=device)
+    z, context, y = unet_inputs(unet, batch, size, device)
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        start = _clock()
         t = torch.randint(0, 1000, (batch,), device=device)
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.mse_loss(unet(z, t, context).float(), z)
+            loss = torch.nn.functional.mse_loss(unet(z, t, context, y).float(), z)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(_since(start))
+    return _result(variant, times, params, device)
+
+
+def unet_inputs(unet, batch: int, size: int, device: str):
+    """Random latents [B, C, size, size], cached text context [B, 77, context_dim] and, for a UNet with a
+    label embedding (SDXL), the vector y [B, adm_in_channels]; else y is None."""
+    import torch
+
+    z = torch.randn(batch, unet.in_channels, size, size, device=device)
+    context = torch.randn(batch, 77, unet.context_dim, device=device)
+    adm = getattr(unet, "adm_in_channels", None)
+    y = None if adm is None else torch.randn(batch, adm, device=device)
+    return z, context, y
+
+
+def _sample_times(unet, batch: int, size: int, steps: int, device: str) -> list[float]:
+    import torch
+
+    unet.eval().requires_grad_(False)
+    z, context, y = unet_inputs(unet, batch, size, device)
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            start = _clock()
+            unet(z, torch.full((batch,), 500, device=device), context, y)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(_since(start))
+    return times
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) since ``start``: on a shared CPU the wall time depends on the
+    load, the CPU time much less."""
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
+def _result(variant: str, times: list[tuple[float, float]], params: list, device: str) -> dict:
+
+    import torch
+
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -111,7 +177,8 @@ def run_variant(variant: str, unet_name: str, resolution: int, batch: int, steps
     return {
         "variant": variant,
         "peak_gib": round(peak, 2),
-        "step_s": round(sorted(times)[len(times) // 2], 2),
+        "step_s": round(sorted(t[0] for t in times)[len(times) // 2], 2),
+        "step_cpu_s": round(sorted(t[1] for t in times)[len(times) // 2], 2),
         "trainable_m": round(trainable / 1e6, 1),
     }
 
@@ -125,7 +192,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[*VARIANTS, SAMPLE],
+        help="default: every training variant; for an sdxl* UNet: " + " ".join(SDXL_VARIANTS),
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,6 +208,8 @@ def main() -> None:
             )
         )
         return
+    if args.variants is None:
+        args.variants = SDXL_VARIANTS if args.unet.startswith("sdxl") else list(VARIANTS)
     rows = []
     for variant in args.variants:
         cmd = [
@@ -159,7 +233,8 @@ def main() -> None:
             raise child_failure(variant, result.stderr)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(
-            f"{variant:>14}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s  "
+            f"{variant:>14}  peak {rows[-1]['peak_gib']:6.2f} GiB  step {rows[-1]['step_s']:7.2f} s "
+            f"(CPU {rows[-1]['step_cpu_s']:.1f} s)  "
             f"trainable {rows[-1]['trainable_m']:7.1f} M",
             flush=True,
         )

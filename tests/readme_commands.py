@@ -36,8 +36,10 @@ NOT_RUN = {
     "python -m pytest tests": "the test suite itself",
     "lora_step.py --resolution 256": "full-size SD v1.5 UNet + VAE + CLIP ViT-L/14 (GiBs, minutes per step "
     "on CPU)",
-    "python benchmarks/memory.py": "SD v1.5-shaped UNet fine-tuning steps at 512 px (~14 GB RSS, minutes on "
-    "CPU)",
+    "python benchmarks/memory.py": "SD v1.5 / SDXL UNet fine-tuning steps at 512-1024 px (6-14 GB RSS, "
+    "minutes on CPU); its SDXL mode runs tiny in tests/test_sdxl_demo.py",
+    "python benchmarks/sdxl_crops.py": "samples a trained experiment=txt2img_sdxl checkpoint at 5 size "
+    "conditions (minutes on CPU); its criterion and sampling run tiny in tests/test_sdxl_demo.py",
     "python benchmarks/load_memory.py": "writes a 2 GiB fp16 SD v1.5 file and loads it twice (~6 GiB RSS "
     "each); its loader is ldm.io's, tested in test_interop_single_file.py",
     "python benchmarks/savers_curve.py": "9 fine-tunes of the embedded task (minutes each on CPU); run at "
