@@ -55,7 +55,7 @@ USER_PATHS = {
     "/data/hf_set": "hf_set",
     "in.png": "images/0.png",
     "model.safetensors": "model.safetensors",
-    "star.safetensors": "star.safetensors",
+    "my-star.safetensors": "my-star.safetensors",
     "other.pt": "other.pt",
 }
 
