@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ldm.utils.threads import OURS, available_cores, share_cores, thread_env
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 PROBE = (
     "import os, sys; sys.argv = ['x']; import {module}; import torch; "
@@ -119,3 +119,39 @@ def test_a_run_cut_by_max_time_says_so_and_resumes_to_its_step_budget(compose_cf
         _, objects = train(resumed)
     assert objects["trainer"].global_step == budget
     assert "(max_steps reached)" in caplog.text and "stopped at" not in caplog.text
+
+
+def test_threads_benchmark_steps_run_and_its_table_gives_ratios_to_torchs_default():
+    bench = load_script("benchmarks/threads.py")
+    assert set(bench.policies(2)) == {
+        "torch default",
+        "1 thread",
+        "policy (OMP_NUM_THREADS=2, OMP_WAIT_POLICY=PASSIVE)",
+    }
+    for workload in bench.WORKLOADS:
+        bench.build_step(workload)()  # one training step of each measured workload
+    results = {
+        (load, "vae", name): {"times": [base * (load + 1), 3 * base], "threads": 2}
+        for load in (0, 1)
+        for name, base in (("torch default", 2.0), ("policy", 1.0))
+    }
+    rows = bench.table(results, [0, 1], ["torch default", "policy"], ["vae"]).splitlines()
+    assert rows[2].startswith(
+        "| vae | torch default | 2 | 4.000 (2.00-6.00) | 1.00 | 5.000 (4.00-6.00) | 1.00 |"
+    )
+    assert rows[3].startswith("| vae | policy | 2 | 2.000 (1.00-3.00) | 0.50 | 2.500 (2.00-3.00) | 0.50 |")
+
+
+def test_unet_step_compiles_in_place_and_times_the_compiled_step():
+    """``--compile blocks``: each transformer block compiled (the state dict keys unchanged: checkpoints and
+    exact resume see the same model); the table gets a compiled row (the eager backend here: no C++
+    build in a test)."""
+    bench = load_script("benchmarks/unet_step.py")
+    unet = bench.UNetModel(**bench.unet_kwargs("tiny"))
+    keys = list(unet.state_dict())
+    assert bench.compile_in_place(unet, "blocks", "eager") > 0
+    assert list(unet.state_dict()) == keys
+    argv = ["--config", "tiny", "--resolution", "8", "--batch", "2", "--steps", "1", "--warmup", "0"]
+    argv += ["--context-length", "8", "--peak-size", "256", "--only-ours", "--compile", "blocks"]
+    result = bench.main([*argv, "--compile-backend", "eager"])
+    assert result["ours compiled"]["median_s"] > 0 and result["ours"]["median_s"] > 0
