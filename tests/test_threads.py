@@ -24,7 +24,7 @@ PROBE = (
 def probe(module: str, **env: str) -> list[str]:
     """(torch threads, OMP_WAIT_POLICY, OMP_NUM_THREADS) in a fresh interpreter that imports ``module``
     (``train``, ``sample``) first, as running the script does, with no OMP variable but ``env``'s."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", OURS))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", OURS, "PYTEST_XDIST"))}
     done = subprocess.run(
         [sys.executable, "-c", PROBE.format(module=module)],
         cwd=ROOT,
