@@ -49,8 +49,6 @@ NOT_RUN = {
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
     "python benchmarks/threads.py": "starts busy processes and times 27 fresh processes (minutes); its steps "
     "and its table run in tests/test_threads.py",
-    "unet_step.py --config small --resolution 8 --batch 32 --compile": "compiles two UNets with inductor "
-    "(minutes of C++ builds on CPU); --compile runs in tests/test_threads.py with the eager backend",
     "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s "
     "even shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }
