@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
+
+from ldm.utils.threads import thread_env
+
+os.environ.update(thread_env())  # before torch loads OpenMP, which reads it once (docs/scale.md: Threads)
 
 import torch
 from PIL import Image

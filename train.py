@@ -7,9 +7,14 @@ asked, and returns ``optimized_metric`` for Hydra sweeps (``-m``).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
+
+from ldm.utils.threads import thread_env
+
+os.environ.update(thread_env())  # before torch loads OpenMP, which reads it once (docs/scale.md: Threads)
 
 import hydra
 import lightning as L
@@ -27,6 +32,7 @@ from ldm.utils.run_summary import summarize_run
 from ldm.utils.runs import configure_wandb_mode, describe_resume, register_resolvers, resolve_ckpt_path
 from ldm.utils.stale_files import clean_run_folders
 from ldm.utils.task import renamed_override, run_task
+from ldm.utils.threads import describe, ranks_on_host, set_interop_threads, share_cores
 
 log = get_logger(__name__)
 register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
@@ -61,6 +67,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=checkpoint_plugins(cfg.trainer)
     )
+    share_cores(ranks_on_host(trainer))  # DDP ranks on one machine split its cores
+    set_interop_threads()
+    log.info(describe())
 
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

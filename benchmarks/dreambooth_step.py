@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,6 +24,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ldm.utils.threads import thread_env
+
+os.environ.update(thread_env())  # before torch loads OpenMP (docs/scale.md: Threads)
 
 from ldm.utils.data_handover import connect_data
 from ldm.utils.task import child_failure, run_main

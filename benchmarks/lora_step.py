@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ldm.utils.threads import thread_env
+
+os.environ.update(thread_env())  # before torch loads OpenMP (docs/scale.md: Threads)
 
 from ldm.utils.task import run_main
 

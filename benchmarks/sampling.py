@@ -19,16 +19,21 @@ each sampler reaches ``--target`` (default 95%).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ldm.utils.threads import thread_env
+
+os.environ.update(thread_env())  # before torch loads OpenMP (docs/scale.md: Threads)
+
+import torch
 
 from ldm.diffusion import build_sampler
 from ldm.diffusion.samplers import display_name

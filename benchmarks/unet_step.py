@@ -10,6 +10,12 @@ ratio of medians, of minima, and median of the per-pair ratios (adjacent steps).
     python benchmarks/unet_step.py                      # sd15, 32x32 latents, batch 1
     python benchmarks/unet_step.py --config small --resolution 8 --batch 32
     python benchmarks/unet_step.py --device cuda        # on a GPU (steps synchronised before timing)
+    python benchmarks/unet_step.py --config small --resolution 8 --batch 32 --compile blocks
+
+``--compile whole|blocks`` adds each model compiled with ``torch.compile`` (in place, so its state dict is
+unchanged): the whole model, or each repeated transformer block (diffusers' ``compile_repeated_blocks``: the
+same code compiled once, reused); compile time = its first step minus the eager median; pay-back = compile
+time / the time a compiled step saves.
 
 When other processes load the cores, multi-threaded steps collapse (OpenMP threads wait on a
 descheduled peer at every op) and the numbers mostly measure the neighbours; ``--threads 1``
@@ -19,19 +25,24 @@ then gives a stable comparison.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ldm.utils.threads import thread_env
+
+os.environ.update(thread_env())  # before torch loads OpenMP (docs/scale.md: Threads)
+
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from ldm.io.diffusers_config import diffusers_config_from_ldm
 from ldm.modules.unet import UNetModel
@@ -76,6 +87,43 @@ def make_step(model: torch.nn.Module, x, t, context, target, unwrap=lambda out: 
     return step
 
 
+def compile_in_place(model: torch.nn.Module, how: str, backend: str = "inductor") -> int:
+    """``whole``: ``model.compile()``; ``blocks``: every ``BasicTransformerBlock`` (ours and diffusers' share
+    the name). Returns the number of modules compiled."""
+    if how == "whole":
+        targets = [model]
+    else:
+        targets = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for module in targets:
+        module.compile(backend=backend)
+    return len(targets)
+
+
+def add_compiled(steps: dict, models: dict, batch: tuple, args, device: torch.device) -> dict[str, float]:
+    """Adds ``<name> compiled`` steps (deep copies, compiled as ``args.compile`` says); returns each one's
+    first-step wall time (compilation included)."""
+    first = {}
+    for name, (model, unwrap) in list(models.items()):
+        twin = copy.deepcopy(model)
+        compile_in_place(twin, args.compile, args.compile_backend)
+        step = make_step(twin, *batch, unwrap=unwrap)
+        first[f"{name} compiled"] = timed(step, device)[0]
+        steps[f"{name} compiled"] = step
+    return first
+
+
+def compile_table(walls: dict[str, list[float]], first: dict[str, float]) -> None:
+    print("\n| model | eager s/step | compiled s/step | speed-up | compile s | steps to pay back |")
+    print("|---|---|---|---|---|---|")
+    for name, first_wall in first.items():
+        eager = statistics.median(walls[name.removesuffix(" compiled")])
+        compiled = statistics.median(walls[name])
+        cost = first_wall - compiled
+        saved = eager - compiled
+        payback = f"{cost / saved:,.0f}" if saved > 0 else "never"
+        print(f"| {name} | {eager:.3f} | {compiled:.3f} | {eager / compiled:.2f}x | {cost:.1f} | {payback} |")
+
+
 def timed(step, device: torch.device = CPU) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one call, GPU work included."""
     synchronize(device)
@@ -98,6 +146,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only-ours", action="store_true", help="skip diffusers (profiling)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--compile", choices=["whole", "blocks"], default=None, help="also time each model torch.compile'd"
+    )
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: eager
     # tests: a small matmul
     parser.add_argument("--peak-size", type=int, default=2048, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -118,12 +170,14 @@ def main(argv=None) -> dict:
     context = torch.randn(args.batch, args.context_length, kwargs["context_dim"], device=device)
     target = torch.randn(args.batch, kwargs["out_channels"], args.resolution, args.resolution, device=device)
     steps = {"ours": make_step(ours, x, t, context, target)}
+    models = {"ours": (ours, lambda out: out)}
     params = {"ours": sum(p.numel() for p in ours.parameters())}
     if not args.only_ours:
         from diffusers import UNet2DConditionModel
 
         theirs = UNet2DConditionModel(**diffusers_config_from_ldm(**kwargs)).train().to(device)
         steps["diffusers"] = make_step(theirs, x, t, context, target, unwrap=lambda out: out.sample)
+        models["diffusers"] = (theirs, lambda out: out.sample)
         params["diffusers"] = sum(p.numel() for p in theirs.parameters())
 
     flops = {}
@@ -131,6 +185,12 @@ def main(argv=None) -> dict:
         with FlopCounterMode(display=False) as counter:
             step()
         flops[name] = counter.get_total_flops()
+    first = add_compiled(steps, models, (x, t, context, target), args, device) if args.compile else {}
+    for name in first:
+        flops[name], params[name] = (
+            flops[name.removesuffix(" compiled")],
+            params[name.removesuffix(" compiled")],
+        )
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -177,6 +237,8 @@ def main(argv=None) -> dict:
 
         print(f"ratio ours/diffusers, wall: {ratios(walls['ours'], walls['diffusers'])}")
         print(f"ratio ours/diffusers, CPU:  {ratios(cpus['ours'], cpus['diffusers'])}")
+    if first:
+        compile_table(walls, first)
     return {name: {"median_s": median(walls[name]), "gflop": flops[name] / 1e9} for name in steps}
 
 

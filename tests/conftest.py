@@ -10,8 +10,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ldm.utils.threads import available_cores, thread_env
+
+# Before torch loads OpenMP (it reads these once): OMP_WAIT_POLICY=PASSIVE, and the cores split between
+# pytest-xdist's workers; one process (-n 0) takes one thread too: at the tests' tiny sizes thread start-up
+# and sync cost more than they bring. Yours (OMP_NUM_THREADS, OMP_WAIT_POLICY) win; subprocesses inherit.
+os.environ.update(thread_env(processes=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or available_cores())))
+
 import pytest
-import torch
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -24,9 +30,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
-
-# Tiny models: one thread avoids thread start-up/sync overhead that dominates at this size.
-torch.set_num_threads(1)
 
 register_resolvers()
 

@@ -49,6 +49,8 @@ NOT_RUN = {
     "python benchmarks/convergence.py": "the objective-options grid: a VAE and 10 txt2img runs of up to "
     "2,000 steps (CPU hours); run end to end at test size by tests/test_convergence.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
+    "python benchmarks/threads.py": "starts busy processes and times 27 fresh processes (minutes); its steps "
+    "and its table run in tests/test_threads.py",
     "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s "
     "even shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }

@@ -46,6 +46,19 @@ def stop_reason(trainer, steps: int | None = None) -> str:
     return "stopped early"
 
 
+def guard_line(trainer, steps: int, reason: str) -> str | None:
+    """When ``trainer.max_time`` (the guard) stopped a run before ``max_steps`` (the budget that defines its
+    result): how far it got, and how to finish it (the checkpoint holds the elapsed time: resuming with the
+    same ``max_time`` would stop at once)."""
+    if reason != "max_time reached" or not (trainer.max_steps and trainer.max_steps > 0):
+        return None
+    return (
+        f"stopped at {steps:,} of {trainer.max_steps:,} steps: max_time ran out first (the machine was busy, "
+        "or slower than the budget assumes); resume with the same command plus `ckpt_path=last "
+        "trainer.max_time=null`"
+    )
+
+
 def best_line(trainer, run_dir: Path) -> str | None:
     ckpt = trainer.checkpoint_callback
     if ckpt is None or not ckpt.monitor or ckpt.best_model_score is None:
@@ -90,12 +103,11 @@ def summarize_run(trainer, model, cfg, seconds: float) -> str:
     ckpt = trainer.checkpoint_callback
     last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
     steps = finished_steps(trainer, last)
-    lines = [
-        (
-            f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} "
-            f"({stop_reason(trainer, steps)})"
-        )
-    ]
+    reason = stop_reason(trainer, steps)
+    lines = [f"Run summary ({cfg.task_name}): {steps} steps in {_fmt_time(seconds)} ({reason})"]
+    guard = guard_line(trainer, steps, reason)
+    if guard:
+        lines.append(f"  {guard}")
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))
