@@ -1,5 +1,5 @@
-"""Tiny CLIP and DINO folders built locally (``save_pretrained`` into a temporary folder; no downloads), for the
-tests of ``ldm.modules.subject_metrics``, the metrics callback and ``scripts/evaluate.py``."""
+"""Tiny CLIP and DINO folders built locally (``save_pretrained`` into a temporary folder; no downloads), for
+the tests of ``ldm.modules.subject_metrics``, the metrics callback and ``scripts/evaluate.py``."""
 
 from __future__ import annotations
 
@@ -22,18 +22,17 @@ def tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer, _ = tiny_clip_tokenizer(None, 16)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(
-        tower,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=16,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = CLIPConfig(
-        text_config=text, vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=16
-    )
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {
+        **tower,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 16,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {**tower, "image_size": 32, "patch_size": 8}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     torch.manual_seed(seed)
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),

@@ -1,4 +1,5 @@
-"""CLIP-T, CLIP-I, DINO, PRES and DIV (``ldm.modules.subject_metrics``) on tiny CLIP / DINO folders built here."""
+"""CLIP-T, CLIP-I, DINO, PRES and DIV (``ldm.modules.subject_metrics``) on tiny CLIP / DINO folders built
+here."""
 
 from __future__ import annotations
 

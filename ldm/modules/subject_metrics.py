@@ -5,8 +5,8 @@ models the user points at (local folders; nothing is downloaded):
   torchmetrics' ``CLIPScore`` / 100.
 - CLIP-I: mean cosine between the CLIP image embeddings of every (sample, reference image) pair (subject
   fidelity).
-- DINO: the same pairing on the CLS embeddings of a self-supervised ViT (DINO / DINOv2), which tell subjects of
-  one class apart better than CLIP does.
+- DINO: the same pairing on the CLS embeddings of a self-supervised ViT (DINO / DINOv2), which tell
+  subjects of one class apart better than CLIP does.
 - PRES: DINO between class-prompt samples ("a square") and the subject's reference images: high means the
   class collapsed onto the subject (prior preservation failed; lower is better).
 - DIV: mean LPIPS distance between samples of one prompt (diversity; higher is better).
