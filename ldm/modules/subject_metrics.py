@@ -129,7 +129,10 @@ class SubjectMetrics(nn.Module):
     def clip_t(self, images: torch.Tensor, prompts: Sequence[str]) -> float:
         """Mean image-prompt cosine: torchmetrics ``CLIPScore`` (100 x max(mean cosine, 0)) / 100."""
         score = CLIPScore(model_name_or_path=lambda: (_TensorFeatures(self.clip_model), self.clip_processor))
-        score.update(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), list(prompts))
+        pixels = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)  # CLIPScore takes uint8 [N, 3, H, W]
+        score.update(
+            pixels.to(self._device(self.clip_model)), list(prompts)
+        )  # (and moves CLIP to their device)
         return score.compute().item() / 100
 
     @torch.no_grad()
