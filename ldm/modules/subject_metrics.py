@@ -143,6 +143,14 @@ class SubjectMetrics(nn.Module):
         return wrapped.get_image_features(pixels.to(self._device(self.clip_model)))
 
     @torch.no_grad()
+    def clip_text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """prompts -> CLIP text embeddings [N, D]."""
+        tokens = self.clip_processor(text=list(prompts), return_tensors="pt", padding=True)
+        device = self._device(self.clip_model)
+        wrapped = _TensorFeatures(self.clip_model)
+        return wrapped.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+    @torch.no_grad()
     def dino_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [-1, 1] -> the ViT's CLS embedding [B, D] (what DINO's paper compares)."""
         pixels = self.dino_processor(images=list(to_uint8(images)), return_tensors="pt")["pixel_values"]
