@@ -12,7 +12,8 @@ with fixed seeds (the same noise every time, so the curves show the model, not t
 guidance) per validation; it is logged when fit starts. CLIP-T pairs every sample with its prompt; CLIP-I and
 DINO pair the samples of the prompts that contain ``subject_match`` (all when None) with the first
 ``reference_images`` training images that are not regularisation / class images (the subject). The grid of
-the samples is saved as ``images/metrics_step<N>.png``. Every rank samples the same images (no gathering).
+the samples is saved as ``images/metrics_step<N>.png``. Every rank samples the same images (the mean over
+ranks that is logged is that value).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class SubjectMetricsLogger(L.Callback):
         images, prompts = self.sample(pl_module)
         values = self.compute(images, prompts)
         for name, value in values.items():
-            pl_module.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=False)
+            pl_module.log(f"val/{name}", value, on_step=False, on_epoch=True, sync_dist=True)
         self.history.append({"step": trainer.global_step, **values})
         if trainer.is_global_zero:
             folder = Path(trainer.default_root_dir) / "images"

@@ -264,6 +264,9 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert results and all(
             0.0 <= v <= 1.0 for r in results.values() for v in r.values() if isinstance(v, float)
         )
+    elif program == "benchmarks/clip_retrieval.py":
+        results = load_script(program).main([*argv, *short])
+        assert set(results) == {"val", "heldout"} and all(0 <= r["top1"] <= 1 for r in results.values())
     elif program == "scripts/evaluate.py":
         evaluate = load_script(program)
         if parse_only:

@@ -145,7 +145,7 @@ class SubjectMetrics(nn.Module):
     @torch.no_grad()
     def clip_text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """prompts -> CLIP text embeddings [N, D]."""
-        tokens = self.clip_processor(text=list(prompts), return_tensors="pt", padding=True)
+        tokens = self.clip_processor(text=list(prompts), return_tensors="pt", padding=True, truncation=True)
         device = self._device(self.clip_model)
         wrapped = _TensorFeatures(self.clip_model)
         return wrapped.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
