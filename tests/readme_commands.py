@@ -266,6 +266,8 @@ SHORT = {  # appended arguments (argparse: the last value wins)
         "2",
     ],
     "scripts/make_shards.py": ["--train-size", "8", "--val-size", "2"],
+    "benchmarks/clip_retrieval.py": ["--n", "8"],
+    "scripts/evaluate.py": ["--n", "1", "--sampler", "ddim", "--steps", "2"],
 }
 
 

@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import CONF, EXPERIMENTS
 
 BASES = {"_finetune", "_finetune_shapes", "_finetune_sd15", "_finetune_sdxl"}
-FINETUNES = [name for name in EXPERIMENTS if not name.startswith(("vae", "txt2img"))]  # txt2img_sdxl too
+NOT_FINETUNES = ("vae", "txt2img", "clip")  # txt2img_sdxl too
+FINETUNES = [name for name in EXPERIMENTS if not name.startswith(NOT_FINETUNES)]
 SD15 = [name for name in EXPERIMENTS if name.endswith("_sd15")]
 SDXL = [name for name in EXPERIMENTS if name.endswith("_sdxl") and not name.startswith("txt2img")]
 REAL_BASE = SD15 + SDXL  # the presets for a base the user gives

@@ -29,6 +29,7 @@ from PIL import Image
 
 from tests.conftest import compose_train, hard_linked_copy, load_script, shared_once
 from tests.forked_cli import run_train_forked
+from tests.metric_models import save_clip, save_dino
 from tests.readme_commands import SHORT, Command, env, readme_commands, tiny_for
 
 COMMANDS = readme_commands()
@@ -120,6 +121,8 @@ def make_user_files(root: Path) -> None:
     shutil.copy(embedding, root / "my-star.safetensors")  # triggered by its file name, as in AUTOMATIC1111
     vectors = load_embedding(embedding).vectors  # an AUTOMATIC1111 .pt, as their webui writes it
     torch.save({"string_to_param": {"*": vectors.flip(0)}, "name": "other"}, root / "other.pt")
+    save_clip(root / "metric_models" / "clip")  # tiny CLIP / DINO folders for scripts/evaluate.py
+    save_dino(root / "metric_models" / "dino")
     load_script("scripts/make_shards.py").main(
         [
             "--shapes",
@@ -163,6 +166,8 @@ def _placeholder(flag: str, work: Path) -> str:
         "--lora": "logs/lora_finetune/runs/*/adapters/*.safetensors",
         "--embedding": "logs/textual_inversion/runs/*/adapters/*.safetensors",
         "--hypernetwork": "logs/hypernetwork/runs/*/adapters/*.pt",
+        "--clip": "metric_models/clip",
+        "--dino": "metric_models/dino",
         "model.vae_ckpt": "logs/vae/runs/*/checkpoints/last.ckpt",
     }
     assert flag in patterns, f"README placeholder after {flag!r}: tell test_readme.py what it stands for"
@@ -261,6 +266,18 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
         assert results and all(
             0.0 <= v <= 1.0 for r in results.values() for v in r.values() if isinstance(v, float)
         )
+    elif program == "benchmarks/clip_retrieval.py":
+        results = load_script(program).main([*argv, *short])
+        assert set(results) == {"val", "heldout"} and all(0 <= r["top1"] <= 1 for r in results.values())
+    elif program == "scripts/evaluate.py":
+        evaluate = load_script(program)
+        if parse_only:
+            evaluate.parse_args(argv)
+            return
+        results = evaluate.main([*argv, *short])
+        assert results and all(
+            -1 <= v <= 1 for row in results.values() for k, v in row.items() if k != "samples"
+        )
     elif program == "benchmarks/dreambooth_step.py":
         tiny = [
             "data.concepts.0.num_class_images=2",
@@ -308,7 +325,8 @@ def test_readme_command(cmd: Command, prior_runs: Path, tmp_path: Path, monkeypa
     elif offline and cmd.program == "benchmarks/data_loading.py":
         load_script(cmd.program).parse_args(cmd.argv[2:])
     else:
-        assert not (offline and cmd.program != "sample.py"), f"{cmd.text!r}: needs a GPU or user files"
+        parsable = ("sample.py", "scripts/evaluate.py")
+        assert not (offline and cmd.program not in parsable), f"{cmd.text!r}: needs a GPU or user files"
         run_script(cmd, work, parse_only=offline)
 
 

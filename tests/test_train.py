@@ -19,6 +19,7 @@ from train import metric_value, train
 
 # Overrides that keep every experiment test-sized (each experiment may add its own tiny parts).
 TINY = {
+    "clip": ["data.train_size=32", "data.val_size=16", "data.batch_size=8"],
     "vae": ["model/vae=tiny", "data.train_size=64", "data.val_size=8", "data.batch_size=4"],
     "txt2img": [
         "model/vae=tiny",
