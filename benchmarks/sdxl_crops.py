@@ -93,19 +93,13 @@ def parse_crop(spec: str) -> tuple[int, int]:
 def sample_at(model, prompts, sampler, crop, original: int, seed: int, batch: int = 32) -> torch.Tensor:
     """``prompts`` sampled at size conditions original (original, original), crop ``crop``, target = the
     model's resolution; image i from seed ``seed + i`` whatever the crop."""
-    from ldm.models.pipeline import initial_noise
+    from ldm.models.pipeline import generate_batches
 
-    resolution = model.image_resolution
     sizes = {"original_size": (original, original), "crop_top_left": crop, "target_size": None}
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        seeds = [seed + start + j for j in range(len(chunk))]
-        images.append(
-            model.generate(
-                chunk, sampler=sampler, latents=initial_noise(model, seeds, resolution), sizes=sizes
-            )
-        )
+    batches = generate_batches(
+        model, sampler, prompts, seed=seed, batch_size=batch, progress=False, sizes=sizes, guidance=None
+    )
+    images = [b.images for b in batches]
     return torch.cat(images)
 
 

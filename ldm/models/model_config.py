@@ -32,6 +32,7 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
     "ldm.models.autoencoder.AutoencoderModule": ("ldm.models.autoencoder", "AutoencoderModule"),
     "ldm.models.latent_diffusion.LatentDiffusion": ("ldm.models.latent_diffusion", "LatentDiffusion"),
     "ldm.models.finetune.module.FineTuneModule": ("ldm.models.finetune.module", "FineTuneModule"),
+    "ldm.models.contrastive_clip.ContrastiveCLIP": ("ldm.models.contrastive_clip", "ContrastiveCLIP"),
     # fine-tuning methods
     "ldm.models.finetune.full.FullUNet": ("ldm.models.finetune.full", "FullUNet"),
     "ldm.models.finetune.hypernetwork.Hypernetwork": ("ldm.models.finetune.hypernetwork", "Hypernetwork"),
@@ -63,6 +64,7 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
         "ldm.modules.text_encoder_pooled",
         "PooledCLIPTextEncoder.from_config",
     ),
+    "ldm.modules.shapes_clip.ShapesCLIP": ("ldm.modules.shapes_clip", "ShapesCLIP"),
     "ldm.modules.size_embedding.SizeEmbedding": ("ldm.modules.size_embedding", "SizeEmbedding"),
     "ldm.modules.conditioner.Conditioner": ("ldm.modules.conditioner", "Conditioner"),
     "ldm.modules.conditioner.embedder": ("ldm.modules.conditioner", "embedder"),
@@ -88,6 +90,7 @@ MODEL_TARGETS = (
     "ldm.models.autoencoder.AutoencoderModule",
     "ldm.models.latent_diffusion.LatentDiffusion",
     "ldm.models.finetune.module.FineTuneModule",
+    "ldm.models.contrastive_clip.ContrastiveCLIP",
 )
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
 _RESERVED_KEYS = {"_target_", "_partial_"}

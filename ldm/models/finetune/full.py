@@ -12,13 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ldm.io.single_file_export import export_single_file
 from ldm.models.finetune.method import FineTuneMethod, check_state_keys
 from ldm.models.finetune.text_parts import text_parts
-from ldm.utils.files import atomic_save_safetensors
 
 UNET_PREFIX, TEXT_PREFIX = "unet.", "text_encoder."  # SDXL's second text encoder: text_encoder_2.
 
@@ -98,15 +96,16 @@ class FullUNet(FineTuneMethod):
     # -- output ----------------------------------------------------------------------------------------
     def export(self, path: str | Path, metadata: Mapping[str, Any]) -> Path:
         """The whole fine-tuned model as an SD single file (the module swaps in EMA weights when it keeps
-        them)."""
+        them); an SDXL base gives an SDXL single file (sgm's layout: bigG under
+        ``conditioner.embedders.1.model``) that AUTOMATIC1111, ComfyUI and ``from_single_file`` load."""
         model = self.model
-        if len(text_parts(model)) > 1:
-            return self._export_sdxl(Path(path).with_suffix(".safetensors"), metadata)
+        texts = list(text_parts(model).values())
         return export_single_file(
             Path(path).with_suffix(".safetensors"),
             self._unet(),
             model.vae,
-            model.text_encoder,
+            texts[0],
+            text_encoder_2=texts[1] if len(texts) > 1 else None,
             schedule=model.schedule,
             parameterization=model.hparams.parameterization,
             scale_factor=float(model.scale_factor),
@@ -114,24 +113,3 @@ class FullUNet(FineTuneMethod):
             dtype=self.export_dtype,
             metadata={"ldm.method": "dreambooth-full-unet", **dict(metadata)},
         )
-
-    def _export_sdxl(self, path: Path, metadata: Mapping[str, Any]) -> Path:
-        """SDXL: the fine-tuned UNet in the SDXL single file's layout (``model.diffusion_model.*``: what
-        ComfyUI's "Load Diffusion Model" and a single file's UNet part hold), with the trained text encoders
-        under ``conditioner.embedders.<i>.transformer.*`` (transformers' CLIP layout), in ``export_dtype``.
-        The VAE and any frozen text encoder are the base's, unchanged."""
-        dtype = getattr(torch, self.export_dtype)
-        tensors = {f"model.diffusion_model.{k}": v for k, v in self._unet().state_dict().items()}
-        for i, text in enumerate(self._text_transformers().values()):
-            tensors.update(
-                {f"conditioner.embedders.{i}.transformer.{k}": v for k, v in text.state_dict().items()}
-            )
-        tensors = {
-            k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
-            for k, v in tensors.items()
-        }
-        info = {str(k): str(v) for k, v in metadata.items()}
-        info.update(
-            {"ldm.method": "dreambooth-full-unet", "modelspec.architecture": "stable-diffusion-xl-v1-base"}
-        )
-        return atomic_save_safetensors(tensors, path, info)
