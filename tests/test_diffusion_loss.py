@@ -149,8 +149,10 @@ def test_loss_group_sets_the_model_keys(compose_cfg, preset):
 
 
 def test_plain_keys_still_override(compose_cfg):
+    # txt2img's default is v + Min-SNR-5 (the convergence grid, docs/results.md); SD-style fine-tunes keep eps
     default = compose_cfg(["experiment=txt2img"])
-    assert (default.model.parameterization, default.model.min_snr_gamma) == ("eps", None)
+    assert (default.model.parameterization, default.model.min_snr_gamma) == ("v", 5.0)
+    assert compose_cfg(["experiment=txt2img_sdxl"]).model.parameterization == "eps"
     cfg = compose_cfg(
         ["experiment=txt2img", "model/loss=v_min_snr", "model.parameterization=x0", "model.min_snr_gamma=2.0"]
     )
