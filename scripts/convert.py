@@ -126,7 +126,7 @@ def main(argv=None) -> Path:
         summary = load_lora(
             path,
             unet=components.unet,
-            text_encoder=components.text_encoder,
+            text_encoders=components.text_encoders,
             multiplier=multiplier,
             merge=True,
         )

@@ -25,6 +25,7 @@ from ldm.modules.vae import AutoencoderKL
 from tests.conftest import add_training_callback, captioned_image_folder, compose_train
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from tests.test_resume_exact import KILL_STEP, QUIET, SCHEDULE, max_difference, run_cli
+from tests.test_sample_cli import convert_main
 from train import train
 
 PARTS = ["model/sampler=ddim", "model.sampler.steps=2", *QUIET]
@@ -77,16 +78,29 @@ def run(tmp_path: Path, args: list[str], name: str = "run"):
     return objects["model"], Path(cfg.paths.output_dir)
 
 
-def perturb_method(model) -> None:
+def perturb_method(model, std: float = 0.2) -> None:
     """LoRA up weights start at zero: give every trained tensor a seeded value so the file matters."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.method.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+            p.add_(torch.randn(p.shape, generator=generator) * std)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
-def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(tmp_path, sdxl_base, layout):
+LAYOUT_ALGOS = [("kohya", "lora"), ("peft", "lora"), ("kohya", "loha"), ("kohya", "lokr"), ("peft", "dora")]
+MARKERS = {
+    "lora": "weight",
+    "loha": "hada_w1_a",
+    "lokr": "lokr_w1",
+    "dora": "lora_magnitude_vector",
+}
+
+
+@pytest.mark.parametrize("layout,algo", LAYOUT_ALGOS)
+def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(
+    tmp_path, sdxl_base, layout, algo
+):
+    """Every algorithm (model.method.algo) on SDXL: the file sample.py --lora reads and convert.py --lora
+    bakes gives the trained model's conditions and UNet output."""
     model, _ = run(
         tmp_path,
         folder_overrides(
@@ -96,9 +110,11 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(
             "model.offload_text_encoder=false",
             f"model.method.export_format={layout}",
             "model.method.rank=4",
+            f"model.method.algo={algo}",
+            "model.method.factor=4",
         ),
     )
-    perturb_method(model)
+    perturb_method(model, 0.05 if algo == "loha" else 0.2)  # LoHa's delta is a product of four factors
     path = model.export(tmp_path / "sdxl_lora.safetensors")
     with safe_open(path, "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
@@ -108,18 +124,34 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(
     if layout == "kohya":
         assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
         assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # sgm module names, as kohya's SDXL
+        module = "networks.lora" if algo == "lora" else "lycoris.kohya"
+        assert metadata["ss_network_module"] == module
     else:
         assert any(k.startswith("text_encoder_2.") for k in keys)
+    assert any(k.startswith(("lora_te2_", "text_encoder_2.")) and k.endswith(MARKERS[algo]) for k in keys)
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
     model.eval()
     sampled = load_for_sampling(str(sdxl_base), loras=[str(path)])
     plain = load_for_sampling(str(sdxl_base))
-    ours, theirs, base = (denoise(m) for m in (model, sampled, plain))
+    baked = convert_main()(
+        [
+            "--base",
+            str(sdxl_base),
+            "--lora",
+            str(path),
+            "--out",
+            str(tmp_path / "baked.safetensors"),
+            "--fp32",
+        ]
+    )
+    baked = load_for_sampling(str(baked))
+    ours, theirs, base, merged = (denoise(m) for m in (model, sampled, plain, baked))
     for key in ours:  # text encoders (context, pooled vector) and the UNet's output
         same, changed = (ours[key] - theirs[key]).abs().max(), (ours[key] - base[key]).abs().max()
         assert same <= 2e-5, key  # merged into the weights vs a LoRA layer: float32 rounding only
         assert changed > 10 * same, key  # the file matters
+        assert (merged[key] - theirs[key]).abs().max() <= 2e-5, key  # convert.py --lora bakes the same
 
 
 def denoise(model) -> dict[str, torch.Tensor]:
