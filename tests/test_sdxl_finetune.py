@@ -228,6 +228,63 @@ def test_sdxl_textual_inversion_writes_clip_l_and_clip_g_and_reads_back(tmp_path
         apply_any_embedding(xl.text_encoders, str(wide))
 
 
+def test_sdxl_pivotal_tuning_bundles_clip_l_and_clip_g_and_sampling_adds_both(tmp_path, sdxl_base):
+    """pivotal_tuning_sdxl: the kohya SDXL LoRA bundles the token as bundle_emb.<token>.clip_l / .clip_g (the
+    dict AUTOMATIC1111's embedding loader takes for SDXL), the embedding is also written alone, and
+    ``sample.py --lora`` (load_for_sampling) adds both encoders' vectors: the same conditions as training."""
+    from ldm.io.bundled_embeddings import apply_bundled_embeddings, read_bundled_embeddings
+
+    model, _ = run(
+        tmp_path,
+        folder_overrides(
+            "pivotal_tuning_sdxl",
+            sdxl_base,
+            'model.method.textual_inversion.placeholder="<toy>"',
+            "model.method.textual_inversion.initializer_word=toy",
+            "model.method.lora.rank=4",
+            "model.log_prompts=['a <toy>']",
+        ),
+    )
+    perturb_method(model)
+    path = model.export(tmp_path / "pivotal.safetensors")
+    with safe_open(path, "pt") as handle:
+        keys = list(handle.keys())
+        bundled = {k: tuple(handle.get_tensor(k).shape) for k in keys if k.startswith("bundle_emb.")}
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert bundled == {"bundle_emb.<toy>.clip_l": (2, 32), "bundle_emb.<toy>.clip_g": (2, 48)}
+    a1111 = {}  # AUTOMATIC1111's rule: bundle_emb.<name>.<rest> -> {name: {rest: tensor}}
+    for key in bundled:
+        name, rest = key.split(".", 2)[1:]
+        a1111.setdefault(name, {})[rest] = key
+    assert set(a1111) == {"<toy>"} and {"clip_l", "clip_g"} <= set(a1111["<toy>"])  # its SDXL embedding test
+    with safe_open(tmp_path / "pivotal_emb.safetensors", "pt") as handle:
+        assert set(handle.keys()) == {"clip_l", "clip_g"}
+
+    model.eval()
+    sampled = load_for_sampling(str(sdxl_base), loras=[str(path)])
+    batch = {**size_batch(), "caption": ["a <toy> on a table"]}
+    with torch.no_grad():
+        ours, theirs = model.conditions(batch), sampled.conditions(batch)
+    with torch.no_grad():  # the LoRA is on the UNet only: the conditions differ from the base's by the token
+        plain = load_for_sampling(str(sdxl_base)).conditions(batch)
+    for key in ("crossattn", "vector"):
+        assert (ours[key] - theirs[key]).abs().max() <= 2e-5, key
+        assert (ours[key] - plain[key]).abs().max() > 1e-3, key
+    assert [tuple(v.shape) for v in read_bundled_embeddings(path)["<toy>"]] == [(2, 32), (2, 48)]
+
+    sd = tiny_random_base(32, "sd")  # an SDXL bundle on a one-encoder base, and the reverse: one clear error
+    with pytest.raises(ValueError, match="bundles '<toy>' as an SDXL embedding.*\\[64\\] wide"):
+        apply_bundled_embeddings([sd.text_encoder], path)
+    from ldm.io.bundled_embeddings import add_bundled_embeddings
+
+    sd1_bundle = tmp_path / "sd1_bundle.safetensors"
+    sd1_bundle.write_bytes(path.read_bytes())
+    add_bundled_embeddings(sd1_bundle, {"<x>": torch.zeros(1, 64)})
+    xl = tiny_random_base(32, "sdxl")
+    with pytest.raises(ValueError, match="bundles '<x>' as an SD 1.x/2.x embedding.*\\[32, 48\\] wide"):
+        apply_bundled_embeddings(xl.text_encoders, sd1_bundle)
+
+
 def size_batch(n: int = 1) -> dict:
     return {
         "original_size_as_tuple": torch.tensor([[32, 32]] * n),
