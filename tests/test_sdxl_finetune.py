@@ -228,6 +228,35 @@ def test_sdxl_textual_inversion_writes_clip_l_and_clip_g_and_reads_back(tmp_path
         apply_any_embedding(xl.text_encoders, str(wide))
 
 
+def test_sdxl_textual_inversion_as_an_a1111_pt_holds_the_clip_l_clip_g_dict(tmp_path, sdxl_base):
+    """export_format=a1111_pt on SDXL: a .pt of {"clip_l", "clip_g"} tensors only (AUTOMATIC1111's embedding
+    loader takes such a dict as an SDXL embedding and detaches every value), read back by sample.py
+    --embedding (the token: the file name, A1111's rule, or file:token)."""
+    model, _ = run(
+        tmp_path,
+        folder_overrides(
+            "textual_inversion_sdxl",
+            sdxl_base,
+            'model.method.placeholder="<toy>"',
+            "model.method.initializer_word=toy",
+            "model.method.export_format=a1111_pt",
+            "model.log_prompts=['a <toy>']",
+            "trainer.accumulate_grad_batches=1",
+        ),
+    )
+    perturb_method(model)
+    path = model.export(tmp_path / "toy.safetensors")
+    assert path.suffix == ".pt"
+    payload = torch.load(path, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in payload.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    sampled = load_for_sampling(str(sdxl_base), embeddings=[f"{path}:<toy>"])
+    batch = {**size_batch(), "caption": ["a <toy> on a table"]}
+    with torch.no_grad():
+        ours, theirs = model.conditions(batch), sampled.conditions(batch)
+    assert (ours["crossattn"] - theirs["crossattn"]).abs().max() < 1e-5
+    assert apply_any_embedding(tiny_random_base(32, "sdxl").text_encoders, str(path)).token == "toy"
+
+
 def test_sdxl_pivotal_tuning_bundles_clip_l_and_clip_g_and_sampling_adds_both(tmp_path, sdxl_base):
     """pivotal_tuning_sdxl: the kohya SDXL LoRA bundles the token as bundle_emb.<token>.clip_l / .clip_g (the
     dict AUTOMATIC1111's embedding loader takes for SDXL), the embedding is also written alone, and
@@ -271,6 +300,14 @@ def test_sdxl_pivotal_tuning_bundles_clip_l_and_clip_g_and_sampling_adds_both(tm
         assert (ours[key] - theirs[key]).abs().max() <= 2e-5, key
         assert (ours[key] - plain[key]).abs().max() > 1e-3, key
     assert [tuple(v.shape) for v in read_bundled_embeddings(path)["<toy>"]] == [(2, 32), (2, 48)]
+    # convert.py --lora bakes the LoRA and writes the bundled token beside the model file
+    baked = convert_main()(
+        ["--base", str(sdxl_base), "--lora", str(path), "--out", str(tmp_path / "m.safetensors")]
+    )
+    assert (tmp_path / "m_toy.safetensors").is_file()
+    baked = load_for_sampling(str(baked), embeddings=[str(tmp_path / "m_toy.safetensors")])
+    with torch.no_grad():
+        assert (baked.conditions(batch)["crossattn"] - ours["crossattn"]).abs().max() <= 1e-3  # fp16 file
 
     sd = tiny_random_base(32, "sd")  # an SDXL bundle on a one-encoder base, and the reverse: one clear error
     with pytest.raises(ValueError, match="bundles '<toy>' as an SDXL embedding.*\\[64\\] wide"):
