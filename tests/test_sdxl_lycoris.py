@@ -218,3 +218,17 @@ def test_the_sd1_readers_name_where_an_sdxl_file_is_read(tmp_path):
     for reader in (load_kohya_lora, load_lycoris_lora):
         with pytest.raises(KeyError, match="lora_te1_/lora_te2_ keys are an SDXL LoRA.*load_sdxl_lora"):
             reader(path, unet=sd.unet, text_encoder=sd.text_encoder, merge=True)
+
+
+def test_sdxl_locon_files_carry_kohyas_conv_dim_and_conv_alpha(tmp_path):
+    parts, base = adapted("lora")  # LoRA on the transformers, rank 4 / alpha 2, and the 3x3 convs, 2 / 1
+    path = save_sdxl_lora(tmp_path / "locon.safetensors", parts)
+    meta = read_safetensors_metadata(path)
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == (
+        "networks.lora",
+        "4",
+        "2.0",
+    )
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    fresh, _ = load_into(path, base, merge=True)
+    assert_same(outputs(fresh), outputs(parts))

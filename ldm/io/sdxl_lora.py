@@ -41,11 +41,12 @@ from torch import nn
 from ldm.io.adapter_files import apply_adapter_tensors
 from ldm.io.bundled_embeddings import BUNDLE_PREFIX
 from ldm.io.diffusers_names import find_unet, text_encoder_module_names, unet_module_names
-from ldm.io.kohya_lora import _SUFFIXES, _group_entries, _tensor_data_hash
+from ldm.io.kohya_lora import _SUFFIXES, _format_number, _group_entries, _tensor_data_hash
 from ldm.io.lora_files import apply_lora_tensors, metadata_str
 from ldm.io.lycoris_lora import _check_network, lycoris_metadata
 from ldm.io.peft_lora import _PEFT_PARTS, LORA_ADAPTER_METADATA_KEY, _pattern_value
 from ldm.io.safe_load import load_safetensors_file, read_safetensors_metadata
+from ldm.modules.adapters.algorithms import is_conv_kernel
 from ldm.modules.adapters.lora import lora_modules
 from ldm.utils.files import atomic_save_safetensors
 
@@ -99,11 +100,18 @@ def _metadata(layers, tensors, path: Path, layout: str, factor: int | None) -> d
     }
     if layout == "peft":
         return {"format": "pt", **common}
+    convs = [layer for *_, layer in layers if is_conv_kernel(layer)]  # LoCon: kohya's conv_dim / conv_alpha
+    plain = [layer for *_, layer in layers if not is_conv_kernel(layer)] or convs
     network = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(most_common(layer.rank for _, _, layer in layers)),
-        "ss_network_alpha": str(float(most_common(layer.alpha for _, _, layer in layers))),
+        "ss_network_dim": str(most_common(layer.rank for layer in plain)),
+        "ss_network_alpha": str(float(most_common(layer.alpha for layer in plain))),
     }
+    if convs:
+        conv_alpha = _format_number(most_common(layer.alpha for layer in convs))
+        network["ss_network_args"] = json.dumps(
+            {"conv_dim": str(most_common(layer.rank for layer in convs)), "conv_alpha": conv_alpha}
+        )
     if any(layer.algo != "lora" for *_, layer in layers):  # LoHa / LoKr / DoRA: LyCORIS's network
         network = lycoris_metadata({key: layer for _, key, layer in layers}, factor)
     return {
