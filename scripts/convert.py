@@ -15,13 +15,15 @@ layout but loads only back here (``ldm.config`` metadata holds its exact archite
 released shapes only, and this script says so. ``--diffusers`` writes a diffusers model folder instead
 (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``, float32 unless ``--fp16``). ``--lora``
 (repeatable, ``file[:multiplier]``, kohya or diffusers/PEFT) bakes LoRA files into the weights first, the
-merge users otherwise run kohya's scripts for. A fine-tuning run's checkpoint holds only its adapter: given
+merge users otherwise run kohya's scripts for; a token a LoRA file bundles (pivotal tuning) is written beside
+``--out`` as ``<out name>_<token>.safetensors``. A fine-tuning run's checkpoint holds only its adapter: given
 one, this says so and what to pass instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -126,11 +128,12 @@ def main(argv=None) -> Path:
         summary = load_lora(
             path,
             unet=components.unet,
-            text_encoder=components.text_encoder,
+            text_encoders=components.text_encoders,
             multiplier=multiplier,
             merge=True,
         )
         print(f"baked in {summary['format']} LoRA {path} x{multiplier} ({summary['modules']} modules)")
+    write_bundled_embeddings(args.lora, Path(args.out))
     if args.diffusers:
         out = export_diffusers_folder(components, args.out, dtype="float16" if args.fp16 else "float32")
         print(f"wrote {out} (a diffusers {components.version} folder)")
@@ -157,6 +160,32 @@ def main(argv=None) -> Path:
     if components.version == "custom":
         print(scope_note(out))
     return out
+
+
+def write_bundled_embeddings(specs: list[str], out: Path) -> list[Path]:
+    """A model file has no place for the textual-inversion tokens a --lora file bundles (pivotal tuning): each
+    is written beside --out as ``<out name>_<token>.safetensors`` (SD 1.x/2.x: ``emb_params``; SDXL:
+    ``clip_l`` / ``clip_g``), saying so in one line, so the baked model keeps its trigger word."""
+    from ldm.io.bundled_embeddings import read_bundled_embeddings
+    from ldm.io.embeddings import save_embedding
+    from ldm.io.sdxl_embeddings import save_sdxl_embedding
+
+    written = []
+    for spec in specs:
+        path = split_lora(spec)[0]
+        for token, vectors in read_bundled_embeddings(path).items():
+            target = out.parent / f"{out.stem}_{re.sub(r'[^A-Za-z0-9_-]+', '', token) or 'token'}.safetensors"
+            meta = {"ldm.bundled_in": Path(path).name}
+            if isinstance(vectors, tuple):
+                save_sdxl_embedding(target, vectors, token, meta)
+            else:
+                save_embedding(target, vectors, token, "a1111", meta)
+            print(
+                f"note: {path} bundles the embedding {token}, which a model file cannot hold: wrote it to "
+                f"{target} (sample.py --embedding {target}; AUTOMATIC1111 names it after the file)"
+            )
+            written.append(target)
+    return written
 
 
 def scope_note(out: Path) -> str:

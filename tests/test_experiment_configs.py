@@ -19,7 +19,7 @@ REAL_BASE = SD15 + SDXL  # the presets for a base the user gives
 def test_bases_are_building_blocks_not_experiments():
     files = {p.stem for p in (CONF / "experiment").glob("*.yaml")}
     assert BASES <= files and not BASES & set(EXPERIMENTS)
-    assert len(FINETUNES) == 18 and len(SD15) == 5 and len(SDXL) == 5  # pivotal_tuning: the 18th
+    assert len(FINETUNES) == 19 and len(SD15) == 5 and len(SDXL) == 6  # pivotal_tuning(_sdxl): 18th, 19th
 
 
 def test_the_finetune_defaults_pair_is_written_once():

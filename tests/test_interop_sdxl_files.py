@@ -359,4 +359,7 @@ def test_released_vocabulary_gives_bigg_a_tokenizer_padding_with_bang(tmp_path):
     ids = lambda tok: tok("t5", padding="max_length", max_length=6).input_ids
     assert ids(clip)[-1] == 49407 and ids(bigg)[-1] == 0  # SDXL's tokenizer_2 pads with "!" (id 0)
     assert ids(clip)[:3] == ids(bigg)[:3]
-    assert _bigg_tokenizer(clip, embedded=True) is clip  # our exports' embedded tokenizer serves both
+    embedded = _bigg_tokenizer(clip, embedded=True)  # our exports' embedded tokenizer serves both, as it is,
+    assert ids(embedded) == ids(clip) and embedded is not clip  # but as a copy: a token added to one encoder
+    embedded.add_tokens(["<toy>"])  # (an embedding) does not reach the other's vocabulary without its row
+    assert "<toy>" not in clip.get_vocab()

@@ -25,6 +25,7 @@ from ldm.modules.vae import AutoencoderKL
 from tests.conftest import add_training_callback, captioned_image_folder, compose_train
 from tests.test_buckets import MIXED_SIZES, make_mixed_folder
 from tests.test_resume_exact import KILL_STEP, QUIET, SCHEDULE, max_difference, run_cli
+from tests.test_sample_cli import convert_main
 from train import train
 
 PARTS = ["model/sampler=ddim", "model.sampler.steps=2", *QUIET]
@@ -77,16 +78,29 @@ def run(tmp_path: Path, args: list[str], name: str = "run"):
     return objects["model"], Path(cfg.paths.output_dir)
 
 
-def perturb_method(model) -> None:
+def perturb_method(model, std: float = 0.2) -> None:
     """LoRA up weights start at zero: give every trained tensor a seeded value so the file matters."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.method.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+            p.add_(torch.randn(p.shape, generator=generator) * std)
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
-def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(tmp_path, sdxl_base, layout):
+LAYOUT_ALGOS = [("kohya", "lora"), ("peft", "lora"), ("kohya", "loha"), ("kohya", "lokr"), ("peft", "dora")]
+MARKERS = {
+    "lora": "weight",
+    "loha": "hada_w1_a",
+    "lokr": "lokr_w1",
+    "dora": "lora_magnitude_vector",
+}
+
+
+@pytest.mark.parametrize("layout,algo", LAYOUT_ALGOS)
+def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(
+    tmp_path, sdxl_base, layout, algo
+):
+    """Every algorithm (model.method.algo) on SDXL: the file sample.py --lora reads and convert.py --lora
+    bakes gives the trained model's conditions and UNet output."""
     model, _ = run(
         tmp_path,
         folder_overrides(
@@ -96,9 +110,11 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(
             "model.offload_text_encoder=false",
             f"model.method.export_format={layout}",
             "model.method.rank=4",
+            f"model.method.algo={algo}",
+            "model.method.factor=4",
         ),
     )
-    perturb_method(model)
+    perturb_method(model, 0.05 if algo == "loha" else 0.2)  # LoHa's delta is a product of four factors
     path = model.export(tmp_path / "sdxl_lora.safetensors")
     with safe_open(path, "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
@@ -108,18 +124,34 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_reads_back_to_the_same_images(
     if layout == "kohya":
         assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
         assert any(k.startswith("lora_unet_input_blocks_") for k in keys)  # sgm module names, as kohya's SDXL
+        module = "networks.lora" if algo == "lora" else "lycoris.kohya"
+        assert metadata["ss_network_module"] == module
     else:
         assert any(k.startswith("text_encoder_2.") for k in keys)
+    assert any(k.startswith(("lora_te2_", "text_encoder_2.")) and k.endswith(MARKERS[algo]) for k in keys)
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
     model.eval()
     sampled = load_for_sampling(str(sdxl_base), loras=[str(path)])
     plain = load_for_sampling(str(sdxl_base))
-    ours, theirs, base = (denoise(m) for m in (model, sampled, plain))
+    baked = convert_main()(
+        [
+            "--base",
+            str(sdxl_base),
+            "--lora",
+            str(path),
+            "--out",
+            str(tmp_path / "baked.safetensors"),
+            "--fp32",
+        ]
+    )
+    baked = load_for_sampling(str(baked))
+    ours, theirs, base, merged = (denoise(m) for m in (model, sampled, plain, baked))
     for key in ours:  # text encoders (context, pooled vector) and the UNet's output
         same, changed = (ours[key] - theirs[key]).abs().max(), (ours[key] - base[key]).abs().max()
         assert same <= 2e-5, key  # merged into the weights vs a LoRA layer: float32 rounding only
         assert changed > 10 * same, key  # the file matters
+        assert (merged[key] - theirs[key]).abs().max() <= 2e-5, key  # convert.py --lora bakes the same
 
 
 def denoise(model) -> dict[str, torch.Tensor]:
@@ -194,6 +226,100 @@ def test_sdxl_textual_inversion_writes_clip_l_and_clip_g_and_reads_back(tmp_path
     )
     with pytest.raises(ValueError, match="clip_l is 768 wide.*\\[32, 48\\]"):
         apply_any_embedding(xl.text_encoders, str(wide))
+
+
+def test_sdxl_textual_inversion_as_an_a1111_pt_holds_the_clip_l_clip_g_dict(tmp_path, sdxl_base):
+    """export_format=a1111_pt on SDXL: a .pt of {"clip_l", "clip_g"} tensors only (AUTOMATIC1111's embedding
+    loader takes such a dict as an SDXL embedding and detaches every value), read back by sample.py
+    --embedding (the token: the file name, A1111's rule, or file:token)."""
+    model, _ = run(
+        tmp_path,
+        folder_overrides(
+            "textual_inversion_sdxl",
+            sdxl_base,
+            'model.method.placeholder="<toy>"',
+            "model.method.initializer_word=toy",
+            "model.method.export_format=a1111_pt",
+            "model.log_prompts=['a <toy>']",
+            "trainer.accumulate_grad_batches=1",
+        ),
+    )
+    perturb_method(model)
+    path = model.export(tmp_path / "toy.safetensors")
+    assert path.suffix == ".pt"
+    payload = torch.load(path, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in payload.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}
+    sampled = load_for_sampling(str(sdxl_base), embeddings=[f"{path}:<toy>"])
+    batch = {**size_batch(), "caption": ["a <toy> on a table"]}
+    with torch.no_grad():
+        ours, theirs = model.conditions(batch), sampled.conditions(batch)
+    assert (ours["crossattn"] - theirs["crossattn"]).abs().max() < 1e-5
+    assert apply_any_embedding(tiny_random_base(32, "sdxl").text_encoders, str(path)).token == "toy"
+
+
+def test_sdxl_pivotal_tuning_bundles_clip_l_and_clip_g_and_sampling_adds_both(tmp_path, sdxl_base):
+    """pivotal_tuning_sdxl: the kohya SDXL LoRA bundles the token as bundle_emb.<token>.clip_l / .clip_g (the
+    dict AUTOMATIC1111's embedding loader takes for SDXL), the embedding is also written alone, and
+    ``sample.py --lora`` (load_for_sampling) adds both encoders' vectors: the same conditions as training."""
+    from ldm.io.bundled_embeddings import apply_bundled_embeddings, read_bundled_embeddings
+
+    model, _ = run(
+        tmp_path,
+        folder_overrides(
+            "pivotal_tuning_sdxl",
+            sdxl_base,
+            'model.method.textual_inversion.placeholder="<toy>"',
+            "model.method.textual_inversion.initializer_word=toy",
+            "model.method.lora.rank=4",
+            "model.log_prompts=['a <toy>']",
+        ),
+    )
+    perturb_method(model)
+    path = model.export(tmp_path / "pivotal.safetensors")
+    with safe_open(path, "pt") as handle:
+        keys = list(handle.keys())
+        bundled = {k: tuple(handle.get_tensor(k).shape) for k in keys if k.startswith("bundle_emb.")}
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert bundled == {"bundle_emb.<toy>.clip_l": (2, 32), "bundle_emb.<toy>.clip_g": (2, 48)}
+    a1111 = {}  # AUTOMATIC1111's rule: bundle_emb.<name>.<rest> -> {name: {rest: tensor}}
+    for key in bundled:
+        name, rest = key.split(".", 2)[1:]
+        a1111.setdefault(name, {})[rest] = key
+    assert set(a1111) == {"<toy>"} and {"clip_l", "clip_g"} <= set(a1111["<toy>"])  # its SDXL embedding test
+    with safe_open(tmp_path / "pivotal_emb.safetensors", "pt") as handle:
+        assert set(handle.keys()) == {"clip_l", "clip_g"}
+
+    model.eval()
+    sampled = load_for_sampling(str(sdxl_base), loras=[str(path)])
+    batch = {**size_batch(), "caption": ["a <toy> on a table"]}
+    with torch.no_grad():
+        ours, theirs = model.conditions(batch), sampled.conditions(batch)
+    with torch.no_grad():  # the LoRA is on the UNet only: the conditions differ from the base's by the token
+        plain = load_for_sampling(str(sdxl_base)).conditions(batch)
+    for key in ("crossattn", "vector"):
+        assert (ours[key] - theirs[key]).abs().max() <= 2e-5, key
+        assert (ours[key] - plain[key]).abs().max() > 1e-3, key
+    assert [tuple(v.shape) for v in read_bundled_embeddings(path)["<toy>"]] == [(2, 32), (2, 48)]
+    # convert.py --lora bakes the LoRA and writes the bundled token beside the model file
+    baked = convert_main()(
+        ["--base", str(sdxl_base), "--lora", str(path), "--out", str(tmp_path / "m.safetensors")]
+    )
+    assert (tmp_path / "m_toy.safetensors").is_file()
+    baked = load_for_sampling(str(baked), embeddings=[str(tmp_path / "m_toy.safetensors")])
+    with torch.no_grad():
+        assert (baked.conditions(batch)["crossattn"] - ours["crossattn"]).abs().max() <= 1e-3  # fp16 file
+
+    sd = tiny_random_base(32, "sd")  # an SDXL bundle on a one-encoder base, and the reverse: one clear error
+    with pytest.raises(ValueError, match="bundles '<toy>' as an SDXL embedding.*\\[64\\] wide"):
+        apply_bundled_embeddings([sd.text_encoder], path)
+    from ldm.io.bundled_embeddings import add_bundled_embeddings
+
+    sd1_bundle = tmp_path / "sd1_bundle.safetensors"
+    sd1_bundle.write_bytes(path.read_bytes())
+    add_bundled_embeddings(sd1_bundle, {"<x>": torch.zeros(1, 64)})
+    xl = tiny_random_base(32, "sdxl")
+    with pytest.raises(ValueError, match="bundles '<x>' as an SD 1.x/2.x embedding.*\\[32, 48\\] wide"):
+        apply_bundled_embeddings(xl.text_encoders, sd1_bundle)
 
 
 def size_batch(n: int = 1) -> dict:

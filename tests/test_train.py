@@ -110,6 +110,11 @@ for _name in ("lora", "textual_inversion", "hypernetwork", "dreambooth", "dreamb
         *(["data.source.resolution=32"] if not _name.startswith("dreambooth") else []),
         *REAL_BASE_PRESETS[f"{_name}_sd15"],
     ]
+REAL_BASE_PRESETS["pivotal_tuning_sdxl"] = [
+    "data.source.resolution=32",
+    'model.method.textual_inversion.placeholder="<toy>"',
+    "model.method.textual_inversion.initializer_word=toy",
+]
 
 
 def tiny_overrides(name: str) -> list[str]:

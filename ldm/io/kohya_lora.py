@@ -215,8 +215,8 @@ def load_kohya_lora(
     bad_prefix = [k for k in tensors if not k.startswith((UNET_PREFIX, TEXT_ENCODER_PREFIX))]
     if bad_prefix:
         raise KeyError(
-            f"{source}: {len(bad_prefix)} keys are not kohya LoRA keys (lora_unet_* / lora_te_*), "
-            f"e.g. {bad_prefix[:5]} (SDXL lora_te1_/lora_te2_ files are not supported)"
+            f"{source}: {len(bad_prefix)} keys are not kohya LoRA keys (lora_unet_* / lora_te_*) of an SD "
+            f"1.x/2.x base, e.g. {bad_prefix[:5]}{sdxl_hint(bad_prefix)}"
         )
     entries = _group_entries(tensors, source)
     summary = apply_lora_tensors(
@@ -231,6 +231,16 @@ def load_kohya_lora(
     )
     summary["metadata"] = metadata
     return summary
+
+
+def sdxl_hint(keys) -> str:
+    """For keys an SD 1.x/2.x reader refused: where an SDXL file (``lora_te1_`` / ``lora_te2_``) is read."""
+    if not any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        return ""
+    return (
+        "; lora_te1_/lora_te2_ keys are an SDXL LoRA: load it into an SDXL base with "
+        "ldm.io.sdxl_lora.load_sdxl_lora, or ldm.io.lora_any.load_lora(..., text_encoders=[te1, te2])"
+    )
 
 
 def _kohya_component(name: str) -> str:

@@ -36,6 +36,7 @@ from ldm.io.kohya_lora import (
     _most_common,
     _tensor_data_hash,
     kohya_module_map,
+    sdxl_hint,
 )
 from ldm.io.lora_files import metadata_str
 from ldm.io.safe_load import load_safetensors_file, read_safetensors_metadata
@@ -146,6 +147,7 @@ def load_lycoris_lora(
     if bad_prefix:
         raise KeyError(
             f"{source}: {len(bad_prefix)} keys are not lora_unet_* / lora_te_* keys, e.g. {bad_prefix[:5]}"
+            + sdxl_hint(bad_prefix)
         )
     entries: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

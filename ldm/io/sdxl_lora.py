@@ -14,6 +14,12 @@ Two layouts, written by ``save_sdxl_lora`` and read by ``load_sdxl_lora``:
   ``text_encoder_2.<transformers path>``, each ``.lora_A.weight`` / ``.lora_B.weight``, ``alpha / rank``
   folded into ``lora_B`` (as ``ldm.io.peft_lora``).
 
+Every adapter algorithm (``ldm.modules.adapters.algorithms``) in the kohya layout: LoHa / LoKr / DoRA layers
+are written with the LyCORIS tensor names (``hada_w1_a``..., ``lokr_w1``..., ``dora_scale``; see
+``ldm.io.lycoris_lora``) and its metadata (``ss_network_module: lycoris.kohya``, ``ss_network_args``), as
+kohya's sd-scripts with ``--network_module lycoris.kohya`` writes them for SDXL; DoRA also in the PEFT layout
+(``<module>.lora_magnitude_vector`` beside ``lora_A`` / ``lora_B``).
+
 A file of the other family (an SD 1.x/2.x LoRA: ``lora_te_*`` keys, ``ss_base_model_version: sd_v1``) is one
 clear error naming what it is and what fits.
 """
@@ -32,11 +38,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.io.adapter_files import apply_adapter_tensors
+from ldm.io.bundled_embeddings import BUNDLE_PREFIX
 from ldm.io.diffusers_names import find_unet, text_encoder_module_names, unet_module_names
-from ldm.io.kohya_lora import _group_entries, _tensor_data_hash
+from ldm.io.kohya_lora import _SUFFIXES, _format_number, _group_entries, _tensor_data_hash
 from ldm.io.lora_files import apply_lora_tensors, metadata_str
-from ldm.io.peft_lora import LORA_ADAPTER_METADATA_KEY, _pattern_value
+from ldm.io.lycoris_lora import _check_network, lycoris_metadata
+from ldm.io.peft_lora import _PEFT_PARTS, LORA_ADAPTER_METADATA_KEY, _pattern_value
 from ldm.io.safe_load import load_safetensors_file, read_safetensors_metadata
+from ldm.modules.adapters.algorithms import is_conv_kernel
 from ldm.modules.adapters.lora import lora_modules
 from ldm.utils.files import atomic_save_safetensors
 
@@ -77,7 +87,7 @@ def sdxl_module_map(parts: Mapping[str, nn.Module], layout: str) -> dict[str, tu
 # ------------------------------------------------------------------------------------------ saving
 
 
-def _metadata(layers, tensors, path: Path, layout: str) -> dict[str, str]:
+def _metadata(layers, tensors, path: Path, layout: str, factor: int | None) -> dict[str, str]:
     def most_common(values):
         return Counter(values).most_common(1)[0][0]
 
@@ -90,17 +100,47 @@ def _metadata(layers, tensors, path: Path, layout: str) -> dict[str, str]:
     }
     if layout == "peft":
         return {"format": "pt", **common}
+    convs = [layer for *_, layer in layers if is_conv_kernel(layer)]  # LoCon: kohya's conv_dim / conv_alpha
+    plain = [layer for *_, layer in layers if not is_conv_kernel(layer)] or convs
+    network = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(most_common(layer.rank for layer in plain)),
+        "ss_network_alpha": str(float(most_common(layer.alpha for layer in plain))),
+    }
+    if convs:
+        conv_alpha = _format_number(most_common(layer.alpha for layer in convs))
+        network["ss_network_args"] = json.dumps(
+            {"conv_dim": str(most_common(layer.rank for layer in convs)), "conv_alpha": conv_alpha}
+        )
+    if any(layer.algo != "lora" for *_, layer in layers):  # LoHa / LoKr / DoRA: LyCORIS's network
+        network = lycoris_metadata({key: layer for _, key, layer in layers}, factor)
     return {
         **common,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(most_common(layer.rank for _, layer in layers)),
-        "ss_network_alpha": str(float(most_common(layer.alpha for _, layer in layers))),
+        **network,
         "ss_v2": "False",
         "ss_output_name": path.stem,
         "ss_training_comment": "",
-        "ss_network_train_unet_only": str(all(c == "unet" for c, _ in layers)),
+        "ss_network_train_unet_only": str(all(c == "unet" for c, *_ in layers)),
         "sshs_model_hash": _tensor_data_hash(tensors),
     }
+
+
+def _layer_tensors(key: str, layer, layout: str) -> dict[str, torch.Tensor]:
+    """One adapter layer's tensors under the file names (kohya: LyCORIS names; PEFT: ``alpha / rank`` folded
+    into ``lora_B``, DoRA's magnitude as ``lora_magnitude_vector``); ``alpha`` is the caller's."""
+    if layout == "kohya":
+        return {f"{key}.{suffix}": value for suffix, value in layer.adapter_tensors().items()}
+    if layer.algo not in ("lora", "dora"):
+        raise ValueError(f"{key}: a {layer.algo} adapter has no PEFT layout; save it with layout='kohya'")
+    out = {
+        f"{key}.lora_A.weight": layer.lora_down.weight,
+        f"{key}.lora_B.weight": layer.lora_up.weight.float() * layer.scale,
+    }
+    if layer.algo == "dora":
+        if layer.dora_scale.numel() != layer.weight.shape[0]:
+            raise ValueError(f"{key}: the PEFT DoRA layout holds output-axis DoRA layers only")
+        out[f"{key}.lora_magnitude_vector"] = layer.dora_scale.reshape(-1)
+    return out
 
 
 def save_sdxl_lora(
@@ -110,10 +150,12 @@ def save_sdxl_lora(
     layout: str = "kohya",
     *,
     dtype: torch.dtype | None = None,
+    factor: int | None = None,
 ) -> Path:
-    """Write the LoRA layers injected into ``parts`` (``{"unet": ..., "text_encoder": ...,
+    """Write the adapter layers injected into ``parts`` (``{"unet": ..., "text_encoder": ...,
     "text_encoder_2": ...}``, any subset) in the kohya or PEFT layout (module docstring), atomically.
-    ``metadata`` entries (stringified) win over the computed ones."""
+    ``metadata`` entries (stringified) win over the computed ones; ``factor``: LoKr's, recorded in
+    ``ss_network_args``."""
     if layout not in ("kohya", "peft"):
         raise ValueError(f"SDXL LoRA layout must be 'kohya' or 'peft', got {layout!r}")
     path = Path(path)
@@ -126,18 +168,15 @@ def save_sdxl_lora(
     for component, module in parts.items():
         for name, layer in lora_modules(module).items():
             key = name_of[(component, name)]
-            down, up = layer.lora_down.weight.detach(), layer.lora_up.weight.detach()
+            out_dtype = dtype or next(iter(layer.adapter_tensors().values())).dtype
+            for tensor_name, value in _layer_tensors(key, layer, layout).items():
+                tensors[tensor_name] = value.detach().to(out_dtype).cpu().contiguous()
             if layout == "kohya":
-                names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight")
                 tensors[f"{key}.alpha"] = torch.tensor(float(layer.alpha), dtype=torch.float32)
-            else:
-                names, up = (f"{key}.lora_A.weight", f"{key}.lora_B.weight"), up.float() * layer.scale
-            for tensor_name, value in zip(names, (down, up)):
-                tensors[tensor_name] = value.to(dtype or down.dtype).cpu().contiguous()
-            layers.append((component, layer))
+            layers.append((component, key, layer))
     if not layers:
         raise ValueError("no LoRA layers to save: inject_lora into the unet and/or text encoders first")
-    info = _metadata(layers, tensors, path, layout)
+    info = _metadata(layers, tensors, path, layout, factor)
     info.update({str(k): metadata_str(v) for k, v in (metadata or {}).items()})
     return atomic_save_safetensors(tensors, path, info)
 
@@ -170,10 +209,13 @@ def _peft_entries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     config = json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else {}
     entries: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        match = re.fullmatch(r"((unet|text_encoder|text_encoder_2)\..+)\.lora_([AB])\.weight", key)
+        match = re.fullmatch(
+            r"((unet|text_encoder|text_encoder_2)\..+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)",
+            key,
+        )
         if match is None:
             raise KeyError(f"{source}: {key!r} is not a diffusers SDXL LoRA key ({FITS})")
-        entries.setdefault(match[1], {})["down" if match[3] == "A" else "up"] = value
+        entries.setdefault(match[1], {})[_PEFT_PARTS[match[3]]] = value
     for name, entry in entries.items():
         if "down" not in entry or "up" not in entry:
             raise ValueError(f"{source}: module {name} lacks lora_A or lora_B")
@@ -185,6 +227,30 @@ def _peft_entries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             scale = alpha / (math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank)
             entry["alpha"] = torch.tensor(scale * rank)
     return entries
+
+
+def _entries(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str, kohya: bool):
+    """(entries per file module, the function applying them): plain LoRA through ``apply_lora_tensors``;
+    LyCORIS tensors (LoHa, LoKr, DoRA) and PEFT DoRA through ``apply_adapter_tensors``."""
+    if not kohya:
+        entries = _peft_entries(tensors, metadata, source)
+        if not any("dora_scale" in entry for entry in entries.values()):
+            return entries, apply_lora_tensors
+        names = {
+            "down": "lora_down.weight",
+            "up": "lora_up.weight",
+            "dora_scale": "dora_scale",
+            "alpha": "alpha",
+        }
+        return {n: {names[k]: v for k, v in e.items()} for n, e in entries.items()}, apply_adapter_tensors
+    if all(k.partition(".")[2] in _SUFFIXES for k in tensors):
+        return _group_entries(tensors, source), apply_lora_tensors
+    _check_network(metadata, source)  # a LyCORIS algorithm we do not read: named first
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        entries.setdefault(name, {})[suffix] = value
+    return entries, apply_adapter_tensors
 
 
 def load_sdxl_lora(
@@ -200,11 +266,12 @@ def load_sdxl_lora(
     Everything is checked before any module changes. Returns ``apply_lora_tensors``' summary plus
     ``format``, ``metadata`` and ``text_encoder_2_modules``."""
     metadata = read_safetensors_metadata(path)
-    tensors, source = load_safetensors_file(path), str(path)
+    source = str(path)
+    tensors = {k: v for k, v in load_safetensors_file(path).items() if not k.startswith(BUNDLE_PREFIX)}
     _refuse_other_family(list(tensors), metadata, source)
     kohya = all(k.startswith(tuple(KOHYA_PREFIX.values())) for k in tensors)
     layout = "kohya" if kohya else "peft"
-    entries = _group_entries(tensors, source) if kohya else _peft_entries(tensors, metadata, source)
+    entries, apply = _entries(tensors, metadata, source, kohya)
     parts = {k: (find_unet(v) if k == "unet" else v) for k, v in parts.items() if v is not None}
     module_map = sdxl_module_map(parts, layout)
 
@@ -213,7 +280,7 @@ def load_sdxl_lora(
             return name.partition(".")[0]
         return next((c for c, prefix in KOHYA_PREFIX.items() if name.startswith(prefix)), "unknown")
 
-    summary = apply_lora_tensors(
+    summary = apply(
         entries,
         module_map,
         dict(parts),

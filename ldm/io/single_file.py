@@ -183,11 +183,13 @@ def _check_family(detected: str, config_is_xl: bool, name: str, origin: str) -> 
 
 def _bigg_tokenizer(tokenizer: Any, embedded: bool) -> Any:
     """The bigG embedder's tokenizer: CLIP's, padding with "!" as OpenCLIP (and diffusers' ``tokenizer_2/``)
-    does; a tokenizer embedded in our export (small custom vocabularies) serves both encoders as is."""
-    if tokenizer is None or embedded or len(tokenizer) != STANDARD_CLIP_VOCAB:
-        return tokenizer
+    does; a tokenizer embedded in our export (small custom vocabularies) as it is. Always a copy: a token
+    added to one encoder (an embedding) must not appear in the other's vocabulary without its row."""
+    if tokenizer is None:
+        return None
     second = copy.deepcopy(tokenizer)
-    second.pad_token = "!"
+    if not embedded and len(tokenizer) == STANDARD_CLIP_VOCAB:
+        second.pad_token = "!"
     return second
 
 

@@ -126,19 +126,12 @@ def apply_adapters(
 
 
 def add_bundled_tokens(text_encoders, path: str) -> None:
-    """The textual-inversion tokens a LoRA file bundles (pivotal tuning: ``bundle_emb.<token>.*``) then work
-    in prompts. One text encoder's vectors: an SDXL base (two) refuses a file that bundles any."""
-    from ldm.io.bundled_embeddings import read_bundled_embeddings
+    """The textual-inversion tokens a LoRA file bundles (pivotal tuning: ``bundle_emb.<token>.*``; SDXL: one
+    vector set per text encoder) then work in prompts."""
+    from ldm.io.bundled_embeddings import apply_bundled_embeddings
 
-    bundled = read_bundled_embeddings(path)
-    if bundled and len(text_encoders) != 1:
-        raise ValueError(
-            f"{path} bundles the embedding(s) {sorted(bundled)} of one text encoder; this base has "
-            f"{len(text_encoders)}: bundled embeddings are read for SD 1.x/2.x bases only"
-        )
-    for token, vectors in bundled.items():
-        text_encoders[0].add_placeholder(token, num_vectors=vectors.shape[0], vectors=vectors)
-        print(f"added embedding {token} bundled in {path} ({vectors.shape[0]} vector(s))")
+    for token, n in apply_bundled_embeddings(text_encoders, path).items():
+        print(f"added embedding {token} bundled in {path} ({n} vector(s))")
 
 
 def apply_hypernetwork(model, unet, spec: str) -> None:

@@ -50,7 +50,7 @@ class LoRA(FineTuneMethod):
     ``text_encoder_targets`` apply to each text encoder of the base, or to those ``text_encoders`` lists
     (SDXL: ``[1]`` CLIP-L, ``[2]`` bigG, null both); ``export_format``: "kohya" or "peft". ``algo``: lora,
     locon (LoRA with ``UNET_CONV`` added to the UNet targets), loha, lokr or dora
-    (``ldm.modules.adapters.algorithms``; on SDXL: lora and locon); ``conv_rank`` / ``conv_alpha``: the 3x3
+    (``ldm.modules.adapters.algorithms``; SDXL too); ``conv_rank`` / ``conv_alpha``: the 3x3
     convolutions' own rank and alpha (kohya's ``conv_dim`` / ``conv_alpha``; default ``rank`` / ``alpha``);
     ``factor``, ``decompose_both``, ``full_matrix``: LoKr's."""
 
@@ -106,11 +106,6 @@ class LoRA(FineTuneMethod):
                 f"model.method.text_encoders={self.text_encoders}: this base has {len(texts)} text "
                 f"encoder(s), numbered 1..{len(texts)} (SDXL: 1 = CLIP-L, 2 = bigG)"
             )
-        if len(texts) > 1 and self.algo not in ("lora", "locon"):
-            raise ValueError(
-                f"model.method.algo={self.algo} on an SDXL base: its LyCORIS file layout is written for SD "
-                "1.x/2.x bases only so far; use algo=lora or locon on SDXL"
-            )
         self.model = model
         lora_lib.inject_lora(model.unet, self.targets["unet"], factory=self.factory)
         for i in chosen if self.targets["text_encoder"] else ():
@@ -155,7 +150,7 @@ class LoRA(FineTuneMethod):
             "ss_resolution": metadata.get("resolution", ""),
         }
         if len(text_parts(self.model)) > 1:  # SDXL: lora_te1_ / lora_te2_, or text_encoder(_2).
-            return save_sdxl_lora(path, parts, info, self.export_format)
+            return save_sdxl_lora(path, parts, info, self.export_format, factor=self.factor)
         te = parts.get("text_encoder")
         if self.export_format == "peft":
             save = save_peft_dora if self.algo == "dora" else save_peft_lora

@@ -2,9 +2,9 @@
 learning rate, the token optionally frozen after a fraction of the steps -- what diffusers' advanced
 DreamBooth-LoRA script and cog-sdxl do. It composes the two existing methods; the core sees one method.
 
-Export: the LoRA file (kohya) with the token bundled as ``bundle_emb.<token>.string_to_param.*`` (what kohya
-and AUTOMATIC1111 read; ``sample.py --lora`` adds the token too), and the embedding on its own beside it
-(``<name>_emb.safetensors``)."""
+Export: the LoRA file (kohya) with the token bundled as ``bundle_emb.<token>.string_to_param.*`` (SDXL:
+``bundle_emb.<token>.clip_l`` / ``.clip_g``; what kohya and AUTOMATIC1111 read; ``sample.py --lora`` adds the
+token too), and the embedding on its own beside it (``<name>_emb.safetensors``)."""
 
 from __future__ import annotations
 
@@ -100,6 +100,7 @@ class PivotalTuning(FineTuneMethod):
         lora_path = Path(self.lora.export(path, metadata))
         self.textual_inversion.export(lora_path.with_name(f"{lora_path.stem}_emb.safetensors"), metadata)
         if self.bundle_embedding and self.lora.export_format == "kohya":
-            vectors = self.textual_inversion.parameters()[0].detach()
+            sets = [v.detach() for v in self.textual_inversion.parameters()]  # SDXL: clip_l, clip_g
+            vectors = sets[0] if len(sets) == 1 else sets
             add_bundled_embeddings(lora_path, {self.textual_inversion.placeholder: vectors})
         return lora_path

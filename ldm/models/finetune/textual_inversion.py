@@ -35,9 +35,9 @@ class TextualInversion(FineTuneMethod):
     """placeholder: the token to write in prompts (e.g. ``<star>``); num_vectors: embedding vectors it stands
     for; initializer_word: text whose token embeddings start the vectors (cycled), None = random;
     export_format: ``a1111`` (``{"emb_params": [n, dim]}`` .safetensors), ``diffusers`` (``{placeholder: [n,
-    dim]}``) or ``a1111_pt`` (AUTOMATIC1111's ``.pt``) -- an SDXL base always writes ``{"clip_l", "clip_g"}``
-    .safetensors; AUTOMATIC1111 names the token after the file; weight_decay: on the vectors only (the rest of
-    the embedding is not in the optimiser at all)."""
+    dim]}``) or ``a1111_pt`` (AUTOMATIC1111's ``.pt``) -- an SDXL base writes ``{"clip_l", "clip_g"}``, as
+    .safetensors or (``a1111_pt``) that dict pickled; AUTOMATIC1111 names the token after the file;
+    weight_decay: on the vectors only (the rest of the embedding is not in the optimiser at all)."""
 
     trains_text_encoder = True
 
