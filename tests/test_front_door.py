@@ -120,6 +120,7 @@ def test_vae_of_another_architecture_names_the_preset_to_pass(compose_cfg, tmp_p
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             f"model.vae_ckpt={run / 'checkpoints' / 'last.ckpt'}",
         ]
     )
