@@ -348,6 +348,10 @@ def test_next_command_after_each_kind_of_run(tmp_path):
     assert (
         next_command(vae, cfg, last, tmp_path) == f"python train.py experiment=txt2img model.vae_ckpt={last}"
     )
+    clip = SimpleNamespace(clip=object(), hparams=SimpleNamespace(export_dir=str(tmp_path / "clip")))
+    assert next_command(clip, cfg, last, tmp_path) == (
+        f"python train.py experiment=txt2img model.conditioner.embedders.0.module.path={tmp_path / 'clip'}"
+    )
     txt2img = SimpleNamespace(vae=object(), unet=object(), generate=lambda: None)
     assert (
         next_command(txt2img, cfg, last, tmp_path) == f'python sample.py --ckpt {last} --prompt "a red star"'
