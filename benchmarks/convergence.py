@@ -127,6 +127,7 @@ def txt2img_argv(option: str, seed: int, cap: int, args, vae: Path, run_dir: Pat
     so a run trained in rounds is the run trained at once (exact resume)."""
     return [
         "experiment=txt2img",
+        "model/text_encoder=tiny",  # the grid was measured on the random frozen encoder (docs/results.md)
         f"model.vae_ckpt={vae}",
         f"seed={seed}",
         *OPTIONS[option],

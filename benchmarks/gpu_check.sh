@@ -14,7 +14,7 @@ python benchmarks/unet_step.py --config sd15 --resolution 64 --batch 8 --device 
 python benchmarks/memory.py --device cuda --json "$OUT/memory.json" > "$OUT/memory.txt" 2>&1
 python benchmarks/memory.py --unet sdxl --resolution 1024 --steps 3 --device cuda \
   --json "$OUT/memory_sdxl.json" > "$OUT/memory_sdxl.txt" 2>&1
-TINY=(model/unet=tiny model/vae=tiny data.train_size=64 data.val_size=8 debug=smoke paths.log_dir="$OUT/logs")
+TINY=(model/unet=tiny model/vae=tiny model/text_encoder=tiny data.train_size=64 data.val_size=8 debug=smoke paths.log_dir="$OUT/logs")
 python train.py experiment=vae model/vae=tiny data.train_size=64 data.val_size=8 debug=smoke trainer=gpu \
   paths.log_dir="$OUT/logs" > "$OUT/vae_gpu.txt" 2>&1
 for strategy in ddp fsdp; do

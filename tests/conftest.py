@@ -144,9 +144,9 @@ def hard_linked_copy(source: Path, target: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_chain(tmp_path_factory) -> Path:
-    """``bash scripts/embedded_chain.sh`` shortened (tiny VAE -> txt2img -> LoRA + fidelity + samples), once
-    per session: ``<root>/logs/{vae,txt2img,lora_finetune}/runs/*`` and ``<root>/docs``. Read-only: tests
-    that add runs work on a ``hard_linked_copy``."""
+    """``bash scripts/embedded_chain.sh`` shortened (tiny VAE -> CLIP -> txt2img -> LoRA + fidelity +
+    samples), once per session: ``<root>/logs/{vae,clip,txt2img,lora_finetune}/runs/*`` and ``<root>/docs``.
+    Read-only: tests that add runs work on a ``hard_linked_copy``."""
     from tests.readme_commands import run_embedded_chain
 
     return shared_once(tmp_path_factory, "chain", run_embedded_chain)

@@ -296,15 +296,18 @@ def tiny_for(overrides: list[str], workdir: Path) -> list[str]:
 
 
 def run_embedded_chain(root: Path) -> Path:
-    """``bash scripts/embedded_chain.sh``, shortened: tiny VAE -> txt2img -> LoRA, fidelity and samples, with
-    logs under ``root/logs`` and figures under ``root/docs`` (the conftest fixture ``embedded_chain``)."""
+    """``bash scripts/embedded_chain.sh``, shortened: tiny VAE -> CLIP -> txt2img -> LoRA, fidelity and
+    samples, with logs under ``root/logs`` and figures under ``root/docs`` (the conftest fixture
+    ``embedded_chain``)."""
     stage = {
-        name: " ".join(tiny_for([f"experiment={name}"], root)) for name in ("vae", "txt2img", "lora_finetune")
+        name: " ".join(tiny_for([f"experiment={name}"], root))
+        for name in ("vae", "clip", "txt2img", "lora_finetune")
     }
     variables = {
         "LDM_ROOT": str(root),
         "DOCS": str(root / "docs"),
         "VAE_ARGS": stage["vae"],
+        "CLIP_ARGS": stage["clip"],
         "TXT2IMG_ARGS": stage["txt2img"],
         "LORA_ARGS": stage["lora_finetune"],
         "FIDELITY_ARGS": " ".join(SHORT["benchmarks/fidelity.py"]),

@@ -112,6 +112,7 @@ def test_config_toggle_trains_txt2img_with_bf16_weights(compose_cfg):
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             "model/sampler=ddim",
             "model.sampler.steps=2",
             "callbacks.rich_progress_bar=null",

@@ -27,6 +27,7 @@ TXT2IMG = [
     "experiment=txt2img",
     "model/vae=tiny",
     "model/unet=tiny",
+    "model/text_encoder=tiny",
     *FOLDER,
     "model.log_prompts=[image 1]",
     "model/sampler=ddim",

@@ -247,6 +247,7 @@ def test_malicious_pickle_as_vae_ckpt_is_refused_with_our_message(tmp_path, monk
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             "debug=smoke",
             "data.train_size=8",
             "data.val_size=4",

@@ -59,7 +59,9 @@ def test_direct_losses_and_samples_are_unchanged():
 
 
 def test_txt2img_run_is_unchanged(compose_cfg):
-    cfg = compose_cfg([*TINY_LDM, "debug=fdr", "trainer.fast_dev_run=2", "model.ucg_rate=0.5"])
+    # model/loss=eps: the loss this pin was taken with (experiment=txt2img's default is now v_min_snr)
+    pinned = ["debug=fdr", "trainer.fast_dev_run=2", "model.ucg_rate=0.5", "model/loss=eps"]
+    cfg = compose_cfg([*TINY_LDM, *pinned])
     assert run_fingerprint(cfg, "unet") == {"loss": "0x1.0b2e240000000p+0", "weights": "03bfc61870c254ac"}
 
 

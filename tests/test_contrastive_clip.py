@@ -47,7 +47,7 @@ def test_txt2img_conditions_on_the_frozen_text_tower(clip_run, compose_cfg):
         [
             *TINY["txt2img"],
             "experiment=txt2img",
-            "model/text_encoder=shapes_clip",
+            "model/text_encoder=shapes_clip",  # experiment=txt2img's default (TINY picks the random one)
             f"model.conditioner.embedders.0.module.path={folder}/text_encoder",
             "debug=fdr",
         ]

@@ -36,6 +36,7 @@ TXT2IMG = [
     "experiment=txt2img",
     "model/vae=tiny",
     "model/unet=tiny",
+    "model/text_encoder=tiny",
     "data.train_size=24",
     "data.val_size=4",
     "model.log_prompts=[a red circle on a blue background]",

@@ -23,6 +23,7 @@ from train import train
 TINY_PARTS = [
     "model/vae=tiny",
     "model/unet=tiny",
+    "model/text_encoder=tiny",
     "model/sampler=ddim",
     "model.sampler.steps=2",
     "callbacks.rich_progress_bar=null",

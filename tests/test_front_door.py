@@ -120,6 +120,7 @@ def test_vae_of_another_architecture_names_the_preset_to_pass(compose_cfg, tmp_p
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             f"model.vae_ckpt={run / 'checkpoints' / 'last.ckpt'}",
         ]
     )
@@ -346,6 +347,10 @@ def test_next_command_after_each_kind_of_run(tmp_path):
     vae = SimpleNamespace(vae=object())
     assert (
         next_command(vae, cfg, last, tmp_path) == f"python train.py experiment=txt2img model.vae_ckpt={last}"
+    )
+    clip = SimpleNamespace(clip=object(), hparams=SimpleNamespace(export_dir=str(tmp_path / "clip")))
+    assert next_command(clip, cfg, last, tmp_path) == (
+        f"python train.py experiment=txt2img model.conditioner.embedders.0.module.path={tmp_path / 'clip'}"
     )
     txt2img = SimpleNamespace(vae=object(), unet=object(), generate=lambda: None)
     assert (

@@ -22,6 +22,7 @@ TINY_LDM = [
     "experiment=txt2img",
     "model/vae=tiny",
     "model/unet=tiny",
+    "model/text_encoder=tiny",
     "data.train_size=32",
     "data.val_size=8",
     "data.batch_size=4",

@@ -33,6 +33,7 @@ def folder_overrides(root: Path, vae: Path, bucketing: bool) -> list[str]:
         "experiment=txt2img",
         "model/vae=tiny",
         "model/unet=tiny",
+        "model/text_encoder=tiny",
         *QUIET,
         *SCHEDULE,
         "data=image_folder",

@@ -61,6 +61,7 @@ def overrides(experiment: str, vae_ckpt: Path, base: Path | None = None) -> list
     return [
         *common,
         "model/unet=tiny",
+        "model/text_encoder=tiny",
         "data.train_size=24",
         f"model.vae_ckpt={vae_ckpt}",
         "model.log_prompts=[a red circle on a blue background]",

@@ -109,6 +109,7 @@ def test_vae_and_txt2img_train_from_shards(shapes_shards, compose_cfg):
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             *data,
             "debug=fdr",
             "model.log_prompts=[a red circle on a blue background]",

@@ -277,6 +277,7 @@ def base_ckpt(tmp_path_factory):
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             *TINY_PARTS,
             "debug=smoke",
             "data.train_size=16",

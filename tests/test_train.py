@@ -24,6 +24,7 @@ TINY = {
     "txt2img": [
         "model/vae=tiny",
         "model/unet=tiny",
+        "model/text_encoder=tiny",  # experiment=txt2img's default needs a CLIP run (tests/test_clip_base.py)
         "data.train_size=64",
         "data.val_size=8",
         "data.batch_size=4",

@@ -288,6 +288,7 @@ def test_resuming_a_checkpoint_of_another_architecture_is_one_line(embedded_chai
             "experiment=txt2img",
             "model/vae=tiny",
             "model/unet=tiny",
+            "model/text_encoder=tiny",
             "debug=smoke",
             "logger=none",
             "callbacks.rich_progress_bar=null",

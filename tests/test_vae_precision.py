@@ -8,7 +8,15 @@ from hydra.utils import instantiate
 
 
 def test_vae_runs_in_fp32_under_bf16_autocast(compose_cfg):
-    cfg = compose_cfg(["experiment=txt2img", "model/vae=tiny", "model/unet=tiny", "model.scale_factor=0.5"])
+    cfg = compose_cfg(
+        [
+            "experiment=txt2img",
+            "model/vae=tiny",
+            "model/unet=tiny",
+            "model/text_encoder=tiny",
+            "model.scale_factor=0.5",
+        ]
+    )
     model = instantiate(cfg.model)
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     reference = model.vae_encode(images).mean

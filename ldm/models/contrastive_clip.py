@@ -5,7 +5,7 @@ on it.
 Logs ``train/loss``, ``val/loss`` and ``val/retrieval`` (top-1 image -> caption retrieval among the distinct
 captions of the validation images, which training never saw). At the end of fit the model is saved as a
 ``CLIPModel`` folder with its processor (``export_dir``, default ``<run>/clip``): the metrics' ``--clip``, and
-txt2img's frozen text encoder with ``model/text_encoder=shapes_clip``.
+``experiment=txt2img``'s frozen text encoder (``model/text_encoder=shapes_clip``, ``ldm.modules.clip_run``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class ContrastiveCLIP(L.LightningModule):
     def on_train_end(self):
         if self.hparams.export_dir and self.trainer.is_global_zero:
             folder = self.clip.save(Path(self.hparams.export_dir))
-            log.info(f"CLIP saved to {folder} (--clip for the metrics; model/text_encoder=shapes_clip)")
+            log.info(f"CLIP saved to {folder} (--clip for the metrics; experiment=txt2img's text encoder)")
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.clip.parameters())

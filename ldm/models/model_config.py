@@ -65,6 +65,7 @@ ALLOWED_TARGETS: dict[str, tuple[str, str]] = {
         "PooledCLIPTextEncoder.from_config",
     ),
     "ldm.modules.shapes_clip.ShapesCLIP": ("ldm.modules.shapes_clip", "ShapesCLIP"),
+    "ldm.modules.clip_run.clip_text_encoder": ("ldm.modules.clip_run", "clip_text_encoder"),
     "ldm.modules.size_embedding.SizeEmbedding": ("ldm.modules.size_embedding", "SizeEmbedding"),
     "ldm.modules.conditioner.Conditioner": ("ldm.modules.conditioner", "Conditioner"),
     "ldm.modules.conditioner.embedder": ("ldm.modules.conditioner", "embedder"),

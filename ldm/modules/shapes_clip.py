@@ -2,8 +2,8 @@
 text encoder (``conf/model/text_encoder/tiny.yaml``: its tokenizer, width, depth, heads, 20 positions, and
 its seeded weights as the start) and a small ViT image tower, trained contrastively on the shapes images and
 captions (``experiment=clip``). Saved as a ``transformers`` ``CLIPModel`` folder with its processor, so the
-metrics (``ldm.modules.subject_metrics``) load it like any CLIP, and txt2img conditions on its frozen text
-tower (``model/text_encoder=shapes_clip``, from the folder's ``text_encoder/``).
+metrics (``ldm.modules.subject_metrics``) load it like any CLIP, and ``experiment=txt2img`` conditions on its
+frozen text tower (``model/text_encoder=shapes_clip``: ``ldm.modules.clip_run``; its ``text_encoder/``).
 """
 
 from __future__ import annotations

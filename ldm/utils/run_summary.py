@@ -86,6 +86,9 @@ def next_command(model, cfg, last_ckpt: Path, run_dir: Path) -> str | None:
     """What a user would run next after this kind of model (None when nothing obvious)."""
     if hasattr(model, "vae") and not hasattr(model, "unet"):  # a VAE run
         return f"python train.py experiment=txt2img model.vae_ckpt={last_ckpt}"
+    export = getattr(getattr(model, "hparams", None), "export_dir", None) if hasattr(model, "clip") else None
+    if export:  # experiment=clip: txt2img conditions on its frozen text tower
+        return f"python train.py experiment=txt2img model.conditioner.embedders.0.module.path={export}"
     adapters = sorted((run_dir / "adapters").glob("*.safetensors")) if (run_dir / "adapters").is_dir() else []
     prompt = (list(cfg.model.get("log_prompts") or []) or ["..."])[0]
     lora = [a for a in adapters if "lora" in a.name.lower()]
