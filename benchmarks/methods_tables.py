@@ -128,11 +128,11 @@ def curve_table(args, arms, curves: Results) -> str:
 
 def spearman(rows: list[dict], column: str) -> tuple[float | None, int]:
     pairs = [(float(r[column]), float(r["exact"])) for r in rows if r.get(column) not in (None, "")]
-    if len(pairs) < 3:
-        return None, len(pairs)
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+        return None, len(pairs)  # too few runs, or one side constant: no ranking
     values = torch.tensor(pairs, dtype=torch.float64)
     rho = float(spearman_corrcoef(values[:, 0], values[:, 1]))
-    return (None if math.isnan(rho) else rho), len(pairs)  # NaN: one of them constant
+    return (None if math.isnan(rho) else rho), len(pairs)
 
 
 def agreement_table(args, arms, results: Results) -> str:

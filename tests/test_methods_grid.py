@@ -162,6 +162,8 @@ def test_rank_agreement_and_arms():
     flipped = [{**r, "clip_i": str(-float(r["clip_i"]))} for r in rows]
     assert tables.spearman(flipped, "clip_i")[0] == pytest.approx(-1.0)
     assert tables.spearman(rows[:2], "clip_i") == (None, 2)  # too few runs to rank
+    constant = [{**r, "clip_t": "0.0"} for r in rows]  # CLIPScore clips a negative mean to 0
+    assert tables.spearman(constant, "clip_t") == (None, 4)
 
     grid = load_script("benchmarks/methods.py")
     args = grid.parse_args(["--arms", "issue23", "--collect"])
