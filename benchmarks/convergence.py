@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gridlib import (  # the machinery benchmarks/methods.py shares
+from benchmarks.grid.runs import (  # the machinery benchmarks/methods.py shares
     CHILD_ENV,  # noqa: F401  (the grid's child environment, also as convergence.CHILD_ENV)
     Results,
     checkpoints,

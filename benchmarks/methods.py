@@ -47,9 +47,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gridlib import CHILD_ENV, Results, common_overrides, global_step, launch, resume_override
-from benchmarks.methods_scoring import Scorer
-from benchmarks.methods_tables import tables
+from benchmarks.grid.method_scores import Scorer
+from benchmarks.grid.method_tables import tables
+from benchmarks.grid.runs import CHILD_ENV, Results, common_overrides, global_step, launch, resume_override
 from ldm.utils.files import atomic_write_text
 from ldm.utils.task import run_main
 

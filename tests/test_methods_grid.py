@@ -156,7 +156,7 @@ def test_methods_grid_scores_resumes_skips_and_collects(tiny_base, tmp_path, mon
 
 
 def test_rank_agreement_and_arms():
-    tables = load_script("benchmarks/methods_tables.py")
+    tables = load_script("benchmarks/grid/method_tables.py")
     rows = [{"exact": str(e), "clip_i": str(c)} for e, c in [(0.1, 0.2), (0.5, 0.3), (0.9, 0.8), (0.7, 0.4)]]
     assert tables.spearman(rows, "clip_i") == (pytest.approx(1.0), 4)
     flipped = [{**r, "clip_i": str(-float(r["clip_i"]))} for r in rows]

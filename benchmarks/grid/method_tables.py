@@ -8,7 +8,7 @@ import math
 import torch
 from torchmetrics.functional import spearman_corrcoef
 
-from benchmarks.gridlib import Results, reached, spread
+from benchmarks.grid.runs import Results, reached, spread
 
 METRICS = (("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"))
 
