@@ -22,7 +22,6 @@ time; scoring happens in this process between polls.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
@@ -38,65 +37,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.grid.runs import (  # the machinery benchmarks/methods.py shares
+    CHILD_ENV,  # noqa: F401  (the grid's child environment, also as convergence.CHILD_ENV)
+    Results,
+    checkpoints,
+    common_overrides,
+    launch,
+    reached,
+    resume_override,
+    spread,
+)
 from ldm.utils.files import atomic_write_text
 from ldm.utils.task import run_main
 
-OPTIONS = {  # name -> train.py overrides
-    "eps": [],
-    "eps+minsnr5": ["model.min_snr_gamma=5.0"],
-    "v": ["model.parameterization=v"],
-    "v+minsnr5": ["model.parameterization=v", "model.min_snr_gamma=5.0"],
-    "eps+offset0.05": ["model.offset_noise=0.05"],
-}
-CHILD_ENV = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OMP_WAIT_POLICY": "PASSIVE",
-    "WANDB_MODE": "offline",
-    "HYDRA_FULL_ERROR": "1",
+OPTIONS = {  # name -> train.py overrides; each names its whole loss, whatever experiment=txt2img defaults to
+    "eps": ["model/loss=eps"],
+    "eps+minsnr5": ["model/loss=eps_min_snr"],
+    "v": ["model/loss=v"],
+    "v+minsnr5": ["model/loss=v_min_snr"],
+    "eps+offset0.05": ["model/loss=eps", "model.offset_noise=0.05"],
 }
 BUCKETS = 4
-
-
-# -- child processes ----------------------------------------------------------------------------------------
-def launch(argv: list[str], log: Path, nice: int, threads: int = 1):
-    """``python train.py <argv>`` in the background (a Popen: ``poll()``, ``send_signal()``), output to
-    ``log``."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *argv]
-    if nice:
-        cmd = ["nice", "-n", str(nice), *cmd]
-    with log.open("a") as handle:
-        return subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
-        )
-
-
-def common_overrides(run_dir: Path) -> list[str]:
-    return [
-        "trainer.max_time=null",
-        "logger=csv",
-        "callbacks.image_logger=null",
-        "callbacks.rich_progress_bar=null",
-        "extras.print_config=false",
-        f"hydra.run.dir={run_dir}",
-    ]
-
-
-def global_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-
-
-def resume_override(run_dir: Path) -> list[str]:
-    """``ckpt_path=`` the run's checkpoint with the highest global step (the newest of those). Not
-    ``last.ckpt`` by name: a run resumed from a ``last.ckpt`` that was linked to its first checkpoint writes
-    ``last-v1.ckpt``
-    (Lightning's version counter), and the next resume from ``last.ckpt`` would go back to the old state."""
-    found = [(global_step(p), p.stat().st_mtime, p) for p in (run_dir / "checkpoints").glob("*.ckpt")]
-    return [f"ckpt_path={max(found)[2]}"] if found else []
 
 
 def train_vae(args) -> Path:
@@ -271,48 +232,6 @@ class Scorer:
         return row
 
 
-# -- results ------------------------------------------------------------------------------------------------
-class Results:
-    """The CSV of every scored checkpoint, rewritten atomically on each new row."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows = list(csv.DictReader(path.open())) if path.is_file() else []
-
-    def has(self, option: str, seed: int, step: int) -> bool:
-        return any(
-            r["option"] == option and int(r["seed"]) == seed and int(r["step"]) == step for r in self.rows
-        )
-
-    def add(self, row: dict) -> None:
-        self.rows.append({k: str(v) for k, v in row.items()})
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buffer.getvalue())
-
-    def curve(self, option: str, seed: int) -> list[tuple[int, float]]:
-        return sorted(
-            (int(r["step"]), float(r["fidelity"]))
-            for r in self.rows
-            if r["option"] == option and int(r["seed"]) == seed
-        )
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, file) of the run's step checkpoints (``step_000500.ckpt``; a second save of a step, ``-v1``, is
-    the same state of an exact resume, skipped)."""
-    found = ((p.stem.split("_")[1], p) for p in (run_dir / "checkpoints").glob("step_*.ckpt"))
-    return sorted((int(step), p) for step, p in found if step.isdigit())
-
-
-def reached(curve: list[tuple[int, float]], target: float) -> int | None:
-    """The first checkpoint step that scores >= target, or None."""
-    return next((step for step, value in curve if value >= target), None)
-
-
 # -- the grid -----------------------------------------------------------------------------------------------
 class Grid:
     """Runs advance in rounds of ``--round`` steps (one process per round, resumed from last.ckpt), seed by
@@ -448,13 +367,6 @@ class Grid:
 
 
 # -- table and plot -----------------------------------------------------------------------------------------
-def spread(values: list[float], fmt) -> str:
-    if not values:
-        return "-"
-    mean = fmt(sum(values) / len(values))
-    return mean if len(values) == 1 else f"{mean} ({fmt(min(values))}-{fmt(max(values))})"
-
-
 def steps_to_target(runs: dict[int, list[tuple[int, float]]], target: float) -> tuple[str, str]:
     """("mean (min-max)" over seeds, or "not reached by N"), and the per-seed steps."""
     hits = {seed: reached(curve, target) for seed, curve in runs.items()}

@@ -86,6 +86,21 @@ def by_background(hits: list[bool], prompts: list[str]) -> dict[str, tuple[int, 
     return counts
 
 
+def score_images(evaluator: ShapesEvaluator, concept: Concept, kind: str, images, prompts: list[str]) -> dict:
+    """One prompt set's row: the share of samples read as the subject, prompt fidelity (not for subject
+    prompts, which name no colour or shape), the share with the prompt's background, per background."""
+    fidelity = evaluator.score(images, prompts)["fidelity"] if kind != "subject" else None
+    backgrounds = [evaluator.read(image)["background"] for image in images]
+    hits = [evaluator.is_subject(image, concept.subject) for image in images]
+    return {
+        "subject_rate": sum(hits) / len(hits),
+        "fidelity": fidelity,
+        "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts)) / len(prompts),
+        "n": len(prompts),
+        "by_background": by_background(hits, prompts),
+    }
+
+
 METHODS = ("lora", "full", "textual_inversion", "hypernetwork")
 
 
@@ -94,6 +109,8 @@ def find_run_files(run: Path) -> tuple[dict, Path, str]:
     config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=False)
     target = str(config["model"]["method"]["_target_"])
     method = next((m for m in METHODS if f".{m}." in target), None)
+    if ".pivotal." in target:  # pivotal tuning's LoRA file bundles its token: applied as a LoRA
+        method = "lora"
     if method is None:
         raise SystemExit(f"{run}: method {target} is not one of {METHODS}")
     exported = sorted(
@@ -169,17 +186,8 @@ def main(argv=None) -> dict:
         for kind, prompts in prompt_sets:
             for name, model in models.items():
                 images = generate(model, prompts, sampler, args.guidance, args.seed)
-                fidelity = evaluator.score(images, prompts)["fidelity"] if kind != "subject" else None
-                backgrounds = [evaluator.read(image)["background"] for image in images]
-                hits = [evaluator.is_subject(image, concept.subject) for image in images]
-                row = {
-                    "subject_rate": sum(hits) / len(hits),
-                    "fidelity": fidelity,
-                    "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts))
-                    / len(prompts),
-                    "n": len(prompts),
-                    "by_background": by_background(hits, prompts),
-                }
+                row = score_images(evaluator, concept, kind, images, prompts)
+                fidelity = row["fidelity"]
                 results[(concept.identifier, kind, name)] = row
                 print(
                     f"{concept.identifier} {kind:7s} {name:10s} subject {row['subject_rate']:.3f} fidelity "

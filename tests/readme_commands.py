@@ -48,6 +48,8 @@ NOT_RUN = {
     "size by tests/test_scale_benchmarks.py",
     "python benchmarks/convergence.py": "the objective-options grid: a VAE and 10 txt2img runs of up to "
     "2,000 steps (CPU hours); run end to end at test size by tests/test_convergence.py",
+    "python benchmarks/methods.py": "the fine-tuning methods grid: 14 runs x 3 seeds of 250-3,000 steps "
+    "each on a txt2img base (CPU hours); run end to end at test size by tests/test_methods_grid.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
     "python benchmarks/threads.py": "starts busy processes and times 27 fresh processes (minutes); its steps "
     "and its table run in tests/test_threads.py",

@@ -84,7 +84,7 @@ def test_grid_scores_every_checkpoint_skips_finished_runs_and_resumes(tmp_path, 
     assert [a for a in launches[0] if a.startswith("experiment=")] == ["experiment=vae"]
     # two rounds: both runs to step 2, then both on to step 4 from their last.ckpt, the schedule 4 steps long
     assert first["launched"] == 4 and len(launches) == 5
-    assert "model.parameterization=v" in launches[2] and "model.min_snr_gamma=5.0" in launches[2]
+    assert "model/loss=v_min_snr" in launches[2]
     assert [next(a for a in argv if a.startswith("trainer.max_steps=")) for argv in launches[1:]] == [
         "trainer.max_steps=2",
         "trainer.max_steps=2",
@@ -197,3 +197,20 @@ def test_resume_takes_the_checkpoint_with_the_highest_step_not_last_ckpt_by_name
         )  # last-v2 (a stale run stopped by a signal) is the newest
     assert conv.resume_override(tmp_path) == [f"ckpt_path={folder / 'step_000500-v1.ckpt'}"]
     assert [step for step, _ in conv.checkpoints(tmp_path)] == [250, 500]  # the -v1 copy of a step is skipped
+
+
+def test_each_option_names_its_whole_objective_whatever_txt2img_defaults_to(compose_cfg):
+    """The grid's options must mean what their names say even after experiment=txt2img's default objective
+    changed (it is v + Min-SNR-5 now): "eps" is plain eps, not the experiment's default."""
+    conv = load_script("benchmarks/convergence.py")
+    expected = {
+        "eps": ("eps", None, 0.0),
+        "eps+minsnr5": ("eps", 5.0, 0.0),
+        "v": ("v", None, 0.0),
+        "v+minsnr5": ("v", 5.0, 0.0),
+        "eps+offset0.05": ("eps", None, 0.05),
+    }
+    assert set(conv.OPTIONS) == set(expected)
+    for option, want in expected.items():
+        model = compose_cfg(["experiment=txt2img", "model/text_encoder=tiny", *conv.OPTIONS[option]]).model
+        assert (model.parameterization, model.min_snr_gamma, model.offset_noise) == want, option
