@@ -159,3 +159,15 @@ def test_inductor_compiled_step_matches_eager_and_keeps_the_state_dict():
     moved = max(float((eager.state_dict()[k] - before[k]).abs().max()) for k in keys)
     assert moved > 1e-4
     torch.testing.assert_close(compiled.state_dict(), eager.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_without_a_cpp_compiler_is_named_before_training(monkeypatch):
+    import ldm.modules.compile as compile_module
+
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    unet = UNetModel(**load_script("benchmarks/unet_step.py").unet_kwargs("tiny"))
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler on CPU .* or set model.compile=false"):
+        compile_in_place(unet, "blocks")
+    assert not is_compiled(unet)
+    assert compile_in_place(unet, "blocks", "aot_eager") > 0  # other backends build no C++

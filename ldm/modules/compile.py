@@ -17,6 +17,10 @@ at the first call (see ``CompileClock`` in ``ldm/models/compile_clock.py`` for i
 
 from __future__ import annotations
 
+import os
+import shutil
+
+import torch
 from torch import nn
 
 CHOICES = ("false", "true", "whole", "blocks")
@@ -48,6 +52,18 @@ def repeated_blocks(module: nn.Module) -> list[nn.Module]:
     return found
 
 
+def check_compiler(backend: str) -> None:
+    """inductor on CPU builds C++ kernels: without a C++ compiler, say so before the first step fails."""
+    if backend != "inductor" or torch.cuda.is_available():
+        return
+    candidates = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    if not any(name and shutil.which(name) for name in candidates):
+        raise ValueError(
+            "model.compile: torch.compile's inductor backend needs a C++ compiler on CPU (g++ or clang++, or "
+            "$CXX) and none is on PATH; install one (e.g. apt install g++) or set model.compile=false"
+        )
+
+
 def compile_in_place(module: nn.Module, mode: str | None, backend: str = "inductor") -> int:
     """Compile ``module`` as ``mode`` says (``compile_mode``'s result); returns the number of modules
     compiled (0: ``mode`` is None). ``backend``: torch.compile's (``inductor``; ``aot_eager`` captures the
@@ -59,6 +75,7 @@ def compile_in_place(module: nn.Module, mode: str | None, backend: str = "induct
     graph (no symbolic shapes: simpler kernels, and no recompiles that generalise to dynamic shapes)."""
     if mode is None:
         return 0
+    check_compiler(backend)
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
