@@ -117,13 +117,12 @@ def measure(name: str, args) -> dict:
 
 
 def table(rows: list[dict], args) -> str:
-    lines = [
+    header = (
         f"\nmode={args.mode} backend={args.backend} threads={torch.get_num_threads()} steps={args.steps} "
-        f"loadavg={os.getloadavg()[0]:.1f}\n",
-        "| workload | eager s/step | compiled s/step | speed-up | compile s | pay-back steps | budget | "
-        "net over budget |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        f"loadavg={os.getloadavg()[0]:.1f}\n"
+    )
+    columns = "workload | eager s/step | compiled s/step | speed-up | compile s | pay-back steps | budget"
+    lines = [header, f"| {columns} | net over budget |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         payback = f"{r['payback_steps']:,.0f}" if r["payback_steps"] is not None else "never"
         budget = BUDGETS[r["workload"]]

@@ -25,8 +25,8 @@ from ldm.diffusion import (
     call_model,
     sample_noise,
 )
-from ldm.models.compile_clock import compile_network
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
+from ldm.models.compile_clock import compile_network
 from ldm.models.guards import check_finite
 from ldm.models.latent_diffusion_sampling import LatentDiffusionSampling
 from ldm.models.micro_conditions import unet_condition
