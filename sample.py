@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 from ldm.utils.threads import thread_env
@@ -43,6 +44,7 @@ from ldm.models.pipeline import (
     parse_lora,
     resolve_last,
 )
+from ldm.modules.compile import compile_in_place
 from ldm.utils.images import make_grid, save_image, to_uint8
 from ldm.utils.task import run_main
 
@@ -162,6 +164,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "diffusers VAE folder (e.g. a fine-tuned or fp16-fixed SDXL VAE)",
     )
     p.add_argument("--no-ema", action="store_true", help="sample with the raw instead of the EMA weights")
+    p.add_argument(
+        "--compile",
+        choices=["whole", "blocks"],
+        default=None,
+        help="torch.compile the UNet (whole, or each repeated block); pays off over many images and steps "
+        "(docs/scale.md: Compiled steps)",
+    )
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument(
@@ -207,6 +217,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"{len(negatives)} --negative-prompt for {len(args.prompt)} --prompt: give one for all, "
             "or one per prompt"
         )
+
+
+def compile_for_sampling(model, mode: str, backend: str, use_ema: bool) -> int:
+    """Compile in place the UNet ``generate`` runs (the EMA copy when sampling with it); compiled at the
+    first batch, whose time the log reports."""
+    unet = model.unet_ema.module if use_ema and getattr(model, "unet_ema", None) is not None else model.unet
+    count = compile_in_place(unet, mode, backend)
+    print(f"torch.compile ({backend}) of the UNet: {mode}, {count} module(s); compiled at the first batch")
+    return count
 
 
 def slug(text: str) -> str:
@@ -285,12 +304,15 @@ def main(argv=None) -> Path:
     )
     resolution = model.image_resolution
     check_resolution(model, resolution)
+    if args.compile:
+        compile_for_sampling(model, args.compile, args.compile_backend, not args.no_ema)
     init = load_init_image(args.init_image, resolution) if args.init_image else None
     guidance = model.hparams.guidance_scale if args.guidance is None else args.guidance
     made_with = infotext_of_models(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     thumbnails, count = [], 0
+    started = time.perf_counter()
     for batch in generate_batches(
         model,
         sampler,
@@ -323,6 +345,8 @@ def main(argv=None) -> Path:
         step = max(1, resolution // 128)
         thumbnails.append(batch.images[:, :, ::step, ::step].cpu())
         count += len(batch.prompts)
+        if args.compile and count == len(batch.prompts):
+            print(f"first batch (UNet compiled, {args.compile}) in {time.perf_counter() - started:.1f} s")
     grid = Image.fromarray(make_grid(torch.cat(thumbnails), nrow=args.n))
     upscale = max(1, 128 // resolution)
     grid = save_image(

@@ -233,11 +233,15 @@ def tiny_overrides(cfg, given: set[str], cache_dir: Path) -> list[str]:
         out += ["model/sampler=ddim", "model.sampler.steps=2"]
     if "log_prompts" in model and "model.log_prompts" not in given:
         out.append("model.log_prompts=[a_red_star]")
+    if "model.compile" in given and "compile_backend" in model:  # graph capture only (see SHORT)
+        out.append("model.compile_backend=aot_eager")
     return out + _data_overrides(cfg.data, given, cache_dir)
 
 
 SHORT = {  # appended arguments (argparse: the last value wins)
-    "sample.py": ["--n", "1", "--steps", "2"],
+    # compiling: graph capture only (inductor's C++ builds take minutes; test_compile.py runs inductor once)
+    "sample.py": ["--n", "1", "--steps", "2", "--compile-backend", "aot_eager"],
+    "benchmarks/compile_step.py": ["--batch", "2", "--steps", "1", "--backend", "aot_eager"],
     "benchmarks/fidelity.py": ["--n", "2", "--samplers", "ddim-2"],
     "benchmarks/unet_step.py": [
         "--batch",
@@ -250,6 +254,8 @@ SHORT = {  # appended arguments (argparse: the last value wins)
         "8",
         "--peak-size",
         "256",
+        "--compile-backend",
+        "eager",
     ],
     "benchmarks/subject_fidelity.py": ["--n", "2", "--sampler", "ddim", "--steps", "2"],
     "benchmarks/dreambooth_step.py": ["--batch", "2", "--steps", "2", "--warmup", "1", "--in-process"],

@@ -259,6 +259,9 @@ def run_script(cmd: Command, work: Path, parse_only: bool) -> None:
     elif program == "benchmarks/fidelity.py":
         results = load_script(program).main([*argv, *short])
         assert results and all(0.0 <= r["fidelity"] <= 1.0 for r in results.values())
+    elif program == "benchmarks/compile_step.py":
+        rows = load_script(program).main([*argv, *short])
+        assert rows and all(r["eager_s"] > 0 and r["compiled_s"] > 0 for r in rows)
     elif program == "benchmarks/unet_step.py":
         assert load_script(program).main([*argv, *short])["ours"]["median_s"] > 0
     elif program == "benchmarks/subject_fidelity.py":

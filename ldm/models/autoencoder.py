@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm.models.compile_clock import compile_network
 from ldm.models.guards import check_finite
 from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
 from ldm.modules.autoencoder_loss import adaptive_gan_weight, hinge_d_loss, kl_loss, reconstruction_loss
+from ldm.modules.compile import compile_mode
 from ldm.modules.vae import AutoencoderKL
 
 
@@ -37,7 +39,11 @@ class AutoencoderModule(L.LightningModule):
         disc_start: int = 0,
         disc_weight: float = 0.5,
         grad_clip: float | None = 1.0,
+        compile: bool | str | None = None,
+        compile_backend: str = "inductor",
     ):
+        """``compile``: false | true/whole | blocks, torch.compile of the VAE for training
+        (``ldm/modules/compile.py``)."""
         super().__init__()
         self.save_hyperparameters(
             ignore=["vae", "lpips", "discriminator", "optimizer", "disc_optimizer", "scheduler"], logger=False
@@ -53,11 +59,25 @@ class AutoencoderModule(L.LightningModule):
         if discriminator is not None and disc_optimizer is None:
             raise ValueError("model.discriminator is set but model.disc_optimizer is not")
         self.automatic_optimization = False
+        compile_mode(compile)  # model.compile=fast fails here, not at the first step
+        self.compile_clock = None
         self.vae = vae
         self.lpips = lpips
         self.discriminator = discriminator
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    def configure_model(self) -> None:
+        mode, backend = compile_mode(self.hparams.compile), self.hparams.compile_backend
+        self.compile_clock = compile_network(self, self.vae, "the VAE", mode, backend)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.compile_clock is not None:
+            self.compile_clock.start()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.compile_clock is not None:
+            self.compile_clock.stop()
 
     # -- API used by the latent diffusion model and the tests ------------------------------------------
     def encode(self, x: torch.Tensor):

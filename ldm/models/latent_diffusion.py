@@ -26,6 +26,7 @@ from ldm.diffusion import (
     sample_noise,
 )
 from ldm.models.bf16_weights import StochasticRoundingOptimizer, use_bf16_weights
+from ldm.models.compile_clock import compile_network
 from ldm.models.guards import check_finite
 from ldm.models.latent_diffusion_sampling import LatentDiffusionSampling
 from ldm.models.micro_conditions import unet_condition
@@ -33,6 +34,7 @@ from ldm.models.optimizer_modes import save_in_eval_mode, set_mode, trainer_opti
 from ldm.models.optimizers import OptimizerInBackward
 from ldm.models.pretrained import find_checkpoint, load_prefixed_state
 from ldm.models.resume_lr import apply_configured_lrs, configured_lrs
+from ldm.modules.compile import compile_mode
 from ldm.modules.conditioner import Conditioner, as_conditioner
 from ldm.modules.ema import EMA
 from ldm.utils.batch_random import BatchRandom
@@ -81,12 +83,15 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         optimizer_in_backward: bool = False,
         bf16_weights: bool = False,
         text_encoder: nn.Module | None = None,
+        compile: bool | str | None = None,
+        compile_backend: str = "inductor",
     ):
         """``conditioner``: the embedders of the batch's conditions (a bare text encoder is wrapped as the one
         embedder). ``text_encoder``: the same, as older checkpoints' ``model_config`` spell it (give one of
         the two). ``ucg_rate``: the condition dropout of every embedder that sets none of its own.
         ``log_sizes``: SDXL's size conditions of logged grids (``original_size`` / ``crop_top_left`` /
-        ``target_size``; null: defaults)."""
+        ``target_size``; null: defaults). ``compile``: false | true/whole | blocks, torch.compile of the
+        UNet for training (``ldm/modules/compile.py``)."""
         super().__init__()
         if text_encoder is not None:
             if conditioner is not None:
@@ -94,6 +99,8 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
             conditioner = text_encoder
         self.save_hyperparameters(ignore=list(self.MODULE_ARGS), logger=False)
         build_loss(parameterization, min_snr_gamma)  # a bad name or gamma fails here, not at the first step
+        compile_mode(compile)  # model.compile=fast fails here too
+        self.compile_clock = None
         self.sampler = sampler
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -166,6 +173,9 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         stochastically)."""
         if self.hparams.get("bf16_weights", False) and getattr(self, "unet", None) is not None:
             use_bf16_weights(self.unet)
+        if getattr(self, "unet", None) is not None:
+            mode, backend = compile_mode(self.hparams.get("compile")), self.hparams.get("compile_backend")
+            self.compile_clock = compile_network(self, self.unet, "the UNet", mode, backend or "inductor")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -192,6 +202,8 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx):
         set_mode(trainer_optimizers(self), True)
+        if self.compile_clock is not None:
+            self.compile_clock.start()
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # set by seed_everything, inherited by DDP ranks
         index = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         self._batch_random = BatchRandom.for_batch(
@@ -334,6 +346,8 @@ class LatentDiffusion(LatentDiffusionSampling, L.LightningModule):
         return per_sample_loss.mean()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.compile_clock is not None:
+            self.compile_clock.stop()
         if self.unet_ema is not None:
             self.unet_ema.update(self.unet)
 

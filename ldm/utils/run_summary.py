@@ -111,6 +111,9 @@ def summarize_run(trainer, model, cfg, seconds: float) -> str:
     guard = guard_line(trainer, steps, reason)
     if guard:
         lines.append(f"  {guard}")
+    clock = getattr(model, "compile_clock", None)  # model.compile: what the compile cost
+    if clock is not None:
+        lines.append(f"  {clock.summary()}")
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))

@@ -89,6 +89,8 @@ class FineTuneModule(LatentDiffusion):
         prior_loss_weight: float | None = None,
         vae_path: str | None = None,
         base_family: str | None = None,
+        compile: bool | str | None = None,
+        compile_backend: str = "inductor",
     ):
         super().__init__(
             unet=None,
@@ -108,6 +110,8 @@ class FineTuneModule(LatentDiffusion):
             log_seed=log_seed,
             optimizer_in_backward=optimizer_in_backward,
             bf16_weights=bf16_weights,
+            compile=compile,
+            compile_backend=compile_backend,
         )
         self.method = method
         self.method_ema: ParameterEMA | None = None
@@ -250,6 +254,8 @@ class FineTuneModule(LatentDiffusion):
         return self.method.loss(per_sample_loss, batch, self.hparams.prior_loss_weight)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.compile_clock is not None:
+            self.compile_clock.stop()
         if self.method_ema is not None:
             self.method_ema.update(self.method.parameters())
 
