@@ -30,6 +30,7 @@ def txt2img_args(vae: Path, steps: int, *extra: str) -> list[str]:
         "experiment=txt2img",
         "model/vae=tiny",
         "model/unet=tiny",
+        "model/text_encoder=tiny",
         *QUIET,
         "debug=smoke",
         f"trainer.max_steps={steps}",
