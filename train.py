@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.models.safe_checkpoint_io import checkpoint_plugins, explain_resume_mismatch
 from ldm.modules.clip_run import pin_clip_runs
 from ldm.utils.config_check import check_config_values
+from ldm.utils.config_paths import absolute_local_paths
 from ldm.utils.config_tree import print_config_tree
 from ldm.utils.data_handover import connect_data
 from ldm.utils.instantiate import drop_callbacks_needing_a_logger, instantiate_callbacks, instantiate_loggers
@@ -59,7 +60,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info(f"Instantiating model <{cfg.model._target_}>")
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
-    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # checkpoints describe themselves
+    # checkpoints describe themselves, their local files by absolute path (loadable from any directory)
+    model.model_config = absolute_local_paths(OmegaConf.to_container(cfg.model, resolve=True))
     model.model_config = pin_clip_runs(model.model_config, model)  # the CLIP folder used, not "the newest"
     connect_data(model, datamodule)  # facts to the model, services to the data: neither holds the other
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
