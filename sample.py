@@ -47,6 +47,7 @@ from ldm.models.pipeline import (
 from ldm.modules.compile import compile_in_place
 from ldm.utils.images import make_grid, save_image, to_uint8
 from ldm.utils.task import run_main
+from ldm.utils.threads import AdaptiveThreads, may_adapt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -280,6 +281,7 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
 def main(argv=None) -> Path:
     args = parse_args(argv)
     check_output_folder(Path(args.out), args.overwrite)
+    threads = AdaptiveThreads() if may_adapt() else None  # the cores other processes leave free
     sampler = build_sampler(
         args.sampler,
         steps=args.steps,
@@ -313,6 +315,8 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     thumbnails, count = [], 0
     started = time.perf_counter()
+    if threads is not None:
+        threads.step()
     for batch in generate_batches(
         model,
         sampler,
@@ -342,6 +346,8 @@ def main(argv=None) -> Path:
                 out / f"{batch.start + j:03d}_{slug(prompt)}.png",
                 {"parameters": text},
             )
+        if threads is not None:
+            threads.step()  # between batches: the next one runs on the cores free now
         step = max(1, resolution // 128)
         thumbnails.append(batch.images[:, :, ::step, ::step].cpu())
         count += len(batch.prompts)

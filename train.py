@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.adaptive_threads import AdaptiveThreadsCallback
 from ldm.models.safe_checkpoint_io import checkpoint_plugins, explain_resume_mismatch
 from ldm.modules.clip_run import pin_clip_runs
 from ldm.utils.config_check import check_config_values
@@ -34,7 +35,7 @@ from ldm.utils.run_summary import summarize_run
 from ldm.utils.runs import configure_wandb_mode, describe_resume, register_resolvers, resolve_ckpt_path
 from ldm.utils.stale_files import clean_run_folders
 from ldm.utils.task import renamed_override, run_task
-from ldm.utils.threads import describe, ranks_on_host, set_interop_threads, share_cores
+from ldm.utils.threads import describe, may_adapt, ranks_on_host, set_interop_threads, share_cores
 
 log = get_logger(__name__)
 register_resolvers()  # ${run_suffix:} in conf/hydra: run folders never collide
@@ -71,7 +72,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=checkpoint_plugins(cfg.trainer)
     )
-    share_cores(ranks_on_host(trainer))  # DDP ranks on one machine split its cores
+    ranks = ranks_on_host(trainer)
+    share_cores(ranks)  # DDP ranks on one machine split its cores
+    if ranks == 1 and may_adapt():  # one process with the cores to itself: follow the machine's load
+        trainer.callbacks.append(AdaptiveThreadsCallback())
     set_interop_threads()
     log.info(describe())
 

@@ -1,13 +1,16 @@
 """Thread policies on an idle and a busy machine: one training step of the embedded VAE, UNet and LoRA.
 
 Each (load, workload, policy) runs in its own process, with the policy's environment set before torch
-loads; the load is 0, 1, 2 ... busy processes (a pure-Python spin loop each, nice 0) that this script
-starts and stops itself. The table gives median seconds per step and, per load, the ratio to torch's
-default (every core, OpenMP threads spin-waiting); ``policy`` is what ``train.py`` / ``sample.py`` choose
-(``ldm.utils.threads``: ``OMP_WAIT_POLICY=PASSIVE``, threads = cores / processes sharing them).
+loads; the load is 0, 1, 2 ... busy processes (``--busy spin``: a pure-Python loop each; ``--busy torch``:
+a torch matmul loop at torch's defaults; nice 0) that this script starts and stops itself. The table gives
+median seconds per step and, per load, the ratio to torch's default (every core, OpenMP threads
+spin-waiting); ``policy`` is what ``train.py`` / ``sample.py`` choose (``ldm.utils.threads``: threads =
+cores / processes sharing them, then, for a process with the cores to itself, the cores other processes
+leave free, re-decided as it runs); its threads column gives the count it ended on at each load.
 
-    python benchmarks/threads.py                         # 3 workloads x 3 policies x loads 0 1 2
-    python benchmarks/threads.py --loads 0 1 --steps 8 --workloads vae
+    python benchmarks/threads.py                         # 3 workloads x 4 policies x loads 0 1 2
+    python benchmarks/threads.py --loads 1 --busy torch  # beside another torch job
+    python benchmarks/threads.py --spincounts 1000 10000 # also libgomp spinning less before it sleeps
 
 Workloads (fp32, the embedded experiments' shapes): ``vae`` f=4 VAE, batch 32 of 32 px, L1 + KL, Adam;
 ``unet`` the small UNet on 8x8x4 latents, batch 32, 20x64 context, eps loss, AdamW on every weight;
@@ -30,19 +33,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm.utils.task import child_failure, run_main
-from ldm.utils.threads import OURS, available_cores, thread_env
+from ldm.utils.threads import OURS, AdaptiveThreads, available_cores, may_adapt, thread_env
 
 WORKLOADS = ("vae", "unet", "lora")
+ADAPT_S = 0.5
 
 
-def policies(cores: int) -> dict[str, dict[str, str]]:
-    """Candidate environments (on top of one without any OMP_* variable)."""
-    ours = {k: v for k, v in thread_env({}, cores=cores, processes=1).items() if k != OURS}
-    return {
+def policies(cores: int, spincounts: list[int] = ()) -> dict[str, dict[str, str]]:
+    """Candidate environments (on top of one without any OMP_* variable): torch's default, one thread, every
+    core sleeping instead of spinning (``OMP_WAIT_POLICY=PASSIVE``: the policy before it was measured idle),
+    the policy (every core, the count adapting to other processes' load), and every core with libgomp
+    spinning ``GOMP_SPINCOUNT`` times before it sleeps (torch's default spins 300,000 times; PASSIVE 0)."""
+    ours = thread_env({}, cores=cores, processes=1)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(ours.items()) if k != OURS)
+    candidates = {
         "torch default": {},
         "1 thread": {"OMP_NUM_THREADS": "1"},
-        f"policy ({', '.join(f'{k}={v}' for k, v in sorted(ours.items()))})": ours,
+        "OMP_WAIT_POLICY=PASSIVE": {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"},
+        f"policy ({shown}, adapting)": ours,
     }
+    for count in spincounts:
+        candidates[f"GOMP_SPINCOUNT={count}"] = {"OMP_NUM_THREADS": str(cores), "GOMP_SPINCOUNT": str(count)}
+    return candidates
 
 
 def build_step(workload: str):
@@ -95,12 +107,21 @@ def child(workload: str, steps: int, warmup: int, seconds: float) -> None:
     when they pass ``seconds``: torch's default under load takes tens of seconds a step)."""
     import torch
 
+    # the policy's run adapts its threads to the other processes' load (every ADAPT_S seconds here; a run's
+    # first decision comes after its first seconds, which the warm-up stands in for)
+    adapter = AdaptiveThreads(interval=ADAPT_S) if may_adapt() else None
+    tick = adapter.step if adapter else (lambda: None)
     step = build_step(workload)
     began = time.perf_counter()
     for _ in range(warmup):
+        tick()
         step()
+    while adapter and time.perf_counter() - began < ADAPT_S:
+        step()  # more warm-up until the first decision
     times = []
+    began = time.perf_counter()
     while len(times) < steps and (not times or time.perf_counter() - began < seconds):
+        tick()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -117,9 +138,18 @@ def measure(workload: str, env: dict[str, str], steps: int, warmup: int, seconds
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def busy_processes(count: int) -> list[subprocess.Popen]:
-    """``count`` processes each keeping one core busy (nice 0, like a user's other work)."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+BUSY = {
+    # a pure-Python loop: one core busy, like a user's other work
+    "spin": "while True: pass",
+    # another torch job at torch's defaults (every core, spinning OpenMP threads): DDP ranks, test workers
+    "torch": "import torch\na = torch.randn(256, 256)\nwhile True: a @ a",
+}
+
+
+def busy_processes(count: int, kind: str = "spin") -> list[subprocess.Popen]:
+    """``count`` busy processes of ``kind`` (``BUSY``; nice 0, torch's default environment)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_", OURS))}
+    return [subprocess.Popen([sys.executable, "-c", BUSY[kind]], env=clean) for _ in range(count)]
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -146,7 +176,8 @@ def table(results: dict, loads: list[int], names: list[str], workloads: list[str
                     results[load, workload, default]["times"]
                 )
                 cells += [spread(times), f"{ratio:.2f}"]
-            threads = results[loads[0], workload, name]["threads"]
+            counts = [str(results[load, workload, name]["threads"]) for load in loads]
+            threads = counts[0] if len(set(counts)) == 1 else "/".join(counts)  # the policy's, per load
             lines.append(f"| {workload} | {name} | {threads} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,6 +193,16 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--seconds", type=float, default=10, help="stop timing a cell after this (at least 1 timed step)"
     )
+    parser.add_argument(
+        "--spincounts",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also every core spinning this many times before sleeping (GOMP_SPINCOUNT), one candidate each",
+    )
+    parser.add_argument(
+        "--busy", choices=list(BUSY), default="spin", help="what each busy process runs (see BUSY)"
+    )
     parser.add_argument("--child", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -171,12 +212,12 @@ def main(argv=None) -> dict:
         parser.error("--loads must be >= 0 and --steps >= 1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the busy processes too (finally)
     cores = available_cores()
-    candidates = policies(cores)
+    candidates = policies(cores, args.spincounts)
     names = list(candidates)
     results = {}
     for load in args.loads:
         load_avg = os.getloadavg()[0]
-        busy = busy_processes(load)
+        busy = busy_processes(load, args.busy)
         try:
             for i, workload in enumerate(args.workloads):
                 order = names[i % len(names) :] + names[: i % len(names)]  # no policy always first
@@ -191,7 +232,7 @@ def main(argv=None) -> dict:
         print(f"load {load}: done (1-min load average before it: {load_avg:.2f})", file=sys.stderr)
     print(
         f"\n{cores} cores; up to {args.steps} timed steps (+{args.warmup} warm-up, {args.seconds:g} s cap) "
-        "per cell; busy = spin loops\n"
+        f"per cell; busy processes: {args.busy} ({BUSY[args.busy]!r})\n"
     )
     print(table(results, args.loads, names, args.workloads))
     return {f"{load}/{workload}/{name}": r for (load, workload, name), r in results.items()}

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from ldm.utils.threads import available_cores, thread_env
 
-# Before torch loads OpenMP (it reads these once): OMP_WAIT_POLICY=PASSIVE, and the cores split between
-# pytest-xdist's workers; one process (-n 0) takes one thread too: at the tests' tiny sizes thread start-up
-# and sync cost more than they bring. Yours (OMP_NUM_THREADS, OMP_WAIT_POLICY) win; subprocesses inherit.
+# Before torch loads OpenMP (it reads these once): the cores split between pytest-xdist's workers; one
+# process (-n 0) takes one thread too: at the tests' tiny sizes thread start-up and sync cost more than they
+# bring, and a fixed count keeps the exact-resume tests bit-exact (nothing adapts to the load). Yours
+# (OMP_NUM_THREADS, OMP_WAIT_POLICY) win; subprocesses inherit.
 os.environ.update(thread_env(processes=int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or available_cores())))
 
 import pytest

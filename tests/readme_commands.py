@@ -51,7 +51,7 @@ NOT_RUN = {
     "python benchmarks/methods.py": "the fine-tuning methods grid: 14 runs x 3 seeds of 250-3,000 steps "
     "each on a txt2img base (CPU hours); run end to end at test size by tests/test_methods_grid.py",
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
-    "python benchmarks/threads.py": "starts busy processes and times 27 fresh processes (minutes); its steps "
+    "python benchmarks/threads.py": "starts busy processes and times 36 fresh processes (minutes); its steps "
     "and its table run in tests/test_threads.py",
     "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s "
     "even shortened); its measuring code runs in test_readme.py::test_lora_step_variant",

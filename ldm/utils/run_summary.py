@@ -114,6 +114,9 @@ def summarize_run(trainer, model, cfg, seconds: float) -> str:
     clock = getattr(model, "compile_clock", None)  # model.compile: what the compile cost
     if clock is not None:
         lines.append(f"  {clock.summary()}")
+    for callback in trainer.callbacks:  # the thread policy, when it adapted to the machine's load
+        if hasattr(callback, "thread_summary"):
+            lines.append(f"  {callback.thread_summary()}")
     metrics = {k: v for k, v in trainer.callback_metrics.items() if "/" in k and not k.endswith("_step")}
     if metrics:
         lines.append("  final: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in sorted(metrics.items())))
