@@ -270,3 +270,75 @@ def test_inconsistent_refiner_folder_is_one_clear_error(refiner, tmp_path):
     (broken / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"requires_aesthetics_score.*SDXL refiner has text_encoder_2 alone"):
         load_base_model(broken)
+
+
+REFINER_REAL_KEYS = {  # names and shapes in the released sd_xl_refiner_1.0.safetensors
+    "model.diffusion_model.label_emb.0.0.weight": [1536, 2560],
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.3.attn2.to_k.weight": [768, 1280],
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.3.attn2.to_k.weight": [1536, 1280],
+    "model.diffusion_model.middle_block.1.transformer_blocks.3.attn2.to_k.weight": [1536, 1280],
+    "conditioner.embedders.0.model.transformer.resblocks.31.attn.in_proj_weight": [3840, 1280],
+    "conditioner.embedders.0.model.text_projection": [1280, 1280],
+    "conditioner.embedders.0.model.ln_final.weight": [1280],
+}
+
+
+def test_released_refiner_layout_matches_the_preset_and_is_detected():
+    from ldm.io.sd_layout import released_layout
+    from ldm.io.sd_presets import PRESETS, version_of
+
+    state = released_layout("sdxl_refiner")  # meta tensors: nothing allocated
+    for key, shape in REFINER_REAL_KEYS.items():
+        assert list(state[key].shape) == shape, key
+    assert "model.diffusion_model.input_blocks.1.1.proj_in.weight" not in state  # no attention at level 0
+    assert detect_version(state) == "sdxl_refiner"
+    preset = PRESETS["sdxl_refiner"]
+    assert version_of(preset["unet"], preset["text_encoder"]) == "sdxl_refiner"
+    assert version_of(PRESETS["sdxl"]["unet"], PRESETS["sdxl"]["text_encoder"]) == "sdxl"
+
+
+def test_sample_py_refines_txt2img_and_img2img_with_aesthetic_scores(refiner, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    from tests.sdxl_parts import tiny_xl_pipeline
+
+    folder, _ = refiner
+    path = export_components(load_base_model(folder), tmp_path / "refiner.safetensors", dtype=torch.float32)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "base.png"
+    )
+    common = ["--prompt", "a red circle", "--n", "1", "--steps", "4", "--sampler", "ddim", "--device", "cpu"]
+    img2img = ["--init-image", str(tmp_path / "base.png"), "--strength", "0.5"]
+
+    def ckpt_args(ckpt, name) -> list[str]:
+        return ["--ckpt", str(ckpt), *common, "--out", str(tmp_path / name)]
+
+    def image(ckpt, name, *extra) -> np.ndarray:
+        out = tmp_path / name
+        sample.main([*ckpt_args(ckpt, name), *extra])
+        return np.asarray(Image.open(next(out.glob("000_*.png"))), dtype=np.int16)
+
+    plain = image(folder, "txt2img")
+    refined = image(folder, "img2img", *img2img)
+    assert np.array_equal(image(path, "img2img_file", *img2img), refined)  # the single file: same image
+    scored = image(folder, "scored", *img2img, "--aesthetic-score", "9", "--negative-aesthetic-score", "1")
+    assert np.abs(refined - plain).max() > 0 and np.abs(scored - refined).max() > 0
+    # a condition the model does not read: one line naming the flag (run_main prints it as "error: ...")
+    with pytest.raises(ValueError, match=r"^--target-size: .* does not take this condition.*leave it out"):
+        sample.main([*ckpt_args(folder, "x"), "--target-size", "16", "16"])
+    base = tmp_path / "base"
+    tiny_xl_pipeline(base)
+    with pytest.raises(ValueError, match=r"^--aesthetic-score: .*the SDXL refiner's"):
+        sample.main([*ckpt_args(base, "y"), "--aesthetic-score", "7"])
+
+
+def test_finetuning_a_refiner_is_one_clear_error(refiner, compose_cfg):
+    from hydra.utils import instantiate
+
+    folder, _ = refiner
+    cfg = compose_cfg(["experiment=lora_finetune", "model/method=full", f"model.base={folder}"])
+    model = instantiate(cfg.model)
+    with pytest.raises(ValueError, match=r"is an SDXL refiner.*fine-tune the SDXL base \(lora_sdxl"):
+        model.prepare(str(folder))

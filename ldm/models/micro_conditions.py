@@ -28,6 +28,7 @@ __all__ = [
     "negative_batch",
     "sampling_batch",
     "unet_condition",
+    "unread_conditions",
 ]
 
 # option name (sample.py / model.log_sizes) -> the batch key the size embedder reads (sgm's names)
@@ -72,6 +73,17 @@ def sampling_batch(
     if AESTHETIC_KEY in input_keys:
         batch[AESTHETIC_KEY] = _score(sizes, AESTHETIC_KEY, len(prompts), device)
     return batch
+
+
+def unread_conditions(input_keys: Sequence[str], sizes: Mapping[str, Any] | None) -> list[str]:
+    """The options of ``sizes`` given (not None) that no embedder of this model reads: the target size for
+    the refiner, the aesthetic scores for anything but the refiner, every one for SD 1.x/2.x."""
+    keys = {**SIZE_KEYS, **dict.fromkeys(AESTHETIC_DEFAULTS, AESTHETIC_KEY)}
+    return [
+        name
+        for name, value in (sizes or {}).items()
+        if value is not None and keys.get(name) not in input_keys
+    ]
 
 
 def negative_batch(
