@@ -20,6 +20,7 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from ldm.diffusion import build_sampler
+from ldm.io.diffusers_export import export_diffusers_folder
 from ldm.io.sd_keys import SDXL_REFINER_PREFIX, detect_version
 from ldm.io.single_file_export import export_components
 from ldm.models.base_loader import latent_diffusion_from_components, load_base_model
@@ -233,6 +234,9 @@ def test_refiner_single_file_round_trip_and_family_guards(refiner, tmp_path):
     assert not any(k.startswith(("conditioner.embedders.1.", "cond_stage_model.")) for k in state)
     back = load_base_model(path)
     assert back.refiner and back.text_encoder_2 is None
+    with pytest.raises(ValueError, match=r"refiner is written as a single file only"):
+        export_diffusers_folder(back, tmp_path / "folder")
+    assert not (tmp_path / "folder").exists()
     for ours, theirs in ((back.unet, components.unet), (back.text_encoder, components.text_encoder)):
         for (key, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
             assert torch.equal(a, b), key
