@@ -73,8 +73,10 @@ def load_single_file(
 
     Architecture, in order of precedence: the keyword overrides (``unet``, ``vae``, ``text_encoder``,
     ``text_encoder_2``, ``schedule`` dicts update the preset), ``preset`` (``"v1"``; ``"v2"`` = 2.x 512-base;
-    ``"v2-v"`` = 2.x 768-v; ``"sdxl"`` = SDXL base 1.0), the file's own ``ldm.config`` metadata (our exports),
-    else the preset detected from the keys. SDXL files (``conditioner.embedders.0.transformer.*`` CLIP-L,
+    ``"v2-v"`` = 2.x 768-v; ``"sdxl"`` = SDXL base 1.0; ``"sdxl_refiner"`` = SDXL refiner 1.0: its one
+    bigG at ``conditioner.embedders.0.model.*`` becomes ``text_encoder``), the file's own ``ldm.config``
+    metadata (our exports), else the preset detected from the keys. SDXL files
+    (``conditioner.embedders.0.transformer.*`` CLIP-L,
     ``conditioner.embedders.1.model.*`` OpenCLIP bigG) give ``text_encoder_2`` as well.
     ``use_ema`` takes the ``model_ema.*`` UNet weights when the file has them. ``dtype``: default float32.
     ``tokenizer``: a ``CLIPTokenizer`` or a folder; default: embedded in the file, else the released one from

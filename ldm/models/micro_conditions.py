@@ -58,7 +58,8 @@ def sampling_batch(
 ) -> dict:
     """``{"caption": prompts}`` plus, for each size key an embedder reads (``input_keys``), a ``[B, 2]``
     tensor: ``sizes[name]`` where given (``original_size`` / ``crop_top_left`` / ``target_size``), else the
-    default (original = target = ``output_size`` (H, W), crop (0, 0))."""
+    default (original = target = ``output_size`` (H, W), crop (0, 0)); and the refiner's ``aesthetic_score``
+    ``[B, 1]`` (``sizes["aesthetic_score"]``, default 6.0) when an embedder reads it."""
     sizes = {k: v for k, v in (sizes or {}).items() if v is not None}
     unknown = sorted(set(sizes) - set(SIZE_KEYS) - set(AESTHETIC_DEFAULTS))
     if unknown:
