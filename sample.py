@@ -36,6 +36,7 @@ from PIL import Image
 from ldm.diffusion import SAMPLERS, build_sampler
 from ldm.diffusion.samplers import display_name
 from ldm.io.infotext import adapter_fields, format_infotext, model_hash
+from ldm.models.micro_conditions import unread_conditions
 from ldm.models.pipeline import (
     check_resolution,
     generate_batches,
@@ -159,6 +160,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="SDXL size condition: the target size (default: the output size)",
     )
     p.add_argument(
+        "--aesthetic-score",
+        type=float,
+        default=None,
+        help="SDXL refiner condition: the aesthetic score of the prompt (default 6.0; higher asks for a "
+        "better-rated look)",
+    )
+    p.add_argument(
+        "--negative-aesthetic-score",
+        type=float,
+        default=None,
+        help="SDXL refiner condition: the aesthetic score of the negative prompt (default 2.5)",
+    )
+    p.add_argument(
         "--vae",
         default=None,
         help="a replacement VAE of the same architecture: a VAE .safetensors (LDM or diffusers names) or a "
@@ -278,6 +292,18 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         )
 
 
+def check_conditions(model, sizes: dict, ckpt: str) -> None:
+    """A size / aesthetic option this model does not read stops here, naming the flag and what reads it."""
+    unread = unread_conditions(model.conditioner.input_keys, sizes)
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        raise ValueError(
+            f"{flags}: {ckpt} does not take this condition (--original-size/--crop-top-left are SDXL's, "
+            "--target-size the SDXL base's, --aesthetic-score/--negative-aesthetic-score the SDXL "
+            "refiner's); leave it out"
+        )
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
     check_output_folder(Path(args.out), args.overwrite)
@@ -306,6 +332,14 @@ def main(argv=None) -> Path:
     )
     resolution = model.image_resolution
     check_resolution(model, resolution)
+    sizes = {
+        "original_size": args.original_size,
+        "crop_top_left": args.crop_top_left,
+        "target_size": args.target_size,
+        "aesthetic_score": args.aesthetic_score,
+        "negative_aesthetic_score": args.negative_aesthetic_score,
+    }
+    check_conditions(model, sizes, args.ckpt)
     if args.compile:
         compile_for_sampling(model, args.compile, args.compile_backend, not args.no_ema)
     init = load_init_image(args.init_image, resolution) if args.init_image else None
@@ -329,11 +363,7 @@ def main(argv=None) -> Path:
         use_ema=not args.no_ema,
         init_image=init,
         strength=args.strength,
-        sizes={
-            "original_size": args.original_size,
-            "crop_top_left": args.crop_top_left,
-            "target_size": args.target_size,
-        },
+        sizes=sizes,
     ):
         for j, (prompt, negative, array) in enumerate(
             zip(batch.prompts, batch.negatives, to_uint8(batch.images))

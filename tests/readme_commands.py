@@ -53,6 +53,8 @@ NOT_RUN = {
     "sbatch ": "submits to a SLURM cluster (the train.py overrides it forwards are the cookbook's)",
     "python benchmarks/threads.py": "starts busy processes and times 36 fresh processes (minutes); its steps "
     "and its table run in tests/test_threads.py",
+    "sd_xl_refiner_1.0.safetensors": "the released SDXL refiner (6 GB) and an image of the base; the refiner "
+    "loads, samples img2img and matches diffusers tiny in tests/test_sdxl_refiner.py",
     "lora_step.py --model embedded": "spawns one fresh process per variant for clean memory peaks (~40 s "
     "even shortened); its measuring code runs in test_readme.py::test_lora_step_variant",
 }

@@ -2,8 +2,8 @@
 SDXL folder loads with equal outputs (UNet, VAE, both text encoders + pooled vector) and its scheduler config;
 our SDXL single-file export (sgm's layout) is read by ``StableDiffusionXLPipeline.from_single_file`` and by us
 with the same outputs; fp16 files convert on reading with the VAE kept at fp32; a replacement VAE
-(``vae_path``) in every layout is the one used; and files of the wrong family, a refiner, a VAE of the wrong
-shape are refused naming what was found and what fits."""
+(``vae_path``) in every layout is the one used; and files of the wrong family, a refiner's text encoder over a
+base UNet, a VAE of the wrong shape are refused naming what was found and what fits."""
 
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def sd1_file(tmp_path_factory):
     return path, text
 
 
-def test_family_mismatch_and_refiner_are_refused_naming_what_fits(xl, sd1_file, tmp_path):
+def test_family_mismatch_and_mixed_refiner_are_refused_naming_what_fits(xl, sd1_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
     folder, _ = xl
@@ -163,7 +163,8 @@ def test_family_mismatch_and_refiner_are_refused_naming_what_fits(xl, sd1_file, 
         ValueError, match=r"sd1\.safetensors is an SD v1 file.*preset 'sdxl' is an SDXL.*'v1'"
     ):
         load_base_model(sd1_path, preset="sdxl")
-    # the refiner: bigG alone at conditioner.embedders.0.model.*
+    # a refiner's keys (bigG alone at conditioner.embedders.0.model.*) over a base UNet: read as a refiner
+    # (tests/test_sdxl_refiner.py loads real ones), and refused by the strict shapes naming the preset
     refiner = {
         k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
         for k, v in state.items()
@@ -172,7 +173,7 @@ def test_family_mismatch_and_refiner_are_refused_naming_what_fits(xl, sd1_file, 
     assert detect_version(refiner) == "sdxl_refiner"
     save_file(refiner, str(tmp_path / "refiner.safetensors"))
     with pytest.raises(
-        ValueError, match=r"refiner\.safetensors is an SDXL refiner.*Pass the SDXL base model"
+        ValueError, match=r"refiner\.safetensors: the UNet weights do not match.*preset 'sdxl_refiner'"
     ):
         load_base_model(tmp_path / "refiner.safetensors")
     refiner_folder = tmp_path / "refiner"
@@ -180,7 +181,7 @@ def test_family_mismatch_and_refiner_are_refused_naming_what_fits(xl, sd1_file, 
     index = json.loads((refiner_folder / "model_index.json").read_text())
     index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True)
     (refiner_folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"refiner is an SDXL refiner.*aesthetic-score.*SDXL base"):
+    with pytest.raises(ValueError, match=r"text_encoder_2 width 48 != UNet cross_attention_dim 80"):
         load_base_model(refiner_folder)
 
 

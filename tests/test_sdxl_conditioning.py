@@ -216,7 +216,13 @@ def test_sample_py_takes_the_three_sizes(tmp_path, monkeypatch):
         return torch.from_numpy(np.asarray(Image.open(out / "grid.png"))).float()
 
     default = grid()
-    assert seen[-1] == {"original_size": None, "crop_top_left": None, "target_size": None}
+    assert seen[-1] == {
+        "original_size": None,
+        "crop_top_left": None,
+        "target_size": None,
+        "aesthetic_score": None,  # the SDXL refiner's (tests/test_sdxl_refiner.py)
+        "negative_aesthetic_score": None,
+    }
     same = grid("--original-size", "32", "32", "--crop-top-left", "0", "0", "--target-size", "32", "32")
     assert torch.equal(default, same)  # the defaults are original = target = the output size, crop (0, 0)
     cropped = grid("--crop-top-left", "16", "8")

@@ -14,10 +14,20 @@ from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 
-__all__ = ["SDXL_SIZE_KEYS", "VAE_FP32_NOTE", "SDComponents", "as_dtype", "finalize", "vae_dtype"]
+__all__ = [
+    "REFINER_SIZE_KEYS",
+    "SDXL_SIZE_KEYS",
+    "VAE_FP32_NOTE",
+    "SDComponents",
+    "as_dtype",
+    "finalize",
+    "vae_dtype",
+]
 
 # the batch keys of SDXL's three size embedders, in sgm's order
 SDXL_SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+# the SDXL refiner's (sgm's sd_xl_refiner.yaml): (h, w), (top, left) and one number, the aesthetic score
+REFINER_SIZE_KEYS = {"original_size_as_tuple": 2, "crop_coords_top_left": 2, "aesthetic_score": 1}
 
 
 @dataclasses.dataclass
@@ -25,10 +35,13 @@ class SDComponents:
     """The parts of a text-to-image latent diffusion model, ready to use or fine-tune.
 
     All modules are in eval mode; the UNet's parameters require grad, the VAE's and the text encoder's
-    do not. ``version``: ``"v1"``, ``"v2"``, ``"sdxl"`` or ``"custom"`` (any other architecture, e.g. our own
-    models). ``resolution``: the native image size (512 for v1 / v2-base, 768 for v2-v, 1024 for SDXL).
+    do not. ``version``: ``"v1"``, ``"v2"``, ``"sdxl"``, ``"sdxl_refiner"`` or ``"custom"`` (any other
+    architecture, e.g. our own models). ``resolution``: the native image size (512 for v1 / v2-base, 768 for
+    v2-v, 1024 for SDXL).
     ``text_encoder_2``: SDXL's second, pooled text encoder (OpenCLIP bigG); None for SD 1.x / 2.x. With it,
-    ``text_encoder`` is SDXL's CLIP-L and ``conditioner()`` adds the three size embedders.
+    ``text_encoder`` is SDXL's CLIP-L and ``conditioner()`` adds the three size embedders. ``refiner``: the
+    SDXL refiner (``version`` ``"sdxl_refiner"`` at released size): ``text_encoder`` is its one pooled text
+    encoder (OpenCLIP bigG) and ``conditioner()`` adds original size, crop and aesthetic score embedders.
     """
 
     unet: UNetModel
@@ -40,6 +53,7 @@ class SDComponents:
     version: str
     resolution: int = 512
     text_encoder_2: CLIPTextEncoder | None = None
+    refiner: bool = False
 
     @property
     def text_encoders(self) -> list[CLIPTextEncoder]:
@@ -54,7 +68,10 @@ class SDComponents:
     def conditioner(self) -> Conditioner:
         """The model's conditioner: the text encoder (SD 1.x / 2.x), or SDXL's two text embedders, the three
         size embedders (``SizeEmbedding`` of width (``adm_in_channels`` - pooled width) / 6; 256 for SDXL)
-        and ``force_zeros_for_empty_prompt``, as ``conf/model/conditioner/sdxl.yaml`` builds it."""
+        and ``force_zeros_for_empty_prompt``, as ``conf/model/conditioner/sdxl.yaml`` builds it; the refiner's
+        one text embedder and ``REFINER_SIZE_KEYS`` embedders (no zeroed empty prompt, as sgm's refiner)."""
+        if self.refiner:
+            return self._refiner_conditioner()
         if self.text_encoder_2 is None:
             return Conditioner([self.text_encoder])
         pooled = int(self.text_encoder_2.transformer.text_projection.out_features)
@@ -71,6 +88,22 @@ class SDComponents:
         ]
         texts = [embedder(self.text_encoder), embedder(self.text_encoder_2)]
         return Conditioner([*texts, *sizes], force_zeros_for_empty_prompt=True)
+
+    def _refiner_conditioner(self) -> Conditioner:
+        """bigG (context + pooled) and the Fourier features of original size, crop and aesthetic score."""
+        pooled = int(self.text_encoder.transformer.text_projection.out_features)
+        extra, numbers = int(self.unet.adm_in_channels or 0) - pooled, sum(REFINER_SIZE_KEYS.values())
+        if extra <= 0 or extra % numbers:
+            raise ValueError(
+                f"the UNet's adm_in_channels {self.unet.adm_in_channels} is not the pooled text width "
+                f"{pooled} plus {numbers} size/aesthetic features: not an SDXL refiner UNet for this text "
+                "encoder"
+            )
+        sizes = [
+            embedder(SizeEmbedding(extra // numbers), input_key=key, ucg_rate=0.0)
+            for key in REFINER_SIZE_KEYS
+        ]
+        return Conditioner([embedder(self.text_encoder), *sizes], force_zeros_for_empty_prompt=False)
 
 
 def as_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -94,8 +127,9 @@ VAE_FP32_NOTE = (
 
 
 def vae_dtype(components: SDComponents, dtype: torch.dtype) -> torch.dtype:
-    """The VAE's dtype for weights of ``dtype``: float32 for SDXL (two text encoders) under float16."""
-    return torch.float32 if components.text_encoder_2 is not None and dtype == torch.float16 else dtype
+    """The VAE's dtype for weights of ``dtype``: float32 for SDXL (base or refiner) under float16."""
+    xl = components.text_encoder_2 is not None or components.refiner
+    return torch.float32 if xl and dtype == torch.float16 else dtype
 
 
 def finalize(components: SDComponents, dtype: torch.dtype | str | None) -> SDComponents:

@@ -44,6 +44,11 @@ def export_diffusers_folder(
     """Write ``components`` as a diffusers folder at ``folder`` (see the module docstring); floating tensors
     of the UNet and VAE are cast to ``dtype`` (default float32), the text encoders are saved as they are."""
     folder = Path(folder)
+    if components.refiner:
+        raise ValueError(
+            "the SDXL refiner is written as a single file only (scripts/convert.py without --diffusers, or "
+            "export_components); its diffusers folder is the released stable-diffusion-xl-refiner-1.0"
+        )
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"{folder} exists and is not an empty folder: pick a new output folder")
     folder.parent.mkdir(parents=True, exist_ok=True)

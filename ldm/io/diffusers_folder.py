@@ -4,7 +4,9 @@ A folder holds ``model_index.json``, ``unet/`` and ``vae/`` (``config.json`` + w
 and ``tokenizer/`` (transformers CLIP, already our layout) and ``scheduler/scheduler_config.json`` (beta
 schedule and ``prediction_type``). SDXL pipelines (``StableDiffusionXLPipeline``) add ``text_encoder_2/``
 (a transformers ``CLIPTextModelWithProjection``: OpenCLIP bigG) and ``tokenizer_2/``; both text encoders are
-then used at their penultimate layer without the final layer norm, as the pipeline does. Keys are renamed by
+then used at their penultimate layer without the final layer norm, as the pipeline does. The SDXL refiner
+(``requires_aesthetics_score: true``, ``text_encoder``/``tokenizer`` null) has ``text_encoder_2/`` and
+``tokenizer_2/`` alone: that one pooled bigG, at the penultimate layer too. Keys are renamed by
 ``ldm.io.diffusers_names``, configs translated by ``ldm.io.diffusers_config``.
 """
 
@@ -95,7 +97,7 @@ def load_diffusers_folder(
     """
     root = Path(folder).expanduser()
     name = str(root)
-    _check_pipeline(root)
+    refiner = _check_pipeline(root)
     unet_cfg = _read_json(root / "unet" / "config.json")
     unet_config = unet_config_from_diffusers(unet_cfg)
     unet = _load_unet(root, unet_cfg, unet_config, use_ema, variant)
@@ -107,7 +109,7 @@ def load_diffusers_folder(
         raise ValueError(f"{name}/vae: {err.args[0]}") from None
     vae = load_strict(build_on_meta(AutoencoderKL, vae_config), vae_state, "VAE", f"{name}/vae")
 
-    text_encoder, text_encoder_2 = _text_encoders(root, int(unet_config["context_dim"]))
+    text_encoder, text_encoder_2 = _text_encoders(root, int(unet_config["context_dim"]), refiner)
     schedule_config, detected = _scheduler_config(root)
     factor = 2 ** (len(vae_config["ch_mult"]) - 1)
     components = SDComponents(
@@ -122,13 +124,25 @@ def load_diffusers_folder(
         version=version_of(unet_config, {"hidden_size": text_encoder.hidden_size}),
         resolution=int(resolution or int(unet_cfg.get("sample_size", 64)) * factor),
         text_encoder_2=text_encoder_2,
+        refiner=refiner,
     )
     return finalize(components, dtype)
 
 
-def _text_encoders(root: Path, context_dim: int) -> tuple[CLIPTextEncoder, PooledCLIPTextEncoder | None]:
+def _text_encoders(
+    root: Path, context_dim: int, refiner: bool = False
+) -> tuple[CLIPTextEncoder, PooledCLIPTextEncoder | None]:
     """``text_encoder/`` (+ ``text_encoder_2/`` for SDXL: both at the penultimate layer without the final
-    layer norm); their widths must add up to the UNet's ``cross_attention_dim``."""
+    layer norm; the refiner: ``text_encoder_2/`` alone, returned first); their widths must add up to the
+    UNet's ``cross_attention_dim``."""
+    if refiner:
+        text_encoder = _pooled_bigg(root)
+        if text_encoder.hidden_size != context_dim:
+            raise ValueError(
+                f"{root}: text_encoder_2 width {text_encoder.hidden_size} != UNet cross_attention_dim "
+                f"{context_dim}"
+            )
+        return text_encoder, None
     if not (root / "text_encoder_2").is_dir():
         text_encoder = CLIPTextEncoder.from_pretrained(root)
         if text_encoder.hidden_size != context_dim:
@@ -137,13 +151,8 @@ def _text_encoders(root: Path, context_dim: int) -> tuple[CLIPTextEncoder, Poole
                 f"{context_dim}"
             )
         return text_encoder, None
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
-
-    options = {"layer": "penultimate", "final_layer_norm": False}
-    text_encoder = CLIPTextEncoder.from_pretrained(root, **options)
-    model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"), local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
-    text_encoder_2 = PooledCLIPTextEncoder(model.eval(), tokenizer, **options)
+    text_encoder = CLIPTextEncoder.from_pretrained(root, **_XL_TEXT_OPTIONS)
+    text_encoder_2 = _pooled_bigg(root)
     widths = (text_encoder.hidden_size, text_encoder_2.hidden_size)
     if sum(widths) != context_dim:
         raise ValueError(
@@ -152,23 +161,43 @@ def _text_encoders(root: Path, context_dim: int) -> tuple[CLIPTextEncoder, Poole
     return text_encoder, text_encoder_2
 
 
-def _check_pipeline(root: Path) -> None:
-    """Refuse the SDXL refiner and folders that lack a part we load."""
+_XL_TEXT_OPTIONS = {"layer": "penultimate", "final_layer_norm": False}
+
+
+def _pooled_bigg(root: Path) -> PooledCLIPTextEncoder:
+    """``text_encoder_2/`` + ``tokenizer_2/``: SDXL's pooled bigG (penultimate, no final layer norm)."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder_2"), local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
+    return PooledCLIPTextEncoder(model.eval(), tokenizer, **_XL_TEXT_OPTIONS)
+
+
+def _check_pipeline(root: Path) -> bool:
+    """Whether the folder is an SDXL refiner; an error for folders that lack a part we load, and for an SDXL
+    folder with text_encoder_2 alone that does not say it takes the aesthetic score (no known model)."""
     index = _read_json(root / "model_index.json")
-    parts = ["unet", "vae", "text_encoder", "tokenizer"]
+    parts, refiner = ["unet", "vae", "text_encoder", "tokenizer"], False
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        if not (index.get("text_encoder") or [None])[0] or index.get("requires_aesthetics_score"):
+        refiner = not (index.get("text_encoder") or [None])[0]
+        if refiner != bool(index.get("requires_aesthetics_score")):
             raise ValueError(
-                f"{root} is an SDXL refiner ({index.get('_class_name')}: text_encoder_2 only, "
-                "aesthetic-score conditioning); this project loads SDXL base folders (text_encoder/ and "
-                "text_encoder_2/), SD 1.x and SD 2.x. Pass the SDXL base model instead."
+                f"{root}: model_index.json has text_encoder {index.get('text_encoder')} and "
+                f"requires_aesthetics_score {index.get('requires_aesthetics_score')}; an SDXL refiner has "
+                "text_encoder_2 alone and requires_aesthetics_score true, an SDXL base both text encoders "
+                "and no aesthetic score. Fix model_index.json to the model it is."
             )
-        parts += ["text_encoder_2", "tokenizer_2"]
+        parts = (
+            ["unet", "vae", "text_encoder_2", "tokenizer_2"]
+            if refiner
+            else parts + ["text_encoder_2", "tokenizer_2"]
+        )
     for part in parts:
         if not (root / part).is_dir():
             raise FileNotFoundError(
                 f"{root} has no {part}/ folder: not a complete diffusers Stable Diffusion model"
             )
+    return refiner
 
 
 def _load_unet(

@@ -6,12 +6,12 @@
     cond_stage_model.model.*                     SD v2 OpenCLIP -> converted to the HF CLIP layout (23 layers)
     conditioner.embedders.0.transformer.*        SDXL CLIP-L    -> as SD v1 CLIP (``text_model.*``)
     conditioner.embedders.1.model.*              SDXL bigG      -> OpenCLIP names -> HF layout (+ projection)
+    conditioner.embedders.0.model.*              SDXL refiner's bigG (its only text encoder) -> as SDXL bigG
     model_ema.<name without dots>                EMA UNet (``model_ema.diffusion_modelinput_blocks00weight``)
     betas, alphas_cumprod, ...                   schedule buffers (used when they differ from the preset)
 
-Splitting a file into these groups, and telling SD v1 from v2 from SDXL (and eps from v) by the keys. An SDXL
-refiner file (one bigG text encoder at ``conditioner.embedders.0.model.*``, aesthetic-score conditioning) is
-refused with a message saying so.
+Splitting a file into these groups, and telling SD v1 from v2 from SDXL base from the SDXL refiner (and eps
+from v) by the keys.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ __all__ = [
     "detect_version",
     "ema_key",
     "guess_v2_parameterization",
-    "refuse_refiner",
     "split_single_file",
 ]
 
@@ -81,17 +80,18 @@ def ema_key(unet_key: str) -> str:
 def split_single_file(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
     """Group a single-file state dict: ``unet``, ``ema`` (raw ``model_ema.*`` names), ``vae``, ``clip``
     (``text_model.*``; SD v1's or SDXL's CLIP-L), ``openclip`` (SD v2's OpenCLIP names), ``clip_g`` (SDXL's
-    bigG, OpenCLIP names), ``extra`` (schedule buffers). Unknown keys raise; so does an SDXL refiner."""
+    bigG or the refiner's, OpenCLIP names), ``extra`` (schedule buffers). Unknown keys raise."""
     groups: dict[str, dict[str, torch.Tensor]] = {
         g: {} for g in ("unet", "ema", "vae", "clip", "openclip", "clip_g", "extra")
     }
-    refuse_refiner(state, source)
     unknown = []
+    base_xl = any(k.startswith((SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX)) for k in state)
+    bigg = SDXL_OPENCLIP_PREFIX if base_xl else SDXL_REFINER_PREFIX  # a refiner's bigG is embedder 0
     for key, value in state.items():
         if key.startswith(SDXL_CLIP_PREFIX):
             key = CLIP_PREFIX + key[len(SDXL_CLIP_PREFIX) :]
-        elif key.startswith(SDXL_OPENCLIP_PREFIX):
-            groups["clip_g"][key[len(SDXL_OPENCLIP_PREFIX) :]] = value
+        elif key.startswith(bigg):
+            groups["clip_g"][key[len(bigg) :]] = value
             continue
         if key in SCHEDULE_BUFFERS:
             groups["extra"][key] = value
@@ -115,7 +115,7 @@ def split_single_file(state: Mapping[str, torch.Tensor], source: str) -> dict[st
             unknown.append(key)
     if unknown:
         what = (
-            "conditioner keys other than SDXL base's two text encoders"
+            "conditioner keys other than SDXL base's two text encoders or the refiner's one"
             if any(k.startswith("conditioner.") for k in unknown)
             else "not a Stable Diffusion v1/v2/XL single file"
         )
@@ -130,17 +130,6 @@ def split_single_file(state: Mapping[str, torch.Tensor], source: str) -> dict[st
             f"(top-level names: {prefixes})"
         )
     return groups
-
-
-def refuse_refiner(state: Mapping[str, torch.Tensor], source: str) -> None:
-    """``ValueError`` for an SDXL refiner file: what it is and what loads instead."""
-    if any(k.startswith(SDXL_REFINER_PREFIX) for k in state):
-        raise ValueError(
-            f"{source} is an SDXL refiner (one OpenCLIP-bigG text encoder at {SDXL_REFINER_PREFIX}*, "
-            "aesthetic-score conditioning); this project loads SDXL base files (two text encoders, "
-            "conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*), SD 1.x and SD 2.x. "
-            "Pass the SDXL base model instead."
-        )
 
 
 def detect_version(state: Mapping[str, torch.Tensor]) -> str:

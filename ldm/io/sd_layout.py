@@ -13,14 +13,22 @@ from ldm.modules.vae import AutoencoderKL
 
 
 def released_layout(version: str, preset: dict | None = None) -> dict[str, torch.Tensor]:
-    """The single-file state dict of a released model (``"v1"``, ``"v2"`` or ``"sdxl"`` preset), as meta
-    tensors; ``preset``: that preset changed (e.g. a narrower UNet), in the same layout."""
+    """The single-file state dict of a released model (``"v1"``, ``"v2"``, ``"sdxl"`` or ``"sdxl_refiner"``
+    preset), as meta tensors; ``preset``: that preset changed (e.g. a narrower UNet), in the same layout."""
     preset = preset or PRESETS[version]
     with torch.device("meta"):
         unet, vae = UNetModel(**preset["unet"]), AutoencoderKL(**preset["vae"])
-    text = CLIPTextEncoder.from_config(preset["text_encoder"], device="meta").transformer.state_dict()
     state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     state.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    if version == "sdxl_refiner":
+        bigg = PooledCLIPTextEncoder.from_config(
+            preset["text_encoder"], device="meta"
+        ).transformer.state_dict()
+        state.update(
+            {f"conditioner.embedders.0.model.{k}": v for k, v in hf_to_openclip_projected(bigg).items()}
+        )
+        return state
+    text = CLIPTextEncoder.from_config(preset["text_encoder"], device="meta").transformer.state_dict()
     if version == "sdxl":
         bigg = PooledCLIPTextEncoder.from_config(
             preset["text_encoder_2"], device="meta"

@@ -131,11 +131,39 @@ PRESETS["sdxl"] = {
 }
 
 
+# SDXL refiner 1.0 (sgm's sd_xl_refiner.yaml = conf/model/unet/sdxl_refiner.yaml): OpenCLIP bigG alone
+# (penultimate, no final layer norm; pooled + projected), context 1280; y = pooled 1280 + Fourier features of
+# original size, crop and aesthetic score (5 x 256) = 2560. "refiner": True makes the loaders build it so.
+PRESETS["sdxl_refiner"] = {
+    "version": "sdxl_refiner",
+    "refiner": True,
+    "unet": {
+        **_SD_UNET,
+        "model_channels": 384,
+        "attention_resolutions": [4, 2],
+        "num_heads": -1,
+        "num_head_channels": 64,
+        "transformer_depth": [0, 4, 4, 0],
+        "transformer_depth_middle": 4,
+        "context_dim": 1280,
+        "adm_in_channels": 2560,
+        "use_linear_in_transformer": True,
+    },
+    "vae": _SD_VAE,
+    "text_encoder": {**TEXT_PRESETS["vit_bigg_14"], **_SDXL_TEXT_OPTIONS},
+    "schedule": SD_SCHEDULE,
+    "parameterization": "eps",
+    "scale_factor": 0.13025,
+    "resolution": 1024,
+}
+
+
 # Where the tokenizer of a single file comes from when none is given (hub cache or download).
 DEFAULT_TOKENIZERS = {
     "v1": ("openai/clip-vit-large-patch14", ""),
     "v2": ("stabilityai/stable-diffusion-2-1", "tokenizer"),
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+    "sdxl_refiner": ("stabilityai/stable-diffusion-xl-refiner-1.0", "tokenizer_2"),
 }
 
 
@@ -182,13 +210,13 @@ def resolve_preset(preset: str | Mapping | None = None, **overrides: Any) -> dic
 
 
 def version_of(unet_config: Mapping[str, Any], text_config: Mapping[str, Any] | None = None) -> str:
-    """``"v1"``/``"v2"``/``"sdxl"`` when the architecture is that of the released models, else
-    ``"custom"``."""
+    """``"v1"``/``"v2"``/``"sdxl"``/``"sdxl_refiner"`` when the architecture is that of the released models,
+    else ``"custom"``."""
     config = {
         **unet_config,
         "attention_resolutions": sorted(unet_config.get("attention_resolutions", ()), reverse=True),
     }
-    for version in ("v1", "v2", "sdxl"):
+    for version in ("v1", "v2", "sdxl", "sdxl_refiner"):
         preset = PRESETS[version]
         keys = (set(preset["unet"]) | {"adm_in_channels"}) - {"use_checkpoint", "dropout"}
         if all(_same(config.get(k), preset["unet"].get(k)) for k in keys) and (

@@ -73,8 +73,10 @@ def load_single_file(
 
     Architecture, in order of precedence: the keyword overrides (``unet``, ``vae``, ``text_encoder``,
     ``text_encoder_2``, ``schedule`` dicts update the preset), ``preset`` (``"v1"``; ``"v2"`` = 2.x 512-base;
-    ``"v2-v"`` = 2.x 768-v; ``"sdxl"`` = SDXL base 1.0), the file's own ``ldm.config`` metadata (our exports),
-    else the preset detected from the keys. SDXL files (``conditioner.embedders.0.transformer.*`` CLIP-L,
+    ``"v2-v"`` = 2.x 768-v; ``"sdxl"`` = SDXL base 1.0; ``"sdxl_refiner"`` = SDXL refiner 1.0: its one
+    bigG at ``conditioner.embedders.0.model.*`` becomes ``text_encoder``), the file's own ``ldm.config``
+    metadata (our exports), else the preset detected from the keys. SDXL files
+    (``conditioner.embedders.0.transformer.*`` CLIP-L,
     ``conditioner.embedders.1.model.*`` OpenCLIP bigG) give ``text_encoder_2`` as well.
     ``use_ema`` takes the ``model_ema.*`` UNet weights when the file has them. ``dtype``: default float32.
     ``tokenizer``: a ``CLIPTokenizer`` or a folder; default: embedded in the file, else the released one from
@@ -99,10 +101,17 @@ def load_single_file(
     version = version_of(config["unet"], text_config)
     unet_module = _load_unet(groups, config["unet"], use_ema, name, hint)
     vae_module = _load_vae(groups["vae"], config["vae"], name, hint)
-    text_module = _load_text_encoder(groups, config["text_encoder"], name, hint)
+    refiner = bool(config.get("refiner"))
+    if refiner:  # the SDXL refiner: bigG alone, pooled
+        text_module = _load_text_encoder_2(groups["clip_g"], config["text_encoder"], name, hint)
+    else:
+        text_module = _load_text_encoder(groups, config["text_encoder"], name, hint)
     text_module.tokenizer = resolve_tokenizer(
         tokenizer, version, metadata, int(text_config["vocab_size"]), text_module.max_length
     )
+    if refiner:
+        embedded = any(k.startswith(TOKENIZER_METADATA_PREFIX) for k in metadata)
+        text_module.tokenizer = _bigg_tokenizer(text_module.tokenizer, embedded)
     text_module_2 = None
     if "text_encoder_2" in config:
         text_module_2 = _load_text_encoder_2(groups["clip_g"], config["text_encoder_2"], name, hint)
@@ -118,6 +127,7 @@ def load_single_file(
         version=version,
         resolution=int(config["resolution"]),
         text_encoder_2=text_module_2,
+        refiner=refiner,
     )
     return finalize(components, dtype)
 
@@ -162,7 +172,7 @@ def _architecture(
         origin = f"preset {base!r} (detected from the keys)"
     if any(overrides.get(k) is not None for k in ("unet", "vae", "text_encoder", "text_encoder_2")):
         origin += " with overrides"
-    _check_family(detected, "text_encoder_2" in config, name, origin)
+    _check_family(detected, _family(config), name, origin)
     hint = (
         f"The architecture came from {origin}; the keys look like SD {detected}. Pick the matching "
         f"preset ({', '.join(sorted(PRESETS))}) or override unet=/vae=/text_encoder=."
@@ -170,15 +180,34 @@ def _architecture(
     return config, hint
 
 
-def _check_family(detected: str, config_is_xl: bool, name: str, origin: str) -> None:
-    """An SDXL file read as SD 1.x/2.x (or the reverse) stops here, before any weights are matched."""
-    file_is_xl = detected == "sdxl"
-    if file_is_xl == config_is_xl:
+def _family(config: Mapping[str, Any]) -> str:
+    """``"sdxl_refiner"``, ``"sdxl"`` (two text encoders) or ``"sd"`` (SD 1.x/2.x) of a resolved preset."""
+    return "sdxl_refiner" if config.get("refiner") else "sdxl" if "text_encoder_2" in config else "sd"
+
+
+_FAMILY_FILES = {
+    "sdxl": "an SDXL base file",
+    "sdxl_refiner": "an SDXL refiner file (conditioner.embedders.0.model.*: OpenCLIP bigG alone)",
+}
+_FAMILY_ARCHITECTURES = {"sd": "an SD 1.x/2.x", "sdxl": "an SDXL base", "sdxl_refiner": "an SDXL refiner"}
+_FAMILY_PRESETS = {
+    "sd": "preset 'v1', 'v2' or 'v2-v'",
+    "sdxl": "preset 'sdxl'",
+    "sdxl_refiner": "preset 'sdxl_refiner'",
+}
+
+
+def _check_family(detected: str, config_family: str, name: str, origin: str) -> None:
+    """A file of one family (SD 1.x/2.x, SDXL base, SDXL refiner) read as another stops here, before any
+    weights are matched."""
+    file_family = detected if detected in _FAMILY_FILES else "sd"
+    if file_family == config_family:
         return
-    found = "an SDXL base file" if file_is_xl else f"an SD {detected} file (no SDXL conditioner keys)"
-    wanted = "SDXL" if config_is_xl else "SD 1.x/2.x"
-    fits = "preset 'sdxl'" if file_is_xl else "preset 'v1', 'v2' or 'v2-v'"
-    raise ValueError(f"{name} is {found}, but {origin} is an {wanted} architecture; use {fits}.")
+    found = _FAMILY_FILES.get(file_family, f"an SD {detected} file (no SDXL conditioner keys)")
+    raise ValueError(
+        f"{name} is {found}, but {origin} is {_FAMILY_ARCHITECTURES[config_family]} architecture; "
+        f"use {_FAMILY_PRESETS[file_family]}."
+    )
 
 
 def _bigg_tokenizer(tokenizer: Any, embedded: bool) -> Any:

@@ -24,6 +24,7 @@ from ldm.io.sd_keys import (
     OPENCLIP_PREFIX,
     SDXL_CLIP_PREFIX,
     SDXL_OPENCLIP_PREFIX,
+    SDXL_REFINER_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
 )
@@ -67,7 +68,8 @@ def export_single_file(
     With ``text_encoder_2`` (SDXL's pooled bigG; ``version="sdxl"``): sgm's SDXL layout,
     ``conditioner.embedders.0.transformer.text_model.*`` (CLIP-L) and ``conditioner.embedders.1.model.*``
     (OpenCLIP names, fused ``in_proj``, ``text_projection``), what ComfyUI, AUTOMATIC1111 and
-    ``StableDiffusionXLPipeline.from_single_file`` read.
+    ``StableDiffusionXLPipeline.from_single_file`` read. ``version="sdxl_refiner"``: the SDXL refiner's
+    layout, its one pooled bigG at ``conditioner.embedders.0.model.*``.
     Floating tensors are cast to ``dtype`` (default fp16). The schedule's ``betas``/``alphas_cumprod`` are
     stored as in the released files; ``v_pred`` marks v-prediction. Metadata: ``ldm.config`` (the
     architecture, so the file loads back without presets), ``modelspec.*``, the small custom tokenizer when
@@ -83,10 +85,25 @@ def export_single_file(
         version = (
             "sdxl" if text_encoder_2 is not None else "v2" if text_config["hidden_size"] == 1024 else "v1"
         )
+    if version == "sdxl_refiner" and text_encoder_2 is None:
+        return _export_refiner(
+            path,
+            unet,
+            vae,
+            text_encoder,
+            schedule,
+            parameterization,
+            scale_factor,
+            resolution,
+            target,
+            metadata,
+            embed_tokenizer,
+        )
     if version not in ("v1", "v2", "sdxl") or (version == "sdxl") != (text_encoder_2 is not None):
         raise ValueError(
-            f"version must be 'v1' or 'v2' (the text encoder layout), or 'sdxl' with text_encoder_2; got "
-            f"{version!r} with {'two text encoders' if text_encoder_2 is not None else 'one text encoder'}"
+            f"version must be 'v1' or 'v2' (the text encoder layout), 'sdxl' with text_encoder_2 or "
+            f"'sdxl_refiner' without; got {version!r} with "
+            f"{'two text encoders' if text_encoder_2 is not None else 'one text encoder'}"
         )
     tensors = {
         **_unet_vae_tensors(unet, vae),
@@ -99,14 +116,47 @@ def export_single_file(
         config["text_encoder_2"] = describe_text_encoder(text_encoder_2)
         config["version"] = version_of(config["unet"], text_config)
         config["resolution"] = int(resolution or 1024)
+    return _write(path, tensors, config, text_encoder, target, metadata, embed_tokenizer)
+
+
+def _write(path, tensors, config, text_encoder, target, metadata, embed_tokenizer) -> Path:
+    """The tensors (cast to ``target``) and the metadata header, atomically."""
     tensors = {k: _tensor_for_file(v, target) for k, v in tensors.items()}
     header = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config), **_modelspec(config)}
     header.update(_tokenizer_metadata(text_encoder, embed_tokenizer))
     for key, value in (metadata or {}).items():
         header[str(key)] = value if isinstance(value, str) else json.dumps(value)
     atomic_save_safetensors(tensors, path, header)
-    log.info(f"wrote {path} ({len(tensors)} tensors, {target}, SD {version} layout)")
+    log.info(f"wrote {path} ({len(tensors)} tensors, {target}, SD {config['version']} layout)")
     return path
+
+
+def _export_refiner(
+    path,
+    unet,
+    vae,
+    text_encoder,
+    schedule,
+    parameterization,
+    scale_factor,
+    resolution,
+    target,
+    metadata,
+    embed_tokenizer,
+) -> Path:
+    """The SDXL refiner's layout: UNet, VAE, schedule and its pooled bigG at ``SDXL_REFINER_PREFIX``;
+    ``ldm.config`` says ``refiner`` so the file loads back as one."""
+    text_config = describe_text_encoder(text_encoder)
+    tensors = {
+        **_unet_vae_tensors(unet, vae),
+        **_bigg_tensors(text_encoder, SDXL_REFINER_PREFIX),
+        **_schedule_tensors(schedule, parameterization),
+    }
+    config = _architecture(unet, vae, text_config, schedule, parameterization, scale_factor, resolution)
+    config.update(
+        refiner=True, version=version_of(config["unet"], text_config), resolution=int(resolution or 1024)
+    )
+    return _write(path, tensors, config, text_encoder, target, metadata, embed_tokenizer)
 
 
 def export_components(components: SDComponents, path: str | os.PathLike, **kwargs: Any) -> Path:
@@ -119,6 +169,8 @@ def export_components(components: SDComponents, path: str | os.PathLike, **kwarg
         **kwargs,
     }
     kwargs.setdefault("text_encoder_2", components.text_encoder_2)
+    if components.refiner:
+        kwargs.setdefault("version", "sdxl_refiner")
     return export_single_file(path, components.unet, components.vae, components.text_encoder, **kwargs)
 
 
@@ -171,8 +223,11 @@ def _text_encoder_tensors(
     return tensors
 
 
-def _bigg_tensors(text_encoder: CLIPTextEncoder) -> dict[str, torch.Tensor]:
-    """SDXL's second text encoder (a ``CLIPTextModelWithProjection``) in the OpenCLIP layout of its files."""
+def _bigg_tensors(
+    text_encoder: CLIPTextEncoder, prefix: str = SDXL_OPENCLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder (a ``CLIPTextModelWithProjection``) in the OpenCLIP layout of its files
+    (the refiner's one: ``prefix`` ``SDXL_REFINER_PREFIX``)."""
     config = describe_text_encoder(text_encoder)
     state = {k: v for k, v in text_encoder.transformer.state_dict().items() if not k.endswith("position_ids")}
     expected = PooledCLIPTextEncoder.from_config({k: config[k] for k in TEXT_CONFIG_FIELDS}, device="meta")
@@ -181,7 +236,7 @@ def _bigg_tensors(text_encoder: CLIPTextEncoder) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"cannot export text encoder 2: not a plain CLIP text model with projection ({problems})"
         )
-    return {SDXL_OPENCLIP_PREFIX + key: value for key, value in hf_to_openclip_projected(state).items()}
+    return {prefix + key: value for key, value in hf_to_openclip_projected(state).items()}
 
 
 def _schedule_tensors(
@@ -233,6 +288,7 @@ def _modelspec(config: Mapping[str, Any]) -> dict[str, str]:
         "v1": "stable-diffusion-v1",
         "v2": "stable-diffusion-v2",
         "sdxl": "stable-diffusion-xl-v1-base",
+        "sdxl_refiner": "stable-diffusion-xl-v1-refiner",
     }.get(version, "ldm-custom")
     return {
         "modelspec.sai_model_spec": "1.0.0",

@@ -1,11 +1,11 @@
 """Tell what a base-model source is, and load the formats other tools write.
 
 ``source`` may be
-  * a Stable Diffusion single file (SD 1.x, 2.x or SDXL base): ``.safetensors`` (preferred) or a weights-only
-    ``.ckpt``/``.pt``/``.pth``;
+  * a Stable Diffusion single file (SD 1.x, 2.x, SDXL base or the SDXL refiner): ``.safetensors``
+    (preferred) or a weights-only ``.ckpt``/``.pt``/``.pth``;
   * one of our Lightning checkpoints (``.ckpt`` carrying ``model_config``, written by ``train.py``): only
     identified here; ``ldm.models.base_loader.load_base_model`` rebuilds it (that needs the models layer);
-  * a diffusers folder (with ``model_index.json``; SD 1.x, 2.x or SDXL base);
+  * a diffusers folder (with ``model_index.json``; SD 1.x, 2.x, SDXL base or the SDXL refiner);
   * a Hugging Face Hub id such as ``runwayml/stable-diffusion-v1-5`` (downloaded when online; with
     ``HF_HUB_OFFLINE=1`` only the local cache is used, and a miss is a fast, clear error).
 """

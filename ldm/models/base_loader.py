@@ -53,8 +53,9 @@ def load_base_model(
     stays float32 under float16). ``vae_path``: a replacement VAE (``ldm.io.vae_file``: a VAE file in LDM or
     diffusers names, or a diffusers VAE folder) of the same architecture, used instead of the source's.
     ``preset_overrides``:
-      single files -- ``preset`` ("v1" | "v2" | "v2-v"), ``unet``/``vae``/``text_encoder``/``schedule``
-        (dicts updating the preset), ``parameterization``, ``scale_factor``, ``resolution``, ``tokenizer``;
+      single files -- ``preset`` ("v1" | "v2" | "v2-v" | "sdxl" | "sdxl_refiner"),
+        ``unet``/``vae``/``text_encoder``/``schedule`` (dicts updating the preset), ``parameterization``,
+        ``scale_factor``, ``resolution``, ``tokenizer``;
       diffusers folders / hub ids -- ``parameterization``, ``scale_factor``, ``resolution``, ``schedule``,
         ``variant`` (and ``revision`` for hub ids);
       our Lightning checkpoints -- ``parameterization``, ``scale_factor``, ``resolution``, ``schedule``.

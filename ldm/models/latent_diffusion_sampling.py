@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ldm.diffusion import classifier_free_guidance
-from ldm.models.micro_conditions import sampling_batch
+from ldm.models.micro_conditions import negative_batch, sampling_batch
 
 
 class LatentDiffusionSampling:
@@ -71,7 +71,7 @@ class LatentDiffusionSampling:
         )
         batch = sampling_batch(self.conditioner.input_keys, prompts, (size * factor,) * 2, sizes, self.device)
         context = self.context_of(self.conditions(batch))
-        uncond = self.context_of(self.conditions({**batch, "caption": negatives}, zero_empty=True))
+        uncond = self.context_of(self.conditions(negative_batch(batch, negatives, sizes), zero_empty=True))
         dtype = (context["context"] if isinstance(context, dict) else context).dtype
         init = None
         if init_images is not None:

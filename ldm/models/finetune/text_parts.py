@@ -32,7 +32,14 @@ def family_of(conditioner) -> str:
 
 
 def check_family(conditioner, expected: str | None, source: str | None) -> None:
-    """``model.base_family`` (a preset's family) against the loaded base: one clear error when they differ."""
+    """``model.base_family`` (a preset's family) against the loaded base: one clear error when they differ.
+    The SDXL refiner (it reads an aesthetic score) is not fine-tuned here, whatever the family."""
+    if "aesthetic_score" in conditioner.input_keys:
+        raise ValueError(
+            f"model.base {source!r} is an SDXL refiner, which these fine-tuning presets do not train: "
+            "fine-tune the SDXL base (lora_sdxl, dreambooth_sdxl, ...) and refine its images with "
+            "sample.py --ckpt <refiner> --init-image <image> (docs/real_models.md)"
+        )
     if expected is None:
         return
     found = family_of(conditioner)
