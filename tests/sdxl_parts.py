@@ -28,20 +28,13 @@ SCHEDULER = {
 }
 
 
-def tiny_xl_pipeline(folder: Path):
-    """A tiny ``StableDiffusionXLPipeline``, saved to ``folder`` (``save_pretrained``) and returned."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+def tiny_xl_unet_vae(cross_attention_dim: int, time_ids: int):
+    """The tiny diffusers UNet in SDXL's layout (no attention at the first level, 2 transformer blocks
+    below, linear projections, a ``text_time`` label of the pooled vector + ``time_ids`` size / score
+    numbers) and VAE (scale 0.13025), seeded and perturbed as every SDXL parity test uses them: (unet, vae),
+    in eval mode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
-    text_l = perturb(tiny_clip_model(tokenizer, WIDTH_L, 2, 4, LENGTH, seed=0), 11, 0.02).eval()
-    text_g = perturb(
-        tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02
-    ).eval()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -51,11 +44,11 @@ def tiny_xl_pipeline(folder: Path):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(0, 2),
         attention_head_dim=(2, 4),
-        cross_attention_dim=WIDTH_L + WIDTH_G,
+        cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM,
+        projection_class_embeddings_input_dim=POOLED + time_ids * TIME_DIM,
         norm_num_groups=32,
     )
     vae = AutoencoderKL(
@@ -70,13 +63,26 @@ def tiny_xl_pipeline(folder: Path):
         sample_size=16,
         scaling_factor=0.13025,
     )
+    return perturb(unet, 3).eval(), perturb(vae, 2).eval()
+
+
+def tiny_xl_pipeline(folder: Path):
+    """A tiny ``StableDiffusionXLPipeline``, saved to ``folder`` (``save_pretrained``) and returned."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
+    text_l = perturb(tiny_clip_model(tokenizer, WIDTH_L, 2, 4, LENGTH, seed=0), 11, 0.02).eval()
+    text_g = perturb(
+        tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02
+    ).eval()
+    unet, vae = tiny_xl_unet_vae(WIDTH_L + WIDTH_G, time_ids=6)
     pipe = StableDiffusionXLPipeline(
-        vae=perturb(vae, 2).eval(),
+        vae=vae,
         text_encoder=text_l,
         text_encoder_2=text_g,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=perturb(unet, 3).eval(),
+        unet=unet,
         scheduler=EulerDiscreteScheduler(**SCHEDULER),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -35,6 +35,7 @@ from ldm.modules.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
 from tests.interop_parts import perturb
+from tests.sdxl_parts import tiny_xl_unet_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -75,43 +76,14 @@ def our_conditioner(text_l, text_g, tokenizer, force_zeros: bool = True) -> Cond
 @pytest.fixture(scope="module")
 def tiny_xl():
     """(diffusers pipeline, our LatentDiffusion) over the same weights."""
-    from diffusers import AutoencoderKL as DAutoencoderKL
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
     text_l = perturb(tiny_clip_model(tokenizer, WIDTH_L, 2, 4, LENGTH, seed=0), 11, 0.02).eval()
     text_g = perturb(
         tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02
     ).eval()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(0, 2),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=WIDTH_L + WIDTH_G,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=POOLED + 6 * TIME_DIM,
-        norm_num_groups=32,
-    )
-    vae = DAutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-        scaling_factor=0.13025,
-    )
-    unet, vae = perturb(unet, 3).eval(), perturb(vae, 2).eval()
+    unet, vae = tiny_xl_unet_vae(WIDTH_L + WIDTH_G, time_ids=6)
     scheduler = EulerDiscreteScheduler(**SCHEDULER)
     pipe = StableDiffusionXLPipeline(
         vae=vae,

@@ -27,6 +27,7 @@ from ldm.models.base_loader import latent_diffusion_from_components, load_base_m
 from ldm.models.micro_conditions import negative_batch, sampling_batch
 from ldm.modules.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 from tests.interop_parts import close, perturb
+from tests.sdxl_parts import tiny_xl_unet_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -47,52 +48,20 @@ SCHEDULER = {
 
 def tiny_refiner_pipeline(folder):
     """A tiny ``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score``, saved to ``folder``."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLImg2ImgPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
     tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
     text_g = perturb(
         tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02
     ).eval()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(0, 2),
-        attention_head_dim=(2, 4),
-        cross_attention_dim=WIDTH_G,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_DIM,
-        projection_class_embeddings_input_dim=POOLED + 5 * TIME_DIM,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=16,
-        scaling_factor=0.13025,
-    )
+    unet, vae = tiny_xl_unet_vae(WIDTH_G, time_ids=5)  # pooled + original size, crop, score
     pipe = StableDiffusionXLImg2ImgPipeline(
-        vae=perturb(vae, 2).eval(),
+        vae=vae,
         text_encoder=None,
         text_encoder_2=text_g,
         tokenizer=None,
         tokenizer_2=tokenizer,
-        unet=perturb(unet, 3).eval(),
+        unet=unet,
         scheduler=EulerDiscreteScheduler(**SCHEDULER),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
