@@ -85,35 +85,28 @@ def export_single_file(
         version = (
             "sdxl" if text_encoder_2 is not None else "v2" if text_config["hidden_size"] == 1024 else "v1"
         )
-    if version == "sdxl_refiner" and text_encoder_2 is None:
-        return _export_refiner(
-            path,
-            unet,
-            vae,
-            text_encoder,
-            schedule,
-            parameterization,
-            scale_factor,
-            resolution,
-            target,
-            metadata,
-            embed_tokenizer,
-        )
-    if version not in ("v1", "v2", "sdxl") or (version == "sdxl") != (text_encoder_2 is not None):
+    refiner = version == "sdxl_refiner" and text_encoder_2 is None  # its one bigG at SDXL_REFINER_PREFIX
+    if not refiner and (
+        version not in ("v1", "v2", "sdxl") or (version == "sdxl") != (text_encoder_2 is not None)
+    ):
         raise ValueError(
             f"version must be 'v1' or 'v2' (the text encoder layout), 'sdxl' with text_encoder_2 or "
             f"'sdxl_refiner' without; got {version!r} with "
             f"{'two text encoders' if text_encoder_2 is not None else 'one text encoder'}"
         )
-    tensors = {
-        **_unet_vae_tensors(unet, vae),
-        **_text_encoder_tensors(text_encoder, text_config, version),
-        **_schedule_tensors(schedule, parameterization),
-    }
+    texts = (
+        _bigg_tensors(text_encoder, SDXL_REFINER_PREFIX)
+        if refiner
+        else _text_encoder_tensors(text_encoder, text_config, version)
+    )
+    tensors = {**_unet_vae_tensors(unet, vae), **texts, **_schedule_tensors(schedule, parameterization)}
     config = _architecture(unet, vae, text_config, schedule, parameterization, scale_factor, resolution)
+    if refiner:  # ``ldm.config`` says so: the file loads back as a refiner
+        config["refiner"] = True
     if text_encoder_2 is not None:
         tensors.update(_bigg_tensors(text_encoder_2))
         config["text_encoder_2"] = describe_text_encoder(text_encoder_2)
+    if refiner or text_encoder_2 is not None:
         config["version"] = version_of(config["unet"], text_config)
         config["resolution"] = int(resolution or 1024)
     return _write(path, tensors, config, text_encoder, target, metadata, embed_tokenizer)
@@ -129,34 +122,6 @@ def _write(path, tensors, config, text_encoder, target, metadata, embed_tokenize
     atomic_save_safetensors(tensors, path, header)
     log.info(f"wrote {path} ({len(tensors)} tensors, {target}, SD {config['version']} layout)")
     return path
-
-
-def _export_refiner(
-    path,
-    unet,
-    vae,
-    text_encoder,
-    schedule,
-    parameterization,
-    scale_factor,
-    resolution,
-    target,
-    metadata,
-    embed_tokenizer,
-) -> Path:
-    """The SDXL refiner's layout: UNet, VAE, schedule and its pooled bigG at ``SDXL_REFINER_PREFIX``;
-    ``ldm.config`` says ``refiner`` so the file loads back as one."""
-    text_config = describe_text_encoder(text_encoder)
-    tensors = {
-        **_unet_vae_tensors(unet, vae),
-        **_bigg_tensors(text_encoder, SDXL_REFINER_PREFIX),
-        **_schedule_tensors(schedule, parameterization),
-    }
-    config = _architecture(unet, vae, text_config, schedule, parameterization, scale_factor, resolution)
-    config.update(
-        refiner=True, version=version_of(config["unet"], text_config), resolution=int(resolution or 1024)
-    )
-    return _write(path, tensors, config, text_encoder, target, metadata, embed_tokenizer)
 
 
 def export_components(components: SDComponents, path: str | os.PathLike, **kwargs: Any) -> Path:
