@@ -379,7 +379,10 @@ class ShapesDataset(Dataset):
     ``size_conditions``: items also carry SDXL's micro-conditioning (``[2]`` long tensors under sgm's keys).
     Rendered at the target size: original = target = (R, R), crop (0, 0); with ``random_crop_margin`` m
     (a multiple of 8) an item is rendered at R + m and a random R x R window of it is taken (the draw after
-    the layout's), so original = (R + m, R + m) and the crop offset is the window's (top, left)."""
+    the layout's), so original = (R + m, R + m) and the crop offset is the window's (top, left).
+    ``uncropped_fraction`` f of the items (drawn per item, apart from the layout) are rendered at R and kept
+    whole even then (original = target, crop (0, 0)), as real data mixes resized and cropped images: the
+    model sees what "uncropped" means, which sampling's defaults ask for."""
 
     def __init__(
         self,
@@ -392,12 +395,16 @@ class ShapesDataset(Dataset):
         stream: int = 0,
         size_conditions: bool = False,
         random_crop_margin: int = 0,
+        uncropped_fraction: float = 0.0,
     ):
         _check_resolution(resolution)
         if random_crop_margin < 0 or random_crop_margin % 8:
             raise ValueError(f"random_crop_margin must be a multiple of 8 >= 0, got {random_crop_margin}")
+        if not 0.0 <= uncropped_fraction <= 1.0:
+            raise ValueError(f"uncropped_fraction must be in [0, 1], got {uncropped_fraction}")
         self.size_conditions = bool(size_conditions)
         self.random_crop_margin = int(random_crop_margin)
+        self.uncropped_fraction = float(uncropped_fraction) if random_crop_margin else 0.0
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         self.size = int(size)
@@ -435,19 +442,29 @@ class ShapesDataset(Dataset):
                 MARGIN,
             )
             + ((self.random_crop_margin,) if self.random_crop_margin else ())
+            + (("uncropped", self.uncropped_fraction) if self.uncropped_fraction else ())
         )
 
     def item_rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index])
+
+    def cropped(self, index: int) -> bool:
+        """Whether item ``index`` is a random window of a larger render (its own draw, not the layout's)."""
+        if not self.random_crop_margin:
+            return False
+        draw = np.random.default_rng([self.seed, _SPLIT_CODE[self.split], self.stream, index, 1]).random()
+        return bool(draw >= self.uncropped_fraction)
 
     def __getitem__(self, index: int) -> dict:
         if not -self.size <= index < self.size:
             raise IndexError(f"index {index} out of range for ShapesDataset of size {self.size}")
         index %= self.size
         color, shape, background = self.combos[index % len(self.combos)]
-        rng, side, top, left = self.item_rng(index), self.resolution + self.random_crop_margin, 0, 0
+        cropped = self.cropped(index)
+        rng, top, left = self.item_rng(index), 0, 0
+        side = self.resolution + (self.random_crop_margin if cropped else 0)
         image = render(color, shape, background, side, rng)
-        if self.random_crop_margin:
+        if cropped:
             top, left = (int(v) for v in rng.integers(0, self.random_crop_margin + 1, size=2))
             image = np.ascontiguousarray(image[top : top + self.resolution, left : left + self.resolution])
         item = {
@@ -486,6 +503,7 @@ class ShapesDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         size_conditions: bool = False,
         random_crop_margin: int = 0,
+        uncropped_fraction: float = 0.0,
     ):
         super().__init__()
         if train_split not in ("train", "concept"):
@@ -515,6 +533,7 @@ class ShapesDataModule(L.LightningDataModule):
             stream=stream,
             size_conditions=self.hparams.size_conditions,
             random_crop_margin=self.hparams.random_crop_margin,
+            uncropped_fraction=self.hparams.uncropped_fraction,
         )
 
     def data_facts(self) -> DataFacts:

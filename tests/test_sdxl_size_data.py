@@ -107,3 +107,27 @@ def test_shapes_sizes_are_the_render_and_its_random_window():
     assert len(offsets) > 1
     with pytest.raises(ValueError, match="random_crop_margin"):
         ShapesDataset(4, 32, random_crop_margin=5)
+
+
+def test_shapes_uncropped_fraction_keeps_some_items_whole_at_the_target_size():
+    mixed = ShapesDataset(16, 32, size_conditions=True, random_crop_margin=8, uncropped_fraction=0.5)
+    cropped = ShapesDataset(16, 32, size_conditions=True, random_crop_margin=8)
+    kinds = set()
+    for i in range(16):
+        item, original, crop = mixed[i], *pairs(mixed[i])[:2]
+        kinds.add(original)
+        if original == (32, 32):  # whole: the plain render at the target size, crop (0, 0)
+            color, shape, background = mixed.combos[i % len(mixed.combos)]
+            assert crop == (0, 0) and not mixed.cropped(i)
+            whole = torch.from_numpy(render(color, shape, background, 32, mixed.item_rng(i)).copy())
+            assert torch.equal(item["image"], whole.permute(2, 0, 1).float() / 127.5 - 1)
+        else:  # the others are exactly the items of the all-cropped data
+            assert original == (40, 40) and mixed.cropped(i)
+            assert torch.equal(item["image"], cropped[i]["image"]) and pairs(item) == pairs(cropped[i])
+    assert kinds == {(32, 32), (40, 40)}
+    assert mixed.fingerprint() != cropped.fingerprint()
+    assert ShapesDataset(4, 32, random_crop_margin=8, uncropped_fraction=0.0).fingerprint() == (
+        ShapesDataset(4, 32, random_crop_margin=8).fingerprint()
+    )
+    with pytest.raises(ValueError, match="uncropped_fraction"):
+        ShapesDataset(4, 32, random_crop_margin=8, uncropped_fraction=1.5)
