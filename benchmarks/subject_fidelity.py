@@ -45,7 +45,7 @@ from ldm.utils.task import run_main
 
 def subject_prompts(concept: Concept, n: int) -> list[str]:
     backgrounds = concept.eval_backgrounds()
-    return [concept.instance_caption(backgrounds[i % len(backgrounds)]) for i in range(n)]
+    return [concept.context_caption(backgrounds[i % len(backgrounds)]) for i in range(n)]
 
 
 def file_safe(identifier: str) -> str:

@@ -117,6 +117,15 @@ class Concept:
             self.instance_prompt, background=background, a_background=f"{_article(background)} {background}"
         )
 
+    def context_caption(self, background: str) -> str:
+        """The subject asked for on ``background`` (validation and evaluation prompts): the instance caption,
+        or, when ``instance_prompt`` does not name the background (captions like "a sks square" on images
+        of one background), "a <identifier> <class noun> on a <background> background"."""
+        template = self.instance_prompt
+        if template is None or "{background}" in template or "{a_background}" in template:
+            return self.instance_caption(background)
+        return caption_for(self.identifier, self.class_noun, background)
+
     def class_prompts(self) -> list[str]:
         prompts = self.class_prompt if self.class_prompt is not None else "a {class_noun}"
         return [self.fill(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
@@ -127,7 +136,9 @@ class Concept:
 
 
 class SubjectDataset(Dataset):
-    """The embedded subject on ``backgrounds`` (cycled), one random layout per item ([seed, stream, i])."""
+    """The embedded subject on ``backgrounds`` (cycled), one random layout per item ([seed, stream, i]),
+    captioned as instance images, or (``in_context``: validation) as the subject asked for on its
+    background."""
 
     def __init__(
         self,
@@ -137,8 +148,10 @@ class SubjectDataset(Dataset):
         resolution: int,
         seed: int = 0,
         stream: int = 0,
+        in_context: bool = False,
     ):
         self.concept, self.backgrounds, self.size = concept, list(backgrounds), int(size)
+        self.in_context = bool(in_context)
         self.resolution, self.seed, self.stream = int(resolution), int(seed), int(stream)
         self.masks = False
 
@@ -150,6 +163,8 @@ class SubjectDataset(Dataset):
         self.masks = True
 
     def caption(self, background: str) -> str:
+        if self.in_context:
+            return self.concept.context_caption(background)
         return self.concept.instance_caption(background)
 
     def __getitem__(self, index: int) -> dict:
@@ -280,7 +295,13 @@ class DreamBoothDataModule(FineTuneDataModule):
     def _validation(self) -> Dataset | None:
         parts = [
             SubjectDataset(
-                c, c.eval_backgrounds(), self.hparams.val_size, self.resolution, self.hparams.seed, stream=1
+                c,
+                c.eval_backgrounds(),
+                self.hparams.val_size,
+                self.resolution,
+                self.hparams.seed,
+                stream=1,
+                in_context=True,
             )
             for c in self.concepts
             if c.eval_backgrounds() and self.hparams.val_size

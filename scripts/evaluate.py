@@ -161,7 +161,7 @@ def prompt_groups(args, config: dict | None) -> dict[str, list[str]]:
     concepts = [Concept.from_config(c) for c in (config or {}).get("data", {}).get("concepts") or []]
     subject = [p for p in logged if word is None or word in p]
     if not subject and concepts:
-        subject = [c.instance_caption(b) for c in concepts for b in c.eval_backgrounds()]
+        subject = [c.context_caption(b) for c in concepts for b in c.eval_backgrounds()]
     groups = {
         "subject": args.subject_prompt or subject,
         "class": args.class_prompt or [p for c in concepts for p in c.class_prompts()],

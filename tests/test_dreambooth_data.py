@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from benchmarks.subject_fidelity import subject_prompts
 from datamodules.class_images import SamplerSettings, cache_key, ensure_class_images, image_seed
-from datamodules.dreambooth import DreamBoothDataModule
-from datamodules.shapes import COLORS, Subject, render, render_subject
+from datamodules.dreambooth import Concept, DreamBoothDataModule
+from datamodules.shapes import COLORS, Subject, _article, render, render_subject
 from datamodules.shapes_evaluator import ShapesEvaluator
 
 SUBJECTS = [Subject(), Subject("circle", ("red", "cyan"), "horizontal")]
@@ -312,3 +313,28 @@ def test_concept_errors_are_actionable():
         DreamBoothDataModule([{"subject": {}, "instance_images": 3}])
     with pytest.raises(ValueError, match="instance_backgrounds"):
         DreamBoothDataModule([{"subject": {}, "instance_backgrounds": ["yellow"]}])
+
+
+def test_captions_without_the_background_are_evaluated_in_context():
+    """Instance captions "a sks square" (one background, not named: the case masked loss exists for) train as
+    written; validation and evaluation still ask for the subject on a named, unseen background."""
+    concept = Concept.from_config(
+        {
+            "identifier": "sks",
+            "subject": {"shape": "square", "colors": ["yellow", "magenta"]},
+            "instance_prompt": "a photo of {identifier} {class_noun}",
+            "instance_backgrounds": ["blue"],
+            "num_instance_images": 2,
+        }
+    )
+    data = DreamBoothDataModule([concept], resolution=32, cache_latents=False, val_size=4)
+    data.setup("fit")
+    assert {data.data_train[i]["caption"] for i in range(2)} == {"a photo of sks square"}
+    val = [data.data_val[i]["caption"] for i in range(4)]
+    backgrounds = concept.eval_backgrounds()
+    assert val == [f"a sks square on {_article(b)} {b} background" for b in backgrounds[:4]]
+    assert subject_prompts(concept, 2) == val[:2]
+    named = Concept.from_config(
+        {**vars(concept), "instance_prompt": "a {identifier} thing on {a_background}"}
+    )
+    assert named.context_caption("red") == named.instance_caption("red") == "a sks thing on a red"
