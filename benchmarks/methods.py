@@ -66,6 +66,10 @@ class Arm(NamedTuple):
 
 
 STAR = "experiment=lora_finetune"
+ONE_BACKGROUND = (
+    "+data.concepts.0.instance_prompt='a {identifier} {class_noun}'",
+    "data.concepts.0.instance_backgrounds=[blue]",
+)
 ARMS = {
     # issue #23: the adapter algorithms on the star, at comparable trainable parameter counts (the embedded
     # base: lora rank 8 290 k, locon rank 4 + conv rank 4 381 k, loha rank 4 290 k, lokr factor 2 rank 16
@@ -112,6 +116,16 @@ ARMS = {
         "masked", "experiment=dreambooth_lora", ("data.masked_loss=true",), note="data.masked_loss=true"
     ),
     "unmasked": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="= dreambooth_lora"),
+    # ... and where the unmasked loss copies the background: captions "a sks square", every image on blue
+    "masked_1bg": Arm(
+        "masked_1bg",
+        "experiment=dreambooth_lora",
+        (*ONE_BACKGROUND, "data.masked_loss=true"),
+        note="one background, captions without it, masked",
+    ),
+    "unmasked_1bg": Arm(
+        "unmasked_1bg", "experiment=dreambooth_lora", ONE_BACKGROUND, note="the same, unmasked"
+    ),
     # Prodigy vs AdamW: steps to the fidelity line (the same LoRA, schedule and steps; lr 1.0 vs 1e-3)
     "prodigy": Arm(
         "prodigy",
@@ -146,6 +160,8 @@ GROUPS = {
         "lora_named",
         "masked",
         "unmasked",
+        "masked_1bg",
+        "unmasked_1bg",
         "prodigy",
         "adamw",
     ],

@@ -11,6 +11,9 @@ For every concept of the run (its ``.hydra/config.yaml``):
   subject   the instance caption ("a sks square on a red background", "a <gem> on a red background") for
             backgrounds the instance images never had: the fraction of samples read as the subject (its shape
             in its colour(s)), and how often the background is right (the prompt's context is followed);
+  instance  only when the instance captions do not name the background ("a sks square", images of one
+            background): that caption as trained, read as the subject or not, and how often it is drawn on an
+            instance image's background (copied from the training images: what masked loss should stop);
   class     ordinary prompts of the class ("a red square on a blue background", combinations the base was
             trained on): prompt fidelity (colour and shape right) and how often they are read as the subject
             (the paper's overfitting / language drift);
@@ -48,13 +51,23 @@ def subject_prompts(concept: Concept, n: int) -> list[str]:
     return [concept.context_caption(backgrounds[i % len(backgrounds)]) for i in range(n)]
 
 
+def instance_prompts(concept: Concept, n: int) -> list[str]:
+    """The instance caption as trained, when it does not name the background ("a sks square" on images of one
+    background, the case masked loss exists for): what the model now draws for it, and on which background.
+    Empty when the captions name the background (the subject prompts then ask the same thing elsewhere)."""
+    background = concept.instance_backgrounds[0]
+    caption = concept.instance_caption(background)
+    return [caption] * n if concept.subject and caption != concept.context_caption(background) else []
+
+
 def file_safe(identifier: str) -> str:
     """ "<gem>" -> "gem": the identifier as a file-name part."""
     return re.sub(r"[^\w-]", "", identifier)
 
 
-def background_of(prompt: str) -> str:
-    return re.search(r" on an? (\w+) background", prompt).group(1)
+def background_of(prompt: str) -> str | None:
+    found = re.search(r" on an? (\w+) background", prompt)
+    return found.group(1) if found else None
 
 
 def class_prompts(concept: Concept, n: int) -> list[str]:
@@ -77,6 +90,10 @@ def generate(model, prompts: list[str], sampler, guidance: float | None, seed: i
     )
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def by_background(hits: list[bool], prompts: list[str]) -> dict[str, tuple[int, int]]:
     """{background: (samples read as the subject, samples)} in prompt order."""
     counts: dict[str, tuple[int, int]] = {}
@@ -88,14 +105,18 @@ def by_background(hits: list[bool], prompts: list[str]) -> dict[str, tuple[int, 
 
 def score_images(evaluator: ShapesEvaluator, concept: Concept, kind: str, images, prompts: list[str]) -> dict:
     """One prompt set's row: the share of samples read as the subject, prompt fidelity (not for subject
-    prompts, which name no colour or shape), the share with the prompt's background, per background."""
-    fidelity = evaluator.score(images, prompts)["fidelity"] if kind != "subject" else None
+    prompts, which name no colour or shape), the share with the prompt's background (None for prompts that
+    name none), per background, and the share drawn on one of the instance images' backgrounds."""
+    named = kind in ("class", "known")
+    fidelity = evaluator.score(images, prompts)["fidelity"] if named else None
     backgrounds = [evaluator.read(image)["background"] for image in images]
     hits = [evaluator.is_subject(image, concept.subject) for image in images]
+    asked = [background_of(q) for q in prompts]
     return {
         "subject_rate": sum(hits) / len(hits),
         "fidelity": fidelity,
-        "background_acc": sum(b == background_of(q) for b, q in zip(backgrounds, prompts)) / len(prompts),
+        "background_acc": None if None in asked else sum(map(str.__eq__, backgrounds, asked)) / len(prompts),
+        "instance_background": sum(b in concept.instance_backgrounds for b in backgrounds) / len(prompts),
         "n": len(prompts),
         "by_background": by_background(hits, prompts),
     }
@@ -180,10 +201,11 @@ def main(argv=None) -> dict:
     for concept in concepts:
         prompt_sets = (
             ("subject", subject_prompts(concept, args.n)),
+            ("instance", instance_prompts(concept, args.n)),
             ("class", class_prompts(concept, args.n)),
             ("known", known_prompts(args.n)),
         )
-        for kind, prompts in prompt_sets:
+        for kind, prompts in (pair for pair in prompt_sets if pair[1]):
             for name, model in models.items():
                 images = generate(model, prompts, sampler, args.guidance, args.seed)
                 row = score_images(evaluator, concept, kind, images, prompts)
@@ -192,7 +214,8 @@ def main(argv=None) -> dict:
                 print(
                     f"{concept.identifier} {kind:7s} {name:10s} subject {row['subject_rate']:.3f} fidelity "
                     f"{fidelity if fidelity is None else round(fidelity, 3)} background "
-                    f"{row['background_acc']:.3f}",
+                    f"{percent(row['background_acc'])} on an instance background "
+                    f"{percent(row['instance_background'])}",
                     flush=True,
                 )
                 if kind == "subject":
@@ -210,15 +233,14 @@ def main(argv=None) -> dict:
                         Path(args.grid_dir) / f"{args.tag}{file_safe(concept.identifier)}_{kind}_{name}.png",
                     )
     print(
-        "\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background | "
-        "n |"
+        "\n| concept | prompts | model | read as the subject | prompt fidelity (colour+shape) | background "
+        "asked for | on an instance background | n |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for (identifier, kind, name), r in results.items():
-        fidelity = f"{r['fidelity']:.1%}" if kind != "subject" else "-"
         print(
-            f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {fidelity} | "
-            f"{r['background_acc']:.1%} | {r['n']} |"
+            f"| {identifier} | {kind} | {name} | {r['subject_rate']:.1%} | {percent(r['fidelity'])} | "
+            f"{percent(r['background_acc'])} | {percent(r['instance_background'])} | {r['n']} |"
         )
     return results
 

@@ -188,3 +188,36 @@ def test_peak_memory_of_a_child_process():
 
         time.sleep(0.05)
     assert code == 0 and peak > 300
+
+
+def test_captions_without_the_background_score_the_copied_background():
+    """The masked-loss demo's measure: instance captions "a sks square" on one background; the caption as
+    trained is scored for the subject and for how often the instance background comes back."""
+    from datamodules.dreambooth import Concept
+    from datamodules.shapes import Subject, render_subject
+    from datamodules.shapes_evaluator import ShapesEvaluator
+
+    fidelity = load_script("benchmarks/subject_fidelity.py")
+    one = {"identifier": "sks", "subject": Subject(), "instance_backgrounds": ["blue"]}
+    bare = Concept.from_config({**one, "instance_prompt": "a {identifier} {class_noun}"})
+    assert fidelity.instance_prompts(bare, 3) == ["a sks square"] * 3
+    assert fidelity.instance_prompts(Concept.from_config(one), 3) == []  # captions name the background
+    images = [render_subject(Subject(), bg, 32, None) for bg in ("blue", "blue", "blue", "red")]
+    images = torch.stack([torch.from_numpy(i).permute(2, 0, 1).float() / 127.5 - 1 for i in images])
+    row = fidelity.score_images(ShapesEvaluator(), bare, "instance", images, ["a sks square"] * 4)
+    assert row["instance_background"] == 0.75 and row["subject_rate"] == 1.0
+    assert row["background_acc"] is None and row["fidelity"] is None
+
+    tables = load_script("benchmarks/grid/method_tables.py")
+    grid = load_script("benchmarks/methods.py")
+    rows = [
+        {"run": run, "seed": "0", "step": "1000", "subject_subject_rate": "0.1", "background_acc": "1.0"}
+        | {"instance_subject_rate": s, "base_instance_subject_rate": "0.0"}
+        | {"instance_background": b, "base_instance_background": "0.25"}
+        for run, s, b in (("masked_1bg", "0.75", "0.2"), ("unmasked_1bg", "1.0", "1.0"))
+    ]
+    args = grid.parse_args(["--arms", "masked_1bg,unmasked_1bg,masked", "--collect"])
+    table = tables.instance_table(args, grid.ARMS, type("R", (), {"rows": rows})())
+    assert "| masked_1bg | one background, captions without it, masked | 1 | 75.0% (base 0.0%) " in table
+    assert "| 20.0% (base 25.0%) | 10.0% | 100.0% |" in table and "| unmasked_1bg |" in table
+    assert "| masked |" not in table  # its captions name the background: nothing to copy

@@ -164,6 +164,7 @@ class Scorer:
     def prompt_sets(self, concept, n: int) -> dict[str, list[str]]:
         return {
             "subject": subject_fidelity.subject_prompts(concept, n),
+            "instance": subject_fidelity.instance_prompts(concept, n),
             "class": subject_fidelity.class_prompts(concept, n),
             "known": subject_fidelity.known_prompts(n),
         }
@@ -182,6 +183,8 @@ class Scorer:
         for concept in concepts:
             values = {}
             for kind, prompts in self.prompt_sets(concept, n).items():
+                if not prompts:
+                    continue
                 row, images = self.score_set(tuned, concept, kind, prompts)
                 key = (concept.identifier, kind)
                 if key not in self.base_scores:
@@ -198,6 +201,9 @@ class Scorer:
                         seed = int(config["data"].get("seed", 0))
                         references = subject_references(concept, int(tuned.image_resolution), seed)
                     values.update(self.clip_metrics(images, prompts, references))
+                elif kind == "instance":  # how often the caption as trained copies the instance background
+                    values["instance_background"] = row["instance_background"]
+                    values["base_instance_background"] = base["instance_background"]
                 else:
                     values[f"{kind}_fidelity"], values[f"base_{kind}_fidelity"] = (
                         row["fidelity"],

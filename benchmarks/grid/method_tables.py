@@ -97,6 +97,28 @@ def subject_table(args, arms, results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def instance_table(args, arms, results: Results) -> str:
+    """Runs whose instance captions name no background (one instance background): what the caption as
+    trained draws: the subject, and the instance images' background copied or not."""
+    head = (
+        "| arm | settings | seeds | the caption as trained: read as the subject | on the instance background "
+        "| subject on unseen backgrounds (named) | right background there |"
+    )
+    lines = [head, "|" + "---|" * 7]
+    for name in args.arms:
+        rows = latest_rows(results, arms[name].run, args.seeds)
+        if arms[name].kind != "subject" or not any(r.get("instance_background") for r in rows):
+            continue
+        cells = [
+            with_base(rows, "instance_subject_rate"),
+            with_base(rows, "instance_background"),
+            cell(rows, "subject_subject_rate"),
+            cell(rows, "background_acc"),
+        ]
+        lines.append(f"| {name} | {arms[name].note} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def curve_table(args, arms, curves: Results) -> str:
     head = (
         f"| arm | settings | steps to {args.target:.0%} star fidelity: mean (min-max) | per seed "
@@ -160,6 +182,9 @@ def tables(args, arms, results: Results, curves: Results) -> str:
         parts.append("Star (held-out concept) runs:\n\n" + star_table(args, arms, results))
     if any(arms[a].kind == "subject" for a in args.arms):
         parts.append("Subject runs (unseen backgrounds):\n\n" + subject_table(args, arms, results))
+    instance = instance_table(args, arms, results)
+    if instance:
+        parts.append("Instance captions without the background (masked vs unmasked loss):\n\n" + instance)
     if any(arms[a].curve for a in args.arms):
         parts.append(
             "Steps to the fidelity line (an export scored every --every steps):\n\n"
