@@ -66,6 +66,14 @@ class Arm(NamedTuple):
 
 
 STAR = "experiment=lora_finetune"
+LOCON = (
+    "model.method.algo=locon",
+    "model.method.rank=4",
+    "model.method.alpha=4",
+    "model.method.conv_rank=4",
+    "model.method.conv_alpha=4",
+)
+PRODIGY = ("model/optimizer=prodigy", "model.optimizer.lr=1.0")
 ONE_BACKGROUND = (
     "+data.concepts.0.instance_prompt='a {identifier} {class_noun}'",
     "data.concepts.0.instance_backgrounds=[blue]",
@@ -75,19 +83,7 @@ ARMS = {
     # base: lora rank 8 290 k, locon rank 4 + conv rank 4 381 k, loha rank 4 290 k, lokr factor 2 rank 16
     # 290 k, dora rank 8 310 k)
     "lora": Arm("lora", STAR, ("model.method.algo=lora",), "star", note="rank 8"),
-    "locon": Arm(
-        "locon",
-        STAR,
-        (
-            "model.method.algo=locon",
-            "model.method.rank=4",
-            "model.method.alpha=4",
-            "model.method.conv_rank=4",
-            "model.method.conv_alpha=4",
-        ),
-        "star",
-        note="rank 4, 3x3 convs rank 4",
-    ),
+    "locon": Arm("locon", STAR, LOCON, "star", note="rank 4, 3x3 convs rank 4"),
     "loha": Arm(
         "loha",
         STAR,
@@ -130,12 +126,17 @@ ARMS = {
     "prodigy": Arm(
         "prodigy",
         STAR,
-        ("model/optimizer=prodigy", "model.optimizer.lr=1.0"),
+        PRODIGY,
         "star",
         curve=True,
         note="model/optimizer=prodigy, lr 1.0",
     ),
     "adamw": Arm("lora", STAR, ("model.method.algo=lora",), "star", curve=True, note="= lora, lr 1e-3"),
+    # ... and on LoCon, the adapter that reaches the line on the README chain's base
+    "prodigy_locon": Arm(
+        "prodigy_locon", STAR, (*LOCON, *PRODIGY), "star", curve=True, note="= locon, prodigy lr 1.0"
+    ),
+    "adamw_locon": Arm("locon", STAR, LOCON, "star", curve=True, note="= locon, AdamW lr 1e-3"),
     # issue #24 item 5: every method, both metric kinds
     "lora_star": Arm("lora", STAR, ("model.method.algo=lora",), "star", note="= lora"),
     "textual_inversion": Arm("textual_inversion", "experiment=textual_inversion", note="named object <gem>"),
@@ -164,6 +165,8 @@ GROUPS = {
         "unmasked_1bg",
         "prodigy",
         "adamw",
+        "prodigy_locon",
+        "adamw_locon",
     ],
     "issue24": [
         "lora_star",
