@@ -5,12 +5,13 @@ crop (0, 0) and at large crop offsets, and measure how often the shape is whole 
     python benchmarks/sdxl_crops.py --ckpt <experiment=txt2img_sdxl run>/checkpoints/last.ckpt
     python benchmarks/sdxl_crops.py --ckpt <...> --crops 0,0 0,8 8,0 8,8 --n 64 --grid docs/sdxl_crops.png
 
-experiment=txt2img_sdxl renders each 32 px training image 8 px larger (40 px, the original size) and keeps a
-random 32 px window (crop top/left 0..8), so the crop decides which borders can cut the shape: at (0, 0) only
-the bottom and right ones, at (8, 8) only the top and left ones. The first row samples at sampling's defaults
-(original = target = the resolution, crop (0, 0): an uncropped image, which this training never shows); the
-others at original size ``--original-size`` (default: resolution + 8, what training saw), target size = the
-resolution and each crop of ``--crops``.
+experiment=txt2img_sdxl renders three quarters of its 32 px training images 8 px larger (40 px, the original
+size) and keeps a random 32 px window (crop top/left 0..8), so the crop decides which borders can cut the shape:
+at (0, 0) only the bottom and right ones, at (8, 8) only the top and left ones; the other quarter is rendered at
+32 and kept whole (original = target, crop (0, 0)). The first row samples at sampling's defaults (original =
+target = the resolution, crop (0, 0): an uncropped image, the paper's "whole object" setting); the others at
+original size ``--original-size`` (default: resolution + 8, what training saw), target size = the resolution
+and each crop of ``--crops``.
 
 The criterion (:func:`touched_sides`): the foreground is every pixel farther than half the image's contrast
 from the background colour (the median of the outermost ring of pixels); a border "cuts" the shape when at
@@ -154,8 +155,8 @@ def main(argv=None) -> dict:
     prompts = ShapesDataModule().prompts("train")
     prompts = (prompts * (args.n // len(prompts) + 1))[: args.n]
     sampler = build_sampler(args.sampler, steps=args.steps)
-    # sampling's defaults first (original = target, crop (0, 0): an uncropped image, never seen in training
-    # here, where every image is a crop of a larger one), then the training's original size at each crop
+    # sampling's defaults first (original = target, crop (0, 0): an uncropped image), then the training's
+    # original size at each crop
     settings = (
         [(f"original = target = {resolution}, crop (0, 0)", resolution, (0, 0))] if args.defaults else []
     )
