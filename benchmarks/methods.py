@@ -112,7 +112,7 @@ ARMS = {
         "masked", "experiment=dreambooth_lora", ("data.masked_loss=true",), note="data.masked_loss=true"
     ),
     "unmasked": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="= dreambooth_lora"),
-    # ... and where the unmasked loss copies the background: captions "a sks square", every image on blue
+    # ... and where the unmasked loss copies the background: captions "a zwx square", every image on blue
     "masked_1bg": Arm(
         "masked_1bg",
         "experiment=dreambooth_lora",
@@ -141,13 +141,13 @@ ARMS = {
     "lora_star": Arm("lora", STAR, ("model.method.algo=lora",), "star", note="= lora"),
     "textual_inversion": Arm("textual_inversion", "experiment=textual_inversion", note="named object <gem>"),
     "hypernetwork": Arm("hypernetwork", "experiment=hypernetwork", note="named object gem"),
-    "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet, sks square"),
-    "dreambooth_lora": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="LoRA rank 8, sks square"),
+    "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet, zwx square"),
+    "dreambooth_lora": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="LoRA rank 8, zwx square"),
     "two_concepts": Arm(
         "two_concepts",
         "experiment=dreambooth",
         ("data=dreambooth_two_concepts",),
-        note="full UNet, sks + xyz",
+        note="full UNet, zwx + qwe",
     ),
 }
 GROUPS = {

@@ -296,8 +296,8 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
     _, objects = train(cfg)
     data = objects["datamodule"].data_train
     captions = [data[i]["caption"] for i in range(len(data))]
-    assert any(c.startswith("a sks square") for c in captions) and any(
-        c.startswith("a xyz circle") for c in captions
+    assert any(c.startswith("a zwx square") for c in captions) and any(
+        c.startswith("a qwe circle") for c in captions
     )
     # one per class prompt set
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 2
