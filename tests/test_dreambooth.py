@@ -225,10 +225,10 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
         ]
     )
     assert set(results) == {
-        ("sks", kind, name) for kind in ("subject", "class", "known") for name in ("base", "full")
+        ("zwx", kind, name) for kind in ("subject", "class", "known") for name in ("base", "full")
     }
     assert all(0.0 <= r["subject_rate"] <= 1.0 and r["n"] == 2 for r in results.values())
-    assert len(list((tmp_path / "grids").glob("sks_*.png"))) == 6
+    assert len(list((tmp_path / "grids").glob("zwx_*.png"))) == 6
 
 
 def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
@@ -246,7 +246,7 @@ def test_dreambooth_lora_same_data_and_objective_lora_parameters(compose_cfg, ba
     # the fidelity script merges the kohya file into the base
     save_run_config(cfg)
     results = subject_fidelity.main(["--run", str(run), "--n", "2", "--sampler", "ddim", "--steps", "2"])
-    assert ("sks", "subject", "lora") in results
+    assert ("zwx", "subject", "lora") in results
 
 
 def test_step_benchmark_full_vs_lora(base_ckpt, tmp_path):  # noqa: F811
