@@ -6,12 +6,12 @@ crop (0, 0) and at large crop offsets, and measure how often the shape is whole 
     python benchmarks/sdxl_crops.py --ckpt <...> --crops 0,0 0,8 8,0 8,8 --n 64 --grid docs/sdxl_crops.png
 
 experiment=txt2img_sdxl renders three quarters of its 32 px training images 8 px larger (40 px, the original
-size) and keeps a random 32 px window (crop top/left 0..8), so the crop decides which borders can cut the shape:
-at (0, 0) only the bottom and right ones, at (8, 8) only the top and left ones; the other quarter is rendered at
-32 and kept whole (original = target, crop (0, 0)). The first row samples at sampling's defaults (original =
-target = the resolution, crop (0, 0): an uncropped image, the paper's "whole object" setting); the others at
-original size ``--original-size`` (default: resolution + 8, what training saw), target size = the resolution
-and each crop of ``--crops``.
+size) and keeps a random 32 px window (crop top/left 0..8), so the crop decides which borders can cut the
+shape: at (0, 0) only the bottom and right ones, at (8, 8) only the top and left ones; the other quarter is
+rendered at 32 and kept whole (original = target, crop (0, 0)). The first row samples at sampling's defaults
+(original = target = the resolution, crop (0, 0): an uncropped image, the paper's "whole object" setting);
+the others at original size ``--original-size`` (default: resolution + 8, what training saw), target size =
+the resolution and each crop of ``--crops``.
 
 The criterion (:func:`touched_sides`): the foreground is every pixel farther than half the image's contrast
 from the background colour (the median of the outermost ring of pixels); a border "cuts" the shape when at
