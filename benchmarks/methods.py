@@ -76,7 +76,7 @@ LOCON = (
 PRODIGY = ("model/optimizer=prodigy", "model.optimizer.lr=1.0")
 ONE_BACKGROUND = (
     "+data.concepts.0.instance_prompt='a {identifier} {class_noun}'",
-    "data.concepts.0.instance_backgrounds=[blue]",
+    "data.concepts.0.instance_backgrounds=[white]",
 )
 ARMS = {
     # issue #23: the adapter algorithms on the star, at comparable trainable parameter counts (the embedded
@@ -112,7 +112,7 @@ ARMS = {
         "masked", "experiment=dreambooth_lora", ("data.masked_loss=true",), note="data.masked_loss=true"
     ),
     "unmasked": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="= dreambooth_lora"),
-    # ... and where the unmasked loss copies the background: captions "a zwx square", every image on blue
+    # ... and where the unmasked loss copies the background: captions "a zwx square", every image on white (the base draws bare prompts on blue)
     "masked_1bg": Arm(
         "masked_1bg",
         "experiment=dreambooth_lora",
