@@ -112,7 +112,8 @@ ARMS = {
         "masked", "experiment=dreambooth_lora", ("data.masked_loss=true",), note="data.masked_loss=true"
     ),
     "unmasked": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="= dreambooth_lora"),
-    # ... and where the unmasked loss copies the background: captions "a zwx square", every image on white (the base draws bare prompts on blue)
+    # ... and where the unmasked loss copies the background: captions "a zwx square", every image on white
+    # (not blue: the base draws bare prompts on blue)
     "masked_1bg": Arm(
         "masked_1bg",
         "experiment=dreambooth_lora",
