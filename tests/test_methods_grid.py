@@ -221,3 +221,10 @@ def test_captions_without_the_background_score_the_copied_background():
     assert "| masked_1bg | one background, captions without it, masked | 1 | 75.0% (base 0.0%) " in table
     assert "| 20.0% (base 25.0%) | 10.0% | 100.0% |" in table and "| unmasked_1bg |" in table
     assert "| masked |" not in table  # its captions name the background: nothing to copy
+    # the subject table names per-concept rates only for runs that have them (CSV rows carry every column)
+    two = {"run": "two_concepts", "seed": "0", "step": "1000", "subject_subject_rate": "0.5"}
+    rows = [{**r, "subject_rate_zwx": "", "subject_rate_qwe": ""} for r in rows]
+    rows.append({**rows[0], **two, "subject_rate_zwx": "0.6", "subject_rate_qwe": "0.4"})
+    args = grid.parse_args(["--arms", "masked_1bg,two_concepts", "--collect"])
+    table = tables.subject_table(args, grid.ARMS, type("R", (), {"rows": rows})())
+    assert "| 10.0% |" in table and "(qwe 40.0%, zwx 60.0%)" in table and "(qwe -" not in table

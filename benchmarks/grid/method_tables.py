@@ -80,7 +80,7 @@ def subject_table(args, arms, results: Results) -> str:
         if not rows:
             lines.append(f"| {name} | {arm.note} | not run |" + " |" * 9)
             continue
-        each = sorted(c for c in rows[0] if c.startswith("subject_rate_"))
+        each = sorted(c for c in rows[0] if c.startswith("subject_rate_") and any(r.get(c) for r in rows))
         subject = cell(rows, "subject_subject_rate")
         if each:
             subject += " (" + ", ".join(f"{c[len('subject_rate_') :]} {cell(rows, c)}" for c in each) + ")"
