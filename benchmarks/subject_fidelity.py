@@ -112,10 +112,11 @@ def score_images(evaluator: ShapesEvaluator, concept: Concept, kind: str, images
     backgrounds = [evaluator.read(image)["background"] for image in images]
     hits = [evaluator.is_subject(image, concept.subject) for image in images]
     asked = [background_of(q) for q in prompts]
+    right = sum(b == a for b, a in zip(backgrounds, asked)) / len(asked)
     return {
         "subject_rate": sum(hits) / len(hits),
         "fidelity": fidelity,
-        "background_acc": None if None in asked else sum(map(str.__eq__, backgrounds, asked)) / len(prompts),
+        "background_acc": None if None in asked else right,
         "instance_background": sum(b in concept.instance_backgrounds for b in backgrounds) / len(prompts),
         "n": len(prompts),
         "by_background": by_background(hits, prompts),
