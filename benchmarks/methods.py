@@ -144,6 +144,9 @@ ARMS = {
     "hypernetwork": Arm("hypernetwork", "experiment=hypernetwork", note="named object gem"),
     "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet, zwx square"),
     "dreambooth_lora": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="LoRA rank 8, zwx square"),
+    "dreambooth_locon": Arm(
+        "dreambooth_locon", "experiment=dreambooth_lora", LOCON, note="LoCon rank 4 + 3x3 convs rank 4, zwx square"
+    ),
     "two_concepts": Arm(
         "two_concepts",
         "experiment=dreambooth",
@@ -175,6 +178,7 @@ GROUPS = {
         "hypernetwork",
         "dreambooth",
         "dreambooth_lora",
+        "dreambooth_locon",
         "two_concepts",
     ],
 }
