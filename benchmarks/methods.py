@@ -145,7 +145,10 @@ ARMS = {
     "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet, zwx square"),
     "dreambooth_lora": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="LoRA rank 8, zwx square"),
     "dreambooth_locon": Arm(
-        "dreambooth_locon", "experiment=dreambooth_lora", LOCON, note="LoCon rank 4 + 3x3 convs rank 4, zwx square"
+        "dreambooth_locon",
+        "experiment=dreambooth_lora",
+        LOCON,
+        note="LoCon rank 4 + convs rank 4, zwx square",
     ),
     "two_concepts": Arm(
         "two_concepts",
