@@ -66,8 +66,8 @@ def tiny_xl_unet_vae(cross_attention_dim: int, time_ids: int):
     return perturb(unet, 3).eval(), perturb(vae, 2).eval()
 
 
-def tiny_xl_pipeline(folder: Path):
-    """A tiny ``StableDiffusionXLPipeline``, saved to ``folder`` (``save_pretrained``) and returned."""
+def tiny_xl_pipeline(folder: Path | None = None):
+    """A tiny ``StableDiffusionXLPipeline``, returned (and saved to ``folder`` with ``save_pretrained``)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
@@ -86,7 +86,8 @@ def tiny_xl_pipeline(folder: Path):
         scheduler=EulerDiscreteScheduler(**SCHEDULER),
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(folder)
+    if folder is not None:
+        pipe.save_pretrained(folder)
     return pipe
 
 

@@ -31,27 +31,23 @@ from ldm.modules.conditioner import Conditioner, embedder
 from ldm.modules.size_embedding import SizeEmbedding
 from ldm.modules.text_encoder import CLIPTextEncoder
 from ldm.modules.text_encoder_pooled import PooledCLIPTextEncoder
-from ldm.modules.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 from ldm.modules.unet import UNetModel
 from ldm.modules.vae import AutoencoderKL
-from tests.interop_parts import perturb
-from tests.sdxl_parts import tiny_xl_unet_vae
+from tests.sdxl_parts import (
+    LENGTH,
+    POOLED,
+    SCHEDULER,
+    TIME_DIM,
+    WIDTH_G,
+    WIDTH_L,
+    size_batch,
+    tiny_xl_pipeline,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
 PROMPTS = ["a red circle on a blue background", "a green triangle on a white background"]
-WIDTH_L, WIDTH_G, POOLED, TIME_DIM, LENGTH = 32, 48, 40, 8, 20
 STEPS, GUIDANCE = 8, 5.0
-# SDXL base's released scheduler: EulerDiscrete, scaled_linear 0.00085..0.012, leading, steps_offset 1
-SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-    "num_train_timesteps": 1000,
-}
 
 
 def size_embedder(key: str) -> torch.nn.Module:
@@ -76,35 +72,18 @@ def our_conditioner(text_l, text_g, tokenizer, force_zeros: bool = True) -> Cond
 @pytest.fixture(scope="module")
 def tiny_xl():
     """(diffusers pipeline, our LatentDiffusion) over the same weights."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    tokenizer, _ = tiny_clip_tokenizer(None, LENGTH)
-    text_l = perturb(tiny_clip_model(tokenizer, WIDTH_L, 2, 4, LENGTH, seed=0), 11, 0.02).eval()
-    text_g = perturb(
-        tiny_clip_model(tokenizer, WIDTH_G, 2, 4, LENGTH, seed=1, projection_dim=POOLED), 12, 0.02
-    ).eval()
-    unet, vae = tiny_xl_unet_vae(WIDTH_L + WIDTH_G, time_ids=6)
-    scheduler = EulerDiscreteScheduler(**SCHEDULER)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_l,
-        text_encoder_2=text_g,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_xl_pipeline()
+    unet, vae = pipe.unet, pipe.vae
 
     ours_unet = UNetModel(**unet_config_from_diffusers(unet.config))
     ours_unet.load_state_dict(diffusers_unet_to_ldm(unet.state_dict(), unet.config), strict=True)
     ours_vae = AutoencoderKL(**vae_config_from_diffusers(vae.config))
     ours_vae.load_state_dict(diffusers_vae_to_ldm(vae.state_dict()), strict=True)
-    schedule_config, parameterization = schedule_from_diffusers(scheduler.config)
+    schedule_config, parameterization = schedule_from_diffusers(pipe.scheduler.config)
     model = LatentDiffusion(
         unet=ours_unet,
         vae=ours_vae,
-        conditioner=our_conditioner(text_l, text_g, tokenizer),
+        conditioner=our_conditioner(pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer),
         schedule=build_schedule(schedule_config),
         sampler=build_sampler("euler", steps=STEPS),
         optimizer=functools.partial(torch.optim.SGD, lr=0.0),
@@ -115,16 +94,6 @@ def tiny_xl():
     ).eval()
     model._vae_loaded = True
     return pipe, model
-
-
-def size_batch(prompts, original=(16, 16), crop=(0, 0), target=(16, 16)) -> dict:
-    n = len(prompts)
-    return {
-        "caption": list(prompts),
-        "original_size_as_tuple": torch.tensor([original] * n),
-        "crop_coords_top_left": torch.tensor([crop] * n),
-        "target_size_as_tuple": torch.tensor([target] * n),
-    }
 
 
 def test_text_embedders_match_encode_prompt(tiny_xl):

@@ -27,23 +27,12 @@ from ldm.models.base_loader import latent_diffusion_from_components, load_base_m
 from ldm.models.micro_conditions import negative_batch, sampling_batch
 from ldm.modules.tiny_clip import tiny_clip_model, tiny_clip_tokenizer
 from tests.interop_parts import close, perturb
-from tests.sdxl_parts import tiny_xl_unet_vae
+from tests.sdxl_parts import LENGTH, POOLED, PROMPTS, SCHEDULER, TIME_DIM, WIDTH_G, tiny_xl_unet_vae
 
 diffusers = pytest.importorskip("diffusers")
 
-WIDTH_G, POOLED, TIME_DIM, LENGTH = 48, 40, 8, 20
-PROMPTS = ["a red circle on a blue background", "a green triangle"]
 NEGATIVES = ["a blue square", "a black star on a yellow background"]
 STEPS, GUIDANCE = 8, 5.0
-SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-    "num_train_timesteps": 1000,
-}
 
 
 def tiny_refiner_pipeline(folder):
@@ -162,32 +151,27 @@ def test_img2img_matches_the_refiner_pipeline(refiner, name, scheduler):
             negative_aesthetic_score=1.5,
             output_type=output,
         ).images
-    steps = []
-    images = model.generate(
-        PROMPTS,
-        negative_prompt=NEGATIVES,
-        sampler=build_sampler(name, steps=STEPS),
-        latents=noise,
-        init_images=init,
-        strength=0.5,
-        callback=lambda s: steps.append(s["x"]),
-        sizes={**options, "aesthetic_score": 7.0, "negative_aesthetic_score": 1.5},
-    )
+
+    def refine(sizes: dict):
+        steps = []
+        images = model.generate(
+            PROMPTS,
+            negative_prompt=NEGATIVES,
+            sampler=build_sampler(name, steps=STEPS),
+            latents=noise,
+            init_images=init,
+            strength=0.5,
+            callback=lambda s: steps.append(s["x"]),
+            sizes=sizes,
+        )
+        return steps, images
+
+    steps, images = refine({**options, "aesthetic_score": 7.0, "negative_aesthetic_score": 1.5})
     assert len(steps) == STEPS // 2
     close(steps[-1], expected["latent"], 1e-4)
     close((images / 2 + 0.5).clamp(0, 1), expected["pt"], 1e-4)
     # the default scores (6.0 / 2.5) give other latents: the score options reach the UNet
-    steps.clear()
-    model.generate(
-        PROMPTS,
-        negative_prompt=NEGATIVES,
-        sampler=build_sampler(name, steps=STEPS),
-        latents=noise,
-        init_images=init,
-        strength=0.5,
-        callback=lambda s: steps.append(s["x"]),
-        sizes=options,
-    )
+    steps, _ = refine(options)
     assert (steps[-1] - expected["latent"]).abs().max() > 1e-3
 
 
