@@ -156,3 +156,22 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, base_ckpt): 
     assert any(k.startswith("method.textual_inversion.") for k in resumed)
     assert any(k.startswith("method.lora.") for k in resumed)
     assert max_difference(resumed, uninterrupted) == 0.0
+
+
+def test_the_lora_part_takes_every_lora_setting(compose_cfg):
+    """model.method.lora is a whole LoRA config: LoCon (ResBlock convolutions too) and the other algorithms
+    compose with the token, as model/method=lora's keys do."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(
+        [
+            "experiment=pivotal_tuning",
+            "model.method.lora.algo=locon",
+            "model.method.lora.conv_rank=2",
+            "model.method.lora.conv_alpha=1",
+        ]
+    )
+    method = instantiate(cfg.model.method)
+    assert method.lora.algo == "locon"
+    assert any("conv" in target for target in method.lora.targets["unet"])
+    assert set(compose_cfg(["experiment=lora_finetune"]).model.method) == set(cfg.model.method.lora)
