@@ -143,7 +143,15 @@ ARMS = {
     "textual_inversion": Arm("textual_inversion", "experiment=textual_inversion", note="named object <gem>"),
     "hypernetwork": Arm("hypernetwork", "experiment=hypernetwork", note="named object gem"),
     "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet, zwx square"),
-    "dreambooth_lora": Arm("dreambooth_lora", "experiment=dreambooth_lora", note="LoRA rank 8, zwx square"),
+    "dreambooth_lora": Arm(
+        "dreambooth_lora", "experiment=dreambooth_lora", note="LoCon rank 16 + convs rank 8, zwx square"
+    ),
+    "dreambooth_lora_rank8": Arm(
+        "dreambooth_lora_rank8",
+        "experiment=dreambooth_lora",
+        ("model.method.algo=lora", "model.method.rank=8", "model.method.alpha=8"),
+        note="LoRA rank 8 (attention only), zwx square",
+    ),
     "dreambooth_locon": Arm(
         "dreambooth_locon",
         "experiment=dreambooth_lora",
@@ -181,6 +189,7 @@ GROUPS = {
         "hypernetwork",
         "dreambooth",
         "dreambooth_lora",
+        "dreambooth_lora_rank8",
         "dreambooth_locon",
         "two_concepts",
     ],

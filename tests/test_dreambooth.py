@@ -275,7 +275,8 @@ def test_step_benchmark_full_vs_lora(base_ckpt, tmp_path):  # noqa: F811
         ]
     )
     assert results["full"]["steps"] == results["lora"]["steps"] == 3
-    assert results["lora"]["trainable_params"] < 0.2 * results["full"]["trainable_params"]
+    # the preset's LoCon (rank 16, convs rank 8): 26% of this 1 M-parameter UNet, 12% of the README chain's
+    assert results["lora"]["trainable_params"] < 0.3 * results["full"]["trainable_params"]
     assert all(r["step_s"] > 0 and r["peak_gib"] > 0 for r in results.values())
 
 
