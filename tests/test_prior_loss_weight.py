@@ -74,8 +74,10 @@ def test_a_config_written_before_the_move_still_builds(compose_cfg):
 
     config = OmegaConf.to_container(compose_cfg(["experiment=dreambooth"]).model, resolve=True)
     # the layout old checkpoints carry
-    config["method"]["prior_loss_weight"] = config.pop("prior_loss_weight")
+    weight = config["method"]["prior_loss_weight"] = config.pop("prior_loss_weight")
     model = build_from_config(_for_inference(config), "old.ckpt")
-    assert model.hparams.prior_loss_weight == 1.0 and "prior_loss_weight" not in model.hparams.get(
-        "method", {}
+    assert (
+        weight > 0
+        and model.hparams.prior_loss_weight == weight
+        and "prior_loss_weight" not in model.hparams.get("method", {})
     )
