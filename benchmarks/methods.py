@@ -142,7 +142,7 @@ ARMS = {
     "lora_star": Arm("lora", STAR, ("model.method.algo=lora",), "star", note="= lora"),
     "textual_inversion": Arm("textual_inversion", "experiment=textual_inversion", note="named object <gem>"),
     "hypernetwork": Arm("hypernetwork", "experiment=hypernetwork", note="named object gem"),
-    "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet, zwx square"),
+    "dreambooth": Arm("dreambooth", "experiment=dreambooth", note="full UNet + text encoder, zwx square"),
     "dreambooth_lora": Arm(
         "dreambooth_lora", "experiment=dreambooth_lora", note="LoCon rank 16 + convs rank 8, zwx square"
     ),

@@ -159,19 +159,26 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     flags = objects["datamodule"].data_train
     assert sorted(flags[i]["is_regularization"] for i in range(len(flags))) == [False] * 4 + [True] * 4
 
-    # the whole UNet trained; the VAE and text encoder are the base's
+    # the preset trains the whole UNet and the text encoder's transformer (its own lr); the VAE is the base's
     base = load_lightning_model(base_ckpt)
-    assert {id(p) for p in model.method.parameters()} == {id(p) for p in model.unet.parameters()}
-    assert any(
-        not torch.equal(a, b) for a, b in zip(model.unet.parameters(), base.unet_ema.module.parameters())
-    )
-    for a, b in zip(model.text_encoder.parameters(), base.text_encoder.parameters()):
+    text = model.text_encoder.transformer
+    assert {id(p) for p in model.method.parameters()} == {id(p) for p in model.unet.parameters()} | {
+        id(p) for p in text.parameters()
+    }
+    groups = objects["trainer"].optimizers[0].param_groups
+    assert [(g["name"], g["initial_lr"]) for g in groups] == [("unet", 2.5e-4), ("text_encoder", 5e-5)]
+    for trained, frozen in ((model.unet, base.unet_ema.module), (text, base.text_encoder.transformer)):
+        assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), frozen.parameters()))
+    for a, b in zip(model.vae.parameters(), base.vae.parameters()):
         assert torch.equal(a, b)
 
-    # our checkpoint holds the UNet (the method's state); sample.py --ckpt rebuilds the fine-tuned model
+    # our checkpoint holds the UNet and the text transformer (the method's state); sample.py --ckpt rebuilds
+    # the fine-tuned model
     ckpt_path = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt_path, weights_only=True)["state_dict"]
-    assert set(saved) == {f"method.unet.{k}" for k in model.unet.state_dict()} | {"scale_factor"}
+    assert set(saved) == {f"method.unet.{k}" for k in model.unet.state_dict()} | {
+        f"method.text_encoder.{k}" for k in text.state_dict()
+    } | {"scale_factor"}
     prompts = ["a sks square on a red background"]
     rebuilt = load_lightning_model(ckpt_path)
     expected = model.generate(prompts, seed=3)
@@ -200,6 +207,8 @@ def test_dreambooth_full_unet_run_checkpoint_export_and_sampling(compose_cfg, ba
     single = pipeline.load_for_sampling(str(exported), sampler=model.sampler)
     for key, value in model.unet.state_dict().items():
         torch.testing.assert_close(single.unet.state_dict()[key], value.half().float())
+    for key, value in text.state_dict().items():  # the trained text encoder travels in the file
+        torch.testing.assert_close(single.text_encoder.transformer.state_dict()[key], value.half().float())
     # fp16 weights
     torch.testing.assert_close(
         single.generate(prompts, seed=3, guidance_scale=model.hparams.guidance_scale),
@@ -304,16 +313,15 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 2
 
 
-def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
-    """`... model.prior_loss_weight=0` and `... model.method.train_text_encoder=true
-    model.method.text_encoder_lr=5e-5`, with `model.gradient_checkpointing=true`"""
+def test_cookbook_prior_preservation_off_and_unet_only(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
+    """`... model.prior_loss_weight=0` and `... model/method=full` (the UNet only), with
+    `model.gradient_checkpointing=true`"""
     cfg = compose_cfg(
         [
             *dreambooth_overrides("dreambooth", base_ckpt, tmp_path),
             "debug=fdr",
             "model.prior_loss_weight=0",
-            "model.method.train_text_encoder=true",
-            "model.method.text_encoder_lr=5e-5",
+            "model/method=full",
             "model.gradient_checkpointing=true",
         ]
     )
@@ -322,12 +330,11 @@ def test_cookbook_prior_preservation_off_and_text_encoder(compose_cfg, base_ckpt
     assert model.hparams.prior_loss_weight == 0.0
     assert any(getattr(m, "use_checkpoint", False) for m in model.unet.modules())
     optimizer = objects["trainer"].optimizers[0]
-    assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder"]
+    assert [g["name"] for g in optimizer.param_groups] == ["unet"]
     base = load_lightning_model(base_ckpt)
-    assert any(
-        not torch.equal(a, b) for a, b in zip(model.text_encoder.parameters(), base.text_encoder.parameters())
-    )
-    assert any(k.startswith("text_encoder.") for k in model.method.state_dict())
+    for a, b in zip(model.text_encoder.parameters(), base.text_encoder.parameters()):
+        assert torch.equal(a, b)
+    assert not any(k.startswith("text_encoder.") for k in model.method.state_dict())
 
 
 def test_cookbook_own_subject_from_a_folder(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
