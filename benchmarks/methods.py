@@ -161,7 +161,7 @@ ARMS = {
     "two_concepts": Arm(
         "two_concepts",
         "experiment=dreambooth",
-        ("data=dreambooth_two_concepts",),
+        ("data=dreambooth_two_concepts", "model/method=full"),
         note="full UNet, zwx + qwe",
     ),
 }

@@ -294,10 +294,12 @@ def concept_overrides(index: int) -> list[str]:
 
 
 def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
-    """`python train.py experiment=dreambooth data=dreambooth_two_concepts`"""
+    """`python train.py experiment=dreambooth data=dreambooth_two_concepts model/method=full`"""
     cfg = compose_cfg(
         [
-            *dreambooth_overrides("dreambooth", base_ckpt, tmp_path, ["data=dreambooth_two_concepts"]),
+            *dreambooth_overrides(
+                "dreambooth", base_ckpt, tmp_path, ["data=dreambooth_two_concepts", "model/method=full"]
+            ),
             *concept_overrides(0),
             *concept_overrides(1),
             "debug=fdr",
@@ -311,6 +313,7 @@ def test_cookbook_two_concepts_in_one_run(compose_cfg, base_ckpt, tmp_path):  # 
     )
     # one per class prompt set
     assert len([p for p in (tmp_path / "class_images").iterdir() if p.is_dir()]) == 2
+    assert [g["name"] for g in objects["trainer"].optimizers[0].param_groups] == ["unet"]  # the UNet alone
 
 
 def test_cookbook_prior_preservation_off_and_unet_only(compose_cfg, base_ckpt, tmp_path):  # noqa: F811
